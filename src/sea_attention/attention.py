@@ -1,0 +1,171 @@
+"""`SEAAttention`: estimate -> select -> attend -> compose the output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .cells import KeySlots, cells_to_keys, query_lengths
+from .config import SEAConfig
+from .estimator import AttentionEstimator, Estimate
+from .ops.reference import reference_attention, repeat_kv
+from .ops.sparse import sparse_attention
+from .selection import select_cells
+
+
+@dataclass
+class SEAOutput:
+    """Everything one SEA attention call produces.
+
+    ``context`` is what the model uses; the rest is there to train the estimator and to
+    look at what the attention did.
+    """
+
+    context: Tensor  # (B, H, Tq, d) attention output before the output projection
+    estimate: Tensor  # (B, H, Tq, K) compressed estimated attention probabilities
+    nnz: Tensor  # (B, H, Tq) keys each query attended to, per head
+    attention: Tensor | None  # (B, H, Tq, Tk) sparse probabilities, only with return_attention=True
+    estimate_logits: Tensor  # (B, H, Tq, K) the estimator's raw logits
+    gates: Tensor | None  # (B, H, Tq, 2) sigmoid gates (scale, mix), None when gating is off
+    cells: Tensor  # (B, H, Tq, K) bool, the selected cells
+    slots: KeySlots  # the selected keys, flattened over heads
+    lengths: Tensor  # (B, Tq) valid keys of each query's row
+
+
+class SEAAttention(nn.Module):
+    """Sparse attention over keys picked from an estimated attention map.
+
+    ``forward(q, k, v)`` takes per-head queries (B, H, Tq, d) and keys/values
+    (B, H_kv, Tk, d). When Tq < Tk the queries are the last Tq positions (decoding).
+    """
+
+    def __init__(self, config: SEAConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.estimator = AttentionEstimator(config, layer_idx)
+        width = config.num_heads * config.head_dim
+        self.output_norm = nn.LayerNorm(width) if config.output_mode == "norm" else None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"heads={c.num_heads}, kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, causal={c.causal}, "
+                f"k={c.k}, K={c.estimate_width}, grouping={c.grouping}, path={c.attention_path}")
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Tensor | None = None,
+                scale: float | None = None, k_budget: int | None = None, positions: Tensor | None = None,
+                return_attention: bool = False) -> SEAOutput:
+        """Run SEA attention.
+
+        Args:
+            q: queries (B, H, Tq, d). k, v: keys and values (B, H_kv, Tk, d).
+            attention_mask: optional (B, Tk) bool, True for real tokens.
+            scale: score scale; defaults to 1/sqrt(d).
+            k_budget: keys per query per head for this call (dynamic k); defaults to config.k.
+            positions: optional (B, Tk) rows of the learned positional table for the keys
+                (causal only); defaults to each key's rank among the valid keys.
+            return_attention: also return the sparse probabilities as a dense (B, H, Tq, Tk) view.
+        """
+        cfg = self.config
+        key_valid = self._check_inputs(q, k, v, attention_mask, k_budget, positions)
+        budget = cfg.k if k_budget is None else k_budget
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        tq, tk = q.shape[2], k.shape[2]
+        query_valid = key_valid[:, tk - tq:]
+        lengths = query_lengths(key_valid, query_valid, cfg.causal)  # (B, Tq)
+
+        estimate: Estimate = self.estimator(q, k, v, key_valid, query_valid, lengths, scale, positions)
+        cells = select_cells(estimate.probs, lengths, budget, cfg.grouping, cfg.query_chunk)
+        slots = cells_to_keys(cells, lengths, key_valid, cap=budget, chunk=cfg.query_chunk)
+
+        if cfg.attention_path == "reference":
+            context, probs = reference_attention(q, k, v, slots.dense_mask(cfg.num_heads, tk), scale)
+            attention = probs if return_attention else None
+        else:
+            context, slot_probs = sparse_attention(q, k, v, slots, scale, cfg.query_chunk)
+            attention = slots.to_dense(slot_probs, cfg.num_heads, tk) if return_attention else None
+
+        gates = None
+        if cfg.gating:
+            gates = torch.sigmoid(estimate.gate_logits).to(context.dtype)
+            scaler, mix = gates[..., :1], gates[..., 1:]
+            average = self._average_values(v, key_valid, lengths, tq).to(context.dtype)
+            context = mix * scaler * context + (1 - mix) * average
+        context = context * query_valid[:, None, :, None].to(context.dtype)
+        if self.output_norm is not None:
+            context = self._norm_output(context)
+        return SEAOutput(
+            context=context, estimate=estimate.probs, nnz=slots.nnz(cfg.num_heads), attention=attention,
+            estimate_logits=estimate.logits, gates=gates, cells=cells, slots=slots, lengths=lengths,
+        )
+
+    def maybe_redraw_features(self, step: int) -> bool:
+        """Redraw the Performer features if ``step`` is due (see ``feature_redraw_interval``)."""
+        return self.estimator.maybe_redraw_features(step)
+
+    # ------------------------------------------------------------------ helpers
+    def _average_values(self, v: Tensor, key_valid: Tensor, lengths: Tensor, tq: int) -> Tensor:
+        """The average branch: mean of V over each query's valid keys, (B, H, Tq, d)."""
+        masked = v.float() * key_valid[:, None, :, None]
+        if self.config.causal:
+            sums = masked.cumsum(2)[:, :, v.shape[2] - tq:]  # running sums up to each query
+        else:
+            sums = masked.sum(2, keepdim=True).expand(-1, -1, tq, -1)
+        mean = sums / lengths[:, None, :, None].clamp_min(1)
+        return repeat_kv(mean, self.config.kv_groups)
+
+    def _norm_output(self, context: Tensor) -> Tensor:
+        """'norm' output mode: LayerNorm over all heads, plus the context itself."""
+        bsz, heads, tq, d = context.shape
+        flat = context.transpose(1, 2).reshape(bsz, tq, heads * d)
+        flat = self.output_norm(flat.to(self.output_norm.weight.dtype)).to(flat.dtype) + flat
+        return flat.view(bsz, tq, heads, d).transpose(1, 2)
+
+    def _check_inputs(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None,
+                      k_budget: int | None, positions: Tensor | None) -> Tensor:
+        """Validate shapes; return the (B, Tk) bool key mask."""
+        cfg = self.config
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.dim() != 4:
+                raise ValueError(f"{name} must have shape (B, heads, T, head_dim), got {tuple(x.shape)}")
+        if q.shape[1] != cfg.num_heads:
+            raise ValueError(f"q has {q.shape[1]} heads but config.num_heads is {cfg.num_heads}")
+        if k.shape[1] != cfg.num_kv_heads or v.shape[1] != cfg.num_kv_heads:
+            raise ValueError(
+                f"k and v must have num_kv_heads={cfg.num_kv_heads} heads, got {k.shape[1]} and {v.shape[1]}"
+            )
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.shape[-1] != cfg.head_dim:
+                raise ValueError(f"{name} has head_dim {x.shape[-1]} but config.head_dim is {cfg.head_dim}")
+        if not (q.shape[0] == k.shape[0] == v.shape[0]):
+            raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
+        if q.shape[2] > k.shape[2]:
+            raise ValueError(
+                f"queries ({q.shape[2]}) must not outnumber keys ({k.shape[2]}): queries are the "
+                "last positions of the key sequence"
+            )
+        if k_budget is not None and (isinstance(k_budget, bool) or not isinstance(k_budget, int) or k_budget < 1):
+            raise ValueError(f"k_budget must be a positive integer or None, got {k_budget!r}")
+        bsz, tk = k.shape[0], k.shape[2]
+        if positions is not None:
+            if not cfg.causal:
+                raise ValueError("positions only apply to causal models (bidirectional ones use ranks)")
+            if positions.shape != (bsz, tk) or positions.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"positions must be an integer tensor of shape {(bsz, tk)}, got "
+                                 f"{tuple(positions.shape)} {positions.dtype}")
+        if attention_mask is None:
+            return torch.ones(bsz, tk, dtype=torch.bool, device=k.device)
+        if attention_mask.shape != (bsz, tk):
+            raise ValueError(
+                f"attention_mask must have shape (B, Tk) = {(bsz, tk)} (True for real tokens), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.dtype != torch.bool:
+            if attention_mask.is_floating_point() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must be bool (or 0/1 integers), True for real tokens")
+            attention_mask = attention_mask.bool()
+        return attention_mask.to(k.device)

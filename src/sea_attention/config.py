@@ -1,0 +1,170 @@
+"""`SEAConfig`: every knob of one SEA attention layer, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+FEATURE_KINDS = ("favor", "relu")
+GROUPINGS = ("query", "query_head", "sample", "head")
+CAUSAL_GROUPINGS = ("query", "query_head")  # the others let later queries steal earlier budgets
+OUTPUT_MODES = ("mix", "norm")
+ATTENTION_PATHS = ("sparse", "reference")
+
+
+@dataclass
+class SEAConfig:
+    """Configuration of a SEA attention layer.
+
+    Shapes follow the attention they replace: ``num_heads`` query heads of width
+    ``head_dim`` and ``num_kv_heads`` key/value heads (grouped-query attention).
+
+    Attributes:
+        num_heads: query heads H.
+        head_dim: width d of one head.
+        num_kv_heads: key/value heads; ``None`` means ``num_heads``. Must divide ``num_heads``.
+        causal: decoder (causal) or encoder (bidirectional) attention.
+        k: budget, the mean number of keys each query attends to per head.
+        estimate_width: K, the width of the compressed attention estimate. Causal
+            estimators need a multiple of 4, bidirectional ones a multiple of 2.
+        feature_factor: nbf; the Performer uses m = floor(d ln d / nbf) random features.
+        feature_kind: ``"relu"`` (generalized ReLU features) or ``"favor"`` (FAVOR+
+            positive softmax features); ``None`` picks ReLU when causal, FAVOR+ otherwise,
+            as the paper's models did.
+        grouping: which cells compete for one top-k budget: ``"query"`` (one query
+            across all heads; the default), ``"query_head"`` (one query and head),
+            ``"sample"`` (a whole sample) or ``"head"`` (a whole sample and head). The
+            last two are bidirectional only: in a causal model they would let later
+            queries change the keys of earlier ones.
+        gating: learned sigmoid gates that scale the sparse attention and mix it with an
+            average branch (running mean of V when causal, mean of V otherwise).
+        output_mode: ``"mix"`` returns the gated context; ``"norm"`` returns
+            LayerNorm(context) + context (over all heads).
+        max_positions: rows of the learned positional table (causal only); the
+            longest sequence the estimator accepts.
+        feature_redraw_interval: redraw the random features every this many optimizer
+            steps during distillation; 0 keeps them fixed.
+        attention_path: ``"sparse"`` (linear memory, the default) or ``"reference"``
+            (dense T x T masked softmax, the oracle for tests).
+        query_chunk: queries processed together by the sparse path; bounds peak memory.
+        seed: seed of the random features (the layer index is added per layer).
+    """
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    causal: bool = True
+    k: int = 64
+    estimate_width: int = 128
+    feature_factor: int = 8
+    feature_kind: str | None = None
+    grouping: str = "query"
+    gating: bool = True
+    output_mode: str = "mix"
+    max_positions: int = 2048
+    feature_redraw_interval: int = 0
+    attention_path: str = "sparse"
+    query_chunk: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.feature_kind is None:
+            self.feature_kind = "relu" if self.causal else "favor"
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and its allowed values."""
+        for name in ("num_heads", "head_dim", "num_kv_heads", "k", "estimate_width",
+                     "feature_factor", "max_positions", "query_chunk"):
+            _positive_int(name, getattr(self, name))
+        _non_negative_int("feature_redraw_interval", self.feature_redraw_interval)
+        if self.head_dim < 2:
+            raise ValueError(f"head_dim must be >= 2, got {self.head_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        _choice("feature_kind", self.feature_kind, FEATURE_KINDS)
+        _choice("grouping", self.grouping, GROUPINGS)
+        _choice("output_mode", self.output_mode, OUTPUT_MODES)
+        _choice("attention_path", self.attention_path, ATTENTION_PATHS)
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be True or False, got {self.causal!r}")
+        if not isinstance(self.gating, bool):
+            raise ValueError(f"gating must be True or False, got {self.gating!r}")
+        if self.causal and self.grouping not in CAUSAL_GROUPINGS:
+            raise ValueError(
+                f"grouping={self.grouping!r} is not allowed when causal=True: "
+                f"expected one of {CAUSAL_GROUPINGS}"
+            )
+        multiple = self.width_downsample
+        if self.estimate_width % multiple:
+            raise ValueError(
+                f"estimate_width must be a multiple of {multiple} when causal={self.causal}, "
+                f"got {self.estimate_width}"
+            )
+        if self.num_features < 1:
+            raise ValueError(
+                f"feature_factor={self.feature_factor} leaves no random features for "
+                f"head_dim={self.head_dim}: use a feature_factor <= {int(self.head_dim * math.log(self.head_dim))}"
+            )
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def num_features(self) -> int:
+        """m, the number of Performer random features."""
+        return int(self.head_dim * math.log(self.head_dim) / self.feature_factor)
+
+    @property
+    def width_downsample(self) -> int:
+        """How much narrower than K the CNN's input rows are (4 causal, 2 bidirectional)."""
+        return 4 if self.causal else 2
+
+    @property
+    def cnn_channels(self) -> int:
+        """Channels per head inside the CNN decoder (2 causal, 4 bidirectional)."""
+        return 2 if self.causal else 4
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> "SEAConfig":
+        """A validated copy with some fields changed."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown SEAConfig fields {sorted(unknown)}; valid fields: {self.field_names()}")
+        return SEAConfig(**{**asdict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SEAConfig":
+        unknown = set(values) - set(cls.field_names())
+        if unknown:
+            raise ValueError(f"unknown SEAConfig fields {sorted(unknown)}; valid fields: {cls.field_names()}")
+        return cls(**values)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,5 @@
+"""The estimator: what predicts each query's compressed attention row."""
+
+from .estimator import AttentionEstimator, Estimate
+
+__all__ = ["AttentionEstimator", "Estimate"]

@@ -1,0 +1,92 @@
+"""Per-token encoder and the CNN decoders that paint each query's compressed attention row.
+
+The decoders treat the estimate as an image: rows are queries, columns are compressed key
+bins, heads (times a few channels each) are image channels, so the convolutions share
+information between neighbouring queries, bins and heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TokenEncoder(nn.Module):
+    """(Performer output, V) of one token and head -> a narrow CNN input row and two gate logits."""
+
+    def __init__(self, head_dim: int, row_width: int, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.encode = nn.Sequential(nn.Linear(3 * head_dim, 2 * head_dim), nn.LayerNorm(2 * head_dim), nn.GELU())
+        self.to_row = nn.Linear(2 * head_dim, row_width * channels)
+        self.to_gates = nn.Linear(2 * head_dim, 2)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """features (B, H, T, 3d) -> CNN image (B, H*c, T, w) and gate logits (B, H, T, 2)."""
+        z = self.encode(features)  # (B, H, T, 2d)
+        bsz, heads, tokens, _ = z.shape
+        rows = self.to_row(z).view(bsz, heads, tokens, self.channels, -1)  # chunk c -> channel h*c + c
+        image = rows.permute(0, 1, 3, 2, 4).reshape(bsz, heads * self.channels, tokens, -1)
+        return image, self.to_gates(z)
+
+
+class CausalConv(nn.Module):
+    """3x3 convolution, dilation 2, that only looks at the current and earlier rows."""
+
+    RECEPTIVE_ROWS = 4  # (kernel - 1) * dilation previous rows
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, dilation=2)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, T, W) -> (B, C, T, W)
+        return self.conv(F.pad(x, (2, 2, self.RECEPTIVE_ROWS, 0)))
+
+
+class CausalDecoder(nn.Module):
+    """LN -> causal conv -> ReLU -> causal conv -> ReLU -> x4 wider -> 1x1 conv -> LN.
+
+    A query row sees itself and the 8 rows before it, never a later row. Padding rows are
+    zeroed before each convolution, which makes them look exactly like the zero padding
+    at the start of a sequence.
+    """
+
+    HISTORY_ROWS = 2 * CausalConv.RECEPTIVE_ROWS
+
+    def __init__(self, heads: int, channels: int, width: int) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(width // 4)
+        self.conv_a = CausalConv(heads * channels)
+        self.conv_b = CausalConv(heads * channels)
+        self.to_heads = nn.Conv2d(heads * channels, heads, kernel_size=1)
+        self.norm_out = nn.LayerNorm(width)
+
+    def forward(self, image: Tensor, row_mask: Tensor) -> Tensor:
+        """image (B, H*c, T, K/4), row_mask (B, 1, T, 1) -> logits (B, H, T, K)."""
+        x = self.norm_in(image) * row_mask
+        x = torch.relu(self.conv_a(x)) * row_mask
+        x = torch.relu(self.conv_b(x))
+        x = x.repeat_interleave(4, dim=-1)  # nearest-neighbour x4 along the bins
+        return self.norm_out(self.to_heads(x))
+
+
+class BidirectionalDecoder(nn.Module):
+    """Strided conv -> ReLU -> conv -> ReLU -> x2 taller -> conv -> bilinear x2 wider."""
+
+    def __init__(self, heads: int, channels: int, width: int) -> None:
+        super().__init__()
+        inner = heads * channels
+        self.width = width
+        self.down = nn.Conv2d(inner, inner, kernel_size=3, stride=(2, 1), padding=1)
+        self.mid = nn.Conv2d(inner, inner, kernel_size=3, padding=1)
+        self.to_heads = nn.Conv2d(inner, heads, kernel_size=3, padding=1)
+
+    def forward(self, image: Tensor, row_mask: Tensor) -> Tensor:
+        """image (B, H*c, T, K/2), row_mask (B, 1, T, 1) -> logits (B, H, T, K)."""
+        tokens = image.shape[2]
+        x = torch.relu(self.down(image * row_mask)) * row_mask[:, :, ::2]
+        x = torch.relu(self.mid(x))
+        x = x.repeat_interleave(2, dim=2)[:, :, :tokens] * row_mask
+        x = self.to_heads(x)
+        return F.interpolate(x, size=(tokens, self.width), mode="bilinear", align_corners=False)

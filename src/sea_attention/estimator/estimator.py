@@ -1,0 +1,93 @@
+"""`AttentionEstimator`: q, k, v -> a compressed (K-wide) attention estimate per query and head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..cells import key_ranks, live_cells
+from ..config import SEAConfig
+from ..ops.reference import repeat_kv
+from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
+from .features import RandomFeatures, causal_linear_attention, linear_attention
+from .positions import LearnedPositionCode, tent_code
+
+
+@dataclass
+class Estimate:
+    """What the estimator predicts for each query and head."""
+
+    logits: Tensor  # (B, H, Tq, K) raw CNN output
+    probs: Tensor  # (B, H, Tq, K) softmax over the row's live bins; 0 for dead bins and padding queries
+    gate_logits: Tensor  # (B, H, Tq, 2): s0 scales the sparse attention, s1 mixes in the average branch
+
+
+class AttentionEstimator(nn.Module):
+    """Performer features + positional code -> per-token encoder -> CNN decoder -> softmax."""
+
+    def __init__(self, config: SEAConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        d, heads, width = config.head_dim, config.num_heads, config.estimate_width
+        self.features = RandomFeatures(d, config.num_features, config.feature_kind, seed=self._seed(0))
+        self.positions = LearnedPositionCode(config.max_positions, d) if config.causal else None
+        self.encoder = TokenEncoder(d, width // config.width_downsample, config.cnn_channels)
+        decoder = CausalDecoder if config.causal else BidirectionalDecoder
+        self.decoder = decoder(heads, config.cnn_channels, width)
+
+    def _seed(self, redraw: int) -> int:
+        return self.config.seed + 1_000_003 * self.layer_idx + 7_919 * redraw
+
+    def maybe_redraw_features(self, step: int) -> bool:
+        """Redraw the random features when ``step`` is a multiple of the redraw interval."""
+        interval = self.config.feature_redraw_interval
+        if interval and step > 0 and step % interval == 0:
+            self.features.redraw(self._seed(step // interval))
+            return True
+        return False
+
+    def position_code(self, key_valid: Tensor, positions: Tensor | None) -> Tensor:
+        """(B, Tk, d) positional code of every key; 0 on padding keys."""
+        ranks = key_ranks(key_valid)
+        if self.positions is not None:
+            code = self.positions(ranks if positions is None else positions)
+        else:
+            code = tent_code(ranks, key_valid.sum(-1), self.config.head_dim)
+        return code * key_valid.unsqueeze(-1)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, query_valid: Tensor,
+                lengths: Tensor, scale: float, positions: Tensor | None = None) -> Estimate:
+        """q (B, H, Tq, d); k, v (B, H_kv, Tk, d); key_valid (B, Tk); query_valid and lengths (B, Tq)."""
+        cfg = self.config
+        bsz, heads, tq, d = q.shape
+        kv_heads, tk = k.shape[1], k.shape[2]
+        groups = heads // kv_heads
+        param_dtype = self.encoder.to_row.weight.dtype
+
+        # Performer over (positional code ++ V): a coarse histogram of where each query looks
+        code = self.position_code(key_valid, positions).to(torch.float32)  # (B, Tk, d)
+        values = torch.cat([code.unsqueeze(1).expand(-1, kv_heads, -1, -1), v.float()], dim=-1)
+        values = values * key_valid[:, None, :, None]  # (B, H_kv, Tk, 2d)
+        root = math.sqrt(scale)
+        phi_q = self.features(q * root, is_query=True).view(bsz, kv_heads, groups, tq, -1)
+        phi_k = self.features(k * root, is_query=False) * key_valid[:, None, :, None]
+        if cfg.causal:
+            performer, _ = causal_linear_attention(phi_q, phi_k, values)
+        else:
+            performer = linear_attention(phi_q, phi_k, values)
+        performer = performer.reshape(bsz, heads, tq, 2 * d)
+
+        own_v = repeat_kv(v[:, :, tk - tq:], groups).float()  # each query token's own value
+        image, gate_logits = self.encoder(torch.cat([performer, own_v], dim=-1).to(param_dtype))
+        row_mask = query_valid[:, None, :, None].to(image.dtype)
+        logits = self.decoder(image, row_mask).float()  # (B, H, Tq, K)
+
+        live = live_cells(lengths, cfg.estimate_width).unsqueeze(1)  # (B, 1, Tq, K)
+        # a finite fill keeps padding rows (no live bin) NaN-free, also in backward
+        probs = torch.softmax(logits.masked_fill(~live, torch.finfo(logits.dtype).min), dim=-1)
+        probs = probs.masked_fill(~live, 0.0)
+        return Estimate(logits, probs, gate_logits.float())

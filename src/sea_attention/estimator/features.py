@@ -1,0 +1,112 @@
+"""Performer random features and kernel linear attention (bidirectional and causal).
+
+Linear attention approximates softmax(q k^T) with phi(q) phi(k)^T, so a query's output
+is phi(q) (sum_j phi(k_j) v_j^T) / (phi(q) . sum_j phi(k_j)): O(T) instead of O(T^2).
+The estimator only uses it as a cheap feature; its output never reaches the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+FAVOR_EPS = 1e-4  # keeps FAVOR+ features strictly positive
+RELU_EPS = 1e-3  # keeps ReLU features strictly positive
+DENOM_EPS = 1e-6  # a query whose keys are all padding divides by this, giving 0
+
+
+def orthogonal_gaussian_projection(num_features: int, dim: int, generator: torch.Generator) -> Tensor:
+    """(m, d) Gaussian orthogonal random features: QR-orthogonal blocks, rows rescaled
+    by the norms of i.i.d. Gaussian vectors (so each row is marginally Gaussian)."""
+    blocks = []
+    for _ in range(math.ceil(num_features / dim)):
+        gaussian = torch.randn(dim, dim, generator=generator)
+        q, _ = torch.linalg.qr(gaussian)
+        blocks.append(q.T)
+    rows = torch.cat(blocks)[:num_features]
+    norms = torch.randn(num_features, dim, generator=generator).norm(dim=1, keepdim=True)
+    return rows * norms
+
+
+class RandomFeatures(nn.Module):
+    """phi(x) for queries and keys; x arrives already multiplied by sqrt(scale).
+
+    ``relu``:  phi(x) = ReLU(W x) + 1e-3.
+    ``favor``: phi(x) = m^-1/2 (exp(W x - |x|^2 / 2 - s) + 1e-4), where the stabiliser s
+    is the row max for queries (it cancels in the ratio) and 0 for keys, so that keys
+    never depend on other keys: the features stay causal and can be cached.
+    """
+
+    def __init__(self, head_dim: int, num_features: int, kind: str, seed: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.num_features = num_features
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("projection", orthogonal_gaussian_projection(num_features, head_dim, generator))
+
+    @torch.no_grad()
+    def redraw(self, seed: int) -> None:
+        """Draw a new projection (the Performer's periodic feature redraw)."""
+        generator = torch.Generator().manual_seed(seed)
+        fresh = orthogonal_gaussian_projection(self.num_features, self.projection.shape[1], generator)
+        self.projection.copy_(fresh.to(self.projection))
+
+    def forward(self, x: Tensor, is_query: bool) -> Tensor:  # (..., d) -> (..., m), fp32
+        x = x.float()
+        projected = x @ self.projection.float().T
+        if self.kind == "relu":
+            return torch.relu(projected) + RELU_EPS
+        exponent = projected - 0.5 * x.pow(2).sum(-1, keepdim=True)
+        if is_query:
+            exponent = exponent - exponent.amax(-1, keepdim=True).detach()
+        return (torch.exp(exponent) + FAVOR_EPS) / math.sqrt(self.num_features)
+
+
+def linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor) -> Tensor:
+    """Bidirectional linear attention.
+
+    phi_q (B, H_kv, G, Tq, m) — query heads grouped by their kv head; phi_k (B, H_kv, Tk, m)
+    with padding keys already zeroed; values (B, H_kv, Tk, e). Returns (B, H_kv, G, Tq, e).
+    """
+    kv = phi_k.transpose(-1, -2) @ values  # (B, H_kv, m, e)
+    normaliser = phi_k.sum(-2)  # (B, H_kv, m)
+    numerator = phi_q @ kv.unsqueeze(2)
+    denominator = phi_q @ normaliser[:, :, None, :, None]
+    return numerator / (denominator + DENOM_EPS)
+
+
+def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk: int = 128,
+                            state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Causal linear attention where queries are the last Tq of the Tk keys.
+
+    Shapes as in ``linear_attention``. Keys before the query suffix are folded into the
+    running state in one product; the suffix is processed in chunks (a small masked
+    quadratic product inside a chunk, the running state across chunks), so memory is
+    O(T * m + chunk^2). ``state`` = (sum phi(k) v^T (B, H_kv, m, e), sum phi(k) (B, H_kv, m))
+    of keys seen in earlier calls; the updated state is returned (used by decoding).
+    """
+    tq, tk = phi_q.shape[-2], phi_k.shape[-2]
+    prefix = tk - tq
+    if state is None:
+        kv = phi_k.new_zeros(*phi_k.shape[:2], phi_k.shape[-1], values.shape[-1])
+        normaliser = phi_k.new_zeros(*phi_k.shape[:2], phi_k.shape[-1])
+    else:
+        kv, normaliser = state
+    if prefix:
+        kv = kv + phi_k[:, :, :prefix].transpose(-1, -2) @ values[:, :, :prefix]
+        normaliser = normaliser + phi_k[:, :, :prefix].sum(-2)
+    outputs = []
+    for lo in range(0, tq, chunk):
+        hi = min(lo + chunk, tq)
+        q_c = phi_q[..., lo:hi, :]  # (B, H_kv, G, c, m)
+        k_c = phi_k[:, :, prefix + lo:prefix + hi]  # (B, H_kv, c, m)
+        v_c = values[:, :, prefix + lo:prefix + hi]  # (B, H_kv, c, e)
+        local = (q_c @ k_c.unsqueeze(2).transpose(-1, -2)).tril()  # (B, H_kv, G, c, c)
+        numerator = q_c @ kv.unsqueeze(2) + local @ v_c.unsqueeze(2)
+        denominator = q_c @ normaliser[:, :, None, :, None] + local.sum(-1, keepdim=True)
+        outputs.append(numerator / (denominator + DENOM_EPS))
+        kv = kv + k_c.transpose(-1, -2) @ v_c
+        normaliser = normaliser + k_c.sum(-2)
+    return torch.cat(outputs, dim=-2), (kv, normaliser)

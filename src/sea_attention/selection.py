@@ -1,0 +1,98 @@
+"""Grouped top-k: which cells of the compressed estimate each query attends to.
+
+Budgets are counted in cells and chosen so that, once cells are stretched to keys
+(``cells.py``), a query attends to about ``k`` keys per head:
+
+* ``K_eff = min(K, L)`` live cells per head, each holding about ``L / K_eff`` keys, of
+  which at most ``cap = k`` are used;
+* a group of ``h`` heads gets ``round(h * k * K_eff / min(L, k * K_eff))`` cells, at least
+  1 and at most all ``h * K_eff`` live cells.
+
+So rows with L <= k are exact (every key), and every valid query gets at least one key.
+Ties are broken by position (a stable sort), so a larger budget selects a superset.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .cells import live_cells
+
+
+def cell_budget(lengths: Tensor, k: int, width: int, heads: int) -> Tensor:
+    """Cells a group of ``heads`` heads of one query may select: (...,) -> (...,) long."""
+    k_eff = lengths.clamp_max(width)
+    numerator = heads * k * k_eff
+    denominator = torch.minimum(lengths, k * k_eff).clamp_min(1)
+    budget = (2 * numerator + denominator) // (2 * denominator)  # round half up, in integers
+    budget = torch.minimum(budget.clamp_min(1), heads * k_eff)
+    return torch.where(lengths > 0, budget, 0)
+
+
+def max_keys_per_query(lengths: Tensor, k: int, width: int, heads: int, grouping: str = "query") -> Tensor:
+    """Upper bound on the keys one query selects over all heads (groupings ``query``, ``query_head``)."""
+    k_eff = lengths.clamp_max(width).clamp_min(1)
+    longest_cell = ((lengths + k_eff - 1) // k_eff).clamp_max(k)
+    if grouping == "query_head":
+        return heads * cell_budget(lengths, k, width, 1) * longest_cell
+    return cell_budget(lengths, k, width, heads) * longest_cell
+
+
+def _ranked(scores: Tensor) -> Tensor:
+    """Rank of every element along the last axis, best first, ties by position."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return ranks
+
+
+def _masked_scores(estimate: Tensor, lengths: Tensor) -> Tensor:
+    """Probabilities with dead bins and padding queries pushed below every real cell."""
+    live = live_cells(lengths, estimate.shape[-1]).unsqueeze(1)  # (B, 1, Tq, K)
+    return torch.where(live, estimate.float(), -1.0)
+
+
+def select_cells(estimate: Tensor, lengths: Tensor, k: int, grouping: str, chunk: int = 256) -> Tensor:
+    """Grouped top-k on the estimate (B, H, Tq, K): the selected cells as a bool tensor.
+
+    ``lengths`` (B, Tq) holds each query's valid key count (0 for padding queries).
+    Groupings: ``query`` (one query over all heads), ``query_head`` (one query and head),
+    ``sample`` (one sample), ``head`` (one sample and head).
+    """
+    bsz, heads, tq, width = estimate.shape
+    scores = _masked_scores(estimate.detach(), lengths)
+    if grouping in ("query", "query_head"):
+        group_heads = heads if grouping == "query" else 1
+        budget = cell_budget(lengths, k, width, group_heads)  # (B, Tq)
+        out = []
+        for lo in range(0, tq, chunk):
+            part = scores[:, :, lo:lo + chunk]  # (B, H, c, K)
+            if grouping == "query":
+                flat = part.permute(0, 2, 1, 3).reshape(bsz, part.shape[2], heads * width)
+                picked = _ranked(flat) < budget[:, lo:lo + chunk, None]
+                out.append(picked.view(bsz, -1, heads, width).permute(0, 2, 1, 3))
+            else:
+                out.append(_ranked(part) < budget[:, None, lo:lo + chunk, None])
+        return torch.cat(out, dim=2)
+    if grouping == "sample":
+        budget = cell_budget(lengths, k, width, heads).sum(-1)  # (B,)
+        flat = scores.reshape(bsz, -1)
+        picked = (_ranked(flat) < budget[:, None]).view_as(scores)
+    elif grouping == "head":
+        budget = cell_budget(lengths, k, width, 1).sum(-1)  # (B,)
+        flat = scores.reshape(bsz, heads, -1)
+        picked = (_ranked(flat) < budget[:, None, None]).view_as(scores)
+    else:
+        raise ValueError(f"grouping must be one of ('query', 'query_head', 'sample', 'head'), got {grouping!r}")
+    return picked | _best_cell_per_query(scores, lengths)
+
+
+def _best_cell_per_query(scores: Tensor, lengths: Tensor) -> Tensor:
+    """Each valid query's single best cell over all heads, so no query is left empty."""
+    bsz, heads, tq, width = scores.shape
+    flat = scores.permute(0, 2, 1, 3).reshape(bsz, tq, heads * width)
+    best = torch.zeros_like(flat, dtype=torch.bool)
+    best.scatter_(-1, flat.argmax(-1, keepdim=True), True)
+    best &= (lengths > 0).unsqueeze(-1)
+    return best.view(bsz, tq, heads, width).permute(0, 2, 1, 3)

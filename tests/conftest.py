@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def make_qkv(batch, heads, kv_heads, tq, tk, dim, dtype=torch.float32, requires_grad=False):
+    q = torch.randn(batch, heads, tq, dim, dtype=dtype)
+    k = torch.randn(batch, kv_heads, tk, dim, dtype=dtype)
+    v = torch.randn(batch, kv_heads, tk, dim, dtype=dtype)
+    for x in (q, k, v):
+        x.requires_grad_(requires_grad)
+    return q, k, v
+
+
+def padding_mask(batch, tk, pad, left=True):
+    """(B, Tk) bool: sample b has b * pad padding tokens on the left (or right)."""
+    mask = torch.ones(batch, tk, dtype=torch.bool)
+    for b in range(batch):
+        n = min(b * pad, tk - 1)
+        if n:
+            if left:
+                mask[b, :n] = False
+            else:
+                mask[b, tk - n:] = False
+    return mask
+
+
+def exact_attention(q, k, v, mask, causal, scale=None):
+    """Plain softmax attention with padding (and causality); queries are the last Tq keys."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, 1)
+    v = v.repeat_interleave(groups, 1)
+    tq, tk = q.shape[2], k.shape[2]
+    allowed = mask[:, None, None, :].expand(-1, 1, tq, tk)
+    if causal:
+        allowed = allowed & torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)

@@ -1,0 +1,180 @@
+import pytest
+import torch
+
+from conftest import exact_attention, make_qkv, padding_mask
+from sea_attention import SEAAttention, SEAConfig
+
+
+def sea(heads=4, kv_heads=2, dim=16, causal=True, **kw):
+    defaults = dict(k=4, estimate_width=8, max_positions=256)
+    return SEAAttention(SEAConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, causal=causal,
+                                  **{**defaults, **kw}))
+
+
+ANCHOR_GRID = [  # batch, heads, kv_heads, tq, tk, dim, pad, causal
+    (1, 1, 1, 1, 1, 8, 0, True),
+    (2, 4, 4, 32, 32, 16, 0, True),
+    (3, 4, 2, 40, 40, 16, 5, True),
+    (2, 6, 3, 7, 50, 8, 4, True),  # a query suffix, as in decoding
+    (2, 4, 1, 1, 33, 16, 3, True),  # one new token
+    (2, 4, 2, 30, 30, 16, 0, False),
+    (3, 4, 4, 25, 25, 8, 6, False),
+    (2, 6, 2, 5, 21, 8, 2, False),
+]
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, tq, tk, dim, pad, causal", ANCHOR_GRID)
+@pytest.mark.parametrize("path", ["sparse", "reference"])
+@pytest.mark.parametrize("grouping", ["query", "query_head", "head"])
+def test_full_budget_without_gating_is_exact_attention(batch, heads, kv_heads, tq, tk, dim, pad, causal, path, grouping):
+    if causal and grouping == "head":
+        grouping = "query"
+    module = sea(heads, kv_heads, dim, causal, gating=False, attention_path=path, grouping=grouping, query_chunk=8)
+    q, k, v = make_qkv(batch, heads, kv_heads, tq, tk, dim)
+    mask = padding_mask(batch, tk, pad, left=causal)
+    out = module(q, k, v, attention_mask=mask, k_budget=tk)
+    expected = exact_attention(q, k, v, mask, causal)
+    rows = mask[:, tk - tq:]
+    torch.testing.assert_close(out.context.transpose(1, 2)[rows], expected.transpose(1, 2)[rows], atol=1e-5, rtol=1e-5)
+    assert bool((out.context.transpose(1, 2)[~rows] == 0).all())
+
+
+@pytest.mark.parametrize("causal, gating, mode", [(True, True, "mix"), (True, False, "norm"), (False, True, "norm")])
+def test_sparse_and_reference_paths_agree_with_gradients(causal, gating, mode):
+    torch.manual_seed(1)
+    a = sea(causal=causal, gating=gating, output_mode=mode, attention_path="sparse", query_chunk=5)
+    b = sea(causal=causal, gating=gating, output_mode=mode, attention_path="reference")
+    b.load_state_dict(a.state_dict())
+    q, k, v = make_qkv(2, 4, 2, 24, 24, 16)
+    mask = padding_mask(2, 24, 3, left=causal)
+    grads = []
+    for module in (a, b):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = module(*inputs, attention_mask=mask, return_attention=True)
+        (out.context.square().sum() + out.estimate.square().sum()).backward()
+        grads.append((out, [x.grad for x in inputs], {n: p.grad for n, p in module.named_parameters()}))
+    (oa, ga, pa), (ob, gb, pb) = grads
+    torch.testing.assert_close(oa.context, ob.context, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(oa.attention, ob.attention, atol=1e-5, rtol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    for name in pa:
+        if pa[name] is not None or pb[name] is not None:
+            torch.testing.assert_close(pa[name], pb[name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_causality_canary(kv_heads):
+    """Changing key/value j never changes an output row before j (gating on, default k)."""
+    module = sea(heads=4, kv_heads=kv_heads, k=3, estimate_width=8)
+    t, j = 48, 30
+    q, k, v = make_qkv(1, 4, kv_heads, t, t, 16)
+    base = module(q, k, v)
+    k2, v2, q2 = k.clone(), v.clone(), q.clone()
+    k2[:, :, j:] += torch.randn_like(k2[:, :, j:]) * 5
+    v2[:, :, j:] += torch.randn_like(v2[:, :, j:]) * 5
+    q2[:, :, j:] += torch.randn_like(q2[:, :, j:]) * 5
+    changed = module(q2, k2, v2)
+    torch.testing.assert_close(changed.context[:, :, :j], base.context[:, :, :j], atol=0, rtol=0)
+    torch.testing.assert_close(changed.estimate[:, :, :j], base.estimate[:, :, :j], atol=0, rtol=0)
+    assert not torch.allclose(changed.context[:, :, j:], base.context[:, :, j:])
+
+
+def test_left_padding_matches_unpadded_sequence():
+    module = sea(k=3)
+    q, k, v = make_qkv(1, 4, 2, 30, 30, 16)
+    pad = 6
+    padded = [torch.cat([torch.randn(1, x.shape[1], pad, 16), x], 2) for x in (q, k, v)]
+    mask = torch.ones(1, 30 + pad, dtype=torch.bool)
+    mask[:, :pad] = False
+    plain = module(q, k, v)
+    with_pad = module(*padded, attention_mask=mask)
+    torch.testing.assert_close(with_pad.context[:, :, pad:], plain.context, atol=1e-5, rtol=1e-5)
+    assert torch.equal(with_pad.nnz[:, :, pad:], plain.nnz)
+
+
+def test_right_padding_matches_unpadded_bidirectional():
+    module = sea(causal=False, k=3)
+    q, k, v = make_qkv(1, 4, 2, 21, 21, 16)
+    pad = 5
+    padded = [torch.cat([x, torch.randn(1, x.shape[1], pad, 16)], 2) for x in (q, k, v)]
+    mask = torch.ones(1, 21 + pad, dtype=torch.bool)
+    mask[:, 21:] = False
+    torch.testing.assert_close(module(*padded, attention_mask=mask).context[:, :, :21], module(q, k, v).context,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_outputs_shapes_and_nnz():
+    module = sea(k=4, estimate_width=8)
+    q, k, v = make_qkv(2, 4, 2, 64, 64, 16)
+    out = module(q, k, v, return_attention=True)
+    assert out.context.shape == (2, 4, 64, 16)
+    assert out.estimate.shape == (2, 4, 64, 8)
+    assert out.nnz.shape == (2, 4, 64) and out.attention.shape == (2, 4, 64, 64)
+    torch.testing.assert_close(out.estimate.sum(-1), torch.ones(2, 4, 64))
+    torch.testing.assert_close((out.attention > 0).sum(-1), out.nnz)
+    # heads compete for one budget per query: a head may get no key, then its row is empty
+    torch.testing.assert_close(out.attention.sum(-1), (out.nnz > 0).float())
+    assert float(out.nnz[:, :, 8:].float().mean()) == pytest.approx(4, rel=0.25)
+    assert bool((out.nnz.sum(1) >= 1).all())
+
+
+def test_dynamic_k_never_selects_fewer_keys():
+    module = sea(k=4, estimate_width=8)
+    q, k, v = make_qkv(1, 4, 2, 80, 80, 16)
+    counts = [module(q, k, v, k_budget=b).nnz.sum(1) for b in (1, 2, 4, 8, 16, 80)]
+    for small, large in zip(counts, counts[1:]):
+        assert bool((large >= small).all())
+    assert bool((counts[-1][0] == 4 * torch.arange(1, 81)).all())  # budget >= T: everything
+
+
+def test_bfloat16_runs_close_to_float32():
+    module = sea(k=4)
+    q, k, v = make_qkv(1, 4, 2, 32, 32, 16)
+    ref = module(q, k, v, k_budget=32)
+    low = module(q.bfloat16(), k.bfloat16(), v.bfloat16(), k_budget=32)
+    assert low.context.dtype == torch.bfloat16
+    torch.testing.assert_close(low.context.float(), ref.context, atol=5e-2, rtol=5e-2)
+    module.bfloat16()
+    assert module(q.bfloat16(), k.bfloat16(), v.bfloat16()).context.dtype == torch.bfloat16
+
+
+def test_feature_redraw_follows_interval():
+    module = sea(feature_redraw_interval=3)
+    before = module.estimator.features.projection.clone()
+    assert not module.maybe_redraw_features(2)
+    assert module.maybe_redraw_features(3)
+    assert not torch.equal(before, module.estimator.features.projection)
+
+
+def test_too_long_for_positional_table():
+    module = sea(max_positions=16)
+    q, k, v = make_qkv(1, 4, 2, 20, 20, 16)
+    with pytest.raises(ValueError, match="max_positions is 16"):
+        module(q, k, v)
+
+
+@pytest.mark.parametrize("shapes, kwargs, message", [
+    (((1, 4, 8), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "q must have shape"),
+    (((1, 3, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "config.num_heads is 4"),
+    (((1, 4, 8, 16), (1, 4, 8, 16), (1, 4, 8, 16)), {}, "num_kv_heads=2"),
+    (((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {}, "config.head_dim is 16"),
+    (((1, 4, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "must not outnumber keys"),
+    (((2, 4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "batch sizes differ"),
+    (((1, 4, 8, 16), (1, 2, 8, 16), (1, 2, 7, 16)), {}, "same length"),
+    (((1, 4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"attention_mask": torch.ones(1, 7, dtype=torch.bool)}, "attention_mask must have shape"),
+    (((1, 4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"attention_mask": torch.full((1, 8), 0.5)}, "must be bool"),
+    (((1, 4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"k_budget": 0}, "k_budget must be a positive integer"),
+])
+def test_bad_inputs_raise_clear_errors(shapes, kwargs, message):
+    module = sea()
+    q, k, v = (torch.randn(*s) for s in shapes)
+    with pytest.raises(ValueError, match=message):
+        module(q, k, v, **kwargs)
+
+
+def test_integer_mask_is_accepted():
+    module = sea()
+    q, k, v = make_qkv(1, 4, 2, 8, 8, 16)
+    mask = torch.ones(1, 8, dtype=torch.long)
+    torch.testing.assert_close(module(q, k, v, attention_mask=mask).context, module(q, k, v).context)

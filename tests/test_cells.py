@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from naive import naive_cell_keys, naive_cells_to_keys
+from sea_attention.cells import (
+    cell_lengths, cells_to_keys, compress_attention, key_bins, live_cells, query_lengths, stretch_estimate,
+)
+
+
+@pytest.mark.parametrize("length", [1, 3, 7, 8, 9, 16, 31, 100, 257])
+@pytest.mark.parametrize("width", [4, 8, 16])
+def test_cells_tile_the_row(length, width):
+    lengths = torch.tensor([length])
+    sizes = cell_lengths(lengths, width)[0]
+    assert int(sizes.sum()) == length
+    assert int(live_cells(lengths, width).sum()) == min(length, width)  # no dead bin when L >= K
+    # every key rank falls into the cell that contains it
+    ranks = torch.arange(length)
+    bins = key_bins(ranks, lengths, width)
+    for r, b in zip(ranks.tolist(), bins.tolist()):
+        assert b * length // width <= r < (b + 1) * length // width
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("cap", [1, 3, 100])
+def test_cells_to_keys_matches_loop(causal, cap):
+    bsz, heads, tq, tk, width = 2, 3, 9, 23, 8
+    key_valid = torch.ones(bsz, tk, dtype=torch.bool)
+    key_valid[1, :4] = False
+    query_valid = key_valid[:, tk - tq:]
+    lengths = query_lengths(key_valid, query_valid, causal)
+    cells = (torch.rand(bsz, heads, tq, width) < 0.4) & live_cells(lengths, width).unsqueeze(1)
+    slots = cells_to_keys(cells, lengths, key_valid, cap=cap, chunk=4)
+    got = set()
+    for b, i, s in zip(*torch.nonzero(slots.valid, as_tuple=True)):
+        got.add((int(b), int(slots.head[b, i, s]), int(i), int(slots.key[b, i, s])))
+    assert got == naive_cells_to_keys(cells, lengths, key_valid, cap)
+    # no key is emitted twice by the same (query, head)
+    assert int(slots.valid.sum()) == len(got)
+
+
+def test_slots_are_ordered_by_head_and_never_padding():
+    key_valid = torch.tensor([[False, False, True, True, True, True, True, True]])
+    lengths = query_lengths(key_valid, key_valid, causal=True)
+    cells = live_cells(lengths, 4).unsqueeze(1).expand(1, 2, 8, 4)
+    slots = cells_to_keys(cells, lengths, key_valid, cap=10)
+    for i in range(8):
+        heads = slots.head[0, i][slots.valid[0, i]]
+        assert torch.all(heads[1:] >= heads[:-1])
+        keys = slots.key[0, i][slots.valid[0, i]]
+        assert bool(key_valid[0, keys].all())
+        assert bool((keys <= i).all())
+    assert int(slots.valid[0, :2].sum()) == 0  # padding queries get nothing
+
+
+def test_naive_cell_keys_spread_evenly():
+    assert naive_cell_keys(100, 4, 1, cap=5) == [27, 32, 37, 42, 47]
+    assert naive_cell_keys(8, 4, 2, cap=5) == [4, 5]
+
+
+def test_compress_and_stretch_preserve_mass():
+    bsz, heads, t, width = 2, 2, 13, 4
+    key_valid = torch.ones(bsz, t, dtype=torch.bool)
+    key_valid[1, :3] = False
+    lengths = query_lengths(key_valid, key_valid, causal=True)
+    allowed = key_valid[:, None, None, :] & torch.ones(t, t, dtype=torch.bool).tril()
+    attn = torch.softmax(torch.randn(bsz, heads, t, t).masked_fill(~allowed, -1e9), -1) * key_valid[:, None, :, None]
+    compressed = compress_attention(attn, key_valid, lengths, width)
+    rows = key_valid[:, None, :].expand(-1, heads, -1)
+    torch.testing.assert_close(compressed.sum(-1)[rows], torch.ones(int(rows.sum())))
+    assert bool((compressed.masked_fill(live_cells(lengths, width).unsqueeze(1), 0) == 0).all())  # dead bins empty
+    stretched = stretch_estimate(compressed, key_valid, lengths)
+    torch.testing.assert_close(stretched.sum(-1)[rows], torch.ones(int(rows.sum())))
+    assert bool((stretched.masked_fill(allowed, 0) == 0).all())  # nothing outside the valid prefix

@@ -1,0 +1,38 @@
+import pytest
+
+from sea_attention import SEAConfig
+
+
+def test_defaults_and_derived_values():
+    cfg = SEAConfig(num_heads=12, head_dim=64)
+    assert cfg.num_kv_heads == 12 and cfg.feature_kind == "relu" and cfg.grouping == "query"
+    assert cfg.num_features == 33  # floor(64 ln 64 / 8)
+    assert SEAConfig(num_heads=12, head_dim=64, causal=False).feature_kind == "favor"
+    assert SEAConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.replace(k=32).k == 32
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_heads=0), "num_heads must be a positive integer"),
+    (dict(num_kv_heads=5), "multiple of num_kv_heads"),
+    (dict(k=0), "k must be a positive integer"),
+    (dict(k=2.5), "k must be a positive integer"),
+    (dict(estimate_width=30), "estimate_width must be a multiple of 4"),
+    (dict(feature_kind="cos"), "feature_kind must be one of ('favor', 'relu')"),
+    (dict(grouping="batch"), "grouping must be one of"),
+    (dict(grouping="sample"), "not allowed when causal=True"),
+    (dict(output_mode="add"), "output_mode must be one of ('mix', 'norm')"),
+    (dict(attention_path="flash"), "attention_path must be one of ('sparse', 'reference')"),
+    (dict(feature_factor=10_000), "leaves no random features"),
+    (dict(feature_redraw_interval=-1), "feature_redraw_interval must be a non-negative integer"),
+    (dict(causal="yes"), "causal must be True or False"),
+])
+def test_bad_values_name_the_field(changes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SEAConfig(**{"num_heads": 12, "head_dim": 64, **changes})
+
+
+def test_bidirectional_groupings_and_width():
+    SEAConfig(num_heads=4, head_dim=16, causal=False, grouping="sample", estimate_width=6)
+    with pytest.raises(ValueError, match="unknown SEAConfig fields"):
+        SEAConfig(num_heads=4, head_dim=16).replace(kk=3)

@@ -1,0 +1,84 @@
+"""The sparse op against the dense reference and the plain-autograd version: outputs and gradients."""
+
+import pytest
+import torch
+
+from conftest import make_qkv
+from sea_attention.cells import cells_to_keys, live_cells, query_lengths
+from sea_attention.ops import naive_sparse_attention, reference_attention, sparse_attention
+
+
+def random_slots(batch, heads, tq, tk, width, causal, cap, density=0.3, pad=0):
+    key_valid = torch.ones(batch, tk, dtype=torch.bool)
+    if pad:
+        key_valid[-1, :pad] = False
+    query_valid = key_valid[:, tk - tq:]
+    lengths = query_lengths(key_valid, query_valid, causal)
+    cells = (torch.rand(batch, heads, tq, width) < density) & live_cells(lengths, width).unsqueeze(1)
+    return cells_to_keys(cells, lengths, key_valid, cap=cap, chunk=5)
+
+
+GRID = [  # batch, heads, kv_heads, tq, tk, dim, width, causal, cap, pad
+    (1, 1, 1, 7, 7, 4, 4, True, 2, 0),
+    (2, 4, 2, 16, 16, 8, 8, True, 3, 3),
+    (2, 4, 4, 9, 20, 8, 4, True, 4, 0),
+    (2, 6, 2, 12, 12, 16, 8, False, 2, 4),
+    (1, 3, 1, 33, 33, 8, 16, False, 100, 0),
+]
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, tq, tk, dim, width, causal, cap, pad", GRID)
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_sparse_matches_reference_and_naive(batch, heads, kv_heads, tq, tk, dim, width, causal, cap, pad, chunk):
+    slots = random_slots(batch, heads, tq, tk, width, causal, cap, pad=pad)
+    scale = dim ** -0.5
+    results = []
+    for fn in ("sparse", "naive", "reference"):
+        q, k, v = make_qkv(batch, heads, kv_heads, tq, tk, dim, requires_grad=True) if not results else \
+            [x.detach().clone().requires_grad_() for x in results[0][1]]
+        if fn == "sparse":
+            out, _ = sparse_attention(q, k, v, slots, scale, chunk=chunk)
+        elif fn == "naive":
+            out, _ = naive_sparse_attention(q, k, v, slots, scale)
+        else:
+            out, _ = reference_attention(q, k, v, slots.dense_mask(heads, tk), scale)
+        grad = torch.randn_like(out) if not results else results[0][3]
+        out.backward(grad)
+        results.append((out.detach(), (q, k, v), [x.grad for x in (q, k, v)], grad))
+    for out, _, grads, _ in results[1:]:
+        torch.testing.assert_close(out, results[0][0], atol=1e-5, rtol=1e-5)
+        for g, g0 in zip(grads, results[0][2]):
+            torch.testing.assert_close(g, g0, atol=1e-5, rtol=1e-5)
+
+
+def test_slot_probabilities_match_reference():
+    slots = random_slots(2, 4, 10, 10, 4, True, 3)
+    q, k, v = make_qkv(2, 4, 2, 10, 10, 8)
+    _, slot_probs = sparse_attention(q, k, v, slots, 0.3)
+    _, dense = reference_attention(q, k, v, slots.dense_mask(4, 10), 0.3)
+    torch.testing.assert_close(slots.to_dense(slot_probs, 4, 10), dense)
+
+
+@pytest.mark.parametrize("causal, kv_heads", [(True, 1), (False, 2)])
+def test_gradcheck_float64(causal, kv_heads):
+    slots = random_slots(2, 2, 6, 8, 4, causal, 2, pad=2)
+    q, k, v = make_qkv(2, 2, kv_heads, 6, 8, 3, dtype=torch.float64, requires_grad=True)
+    fn = lambda q, k, v: sparse_attention(q, k, v, slots, 0.7, chunk=4)[0]
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+
+
+def test_empty_rows_give_zero_and_finite_grads():
+    slots = random_slots(1, 2, 5, 5, 4, True, 2, density=0.0)
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 4, requires_grad=True)
+    out, _ = sparse_attention(q, k, v, slots, 0.5)
+    out.sum().backward()
+    assert bool((out == 0).all()) and all(bool(torch.isfinite(x.grad).all()) for x in (q, k, v))
+
+
+def test_bfloat16_close_to_float32():
+    slots = random_slots(1, 4, 16, 16, 8, True, 4)
+    q, k, v = make_qkv(1, 4, 2, 16, 16, 16)
+    ref, _ = sparse_attention(q, k, v, slots, 0.25)
+    low, _ = sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), slots, 0.25)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)

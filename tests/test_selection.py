@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from sea_attention.cells import cell_key_counts, cells_to_keys, live_cells, query_lengths
+from sea_attention.selection import cell_budget, max_keys_per_query, select_cells
+
+
+def estimate_for(lengths, heads, width):
+    logits = torch.randn(lengths.shape[0], heads, lengths.shape[1], width) * 3
+    live = live_cells(lengths, width).unsqueeze(1)
+    return torch.softmax(logits.masked_fill(~live, -1e9), -1) * live
+
+
+@pytest.mark.parametrize("k, width", [(4, 8), (8, 16), (16, 8)])
+def test_budget_regimes(k, width):
+    heads = 3
+    lengths = torch.arange(0, 400)
+    budget = cell_budget(lengths, k, width, heads)
+    assert int(budget[0]) == 0
+    short = lengths <= k  # every key of short rows
+    assert torch.equal(budget[short][1:], heads * lengths[short][1:].clamp_max(width))
+    assert bool((budget[1:] >= 1).all())
+    assert bool((budget <= heads * lengths.clamp_max(width)).all())
+    long = lengths > k * width  # past k*K every cell is capped at k keys: H cells
+    assert bool((budget[long] == heads).all())
+
+
+@pytest.mark.parametrize("grouping", ["query", "query_head"])
+@pytest.mark.parametrize("k", [4, 16])
+def test_keys_per_query_close_to_k_and_bounded(grouping, k):
+    heads, width, t = 4, 16, 600
+    key_valid = torch.ones(1, t, dtype=torch.bool)
+    lengths = query_lengths(key_valid, key_valid, causal=True)
+    cells = select_cells(estimate_for(lengths, heads, width), lengths, k, grouping)
+    slots = cells_to_keys(cells, lengths, key_valid, cap=k)
+    per_query = slots.nnz(heads).sum(1)[0]  # (Tq,)
+    assert bool((per_query >= 1).all())
+    bound = max_keys_per_query(lengths, k, width, heads, grouping)[0]
+    assert bool((per_query <= bound).all())
+    assert bool((per_query <= 2 * heads * k).all())
+    assert bool((cell_key_counts(cells, lengths, k) <= k).all())  # the per-cell cap
+    long_rows = lengths[0] >= k
+    mean = per_query[long_rows].float().mean() / heads
+    assert abs(float(mean) - k) / k < 0.15, float(mean)
+    if grouping == "query_head":
+        nnz = slots.nnz(heads)[0][:, long_rows].float()
+        assert abs(float(nnz.mean()) - k) / k < 0.15
+
+
+@pytest.mark.parametrize("grouping", ["query", "query_head", "sample", "head"])
+def test_padding_never_selected_and_every_valid_query_served(grouping):
+    heads, width, t = 3, 8, 50
+    causal = grouping.startswith("query")
+    key_valid = torch.ones(2, t, dtype=torch.bool)
+    key_valid[0, :7] = False
+    key_valid[1, -9:] = False
+    lengths = query_lengths(key_valid, key_valid, causal=causal)
+    cells = select_cells(estimate_for(lengths, heads, width), lengths, 4, grouping)
+    assert not bool((cells & ~live_cells(lengths, width).unsqueeze(1)).any())
+    slots = cells_to_keys(cells, lengths, key_valid, cap=4)
+    dense = slots.dense_mask(heads, t)
+    assert not bool((dense & ~key_valid[:, None, None, :]).any())
+    per_query = dense.sum((1, 3))
+    assert bool((per_query[key_valid] >= 1).all())
+    assert bool((per_query[~key_valid] == 0).all())
+
+
+@pytest.mark.parametrize("grouping", ["query", "query_head", "sample", "head"])
+def test_dynamic_k_is_monotone(grouping):
+    heads, width, t = 4, 16, 300
+    causal = grouping.startswith("query")
+    key_valid = torch.ones(1, t, dtype=torch.bool)
+    lengths = query_lengths(key_valid, key_valid, causal=causal)
+    estimate = estimate_for(lengths, heads, width)
+    previous_cells, previous_count = None, None
+    for k in (1, 2, 4, 8, 16, 32, 64, 300):
+        cells = select_cells(estimate, lengths, k, grouping)
+        count = cells_to_keys(cells, lengths, key_valid, cap=k).nnz(heads).sum(1)
+        if previous_cells is not None:
+            assert not bool((previous_cells & ~cells).any())  # a superset of cells
+            assert bool((count >= previous_count).all())  # never fewer keys
+        previous_cells, previous_count = cells, count
+
+
+def test_sample_grouping_lets_peaky_heads_take_more():
+    heads, width, t = 2, 8, 64
+    key_valid = torch.ones(1, t, dtype=torch.bool)
+    lengths = query_lengths(key_valid, key_valid, causal=False)
+    estimate = torch.full((1, heads, t, width), 1.0 / width)
+    estimate[:, 0] = 0.0
+    estimate[:, 0, :, 0] = 1.0  # head 0 is certain, head 1 is flat
+    cells = select_cells(estimate, lengths, 8, "query")
+    assert int(cells[0, 0].sum()) >= t  # head 0's one cell wins in every row
