@@ -30,7 +30,7 @@ def padding_mask(batch, tk, pad, left=True):
 
 
 def exact_attention(q, k, v, mask, causal, scale=None):
-    """Plain softmax attention with padding (and causality); queries are the last Tq keys."""
+    """Softmax attention from PyTorch's SDPA, with padding (and causality); queries are the last Tq keys."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, 1)
     v = v.repeat_interleave(groups, 1)

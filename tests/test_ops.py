@@ -82,3 +82,15 @@ def test_bfloat16_close_to_float32():
     low, _ = sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), slots, 0.25)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_exact_attention_matches_sdpa(causal):
+    from conftest import exact_attention as sdpa_attention, padding_mask
+    from sea_attention.ops import exact_attention
+    q, k, v = make_qkv(2, 4, 2, 6, 11, 8)
+    mask = padding_mask(2, 11, 3, left=causal)
+    context, probs = exact_attention(q, k, v, mask, 8 ** -0.5, causal)
+    rows = mask[:, -6:]
+    torch.testing.assert_close(context.transpose(1, 2)[rows], sdpa_attention(q, k, v, mask, causal).transpose(1, 2)[rows])
+    torch.testing.assert_close(probs.sum(-1).transpose(1, 2)[rows], torch.ones(int(rows.sum()), 4))

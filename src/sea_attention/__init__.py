@@ -6,3 +6,17 @@ from .config import SEAConfig
 __version__ = "0.1.0"
 
 __all__ = ["SEAConfig", "SEAAttention", "SEAOutput", "__version__"]
+
+# Hugging Face integration (sea_attention.hf), imported on first use so that `import sea_attention`
+# does not pull in transformers.
+_HF_EXPORTS = ("patch", "unpatch", "sea_layers", "layer_override", "LayerCall", "dense_attention", "set_budget",
+               "sea_budget", "save_pretrained", "from_pretrained")
+__all__ += list(_HF_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _HF_EXPORTS:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

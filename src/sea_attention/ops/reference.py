@@ -26,3 +26,20 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: fl
     scores = scores.masked_fill(~mask, torch.finfo(compute).min)
     probs = torch.softmax(scores, dim=-1).masked_fill(~mask, 0.0)
     return (probs @ v).to(q.dtype), probs
+
+
+def allowed_keys(key_valid: Tensor, tq: int, causal: bool) -> Tensor:
+    """(B, 1, Tq, Tk) bool: which keys each query may see (padding, and causality when
+    causal; queries are the last Tq positions)."""
+    tk = key_valid.shape[-1]
+    allowed = key_valid[:, None, None, :].expand(-1, 1, tq, tk)
+    if causal:
+        allowed = allowed & torch.ones(tq, tk, dtype=torch.bool, device=key_valid.device).tril(tk - tq)
+    return allowed
+
+
+def exact_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, scale: float,
+                    causal: bool) -> tuple[Tensor, Tensor]:
+    """Plain softmax attention (the teacher's): context (B, H, Tq, d) and probabilities (B, H, Tq, Tk)."""
+    mask = allowed_keys(key_valid, q.shape[2], causal).expand(-1, q.shape[1], -1, -1)
+    return reference_attention(q, k, v, mask, scale)

@@ -1,0 +1,181 @@
+"""The `sea` command: distil, evaluate, plot, and the end-to-end demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import assets
+from .config import SEAConfig
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64,128, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def load_sea_model(name_or_path: str, overrides: dict | None = None):
+    """A saved SEA model directory, or a base model (bundled name, local dir, hub id) patched fresh."""
+    from .hf import from_pretrained, patch
+
+    if (Path(name_or_path) / "sea_config.json").exists():
+        model, tokenizer = from_pretrained(name_or_path)
+        if overrides:
+            print(f"note: {name_or_path} is already a SEA model; ignoring {sorted(overrides)}", file=sys.stderr)
+        return model, tokenizer, name_or_path
+    model, tokenizer = assets.load_model(name_or_path)
+    patch(model, **(overrides or {}))
+    return model, tokenizer, name_or_path
+
+
+def _sea_overrides(args) -> dict:
+    return {name: getattr(args, name) for name in ("k", "estimate_width", "feature_factor")
+            if getattr(args, name, None) is not None}
+
+
+def _add_sea_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SEA options (when patching a base model)")
+    group.add_argument("--k", type=int, help="keys per query per head (default 64)")
+    group.add_argument("--estimate-width", type=int, help="K, width of the compressed estimate (default 128)")
+    group.add_argument("--feature-factor", type=int, help="nbf: m = d ln d / nbf random features (default 8)")
+
+
+# ---------------------------------------------------------------------------------------- distill
+def cmd_distill(args) -> int:
+    from .distill import DistillConfig, Distiller, TokenWindows, tokenize
+    from .hf import save_pretrained
+
+    torch.manual_seed(args.seed)
+    model, tokenizer, base = load_sea_model(args.model, _sea_overrides(args))
+    config = DistillConfig(stage=args.stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+                           grad_accum=args.grad_accum, lr=args.lr, base_lr=args.base_lr,
+                           warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
+                           checkpoint_every=args.checkpoint_every)
+    tokens = tokenize(tokenizer, assets.load_text(args.data, "train"))
+    checkpoints = Path(args.checkpoint_dir or Path(args.out) / "checkpoints")
+    distiller = Distiller(model, TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints)
+    if args.resume:
+        print(f"resumed at step {distiller.step}" if distiller.resume() else "no checkpoint found: starting fresh")
+    started = time.perf_counter()
+    history = distiller.run(progress=not args.quiet)
+    save_pretrained(model, args.out, base_model=_base_identity(model, base), tokenizer=tokenizer,
+                    include_base_weights=args.stage == "full")
+    first, last = history[0], history[-1]
+    print(f"stage {args.stage}: {len(history)} steps, loss {first.loss:.4f} -> {last.loss:.4f}, "
+          f"{time.perf_counter() - started:.0f} s; model saved to {args.out}")
+    return 0
+
+
+def _base_identity(model, fallback: str) -> str:
+    saved = getattr(model.config, "sea_base_model", None)
+    return saved or fallback
+
+
+# ---------------------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from .distill import tokenize
+    from .evaluate import evaluate_budgets, format_table, write_json
+
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args))
+    tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))
+    if args.max_tokens:
+        tokens = tokens[: args.max_tokens]
+    rows = evaluate_budgets(model, tokens, seq_len=args.seq_len, stride=args.stride or args.seq_len,
+                            budgets=args.k_list, oracle=args.oracle, progress=not args.quiet)
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json, model=args.model, data=args.data, split=args.split, seq_len=args.seq_len,
+                   stride=args.stride or args.seq_len)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- plot
+def cmd_plot(args) -> int:
+    from .distill import tokenize
+    from .viz import capture_attention, plot_attention
+
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args))
+    tokens = tokenize(tokenizer, assets.load_text(args.data, "test"))[: args.seq_len]
+    snapshot = capture_attention(model, tokens.unsqueeze(0), args.layer, args.head)
+    print(f"wrote {plot_attention(snapshot, args.out, f'{args.model}: layer {args.layer}, head {args.head}')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sea", description="SEA: linear-time sparse attention for pretrained transformers")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from .demo import add_demo_parser
+
+    add_demo_parser(commands)
+
+    distill = commands.add_parser("distill", help="distil SEA into a model from its own dense attention")
+    distill.add_argument("--model", default="smollm2-135m", help="bundled name, local dir, SEA dir or hub id")
+    distill.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
+    distill.add_argument("--stage", default="estimator", choices=("estimator", "full"))
+    distill.add_argument("--steps", type=int, default=100)
+    distill.add_argument("--seq-len", type=int, default=512)
+    distill.add_argument("--batch-size", type=int, default=1)
+    distill.add_argument("--grad-accum", type=int, default=1)
+    distill.add_argument("--lr", type=float, default=1e-3, help="learning rate of the SEA modules")
+    distill.add_argument("--base-lr", type=float, default=1e-5, help="learning rate of the base model (stage full)")
+    distill.add_argument("--warmup-steps", type=int, default=10)
+    distill.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
+    distill.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--out", required=True, help="directory for the distilled model")
+    distill.add_argument("--checkpoint-dir", help="default: OUT/checkpoints")
+    distill.add_argument("--checkpoint-every", type=int, default=50)
+    distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    distill.add_argument("--quiet", action="store_true")
+    _add_sea_options(distill)
+    distill.set_defaults(func=cmd_distill)
+
+    evaluate = commands.add_parser("eval", help="perplexity: dense vs SEA at several k (and the oracle)")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--data", default="wiki")
+    evaluate.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
+    evaluate.add_argument("--seq-len", type=int, default=1024)
+    evaluate.add_argument("--stride", type=int, help="default: --seq-len (non-overlapping windows)")
+    evaluate.add_argument("--k", dest="k_list", type=_int_list, default=[32, 64, 128], help="budgets, e.g. 32,64,128")
+    evaluate.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
+                          help="also evaluate exact top-(H*k) selection on the dense attention")
+    evaluate.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    evaluate.add_argument("--json", help="write the numbers to this JSON file")
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
+
+    plot = commands.add_parser("plot", help="PNG of teacher attention, SEA estimate and SEA sparse attention")
+    plot.add_argument("--model", required=True)
+    plot.add_argument("--data", default="wiki")
+    plot.add_argument("--seq-len", type=int, default=256)
+    plot.add_argument("--layer", type=int, default=0)
+    plot.add_argument("--head", type=int, default=0)
+    plot.add_argument("--out", default="attention.png")
+    _add_sea_options(plot)
+    plot.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as error:
+        print(f"sea {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""Distil a SEA-patched model from its own dense attention.
+
+Two stages:
+
+* ``estimator``: the base model stays frozen. One dense (teacher) forward per batch; inside
+  each layer, SEA runs on that layer's q, k, v and is trained with layer-local losses
+  against that layer's dense attention, which is then dropped. No backward pass through
+  the transformer, and only one layer's T x T map exists at a time.
+* ``full``: the paper's recipe. The whole model is trained against a frozen dense copy of
+  itself: task cross-entropy, hidden-state MSE, logit KL and the layer-local losses, with
+  a high learning rate for SEA modules and a low one for the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..cells import query_lengths
+from ..hf import LayerCall, layer_override, sea_layers
+from ..ops.reference import exact_attention
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import TokenWindows
+from .losses import hidden_mse, language_model_loss, layer_losses, layer_targets, logit_kl
+
+STAGES = ("estimator", "full")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class DistillConfig:
+    """Knobs of a distillation run (defaults: the estimator stage on a CPU)."""
+
+    stage: str = "estimator"
+    steps: int = 100  # optimizer steps
+    seq_len: int = 512
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-3  # SEA modules
+    base_lr: float = 1e-5  # everything else (stage full)
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    clip_norm: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    checkpoint_every: int = 50  # 0: only at the end
+    # layer-local loss weights
+    kl_weight: float = 1.0
+    mse_weight: float = 1.0
+    context_weight: float = 1.0
+    # model-level loss weights (stage full; the paper's OPT recipe)
+    task_weight: float = 0.1
+    hidden_weight: float = 5.0
+    logit_weight: float = 0.2
+    attention_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("steps", "seq_len", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0 or self.warmup_steps < 0:
+            raise ValueError("checkpoint_every and warmup_steps must be >= 0")
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    estimate_kl: float
+    context_mse: float
+    lr: float
+    tokens_per_s: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class _StopForward(Exception):
+    """Raised after the last layer in the estimator stage: the LM head is not needed."""
+
+
+class Distiller:
+    """Runs one distillation stage on a patched model; checkpoints and resumes."""
+
+    def __init__(self, model: nn.Module, windows: TokenWindows, config: DistillConfig,
+                 checkpoint_dir: str | Path | None = None) -> None:
+        self.model, self.windows, self.config = model, windows, config
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.layers = [sea for _, _, sea in sea_layers(model)]
+        if not self.layers:
+            raise ValueError("the model is not patched with SEA: call sea_attention.patch(model) first")
+        self.step = 0
+        self.history: list[StepRecord] = []
+        self._set_trainable()
+        self.optimizer = torch.optim.AdamW(self._param_groups(), betas=(0.9, 0.95))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.teacher = self._frozen_teacher() if config.stage == "full" else None
+
+    # ------------------------------------------------------------------ set-up
+    def _set_trainable(self) -> None:
+        full = self.config.stage == "full"
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(full or ".sea." in f".{name}")
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        cfg = self.config
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                is_sea = ".sea." in f".{name}"
+                decay = param.dim() >= 2 and "norm" not in name.lower()
+                groups.setdefault((is_sea, decay), []).append(param)
+        return [{"params": params, "lr": cfg.lr if is_sea else cfg.base_lr,
+                 "weight_decay": cfg.weight_decay if decay else 0.0}
+                for (is_sea, decay), params in groups.items()]
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if cfg.schedule == "cosine":
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    def _frozen_teacher(self) -> nn.Module:
+        teacher = copy.deepcopy(self.model).eval()
+        teacher.requires_grad_(False)
+        return teacher
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        buffers = {n: b.clone() for n, b in self.model.named_buffers() if ".sea." in f".{n}"}
+        return {"step": self.step, "config": asdict(self.config), "trainable": trainable, "buffers": buffers,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "history": [asdict(r) for r in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"]["stage"] != self.config.stage:
+            raise ValueError(f"checkpoint is from stage {state['config']['stage']!r}, "
+                             f"this run is stage {self.config.stage!r}")
+        params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+            for name, value in state["buffers"].items():
+                buffers[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.history = [StepRecord(**r) for r in state["history"]]
+
+    def resume(self) -> bool:
+        """Continue from the last checkpoint in ``checkpoint_dir``; False if there is none."""
+        state = load_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        return True
+
+    def save(self) -> None:
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.checkpoint_dir, self.state_dict())
+
+    # ------------------------------------------------------------------ training
+    def run(self, progress: bool = True, until: int | None = None) -> list[StepRecord]:
+        """Train until optimizer step ``until`` (default: ``config.steps``); returns the history.
+
+        Stopping early and resuming later is the same run: the schedule always spans
+        ``config.steps``.
+        """
+        cfg = self.config
+        until = cfg.steps if until is None else min(until, cfg.steps)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc=f"distil [{cfg.stage}]",
+                   unit="step", dynamic_ncols=True)
+        while self.step < until:
+            record = self._optimizer_step()
+            self.history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.loss:.4f}", kl=f"{record.estimate_kl:.3f}",
+                            tok_s=f"{record.tokens_per_s:.0f}")
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.save()
+        bar.close()
+        self.save()
+        return self.history
+
+    def _optimizer_step(self) -> StepRecord:
+        cfg = self.config
+        started = time.perf_counter()
+        self.model.train(cfg.stage == "full")
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            input_ids = self.windows.batch(self.step * cfg.grad_accum + micro, cfg.batch_size)
+            parts = self._estimator_pass(input_ids) if cfg.stage == "estimator" else self._full_pass(input_ids)
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm) if cfg.clip_norm else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        for sea in self.layers:
+            sea.maybe_redraw_features(self.step)
+        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        if grad_norm is not None:
+            totals["grad_norm"] = float(grad_norm)
+        return StepRecord(step=self.step, loss=totals.pop("loss"), estimate_kl=totals.pop("estimate_kl"),
+                          context_mse=totals.pop("context_mse"), lr=self.optimizer.param_groups[0]["lr"],
+                          tokens_per_s=tokens / (time.perf_counter() - started), extra=totals)
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _layer_loss(self, call: LayerCall, q, k, v, targets_from=None):
+        """SEA on (q, k, v) and its layer-local losses; ``targets_from`` = precomputed targets."""
+        cfg = self.config
+        with self._autocast():
+            out = call.sea(q, k, v, attention_mask=call.key_valid, scale=call.scaling)
+        losses = layer_losses(out, targets_from)
+        return out, losses, losses.total(cfg.kl_weight, cfg.mse_weight, cfg.context_weight)
+
+    def _dense_targets(self, call: LayerCall):
+        context, probs = exact_attention(call.query, call.key, call.value, call.key_valid, call.scaling, call.causal)
+        query_valid = call.key_valid[:, call.key.shape[2] - call.query.shape[2]:]
+        lengths = query_lengths(call.key_valid, query_valid, call.causal)
+        return context, layer_targets(probs, context, call.key_valid, lengths, call.sea.config.estimate_width)
+
+    def _estimator_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
+        scale = 1.0 / (len(self.layers) * self.config.grad_accum)
+        sums = {"loss": 0.0, "estimate_kl": 0.0, "context_mse": 0.0}
+        last = len(self.layers) - 1
+
+        def train_layer(call: LayerCall):
+            with torch.no_grad():
+                context, targets = self._dense_targets(call)
+            with torch.enable_grad():
+                q, k, v = (x.detach() for x in (call.query, call.key, call.value))
+                _, losses, total = self._layer_loss(call, q, k, v, targets)
+                (total * scale).backward()
+            sums["loss"] += float(total) / len(self.layers)
+            sums["estimate_kl"] += float(losses.estimate_kl) / len(self.layers)
+            sums["context_mse"] += float(losses.context_mse) / len(self.layers)
+            if call.layer_idx == last:
+                raise _StopForward
+            return context.to(call.query.dtype), None  # the teacher's output: the forward stays dense
+
+        try:
+            with torch.no_grad(), layer_override(self.model, train_layer):
+                self.model(input_ids=input_ids)
+        except _StopForward:
+            pass
+        return sums
+
+    def _full_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
+        cfg = self.config
+        targets = {}
+
+        def record_teacher(call: LayerCall):
+            context, targets[call.layer_idx] = self._dense_targets(call)
+            return context.to(call.query.dtype), None
+
+        with torch.no_grad(), layer_override(self.teacher, record_teacher):
+            teacher = self.teacher(input_ids=input_ids, output_hidden_states=True)
+
+        layer_terms = []
+
+        def train_layer(call: LayerCall):
+            out, losses, total = self._layer_loss(call, call.query, call.key, call.value, targets[call.layer_idx])
+            layer_terms.append((total, losses))
+            return out.context.to(call.query.dtype), None
+
+        with self._autocast(), layer_override(self.model, train_layer):
+            student = self.model(input_ids=input_ids, output_hidden_states=True)
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+        task = language_model_loss(student.logits, input_ids, mask)
+        hidden = hidden_mse(student.hidden_states, teacher.hidden_states, mask)
+        logits = logit_kl(student.logits, teacher.logits, mask)
+        attention = torch.stack([t for t, _ in layer_terms]).mean()
+        loss = (cfg.task_weight * task + cfg.hidden_weight * hidden + cfg.logit_weight * logits
+                + cfg.attention_weight * attention)
+        (loss / cfg.grad_accum).backward()
+        count = len(layer_terms)
+        return {"loss": float(loss), "task": float(task), "hidden_mse": float(hidden), "logit_kl": float(logits),
+                "estimate_kl": sum(float(l.estimate_kl) for _, l in layer_terms) / count,
+                "context_mse": sum(float(l.context_mse) for _, l in layer_terms) / count}

@@ -1,0 +1,84 @@
+"""Look at SEA's attention: the teacher's map, SEA's compressed estimate and SEA's sparse map."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .hf import LayerCall, layer_override, sea_layers
+from .ops.reference import exact_attention
+
+
+@dataclass
+class AttentionSnapshot:
+    """One layer and head of one sequence."""
+
+    layer: int
+    head: int
+    teacher: Tensor  # (T, T) dense attention of the same weights
+    estimate: Tensor  # (T, K) SEA's compressed estimate
+    sparse: Tensor  # (T, T) SEA's sparse attention probabilities
+    nnz: Tensor  # (T,) keys per query in this head
+
+
+@torch.no_grad()
+def capture_attention(model: nn.Module, input_ids: Tensor, layer: int, head: int,
+                      k_budget: int | None = None) -> AttentionSnapshot:
+    """Run the SEA model on one sequence (1, T) and keep one layer's maps."""
+    num_layers = len(sea_layers(model))
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer must be in [0, {num_layers}), got {layer}")
+    kept: dict[str, Tensor] = {}
+
+    def keep(call: LayerCall):
+        if call.layer_idx != layer:
+            return None
+        heads = call.query.shape[1]
+        if not 0 <= head < heads:
+            raise ValueError(f"head must be in [0, {heads}), got {head}")
+        _, teacher = exact_attention(call.query, call.key, call.value, call.key_valid, call.scaling, call.causal)
+        out = call.sea(call.query, call.key, call.value, attention_mask=call.key_valid, scale=call.scaling,
+                       k_budget=k_budget, return_attention=True)
+        kept.update(teacher=teacher[0, head], estimate=out.estimate[0, head], sparse=out.attention[0, head],
+                    nnz=out.nnz[0, head])
+        return out.context, None
+
+    model.eval()
+    with layer_override(model, keep):
+        model(input_ids=input_ids[:1])
+    return AttentionSnapshot(layer, head, **{name: t.float().cpu() for name, t in kept.items()})
+
+
+def plot_attention(snapshot: AttentionSnapshot, path: str | Path, title: str = "") -> Path:
+    """Save the three maps side by side as a PNG (log colour scale: attention spans decades)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    floor = 1e-4
+    panels = [
+        ("teacher attention (dense)", snapshot.teacher, "key"),
+        (f"SEA estimate (K={snapshot.estimate.shape[-1]} bins per row)", snapshot.estimate, "compressed bin"),
+        (f"SEA sparse attention (mean {snapshot.nnz.float().mean():.1f} keys/query)", snapshot.sparse, "key"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.4), constrained_layout=True)
+    for ax, (name, values, xlabel) in zip(axes, panels):
+        image = ax.imshow(values.clamp_min(floor).numpy(), norm=LogNorm(vmin=floor, vmax=1.0), cmap="magma",
+                          aspect="auto", interpolation="nearest")
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("query")
+    fig.colorbar(image, ax=axes, shrink=0.85, label="probability")
+    fig.suptitle(title or f"layer {snapshot.layer}, head {snapshot.head}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(temporary, dpi=110)
+    plt.close(fig)
+    temporary.replace(path)
+    return path

@@ -1,0 +1,142 @@
+"""sea_attention.hf.io: save_pretrained / from_pretrained round trips and crash safety."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import sea_attention.hf.io as hf_io
+from sea_attention import __version__
+from sea_attention.hf import dense_attention, from_pretrained, patch, save_pretrained, sea_budget, sea_layers
+from test_hf_patch import VOCAB, batch, output, tiny_model
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def trained(name: str, **overrides):
+    """A patched tiny model whose SEA weights differ from a fresh patch (so loading matters)."""
+    model = patch(tiny_model(name), k=3, estimate_width=8, **overrides)
+    with torch.no_grad():
+        for _, _, sea in sea_layers(model):
+            for p in sea.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert-cls"])
+@torch.no_grad()
+def test_round_trip_with_base_weights(tmp_path, name):
+    model = trained(name)
+    inputs = batch(name)
+    expected = output(model, inputs)
+    path = save_pretrained(model, tmp_path / "sea", include_base_weights=True)
+    meta = json.loads((path / "sea_config.json").read_text())
+    assert meta["include_base_weights"] and meta["architecture"] == type(model).__name__
+    assert meta["sea_attention_version"] == __version__ and meta["torch_dtype"] == "float32"
+    assert meta["sea_config"]["k"] == 3 and meta["family"] == ("bert" if name == "bert-cls" else name)
+    weights = load_file(str(path / "sea_weights.safetensors"))
+    assert set(weights) == {k for k in model.state_dict() if ".sea." in k}
+    assert any(k.endswith("features.projection") for k in weights)  # buffers too
+
+    loaded, tokenizer = from_pretrained(path)
+    assert tokenizer is None and not loaded.training
+    assert loaded.config._attn_implementation == "sea"
+    torch.testing.assert_close(output(loaded, inputs)[0], expected[0], atol=0, rtol=0)
+    with sea_budget(loaded, 5), sea_budget(model, 5):  # same weights at any budget
+        torch.testing.assert_close(output(loaded, inputs)[0], output(model, inputs)[0], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_saved_base_loads_as_a_plain_dense_model(tmp_path):
+    model = trained("llama")
+    inputs = batch("llama")
+    path = save_pretrained(model, tmp_path / "sea", include_base_weights=True)
+    dense = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert not any(".sea." in k for k in dense.state_dict())
+    with dense_attention(model, "sdpa"):
+        expected = output(model, inputs)
+    torch.testing.assert_close(output(dense, inputs)[0], expected[0], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_round_trip_from_a_base_directory_with_tokenizer(tmp_path):
+    """Without base weights the base is loaded by name (here a local directory) and the tokenizer kept."""
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    word_tokenizer().save_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    patch(model, k=3, estimate_width=8)
+    with torch.no_grad():
+        for _, _, sea in sea_layers(model):
+            sea.estimator.positions.table.mul_(2)
+    inputs = batch("llama")
+    expected = output(model, inputs)
+    path = save_pretrained(model, tmp_path / "sea", tokenizer=word_tokenizer())
+    assert json.loads((path / "sea_config.json").read_text())["base_model"] == str(base_dir)
+    assert not (path / "config.json").exists()
+    loaded, tokenizer = from_pretrained(path, dtype=torch.float32)
+    torch.testing.assert_close(output(loaded, inputs)[0], expected[0], atol=0, rtol=0)
+    assert tokenizer("w5 w7")["input_ids"] == [5, 7]
+
+
+def test_dtype_argument(tmp_path):
+    path = save_pretrained(trained("opt"), tmp_path / "sea", include_base_weights=True)
+    loaded, _ = from_pretrained(path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+@torch.no_grad()
+def test_a_crashed_save_keeps_the_previous_directory(tmp_path, monkeypatch):
+    first = trained("llama")
+    inputs = batch("llama")
+    expected = output(first, inputs)
+    path = save_pretrained(first, tmp_path / "sea", include_base_weights=True)
+
+    def crash(tensors, filename, metadata=None):
+        save_file(dict(list(tensors.items())[:2]), filename, metadata=metadata)  # half written...
+        raise KeyboardInterrupt  # ...then killed
+
+    monkeypatch.setattr(hf_io, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(trained("llama", seed=1), path, include_base_weights=True)  # seed: other SEA features
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sea"]  # no temp dirs left behind
+    loaded, _ = from_pretrained(path)
+    torch.testing.assert_close(output(loaded, inputs)[0], expected[0], atol=0, rtol=0)
+
+    monkeypatch.undo()  # a later successful save replaces it
+    second = trained("llama", seed=1)
+    save_pretrained(second, path, include_base_weights=True)
+    loaded, _ = from_pretrained(path)
+    torch.testing.assert_close(output(loaded, inputs)[0], output(second, inputs)[0], atol=0, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sea"]
+
+
+def test_save_and_load_errors(tmp_path):
+    model = trained("llama")
+    with pytest.raises(ValueError, match="base_model"):
+        save_pretrained(model, tmp_path / "a")  # a random model has no name to reload it by
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        save_pretrained(model, other, include_base_weights=True)
+    assert (other / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="not SEA-patched"):
+        save_pretrained(tiny_model("llama"), tmp_path / "b", include_base_weights=True)
+
+    path = save_pretrained(model, tmp_path / "sea", include_base_weights=True)
+    weights = load_file(str(path / "sea_weights.safetensors"))
+    weights.pop(next(k for k in weights if k.endswith("projection")))
+    save_file(weights, str(path / "sea_weights.safetensors"))
+    with pytest.raises(ValueError, match="missing"):
+        from_pretrained(path)
+    with pytest.raises(FileNotFoundError):
+        from_pretrained(other)
