@@ -179,3 +179,10 @@ def test_integer_mask_is_accepted():
     q, k, v = make_qkv(1, 4, 2, 8, 8, 16)
     mask = torch.ones(1, 8, dtype=torch.long)
     torch.testing.assert_close(module(q, k, v, attention_mask=mask).context, module(q, k, v).context)
+
+
+def test_gates_start_almost_open():
+    module = sea()
+    q, k, v = make_qkv(1, 4, 2, 16, 16, 16)
+    gates = module(q, k, v).gates
+    torch.testing.assert_close(gates, torch.full_like(gates, torch.sigmoid(torch.tensor(4.0)).item()))

@@ -32,7 +32,7 @@ def test_loss_goes_down(stage):
     history = Distiller(model, windows(), config).run(progress=False)
     first = sum(r.loss for r in history[:3]) / 3
     last = sum(r.loss for r in history[-3:]) / 3
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.85 * first, (first, last)
 
 
 def test_estimator_stage_trains_only_sea():

@@ -29,7 +29,8 @@ GRID = [  # batch, heads, kv_heads, tq, tk, dim, width, causal, cap, pad
 
 @pytest.mark.parametrize("batch, heads, kv_heads, tq, tk, dim, width, causal, cap, pad", GRID)
 @pytest.mark.parametrize("chunk", [1, 4, 64])
-def test_sparse_matches_reference_and_naive(batch, heads, kv_heads, tq, tk, dim, width, causal, cap, pad, chunk):
+@pytest.mark.parametrize("mode", ["auto", "slots", "dense"])
+def test_sparse_matches_reference_and_naive(batch, heads, kv_heads, tq, tk, dim, width, causal, cap, pad, chunk, mode):
     slots = random_slots(batch, heads, tq, tk, width, causal, cap, pad=pad)
     scale = dim ** -0.5
     results = []
@@ -37,7 +38,7 @@ def test_sparse_matches_reference_and_naive(batch, heads, kv_heads, tq, tk, dim,
         q, k, v = make_qkv(batch, heads, kv_heads, tq, tk, dim, requires_grad=True) if not results else \
             [x.detach().clone().requires_grad_() for x in results[0][1]]
         if fn == "sparse":
-            out, _ = sparse_attention(q, k, v, slots, scale, chunk=chunk)
+            out, _ = sparse_attention(q, k, v, slots, scale, chunk=chunk, mode=mode)
         elif fn == "naive":
             out, _ = naive_sparse_attention(q, k, v, slots, scale)
         else:
@@ -51,26 +52,29 @@ def test_sparse_matches_reference_and_naive(batch, heads, kv_heads, tq, tk, dim,
             torch.testing.assert_close(g, g0, atol=1e-5, rtol=1e-5)
 
 
-def test_slot_probabilities_match_reference():
+@pytest.mark.parametrize("mode", ["slots", "dense"])
+def test_slot_probabilities_match_reference(mode):
     slots = random_slots(2, 4, 10, 10, 4, True, 3)
     q, k, v = make_qkv(2, 4, 2, 10, 10, 8)
-    _, slot_probs = sparse_attention(q, k, v, slots, 0.3)
+    _, slot_probs = sparse_attention(q, k, v, slots, 0.3, mode=mode)
     _, dense = reference_attention(q, k, v, slots.dense_mask(4, 10), 0.3)
     torch.testing.assert_close(slots.to_dense(slot_probs, 4, 10), dense)
 
 
 @pytest.mark.parametrize("causal, kv_heads", [(True, 1), (False, 2)])
-def test_gradcheck_float64(causal, kv_heads):
+@pytest.mark.parametrize("mode", ["slots", "dense"])
+def test_gradcheck_float64(causal, kv_heads, mode):
     slots = random_slots(2, 2, 6, 8, 4, causal, 2, pad=2)
     q, k, v = make_qkv(2, 2, kv_heads, 6, 8, 3, dtype=torch.float64, requires_grad=True)
-    fn = lambda q, k, v: sparse_attention(q, k, v, slots, 0.7, chunk=4)[0]
+    fn = lambda q, k, v: sparse_attention(q, k, v, slots, 0.7, chunk=4, mode=mode)[0]
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
 
 
-def test_empty_rows_give_zero_and_finite_grads():
+@pytest.mark.parametrize("mode", ["slots", "dense"])
+def test_empty_rows_give_zero_and_finite_grads(mode):
     slots = random_slots(1, 2, 5, 5, 4, True, 2, density=0.0)
     q, k, v = make_qkv(1, 2, 2, 5, 5, 4, requires_grad=True)
-    out, _ = sparse_attention(q, k, v, slots, 0.5)
+    out, _ = sparse_attention(q, k, v, slots, 0.5, mode=mode)
     out.sum().backward()
     assert bool((out == 0).all()) and all(bool(torch.isfinite(x.grad).all()) for x in (q, k, v))
 
@@ -94,3 +98,10 @@ def test_exact_attention_matches_sdpa(causal):
     rows = mask[:, -6:]
     torch.testing.assert_close(context.transpose(1, 2)[rows], sdpa_attention(q, k, v, mask, causal).transpose(1, 2)[rows])
     torch.testing.assert_close(probs.sum(-1).transpose(1, 2)[rows], torch.ones(int(rows.sum()), 4))
+
+
+def test_unknown_mode_is_rejected():
+    slots = random_slots(1, 2, 5, 5, 4, True, 2)
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 4)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sparse_attention(q, k, v, slots, 0.5, mode="fast")

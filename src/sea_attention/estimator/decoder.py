@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+GATE_INIT = 4.0
+
+
 class TokenEncoder(nn.Module):
     """(Performer output, V) of one token and head -> a narrow CNN input row and two gate logits."""
 
@@ -21,6 +24,10 @@ class TokenEncoder(nn.Module):
         self.encode = nn.Sequential(nn.Linear(3 * head_dim, 2 * head_dim), nn.LayerNorm(2 * head_dim), nn.GELU())
         self.to_row = nn.Linear(2 * head_dim, row_width * channels)
         self.to_gates = nn.Linear(2 * head_dim, 2)
+        # gates start almost open (sigmoid(4) = 0.98): an untrained layer is plain sparse
+        # attention, not half of it mixed with the mean of V
+        nn.init.zeros_(self.to_gates.weight)
+        nn.init.constant_(self.to_gates.bias, GATE_INIT)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """features (B, H, T, 3d) -> CNN image (B, H*c, T, w) and gate logits (B, H, T, 2)."""

@@ -1,11 +1,12 @@
 """Attention on selected keys only, in linear memory, with its own backward.
 
 Each query owns S slots (head, key) flattened over heads (``cells.KeySlots``). The
-forward processes queries in chunks: gather the slot keys/values once, score all heads
-of a query against all its slots with one small matmul, and let each head keep only its
-own slots (a masked softmax). It keeps only the slot probabilities (B, Tq, S) for
-backward and re-gathers keys and values there, so memory stays O(Tq * S) plus one chunk
-of O(chunk * H * S + chunk * S * d) — never Tq x Tk.
+forward processes queries in chunks; a long chunk gathers its slot keys/values once,
+scores all heads of a query against all its slots with one small matmul and lets each
+head keep only its own slots (a masked softmax); a short chunk scores its key span with
+plain matmuls and masks. Only the slot probabilities (B, Tq, S) are kept for backward,
+which re-gathers keys and values, so memory stays O(Tq * S) plus one chunk of
+O(chunk * H * max(S, span) + chunk * S * d) — never Tq x Tk.
 
 ``naive_sparse_attention`` is the same computation with plain autograd, kept beside it
 as a readable fallback; both are tested against ``reference.reference_attention``.
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..cells import KeySlots
+from .reference import repeat_kv
 
 
 def _flat_rows(head: Tensor, key: Tensor, groups: int, kv_heads: int, keys: int) -> Tensor:
@@ -35,40 +37,70 @@ def _own_slots(head: Tensor, valid: Tensor, heads: int) -> Tensor:
     return (head.unsqueeze(2) == torch.arange(heads, device=head.device).view(1, 1, -1, 1)) & valid.unsqueeze(2)
 
 
-def _chunk_probs(q_c: Tensor, k_s: Tensor, own: Tensor, scale: float) -> Tensor:
-    """Per-head softmax over the head's own slots: (B, c, H, d) x (B, c, S, d) -> (B, c, H, S).
+def _key_span(key: Tensor, valid: Tensor) -> int:
+    """How many leading keys a chunk's slots reach (1 + the largest used key index)."""
+    used = torch.where(valid, key, -1)
+    return int(used.max()) + 1 if used.numel() else 0
 
-    Every head is scored against every slot of the query (one small matmul), then each
-    head keeps only its own slots: the masked softmax is the per-(query, head) softmax.
-    """
-    scores = (q_c @ k_s.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~own, torch.finfo(scores.dtype).min)  # finite: empty heads stay NaN-free
-    return torch.softmax(scores, dim=-1).masked_fill(~own, 0.0)
+
+def _dense_allowed(head: Tensor, key: Tensor, valid: Tensor, heads: int, span: int) -> Tensor:
+    """The chunk's slots as a (B, H, c, span) bool mask."""
+    bsz, rows, _ = head.shape
+    dump = heads * span  # unused slots land in one extra column
+    flat = torch.where(valid, head * span + key, dump)
+    mask = torch.zeros(bsz, rows, dump + 1, dtype=torch.bool, device=head.device).scatter_(-1, flat, True)
+    return mask[..., :dump].view(bsz, rows, heads, span).transpose(1, 2)
+
+
+def _masked_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)  # finite: empty rows stay NaN-free
+    return torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)
 
 
 class _SparseAttention(torch.autograd.Function):
+    """Per chunk of queries, one of two exact strategies, whichever touches fewer scores:
+
+    * ``slots``: gather the chunk's S slot keys per query and score all heads against them
+      (H * S scores per query; the long-sequence case);
+    * ``dense``: score every head against the chunk's whole key span with plain matmuls and
+      mask to the slots (H * span scores per query, no gather; short sequences, where S is
+      about as large as the span anyway).
+    """
+
     @staticmethod
-    def forward(ctx, q, k, v, head, key, valid, scale, chunk):
+    def forward(ctx, q, k, v, head, key, valid, scale, chunk, mode):
         bsz, heads, tq, dim = q.shape
         kv_heads, keys = k.shape[1], k.shape[2]
         groups = heads // kv_heads
         compute = torch.promote_types(q.dtype, torch.float32)
-        q_rows = q.transpose(1, 2).to(compute)  # (B, Tq, H, d)
-        k_flat = k.reshape(-1, dim).to(compute)
-        v_flat = v.reshape(-1, dim).to(compute)
-        out = q_rows.new_empty(bsz, tq, heads, dim)
-        probs = q_rows.new_empty(head.shape)  # (B, Tq, S): each slot's probability in its own head
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        k_flat, v_flat = k.reshape(-1, dim), v.reshape(-1, dim)
+        out = q.new_empty(bsz, heads, tq, dim)
+        probs = q.new_empty(head.shape)  # (B, Tq, S): each slot's probability in its own head
         for lo in range(0, tq, chunk):
             sl = slice(lo, lo + chunk)
-            rows = _flat_rows(head[:, sl], key[:, sl], groups, kv_heads, keys)
-            own = _own_slots(head[:, sl], valid[:, sl], heads)
-            p = _chunk_probs(q_rows[:, sl], _gather_rows(k_flat, rows), own, scale)  # (B, c, H, S)
-            out[:, sl] = p @ _gather_rows(v_flat, rows)
-            probs[:, sl] = p.sum(2)  # one non-zero per slot column
+            h, kk, ok = head[:, sl], key[:, sl], valid[:, sl]
+            span = _key_span(kk, ok)
+            if span == 0:  # no query of this chunk attends to anything
+                out[:, :, sl], probs[:, sl] = 0.0, 0.0
+            elif _use_dense(mode, span, head.shape[-1]):
+                k_span = repeat_kv(k[:, :, :span], groups)  # (B, H, span, d)
+                allowed = _dense_allowed(h, kk, ok, heads, span)  # (B, H, c, span)
+                p = _masked_softmax((q[:, :, sl] @ k_span.transpose(-1, -2)) * scale, allowed)
+                out[:, :, sl] = p @ repeat_kv(v[:, :, :span], groups)
+                flat = (h * span + kk) * ok
+                probs[:, sl] = p.transpose(1, 2).reshape(bsz, h.shape[1], -1).gather(-1, flat) * ok
+            else:
+                rows = _flat_rows(h, kk, groups, kv_heads, keys)
+                own = _own_slots(h, ok, heads)
+                q_c = q[:, :, sl].transpose(1, 2)  # (B, c, H, d)
+                p = _masked_softmax((q_c @ _gather_rows(k_flat, rows).transpose(-1, -2)) * scale, own)
+                out[:, :, sl] = (p @ _gather_rows(v_flat, rows)).transpose(1, 2)
+                probs[:, sl] = p.sum(2)  # one non-zero per slot column
         ctx.save_for_backward(q, k, v, head, key, valid, probs, out)
-        ctx.scale, ctx.chunk = scale, chunk
+        ctx.scale, ctx.chunk, ctx.mode, ctx.dtypes = scale, chunk, mode, (q.dtype, k.dtype, v.dtype)
         ctx.mark_non_differentiable(probs)
-        return out.transpose(1, 2).to(q.dtype), probs
+        return out, probs
 
     @staticmethod
     def backward(ctx, grad_out, _grad_probs):
@@ -77,40 +109,63 @@ class _SparseAttention(torch.autograd.Function):
         bsz, heads, tq, dim = q.shape
         kv_heads, keys = k.shape[1], k.shape[2]
         groups = heads // kv_heads
-        compute = probs.dtype
-        q_rows = q.transpose(1, 2).to(compute)
-        k_flat = k.reshape(-1, dim).to(compute)
-        v_flat = v.reshape(-1, dim).to(compute)
-        g_rows = grad_out.transpose(1, 2).to(compute)  # (B, Tq, H, d)
-        delta = (g_rows * out).sum(-1, keepdim=True)  # (B, Tq, H, 1): sum_s p_s dp_s per head
-        dq = torch.zeros_like(q_rows)
-        dk = torch.zeros_like(k_flat)
-        dv = torch.zeros_like(v_flat)
+        grad_out = grad_out.to(q.dtype)
+        delta = (grad_out * out).sum(-1, keepdim=True)  # (B, H, Tq, 1): sum_s p_s dp_s per head
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        k_flat, v_flat = k.reshape(-1, dim), v.reshape(-1, dim)
+        dk_flat, dv_flat = dk.view(-1, dim), dv.view(-1, dim)
         for lo in range(0, tq, chunk):
             sl = slice(lo, lo + chunk)
-            rows = _flat_rows(head[:, sl], key[:, sl], groups, kv_heads, keys)
-            own = _own_slots(head[:, sl], valid[:, sl], heads)
-            p = probs[:, sl].unsqueeze(2) * own  # (B, c, H, S) rebuilt from the slot probabilities
-            k_s, v_s = _gather_rows(k_flat, rows), _gather_rows(v_flat, rows)
-            g_c = g_rows[:, sl]
-            dscore = p * (g_c @ v_s.transpose(-1, -2) - delta[:, sl]) * scale  # (B, c, H, S)
-            dq[:, sl] = dscore @ k_s
-            flat = rows.flatten()
-            dk.index_add_(0, flat, (dscore.transpose(-1, -2) @ q_rows[:, sl]).flatten(0, 2))
-            dv.index_add_(0, flat, (p.transpose(-1, -2) @ g_c).flatten(0, 2))
-        return (dq.transpose(1, 2).to(q.dtype), dk.view_as(k).to(k.dtype), dv.view_as(v).to(v.dtype),
-                None, None, None, None, None)
+            h, kk, ok = head[:, sl], key[:, sl], valid[:, sl]
+            g, p_slots = grad_out[:, :, sl], probs[:, sl]
+            span = _key_span(kk, ok)
+            if span == 0:
+                continue
+            if _use_dense(ctx.mode, span, head.shape[-1]):
+                k_span, v_span = repeat_kv(k[:, :, :span], groups), repeat_kv(v[:, :, :span], groups)
+                flat = torch.where(ok, h * span + kk, heads * span)
+                p = q.new_zeros(bsz, h.shape[1], heads * span + 1).scatter_(-1, flat, p_slots * ok)
+                p = p[..., :-1].view(bsz, -1, heads, span).transpose(1, 2)  # (B, H, c, span)
+                dscore = p * (g @ v_span.transpose(-1, -2) - delta[:, :, sl]) * scale
+                dq[:, :, sl] = dscore @ k_span
+                shape = (bsz, kv_heads, groups, span, dim)
+                dk[:, :, :span] += (dscore.transpose(-1, -2) @ q[:, :, sl]).view(shape).sum(2)
+                dv[:, :, :span] += (p.transpose(-1, -2) @ g).view(shape).sum(2)
+            else:
+                rows = _flat_rows(h, kk, groups, kv_heads, keys)
+                own = _own_slots(h, ok, heads)
+                p = p_slots.unsqueeze(2) * own  # (B, c, H, S) rebuilt from the slot probabilities
+                k_s, v_s = _gather_rows(k_flat, rows), _gather_rows(v_flat, rows)
+                g_c = g.transpose(1, 2)  # (B, c, H, d)
+                dscore = p * (g_c @ v_s.transpose(-1, -2) - delta[:, :, sl].transpose(1, 2)) * scale
+                dq[:, :, sl] = (dscore @ k_s).transpose(1, 2)
+                index = rows.flatten()
+                dk_flat.index_add_(0, index, (dscore.transpose(-1, -2) @ q[:, :, sl].transpose(1, 2)).flatten(0, 2))
+                dv_flat.index_add_(0, index, (p.transpose(-1, -2) @ g_c).flatten(0, 2))
+        q_dtype, k_dtype, v_dtype = ctx.dtypes
+        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None, None, None, None, None
+
+
+MODES = ("auto", "slots", "dense")
+
+
+def _use_dense(mode: str, span: int, slots: int) -> bool:
+    return mode == "dense" or (mode == "auto" and span <= slots)
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, slots: KeySlots, scale: float,
-                     chunk: int = 256) -> tuple[Tensor, Tensor]:
+                     chunk: int = 256, mode: str = "auto") -> tuple[Tensor, Tensor]:
     """Softmax attention of each query over its slots only.
 
     q (B, H, Tq, d), k and v (B, H_kv, Tk, d). Returns the context (B, H, Tq, d) in q's
     dtype and the slot probabilities (B, Tq, S) (fp32, no gradient). A query with no
-    slot in a head gets a zero context for that head.
+    slot in a head gets a zero context for that head. ``mode`` picks the per-chunk
+    strategy (``auto``, ``slots`` or ``dense``; all give the same result).
     """
-    return _SparseAttention.apply(q, k, v, slots.head, slots.key, slots.valid, scale, chunk)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    out, probs = _SparseAttention.apply(q, k, v, slots.head, slots.key, slots.valid, scale, chunk, mode)
+    return out.to(q.dtype), probs
 
 
 def naive_sparse_attention(q: Tensor, k: Tensor, v: Tensor, slots: KeySlots, scale: float) -> tuple[Tensor, Tensor]:
