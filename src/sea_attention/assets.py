@@ -276,15 +276,15 @@ def _bbc_articles() -> tuple[tuple[str, str], ...]:
 
 def _split_file_text(text: str, split: str) -> str:
     """Cut a file's text 90/5/5 by characters, each cut moved forward to the next paragraph
-    start (else line start); the three parts concatenate back to the whole text."""
+    start (else line start, else word start); the three parts concatenate back to the whole text."""
 
     def cut(fraction: float) -> int:
         target = int(len(text) * fraction)
-        for sep in ("\n\n", "\n"):
+        for sep in ("\n\n", "\n", " "):
             i = text.find(sep, target)
             if i != -1:
                 return i + len(sep)
-        return len(text)
+        return target
 
     a, b = cut(0.90), cut(0.95)
     return {"train": text[:a], "validation": text[a:b], "test": text[b:]}[split]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,13 +38,14 @@ def load_sea_model(name_or_path: str, overrides: dict | None = None):
 
 
 def _sea_overrides(args) -> dict:
-    return {name: getattr(args, name) for name in ("k", "estimate_width", "feature_factor")
-            if getattr(args, name, None) is not None}
+    names = ("k", "estimate_width", "feature_factor") if args.command != "eval" else ("estimate_width", "feature_factor")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
-def _add_sea_options(parser: argparse.ArgumentParser) -> None:
+def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> None:
     group = parser.add_argument_group("SEA options (when patching a base model)")
-    group.add_argument("--k", type=int, help="keys per query per head (default 64)")
+    if with_k:  # `sea eval` uses --k for its list of budgets
+        group.add_argument("--k", type=int, help="keys per query per head (default 64)")
     group.add_argument("--estimate-width", type=int, help="K, width of the compressed estimate (default 128)")
     group.add_argument("--feature-factor", type=int, help="nbf: m = d ln d / nbf random features (default 8)")
 
@@ -62,7 +62,7 @@ def cmd_distill(args) -> int:
                            warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
                            checkpoint_every=args.checkpoint_every)
     tokens = tokenize(tokenizer, assets.load_text(args.data, "train"))
-    checkpoints = Path(args.checkpoint_dir or Path(args.out) / "checkpoints")
+    checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
     distiller = Distiller(model, TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints)
     if args.resume:
         print(f"resumed at step {distiller.step}" if distiller.resume() else "no checkpoint found: starting fresh")
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     distill.add_argument("--seed", type=int, default=0)
     distill.add_argument("--out", required=True, help="directory for the distilled model")
-    distill.add_argument("--checkpoint-dir", help="default: OUT/checkpoints")
+    distill.add_argument("--checkpoint-dir", help="default: OUT-checkpoints")
     distill.add_argument("--checkpoint-every", type=int, default=50)
     distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     distill.add_argument("--quiet", action="store_true")
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
     evaluate.add_argument("--json", help="write the numbers to this JSON file")
     evaluate.add_argument("--quiet", action="store_true")
+    _add_sea_options(evaluate, with_k=False)
     evaluate.set_defaults(func=cmd_eval)
 
     plot = commands.add_parser("plot", help="PNG of teacher attention, SEA estimate and SEA sparse attention")

