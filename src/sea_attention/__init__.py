@@ -2,10 +2,11 @@
 
 from .attention import SEAAttention, SEAOutput
 from .config import SEAConfig
+from .decoding import DecodeState
 
 __version__ = "0.1.0"
 
-__all__ = ["SEAConfig", "SEAAttention", "SEAOutput", "__version__"]
+__all__ = ["SEAConfig", "SEAAttention", "SEAOutput", "DecodeState", "__version__"]
 
 # Hugging Face integration (sea_attention.hf), imported on first use so that `import sea_attention`
 # does not pull in transformers.

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .cells import KeySlots, cells_to_keys, query_lengths
 from .config import SEAConfig
+from .decoding import DecodeState
 from .estimator import AttentionEstimator, Estimate
 from .ops.reference import reference_attention, repeat_kv
 from .ops.sparse import sparse_attention
@@ -56,7 +57,7 @@ class SEAAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Tensor | None = None,
                 scale: float | None = None, k_budget: int | None = None, positions: Tensor | None = None,
-                return_attention: bool = False) -> SEAOutput:
+                return_attention: bool = False, state: DecodeState | None = None) -> SEAOutput:
         """Run SEA attention.
 
         Args:
@@ -67,16 +68,22 @@ class SEAAttention(nn.Module):
             positions: optional (B, Tk) rows of the learned positional table for the keys
                 (causal only); defaults to each key's rank among the valid keys.
             return_attention: also return the sparse probabilities as a dense (B, H, Tq, Tk) view.
+            state: incremental decoding state (causal only). An empty ``DecodeState()`` is
+                filled by a call with no past keys (prefill); later calls pass only the new
+                queries (Tq = Tk - state.seen) and reuse it. Results equal one full forward.
         """
         cfg = self.config
-        key_valid = self._check_inputs(q, k, v, attention_mask, k_budget, positions)
+        key_valid = self._check_inputs(q, k, v, attention_mask, k_budget, positions, state)
         budget = cfg.k if k_budget is None else k_budget
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         tq, tk = q.shape[2], k.shape[2]
         query_valid = key_valid[:, tk - tq:]
-        lengths = query_lengths(key_valid, query_valid, cfg.causal)  # (B, Tq)
+        if state is not None and state.seen:  # lengths from the running count: no pass over the past
+            lengths = (state.valid_keys.unsqueeze(-1) + query_valid.long().cumsum(-1)) * query_valid
+        else:
+            lengths = query_lengths(key_valid, query_valid, cfg.causal)  # (B, Tq)
 
-        estimate: Estimate = self.estimator(q, k, v, key_valid, query_valid, lengths, scale, positions)
+        estimate: Estimate = self.estimator(q, k, v, key_valid, query_valid, lengths, scale, positions, state)
         cells = select_cells(estimate.probs, lengths, budget, cfg.grouping, cfg.query_chunk)
         slots = cells_to_keys(cells, lengths, key_valid, cap=budget, chunk=cfg.query_chunk)
 
@@ -91,8 +98,10 @@ class SEAAttention(nn.Module):
         if cfg.gating:
             gates = torch.sigmoid(estimate.gate_logits).to(context.dtype)
             scaler, mix = gates[..., :1], gates[..., 1:]
-            average = self._average_values(v, key_valid, lengths, tq).to(context.dtype)
+            average = self._average_values(v, key_valid, lengths, tq, state).to(context.dtype)
             context = mix * scaler * context + (1 - mix) * average
+        if state is not None:
+            self._advance_state(state, v, key_valid)
         context = context * query_valid[:, None, :, None].to(context.dtype)
         if self.output_norm is not None:
             context = self._norm_output(context)
@@ -106,15 +115,28 @@ class SEAAttention(nn.Module):
         return self.estimator.maybe_redraw_features(step)
 
     # ------------------------------------------------------------------ helpers
-    def _average_values(self, v: Tensor, key_valid: Tensor, lengths: Tensor, tq: int) -> Tensor:
+    def _average_values(self, v: Tensor, key_valid: Tensor, lengths: Tensor, tq: int,
+                        state: DecodeState | None) -> Tensor:
         """The average branch: mean of V over each query's valid keys, (B, H, Tq, d)."""
         masked = v.float() * key_valid[:, None, :, None]
-        if self.config.causal:
+        if state is not None and state.seen:
+            sums = state.value_sum.unsqueeze(2) + masked[:, :, state.seen:].cumsum(2)
+        elif self.config.causal:
             sums = masked.cumsum(2)[:, :, v.shape[2] - tq:]  # running sums up to each query
         else:
             sums = masked.sum(2, keepdim=True).expand(-1, -1, tq, -1)
         mean = sums / lengths[:, None, :, None].clamp_min(1)
         return repeat_kv(mean, self.config.kv_groups)
+
+    def _advance_state(self, state: DecodeState, v: Tensor, key_valid: Tensor) -> None:
+        """Fold this call's keys into the decoding state (the estimator did its part)."""
+        new_valid = key_valid[:, state.seen:]
+        added = (v[:, :, state.seen:].float() * new_valid[:, None, :, None]).sum(2)  # (B, H_kv, d)
+        count = new_valid.long().sum(-1)
+        first = not state.seen
+        state.value_sum = added if first else state.value_sum + added
+        state.valid_keys = count if first else state.valid_keys + count
+        state.seen = key_valid.shape[-1]
 
     def _norm_output(self, context: Tensor) -> Tensor:
         """'norm' output mode: LayerNorm over all heads, plus the context itself."""
@@ -124,9 +146,16 @@ class SEAAttention(nn.Module):
         return flat.view(bsz, tq, heads, d).transpose(1, 2)
 
     def _check_inputs(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None,
-                      k_budget: int | None, positions: Tensor | None) -> Tensor:
+                      k_budget: int | None, positions: Tensor | None, state: DecodeState | None) -> Tensor:
         """Validate shapes; return the (B, Tk) bool key mask."""
         cfg = self.config
+        if state is not None:
+            if not cfg.causal:
+                raise ValueError("incremental decoding state needs a causal SEA layer (causal=True)")
+            if state.seen != k.shape[2] - q.shape[2]:
+                raise ValueError(
+                    f"decoding state has seen {state.seen} keys, but this call has {k.shape[2]} keys and "
+                    f"{q.shape[2]} queries: the queries must be exactly the keys added since the last call")
         for name, x in (("q", q), ("k", k), ("v", v)):
             if x.dim() != 4:
                 raise ValueError(f"{name} must have shape (B, heads, T, head_dim), got {tuple(x.shape)}")

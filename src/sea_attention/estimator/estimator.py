@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..cells import key_ranks, live_cells
 from ..config import SEAConfig
+from ..decoding import DecodeState
 from ..ops.reference import repeat_kv
 from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
 from .features import RandomFeatures, causal_linear_attention, linear_attention
@@ -50,9 +51,14 @@ class AttentionEstimator(nn.Module):
             return True
         return False
 
-    def position_code(self, key_valid: Tensor, positions: Tensor | None) -> Tensor:
-        """(B, Tk, d) positional code of every key; 0 on padding keys."""
+    def position_code(self, key_valid: Tensor, positions: Tensor | None, rank_offset: Tensor | None = None) -> Tensor:
+        """(B, Tk, d) positional code of every key; 0 on padding keys.
+
+        ``rank_offset`` (B,) counts valid keys before these ones (decoding).
+        """
         ranks = key_ranks(key_valid)
+        if rank_offset is not None:
+            ranks = ranks + rank_offset.unsqueeze(-1)
         if self.positions is not None:
             code = self.positions(ranks if positions is None else positions)
         else:
@@ -60,23 +66,35 @@ class AttentionEstimator(nn.Module):
         return code * key_valid.unsqueeze(-1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, query_valid: Tensor,
-                lengths: Tensor, scale: float, positions: Tensor | None = None) -> Estimate:
-        """q (B, H, Tq, d); k, v (B, H_kv, Tk, d); key_valid (B, Tk); query_valid and lengths (B, Tq)."""
+                lengths: Tensor, scale: float, positions: Tensor | None = None,
+                state: DecodeState | None = None) -> Estimate:
+        """q (B, H, Tq, d); k, v (B, H_kv, Tk, d); key_valid (B, Tk); query_valid and lengths (B, Tq).
+
+        With a decoding ``state`` (causal only), keys before ``state.seen`` are taken from the
+        state instead of being recomputed, and the state is updated.
+        """
         cfg = self.config
         bsz, heads, tq, d = q.shape
         kv_heads, tk = k.shape[1], k.shape[2]
         groups = heads // kv_heads
         param_dtype = self.encoder.to_row.weight.dtype
+        past = state.seen if state is not None else 0
+        new_valid = key_valid[:, past:]  # the keys this call adds
 
         # Performer over (positional code ++ V): a coarse histogram of where each query looks
-        code = self.position_code(key_valid, positions).to(torch.float32)  # (B, Tk, d)
-        values = torch.cat([code.unsqueeze(1).expand(-1, kv_heads, -1, -1), v.float()], dim=-1)
-        values = values * key_valid[:, None, :, None]  # (B, H_kv, Tk, 2d)
+        offset = state.valid_keys if past else None
+        new_positions = positions[:, past:] if positions is not None else None
+        code = self.position_code(new_valid, new_positions, offset).to(torch.float32)  # (B, Tk', d)
+        values = torch.cat([code.unsqueeze(1).expand(-1, kv_heads, -1, -1), v[:, :, past:].float()], dim=-1)
+        values = values * new_valid[:, None, :, None]  # (B, H_kv, Tk', 2d)
         root = math.sqrt(scale)
         phi_q = self.features(q * root, is_query=True).view(bsz, kv_heads, groups, tq, -1)
-        phi_k = self.features(k * root, is_query=False) * key_valid[:, None, :, None]
+        phi_k = self.features(k[:, :, past:] * root, is_query=False) * new_valid[:, None, :, None]
         if cfg.causal:
-            performer, _ = causal_linear_attention(phi_q, phi_k, values)
+            performer, performer_state = causal_linear_attention(
+                phi_q, phi_k, values, state=state.performer if past else None)
+            if state is not None:
+                state.performer = performer_state
         else:
             performer = linear_attention(phi_q, phi_k, values)
         performer = performer.reshape(bsz, heads, tq, 2 * d)
@@ -84,10 +102,23 @@ class AttentionEstimator(nn.Module):
         own_v = repeat_kv(v[:, :, tk - tq:], groups).float()  # each query token's own value
         image, gate_logits = self.encoder(torch.cat([performer, own_v], dim=-1).to(param_dtype))
         row_mask = query_valid[:, None, :, None].to(image.dtype)
-        logits = self.decoder(image, row_mask).float()  # (B, H, Tq, K)
+        logits = self._decode(image, row_mask, state).float()  # (B, H, Tq, K)
 
         live = live_cells(lengths, cfg.estimate_width).unsqueeze(1)  # (B, 1, Tq, K)
         # a finite fill keeps padding rows (no live bin) NaN-free, also in backward
         probs = torch.softmax(logits.masked_fill(~live, torch.finfo(logits.dtype).min), dim=-1)
         probs = probs.masked_fill(~live, 0.0)
         return Estimate(logits, probs, gate_logits.float())
+
+    def _decode(self, image: Tensor, row_mask: Tensor, state: DecodeState | None) -> Tensor:
+        """Run the CNN decoder; with a state, on the remembered rows + the new ones."""
+        if state is None:
+            return self.decoder(image, row_mask)
+        rows = CausalDecoder.HISTORY_ROWS
+        if state.cnn_rows is None:  # zero rows with mask 0 act exactly like the convolutions' zero padding
+            state.cnn_rows = image.new_zeros(*image.shape[:2], rows, image.shape[-1])
+            state.cnn_mask = row_mask.new_zeros(row_mask.shape[0], 1, rows, 1)
+        image = torch.cat([state.cnn_rows.to(image.dtype), image], dim=2)
+        row_mask = torch.cat([state.cnn_mask.to(row_mask.dtype), row_mask], dim=2)
+        state.cnn_rows, state.cnn_mask = image[:, :, -rows:], row_mask[:, :, -rows:]
+        return self.decoder(image, row_mask)[:, :, rows:]

@@ -1,0 +1,57 @@
+"""Incremental decoding with a DecodeState equals one full forward (core level)."""
+
+import pytest
+import torch
+
+from conftest import make_qkv, padding_mask
+from sea_attention import DecodeState, SEAAttention, SEAConfig
+
+
+def layer(**kw):
+    defaults = dict(num_heads=4, num_kv_heads=2, head_dim=16, k=3, estimate_width=8, max_positions=256)
+    return SEAAttention(SEAConfig(**{**defaults, **kw})).eval()
+
+
+@pytest.mark.parametrize("schedule", [[40], [1] * 40, [25, 7, 7, 1], [1, 1, 30, 8]])
+@pytest.mark.parametrize("pad", [0, 5])
+@pytest.mark.parametrize("output_mode", ["mix", "norm"])
+def test_steps_equal_full_forward(schedule, pad, output_mode):
+    module = layer(output_mode=output_mode)
+    t = sum(schedule)
+    q, k, v = make_qkv(2, 4, 2, t, t, 16)
+    mask = padding_mask(2, t, pad, left=True)
+    full = module(q, k, v, attention_mask=mask)
+    state, start = DecodeState(), 0
+    contexts, cells = [], []
+    for size in schedule:
+        end = start + size
+        out = module(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attention_mask=mask[:, :end], state=state)
+        contexts.append(out.context)
+        cells.append(out.cells)
+        start = end
+    torch.testing.assert_close(torch.cat(contexts, 2), full.context, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.cat(cells, 2), full.cells)  # the same keys are selected
+    assert state.seen == t
+
+
+def test_state_rejects_mismatched_calls():
+    module = layer()
+    q, k, v = make_qkv(1, 4, 2, 10, 10, 16)
+    state = DecodeState()
+    module(q[:, :, :6], k[:, :, :6], v[:, :, :6], state=state)
+    with pytest.raises(ValueError, match="has seen 6 keys"):
+        module(q[:, :, 6:8], k[:, :, :9], v[:, :, :9], state=state)
+    with pytest.raises(ValueError, match="needs a causal SEA layer"):
+        layer(causal=False)(q, k, v, state=DecodeState())
+
+
+def test_state_reorders_like_the_batch():
+    module = layer()
+    q, k, v = make_qkv(3, 4, 2, 12, 12, 16)
+    state = DecodeState()
+    module(q[:, :, :10], k[:, :, :10], v[:, :, :10], state=state)
+    order = torch.tensor([2, 0, 0])
+    state.select(order)
+    step = module(q[order, :, 10:11], k[order, :, :11], v[order, :, :11], state=state)
+    full = module(q[order, :, :11], k[order, :, :11], v[order, :, :11])
+    torch.testing.assert_close(step.context, full.context[:, :, 10:], atol=1e-5, rtol=1e-5)
