@@ -186,3 +186,14 @@ def test_gates_start_almost_open():
     q, k, v = make_qkv(1, 4, 2, 16, 16, 16)
     gates = module(q, k, v).gates
     torch.testing.assert_close(gates, torch.full_like(gates, torch.sigmoid(torch.tensor(4.0)).item()))
+
+
+def test_norm_mode_keeps_padding_queries_at_zero():
+    module = sea(output_mode="norm")
+    with torch.no_grad():
+        module.output_norm.bias.fill_(0.3)
+    q, k, v = make_qkv(1, 4, 2, 10, 10, 16)
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    mask[:, :3] = False
+    out = module(q, k, v, attention_mask=mask).context
+    assert bool((out[:, :, :3] == 0).all()) and bool((out[:, :, 3:] != 0).any())

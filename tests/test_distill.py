@@ -84,3 +84,32 @@ def test_windows_are_deterministic_and_validated():
         TokenWindows(torch.arange(10), seq_len=32)
     with pytest.raises(ValueError, match="stage must be one of"):
         DistillConfig(stage="all")
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    Distiller(tiny_llama(), windows(), DistillConfig(steps=4, seq_len=32), tmp_path).run(progress=False, until=2)
+    changed = Distiller(tiny_llama(), windows(), DistillConfig(steps=8, seq_len=32), tmp_path)
+    with pytest.raises(ValueError, match="steps: checkpoint 4, now 8"):
+        changed.resume()
+
+
+def test_full_stage_resume_is_exact_with_dropout(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=97, n_positions=64,
+                                           resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.0))
+        return patch(model, k=4, estimate_width=8)
+
+    config = DistillConfig(stage="full", steps=4, seq_len=32, warmup_steps=1)
+    straight = gpt2()
+    Distiller(straight, windows(), config, tmp_path / "a").run(progress=False)
+    resumed = gpt2()
+    Distiller(resumed, windows(), config, tmp_path / "b").run(progress=False, until=2)
+    again = gpt2()
+    later = Distiller(again, windows(), config, tmp_path / "b")
+    assert later.resume()
+    later.run(progress=False)
+    for (name, a), b in zip(straight.state_dict().items(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)

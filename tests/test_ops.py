@@ -105,3 +105,17 @@ def test_unknown_mode_is_rejected():
     q, k, v = make_qkv(1, 2, 2, 5, 5, 4)
     with pytest.raises(ValueError, match="mode must be one of"):
         sparse_attention(q, k, v, slots, 0.5, mode="fast")
+
+
+def test_non_contiguous_inputs_like_transformers_gives():
+    slots = random_slots(2, 4, 9, 9, 4, True, 3)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+               for x in make_qkv(2, 4, 2, 9, 9, 8))  # (B, T, H, d) memory seen as (B, H, T, d)
+    out, _ = sparse_attention(q, k, v, slots, 0.3)
+    out.sum().backward()
+    ref_in = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
+    ref, _ = reference_attention(*ref_in, slots.dense_mask(4, 9), 0.3)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip((q, k, v), ref_in):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)

@@ -102,9 +102,9 @@ class SEAAttention(nn.Module):
             context = mix * scaler * context + (1 - mix) * average
         if state is not None:
             self._advance_state(state, v, key_valid)
-        context = context * query_valid[:, None, :, None].to(context.dtype)
         if self.output_norm is not None:
             context = self._norm_output(context)
+        context = context * query_valid[:, None, :, None].to(context.dtype)  # after the norm: its bias must not leak
         return SEAOutput(
             context=context, estimate=estimate.probs, nnz=slots.nnz(cfg.num_heads), attention=attention,
             estimate_logits=estimate.logits, gates=gates, cells=cells, slots=slots, lengths=lengths,

@@ -10,17 +10,7 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .config import SEAConfig
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64,128, got {text!r}")
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+from .cli_args import int_list
 
 
 def load_sea_model(name_or_path: str, overrides: dict | None = None):
@@ -68,17 +58,14 @@ def cmd_distill(args) -> int:
         print(f"resumed at step {distiller.step}" if distiller.resume() else "no checkpoint found: starting fresh")
     started = time.perf_counter()
     history = distiller.run(progress=not args.quiet)
-    save_pretrained(model, args.out, base_model=_base_identity(model, base), tokenizer=tokenizer,
-                    include_base_weights=args.stage == "full")
+    # fine-tuned base weights (stage full, now or earlier) must travel with the SEA weights
+    tuned = args.stage == "full" or bool(getattr(model.config, "sea_base_weights_included", False))
+    save_pretrained(model, args.out, base_model=getattr(model.config, "sea_base_model", None) or base,
+                    tokenizer=tokenizer, include_base_weights=tuned)
     first, last = history[0], history[-1]
     print(f"stage {args.stage}: {len(history)} steps, loss {first.loss:.4f} -> {last.loss:.4f}, "
           f"{time.perf_counter() - started:.0f} s; model saved to {args.out}")
     return 0
-
-
-def _base_identity(model, fallback: str) -> str:
-    saved = getattr(model.config, "sea_base_model", None)
-    return saved or fallback
 
 
 # ---------------------------------------------------------------------------------------- eval
@@ -148,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
     evaluate.add_argument("--seq-len", type=int, default=1024)
     evaluate.add_argument("--stride", type=int, help="default: --seq-len (non-overlapping windows)")
-    evaluate.add_argument("--k", dest="k_list", type=_int_list, default=[32, 64, 128], help="budgets, e.g. 32,64,128")
+    evaluate.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128], help="budgets, e.g. 32,64,128")
     evaluate.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                           help="also evaluate exact top-(H*k) selection on the dense attention")
     evaluate.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")

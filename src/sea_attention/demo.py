@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .cli_args import int_list
+
 
 def add_demo_parser(commands) -> None:
     demo = commands.add_parser("demo", help="distil and evaluate SEA on SmolLM2-135M (about 10 min on 2 CPU cores)")
@@ -20,7 +22,7 @@ def add_demo_parser(commands) -> None:
     demo.add_argument("--steps", type=int, default=60, help="estimator distillation steps")
     demo.add_argument("--seq-len", type=int, default=512, help="tokens per training and evaluation window")
     demo.add_argument("--eval-tokens", type=int, default=3072, help="test tokens to evaluate")
-    demo.add_argument("--k", dest="k_list", default="32,64,128", help="budgets to evaluate")
+    demo.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128], help="budgets to evaluate")
     demo.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true")
@@ -36,7 +38,7 @@ def run_demo(args) -> int:
 
     started = time.perf_counter()
     out = Path(args.out)
-    budgets = [int(k) for k in args.k_list.split(",")]
+    budgets = args.k_list
     torch.manual_seed(args.seed)
 
     print("1/5 loading smollm2-135m (the first run converts the bundled GGUF once, ~40 s)")
@@ -48,8 +50,8 @@ def run_demo(args) -> int:
     print(f"2/5 distilling the estimator: {args.steps} steps of {args.seq_len} tokens (base model frozen)")
     config = DistillConfig(stage="estimator", steps=args.steps, seq_len=args.seq_len, lr=2e-3,
                            warmup_steps=max(1, args.steps // 10), seed=args.seed, checkpoint_every=0)
-    history = Distiller(model, TokenWindows(train, args.seq_len, args.seed), config, out / "checkpoints").run(
-        progress=not args.quiet)
+    history = Distiller(model, TokenWindows(train, args.seq_len, args.seed), config).run(progress=not args.quiet)
+    trained = time.perf_counter()
     print(f"    loss {history[0].loss:.4f} -> {history[-1].loss:.4f}  "
           f"(estimate KL {history[0].estimate_kl:.3f} -> {history[-1].estimate_kl:.3f})")
 
@@ -57,15 +59,15 @@ def run_demo(args) -> int:
     rows = evaluate_budgets(model, test, seq_len=args.seq_len, stride=args.seq_len, budgets=budgets,
                             oracle=args.oracle, progress=not args.quiet)
     print(format_table(rows))
-    write_json(rows, out / "results.json", model="smollm2-135m", data="wiki/test", seq_len=args.seq_len,
-               distill_steps=args.steps, history=[h.loss for h in history])
 
-    print("4/5 saving the distilled model")
-    save_pretrained(model, out / "model", base_model="smollm2-135m", tokenizer=tokenizer)
+    print(f"4/5 saving the distilled model to {out} (load it with sea_attention.from_pretrained)")
+    save_pretrained(model, out, base_model="smollm2-135m", tokenizer=tokenizer)
+    write_json(rows, out / "results.json", model="smollm2-135m", data="wiki/test", seq_len=args.seq_len,
+               distill_steps=args.steps, distill_seconds=round(trained - started, 1),
+               history=[round(h.loss, 5) for h in history])
 
     print("5/5 plotting one layer's attention")
     snapshot = capture_attention(model, test[:256].unsqueeze(0), layer=3, head=0)
     plot_attention(snapshot, out / "attention.png", "SmolLM2-135M + SEA (k=64, K=128): layer 3, head 0")
-    print(f"done in {time.perf_counter() - started:.0f} s: {out / 'results.json'}, {out / 'model'}, "
-          f"{out / 'attention.png'}")
+    print(f"done in {time.perf_counter() - started:.0f} s: model, results.json and attention.png in {out}")
     return 0

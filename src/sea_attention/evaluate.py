@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hf import LayerCall, dense_attention, layer_override, sea_budget
+from .hf import LayerCall, dense_attention, layer_override, sea_budget, sea_layers
 from .ops.reference import allowed_keys, reference_attention
 
 
@@ -55,10 +55,11 @@ def perplexity(model: nn.Module, tokens: Tensor, seq_len: int, stride: int, *, d
     if tokens.numel() < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {tokens.numel()}: use more text")
     model.eval()
+    device = next(model.parameters()).device
     nll, count = 0.0, 0
     for begin, end, targets in tqdm(sliding_windows(tokens.numel(), seq_len, stride), desc=desc,
                                     disable=not progress, leave=False, dynamic_ncols=True):
-        ids = tokens[begin:end].unsqueeze(0)
+        ids = tokens[begin:end].unsqueeze(0).to(device)
         logits = model(input_ids=ids).logits[0, :-1].float()  # predicts ids[1:]
         labels = ids[0, 1:].clone()
         labels[: labels.numel() - targets] = -100  # already scored by an earlier window
@@ -83,9 +84,19 @@ def oracle_attention(call: LayerCall, k: int) -> tuple[Tensor, None]:
     return context, None
 
 
+def oracle_memory_gb(model: nn.Module, seq_len: int) -> float:
+    """Rough peak of the oracle: a few dense (H, T, T) fp32 maps of one layer."""
+    heads = max(sea.config.num_heads for _, _, sea in sea_layers(model))
+    return 4 * heads * seq_len * seq_len * 4 / 1e9
+
+
 def evaluate_budgets(model: nn.Module, tokens: Tensor, *, seq_len: int, stride: int, budgets: list[int],
-                     oracle: bool = True, progress: bool = True) -> list[PerplexityRow]:
-    """Dense, SEA at each budget, and (optionally) the oracle at each budget."""
+                     oracle: bool = True, progress: bool = True, oracle_limit_gb: float = 8.0) -> list[PerplexityRow]:
+    """Dense, SEA at each budget, and the oracle at each budget where its dense maps fit in memory."""
+    if oracle and oracle_memory_gb(model, seq_len) > oracle_limit_gb:
+        print(f"oracle rows skipped: its dense maps need ~{oracle_memory_gb(model, seq_len):.0f} GB "
+              f"(> {oracle_limit_gb:.0f} GB) at seq_len={seq_len}")
+        oracle = False
     rows = []
     with dense_attention(model):
         ppl, n = perplexity(model, tokens, seq_len, stride, desc="dense", progress=progress)

@@ -48,7 +48,7 @@ def capture_attention(model: nn.Module, input_ids: Tensor, layer: int, head: int
 
     model.eval()
     with layer_override(model, keep):
-        model(input_ids=input_ids[:1])
+        model(input_ids=input_ids[:1].to(next(model.parameters()).device))
     return AttentionSnapshot(layer, head, **{name: t.float().cpu() for name, t in kept.items()})
 
 

@@ -103,7 +103,9 @@ class Distiller:
         self.step = 0
         self.history: list[StepRecord] = []
         self._set_trainable()
-        self.optimizer = torch.optim.AdamW(self._param_groups(), betas=(0.9, 0.95))
+        groups = self._param_groups()
+        self._sea_group = next(i for i, g in enumerate(groups) if g["lr"] == config.lr)
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.teacher = self._frozen_teacher() if config.stage == "full" else None
 
@@ -129,7 +131,7 @@ class Distiller:
         cfg = self.config
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)  # 1 at the last step
         if cfg.schedule == "cosine":
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if cfg.schedule == "linear":
@@ -150,9 +152,12 @@ class Distiller:
                 "history": [asdict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["config"]["stage"] != self.config.stage:
-            raise ValueError(f"checkpoint is from stage {state['config']['stage']!r}, "
-                             f"this run is stage {self.config.stage!r}")
+        ours = asdict(self.config)
+        changed = sorted(name for name, value in state["config"].items()
+                         if name != "checkpoint_every" and ours.get(name) != value)
+        if changed:
+            details = ", ".join(f"{n}: checkpoint {state['config'][n]!r}, now {ours.get(n)!r}" for n in changed)
+            raise ValueError(f"cannot resume: the run's settings differ from the checkpoint's ({details})")
         params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -202,16 +207,18 @@ class Distiller:
     def _optimizer_step(self) -> StepRecord:
         cfg = self.config
         started = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1_000_003 + self.step)  # dropout etc. depend on the step only: resumable
         self.model.train(cfg.stage == "full")
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            input_ids = self.windows.batch(self.step * cfg.grad_accum + micro, cfg.batch_size)
+            input_ids = self.windows.batch(self.step * cfg.grad_accum + micro, cfg.batch_size).to(self.device)
             parts = self._estimator_pass(input_ids) if cfg.stage == "estimator" else self._full_pass(input_ids)
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm) if cfg.clip_norm else None
+        lr = self.optimizer.param_groups[self._sea_group]["lr"]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -221,11 +228,15 @@ class Distiller:
         if grad_norm is not None:
             totals["grad_norm"] = float(grad_norm)
         return StepRecord(step=self.step, loss=totals.pop("loss"), estimate_kl=totals.pop("estimate_kl"),
-                          context_mse=totals.pop("context_mse"), lr=self.optimizer.param_groups[0]["lr"],
+                          context_mse=totals.pop("context_mse"), lr=lr,
                           tokens_per_s=tokens / (time.perf_counter() - started), extra=totals)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
     def _layer_loss(self, call: LayerCall, q, k, v, targets_from=None):
         """SEA on (q, k, v) and its layer-local losses; ``targets_from`` = precomputed targets."""
@@ -253,9 +264,9 @@ class Distiller:
                 q, k, v = (x.detach() for x in (call.query, call.key, call.value))
                 _, losses, total = self._layer_loss(call, q, k, v, targets)
                 (total * scale).backward()
-            sums["loss"] += float(total) / len(self.layers)
-            sums["estimate_kl"] += float(losses.estimate_kl) / len(self.layers)
-            sums["context_mse"] += float(losses.context_mse) / len(self.layers)
+            sums["loss"] += float(total.detach()) / len(self.layers)
+            sums["estimate_kl"] += float(losses.estimate_kl.detach()) / len(self.layers)
+            sums["context_mse"] += float(losses.context_mse.detach()) / len(self.layers)
             if call.layer_idx == last:
                 raise _StopForward
             return context.to(call.query.dtype), None  # the teacher's output: the forward stays dense
@@ -296,6 +307,7 @@ class Distiller:
                 + cfg.attention_weight * attention)
         (loss / cfg.grad_accum).backward()
         count = len(layer_terms)
+        loss, task, hidden, logits = (x.detach() for x in (loss, task, hidden, logits))
         return {"loss": float(loss), "task": float(task), "hidden_mse": float(hidden), "logit_kl": float(logits),
-                "estimate_kl": sum(float(l.estimate_kl) for _, l in layer_terms) / count,
-                "context_mse": sum(float(l.context_mse) for _, l in layer_terms) / count}
+                "estimate_kl": sum(float(l.estimate_kl.detach()) for _, l in layer_terms) / count,
+                "context_mse": sum(float(l.context_mse.detach()) for _, l in layer_terms) / count}

@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..attention import SEAAttention, SEAOutput
 from ..ops.reference import exact_attention
+from .decoding import decode_state
 from .masks import key_padding_mask, sea_mask
 
 IMPLEMENTATION = "sea"  # the name registered in transformers' attention and mask registries
@@ -105,8 +106,9 @@ def sea_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
             # the output projection expects the model's dtype; overrides often compute in fp32
             return context.to(query.dtype).transpose(1, 2), attention if want_attention else None
 
+    state = decode_state(module, sea.layer_idx, tq, tk) if causal else None
     out = sea(query, key, value, attention_mask=key_valid, scale=scaling, k_budget=getattr(sea, "k_budget", None),
-              return_attention=want_attention)
+              return_attention=want_attention, state=state)
     return out.context.transpose(1, 2), out.attention
 
 

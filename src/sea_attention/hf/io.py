@@ -149,6 +149,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 
     patch(model, **meta["sea_config"])
     _load_sea_weights(model, load_file(str(folder / WEIGHTS_NAME)))
+    # remembered so that saving this model again points at the same base (or carries its weights)
+    model.config.sea_base_model = meta["base_model"]
+    model.config.sea_base_weights_included = bool(meta["include_base_weights"])
     return model.eval(), tokenizer
 
 

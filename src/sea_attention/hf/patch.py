@@ -21,6 +21,7 @@ from torch import nn
 
 from ..attention import SEAAttention
 from ..config import SEAConfig
+from .decoding import attach_cache_hooks, detach_cache_hooks
 from .families import family_of
 from .interface import IMPLEMENTATION, OVERRIDE_ATTR, LayerOverride, register
 
@@ -104,6 +105,7 @@ def patch(model: nn.Module, config: SEAConfig | None = None, **overrides: Any) -
             sea.k_budget = None  # dynamic k (set_budget); None = config.k
             module.sea = sea
             object.__setattr__(module, OVERRIDE_ATTR, None)  # a plain attribute: never a submodule
+            attach_cache_hooks(module)  # decoding state rides on the KV cache
         register()
         setattr(model.config, SEA_CONFIG_ATTR, sea_config.to_dict())
         model.set_attn_implementation(IMPLEMENTATION)
@@ -121,6 +123,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for _, module, _ in sea_layers(model):
         del module.sea
         module.__dict__.pop(OVERRIDE_ATTR, None)
+        detach_cache_hooks(module)
     if previous is not None and model.config._attn_implementation != previous:
         model.set_attn_implementation(previous)
     for attr in (SEA_CONFIG_ATTR, DENSE_ATTR):

@@ -73,8 +73,10 @@ class _SparseAttention(torch.autograd.Function):
         kv_heads, keys = k.shape[1], k.shape[2]
         groups = heads // kv_heads
         compute = torch.promote_types(q.dtype, torch.float32)
-        q, k, v = q.to(compute), k.to(compute), v.to(compute)
-        k_flat, v_flat = k.reshape(-1, dim), v.reshape(-1, dim)
+        dtypes = (q.dtype, k.dtype, v.dtype)
+        # contiguous: transformers hands over (B, T, H, d)-strided views when it has no cache
+        q, k, v = (x.to(compute).contiguous() for x in (q, k, v))
+        k_flat, v_flat = k.view(-1, dim), v.view(-1, dim)
         out = q.new_empty(bsz, heads, tq, dim)
         probs = q.new_empty(head.shape)  # (B, Tq, S): each slot's probability in its own head
         for lo in range(0, tq, chunk):
@@ -98,7 +100,7 @@ class _SparseAttention(torch.autograd.Function):
                 out[:, :, sl] = (p @ _gather_rows(v_flat, rows)).transpose(1, 2)
                 probs[:, sl] = p.sum(2)  # one non-zero per slot column
         ctx.save_for_backward(q, k, v, head, key, valid, probs, out)
-        ctx.scale, ctx.chunk, ctx.mode, ctx.dtypes = scale, chunk, mode, (q.dtype, k.dtype, v.dtype)
+        ctx.scale, ctx.chunk, ctx.mode, ctx.dtypes = scale, chunk, mode, dtypes
         ctx.mark_non_differentiable(probs)
         return out, probs
 

@@ -1,0 +1,95 @@
+"""Generation through the Hugging Face cache: step-by-step decoding equals the full forward."""
+
+import pytest
+import torch
+from transformers import (
+    DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
+)
+
+from sea_attention.hf import patch
+
+VOCAB = 101
+
+
+def build(family):
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                             num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
+                                             max_position_embeddings=256))
+    elif family == "opt":
+        model = OPTForCausalLM(OPTConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=128,
+                                         vocab_size=VOCAB, max_position_embeddings=256, word_embed_proj_dim=64))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=256))
+    model.config.pad_token_id = 0
+    return patch(model.eval(), k=3, estimate_width=8)
+
+
+FAMILIES = ["llama", "opt", "gpt2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_and_steps_equal_full_forward(family):
+    model = build(family)
+    ids = torch.randint(1, VOCAB, (2, 60))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
+        cache, logits, maps, start = DynamicCache(), [], [], 0
+        for size in [30, 7, 7, 1, 1, 1, 13]:
+            end = start + size
+            out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache,
+                        use_cache=True, output_attentions=True)
+            logits.append(out.logits)
+            maps.append(out.attentions)
+            start = end
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(logits, 1)[real], full.logits[real], atol=1e-4, rtol=0)
+    for layer, dense in enumerate(full.attentions):  # the same keys are selected
+        stepped = torch.cat([torch.nn.functional.pad(m[layer], (0, 60 - m[layer].shape[-1])) for m in maps], 2)
+        assert torch.equal(stepped[real.unsqueeze(1).expand_as(stepped[..., 0])] > 0,
+                           dense[real.unsqueeze(1).expand_as(dense[..., 0])] > 0)
+
+
+@pytest.mark.parametrize("family, mode", [("llama", "greedy"), ("opt", "greedy"), ("gpt2", "greedy"),
+                                          ("llama", "sample"), ("llama", "beam"), ("opt", "beam")])
+def test_generate_matches_generation_without_cache(family, mode):
+    model = build(family)
+    ids = torch.randint(1, VOCAB, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, pad_token_id=0)
+    if mode == "sample":
+        kwargs.update(do_sample=True, top_k=0, top_p=1.0)
+    elif mode == "beam":
+        kwargs.update(num_beams=3, do_sample=False)
+    else:
+        kwargs.update(do_sample=False)
+    torch.manual_seed(1)
+    cached = model.generate(**kwargs, use_cache=True)
+    torch.manual_seed(1)
+    recomputed = model.generate(**kwargs, use_cache=False)
+    assert cached.shape == (2, 36)
+    assert torch.equal(cached, recomputed)
+
+
+def test_cropping_the_cache_is_refused():
+    model = build("llama")
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, VOCAB, (1, 10)), past_key_values=cache, use_cache=True)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(5)
+
+
+def test_out_of_sync_cache_is_an_error():
+    model = build("llama")
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, VOCAB, (1, 10)), past_key_values=cache, use_cache=True)
+        for layer in cache.layers:
+            layer.sea_state.seen = 3  # simulate a cache that lost track
+        with pytest.raises(ValueError, match="past keys"):
+            model(input_ids=torch.randint(1, VOCAB, (1, 1)), past_key_values=cache, use_cache=True)
