@@ -56,6 +56,17 @@ def test_distill_eval_plot_resume(tiny_model_dir, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_generate_streams_text(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "sea"
+    assert main(["distill", "--model", str(tiny_model_dir / "model"), "--data", str(tiny_model_dir / "text.txt"),
+                 "--steps", "1", "--seq-len", "32", "--k", "4", "--estimate-width", "8", "--out", str(out),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "the cat sat", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("the cat sat") and len(printed.split()) > 3
+
+
 def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):
     assert main(["eval", "--model", str(tiny_model_dir / "model"), "--data", "no-such-corpus", "--quiet"]) == 2
     assert "expected one of" in capsys.readouterr().err

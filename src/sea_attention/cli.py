@@ -98,6 +98,32 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    from transformers import TextStreamer
+
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args))
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer to turn the prompt into tokens")
+    if args.dense:
+        from .hf import dense_attention as attention_mode
+    else:
+        from contextlib import nullcontext
+
+        attention_mode = lambda m: nullcontext(m)  # noqa: E731
+    device = next(model.parameters()).device
+    encoded = tokenizer(args.prompt, return_tensors="pt")
+    inputs = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask") if name in encoded}
+    torch.manual_seed(args.seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else \
+        dict(do_sample=False)
+    with attention_mode(model):
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
+                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sea", description="SEA: linear-time sparse attention for pretrained transformers")
@@ -143,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true")
     _add_sea_options(evaluate, with_k=False)
     evaluate.set_defaults(func=cmd_eval)
+
+    generate = commands.add_parser("generate", help="generate text with a SEA model, streamed to the terminal")
+    generate.add_argument("--model", required=True, help="SEA dir, or a base model to patch (untrained estimator)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--dense", action="store_true", help="use the model's dense attention instead, to compare")
+    _add_sea_options(generate)
+    generate.set_defaults(func=cmd_generate)
 
     plot = commands.add_parser("plot", help="PNG of teacher attention, SEA estimate and SEA sparse attention")
     plot.add_argument("--model", required=True)
