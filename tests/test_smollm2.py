@@ -37,3 +37,16 @@ def test_distil_evaluate_save_load(smollm2, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert loaded_tokenizer("hello")["input_ids"] == tokenizer("hello")["input_ids"]
+
+
+def test_decoding_equals_full_forward(smollm2):
+    from transformers import DynamicCache
+
+    model, tokenizer = smollm2
+    ids = tokenize(tokenizer, assets.load_text("wiki", "test"))[300:348].unsqueeze(0)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        cache, steps = DynamicCache(), []
+        for start, end in [(0, 40), (40, 45)] + [(i, i + 1) for i in range(45, 48)]:
+            steps.append(model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
