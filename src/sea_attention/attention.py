@@ -118,9 +118,10 @@ class SEAAttention(nn.Module):
     def _average_values(self, v: Tensor, key_valid: Tensor, lengths: Tensor, tq: int,
                         state: DecodeState | None) -> Tensor:
         """The average branch: mean of V over each query's valid keys, (B, H, Tq, d)."""
-        masked = v.float() * key_valid[:, None, :, None]
-        if state is not None and state.seen:
-            sums = state.value_sum.unsqueeze(2) + masked[:, :, state.seen:].cumsum(2)
+        past = state.seen if state is not None else 0  # the past is in the running sum
+        masked = v[:, :, past:].float() * key_valid[:, None, past:, None]
+        if past:
+            sums = state.value_sum.unsqueeze(2) + masked.cumsum(2)
         elif self.config.causal:
             sums = masked.cumsum(2)[:, :, v.shape[2] - tq:]  # running sums up to each query
         else:
