@@ -19,7 +19,7 @@ from .cli_args import int_list
 def add_demo_parser(commands) -> None:
     demo = commands.add_parser("demo", help="distil and evaluate SEA on SmolLM2-135M (about 10 min on 2 CPU cores)")
     demo.add_argument("--out", default="sea-demo", help="directory for the model, results and plot (default: sea-demo)")
-    demo.add_argument("--steps", type=int, default=40, help="estimator distillation steps")
+    demo.add_argument("--steps", type=int, default=35, help="estimator distillation steps")
     demo.add_argument("--seq-len", type=int, default=512, help="tokens per training and evaluation window")
     demo.add_argument("--eval-tokens", type=int, default=2048, help="test tokens to evaluate")
     demo.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128], help="budgets to evaluate")
