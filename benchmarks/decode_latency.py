@@ -59,13 +59,20 @@ def main() -> None:
     model = build(args.model, max(contexts) + args.steps)
     rows = []
     print(f"{'context':>8} {'dense ms/token':>15} {'SEA ms/token':>13} {'dense/SEA':>10}")
+    limit = model.config.max_position_embeddings
     for context in contexts:
+        if context + args.steps > limit:  # the decoded tokens must fit the model's positions too
+            print(f"context {context} + {args.steps} steps exceeds {limit} positions: using {limit - args.steps}")
+            context = limit - args.steps
         with dense_attention(model, "sdpa"):
             dense = step_latency(model, context, args.steps, args.prefill_chunk)
         sea = step_latency(model, context, args.steps, args.prefill_chunk)
         rows.append({"context": context, "dense_ms": 1e3 * dense, "sea_ms": 1e3 * sea})
         print(f"{context:>8} {1e3 * dense:>15.1f} {1e3 * sea:>13.1f} {dense / sea:>10.2f}", flush=True)
     out = Path(args.json or f"benchmarks/results/decode_latency_{Path(args.model).name}.json")
+    if out.exists():  # keep earlier contexts measured with the same model
+        earlier = [r for r in json.loads(out.read_text())["rows"] if r["context"] not in {r2["context"] for r2 in rows}]
+        rows = sorted(earlier + rows, key=lambda r: r["context"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
     print(f"wrote {out}")
