@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hf import LayerCall, dense_attention, layer_override, sea_budget, sea_layers
+from .hf import LayerCall, dense_attention, layer_override, no_cache, sea_budget, sea_layers
 from .ops.reference import allowed_keys, reference_attention
 
 
@@ -60,7 +60,7 @@ def perplexity(model: nn.Module, tokens: Tensor, seq_len: int, stride: int, *, d
     for begin, end, targets in tqdm(sliding_windows(tokens.numel(), seq_len, stride), desc=desc,
                                     disable=not progress, leave=False, dynamic_ncols=True):
         ids = tokens[begin:end].unsqueeze(0).to(device)
-        logits = model(input_ids=ids).logits[0, :-1].float()  # predicts ids[1:]
+        logits = model(input_ids=ids, **no_cache(model)).logits[0, :-1].float()  # predicts ids[1:]
         labels = ids[0, 1:].clone()
         labels[: labels.numel() - targets] = -100  # already scored by an earlier window
         nll += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .hf import LayerCall, layer_override, sea_layers
+from .hf import LayerCall, layer_override, no_cache, sea_layers
 from .ops.reference import exact_attention
 
 
@@ -48,7 +48,7 @@ def capture_attention(model: nn.Module, input_ids: Tensor, layer: int, head: int
 
     model.eval()
     with layer_override(model, keep):
-        model(input_ids=input_ids[:1].to(next(model.parameters()).device))
+        model(input_ids=input_ids[:1].to(next(model.parameters()).device), **no_cache(model))
     return AttentionSnapshot(layer, head, **{name: t.float().cpu() for name, t in kept.items()})
 
 

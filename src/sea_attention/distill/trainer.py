@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..cells import query_lengths
-from ..hf import LayerCall, layer_override, sea_layers
+from ..hf import LayerCall, layer_override, no_cache, sea_layers
 from ..ops.reference import exact_attention
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TokenWindows
@@ -273,7 +273,7 @@ class Distiller:
 
         try:
             with torch.no_grad(), layer_override(self.model, train_layer):
-                self.model(input_ids=input_ids)
+                self.model(input_ids=input_ids, **no_cache(self.model))
         except _StopForward:
             pass
         return sums
@@ -287,7 +287,7 @@ class Distiller:
             return context.to(call.query.dtype), None
 
         with torch.no_grad(), layer_override(self.teacher, record_teacher):
-            teacher = self.teacher(input_ids=input_ids, output_hidden_states=True)
+            teacher = self.teacher(input_ids=input_ids, output_hidden_states=True, **no_cache(self.teacher))
 
         layer_terms = []
 
@@ -297,7 +297,7 @@ class Distiller:
             return out.context.to(call.query.dtype), None
 
         with self._autocast(), layer_override(self.model, train_layer):
-            student = self.model(input_ids=input_ids, output_hidden_states=True)
+            student = self.model(input_ids=input_ids, output_hidden_states=True, **no_cache(self.model))
         mask = torch.ones_like(input_ids, dtype=torch.bool)
         task = language_model_loss(student.logits, input_ids, mask)
         hidden = hidden_mse(student.hidden_states, teacher.hidden_states, mask)

@@ -12,6 +12,7 @@ from .patch import (
     dense_attention,
     is_patched,
     layer_override,
+    no_cache,
     patch,
     sea_budget,
     sea_config_for,
@@ -22,6 +23,6 @@ from .patch import (
 
 __all__ = [
     "FAMILIES", "Family", "LayerCall", "LayerOverride", "dense_attention", "family_of", "from_pretrained",
-    "is_patched", "layer_override", "patch", "save_pretrained", "sea_attention_forward", "sea_budget",
+    "is_patched", "layer_override", "no_cache", "patch", "save_pretrained", "sea_attention_forward", "sea_budget",
     "sea_config_for", "sea_layers", "sea_mask", "sea_state_dict", "set_budget", "unpatch",
 ]

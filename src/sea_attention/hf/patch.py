@@ -13,6 +13,7 @@ and ``sea_dense_implementation``, the implementation that was active before patc
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -166,6 +167,11 @@ def dense_attention(model: nn.Module, implementation: str = "eager") -> Iterator
         yield model
     finally:
         model.set_attn_implementation(current)
+
+
+def no_cache(model: nn.Module) -> dict[str, Any]:
+    """Forward kwargs that skip building a KV cache (and SEA decoding state) when nothing decodes."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
 def _check_budget(k: int | None) -> None:
