@@ -1,19 +1,105 @@
+"""`sea bench`: attention points in fresh processes, the stage breakdown, the model benchmark, the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_cli import tiny_model_dir  # noqa: F401  (a module fixture: tiny Llama + tokenizer + text)
+
 from sea_attention.bench import (
-    AttentionBenchPoint, AttentionBenchSetup, bench_attention, format_attention_table, write_bench_json,
+    STAGES, AttentionBenchPoint, AttentionBenchSetup, bench_attention, format_attention_table, stage_flops,
+    write_bench_json,
 )
+from sea_attention.bench.breakdown import measure_breakdown
+from sea_attention.bench.runtime import in_fresh_process
+from sea_attention.cli import main
+
+TINY = ["--heads", "2", "--head-dim", "16", "--k", "4", "--estimate-width", "8", "--repeats", "1", "--threads", "1"]
 
 
 def test_bench_runs_each_point_and_writes_json(tmp_path):
     setup = AttentionBenchSetup(heads=2, head_dim=16, k=4, estimate_width=8, repeats=1, threads=1)
-    points = bench_attention([64], setup=setup, memory_limit_gb=1.0)
+    points = bench_attention([64], ("sdpa", "sea", "sea_reference"), setup=setup, memory_limit_gb=1.0)
     assert [p.method for p in points] == ["sdpa", "sea", "sea_reference"]
     assert all(p.seconds and p.seconds > 0 and p.peak_mb is not None for p in points)
     write_bench_json(points, tmp_path / "bench.json")
     assert "sea_reference" in (tmp_path / "bench.json").read_text()
 
 
+def test_a_failing_point_becomes_a_note():
+    assert in_fresh_process(math.sqrt, (4.0,), 60) == (2.0, "")
+    result, note = in_fresh_process(math.sqrt, (-1.0,), 60)
+    assert result is None and note == "error: ValueError: math domain error"
+
+
 def test_reference_is_skipped_when_it_cannot_fit():
-    points = bench_attention([1 << 20], methods=("sea_reference",), memory_limit_gb=1.0)
-    assert points[0].seconds is None and "skipped" in points[0].note
+    points = bench_attention([1 << 20], methods=("sea_reference", "eager"), memory_limit_gb=1.0)
+    assert all(p.seconds is None and "skipped" in p.note for p in points)
     table = format_attention_table(points + [AttentionBenchPoint("sdpa", 1 << 20, 2.0, 1.0)])
     assert "skipped" in table
+
+
+def test_cli_attention_writes_json_and_plot(tmp_path, capsys):
+    report, png = tmp_path / "out" / "attention.json", tmp_path / "attention.png"
+    assert main(["bench", "attention", "--lengths", "64,128", "--methods", "sdpa,eager,sea", *TINY,
+                 "--json", str(report), "--plot", str(png)]) == 0
+    data = json.loads(report.read_text())
+    assert data["setup"]["heads"] == 2 and data["machine"]["torch"] == torch.__version__
+    assert data["machine"]["cpu_model"]
+    points = {(p["method"], p["length"]): p for p in data["points"]}
+    assert set(points) == {(m, t) for m in ("sdpa", "eager", "sea") for t in (64, 128)}
+    assert all(p["seconds"] > 0 and p["peak_mb"] is not None and p["note"] == "" for p in points.values())
+    for (method, length), p in points.items():  # speed-up = SDPA's time / the method's time
+        assert p["speedup_vs_sdpa"] == pytest.approx(points[("sdpa", length)]["seconds"] / p["seconds"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [f for f in tmp_path.rglob("*") if ".tmp" in f.name]  # atomic writes leave no temp files
+    printed = capsys.readouterr().out
+    assert "x SDPA" in printed and "eager" in printed
+
+
+def test_cli_rejects_bad_lengths_and_unknown_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "attention", "--lengths", "64,abc"])
+    assert "comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "attention", "--methods", "sdpa,flash"])
+    err = capsys.readouterr().err
+    assert "unknown method 'flash'" in err and "sdpa, eager, sea, sea_reference, sea_flex" in err
+
+
+def test_stage_flops_against_hand_computed_values():
+    # T=128, H=2, d=16, m=5, K=8, c=2, w=K/4=2, S=10
+    flops = stage_flops(128, 2, 16, 5, 8, 2, 4, 10.0)
+    assert flops == {
+        "features": 2 * (2 * 128 * 2 * 16 * 5),  # 81,920
+        "linear_attention": 163_840 + 1_212_416,  # state 2*128*2*5*32*2, chunks 128*2*64*37*2
+        "encoder": 884_736,  # 2*128*2*(1536 + 128 + 64)
+        "decoder": 147_456 + 4_096,  # 2*128*2*16*9*2, 2*128*2*4*2
+        "sparse_attention": 81_920,  # 2*2*128*10*16
+    }
+    assert stage_flops(128, 2, 16, 5, 8, 4, 2, 10.0, causal=False)["linear_attention"] == 163_840
+
+
+def test_breakdown_stages_add_up_to_the_forward():
+    setup = AttentionBenchSetup(heads=2, head_dim=16, k=4, estimate_width=8, repeats=1)
+    breakdown = measure_breakdown(64, setup)
+    assert [s.stage for s in breakdown.stages] == list(STAGES)
+    assert sum(s.seconds for s in breakdown.stages) == pytest.approx(breakdown.total_seconds)
+    assert 0 < breakdown.mean_keys <= 2 * 64
+    gflop = {s.stage: s.gflop for s in breakdown.stages}
+    assert gflop["estimator"] > 0 and gflop["sparse_attention"] > 0 and gflop["selection"] == 0
+
+
+def test_cli_model_dense_vs_sea(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    model, text = str(tiny_model_dir / "model"), str(tiny_model_dir / "text.txt")
+    report = tmp_path / "model.json"
+    assert main(["bench", "model", "--model", model, "--data", text, "--lengths", "32,64", "--decode-tokens", "4",
+                 "--k", "4", "--estimate-width", "8", "--json", str(report)]) == 0
+    points = json.loads(report.read_text())["points"]
+    assert [(p["mode"], p["length"]) for p in points] == [("dense", 32), ("dense", 64), ("sea", 32), ("sea", 64)]
+    assert all(p["prefill_tok_s"] > 0 and p["decode_tok_s"] > 0 for p in points)
+    assert "decode SEA" in capsys.readouterr().out
+
+    assert main(["bench", "model", "--model", model, "--lengths", "300", "--decode-tokens", "4"]) == 2
+    assert "at most 256 positions" in capsys.readouterr().err

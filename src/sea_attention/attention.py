@@ -7,10 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .blocks import block_dense_mask, carry, select_blocks
 from .cells import KeySlots, cells_to_keys, query_lengths
 from .config import SEAConfig
 from .decoding import DecodeState
 from .estimator import AttentionEstimator, Estimate
+from .ops.block_sparse import block_sparse_attention
 from .ops.reference import reference_attention, repeat_kv
 from .ops.sparse import sparse_attention
 from .selection import select_cells
@@ -30,8 +32,8 @@ class SEAOutput:
     attention: Tensor | None  # (B, H, Tq, Tk) sparse probabilities, only with return_attention=True
     estimate_logits: Tensor  # (B, H, Tq, K) the estimator's raw logits
     gates: Tensor | None  # (B, H, Tq, 2) sigmoid gates (scale, mix), None when gating is off
-    cells: Tensor  # (B, H, Tq, K) bool, the selected cells
-    slots: KeySlots  # the selected keys, flattened over heads
+    cells: Tensor  # (B, H, Tq, K) bool, the selected cells (block grouping: the block's, in its bins)
+    slots: KeySlots | None  # the selected keys, flattened over heads (None with the block grouping)
     lengths: Tensor  # (B, Tq) valid keys of each query's row
 
 
@@ -84,15 +86,14 @@ class SEAAttention(nn.Module):
             lengths = query_lengths(key_valid, query_valid, cfg.causal)  # (B, Tq)
 
         estimate: Estimate = self.estimator(q, k, v, key_valid, query_valid, lengths, scale, positions, state)
-        cells = select_cells(estimate.probs, lengths, budget, cfg.grouping, cfg.query_chunk)
-        slots = cells_to_keys(cells, lengths, key_valid, cap=budget, chunk=cfg.query_chunk)
-
-        if cfg.attention_path == "reference":
-            context, probs = reference_attention(q, k, v, slots.dense_mask(cfg.num_heads, tk), scale)
-            attention = probs if return_attention else None
+        if cfg.grouping == "block":
+            context, attention, cells, nnz = self._attend_blocks(q, k, v, estimate, lengths, key_valid,
+                                                                 query_valid, budget, scale, return_attention, state)
+            slots = None
         else:
-            context, slot_probs = sparse_attention(q, k, v, slots, scale, cfg.query_chunk)
-            attention = slots.to_dense(slot_probs, cfg.num_heads, tk) if return_attention else None
+            context, attention, cells, slots = self._attend_cells(q, k, v, estimate, lengths, key_valid, budget,
+                                                                  scale, return_attention)
+            nnz = slots.nnz(cfg.num_heads)
 
         gates = None
         if cfg.gating:
@@ -106,7 +107,7 @@ class SEAAttention(nn.Module):
             context = self._norm_output(context)
         context = context * query_valid[:, None, :, None].to(context.dtype)  # after the norm: its bias must not leak
         return SEAOutput(
-            context=context, estimate=estimate.probs, nnz=slots.nnz(cfg.num_heads), attention=attention,
+            context=context, estimate=estimate.probs, nnz=nnz, attention=attention,
             estimate_logits=estimate.logits, gates=gates, cells=cells, slots=slots, lengths=lengths,
         )
 
@@ -115,6 +116,54 @@ class SEAAttention(nn.Module):
         return self.estimator.maybe_redraw_features(step)
 
     # ------------------------------------------------------------------ helpers
+    def _attend_cells(self, q: Tensor, k: Tensor, v: Tensor, estimate: Estimate, lengths: Tensor,
+                      key_valid: Tensor, budget: int, scale: float, return_attention: bool):
+        """Per-query groupings: select cells, stretch them to keys, attend on those keys."""
+        cfg = self.config
+        cells = select_cells(estimate.probs, lengths, budget, cfg.grouping, cfg.query_chunk)
+        slots = cells_to_keys(cells, lengths, key_valid, cap=budget, chunk=cfg.query_chunk)
+        attention = None
+        if self._use_flex(q, k, v, return_attention):
+            from .ops.flex import flex_sea_attention  # imported on use: it pulls in torch.compile
+
+            context = flex_sea_attention(q, k, v, cells, lengths, key_valid, cap=budget, scale=scale)
+        elif cfg.attention_path == "reference":
+            context, probs = reference_attention(q, k, v, slots.dense_mask(cfg.num_heads, k.shape[2]), scale)
+            attention = probs if return_attention else None
+        else:
+            context, slot_probs = sparse_attention(q, k, v, slots, scale, cfg.query_chunk)
+            attention = slots.to_dense(slot_probs, cfg.num_heads, k.shape[2]) if return_attention else None
+        return context, attention, cells, slots
+
+    def _attend_blocks(self, q: Tensor, k: Tensor, v: Tensor, estimate: Estimate, lengths: Tensor,
+                       key_valid: Tensor, query_valid: Tensor, budget: int, scale: float,
+                       return_attention: bool, state: DecodeState | None):
+        """The ``block`` grouping: select per query block, attend with dense block products."""
+        cfg = self.config
+        tq = q.shape[2]
+        carried = state.block if state is not None and state.seen else None
+        selection = select_blocks(estimate.probs, lengths, query_valid, k.shape[2] - tq, budget, cfg.query_block,
+                                  cfg.causal, carried)
+        if state is not None:
+            state.block = carry(selection)
+        attention = None
+        if cfg.attention_path == "reference" or return_attention:
+            mask = block_dense_mask(selection, key_valid, budget, cfg.num_heads, tq)
+            context, probs = reference_attention(q, k, v, mask, scale)
+            attention = probs if return_attention else None
+            nnz = mask.sum(-1)
+        else:
+            context, nnz = block_sparse_attention(q, k, v, selection, key_valid, scale, budget)
+        return context, attention, selection.per_query_cells(tq), nnz
+
+    def _use_flex(self, q: Tensor, k: Tensor, v: Tensor, return_attention: bool) -> bool:
+        """FlexAttention runs only where it can: no dense attention view asked for, and no
+        backward on CPU (PyTorch's CPU FlexAttention is forward only)."""
+        if self.config.attention_path != "flex" or return_attention:
+            return False
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        return not (needs_grad and q.device.type == "cpu")
+
     def _average_values(self, v: Tensor, key_valid: Tensor, lengths: Tensor, tq: int,
                         state: DecodeState | None) -> Tensor:
         """The average branch: mean of V over each query's valid keys, (B, H, Tq, d)."""

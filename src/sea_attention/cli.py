@@ -124,6 +124,88 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    from dataclasses import asdict
+
+    from . import bench
+
+    if args.bench_command == "model":
+        setup = bench.ModelBenchSetup(args.model, args.lengths, args.decode_tokens, args.data,
+                                      args.dense_implementation, args.threads)
+        if args.model == "tiny":  # a random narrow Llama, no tokenizer: random prompt ids
+            from .hf import patch
+
+            model, tokenizer = patch(bench.tiny_model(max(args.lengths) + args.decode_tokens),
+                                     **_sea_overrides(args)), None
+        else:
+            model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args))
+        print(f"{args.model}: prefill T tokens, then {args.decode_tokens} greedy decode steps; dense = "
+              f"{args.dense_implementation}")
+        points = bench.bench_model(model, tokenizer, setup)
+        print(f"\n{bench.format_model_table(args.model, points)}")
+        sections = {"setup": asdict(setup)}
+    else:
+        setup = bench.AttentionBenchSetup(args.heads, args.head_dim, args.k, args.estimate_width,
+                                          not args.bidirectional, args.repeats, args.threads)
+        print(f"attention forward, B=1, H={setup.heads}, d={setup.head_dim}, fp32, "
+              f"{'causal' if setup.causal else 'bidirectional'}; one fresh process per point")
+        points = bench.bench_attention(args.lengths, args.methods, setup, args.memory_limit_gb, args.timeout)
+        print(f"\n{bench.format_attention_table(points)}")
+        sections = {"setup": asdict(setup), "memory_limit_gb": args.memory_limit_gb}
+        if args.breakdown:
+            rate, breakdowns = bench.bench_breakdown(args.lengths, setup, args.timeout)
+            for breakdown in breakdowns:
+                print(f"\n{bench.format_breakdown(breakdown, rate)}")
+            sections["breakdown"] = {"matmul_gflops": rate, "lengths": [asdict(b) for b in breakdowns]}
+        if args.plot:
+            print(f"wrote {bench.plot_attention_bench(points, args.plot)}")
+    if args.json:
+        print(f"wrote {bench.write_bench_json(points, args.json, threads=args.threads, **sections)}")
+    return 0
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    from .bench import check_methods
+
+    try:
+        return check_methods(m.strip() for m in text.split(",") if m.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
+def _add_bench_parser(commands) -> None:
+    from .bench import METHODS
+
+    bench = commands.add_parser("bench", help="speed and memory: the attention alone, or a whole model")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    attention = kinds.add_parser("attention", help="time and peak memory of one attention forward vs T")
+    attention.add_argument("--lengths", type=int_list, default=[1024, 4096, 16384, 32768], help="e.g. 1024,4096")
+    attention.add_argument("--methods", type=_method_list, default=METHODS, help=f"some of {','.join(METHODS)}")
+    attention.add_argument("--heads", type=int, default=12)
+    attention.add_argument("--head-dim", type=int, default=64)
+    attention.add_argument("--k", type=int, default=64, help="SEA keys per query per head")
+    attention.add_argument("--estimate-width", type=int, default=128, help="SEA's K")
+    attention.add_argument("--repeats", type=int, default=3, help="timed calls per point (median)")
+    attention.add_argument("--bidirectional", action="store_true", help="no causal mask")
+    attention.add_argument("--memory-limit-gb", type=float, default=16.0,
+                           help="skip dense methods (eager, sea_reference) estimated to need more")
+    attention.add_argument("--timeout", type=float, default=1800, help="seconds per point")
+    attention.add_argument("--breakdown", action="store_true", help="also time each stage of SEA against its FLOP floor")
+    attention.add_argument("--plot", help="write a log-log PNG of time and memory vs T")
+    model = kinds.add_parser("model", help="prefill and decode tokens/s, dense vs SEA")
+    model.add_argument("--model", required=True, help="bundled name, local dir, SEA dir, hub id, or 'tiny' (random)")
+    model.add_argument("--lengths", type=int_list, default=[512, 1024, 2048], help="prompt lengths")
+    model.add_argument("--decode-tokens", type=int, default=32)
+    model.add_argument("--data", default="wiki", help="text of the prompts: 'wiki', 'bbc' or a text file")
+    model.add_argument("--dense-implementation", default="sdpa", choices=("sdpa", "eager"))
+    _add_sea_options(model)
+    for parser in (attention, model):
+        parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+        parser.add_argument("--json", help="write the setup, machine and results to this JSON file")
+        parser.set_defaults(func=cmd_bench)
+
+
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sea", description="SEA: linear-time sparse attention for pretrained transformers")
@@ -190,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default="attention.png")
     _add_sea_options(plot)
     plot.set_defaults(func=cmd_plot)
+
+    _add_bench_parser(commands)
     return parser
 
 

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 FEATURE_KINDS = ("favor", "relu")
-GROUPINGS = ("query", "query_head", "sample", "head")
-CAUSAL_GROUPINGS = ("query", "query_head")  # the others let later queries steal earlier budgets
+GROUPINGS = ("query", "query_head", "sample", "head", "block")
+CAUSAL_GROUPINGS = ("query", "query_head", "block")  # the others let later queries steal earlier budgets
 OUTPUT_MODES = ("mix", "norm")
-ATTENTION_PATHS = ("sparse", "reference")
+ATTENTION_PATHS = ("sparse", "reference", "flex")
 
 
 @dataclass
@@ -35,8 +35,12 @@ class SEAConfig:
         grouping: which cells compete for one top-k budget: ``"query"`` (one query
             across all heads; the default), ``"query_head"`` (one query and head),
             ``"sample"`` (a whole sample) or ``"head"`` (a whole sample and head). The
-            last two are bidirectional only: in a causal model they would let later
-            queries change the keys of earlier ones.
+            ``sample`` and ``head`` are bidirectional only: in a causal model they would
+            let later queries change the keys of earlier ones. ``"block"``: a block of
+            ``query_block`` consecutive positions shares one selection (the ``query``
+            selection of its first row when causal, of its mean row otherwise), and causal
+            queries also attend their own block's keys up to themselves; the attention is
+            then dense block products (``blocks.py``), much faster on long inputs.
         gating: learned sigmoid gates that scale the sparse attention and mix it with an
             average branch (running mean of V when causal, mean of V otherwise).
         output_mode: ``"mix"`` returns the gated context; ``"norm"`` returns
@@ -45,9 +49,12 @@ class SEAConfig:
             longest sequence the estimator accepts.
         feature_redraw_interval: redraw the random features every this many optimizer
             steps during distillation; 0 keeps them fixed.
-        attention_path: ``"sparse"`` (linear memory, the default) or ``"reference"``
-            (dense T x T masked softmax, the oracle for tests).
+        attention_path: ``"sparse"`` (linear memory, the default), ``"reference"``
+            (dense T x T masked softmax, the oracle for tests) or ``"flex"`` (PyTorch's
+            FlexAttention with a block-sparse mask; forward only on CPU, so calls that need
+            gradients there, or the dense attention view, run the sparse path).
         query_chunk: queries processed together by the sparse path; bounds peak memory.
+        query_block: positions per block of the ``block`` grouping.
         seed: seed of the random features (the layer index is added per layer).
     """
 
@@ -66,6 +73,7 @@ class SEAConfig:
     feature_redraw_interval: int = 0
     attention_path: str = "sparse"
     query_chunk: int = 256
+    query_block: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,7 +87,7 @@ class SEAConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and its allowed values."""
         for name in ("num_heads", "head_dim", "num_kv_heads", "k", "estimate_width",
-                     "feature_factor", "max_positions", "query_chunk"):
+                     "feature_factor", "max_positions", "query_chunk", "query_block"):
             _positive_int(name, getattr(self, name))
         _non_negative_int("feature_redraw_interval", self.feature_redraw_interval)
         if self.head_dim < 2:

@@ -6,7 +6,8 @@ context length (apart from reading its selected keys and values):
 * the Performer's running sums, sum phi(k) v'^T and sum phi(k), computed with the feature map;
 * the last 8 rows of the CNN decoder's input (its causal receptive field) and their masks;
 * the running sum of V over valid keys and the number of valid keys (the average branch,
-  key ranks and row lengths all follow from it).
+  key ranks and row lengths all follow from it);
+* with the ``block`` grouping, the selection of the block that is still open.
 
 A state is filled by the first call (prefill, no past keys) and continued by calls whose
 queries are exactly the keys added since; ``SEAAttention`` checks this.
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .blocks import BlockSelection
+
 
 @dataclass
 class DecodeState:
@@ -27,6 +30,7 @@ class DecodeState:
     cnn_mask: Tensor | None = None  # (B, 1, 8, 1) their query validity
     value_sum: Tensor | None = None  # (B, H_kv, d) sum of V over valid keys
     valid_keys: Tensor | None = None  # (B,) number of valid keys
+    block: BlockSelection | None = None  # grouping "block": the selection of the open block
 
     def select(self, index: Tensor) -> None:
         """Keep / reorder batch rows (beam search), in place."""
@@ -36,6 +40,8 @@ class DecodeState:
                 setattr(self, name, value.index_select(0, index.to(value.device)))
         if self.performer is not None:
             self.performer = tuple(x.index_select(0, index.to(x.device)) for x in self.performer)
+        if self.block is not None:
+            self.block = self.block.map_batch(lambda x: x.index_select(0, index.to(x.device)))
 
     def repeat_interleave(self, repeats: int) -> None:
         """Expand every batch row ``repeats`` times, in place."""
@@ -45,3 +51,5 @@ class DecodeState:
                 setattr(self, name, value.repeat_interleave(repeats, dim=0))
         if self.performer is not None:
             self.performer = tuple(x.repeat_interleave(repeats, dim=0) for x in self.performer)
+        if self.block is not None:
+            self.block = self.block.map_batch(lambda x: x.repeat_interleave(repeats, dim=0))

@@ -29,9 +29,18 @@ class TokenEncoder(nn.Module):
         nn.init.zeros_(self.to_gates.weight)
         nn.init.constant_(self.to_gates.bias, GATE_INIT)
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """features (B, H, T, 3d) -> CNN image (B, H*c, T, w) and gate logits (B, H, T, 2)."""
-        z = self.encode(features)  # (B, H, T, 2d)
+    def forward(self, performer: Tensor, own_value: Tensor) -> tuple[Tensor, Tensor]:
+        """performer (B, H, T, 2d) and each token's own value (B, H_kv, T, d) -> CNN image
+        (B, H*c, T, w) and gate logits (B, H, T, 2)."""
+        linear, norm, act = self.encode
+        width = performer.shape[-1]
+        # the first layer reads [performer, own value]: two products instead of a concatenation,
+        # and the value's product is done once per kv head
+        value_part = F.linear(own_value, linear.weight[:, width:])  # (B, H_kv, T, 2d)
+        groups = performer.shape[1] // own_value.shape[1]
+        value_part = value_part.repeat_interleave(groups, dim=1) if groups > 1 else value_part
+        z = act(norm(torch.addmm(linear.bias, performer.flatten(0, -2), linear.weight[:, :width].T,
+                                 ).view_as(value_part) + value_part))  # (B, H, T, 2d)
         bsz, heads, tokens, _ = z.shape
         rows = self.to_row(z).view(bsz, heads, tokens, self.channels, -1)  # chunk c -> channel h*c + c
         image = rows.permute(0, 1, 3, 2, 4).reshape(bsz, heads * self.channels, tokens, -1)
@@ -48,7 +57,10 @@ class CausalConv(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, dilation=2)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, T, W) -> (B, C, T, W)
-        return self.conv(F.pad(x, (2, 2, self.RECEPTIVE_ROWS, 0)))
+        # symmetric padding, then drop the rows that looked ahead: cheaper than padding a copy
+        rows = x.shape[2]
+        out = F.conv2d(x, self.conv.weight, self.conv.bias, padding=(self.RECEPTIVE_ROWS, 2), dilation=2)
+        return out[:, :, :rows]
 
 
 class CausalDecoder(nn.Module):
@@ -73,9 +85,12 @@ class CausalDecoder(nn.Module):
         """image (B, H*c, T, K/4), row_mask (B, 1, T, 1) -> logits (B, H, T, K)."""
         x = self.norm_in(image) * row_mask
         x = torch.relu(self.conv_a(x)) * row_mask
-        x = torch.relu(self.conv_b(x))
-        x = x.repeat_interleave(4, dim=-1)  # nearest-neighbour x4 along the bins
-        return self.norm_out(self.to_heads(x))
+        x = self.to_heads(torch.relu(self.conv_b(x)))  # (B, H, T, K/4)
+        # nearest-neighbour x4 along the bins, then LayerNorm(K). The 1x1 convolution commutes
+        # with the upsampling, and four copies of a row have that row's mean and variance, so
+        # both run at K/4 and only the affine part runs at K.
+        x = F.layer_norm(x, x.shape[-1:], eps=self.norm_out.eps).repeat_interleave(4, dim=-1)
+        return torch.addcmul(self.norm_out.bias, x, self.norm_out.weight)
 
 
 class BidirectionalDecoder(nn.Module):

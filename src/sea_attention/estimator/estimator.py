@@ -99,8 +99,8 @@ class AttentionEstimator(nn.Module):
             performer = linear_attention(phi_q, phi_k, values)
         performer = performer.reshape(bsz, heads, tq, 2 * d)
 
-        own_v = repeat_kv(v[:, :, tk - tq:], groups).float()  # each query token's own value
-        image, gate_logits = self.encoder(torch.cat([performer, own_v], dim=-1).to(param_dtype))
+        own_v = v[:, :, tk - tq:].to(param_dtype)  # each query token's own value
+        image, gate_logits = self.encoder(performer.to(param_dtype), own_v)
         row_mask = query_valid[:, None, :, None].to(image.dtype)
         logits = self._decode(image, row_mask, state).float()  # (B, H, Tq, K)
 

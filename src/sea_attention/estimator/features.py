@@ -77,36 +77,41 @@ def linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor) -> Tensor:
     return numerator / (denominator + DENOM_EPS)
 
 
-def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk: int = 128,
+def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk: int = 64,
                             state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Causal linear attention where queries are the last Tq of the Tk keys.
 
     Shapes as in ``linear_attention``. Keys before the query suffix are folded into the
-    running state in one product; the suffix is processed in chunks (a small masked
-    quadratic product inside a chunk, the running state across chunks), so memory is
-    O(T * m + chunk^2). ``state`` = (sum phi(k) v^T (B, H_kv, m, e), sum phi(k) (B, H_kv, m))
-    of keys seen in earlier calls; the updated state is returned (used by decoding).
+    running state in one product. The suffix is cut into chunks, all processed at once:
+    a small masked quadratic product inside each chunk, plus the sum of phi(k) v^T over
+    the earlier chunks (an exclusive cumulative sum of per-chunk sums). Memory is
+    O(T * (m + e) + (T / chunk) * m * e), time O(T * chunk * (m + e) + T * m * e).
+    ``state`` = (sum phi(k) v^T (B, H_kv, m, e), sum phi(k) (B, H_kv, m)) of keys seen in
+    earlier calls; the updated state is returned (used by decoding).
     """
-    tq, tk = phi_q.shape[-2], phi_k.shape[-2]
+    tq, tk, m, e = phi_q.shape[-2], phi_k.shape[-2], phi_k.shape[-1], values.shape[-1]
     prefix = tk - tq
     if state is None:
-        kv = phi_k.new_zeros(*phi_k.shape[:2], phi_k.shape[-1], values.shape[-1])
-        normaliser = phi_k.new_zeros(*phi_k.shape[:2], phi_k.shape[-1])
+        kv = phi_k.new_zeros(*phi_k.shape[:2], m, e)
+        normaliser = phi_k.new_zeros(*phi_k.shape[:2], m)
     else:
         kv, normaliser = state
     if prefix:
         kv = kv + phi_k[:, :, :prefix].transpose(-1, -2) @ values[:, :, :prefix]
         normaliser = normaliser + phi_k[:, :, :prefix].sum(-2)
-    outputs = []
-    for lo in range(0, tq, chunk):
-        hi = min(lo + chunk, tq)
-        q_c = phi_q[..., lo:hi, :]  # (B, H_kv, G, c, m)
-        k_c = phi_k[:, :, prefix + lo:prefix + hi]  # (B, H_kv, c, m)
-        v_c = values[:, :, prefix + lo:prefix + hi]  # (B, H_kv, c, e)
-        local = (q_c @ k_c.unsqueeze(2).transpose(-1, -2)).tril()  # (B, H_kv, G, c, c)
-        numerator = q_c @ kv.unsqueeze(2) + local @ v_c.unsqueeze(2)
-        denominator = q_c @ normaliser[:, :, None, :, None] + local.sum(-1, keepdim=True)
-        outputs.append(numerator / (denominator + DENOM_EPS))
-        kv = kv + k_c.transpose(-1, -2) @ v_c
-        normaliser = normaliser + k_c.sum(-2)
-    return torch.cat(outputs, dim=-2), (kv, normaliser)
+    chunk = max(1, min(chunk, tq))
+    n = -(-tq // chunk)
+    pad = n * chunk - tq  # zero rows: no contribution as keys, sliced off as queries
+    q_c = torch.nn.functional.pad(phi_q, (0, 0, 0, pad)).unflatten(-2, (n, chunk))  # (B, H_kv, G, n, c, m)
+    k_c = torch.nn.functional.pad(phi_k[:, :, prefix:], (0, 0, 0, pad)).unflatten(-2, (n, chunk))  # (B, H_kv, n, c, m)
+    v_c = torch.nn.functional.pad(values[:, :, prefix:], (0, 0, 0, pad)).unflatten(-2, (n, chunk))  # (B, H_kv, n, c, e)
+
+    chunk_kv = k_c.transpose(-1, -2) @ v_c  # (B, H_kv, n, m, e)
+    chunk_norm = k_c.sum(-2)  # (B, H_kv, n, m)
+    before_kv = kv.unsqueeze(2) + chunk_kv.cumsum(2) - chunk_kv  # sums over all earlier chunks
+    before_norm = normaliser.unsqueeze(2) + chunk_norm.cumsum(2) - chunk_norm
+    local = (q_c @ k_c.unsqueeze(2).transpose(-1, -2)).tril()  # (B, H_kv, G, n, c, c)
+    numerator = q_c @ before_kv.unsqueeze(2) + local @ v_c.unsqueeze(2)  # (B, H_kv, G, n, c, e)
+    denominator = (q_c @ before_norm[:, :, None, :, :, None]) + local.sum(-1, keepdim=True)
+    out = (numerator / (denominator + DENOM_EPS)).flatten(-3, -2)[..., :tq, :]
+    return out, (kv + chunk_kv.sum(2), normaliser + chunk_norm.sum(2))

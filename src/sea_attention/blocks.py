@@ -1,0 +1,221 @@
+"""Query-block grouping: a block of consecutive queries shares one selection.
+
+Blocks are fixed windows of ``block`` key positions (block ``a`` holds positions
+``[a * block, (a + 1) * block)``), so the blocks do not depend on how a sequence is cut
+into calls: a prefill followed by decoding steps sees the same blocks as one forward.
+
+* **Causal.** A block's selection is the ``query`` grouping's selection for the block's
+  *first* query (the only row that every query of the block may depend on), restricted
+  to keys before that query. Every query also attends the keys of its own block up to
+  itself (a small dense causal tile): the most recent context is always exact and no
+  query is left without keys.
+* **Bidirectional.** All rows of a sample share their bins, so a block selects with the
+  mean of its rows' estimates; there is no tile.
+
+The payoff is in ``ops/block_sparse.py``: each selected cell's keys are gathered once per
+block and scored with one dense (block x keys) product, instead of once per query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .cells import cell_lengths, cell_starts, valid_key_positions
+from .selection import select_cells
+
+EXCLUDED = -0.5  # score of a live cell whose keys are all in the tile: below every real cell
+
+
+@dataclass
+class BlockSelection:
+    """The cells each query block attends to (see the module docstring).
+
+    Block ``i`` of a call is absolute block ``first_block + i``; query row ``j`` of the
+    call (key position ``first + j``) belongs to block ``(first + j) // block - first_block``.
+    """
+
+    cells: Tensor  # (B, H, nb, K) bool, in the bins of each block's selecting row
+    lengths: Tensor  # (B, nb) valid keys of the selecting row: its bins are defined on them
+    limit: Tensor  # (B, nb) cells emit only keys of rank < limit
+    tile_start: Tensor  # (nb,) first key position of each block's tile (causal)
+    first: int  # key position of the call's first query (Tk - Tq)
+    block: int
+    causal: bool
+
+    @property
+    def first_block(self) -> int:
+        return self.first // self.block
+
+    @property
+    def num_blocks(self) -> int:
+        return self.cells.shape[2]
+
+    def query_blocks(self, tq: int) -> Tensor:
+        """(Tq,) block index of every query row."""
+        positions = torch.arange(self.first, self.first + tq, device=self.cells.device)
+        return positions // self.block - self.first_block
+
+    def map_batch(self, fn) -> "BlockSelection":
+        """The same selection with ``fn`` applied to every per-sample tensor (beam search)."""
+        return BlockSelection(fn(self.cells), fn(self.lengths), fn(self.limit), self.tile_start, self.first,
+                              self.block, self.causal)
+
+    def per_query_cells(self, tq: int) -> Tensor:
+        """(B, H, Tq, K) each query's block cells (for ``SEAOutput.cells``)."""
+        return self.cells.index_select(2, self.query_blocks(tq))
+
+
+def select_blocks(estimate: Tensor, lengths: Tensor, query_valid: Tensor, first: int, k: int, block: int,
+                  causal: bool, carried: BlockSelection | None = None) -> BlockSelection:
+    """Select cells per query block from the estimate (B, H, Tq, K).
+
+    ``lengths`` and ``query_valid`` are (B, Tq); ``first`` is the key position of the
+    first query (Tk - Tq). ``carried`` (decoding) is the selection of the block that was
+    open when the previous call ended (``carry``): a call that starts inside that block
+    reuses it. Without it, a call that starts mid-block selects that block from its own
+    first query.
+    """
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"query_block must be a positive integer, got {block!r}")
+    bsz, heads, tq, width = estimate.shape
+    device = estimate.device
+    first_block = first // block
+    num_blocks = (first + tq - 1) // block - first_block + 1
+    block_pos = (first_block + torch.arange(num_blocks, device=device)) * block  # (nb,) absolute starts
+    if not causal:
+        return _select_bidirectional(estimate, lengths, query_valid, first, k, block, block_pos)
+
+    rows = block_pos - first  # each block's selecting row; negative: it started before this call
+    tile_start = block_pos.clone()
+    reuse = carried is not None and rows[0] < 0 and int(carried.tile_start[0]) // block == first_block
+    if rows[0] < 0 and not reuse:  # a mid-block start without the past: select from the first query
+        rows[0], tile_start[0] = 0, first
+    own = rows[1:] if reuse else rows
+    row_lengths = lengths.index_select(1, own)  # (B, n)
+    if own.numel():
+        picked = estimate.index_select(2, own)  # (B, H, n, K)
+        # cells that hold only the selecting row's own key (or later) are the tile's business
+        excluded = cell_starts(row_lengths, width) >= (row_lengths - 1).unsqueeze(-1)  # (B, n, K)
+        cells = select_cells(picked.masked_fill(excluded.unsqueeze(1), EXCLUDED), row_lengths, k, "query")
+    else:  # a decoding step inside the open block
+        cells = estimate.new_zeros(bsz, heads, 0, width, dtype=torch.bool)
+    limit = (row_lengths - 1).clamp_min(0)
+    if reuse:
+        cells = torch.cat([carried.cells, cells], dim=2)
+        row_lengths = torch.cat([carried.lengths, row_lengths], dim=1)
+        limit = torch.cat([carried.limit, limit], dim=1)
+        tile_start[0] = carried.tile_start[0]
+    return BlockSelection(cells, row_lengths, limit, tile_start, first, block, causal=True)
+
+
+def _select_bidirectional(estimate: Tensor, lengths: Tensor, query_valid: Tensor, first: int, k: int,
+                          block: int, block_pos: Tensor) -> BlockSelection:
+    """Rows of a bidirectional sample share their bins: select with the block's mean estimate."""
+    bsz, heads, tq, width = estimate.shape
+    num_blocks = block_pos.shape[0]
+    front = first - int(block_pos[0])
+    back = num_blocks * block - tq - front
+    weights = query_valid.to(estimate.dtype)
+    rows = torch.nn.functional.pad(estimate * weights[:, None, :, None], (0, 0, front, back))
+    total = rows.view(bsz, heads, num_blocks, block, width).sum(3)  # (B, H, nb, K)
+    count = torch.nn.functional.pad(weights, (front, back)).view(bsz, num_blocks, block).sum(-1)
+    mean = total / count.clamp_min(1)[:, None, :, None]
+    row_lengths = torch.nn.functional.pad(lengths, (front, back)).view(bsz, num_blocks, block).amax(-1)
+    cells = select_cells(mean, row_lengths, k, "query")
+    return BlockSelection(cells, row_lengths, row_lengths, block_pos, first, block, causal=False)
+
+
+def carry(selection: BlockSelection) -> BlockSelection:
+    """The last block's selection, for the next decoding call."""
+    last = slice(selection.num_blocks - 1, selection.num_blocks)
+    return BlockSelection(selection.cells[:, :, last], selection.lengths[:, last], selection.limit[:, last],
+                          selection.tile_start[last], selection.first, selection.block, selection.causal)
+
+
+@dataclass
+class BlockKeys:
+    """The keys of a run of blocks' selected cells: cell ``c`` of block ``i`` belongs to
+    head ``head[b, i, c]`` and emits the keys ``key[b, i, c, valid[b, i, c]]``."""
+
+    head: Tensor  # (B, n, C)
+    key: Tensor  # (B, n, C, E) key positions
+    valid: Tensor  # (B, n, C, E)
+
+
+def block_keys(selection: BlockSelection, key_valid: Tensor, cap: int, lo: int, hi: int,
+               positions: Tensor | None = None) -> BlockKeys:
+    """Keys of the selected cells of blocks ``lo:hi`` (the cell -> key rule of ``cells.py``:
+    a cell emits ``min(size, cap)`` evenly spread keys; here also only ranks < limit).
+
+    ``positions`` is ``valid_key_positions(key_valid)``, passed in when called in a loop.
+    """
+    cells = selection.cells[:, :, lo:hi]  # (B, H, n, K)
+    bsz, heads, n, width = cells.shape
+    lengths, limit = selection.lengths[:, lo:hi], selection.limit[:, lo:hi]
+    positions = valid_key_positions(key_valid) if positions is None else positions
+
+    flat = cells.permute(0, 2, 1, 3).reshape(bsz, n, heads * width)  # head-major cell ids
+    count = flat.sum(-1)  # (B, n)
+    most = max(int(count.max()) if count.numel() else 0, 1)
+    # compact each block's selected cell ids to the front (slot = running count); others land in a dump column
+    slot = torch.where(flat, flat.long().cumsum(-1) - 1, most)
+    ids = torch.zeros(bsz, n, most + 1, dtype=torch.long, device=cells.device)
+    ids.scatter_(-1, slot, torch.arange(heads * width, device=cells.device).expand(bsz, n, -1))
+    ids = ids[..., :most]  # (B, n, C)
+    used = torch.arange(most, device=cells.device) < count.unsqueeze(-1)
+    bins = ids % width
+    size = cell_lengths(lengths, width).gather(-1, bins)  # (B, n, C)
+    start = cell_starts(lengths, width).gather(-1, bins)
+    emitted = size.clamp_max(cap)
+    offsets = torch.arange(max(int(emitted.max()) if emitted.numel() else 0, 1), device=cells.device)
+    rank = start.unsqueeze(-1) + ((2 * offsets + 1) * size.unsqueeze(-1)) // (2 * emitted.clamp_min(1).unsqueeze(-1))
+    valid = (offsets < emitted.unsqueeze(-1)) & used.unsqueeze(-1) & (rank < limit[:, :, None, None])
+    key = positions.gather(-1, rank.clamp(0, positions.shape[-1] - 1).flatten(1)).view_as(rank)
+    return BlockKeys(torch.where(used, ids // width, 0), torch.where(valid, key, 0), valid)
+
+
+def tile_mask(selection: BlockSelection, key_valid: Tensor, lo: int, hi: int) -> Tensor:
+    """(B, n, block, block) bool: which keys of its own block each query row attends (causal).
+
+    Row r, column c of block i are the key positions ``(first_block + i) * block + r`` and ``+ c``.
+    """
+    block, tk = selection.block, key_valid.shape[-1]
+    base = (selection.first_block + torch.arange(lo, hi, device=key_valid.device)) * block  # (n,)
+    offsets = torch.arange(block, device=key_valid.device)
+    key_pos = base[:, None] + offsets  # (n, block)
+    valid = torch.nn.functional.pad(key_valid, (0, max(0, int(key_pos.max()) + 1 - tk)))[:, key_pos]  # (B, n, block)
+    causal = offsets[:, None] >= offsets[None, :]  # (block, block): key <= query
+    after_start = key_pos >= selection.tile_start[lo:hi, None]  # (n, block)
+    return valid[:, :, None, :] & causal & after_start[None, :, None, :]
+
+
+def span_mask(selection: BlockSelection, keys: BlockKeys, key_valid: Tensor, lo: int, hi: int, span: int,
+              num_heads: int) -> Tensor:
+    """(B, H, n, block, span) bool: the keys < ``span`` that each row of blocks ``lo:hi`` attends
+    (its block's cells, and its tile when causal). ``keys`` = ``block_keys(..., lo, hi)``."""
+    bsz = key_valid.shape[0]
+    n = hi - lo
+    dump = num_heads * span
+    flat = torch.where(keys.valid & (keys.key < span), keys.head.unsqueeze(-1) * span + keys.key, dump)
+    cells = torch.zeros(bsz, n, dump + 1, dtype=torch.bool, device=key_valid.device)
+    cells = cells.scatter_(-1, flat.flatten(2), True)[..., :dump].view(bsz, n, num_heads, 1, span)
+    mask = cells.transpose(1, 2).expand(-1, -1, -1, selection.block, -1)
+    if selection.causal:
+        key_pos = torch.arange(span, device=key_valid.device)
+        row_pos = (selection.first_block + torch.arange(lo, hi, device=key_valid.device))[:, None] * selection.block \
+            + torch.arange(selection.block, device=key_valid.device)  # (n, block)
+        tile = (key_pos >= selection.tile_start[lo:hi, None, None]) & (key_pos <= row_pos[..., None])  # (n, block, span)
+        mask = mask | (tile & key_valid[:, None, None, :span]).unsqueeze(1)
+    return mask
+
+
+def block_dense_mask(selection: BlockSelection, key_valid: Tensor, cap: int, num_heads: int, tq: int) -> Tensor:
+    """The selection as a (B, H, Tq, Tk) bool mask: for the reference path, tests and plots."""
+    bsz, tk = key_valid.shape
+    keys = block_keys(selection, key_valid, cap, 0, selection.num_blocks)
+    mask = span_mask(selection, keys, key_valid, 0, selection.num_blocks, tk, num_heads)  # (B, H, nb, Bq, Tk)
+    front = selection.first - selection.first_block * selection.block
+    return mask.flatten(2, 3)[:, :, front:front + tq]

@@ -1,0 +1,169 @@
+"""SEA attention on PyTorch's FlexAttention: a block-sparse kernel with an exact per-key mask.
+
+FlexAttention visits, for every (batch, head, query block), only the key blocks listed in
+a ``BlockMask`` and evaluates ``mask_mod(b, h, q_idx, kv_idx)`` on each visited score.
+SEA's selection gives both without any Tq x Tk tensor:
+
+* **Blocks.** A selected cell's emitted keys lie between two key positions (its first and
+  last emitted rank, turned into positions through the padding mask). Marking the key
+  blocks first..last of every cell with a difference array and a cumsum gives the touched
+  key blocks of each query block, a (B, H, nQB, nKB) tensor, fed to
+  ``BlockMask.from_kv_blocks``.
+* **Mask.** ``mask_mod`` redoes the mapping of ``cells.py`` for one (query, key): the
+  key's rank, its bin, the bin's start and size, and whether the key's offset in the bin
+  is one of the ``min(size, cap)`` evenly spread offsets that ``cells_to_keys`` emits.
+
+The result equals ``reference_attention`` on ``cells_to_keys(...).dense_mask(...)``.
+
+On CPU FlexAttention is forward only and must be compiled (eager builds the dense score
+matrix); it needs AVX2 and fp32 / bf16 / fp16. Tq and Tk need not be multiples of the
+block size. The compiled function is created once and has dynamic q/k/v shapes, but
+what mask_mod reads must have *static* sizes: torch 2.13's CPU kernel renames symbolic
+sizes in the mask code by plain text replacement and emits C++ that does not build when
+the mask reads tensors of symbolic size. So mask_mod reads one flat table, padded to a
+power of two and marked static: a new size class recompiles (log2 many), a new T does not
+(sizes of 1, such as a single query or a batch of one, still specialise as usual).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ..cells import cell_key_counts, cell_lengths, cell_starts, key_bins, key_ranks, valid_key_positions
+
+_FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MIN_TABLE = 1 << 16  # smallest table length (256 KiB): small calls share one compiled kernel
+
+
+@cache
+def _compiled_flex() -> Callable[..., Tensor]:
+    """flex_attention compiled once per process, dynamic in batch and sequence lengths."""
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _static_table(parts: list[Tensor]) -> tuple[Tensor, list[int]]:
+    """Concatenate flat parts into one zero-padded, power-of-two, static-size int32 table.
+
+    Returns the table and the offset of every part. Entries are lengths, ranks and
+    counts (all < Tk), so int32 holds them.
+    """
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append(total)
+        total += part.numel()
+    table = parts[0].new_zeros(max(_MIN_TABLE, 1 << (total - 1).bit_length()), dtype=torch.int32)
+    torch.cat([p.flatten().int() for p in parts], out=table[:total])
+    torch._dynamo.mark_static(table)  # see the module docstring
+    return table, offsets
+
+
+def sea_block_mask(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, block_size: int = 128, *,
+                   backward: bool = False) -> BlockMask:
+    """The selection as a BlockMask: touched key blocks per query block plus the exact mask_mod.
+
+    cells (B, H, Tq, K) bool, lengths (B, Tq) long, key_valid (B, Tk) bool. Memory is
+    O(B H Tq K + B H (Tq/block) (Tk/block)); no Tq x Tk tensor is built. The transposed
+    (query-major) block lists that only the backward pass reads are built with ``backward``.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"cap must be a positive integer, got {cap!r}")
+    bsz, heads, tq, width = cells.shape
+    tk = key_valid.shape[-1]
+    if lengths.shape != (bsz, tq) or key_valid.shape != (bsz, tk) or key_valid.dtype != torch.bool:
+        raise ValueError(f"lengths must be (B, Tq) = {(bsz, tq)} and key_valid a (B, Tk) bool mask, got "
+                         f"{tuple(lengths.shape)} and {tuple(key_valid.shape)} {key_valid.dtype}")
+    device = cells.device
+    lengths = lengths.long()
+    counts = cell_key_counts(cells, lengths, cap)  # (B, H, Tq, K) keys each cell emits, 0 if unselected
+    starts = cell_starts(lengths, width)  # (B, Tq, K)
+    sizes = cell_lengths(lengths, width)  # (B, Tq, K)
+
+    # the selected cells only (a few percent of all): first and last emitted rank of each,
+    # the offsets floor((2o+1)s / 2n) at o = 0 and n - 1, and their key blocks
+    sel_b, sel_h, sel_q, sel_bin = torch.nonzero(counts, as_tuple=True)  # (N,) each
+    emit = counts[sel_b, sel_h, sel_q, sel_bin]
+    start, size = starts[sel_b, sel_q, sel_bin], sizes[sel_b, sel_q, sel_bin]
+    rank_block = valid_key_positions(key_valid) // block_size  # (B, Tk) key block of each rank
+    first_block = rank_block[sel_b, start + size // (2 * emit)]  # (N,)
+    last_block = rank_block[sel_b, start + ((2 * emit - 1) * size) // (2 * emit)]
+
+    nqb, nkb = -(-tq // block_size), -(-tk // block_size)
+    row = ((sel_b * heads + sel_h) * nqb + sel_q // block_size) * (nkb + 1)  # the cell's (b, h, q block) row
+    # difference array over key blocks: +1 at a cell's first block, -1 after its last one
+    diff = torch.zeros(bsz * heads * nqb * (nkb + 1), dtype=torch.int32, device=device)
+    ones = torch.ones_like(row, dtype=torch.int32)
+    diff.index_add_(0, row + first_block, ones).index_add_(0, row + last_block + 1, -ones)
+    touched = diff.view(bsz, heads, nqb, nkb + 1).cumsum(-1)[..., :nkb] > 0  # (B, H, nQB, nKB)
+    kv_num_blocks = touched.sum(-1, dtype=torch.int32)  # (B, H, nQB)
+    # touched blocks first, in increasing order (stable sort)
+    kv_indices = torch.sort((~touched).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+
+    key_rank = torch.where(key_valid, key_ranks(key_valid), -1)  # (B, Tk), -1 for padding keys
+    table, (_, at_rank, at_count, at_start, at_size) = _static_table([lengths, key_rank, counts, starts, sizes])
+    # sizes and offsets as data, not Python ints: ints would become symbolic sizes
+    dims = torch.tensor([tq, tk, heads, width, at_rank, at_count, at_start, at_size], device=device)
+    torch._dynamo.mark_static(dims)
+
+    def read(index: Tensor) -> Tensor:
+        # float64 holds these integers exactly and its division vectorizes (int64's does not)
+        return table[index].double()
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        n_q, n_k, n_h, n_w, at_rank, at_count, at_start, at_size = (dims[i] for i in range(8))
+        row = b * n_q + q_idx  # (b, q_idx) in (B, Tq)
+        length = read(row)
+        rank = read(at_rank + b * n_k + kv_idx)  # -1 for padding keys
+        bin_ = torch.minimum(key_bins(rank.clamp_min(0), length, n_w), n_w - 1).long()
+        emitted = read(at_count + ((b * n_h + h) * n_q + q_idx) * n_w + bin_)  # 0 unless selected
+        start = read(at_start + row * n_w + bin_)
+        size = read(at_size + row * n_w + bin_).clamp_min(1)
+        offset = rank - start
+        n = emitted.clamp_min(1)
+        # the only pick o that can land on this offset, then check that it does
+        pick = (2 * n * offset + size - 1) // (2 * size)
+        hit = (pick < emitted) & (((2 * pick + 1) * size) // (2 * n) == offset)
+        return (rank >= 0) & (rank < length) & (emitted > 0) & hit
+
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(tq, tk), compute_q_blocks=backward)
+
+
+def flex_sea_attention(q: Tensor, k: Tensor, v: Tensor, cells: Tensor, lengths: Tensor, key_valid: Tensor, *,
+                       cap: int, scale: float, block_size: int = 128) -> Tensor:
+    """Attention of q (B, H, Tq, d) on the keys selected by ``cells`` (B, H, Tq, K), via FlexAttention.
+
+    k, v (B, H_kv, Tk, d) with H a multiple of H_kv; queries are the last Tq keys.
+    ``lengths`` (B, Tq) are the rows' valid key counts, ``key_valid`` (B, Tk) the key
+    padding mask, ``cap`` the most keys one cell emits. Returns the context (B, H, Tq, d)
+    in q's dtype; rows with no selected key are 0.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, heads, T, d), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    bsz, heads, tq, _ = q.shape
+    if k.shape != v.shape or k.shape[0] != bsz or heads % k.shape[1] or tq > k.shape[2]:
+        raise ValueError(f"k and v must be (B, H_kv, Tk, d) with H % H_kv == 0 and Tk >= Tq, got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if cells.dim() != 4 or cells.shape[:3] != (bsz, heads, tq) or cells.dtype != torch.bool:
+        raise ValueError(f"cells must be a (B, H, Tq, K) bool tensor with (B, H, Tq) = {(bsz, heads, tq)}, "
+                         f"got {tuple(cells.shape)} {cells.dtype}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLEX_DTYPES:
+        raise ValueError(f"FlexAttention needs q, k, v of one dtype among {_FLEX_DTYPES}, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    block_mask = sea_block_mask(cells, lengths, key_valid, cap, block_size, backward=needs_grad)
+    # grad mode is part of the compiled graph's guards: running inference as no_grad lets
+    # calls with and without torch.no_grad() share one kernel
+    with torch.set_grad_enabled(needs_grad):
+        out = _compiled_flex()(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask,
+                               scale=float(scale), enable_gqa=k.shape[1] != heads)
+    # rows without any selected key: what flex leaves there is kernel-dependent (0 or NaN)
+    has_keys = cell_key_counts(cells, lengths.long(), cap).sum(-1) > 0  # (B, H, Tq)
+    return torch.where(has_keys.unsqueeze(-1), out, 0.0).to(q.dtype)

@@ -1,0 +1,164 @@
+"""The query-block grouping: selection semantics, the block op against the reference, decoding."""
+
+import pytest
+import torch
+
+from conftest import exact_attention, make_qkv, padding_mask
+from naive import naive_cells_to_keys
+from sea_attention import DecodeState, SEAAttention, SEAConfig
+from sea_attention.blocks import EXCLUDED, block_dense_mask, select_blocks
+from sea_attention.cells import cell_starts, live_cells, query_lengths
+from sea_attention.selection import select_cells
+
+
+def block_layer(causal=True, heads=4, kv_heads=2, dim=16, **kw):
+    defaults = dict(k=4, estimate_width=8, max_positions=256, grouping="block", query_block=8)
+    return SEAAttention(SEAConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, causal=causal,
+                                  **{**defaults, **kw}))
+
+
+def random_estimate(bsz, heads, tq, width, lengths):
+    live = live_cells(lengths, width).unsqueeze(1)
+    logits = torch.randn(bsz, heads, tq, width).masked_fill(~live, float("-inf"))
+    return torch.softmax(logits, -1).nan_to_num(0.0)
+
+
+def naive_block_keys(estimate, lengths, key_valid, first, k, block, causal):
+    """Loop version of the block rule: the set of (b, h, i, key) every query attends."""
+    bsz, heads, tq, width = estimate.shape
+    out = set()
+    for i in range(tq):
+        pos = first + i
+        start = pos // block * block
+        for b in range(bsz):
+            if causal:
+                row = max(start - first, 0)  # the block's first row (or the call's first query)
+                row_len = int(lengths[b, row])
+                scores = estimate[b:b + 1, :, row:row + 1].clone()
+                own = cell_starts(lengths[b:b + 1, row:row + 1], width) >= row_len - 1
+                scores = scores.masked_fill(own.unsqueeze(1), EXCLUDED)
+                cells = select_cells(scores, lengths[b:b + 1, row:row + 1], k, "query")
+                positions = [p for p in range(key_valid.shape[1]) if key_valid[b, p]]
+                for (_, h, _, key) in naive_cells_to_keys(cells, lengths[b:b + 1, row:row + 1], key_valid[b:b + 1], k):
+                    if positions.index(key) < row_len - 1:
+                        out.add((b, h, i, key))
+                tile_from = first + row
+                for key in range(tile_from, pos + 1):
+                    if key_valid[b, key]:
+                        for h in range(heads):
+                            out.add((b, h, i, key))
+            else:
+                rows = range(start - first, min(start - first + block, tq))
+                valid = [r for r in rows if lengths[b, r] > 0]
+                if not valid or lengths[b, i] == 0:
+                    continue
+                mean = estimate[b:b + 1, :, valid].sum(2, keepdim=True) / len(valid)
+                row_len = lengths[b:b + 1, valid[:1]]
+                cells = select_cells(mean, row_len, k, "query")
+                for (_, h, _, key) in naive_cells_to_keys(cells, row_len, key_valid[b:b + 1], k):
+                    out.add((b, h, i, key))
+    return out
+
+
+@pytest.mark.parametrize("causal, tq, tk, pad", [(True, 30, 30, 3), (True, 11, 37, 2), (True, 1, 20, 0),
+                                                (False, 26, 26, 4)])
+def test_block_selection_matches_the_loop(causal, tq, tk, pad):
+    torch.manual_seed(0)
+    bsz, heads, width, k, block = 2, 3, 8, 2, 8
+    key_valid = padding_mask(bsz, tk, pad, left=causal)
+    query_valid = key_valid[:, tk - tq:]
+    lengths = query_lengths(key_valid, query_valid, causal)
+    estimate = random_estimate(bsz, heads, tq, width, lengths)
+    selection = select_blocks(estimate, lengths, query_valid, tk - tq, k, block, causal)
+    mask = block_dense_mask(selection, key_valid, k, heads, tq)
+    got = {(b, h, i, j) for b, h, i, j in torch.nonzero(mask).tolist() if query_valid[b, i]}
+    assert got == naive_block_keys(estimate, lengths, key_valid, tk - tq, k, block, causal)
+
+
+BLOCK_GRID = [  # batch, heads, kv_heads, tq, tk, pad, causal
+    (2, 4, 2, 40, 40, 5, True),
+    (1, 4, 4, 19, 19, 0, True),
+    (2, 4, 1, 9, 50, 3, True),  # a query suffix that starts mid-block
+    (2, 4, 2, 30, 30, 4, False),
+]
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, tq, tk, pad, causal", BLOCK_GRID)
+def test_block_op_matches_reference_with_gradients(batch, heads, kv_heads, tq, tk, pad, causal):
+    torch.manual_seed(1)
+    module = block_layer(causal, heads, kv_heads).double()
+    q, k, v = make_qkv(batch, heads, kv_heads, tq, tk, 16, dtype=torch.float64, requires_grad=True)
+    mask = padding_mask(batch, tk, pad, left=causal)
+    fast = module(q, k, v, attention_mask=mask)
+    grads = torch.autograd.grad(fast.context.square().sum(), (q, k, v))
+    module.config = module.config.replace(attention_path="reference")
+    slow = module(q, k, v, attention_mask=mask)
+    expected = torch.autograd.grad(slow.context.square().sum(), (q, k, v))
+    torch.testing.assert_close(fast.context, slow.context, atol=1e-10, rtol=1e-10)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    assert torch.equal(fast.nnz, slow.nnz)
+    assert fast.slots is None and fast.cells.shape == (batch, heads, tq, 8)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_full_budget_without_gating_is_exact_attention(causal):
+    module = block_layer(causal, gating=False)
+    q, k, v = make_qkv(2, 4, 2, 40, 40, 16)
+    mask = padding_mask(2, 40, 6, left=causal)
+    out = module(q, k, v, attention_mask=mask, k_budget=40)
+    rows = mask
+    expected = exact_attention(q, k, v, mask, causal)
+    torch.testing.assert_close(out.context.transpose(1, 2)[rows], expected.transpose(1, 2)[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_causality_canary():
+    module = block_layer()
+    q, k, v = make_qkv(1, 4, 2, 40, 40, 16)
+    before = module(q, k, v).context
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[:, :, 21:] += torch.randn_like(x[:, :, 21:])  # change the future, mid-block
+    after = module(q2, k2, v2).context
+    torch.testing.assert_close(after[:, :, :21], before[:, :, :21])
+
+
+def test_keys_per_query_are_about_k_plus_the_tile():
+    module = block_layer(k=4, estimate_width=8, query_block=8)
+    q, k, v = make_qkv(1, 4, 2, 200, 200, 16)
+    out = module(q, k, v)
+    mean_cells = out.nnz[:, :, 100:].float().mean()
+    assert 4 <= mean_cells <= 4 + 8 + 4  # k selected keys (a few more by rounding) and half a tile on average
+
+
+@pytest.mark.parametrize("schedule", [[40], [1] * 30, [13, 1, 9, 7], [8, 8, 3]])
+def test_decoding_steps_equal_full_forward(schedule):
+    module = block_layer().eval()
+    t = sum(schedule)
+    q, k, v = make_qkv(2, 4, 2, t, t, 16)
+    mask = padding_mask(2, t, 5, left=True)
+    full = module(q, k, v, attention_mask=mask)
+    state, start, contexts = DecodeState(), 0, []
+    for size in schedule:
+        end = start + size
+        out = module(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attention_mask=mask[:, :end], state=state)
+        contexts.append(out.context)
+        start = end
+    torch.testing.assert_close(torch.cat(contexts, 2), full.context, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_state_follows_beam_reordering():
+    module = block_layer().eval()
+    q, k, v = make_qkv(3, 4, 2, 12, 12, 16)
+    state = DecodeState()
+    module(q[:, :, :10], k[:, :, :10], v[:, :, :10], state=state)
+    order = torch.tensor([2, 0, 2])
+    state.select(order)
+    step = module(q[order, :, 10:11], k[order, :, :11], v[order, :, :11], state=state)
+    full = module(q[order, :, :11], k[order, :, :11], v[order, :, :11])
+    torch.testing.assert_close(step.context, full.context[:, :, 10:], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_query_block_is_rejected():
+    with pytest.raises(ValueError, match="query_block must be a positive integer"):
+        SEAConfig(num_heads=2, head_dim=8, grouping="block", query_block=0)
