@@ -42,13 +42,13 @@ def test_reference_is_skipped_when_it_cannot_fit():
 
 def test_cli_attention_writes_json_and_plot(tmp_path, capsys):
     report, png = tmp_path / "out" / "attention.json", tmp_path / "attention.png"
-    assert main(["bench", "attention", "--lengths", "64,128", "--methods", "sdpa,eager,sea", *TINY,
+    assert main(["bench", "attention", "--lengths", "64,128", "--methods", "sdpa,eager,sea,sea_block", *TINY,
                  "--json", str(report), "--plot", str(png)]) == 0
     data = json.loads(report.read_text())
     assert data["setup"]["heads"] == 2 and data["machine"]["torch"] == torch.__version__
     assert data["machine"]["cpu_model"]
     points = {(p["method"], p["length"]): p for p in data["points"]}
-    assert set(points) == {(m, t) for m in ("sdpa", "eager", "sea") for t in (64, 128)}
+    assert set(points) == {(m, t) for m in ("sdpa", "eager", "sea", "sea_block") for t in (64, 128)}
     assert all(p["seconds"] > 0 and p["peak_mb"] is not None and p["note"] == "" for p in points.values())
     for (method, length), p in points.items():  # speed-up = SDPA's time / the method's time
         assert p["speedup_vs_sdpa"] == pytest.approx(points[("sdpa", length)]["seconds"] / p["seconds"])
@@ -65,7 +65,7 @@ def test_cli_rejects_bad_lengths_and_unknown_methods(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "attention", "--methods", "sdpa,flash"])
     err = capsys.readouterr().err
-    assert "unknown method 'flash'" in err and "sdpa, eager, sea, sea_reference, sea_flex" in err
+    assert "unknown method 'flash'" in err and "sdpa, eager, sea, sea_block, sea_reference, sea_flex" in err
 
 
 def test_stage_flops_against_hand_computed_values():
@@ -81,12 +81,13 @@ def test_stage_flops_against_hand_computed_values():
     assert stage_flops(128, 2, 16, 5, 8, 4, 2, 10.0, causal=False)["linear_attention"] == 163_840
 
 
-def test_breakdown_stages_add_up_to_the_forward():
+@pytest.mark.parametrize("grouping", ["query", "block"])
+def test_breakdown_stages_add_up_to_the_forward(grouping):
     setup = AttentionBenchSetup(heads=2, head_dim=16, k=4, estimate_width=8, repeats=1)
-    breakdown = measure_breakdown(64, setup)
-    assert [s.stage for s in breakdown.stages] == list(STAGES)
+    breakdown = measure_breakdown(256, setup, grouping)
+    assert [s.stage for s in breakdown.stages] == list(STAGES[grouping])
     assert sum(s.seconds for s in breakdown.stages) == pytest.approx(breakdown.total_seconds)
-    assert 0 < breakdown.mean_keys <= 2 * 64
+    assert 0 < breakdown.mean_keys <= 2 * (4 + 64)  # two heads: k each, plus the block grouping's tile
     gflop = {s.stage: s.gflop for s in breakdown.stages}
     assert gflop["estimator"] > 0 and gflop["sparse_attention"] > 0 and gflop["selection"] == 0
 

@@ -65,6 +65,10 @@ def test_generate_streams_text(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(out), "--prompt", "the cat sat", "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("the cat sat") and len(printed.split()) > 3
+    # the block grouping changes no weight: a saved model runs with it, decoding through the open block
+    assert main(["generate", "--model", str(out), "--prompt", "the cat sat", "--max-new-tokens", "8",
+                 "--grouping", "block", "--query-block", "4"]) == 0
+    assert capsys.readouterr().out.startswith("the cat sat")
 
 
 def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):

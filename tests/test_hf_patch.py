@@ -32,6 +32,7 @@ from sea_attention.hf import (
     sea_budget,
     sea_layers,
     set_budget,
+    set_runtime,
     unpatch,
 )
 from sea_attention.hf.masks import key_padding_mask
@@ -308,6 +309,24 @@ def test_dynamic_budget_changes_nnz():
     assert nnz() == wide
     set_budget(model, None)
     assert nnz() == base
+
+
+def test_set_runtime_switches_grouping_without_touching_weights():
+    model = patch(tiny_model("llama"), k=2, estimate_width=8)
+    inputs = batch("llama", padded=True, t=40)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    per_query = output(model, inputs)[0]
+    set_runtime(model, grouping="block", query_block=8)
+    assert all(sea.config.grouping == "block" and sea.config.query_block == 8 for _, _, sea in sea_layers(model))
+    per_block = output(model, inputs)[0]
+    assert not torch.allclose(per_query, per_block)  # a different selection
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    set_runtime(model, grouping="query")
+    torch.testing.assert_close(output(model, inputs)[0], per_query)
+    with pytest.raises(ValueError, match="set_runtime changes only"):
+        set_runtime(model, estimate_width=16)
+    with pytest.raises(ValueError, match="grouping must be one of"):
+        set_runtime(model, grouping="rows")
 
 
 def test_new_modules_take_the_model_dtype():

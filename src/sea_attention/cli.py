@@ -13,18 +13,28 @@ from . import assets
 from .cli_args import int_list
 
 
-def load_sea_model(name_or_path: str, overrides: dict | None = None):
-    """A saved SEA model directory, or a base model (bundled name, local dir, hub id) patched fresh."""
-    from .hf import from_pretrained, patch
+def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: dict | None = None):
+    """A saved SEA model directory, or a base model (bundled name, local dir, hub id) patched fresh.
+
+    ``overrides`` shape a fresh patch (ignored for a saved model); ``runtime`` (grouping,
+    query_block) changes no weight, so it applies to both.
+    """
+    from .hf import from_pretrained, patch, set_runtime
 
     if (Path(name_or_path) / "sea_config.json").exists():
         model, tokenizer = from_pretrained(name_or_path)
         if overrides:
             print(f"note: {name_or_path} is already a SEA model; ignoring {sorted(overrides)}", file=sys.stderr)
-        return model, tokenizer, name_or_path
-    model, tokenizer = assets.load_model(name_or_path)
-    patch(model, **(overrides or {}))
+    else:
+        model, tokenizer = assets.load_model(name_or_path)
+        patch(model, **(overrides or {}))
+    if runtime:
+        set_runtime(model, **runtime)
     return model, tokenizer, name_or_path
+
+
+def _runtime_options(args) -> dict:
+    return {name: getattr(args, name) for name in ("grouping", "query_block") if getattr(args, name, None) is not None}
 
 
 def _sea_overrides(args) -> dict:
@@ -38,6 +48,11 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
         group.add_argument("--k", type=int, help="keys per query per head (default 64)")
     group.add_argument("--estimate-width", type=int, help="K, width of the compressed estimate (default 128)")
     group.add_argument("--feature-factor", type=int, help="nbf: m = d ln d / nbf random features (default 8)")
+    runtime = parser.add_argument_group("selection (also for saved SEA models)")
+    runtime.add_argument("--grouping", choices=("query", "query_head", "block"),
+                         help="which cells share one top-k: per query (default), per query and head, or per "
+                              "block of positions (fastest on long inputs)")
+    runtime.add_argument("--query-block", type=int, help="positions per block of --grouping block (default 64)")
 
 
 # ---------------------------------------------------------------------------------------- distill
@@ -46,7 +61,7 @@ def cmd_distill(args) -> int:
     from .hf import save_pretrained
 
     torch.manual_seed(args.seed)
-    model, tokenizer, base = load_sea_model(args.model, _sea_overrides(args))
+    model, tokenizer, base = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     config = DistillConfig(stage=args.stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, lr=args.lr, base_lr=args.base_lr,
                            warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
@@ -73,7 +88,7 @@ def cmd_eval(args) -> int:
     from .distill import tokenize
     from .evaluate import evaluate_budgets, format_table, write_json
 
-    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args))
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))
     if args.max_tokens:
         tokens = tokens[: args.max_tokens]
@@ -91,7 +106,7 @@ def cmd_plot(args) -> int:
     from .distill import tokenize
     from .viz import capture_attention, plot_attention
 
-    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args))
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     tokens = tokenize(tokenizer, assets.load_text(args.data, "test"))[: args.seq_len]
     snapshot = capture_attention(model, tokens.unsqueeze(0), args.layer, args.head)
     print(f"wrote {plot_attention(snapshot, args.out, f'{args.model}: layer {args.layer}, head {args.head}')}")
@@ -102,7 +117,7 @@ def cmd_plot(args) -> int:
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
-    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args))
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer to turn the prompt into tokens")
     if args.dense:
@@ -137,9 +152,9 @@ def cmd_bench(args) -> int:
             from .hf import patch
 
             model, tokenizer = patch(bench.tiny_model(max(args.lengths) + args.decode_tokens),
-                                     **_sea_overrides(args)), None
+                                     **_sea_overrides(args), **_runtime_options(args)), None
         else:
-            model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args))
+            model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
         print(f"{args.model}: prefill T tokens, then {args.decode_tokens} greedy decode steps; dense = "
               f"{args.dense_implementation}")
         points = bench.bench_model(model, tokenizer, setup)
@@ -154,7 +169,8 @@ def cmd_bench(args) -> int:
         print(f"\n{bench.format_attention_table(points)}")
         sections = {"setup": asdict(setup), "memory_limit_gb": args.memory_limit_gb}
         if args.breakdown:
-            rate, breakdowns = bench.bench_breakdown(args.lengths, setup, args.timeout)
+            groupings = tuple(g for m, g in (("sea", "query"), ("sea_block", "block")) if m in args.methods) or ("query",)
+            rate, breakdowns = bench.bench_breakdown(args.lengths, setup, args.timeout, groupings=groupings)
             for breakdown in breakdowns:
                 print(f"\n{bench.format_breakdown(breakdown, rate)}")
             sections["breakdown"] = {"matmul_gflops": rate, "lengths": [asdict(b) for b in breakdowns]}

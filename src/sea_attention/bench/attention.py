@@ -16,9 +16,14 @@ from torch import Tensor
 
 from .runtime import in_fresh_process, median_seconds, peak_extra_mb
 
-METHODS = ("sdpa", "eager", "sea", "sea_reference", "sea_flex")
+METHODS = ("sdpa", "eager", "sea", "sea_block", "sea_reference", "sea_flex")
 DEFAULT_METHODS = METHODS
-SEA_PATHS = {"sea": "sparse", "sea_reference": "reference", "sea_flex": "flex"}  # method -> attention_path
+SEA_METHODS = {  # method -> SEAConfig changes
+    "sea": {"attention_path": "sparse"},
+    "sea_block": {"grouping": "block"},
+    "sea_reference": {"attention_path": "reference"},
+    "sea_flex": {"attention_path": "flex"},
+}
 
 
 @dataclass
@@ -41,11 +46,11 @@ class AttentionBenchSetup:
     repeats: int = 3
     threads: int | None = None
 
-    def sea_config(self, length: int, path: str = "sparse"):
+    def sea_config(self, length: int, **changes):
         from ..config import SEAConfig
 
         return SEAConfig(num_heads=self.heads, head_dim=self.head_dim, causal=self.causal, k=self.k,
-                         estimate_width=self.estimate_width, max_positions=max(length, 2048), attention_path=path)
+                         estimate_width=self.estimate_width, max_positions=max(length, 2048), **changes)
 
     def inputs(self, length: int) -> tuple[Tensor, Tensor, Tensor]:
         """Random q, k, v of shape (1, H, T, d), the same for every method at this length."""
@@ -93,7 +98,7 @@ def _forward_call(method: str, length: int, setup: AttentionBenchSetup) -> Calla
         return lambda: eager_attention(q, k, v, mask)
     from ..attention import SEAAttention
 
-    module = SEAAttention(setup.sea_config(length, SEA_PATHS[method])).eval()
+    module = SEAAttention(setup.sea_config(length, **SEA_METHODS[method])).eval()
     return lambda: module(q, k, v).context
 
 

@@ -3,7 +3,9 @@
 The stages are those of ``SEAAttention.forward``: the estimator, the grouped top-k
 (``selection.select_cells``), the cell -> key mapping (``cells.cells_to_keys``), the sparse
 attention op (``ops.sparse.sparse_attention``) and the rest (lengths, gating, masking), the
-last being the whole forward's time minus the stages'. A stage's floor is its FLOPs at this
+last being the whole forward's time minus the stages'. With the block grouping, the
+selection is ``blocks.select_blocks`` and the attention ``ops.block_sparse`` (which maps
+cells to keys itself). A stage's floor is its FLOPs at this
 machine's fp32 matmul rate: how fast it could be if it were one large matmul.
 """
 
@@ -17,7 +19,10 @@ import torch
 from .attention import AttentionBenchSetup
 from .runtime import in_fresh_process, matmul_gflops, median_seconds
 
-STAGES = ("estimator", "selection", "cell_to_key", "sparse_attention", "rest")
+STAGES = {  # grouping -> stages, in forward order
+    "query": ("estimator", "selection", "cell_to_key", "sparse_attention", "rest"),
+    "block": ("estimator", "selection", "sparse_attention", "rest"),
+}
 CHUNK = 64  # queries per chunk of the causal linear attention (the chunk part's FLOPs)
 
 
@@ -61,34 +66,44 @@ class StageTime:
 @dataclass
 class StageBreakdown:
     length: int
+    grouping: str
     total_seconds: float  # the whole forward, median
     mean_keys: float  # S: selected keys per query, over all heads
     stages: list[StageTime] = field(default_factory=list)
     flops: dict[str, float] = field(default_factory=dict)  # stage_flops by part
 
 
-def measure_breakdown(length: int, setup: AttentionBenchSetup) -> StageBreakdown:
+def measure_breakdown(length: int, setup: AttentionBenchSetup, grouping: str = "query") -> StageBreakdown:
     """Time each stage of the sparse SEA forward at this length (in this process)."""
     from ..attention import SEAAttention
+    from ..blocks import select_blocks
     from ..cells import cells_to_keys, query_lengths
+    from ..ops.block_sparse import block_sparse_attention
     from ..ops.sparse import sparse_attention
     from ..selection import select_cells
 
+    if grouping not in STAGES:
+        raise ValueError(f"grouping must be one of {tuple(STAGES)}, got {grouping!r}")
     if setup.threads:
         torch.set_num_threads(setup.threads)
-    cfg = setup.sea_config(length)
+    cfg = setup.sea_config(length, grouping=grouping)
     module = SEAAttention(cfg).eval()
     q, k, v = setup.inputs(length)
     valid = torch.ones(1, length, dtype=torch.bool)
     lengths = query_lengths(valid, valid, cfg.causal)
     scale = cfg.head_dim ** -0.5
     # the calls SEAAttention.forward makes, in order, each on the previous one's output
-    calls = {
-        "estimator": lambda: module.estimator(q, k, v, valid, valid, lengths, scale),
-        "selection": lambda: select_cells(out["estimator"].probs, lengths, cfg.k, cfg.grouping, cfg.query_chunk),
-        "cell_to_key": lambda: cells_to_keys(out["selection"], lengths, valid, cap=cfg.k, chunk=cfg.query_chunk),
-        "sparse_attention": lambda: sparse_attention(q, k, v, out["cell_to_key"], scale, cfg.query_chunk),
-    }
+    calls = {"estimator": lambda: module.estimator(q, k, v, valid, valid, lengths, scale)}
+    if grouping == "block":
+        calls["selection"] = lambda: select_blocks(out["estimator"].probs, lengths, valid, 0, cfg.k, cfg.query_block,
+                                                   cfg.causal)
+        calls["sparse_attention"] = lambda: block_sparse_attention(q, k, v, out["selection"], valid, scale, cfg.k)
+    else:
+        calls["selection"] = lambda: select_cells(out["estimator"].probs, lengths, cfg.k, cfg.grouping,
+                                                  cfg.query_chunk)
+        calls["cell_to_key"] = lambda: cells_to_keys(out["selection"], lengths, valid, cap=cfg.k,
+                                                     chunk=cfg.query_chunk)
+        calls["sparse_attention"] = lambda: sparse_attention(q, k, v, out["cell_to_key"], scale, cfg.query_chunk)
     out: dict = {}
     with torch.no_grad():
         for name, call in calls.items():
@@ -99,14 +114,17 @@ def measure_breakdown(length: int, setup: AttentionBenchSetup) -> StageBreakdown
         rounds = [{name: median_seconds(call, 1) for name, call in calls.items()} for _ in range(setup.repeats)]
     seconds = {name: statistics.median(r[name] for r in rounds) for name in calls}
     total = seconds.pop("total")
-    mean_keys = float(out["cell_to_key"].valid.sum()) / length
+    if grouping == "block":
+        mean_keys = float(out["sparse_attention"][1].sum()) / length
+    else:
+        mean_keys = float(out["cell_to_key"].valid.sum()) / length
     flops = stage_flops(length, cfg.num_heads, cfg.head_dim, cfg.num_features, cfg.estimate_width,
                         cfg.cnn_channels, cfg.width_downsample, mean_keys, cfg.causal)
     gflop = {"estimator": sum(f for part, f in flops.items() if part != "sparse_attention") / 1e9,
              "sparse_attention": flops["sparse_attention"] / 1e9}
     seconds["rest"] = total - sum(seconds.values())  # gating, lengths, masking; noise can make it < 0
-    stages = [StageTime(name, seconds[name], gflop.get(name, 0.0)) for name in STAGES]
-    return StageBreakdown(length, total, mean_keys, stages, flops)
+    stages = [StageTime(name, seconds[name], gflop.get(name, 0.0)) for name in STAGES[grouping]]
+    return StageBreakdown(length, grouping, total, mean_keys, stages, flops)
 
 
 def add_floors(breakdown: StageBreakdown, gflops_rate: float) -> StageBreakdown:
@@ -123,8 +141,8 @@ def _matmul_rate(threads: int | None) -> float:
 
 
 def bench_breakdown(lengths: list[int], setup: AttentionBenchSetup | None = None, timeout_s: float = 1800,
-                    progress: bool = True) -> tuple[float, list[StageBreakdown]]:
-    """The matmul rate (GFLOP/s) and each length's breakdown, each in a fresh process.
+                    progress: bool = True, groupings: tuple[str, ...] = ("query",)) -> tuple[float, list[StageBreakdown]]:
+    """The matmul rate (GFLOP/s) and each (grouping, length) breakdown, each in a fresh process.
 
     Lengths that fail are left out with a printed note.
     """
@@ -133,21 +151,22 @@ def bench_breakdown(lengths: list[int], setup: AttentionBenchSetup | None = None
     if rate is None:
         raise RuntimeError(f"could not measure the matmul rate: {note}")
     breakdowns = []
-    for length in lengths:
-        breakdown, note = in_fresh_process(measure_breakdown, (length, setup), timeout_s)
-        if breakdown is None:
-            print(f"  breakdown T={length}: {note}", flush=True)
-            continue
-        breakdowns.append(add_floors(breakdown, rate))
-        if progress:
-            print(f"  breakdown T={length}: forward {breakdown.total_seconds:.3f} s", flush=True)
+    for grouping in groupings:
+        for length in lengths:
+            breakdown, note = in_fresh_process(measure_breakdown, (length, setup, grouping), timeout_s)
+            if breakdown is None:
+                print(f"  breakdown {grouping} T={length}: {note}", flush=True)
+                continue
+            breakdowns.append(add_floors(breakdown, rate))
+            if progress:
+                print(f"  breakdown {grouping} T={length}: forward {breakdown.total_seconds:.3f} s", flush=True)
     return rate, breakdowns
 
 
 def format_breakdown(breakdown: StageBreakdown, gflops_rate: float) -> str:
     """One length's table: stage, seconds, share of the total, GFLOP, floor and time / floor."""
     b = breakdown
-    lines = [f"T={b.length}: forward {b.total_seconds:.3f} s, {b.mean_keys:.0f} keys/query over all heads, "
+    lines = [f"grouping {b.grouping}, T={b.length}: forward {b.total_seconds:.3f} s, {b.mean_keys:.0f} keys/query over all heads, "
              f"matmul {gflops_rate:.0f} GFLOP/s",
              f"  {'stage':<18} {'seconds':>8} {'share':>7} {'GFLOP':>8} {'floor (s)':>10} {'x floor':>8}"]
     total = StageTime("total", b.total_seconds, sum(s.gflop for s in b.stages),

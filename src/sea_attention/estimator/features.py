@@ -102,16 +102,20 @@ def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk:
     chunk = max(1, min(chunk, tq))
     n = -(-tq // chunk)
     pad = n * chunk - tq  # zero rows: no contribution as keys, sliced off as queries
-    q_c = torch.nn.functional.pad(phi_q, (0, 0, 0, pad)).unflatten(-2, (n, chunk))  # (B, H_kv, G, n, c, m)
-    k_c = torch.nn.functional.pad(phi_k[:, :, prefix:], (0, 0, 0, pad)).unflatten(-2, (n, chunk))  # (B, H_kv, n, c, m)
-    v_c = torch.nn.functional.pad(values[:, :, prefix:], (0, 0, 0, pad)).unflatten(-2, (n, chunk))  # (B, H_kv, n, c, e)
 
-    chunk_kv = k_c.transpose(-1, -2) @ v_c  # (B, H_kv, n, m, e)
-    chunk_norm = k_c.sum(-2)  # (B, H_kv, n, m)
-    before_kv = kv.unsqueeze(2) + chunk_kv.cumsum(2) - chunk_kv  # sums over all earlier chunks
-    before_norm = normaliser.unsqueeze(2) + chunk_norm.cumsum(2) - chunk_norm
+    def blocks(x: Tensor) -> Tensor:  # (..., T, f) -> (..., n, c, f)
+        return (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x).unflatten(-2, (n, chunk))
+
+    # a column of ones after the values makes every product below also carry the normaliser
+    ones = values.new_ones(*values.shape[:-1], 1)
+    q_c = blocks(phi_q)  # (B, H_kv, G, n, c, m)
+    k_c = blocks(phi_k[:, :, prefix:])  # (B, H_kv, n, c, m)
+    v_c = blocks(torch.cat([values[:, :, prefix:], ones[:, :, prefix:]], dim=-1))  # (B, H_kv, n, c, e + 1)
+    chunk_kv = k_c.transpose(-1, -2) @ v_c  # (B, H_kv, n, m, e + 1)
+    start = torch.cat([kv, normaliser.unsqueeze(-1)], dim=-1)  # (B, H_kv, m, e + 1)
+    before = start.unsqueeze(2) + chunk_kv.cumsum(2) - chunk_kv  # sums over all earlier chunks
     local = (q_c @ k_c.unsqueeze(2).transpose(-1, -2)).tril()  # (B, H_kv, G, n, c, c)
-    numerator = q_c @ before_kv.unsqueeze(2) + local @ v_c.unsqueeze(2)  # (B, H_kv, G, n, c, e)
-    denominator = (q_c @ before_norm[:, :, None, :, :, None]) + local.sum(-1, keepdim=True)
-    out = (numerator / (denominator + DENOM_EPS)).flatten(-3, -2)[..., :tq, :]
-    return out, (kv + chunk_kv.sum(2), normaliser + chunk_norm.sum(2))
+    out = q_c @ before.unsqueeze(2) + local @ v_c.unsqueeze(2)  # (B, H_kv, G, n, c, e + 1)
+    out = out.flatten(-3, -2)[..., :tq, :]
+    total = start + chunk_kv.sum(2)
+    return out[..., :-1] / (out[..., -1:] + DENOM_EPS), (total[..., :-1], total[..., -1])

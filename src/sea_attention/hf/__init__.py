@@ -18,11 +18,12 @@ from .patch import (
     sea_config_for,
     sea_layers,
     set_budget,
+    set_runtime,
     unpatch,
 )
 
 __all__ = [
     "FAMILIES", "Family", "LayerCall", "LayerOverride", "dense_attention", "family_of", "from_pretrained",
     "is_patched", "layer_override", "no_cache", "patch", "save_pretrained", "sea_attention_forward", "sea_budget",
-    "sea_config_for", "sea_layers", "sea_mask", "sea_state_dict", "set_budget", "unpatch",
+    "sea_config_for", "sea_layers", "sea_mask", "sea_state_dict", "set_budget", "set_runtime", "unpatch",
 ]

@@ -174,6 +174,22 @@ def no_cache(model: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
+RUNTIME_FIELDS = ("grouping", "query_block", "attention_path", "query_chunk")  # no parameter depends on them
+
+
+def set_runtime(model: nn.Module, **changes: Any) -> None:
+    """Change how every patched layer selects and attends, without touching its weights:
+    ``grouping``, ``query_block``, ``attention_path``, ``query_chunk``. A distilled model
+    can, for example, be run with ``grouping="block"`` for speed on long inputs."""
+    unknown = set(changes) - set(RUNTIME_FIELDS)
+    if unknown:
+        raise ValueError(f"set_runtime changes only {RUNTIME_FIELDS} (the rest changes the weights), "
+                         f"got {sorted(unknown)}")
+    for _, _, sea in _require_patched(model):
+        sea.config = sea.config.replace(**changes)  # validated: a bad value raises here
+        sea.estimator.config = sea.config
+
+
 def _check_budget(k: int | None) -> None:
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive integer or None (the config's k), got {k!r}")
