@@ -8,6 +8,8 @@ from naive import naive_cells_to_keys
 from sea_attention import DecodeState, SEAAttention, SEAConfig
 from sea_attention.blocks import EXCLUDED, block_dense_mask, select_blocks
 from sea_attention.cells import cell_starts, live_cells, query_lengths
+from sea_attention.ops.block_sparse import block_sparse_attention
+from sea_attention.ops.reference import reference_attention
 from sea_attention.selection import select_cells
 
 
@@ -101,6 +103,29 @@ def test_block_op_matches_reference_with_gradients(batch, heads, kv_heads, tq, t
     assert fast.slots is None and fast.cells.shape == (batch, heads, tq, 8)
 
 
+@pytest.mark.parametrize("mode", ["cells", "dense", "auto"])
+@pytest.mark.parametrize("causal, kv_heads, tq, tk", [(True, 2, 70, 70), (True, 1, 21, 90), (False, 4, 60, 60)])
+def test_both_strategies_match_the_reference(mode, causal, kv_heads, tq, tk):
+    torch.manual_seed(2)
+    bsz, heads, width, k, block = 2, 4, 8, 3, 16
+    key_valid = padding_mask(bsz, tk, 7, left=causal)
+    query_valid = key_valid[:, tk - tq:]
+    lengths = query_lengths(key_valid, query_valid, causal)
+    selection = select_blocks(random_estimate(bsz, heads, tq, width, lengths), lengths, query_valid, tk - tq, k,
+                              block, causal)
+    q, k_, v = make_qkv(bsz, heads, kv_heads, tq, tk, 8, dtype=torch.float64, requires_grad=True)
+    out, nnz = block_sparse_attention(q, k_, v, selection, key_valid, 0.3, k, chunk_blocks=2, mode=mode)
+    mask = block_dense_mask(selection, key_valid, k, heads, tq)
+    expected, _ = reference_attention(q, k_, v, mask, 0.3)
+    rows = query_valid[:, None, :, None]
+    torch.testing.assert_close(out * rows, expected * rows, atol=1e-10, rtol=1e-10)
+    assert torch.equal(nnz * query_valid[:, None], mask.sum(-1) * query_valid[:, None])
+    grads = torch.autograd.grad((out * rows).square().sum(), (q, k_, v))
+    wanted = torch.autograd.grad((expected * rows).square().sum(), (q, k_, v))
+    for got, want in zip(grads, wanted):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_full_budget_without_gating_is_exact_attention(causal):
     module = block_layer(causal, gating=False)
@@ -162,3 +187,20 @@ def test_decoding_state_follows_beam_reordering():
 def test_bad_query_block_is_rejected():
     with pytest.raises(ValueError, match="query_block must be a positive integer"):
         SEAConfig(num_heads=2, head_dim=8, grouping="block", query_block=0)
+
+
+@pytest.mark.parametrize("tq, tk", [(45, 45), (30, 61)])
+def test_inference_estimates_only_the_selecting_rows(tq, tk):
+    module = block_layer().eval()
+    q, k, v = make_qkv(2, 4, 2, tq, tk, 16)
+    mask = padding_mask(2, tk, 9, left=True)
+    full = module(q, k, v, attention_mask=mask)  # autograd on: every row is estimated (training needs them)
+    with torch.no_grad():
+        fast = module(q, k, v, attention_mask=mask)
+    assert full.estimate_rows is None and fast.estimate_rows is not None
+    rows = fast.estimate_rows
+    first = tk - tq
+    assert rows.tolist() == sorted({max(0, p // 8 * 8 - first) for p in range(first, tk)})
+    torch.testing.assert_close(fast.estimate, full.estimate[:, :, rows])
+    torch.testing.assert_close(fast.context, full.context)
+    assert torch.equal(fast.nnz, full.nnz)

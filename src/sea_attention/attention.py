@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .blocks import block_dense_mask, carry, select_blocks
+from .blocks import block_dense_mask, carry, select_blocks, selecting_rows
 from .cells import KeySlots, cells_to_keys, query_lengths
 from .config import SEAConfig
 from .decoding import DecodeState
@@ -27,7 +27,7 @@ class SEAOutput:
     """
 
     context: Tensor  # (B, H, Tq, d) attention output before the output projection
-    estimate: Tensor  # (B, H, Tq, K) compressed estimated attention probabilities
+    estimate: Tensor  # (B, H, Tq, K) compressed estimated attention probabilities (see estimate_rows)
     nnz: Tensor  # (B, H, Tq) keys each query attended to, per head
     attention: Tensor | None  # (B, H, Tq, Tk) sparse probabilities, only with return_attention=True
     estimate_logits: Tensor  # (B, H, Tq, K) the estimator's raw logits
@@ -35,6 +35,10 @@ class SEAOutput:
     cells: Tensor  # (B, H, Tq, K) bool, the selected cells (block grouping: the block's, in its bins)
     slots: KeySlots | None  # the selected keys, flattened over heads (None with the block grouping)
     lengths: Tensor  # (B, Tq) valid keys of each query's row
+    # None: estimate / estimate_logits hold every query row. Otherwise the (n,) rows they hold:
+    # with grouping="block" in causal inference (no autograd, no decoding state, no attention
+    # view asked for) only the rows that select are estimated, which saves most of the CNN
+    estimate_rows: Tensor | None = None
 
 
 class SEAAttention(nn.Module):
@@ -85,7 +89,11 @@ class SEAAttention(nn.Module):
         else:
             lengths = query_lengths(key_valid, query_valid, cfg.causal)  # (B, Tq)
 
-        estimate: Estimate = self.estimator(q, k, v, key_valid, query_valid, lengths, scale, positions, state)
+        rows = None
+        if cfg.grouping == "block" and cfg.causal and state is None and not return_attention \
+                and not torch.is_grad_enabled():  # inference: only the rows that select need an estimate
+            rows = selecting_rows(tk - tq, tq, cfg.query_block, q.device)
+        estimate: Estimate = self.estimator(q, k, v, key_valid, query_valid, lengths, scale, positions, state, rows)
         if cfg.grouping == "block":
             context, attention, cells, nnz = self._attend_blocks(q, k, v, estimate, lengths, key_valid,
                                                                  query_valid, budget, scale, return_attention, state)
@@ -109,6 +117,7 @@ class SEAAttention(nn.Module):
         return SEAOutput(
             context=context, estimate=estimate.probs, nnz=nnz, attention=attention,
             estimate_logits=estimate.logits, gates=gates, cells=cells, slots=slots, lengths=lengths,
+            estimate_rows=estimate.rows,
         )
 
     def maybe_redraw_features(self, step: int) -> bool:
@@ -143,7 +152,7 @@ class SEAAttention(nn.Module):
         tq = q.shape[2]
         carried = state.block if state is not None and state.seen else None
         selection = select_blocks(estimate.probs, lengths, query_valid, k.shape[2] - tq, budget, cfg.query_block,
-                                  cfg.causal, carried)
+                                  cfg.causal, carried, estimate.rows)
         if state is not None:
             state.block = carry(selection)
         attention = None

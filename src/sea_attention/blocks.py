@@ -68,19 +68,28 @@ class BlockSelection:
         return self.cells.index_select(2, self.query_blocks(tq))
 
 
+def selecting_rows(first: int, tq: int, block: int, device: torch.device | None = None) -> Tensor:
+    """(n,) the query rows a causal call selects with: each block's first row in the call, and row 0."""
+    starts = torch.arange(-(first % block), tq, block, device=device)
+    return starts.clamp_min(0)
+
+
 def select_blocks(estimate: Tensor, lengths: Tensor, query_valid: Tensor, first: int, k: int, block: int,
-                  causal: bool, carried: BlockSelection | None = None) -> BlockSelection:
+                  causal: bool, carried: BlockSelection | None = None,
+                  estimate_rows: Tensor | None = None) -> BlockSelection:
     """Select cells per query block from the estimate (B, H, Tq, K).
 
     ``lengths`` and ``query_valid`` are (B, Tq); ``first`` is the key position of the
     first query (Tk - Tq). ``carried`` (decoding) is the selection of the block that was
     open when the previous call ended (``carry``): a call that starts inside that block
     reuses it. Without it, a call that starts mid-block selects that block from its own
-    first query.
+    first query. ``estimate_rows`` (causal): the query rows ``estimate`` holds when it does
+    not hold them all (``selecting_rows`` gives the ones needed).
     """
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"query_block must be a positive integer, got {block!r}")
-    bsz, heads, tq, width = estimate.shape
+    bsz, heads, _, width = estimate.shape
+    tq = lengths.shape[1]
     device = estimate.device
     first_block = first // block
     num_blocks = (first + tq - 1) // block - first_block + 1
@@ -96,7 +105,8 @@ def select_blocks(estimate: Tensor, lengths: Tensor, query_valid: Tensor, first:
     own = rows[1:] if reuse else rows
     row_lengths = lengths.index_select(1, own)  # (B, n)
     if own.numel():
-        picked = estimate.index_select(2, own)  # (B, H, n, K)
+        at = own if estimate_rows is None else torch.searchsorted(estimate_rows, own)
+        picked = estimate.index_select(2, at)  # (B, H, n, K)
         # cells that hold only the selecting row's own key (or later) are the tile's business
         excluded = cell_starts(row_lengths, width) >= (row_lengths - 1).unsqueeze(-1)  # (B, n, K)
         cells = select_cells(picked.masked_fill(excluded.unsqueeze(1), EXCLUDED), row_lengths, k, "query")

@@ -29,9 +29,8 @@ class TokenEncoder(nn.Module):
         nn.init.zeros_(self.to_gates.weight)
         nn.init.constant_(self.to_gates.bias, GATE_INIT)
 
-    def forward(self, performer: Tensor, own_value: Tensor) -> tuple[Tensor, Tensor]:
-        """performer (B, H, T, 2d) and each token's own value (B, H_kv, T, d) -> CNN image
-        (B, H*c, T, w) and gate logits (B, H, T, 2)."""
+    def hidden(self, performer: Tensor, own_value: Tensor) -> Tensor:
+        """performer (B, H, T, 2d) and each token's own value (B, H_kv, T, d) -> hidden (B, H, T, 2d)."""
         linear, norm, act = self.encode
         width = performer.shape[-1]
         # the first layer reads [performer, own value]: two products instead of a concatenation,
@@ -39,12 +38,19 @@ class TokenEncoder(nn.Module):
         value_part = F.linear(own_value, linear.weight[:, width:])  # (B, H_kv, T, 2d)
         groups = performer.shape[1] // own_value.shape[1]
         value_part = value_part.repeat_interleave(groups, dim=1) if groups > 1 else value_part
-        z = act(norm(torch.addmm(linear.bias, performer.flatten(0, -2), linear.weight[:, :width].T,
-                                 ).view_as(value_part) + value_part))  # (B, H, T, 2d)
-        bsz, heads, tokens, _ = z.shape
-        rows = self.to_row(z).view(bsz, heads, tokens, self.channels, -1)  # chunk c -> channel h*c + c
-        image = rows.permute(0, 1, 3, 2, 4).reshape(bsz, heads * self.channels, tokens, -1)
-        return image, self.to_gates(z)
+        return act(norm(torch.addmm(linear.bias, performer.flatten(0, -2), linear.weight[:, :width].T,
+                                    ).view_as(value_part) + value_part))
+
+    def image(self, hidden: Tensor) -> Tensor:
+        """hidden (B, H, T, 2d) -> CNN image (B, H*c, T, w): chunk c of a head's row -> channel h*c + c."""
+        bsz, heads, tokens, _ = hidden.shape
+        rows = self.to_row(hidden).view(bsz, heads, tokens, self.channels, -1)
+        return rows.permute(0, 1, 3, 2, 4).reshape(bsz, heads * self.channels, tokens, -1)
+
+    def forward(self, performer: Tensor, own_value: Tensor) -> tuple[Tensor, Tensor]:
+        """-> CNN image (B, H*c, T, w) and gate logits (B, H, T, 2) (inputs as in ``hidden``)."""
+        z = self.hidden(performer, own_value)
+        return self.image(z), self.to_gates(z)
 
 
 class CausalConv(nn.Module):

@@ -21,9 +21,10 @@ from .positions import LearnedPositionCode, tent_code
 class Estimate:
     """What the estimator predicts for each query and head."""
 
-    logits: Tensor  # (B, H, Tq, K) raw CNN output
-    probs: Tensor  # (B, H, Tq, K) softmax over the row's live bins; 0 for dead bins and padding queries
+    logits: Tensor  # (B, H, Tq, K) raw CNN output (B, H, n, K) when only ``rows`` were estimated
+    probs: Tensor  # like logits: softmax over the row's live bins; 0 for dead bins and padding queries
     gate_logits: Tensor  # (B, H, Tq, 2): s0 scales the sparse attention, s1 mixes in the average branch
+    rows: Tensor | None = None  # (n,) the query rows that logits and probs hold; None: all of them
 
 
 class AttentionEstimator(nn.Module):
@@ -67,12 +68,15 @@ class AttentionEstimator(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, query_valid: Tensor,
                 lengths: Tensor, scale: float, positions: Tensor | None = None,
-                state: DecodeState | None = None) -> Estimate:
+                state: DecodeState | None = None, rows: Tensor | None = None) -> Estimate:
         """q (B, H, Tq, d); k, v (B, H_kv, Tk, d); key_valid (B, Tk); query_valid and lengths (B, Tq).
 
         With a decoding ``state`` (causal only), keys before ``state.seen`` are taken from the
-        state instead of being recomputed, and the state is updated.
+        state instead of being recomputed, and the state is updated. ``rows`` (causal, no
+        state): estimate only these sorted query rows (the gates still cover every row).
         """
+        if rows is not None and (state is not None or not self.config.causal):
+            raise ValueError("estimating some rows only needs a causal estimator and no decoding state")
         cfg = self.config
         bsz, heads, tq, d = q.shape
         kv_heads, tk = k.shape[1], k.shape[2]
@@ -100,15 +104,38 @@ class AttentionEstimator(nn.Module):
         performer = performer.reshape(bsz, heads, tq, 2 * d)
 
         own_v = v[:, :, tk - tq:].to(param_dtype)  # each query token's own value
-        image, gate_logits = self.encoder(performer.to(param_dtype), own_v)
-        row_mask = query_valid[:, None, :, None].to(image.dtype)
-        logits = self._decode(image, row_mask, state).float()  # (B, H, Tq, K)
+        hidden = self.encoder.hidden(performer.to(param_dtype), own_v)  # (B, H, Tq, 2d)
+        gate_logits = self.encoder.to_gates(hidden)  # every row has gates, estimated or not
+        row_mask = query_valid[:, None, :, None].to(hidden.dtype)
+        if rows is None:
+            logits = self._decode(self.encoder.image(hidden), row_mask, state).float()  # (B, H, Tq, K)
+        else:
+            logits = self._decode_rows(hidden, row_mask, rows).float()  # (B, H, n, K)
+            lengths = lengths.index_select(1, rows)
 
         live = live_cells(lengths, cfg.estimate_width).unsqueeze(1)  # (B, 1, Tq, K)
         # a finite fill keeps padding rows (no live bin) NaN-free, also in backward
         probs = torch.softmax(logits.masked_fill(~live, torch.finfo(logits.dtype).min), dim=-1)
         probs = probs.masked_fill(~live, 0.0)
-        return Estimate(logits, probs, gate_logits.float())
+        return Estimate(logits, probs, gate_logits.float(), rows)
+
+    def _decode_rows(self, hidden: Tensor, row_mask: Tensor, rows: Tensor) -> Tensor:
+        """Logits (B, H, n, K) of some query rows only (causal).
+
+        A causal row's logits depend on its decoder input row and the HISTORY_ROWS before it,
+        so each row's window is decoded as its own small image; rows before the start are
+        masked zero rows, exactly what the convolutions' zero padding gives a full forward.
+        """
+        history = CausalDecoder.HISTORY_ROWS
+        bsz, heads = hidden.shape[:2]
+        window = rows[:, None] + torch.arange(-history, 1, device=rows.device)  # (n, 9)
+        inside = (window >= 0).unsqueeze(-1)
+        flat = window.clamp_min(0).flatten()
+        image = self.encoder.image(hidden.index_select(2, flat))  # (B, H*c, n*9, w)
+        image = image.unflatten(2, window.shape).transpose(1, 2).flatten(0, 1)  # (B*n, H*c, 9, w)
+        mask = (row_mask.index_select(2, flat).unflatten(2, window.shape) * inside).transpose(1, 2).flatten(0, 1)
+        logits = self.decoder(image, mask)[:, :, -1]  # (B*n, H, K): each window's last row
+        return logits.view(bsz, rows.numel(), heads, -1).transpose(1, 2)
 
     def _decode(self, image: Tensor, row_mask: Tensor, state: DecodeState | None) -> Tensor:
         """Run the CNN decoder; with a state, on the remembered rows + the new ones."""

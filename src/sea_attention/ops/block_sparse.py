@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..blocks import BlockSelection, block_keys, span_mask, tile_mask
+from ..blocks import BlockKeys, BlockSelection, block_keys, span_mask, tile_mask
 from ..cells import valid_key_positions
 
 MODES = ("auto", "cells", "dense")
@@ -27,6 +27,71 @@ def _use_dense(mode: str, dense_work: int, cell_work: int) -> bool:
     path copies each cell's query (d) and scores its keys, at several times the cost per
     element of a dense product."""
     return mode == "dense" or (mode == "auto" and dense_work <= 2 * cell_work)
+
+
+def _dense_chunk(q_chunk: Tensor, k_span: Tensor, v_span: Tensor, allowed: Tensor,
+                 lowest: float) -> tuple[Tensor, Tensor]:
+    """Blocks scored against every key of the span, then masked: (B, n, H, Bq, d), (B, n, H, Bq).
+
+    q_chunk (B, H, n, Bq, d) already scaled; k_span, v_span (B, H_kv, span, d); allowed (B, H, n, Bq, span).
+    """
+    bsz, heads, n, block, dim = q_chunk.shape
+    kv_heads, span = k_span.shape[1], k_span.shape[2]
+    q_grouped = q_chunk.reshape(bsz, kv_heads, -1, dim)  # the heads of one kv head share its keys
+    scores = (q_grouped @ k_span.transpose(-1, -2)).view(bsz, heads, n, block, span)
+    probs = torch.softmax(scores.masked_fill_(~allowed, lowest), dim=-1) * allowed  # rows with no key: 0
+    out = (probs.view(bsz, kv_heads, -1, span) @ v_span).view(bsz, heads, n, block, dim)
+    return out.transpose(1, 2), allowed.sum(-1).transpose(1, 2)
+
+
+def _cells_chunk(q_chunk: Tensor, k_flat: Tensor, v_flat: Tensor, keys: BlockKeys, selection: BlockSelection,
+                 key_valid: Tensor, lo: int, hi: int, tiles: tuple[Tensor, Tensor] | None, tk: int,
+                 lowest: float) -> tuple[Tensor, Tensor]:
+    """Blocks lo:hi scored against their cells' keys (and their tiles): (B, n, H, Bq, d), (B, n, H, Bq).
+
+    q_chunk (B, H, n, Bq, d) is already scaled. Scores become weights in place (masked,
+    shifted by the per-head maximum, exponentiated): every extra pass over them and every
+    fresh allocation costs as much as the products.
+    """
+    bsz, heads, n, block, dim = q_chunk.shape
+    kv_heads = k_flat.shape[0] // (bsz * tk)
+    groups = heads // kv_heads
+    batch = torch.arange(bsz, device=q_chunk.device).view(-1, 1, 1)
+    rows = ((batch * kv_heads + keys.head // groups) * tk).unsqueeze(-1) + keys.key  # (B, n, C, E)
+    k_cells = k_flat.index_select(0, rows.flatten()).view(*rows.shape, dim)  # (B, n, C, E, d)
+    v_cells = v_flat.index_select(0, rows.flatten()).view(*rows.shape, dim)
+    head_of = keys.head[..., None, None].expand(-1, -1, -1, block, dim)
+    q_cells = q_chunk.transpose(1, 2).gather(2, head_of)  # (B, n, C, Bq, d): each cell's own head
+    w_cells = (q_cells @ k_cells.transpose(-1, -2)).masked_fill_(~keys.valid.unsqueeze(-2), lowest)  # (B, n, C, Bq, E)
+    head_rows = keys.head.unsqueeze(-1).expand(-1, -1, -1, block)  # (B, n, C, Bq)
+    if selection.causal:
+        allowed = tile_mask(selection, key_valid, lo, hi).unsqueeze(1)  # (B, 1, n, Bq, Bq)
+        q_grouped = q_chunk.reshape(bsz, kv_heads, groups, n, block, dim)
+        k_tiles, v_tiles = tiles  # (B, H_kv, n, Bq, d): each block's own keys
+        w_tile = (q_grouped @ k_tiles.unsqueeze(2).transpose(-1, -2)).view(bsz, heads, n, block, block)
+        w_tile = w_tile.masked_fill_(~allowed, lowest)
+    with torch.no_grad():  # softmax is shift-invariant: the per-head maximum needs no gradient
+        peak = torch.full((bsz, n, heads, block), lowest, dtype=q_chunk.dtype, device=q_chunk.device)
+        peak = peak.scatter_reduce_(2, head_rows, w_cells.amax(-1), "amax")  # (B, n, H, Bq)
+        if selection.causal:
+            peak = torch.maximum(peak, w_tile.amax(-1).transpose(1, 2))
+    # a masked score sits at `lowest`, so exp(score - peak) is 0 unless the whole row of that
+    # head is masked (peak = lowest); those rows are zeroed at the end
+    w_cells = w_cells.sub_(peak.gather(2, head_rows).unsqueeze(-1)).exp_()
+    numerator = torch.zeros(bsz, n, heads, block, dim, dtype=q_chunk.dtype, device=q_chunk.device)
+    numerator = numerator.scatter_add_(2, head_of, w_cells @ v_cells)
+    denominator = torch.zeros(bsz, n, heads, block, dtype=q_chunk.dtype, device=q_chunk.device)
+    denominator = denominator.scatter_add_(2, head_rows, w_cells.sum(-1))
+    count = torch.zeros(bsz, n, heads, dtype=torch.long, device=q_chunk.device)
+    count = count.scatter_add_(2, keys.head, keys.valid.sum(-1)).unsqueeze(-1).expand(-1, -1, -1, block)
+    if selection.causal:
+        w_tile = w_tile.sub_(peak.transpose(1, 2).unsqueeze(-1)).exp_()
+        tile_out = (w_tile.view(bsz, kv_heads, groups, n, block, block) @ v_tiles.unsqueeze(2))
+        numerator = numerator + tile_out.view(bsz, heads, n, block, dim).transpose(1, 2)
+        denominator = denominator + w_tile.sum(-1).transpose(1, 2)
+        count = count + allowed.sum(-1).transpose(1, 2)
+    out = numerator / denominator.clamp_min(torch.finfo(q_chunk.dtype).tiny).unsqueeze(-1)
+    return torch.where((peak > lowest).unsqueeze(-1), out, 0.0), count
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
@@ -48,7 +113,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSele
     lowest = torch.finfo(compute).min  # finite: rows without keys stay NaN-free
     start = selection.first_block * block  # key position of row 0 of block 0
     front, back = selection.first - start, num_blocks * block - tq - (selection.first - start)
-    q_blocks = F.pad(q.to(compute), (0, 0, front, back)).view(bsz, heads, num_blocks, block, dim)
+    q_scaled = q.to(compute) * scale  # the scale folded into q once, not into every score
+    q_blocks = F.pad(q_scaled, (0, 0, front, back)).view(bsz, heads, num_blocks, block, dim)
     k_c, v_c = k.to(compute), v.to(compute)
     k_flat, v_flat = k_c.reshape(-1, dim), v_c.reshape(-1, dim)
     if selection.causal:  # each block's own keys, padded past the end
@@ -56,58 +122,23 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSele
         k_tiles, v_tiles = (F.pad(x[:, :, start:], (0, 0, 0, pad)).view(bsz, kv_heads, num_blocks, block, dim)
                             for x in (k_c, v_c))
     positions = valid_key_positions(key_valid)
-    batch = torch.arange(bsz, device=q.device).view(-1, 1, 1)
 
     outputs, counts = [], []
     for lo in range(0, num_blocks, chunk_blocks):
         hi = min(lo + chunk_blocks, num_blocks)
         n = hi - lo
         keys = block_keys(selection, key_valid, cap, lo, hi, positions)  # cells (B, n, C), keys (B, n, C, E)
-        span = min(tk, (selection.first_block + hi) * block)  # keys these blocks can reach
+        # keys these blocks can reach: causal ones end at the run's last position
+        span = min(tk, (selection.first_block + hi) * block) if selection.causal else tk
         cells, emitted = keys.key.shape[-2:]
         if _use_dense(mode, heads * span, cells * (emitted + dim)):
             allowed = span_mask(selection, keys, key_valid, lo, hi, span, heads)  # (B, H, n, Bq, span)
-            q_grouped = q_blocks[:, :, lo:hi].reshape(bsz, kv_heads, groups * n * block, dim)
-            scores = (q_grouped @ k_c[:, :, :span].transpose(-1, -2)).view(bsz, heads, n, block, span) * scale
-            probs = torch.softmax(scores.masked_fill(~allowed, lowest), dim=-1) * allowed
-            out = (probs.view(bsz, kv_heads, -1, span) @ v_c[:, :, :span]).view(bsz, heads, n, block, dim)
-            outputs.append(out.transpose(1, 2))
-            counts.append(allowed.sum(-1).transpose(1, 2))
-            continue
-        rows = ((batch * kv_heads + keys.head // groups) * tk).unsqueeze(-1) + keys.key
-        k_cells = k_flat.index_select(0, rows.flatten()).view(*rows.shape, dim)  # (B, n, C, E, d)
-        v_cells = v_flat.index_select(0, rows.flatten()).view(*rows.shape, dim)
-        q_chunk = q_blocks[:, :, lo:hi]  # (B, H, n, Bq, d)
-        head_of = keys.head[..., None, None].expand(-1, -1, -1, block, dim)
-        q_cells = q_chunk.transpose(1, 2).gather(2, head_of)  # (B, n, C, Bq, d): each cell's own head
-        s_cells = (q_cells @ k_cells.transpose(-1, -2)) * scale  # (B, n, C, Bq, E)
-        s_cells = s_cells.masked_fill(~keys.valid.unsqueeze(-2), lowest)
-        head_rows = keys.head.unsqueeze(-1).expand(-1, -1, -1, block)  # (B, n, C, Bq)
-        peak = torch.full((bsz, n, heads, block), lowest, dtype=compute, device=q.device)
-        peak = peak.scatter_reduce(2, head_rows, s_cells.amax(-1), "amax")  # (B, n, H, Bq)
-        if selection.causal:
-            allowed = tile_mask(selection, key_valid, lo, hi).unsqueeze(1)  # (B, 1, n, Bq, Bq)
-            q_grouped = q_chunk.view(bsz, kv_heads, groups, n, block, dim)
-            s_tile = (q_grouped @ k_tiles[:, :, None, lo:hi].transpose(-1, -2)).view(bsz, heads, n, block, block)
-            s_tile = (s_tile * scale).masked_fill(~allowed, lowest)
-            peak = torch.maximum(peak, s_tile.amax(-1).transpose(1, 2))
-        peak = peak.detach()  # softmax is shift-invariant: the shift needs no gradient
-
-        w_cells = torch.exp(s_cells - peak.gather(2, head_rows).unsqueeze(-1)) * keys.valid.unsqueeze(-2)
-        numerator = torch.zeros(bsz, n, heads, block, dim, dtype=compute, device=q.device)
-        numerator = numerator.scatter_add(2, head_of, w_cells @ v_cells)
-        denominator = torch.zeros(bsz, n, heads, block, dtype=compute, device=q.device)
-        denominator = denominator.scatter_add(2, head_rows, w_cells.sum(-1))
-        count = torch.zeros(bsz, n, heads, dtype=torch.long, device=q.device)
-        count = count.scatter_add(2, keys.head, keys.valid.sum(-1)).unsqueeze(-1).expand(-1, -1, -1, block)
-        if selection.causal:
-            w_tile = torch.exp(s_tile - peak.transpose(1, 2).unsqueeze(-1)) * allowed
-            w_grouped = w_tile.view(bsz, kv_heads, groups, n, block, block)
-            tile_out = (w_grouped @ v_tiles[:, :, None, lo:hi]).view(bsz, heads, n, block, dim)
-            numerator = numerator + tile_out.transpose(1, 2)
-            denominator = denominator + w_tile.sum(-1).transpose(1, 2)
-            count = count + allowed.sum(-1).transpose(1, 2)
-        outputs.append(numerator / denominator.clamp_min(torch.finfo(compute).tiny).unsqueeze(-1))
+            out, count = _dense_chunk(q_blocks[:, :, lo:hi], k_c[:, :, :span], v_c[:, :, :span], allowed, lowest)
+        else:
+            tiles = (k_tiles[:, :, lo:hi], v_tiles[:, :, lo:hi]) if selection.causal else None
+            out, count = _cells_chunk(q_blocks[:, :, lo:hi], k_flat, v_flat, keys, selection, key_valid, lo, hi,
+                                      tiles, tk, lowest)
+        outputs.append(out)
         counts.append(count)
 
     rows = slice(front, front + tq)
