@@ -27,7 +27,8 @@ CHUNK = 64  # queries per chunk of the causal linear attention (the chunk part's
 
 
 def stage_flops(length: int, heads: int, head_dim: int, num_features: int, estimate_width: int,
-                cnn_channels: int, width_downsample: int, mean_keys: float, causal: bool = True) -> dict[str, float]:
+                cnn_channels: int, width_downsample: int, mean_keys: float, causal: bool = True,
+                decoded_rows: int | None = None) -> dict[str, float]:
     """FLOPs of SEA's matmul work for one sequence (B=1, T queries = T keys), by part.
 
     T = length, H = heads, d = head_dim, m = num_features (Performer), K = estimate_width,
@@ -37,20 +38,24 @@ def stage_flops(length: int, heads: int, head_dim: int, num_features: int, estim
     * features: q and k random features, 2 * (2 T H d m)
     * linear_attention: state 2 T H m (2d) * 2, plus (causal) the within-chunk part
       T H 64 (m + 2d) * 2 with chunks of 64 queries
-    * encoder: 2 T H (3d * 2d + 2d * w * c + 2d * 2)
-    * decoder: two 3x3 convolutions 2 T w (H c)^2 * 9 * 2, then the 1x1 2 T w (H c) H
+    * encoder: 2 T H (3d * 2d + 2d * 2) + 2 R H (2d * w * c)
+    * decoder: two 3x3 convolutions 2 R w (H c)^2 * 9 * 2, then the 1x1 2 R w (H c) H
+
+    R = decoded_rows, the rows the CNN runs on: T, or 9 per selecting row when the block
+    grouping estimates only the rows that select (each with its 8-row history).
     * sparse_attention: scores and values on the selected keys, 2 * 2 T S d
 
     Selection and the cell -> key mapping are memory-bound (no matmul): not listed.
     """
     t, h, d, m = length, heads, head_dim, num_features
     w, c = estimate_width // width_downsample, cnn_channels
+    r = t if decoded_rows is None else decoded_rows
     linear = 2 * t * h * m * (2 * d) * 2 + (t * h * CHUNK * (m + 2 * d) * 2 if causal else 0)
     return {
         "features": 2 * (2 * t * h * d * m),
         "linear_attention": linear,
-        "encoder": 2 * t * h * (3 * d * 2 * d + 2 * d * w * c + 2 * d * 2),
-        "decoder": 2 * t * w * (h * c) ** 2 * 9 * 2 + 2 * t * w * (h * c) * h,
+        "encoder": 2 * t * h * (3 * d * 2 * d + 2 * d * 2) + 2 * r * h * (2 * d * w * c),
+        "decoder": 2 * r * w * (h * c) ** 2 * 9 * 2 + 2 * r * w * (h * c) * h,
         "sparse_attention": 2 * 2 * t * mean_keys * d,
     }
 
@@ -76,7 +81,8 @@ class StageBreakdown:
 def measure_breakdown(length: int, setup: AttentionBenchSetup, grouping: str = "query") -> StageBreakdown:
     """Time each stage of the sparse SEA forward at this length (in this process)."""
     from ..attention import SEAAttention
-    from ..blocks import select_blocks
+    from ..blocks import select_blocks, selecting_rows
+    from ..estimator.decoder import CausalDecoder
     from ..cells import cells_to_keys, query_lengths
     from ..ops.block_sparse import block_sparse_attention
     from ..ops.sparse import sparse_attention
@@ -93,10 +99,11 @@ def measure_breakdown(length: int, setup: AttentionBenchSetup, grouping: str = "
     lengths = query_lengths(valid, valid, cfg.causal)
     scale = cfg.head_dim ** -0.5
     # the calls SEAAttention.forward makes, in order, each on the previous one's output
-    calls = {"estimator": lambda: module.estimator(q, k, v, valid, valid, lengths, scale)}
+    rows = selecting_rows(0, length, cfg.query_block) if grouping == "block" and cfg.causal else None
+    calls = {"estimator": lambda: module.estimator(q, k, v, valid, valid, lengths, scale, rows=rows)}
     if grouping == "block":
         calls["selection"] = lambda: select_blocks(out["estimator"].probs, lengths, valid, 0, cfg.k, cfg.query_block,
-                                                   cfg.causal)
+                                                   cfg.causal, estimate_rows=rows)
         calls["sparse_attention"] = lambda: block_sparse_attention(q, k, v, out["selection"], valid, scale, cfg.k)
     else:
         calls["selection"] = lambda: select_cells(out["estimator"].probs, lengths, cfg.k, cfg.grouping,
@@ -119,7 +126,8 @@ def measure_breakdown(length: int, setup: AttentionBenchSetup, grouping: str = "
     else:
         mean_keys = float(out["cell_to_key"].valid.sum()) / length
     flops = stage_flops(length, cfg.num_heads, cfg.head_dim, cfg.num_features, cfg.estimate_width,
-                        cfg.cnn_channels, cfg.width_downsample, mean_keys, cfg.causal)
+                        cfg.cnn_channels, cfg.width_downsample, mean_keys, cfg.causal,
+                        None if rows is None else rows.numel() * (CausalDecoder.HISTORY_ROWS + 1))
     gflop = {"estimator": sum(f for part, f in flops.items() if part != "sparse_attention") / 1e9,
              "sparse_attention": flops["sparse_attention"] / 1e9}
     seconds["rest"] = total - sum(seconds.values())  # gating, lengths, masking; noise can make it < 0
