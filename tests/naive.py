@@ -26,3 +26,25 @@ def naive_cells_to_keys(cells, lengths, key_valid, cap):
                         for r in naive_cell_keys(length, width, c, cap):
                             out.add((b, h, i, positions[r]))
     return out
+
+
+def slot_cells_to_keys(cells, lengths, key_valid, cap):
+    """The exact slot layout of ``cells_to_keys``, one slot at a time: each query's cells'
+    keys in (head, bin) order, then unused slots (head 0, key 0). Returns head, key, valid."""
+    bsz, heads, tq, width = cells.shape
+    rows = []
+    for b in range(bsz):
+        positions = [j for j in range(key_valid.shape[1]) if key_valid[b, j]]
+        for i in range(tq):
+            length = int(lengths[b, i])
+            row = [(h, positions[r]) for h in range(heads) for c in range(width) if cells[b, h, i, c]
+                   for r in naive_cell_keys(length, width, c, cap)]
+            rows.append(row)
+    slots = max(1, max(len(r) for r in rows))
+    head = torch.zeros(bsz * tq, slots, dtype=torch.long)
+    key = torch.zeros(bsz * tq, slots, dtype=torch.long)
+    valid = torch.zeros(bsz * tq, slots, dtype=torch.bool)
+    for n, row in enumerate(rows):
+        for s, (h, j) in enumerate(row):
+            head[n, s], key[n, s], valid[n, s] = h, j, True
+    return head.view(bsz, tq, slots), key.view(bsz, tq, slots), valid.view(bsz, tq, slots)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from naive import naive_cell_keys, naive_cells_to_keys
+from naive import naive_cell_keys, naive_cells_to_keys, slot_cells_to_keys
 from sea_attention.cells import (
-    cell_lengths, cells_to_keys, compress_attention, key_bins, live_cells, query_lengths, stretch_estimate,
+    _even_picks, cell_lengths, cells_to_keys, compress_attention, key_bins, live_cells, query_lengths, stretch_estimate,
 )
 
 
@@ -37,6 +37,35 @@ def test_cells_to_keys_matches_loop(causal, cap):
     assert got == naive_cells_to_keys(cells, lengths, key_valid, cap)
     # no key is emitted twice by the same (query, head)
     assert int(slots.valid.sum()) == len(got)
+
+
+@pytest.mark.parametrize("width", [8, 6])  # 6: bins not a multiple of 8 (no word-at-a-time scan)
+@pytest.mark.parametrize("cap", [1, 3, 100])
+def test_cells_to_keys_exact_slot_layout(width, cap):
+    """Slot by slot, the layout of the loop version: heads in order, unused slots last, padded keys."""
+    bsz, heads, tq, tk = 3, 4, 40, 90
+    key_valid = torch.ones(bsz, tk, dtype=torch.bool)
+    key_valid[1, :11] = False
+    key_valid[2, ::3] = False
+    lengths = query_lengths(key_valid, key_valid[:, tk - tq:], causal=True)
+    cells = torch.rand(bsz, heads, tq, width) < 0.3
+    cells[0, :, 5] = True  # a row with everything selected
+    cells[:, :, :, 0] |= ~live_cells(lengths, width)[:, None, :, 0]  # dead cells emit nothing
+    for chunk in (1, 7, 256):
+        slots = cells_to_keys(cells, lengths, key_valid, cap=cap, chunk=chunk)
+        head, key, valid = slot_cells_to_keys(cells, lengths, key_valid, cap)
+        assert torch.equal(slots.valid, valid) and torch.equal(slots.head, head) and torch.equal(slots.key, key)
+
+
+def test_even_picks_exact_in_every_precision():
+    """The floating point picks equal integer floor division, up to the ranges each one is used for."""
+    for size_top in (60, 3_000, 29_000, 2 ** 21, 2 ** 40, 2 ** 50):
+        size = torch.randint(1, size_top, (300, 1))
+        emitted = torch.minimum(torch.randint(1, 70, (300, 1)), size)
+        offset = torch.arange(70).minimum(emitted - 1)
+        largest = int(((2 * offset + 1) * size + 2 * emitted).max())
+        expected = ((2 * offset + 1) * size) // (2 * emitted)
+        assert torch.equal(_even_picks(offset, size, emitted, largest), expected)
 
 
 def test_slots_are_ordered_by_head_and_never_padding():

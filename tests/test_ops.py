@@ -119,3 +119,25 @@ def test_non_contiguous_inputs_like_transformers_gives():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for a, b in zip((q, k, v), ref_in):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["slots", "auto"])
+def test_slots_in_any_order(mode):
+    """KeySlots from elsewhere may interleave unused slots and heads: same attention, same
+    probabilities per slot, same gradients."""
+    from sea_attention.cells import KeySlots
+    slots = random_slots(2, 4, 12, 12, 4, True, 3, pad=2)
+    order = torch.rand(slots.head.shape).argsort(-1)
+    shuffled = KeySlots(*(x.gather(-1, order) for x in (slots.head, slots.key, slots.valid)))
+    results = []
+    for s in (slots, shuffled):
+        torch.manual_seed(0)
+        q, k, v = make_qkv(2, 4, 2, 12, 12, 8, requires_grad=True)
+        out, probs = sparse_attention(q, k, v, s, 0.3, chunk=5, mode=mode)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), probs, [x.grad for x in (q, k, v)]))
+    (out0, probs0, grads0), (out1, probs1, grads1) = results
+    torch.testing.assert_close(out1, out0)
+    torch.testing.assert_close(probs1, probs0.gather(-1, order))
+    for g1, g0 in zip(grads1, grads0):
+        torch.testing.assert_close(g1, g0)

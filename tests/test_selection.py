@@ -91,3 +91,38 @@ def test_sample_grouping_lets_peaky_heads_take_more():
     estimate[:, 0, :, 0] = 1.0  # head 0 is certain, head 1 is flat
     cells = select_cells(estimate, lengths, 8, "query")
     assert int(cells[0, 0].sum()) >= t  # head 0's one cell wins in every row
+
+
+def sorted_selection(estimate, lengths, k, grouping):
+    """The selection by a full stable sort of each group's scores (the definition)."""
+    bsz, heads, tq, width = estimate.shape
+    live = live_cells(lengths, width).unsqueeze(1)
+    scores = torch.where(live, estimate.float(), -1.0)
+    if grouping == "query":
+        scores = scores.permute(0, 2, 1, 3).reshape(bsz, tq, heads * width)
+        budget = cell_budget(lengths, k, width, heads).unsqueeze(-1)
+    else:
+        budget = cell_budget(lengths, k, width, 1)[:, None, :, None]
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
+    picked = ranks < budget
+    if grouping == "query":
+        picked = picked.view(bsz, tq, heads, width).permute(0, 2, 1, 3)
+    return picked
+
+
+@pytest.mark.parametrize("grouping", ["query", "query_head"])
+@pytest.mark.parametrize("levels", [2, 5, 1000])
+def test_selection_equals_a_stable_sort_even_with_ties(grouping, levels):
+    """Quantised probabilities make many exact ties; ties must go to the lower index."""
+    heads, width, t = 4, 16, 300
+    key_valid = torch.ones(2, t, dtype=torch.bool)
+    key_valid[1, :37] = False
+    lengths = query_lengths(key_valid, key_valid, causal=True)
+    estimate = (estimate_for(lengths, heads, width) * levels).round() / levels
+    estimate[:, 1] = estimate[:, 0]  # identical heads: ties across heads as well
+    estimate[0, :, 5:9] = -0.0  # negative zeros tie with zeros, as in a sort
+    for k in (1, 3, 8, 64):
+        for chunk in (7, 256):
+            got = select_cells(estimate, lengths, k, grouping, chunk=chunk)
+            assert torch.equal(got, sorted_selection(estimate, lengths, k, grouping)), (k, chunk)

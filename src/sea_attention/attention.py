@@ -108,7 +108,7 @@ class SEAAttention(nn.Module):
             gates = torch.sigmoid(estimate.gate_logits).to(context.dtype)
             scaler, mix = gates[..., :1], gates[..., 1:]
             average = self._average_values(v, key_valid, lengths, tq, state).to(context.dtype)
-            context = mix * scaler * context + (1 - mix) * average
+            context = torch.lerp(average, scaler * context, mix)  # mix * scaler * context + (1 - mix) * average
         if state is not None:
             self._advance_state(state, v, key_valid)
         if self.output_norm is not None:
@@ -179,9 +179,9 @@ class SEAAttention(nn.Module):
         past = state.seen if state is not None else 0  # the past is in the running sum
         masked = v[:, :, past:].float() * key_valid[:, None, past:, None]
         if past:
-            sums = state.value_sum.unsqueeze(2) + masked.cumsum(2)
+            sums = state.value_sum.unsqueeze(2) + _running_sum(masked)
         elif self.config.causal:
-            sums = masked.cumsum(2)[:, :, v.shape[2] - tq:]  # running sums up to each query
+            sums = _running_sum(masked)[:, :, v.shape[2] - tq:]  # running sums up to each query
         else:
             sums = masked.sum(2, keepdim=True).expand(-1, -1, tq, -1)
         mean = sums / lengths[:, None, :, None].clamp_min(1)
@@ -257,3 +257,9 @@ class SEAAttention(nn.Module):
                 raise ValueError("attention_mask must be bool (or 0/1 integers), True for real tokens")
             attention_mask = attention_mask.bool()
         return attention_mask.to(k.device)
+
+
+def _running_sum(x: Tensor) -> Tensor:
+    """cumsum over T of (B, H, T, d): a scan along the last, contiguous axis is several times
+    faster on CPU than along T, even with the two transposed copies."""
+    return x.transpose(-1, -2).contiguous().cumsum(-1).transpose(-1, -2)

@@ -116,42 +116,95 @@ def cell_key_counts(cells: Tensor, lengths: Tensor, cap: int) -> Tensor:
     return per_cell.unsqueeze(1) * cells
 
 
+def _selected_cells(cells: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, column) of the True (non-zero) entries of an (R, C) tensor, in row-major order.
+
+    Selections are sparse, so 8 entries are first tested at once as one int64 word.
+    """
+    rows, cols = cells.shape
+    cells = (cells if cells.dtype == torch.bool else cells != 0).contiguous()
+    if cols % 8 or cells.storage_offset() % 8:
+        row, col = cells.nonzero(as_tuple=True)
+        return row, col
+    row, word = cells.view(torch.uint8).view(rows, cols // 8, 8).view(torch.int64).squeeze(-1).nonzero(as_tuple=True)
+    bits = cells.view(-1, 8).index_select(0, row * (cols // 8) + word).nonzero()  # (n, 2): word, bit
+    pick = bits[:, 0]
+    return row.index_select(0, pick), word.index_select(0, pick) * 8 + bits[:, 1]
+
+
+def _even_picks(offset: Tensor, size: Tensor, emitted: Tensor, largest: int) -> Tensor:
+    """``((2 offset + 1) size) // (2 emitted)`` for non-negative integers, in floating point.
+
+    Exact: for integers a, b > 0 with a + b <= 2^p (p = 24 in float32, 53 in float64) the
+    operands and the product are exact, and the correctly rounded quotient a / b never
+    reaches the next integer (it is at least 1/b below it, more than half an ulp).
+    ``largest`` bounds a + b = (2 offset + 1) size + 2 emitted.
+    """
+    if largest < 2 ** 22:
+        dtype = torch.float32
+    elif largest < 2 ** 51:
+        dtype = torch.float64
+    else:  # out of exact floating point range: integer division
+        return ((2 * offset + 1) * size) // (2 * emitted)
+    numerator = (2 * offset + 1).to(dtype).mul_(size.to(dtype))
+    return numerator.div_((2 * emitted).to(dtype)).floor_().long()
+
+
 def cells_to_keys(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, chunk: int = 256) -> KeySlots:
     """Stretch selected cells (B, H, Tq, K) into key slots without any Tq x Tk tensor.
 
     ``lengths`` (B, Tq) are the rows' valid key counts, ``key_valid`` (B, Tk) the key
     padding mask. Each selected cell (h, b) emits ``min(len, cap)`` keys spread evenly
     over its rank range; ranks are turned into key positions through the padding mask.
+    A query's slots hold its cells' keys in (head, bin) order, then the unused slots.
+
+    Only the selected cells are visited: their list (row-major, so already in slot order)
+    gives each cell its first slot, and each chunk of queries writes a (cells, keys per
+    cell) grid of ranks straight into the slots.
     """
     bsz, heads, tq, width = cells.shape
-    counts = cell_key_counts(cells, lengths, cap)  # (B, H, Tq, K)
-    counts = counts.permute(0, 2, 1, 3).reshape(bsz, tq, heads * width)  # head-major per query
-    totals = counts.sum(-1)  # (B, Tq)
+    device = cells.device
+    row, cell = _selected_cells(cells.permute(0, 2, 1, 3).reshape(bsz * tq, heads * width))  # row = b * Tq + i
+    head, bin_ = torch.div(cell, width, rounding_mode="floor"), cell % width
+    length = lengths.reshape(-1).index_select(0, row)
+    start = bin_ * length // width  # cell_starts, for the selected cells only
+    size = (bin_ + 1) * length // width - start  # cell_lengths
+    emitted = size.clamp_max(cap)  # cell_key_counts; 0 for a dead cell
+    live = emitted > 0
+    if not bool(live.all()):
+        row, head, start, size, emitted = (x[live] for x in (row, head, start, size, emitted))
+    totals = torch.zeros(bsz * tq, dtype=torch.long, device=device).index_add_(0, row, emitted)
     slots = max(int(totals.max()) if totals.numel() else 0, 1)
-    positions = valid_key_positions(key_valid)  # (B, Tk)
-    starts = cell_starts(lengths, width)  # (B, Tq, K)
-    sizes = cell_lengths(lengths, width)  # (B, Tq, K)
+    # flat position in (B, Tq, S) of each cell's first key: its row, plus the keys of the
+    # row's earlier cells (a global running count minus the count before the row)
+    before_row = totals.cumsum(0) - totals
+    first_slot = row * slots + emitted.cumsum(0) - emitted - before_row.index_select(0, row)
+    first_cell = torch.zeros(bsz * tq + 1, dtype=torch.long, device=device)
+    torch.cumsum(torch.bincount(row, minlength=bsz * tq), 0, out=first_cell[1:])
+    first_cell = first_cell.tolist()
 
-    head_out, key_out, valid_out = [], [], []
-    arange = torch.arange(slots, device=cells.device)
-    for lo in range(0, tq, chunk):
-        hi = min(lo + chunk, tq)
-        ends = counts[:, lo:hi].cumsum(-1)  # (B, c, H*K) inclusive prefix sums
-        slot = arange.expand(bsz, hi - lo, slots).contiguous()
-        cell = torch.searchsorted(ends, slot, right=True).clamp_max(heads * width - 1)
-        used = slot < totals[:, lo:hi, None]
-        head, bin_ = cell // width, cell % width
-        emitted = counts[:, lo:hi].gather(-1, cell)
-        offset = slot - (ends.gather(-1, cell) - emitted)  # index of this key inside its cell
-        size = sizes[:, lo:hi].gather(-1, bin_)
-        start = starts[:, lo:hi].gather(-1, bin_)
-        # evenly spaced picks: the centre of each of `emitted` equal sub-ranges
-        rank = start + ((2 * offset + 1) * size) // (2 * emitted.clamp_min(1))
-        key = positions.gather(-1, rank.clamp(0, positions.shape[-1] - 1).flatten(1)).view_as(rank)
-        head_out.append(torch.where(used, head, 0))
-        key_out.append(torch.where(used, key, 0))
-        valid_out.append(used)
-    return KeySlots(torch.cat(head_out, 1), torch.cat(key_out, 1), torch.cat(valid_out, 1))
+    valid = torch.arange(slots, device=device) < totals.view(bsz, tq, 1)
+    head_out = torch.zeros(bsz, tq, slots, dtype=torch.long, device=device)
+    key_out = torch.zeros(bsz, tq, slots, dtype=torch.long, device=device)
+    if bool(key_valid.all()):
+        positions = None  # rank r is key r
+    else:
+        positions = valid_key_positions(key_valid).reshape(-1)
+        key_row = (row // tq) * key_valid.shape[-1]  # each cell's batch row in the flat positions
+    for lo in range(0, bsz * tq, chunk):
+        c0, c1 = first_cell[lo], first_cell[min(lo + chunk, bsz * tq)]
+        if c0 == c1:
+            continue
+        n, sz = emitted[c0:c1, None], size[c0:c1, None]
+        most = int(n.max())
+        # (cells, most) grid; a cell's extra columns repeat its last key (same slot, same value)
+        offset = torch.arange(most, device=device).minimum(n - 1)
+        rank = _even_picks(offset, sz, n, (2 * most - 1) * int(sz.max()) + 2 * most).add_(start[c0:c1, None])
+        key = rank if positions is None else positions.gather(0, (rank + key_row[c0:c1, None]).flatten())
+        target = offset.add_(first_slot[c0:c1, None]).flatten()
+        key_out.view(-1).scatter_(0, target, key.flatten())
+        head_out.view(-1).scatter_(0, target, head[c0:c1, None].expand_as(rank).flatten())
+    return KeySlots(head_out, key_out, valid)
 
 
 def compress_attention(attention: Tensor, key_valid: Tensor, lengths: Tensor, width: int) -> Tensor:

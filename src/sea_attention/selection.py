@@ -47,6 +47,31 @@ def _ranked(scores: Tensor) -> Tensor:
     return ranks
 
 
+def _top_budget(scores: Tensor, budget: Tensor) -> Tensor:
+    """The ``budget`` best elements of every row: scores (..., W), budget (...) -> (..., W) bool.
+
+    Exactly ``_ranked(scores) < budget[..., None]`` (best first, ties by position), without
+    sorting the rows: t, the budget-th largest value (``topk``), splits a row into the
+    elements above t, all taken, and those equal to t, taken by position while the budget
+    lasts. A row whose ties at t overflow its budget is the only one that needs a cumsum.
+    """
+    most = min(int(budget.max()) if budget.numel() else 0, scores.shape[-1])
+    if most <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    top = scores.topk(most, dim=-1).values  # (..., most), descending
+    threshold = top.gather(-1, (budget - 1).clamp(0, most - 1).unsqueeze(-1))
+    threshold = threshold.masked_fill((budget <= 0).unsqueeze(-1), float("inf"))  # budget 0: nothing
+    picked = scores >= threshold
+    overflow = picked.sum(-1, dtype=torch.int32) > budget  # ties at the threshold exceed the budget
+    if bool(overflow.any()):
+        rows = overflow.nonzero(as_tuple=True)
+        row, t = scores[rows], threshold[rows]
+        above, tied = row > t, row == t
+        room = budget[rows].unsqueeze(-1) - above.sum(-1, keepdim=True)
+        picked[rows] = above | (tied & (tied.cumsum(-1) <= room))
+    return picked
+
+
 def _masked_scores(estimate: Tensor, lengths: Tensor) -> Tensor:
     """Probabilities with dead bins and padding queries pushed below every real cell."""
     live = live_cells(lengths, estimate.shape[-1]).unsqueeze(1)  # (B, 1, Tq, K)
@@ -61,20 +86,23 @@ def select_cells(estimate: Tensor, lengths: Tensor, k: int, grouping: str, chunk
     ``sample`` (one sample), ``head`` (one sample and head).
     """
     bsz, heads, tq, width = estimate.shape
-    scores = _masked_scores(estimate.detach(), lengths)
     if grouping in ("query", "query_head"):
         group_heads = heads if grouping == "query" else 1
         budget = cell_budget(lengths, k, width, group_heads)  # (B, Tq)
-        out = []
+        out = torch.empty(bsz, heads, tq, width, dtype=torch.bool, device=estimate.device)
         for lo in range(0, tq, chunk):
-            part = scores[:, :, lo:lo + chunk]  # (B, H, c, K)
+            part, rows_len = estimate[:, :, lo:lo + chunk].detach(), lengths[:, lo:lo + chunk]  # (B, H, c, K)
+            # only rows with 0 < L < K have dead bins; padding rows (L = 0) get no budget at all
+            part = _masked_scores(part, rows_len) if bool(((rows_len > 0) & (rows_len < width)).any()) else part.float()
+            rows = part.shape[2]
             if grouping == "query":
-                flat = part.permute(0, 2, 1, 3).reshape(bsz, part.shape[2], heads * width)
-                picked = _ranked(flat) < budget[:, lo:lo + chunk, None]
-                out.append(picked.view(bsz, -1, heads, width).permute(0, 2, 1, 3))
+                flat = part.permute(0, 2, 1, 3).reshape(bsz, rows, heads * width)
+                picked = _top_budget(flat, budget[:, lo:lo + chunk])
+                out[:, :, lo:lo + chunk] = picked.view(bsz, rows, heads, width).permute(0, 2, 1, 3)
             else:
-                out.append(_ranked(part) < budget[:, None, lo:lo + chunk, None])
-        return torch.cat(out, dim=2)
+                out[:, :, lo:lo + chunk] = _top_budget(part, budget[:, None, lo:lo + chunk].expand(-1, heads, -1))
+        return out
+    scores = _masked_scores(estimate.detach(), lengths)
     if grouping == "sample":
         budget = cell_budget(lengths, k, width, heads).sum(-1)  # (B,)
         flat = scores.reshape(bsz, -1)

@@ -95,7 +95,7 @@ def _cells_chunk(q_chunk: Tensor, k_flat: Tensor, v_flat: Tensor, keys: BlockKey
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
-                           scale: float, cap: int, chunk_blocks: int = 8, mode: str = "auto") -> tuple[Tensor, Tensor]:
+                           scale: float, cap: int, chunk_blocks: int = 16, mode: str = "auto") -> tuple[Tensor, Tensor]:
     """Softmax attention of each query over its block's selected keys (plus its tile).
 
     q (B, H, Tq, d); k, v (B, H_kv, Tk, d); ``key_valid`` (B, Tk). Returns the context
