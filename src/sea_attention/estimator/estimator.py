@@ -90,7 +90,8 @@ class AttentionEstimator(nn.Module):
         new_positions = positions[:, past:] if positions is not None else None
         code = self.position_code(new_valid, new_positions, offset).to(torch.float32)  # (B, Tk', d)
         values = torch.cat([code.unsqueeze(1).expand(-1, kv_heads, -1, -1), v[:, :, past:].float()], dim=-1)
-        values = values * new_valid[:, None, :, None]  # (B, H_kv, Tk', 2d)
+        if not bool(new_valid.all()):  # padding values may hold anything (NaN * 0 is NaN): zero them
+            values = values * new_valid[:, None, :, None]  # (B, H_kv, Tk', 2d)
         root = math.sqrt(scale)
         phi_q = self.features(q * root, is_query=True).view(bsz, kv_heads, groups, tq, -1)
         phi_k = self.features(k[:, :, past:] * root, is_query=False) * new_valid[:, None, :, None]

@@ -29,8 +29,12 @@ def _use_dense(mode: str, dense_work: int, cell_work: int) -> bool:
     return mode == "dense" or (mode == "auto" and dense_work <= 2 * cell_work)
 
 
-def _dense_chunk(q_chunk: Tensor, k_span: Tensor, v_span: Tensor, allowed: Tensor,
-                 lowest: float) -> tuple[Tensor, Tensor]:
+def _pad_rows(x: Tensor, front: int, back: int) -> Tensor:
+    """Zero rows before and after the T axis of (..., T, d); no copy when there are none."""
+    return F.pad(x, (0, 0, front, back)) if front or back else x
+
+
+def _dense_chunk(q_chunk: Tensor, k_span: Tensor, v_span: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
     """Blocks scored against every key of the span, then masked: (B, n, H, Bq, d), (B, n, H, Bq).
 
     q_chunk (B, H, n, Bq, d) already scaled; k_span, v_span (B, H_kv, span, d); allowed (B, H, n, Bq, span).
@@ -39,8 +43,10 @@ def _dense_chunk(q_chunk: Tensor, k_span: Tensor, v_span: Tensor, allowed: Tenso
     kv_heads, span = k_span.shape[1], k_span.shape[2]
     q_grouped = q_chunk.reshape(bsz, kv_heads, -1, dim)  # the heads of one kv head share its keys
     scores = (q_grouped @ k_span.transpose(-1, -2)).view(bsz, heads, n, block, span)
-    probs = torch.softmax(scores.masked_fill_(~allowed, lowest), dim=-1) * allowed  # rows with no key: 0
-    out = (probs.view(bsz, kv_heads, -1, span) @ v_span).view(bsz, heads, n, block, dim)
+    # -inf, not the lowest float: exp() takes a slow path on huge finite negatives
+    probs = torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)
+    probs = probs.masked_fill(~allowed, 0.0)  # rows with no key at all are NaN until here
+    out = (probs.reshape(bsz, kv_heads, -1, span) @ v_span).view(bsz, heads, n, block, dim)
     return out.transpose(1, 2), allowed.sum(-1).transpose(1, 2)
 
 
@@ -62,21 +68,22 @@ def _cells_chunk(q_chunk: Tensor, k_flat: Tensor, v_flat: Tensor, keys: BlockKey
     v_cells = v_flat.index_select(0, rows.flatten()).view(*rows.shape, dim)
     head_of = keys.head[..., None, None].expand(-1, -1, -1, block, dim)
     q_cells = q_chunk.transpose(1, 2).gather(2, head_of)  # (B, n, C, Bq, d): each cell's own head
-    w_cells = (q_cells @ k_cells.transpose(-1, -2)).masked_fill_(~keys.valid.unsqueeze(-2), lowest)  # (B, n, C, Bq, E)
+    # masked scores are -inf (exp() is slow on huge finite negatives); the shift below stays finite
+    w_cells = (q_cells @ k_cells.transpose(-1, -2)).masked_fill_(~keys.valid.unsqueeze(-2), float("-inf"))
     head_rows = keys.head.unsqueeze(-1).expand(-1, -1, -1, block)  # (B, n, C, Bq)
     if selection.causal:
         allowed = tile_mask(selection, key_valid, lo, hi).unsqueeze(1)  # (B, 1, n, Bq, Bq)
         q_grouped = q_chunk.reshape(bsz, kv_heads, groups, n, block, dim)
         k_tiles, v_tiles = tiles  # (B, H_kv, n, Bq, d): each block's own keys
         w_tile = (q_grouped @ k_tiles.unsqueeze(2).transpose(-1, -2)).view(bsz, heads, n, block, block)
-        w_tile = w_tile.masked_fill_(~allowed, lowest)
+        w_tile = w_tile.masked_fill_(~allowed, float("-inf"))
     with torch.no_grad():  # softmax is shift-invariant: the per-head maximum needs no gradient
         peak = torch.full((bsz, n, heads, block), lowest, dtype=q_chunk.dtype, device=q_chunk.device)
         peak = peak.scatter_reduce_(2, head_rows, w_cells.amax(-1), "amax")  # (B, n, H, Bq)
         if selection.causal:
             peak = torch.maximum(peak, w_tile.amax(-1).transpose(1, 2))
-    # a masked score sits at `lowest`, so exp(score - peak) is 0 unless the whole row of that
-    # head is masked (peak = lowest); those rows are zeroed at the end
+    # exp(-inf - peak) = 0 exactly; a row of one head with no key at all keeps peak = lowest
+    # (finite, so no NaN) and is zeroed at the end
     w_cells = w_cells.sub_(peak.gather(2, head_rows).unsqueeze(-1)).exp_()
     numerator = torch.zeros(bsz, n, heads, block, dim, dtype=q_chunk.dtype, device=q_chunk.device)
     numerator = numerator.scatter_add_(2, head_of, w_cells @ v_cells)
@@ -95,7 +102,7 @@ def _cells_chunk(q_chunk: Tensor, k_flat: Tensor, v_flat: Tensor, keys: BlockKey
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
-                           scale: float, cap: int, chunk_blocks: int = 16, mode: str = "auto") -> tuple[Tensor, Tensor]:
+                           scale: float, cap: int, chunk_blocks: int = 8, mode: str = "auto") -> tuple[Tensor, Tensor]:
     """Softmax attention of each query over its block's selected keys (plus its tile).
 
     q (B, H, Tq, d); k, v (B, H_kv, Tk, d); ``key_valid`` (B, Tk). Returns the context
@@ -110,16 +117,16 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSele
     kv_heads, tk = k.shape[1], k.shape[2]
     groups, block, num_blocks = heads // kv_heads, selection.block, selection.num_blocks
     compute = torch.promote_types(q.dtype, torch.float32)
-    lowest = torch.finfo(compute).min  # finite: rows without keys stay NaN-free
+    lowest = torch.finfo(compute).min  # the softmax shift's floor: finite, so rows without keys stay NaN-free
     start = selection.first_block * block  # key position of row 0 of block 0
     front, back = selection.first - start, num_blocks * block - tq - (selection.first - start)
     q_scaled = q.to(compute) * scale  # the scale folded into q once, not into every score
-    q_blocks = F.pad(q_scaled, (0, 0, front, back)).view(bsz, heads, num_blocks, block, dim)
+    q_blocks = _pad_rows(q_scaled, front, back).view(bsz, heads, num_blocks, block, dim)
     k_c, v_c = k.to(compute), v.to(compute)
     k_flat, v_flat = k_c.reshape(-1, dim), v_c.reshape(-1, dim)
     if selection.causal:  # each block's own keys, padded past the end
         pad = start + num_blocks * block - tk
-        k_tiles, v_tiles = (F.pad(x[:, :, start:], (0, 0, 0, pad)).view(bsz, kv_heads, num_blocks, block, dim)
+        k_tiles, v_tiles = (_pad_rows(x[:, :, start:], 0, pad).view(bsz, kv_heads, num_blocks, block, dim)
                             for x in (k_c, v_c))
     positions = valid_key_positions(key_valid)
 
@@ -133,7 +140,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSele
         cells, emitted = keys.key.shape[-2:]
         if _use_dense(mode, heads * span, cells * (emitted + dim)):
             allowed = span_mask(selection, keys, key_valid, lo, hi, span, heads)  # (B, H, n, Bq, span)
-            out, count = _dense_chunk(q_blocks[:, :, lo:hi], k_c[:, :, :span], v_c[:, :, :span], allowed, lowest)
+            out, count = _dense_chunk(q_blocks[:, :, lo:hi], k_c[:, :, :span], v_c[:, :, :span], allowed)
         else:
             tiles = (k_tiles[:, :, lo:hi], v_tiles[:, :, lo:hi]) if selection.causal else None
             out, count = _cells_chunk(q_blocks[:, :, lo:hi], k_flat, v_flat, keys, selection, key_valid, lo, hi,
