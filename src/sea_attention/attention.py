@@ -177,7 +177,9 @@ class SEAAttention(nn.Module):
                         state: DecodeState | None) -> Tensor:
         """The average branch: mean of V over each query's valid keys, (B, H, Tq, d)."""
         past = state.seen if state is not None else 0  # the past is in the running sum
-        masked = v[:, :, past:].float() * key_valid[:, None, past:, None]
+        masked = v[:, :, past:].float()
+        if not bool(key_valid[:, past:].all()):
+            masked = masked * key_valid[:, None, past:, None]
         if past:
             sums = state.value_sum.unsqueeze(2) + _running_sum(masked)
         elif self.config.causal:

@@ -35,11 +35,13 @@ class TokenEncoder(nn.Module):
         width = performer.shape[-1]
         # the first layer reads [performer, own value]: two products instead of a concatenation,
         # and the value's product is done once per kv head
-        value_part = F.linear(own_value, linear.weight[:, width:])  # (B, H_kv, T, 2d)
+        value_part = F.linear(own_value, linear.weight[:, width:], linear.bias)  # (B, H_kv, T, 2d)
         groups = performer.shape[1] // own_value.shape[1]
         value_part = value_part.repeat_interleave(groups, dim=1) if groups > 1 else value_part
-        return act(norm(torch.addmm(linear.bias, performer.flatten(0, -2), linear.weight[:, :width].T,
-                                    ).view_as(value_part) + value_part))
+        # the value part (and bias) enters as addmm's input: no separate pass to add them
+        both = torch.addmm(value_part.reshape(-1, value_part.shape[-1]), performer.flatten(0, -2),
+                           linear.weight[:, :width].T)
+        return act(norm(both.view_as(value_part)))
 
     def image(self, hidden: Tensor) -> Tensor:
         """hidden (B, H, T, 2d) -> CNN image (B, H*c, T, w): chunk c of a head's row -> channel h*c + c."""

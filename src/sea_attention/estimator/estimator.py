@@ -93,8 +93,8 @@ class AttentionEstimator(nn.Module):
         if not bool(new_valid.all()):  # padding values may hold anything (NaN * 0 is NaN): zero them
             values = values * new_valid[:, None, :, None]  # (B, H_kv, Tk', 2d)
         root = math.sqrt(scale)
-        phi_q = self.features(q * root, is_query=True).view(bsz, kv_heads, groups, tq, -1)
-        phi_k = self.features(k[:, :, past:] * root, is_query=False) * new_valid[:, None, :, None]
+        phi_q = self.features(q, is_query=True, root=root).view(bsz, kv_heads, groups, tq, -1)
+        phi_k = self.features(k[:, :, past:], is_query=False, root=root) * new_valid[:, None, :, None]
         if cfg.causal:
             performer, performer_state = causal_linear_attention(
                 phi_q, phi_k, values, state=state.performer if past else None)

@@ -31,7 +31,7 @@ def orthogonal_gaussian_projection(num_features: int, dim: int, generator: torch
 
 
 class RandomFeatures(nn.Module):
-    """phi(x) for queries and keys; x arrives already multiplied by sqrt(scale).
+    """phi(x) for queries and keys, x scaled by ``root`` = sqrt(scale) first.
 
     ``relu``:  phi(x) = ReLU(W x) + 1e-3.
     ``favor``: phi(x) = m^-1/2 (exp(W x - |x|^2 / 2 - s) + 1e-4), where the stabiliser s
@@ -53,12 +53,13 @@ class RandomFeatures(nn.Module):
         fresh = orthogonal_gaussian_projection(self.num_features, self.projection.shape[1], generator)
         self.projection.copy_(fresh.to(self.projection))
 
-    def forward(self, x: Tensor, is_query: bool) -> Tensor:  # (..., d) -> (..., m), fp32
+    def forward(self, x: Tensor, is_query: bool, root: float = 1.0) -> Tensor:  # (..., d) -> (..., m), fp32
+        """phi(root * x): the factor goes into the small projection, not into a copy of x."""
         x = x.float()
-        projected = x @ self.projection.float().T
+        projected = x @ (self.projection.float() * root).T
         if self.kind == "relu":
             return torch.relu(projected) + RELU_EPS
-        exponent = projected - 0.5 * x.pow(2).sum(-1, keepdim=True)
+        exponent = projected - (0.5 * root * root) * x.pow(2).sum(-1, keepdim=True)
         if is_query:
             exponent = exponent - exponent.amax(-1, keepdim=True).detach()
         return (torch.exp(exponent) + FAVOR_EPS) / math.sqrt(self.num_features)

@@ -130,7 +130,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSele
                             for x in (k_c, v_c))
     positions = valid_key_positions(key_valid)
 
-    outputs, counts = [], []
+    context = q_blocks.new_empty(bsz, num_blocks, heads, block, dim)  # chunks write into it
+    counts = []
     for lo in range(0, num_blocks, chunk_blocks):
         hi = min(lo + chunk_blocks, num_blocks)
         n = hi - lo
@@ -145,10 +146,10 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSele
             tiles = (k_tiles[:, :, lo:hi], v_tiles[:, :, lo:hi]) if selection.causal else None
             out, count = _cells_chunk(q_blocks[:, :, lo:hi], k_flat, v_flat, keys, selection, key_valid, lo, hi,
                                       tiles, tk, lowest)
-        outputs.append(out)
+        context[:, lo:hi] = out
         counts.append(count)
 
     rows = slice(front, front + tq)
-    context = torch.cat(outputs, 1).permute(0, 2, 1, 3, 4).reshape(bsz, heads, -1, dim)[:, :, rows]
+    context = context.permute(0, 2, 1, 3, 4).reshape(bsz, heads, -1, dim)[:, :, rows]
     nnz = torch.cat(counts, 1).permute(0, 2, 1, 3).reshape(bsz, heads, -1)[:, :, rows]
     return context.to(q.dtype), nnz
