@@ -6,7 +6,7 @@ import torch
 from conftest import exact_attention, make_qkv, padding_mask
 from naive import naive_cells_to_keys
 from sea_attention import DecodeState, SEAAttention, SEAConfig
-from sea_attention.blocks import EXCLUDED, block_dense_mask, select_blocks
+from sea_attention.blocks import EXCLUDED, block_dense_mask, block_slots, select_blocks
 from sea_attention.cells import cell_starts, live_cells, query_lengths
 from sea_attention.ops.block_sparse import block_sparse_attention
 from sea_attention.ops.reference import reference_attention
@@ -204,3 +204,19 @@ def test_inference_estimates_only_the_selecting_rows(tq, tk):
     torch.testing.assert_close(fast.estimate, full.estimate[:, :, rows])
     torch.testing.assert_close(fast.context, full.context)
     assert torch.equal(fast.nnz, full.nnz)
+
+
+@pytest.mark.parametrize("tq, tk", [(1, 37), (3, 70), (2, 2)])
+def test_slots_of_a_few_queries_match_the_mask(tq, tk):
+    """The decoding-sized path (per-query slots) attends exactly the block rule's keys."""
+    torch.manual_seed(3)
+    bsz, heads, width, k, block = 2, 4, 8, 3, 16
+    key_valid = padding_mask(bsz, tk, 5, left=True)
+    query_valid = key_valid[:, tk - tq:]
+    lengths = query_lengths(key_valid, query_valid, True)
+    selection = select_blocks(random_estimate(bsz, heads, tq, width, lengths), lengths, query_valid, tk - tq, k,
+                              block, True)
+    slots = block_slots(selection, key_valid, k, heads, tq)
+    mask = block_dense_mask(selection, key_valid, k, heads, tq)
+    assert torch.equal(slots.dense_mask(heads, tk), mask)
+    assert int(slots.valid.sum()) == int(mask.sum())  # no key twice

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .blocks import block_dense_mask, carry, select_blocks, selecting_rows
+from .blocks import block_dense_mask, block_slots, carry, select_blocks, selecting_rows
 from .cells import KeySlots, cells_to_keys, query_lengths
 from .config import SEAConfig
 from .decoding import DecodeState
@@ -161,6 +161,10 @@ class SEAAttention(nn.Module):
             context, probs = reference_attention(q, k, v, mask, scale)
             attention = probs if return_attention else None
             nnz = mask.sum(-1)
+        elif cfg.causal and tq * 4 <= cfg.query_block:  # decoding: a block of rows would be mostly padding
+            slots = block_slots(selection, key_valid, budget, cfg.num_heads, tq)
+            context, _ = sparse_attention(q, k, v, slots, scale, cfg.query_chunk)
+            nnz = slots.nnz(cfg.num_heads)
         else:
             context, nnz = block_sparse_attention(q, k, v, selection, key_valid, scale, budget)
         return context, attention, selection.per_query_cells(tq), nnz
