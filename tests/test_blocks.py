@@ -25,6 +25,15 @@ def random_estimate(bsz, heads, tq, width, lengths):
     return torch.softmax(logits, -1).nan_to_num(0.0)
 
 
+def random_selection(bsz, heads, tq, tk, k, pad, causal, width=8, block=16):
+    """A block selection from a random estimate: (key_valid, query_valid, selection)."""
+    key_valid = padding_mask(bsz, tk, pad, left=causal)
+    query_valid = key_valid[:, tk - tq:]
+    lengths = query_lengths(key_valid, query_valid, causal)
+    estimate = random_estimate(bsz, heads, tq, width, lengths)
+    return key_valid, query_valid, select_blocks(estimate, lengths, query_valid, tk - tq, k, block, causal)
+
+
 def naive_block_keys(estimate, lengths, key_valid, first, k, block, causal):
     """Loop version of the block rule: the set of (b, h, i, key) every query attends."""
     bsz, heads, tq, width = estimate.shape
@@ -107,12 +116,8 @@ def test_block_op_matches_reference_with_gradients(batch, heads, kv_heads, tq, t
 @pytest.mark.parametrize("causal, kv_heads, tq, tk", [(True, 2, 70, 70), (True, 1, 21, 90), (False, 4, 60, 60)])
 def test_both_strategies_match_the_reference(mode, causal, kv_heads, tq, tk):
     torch.manual_seed(2)
-    bsz, heads, width, k, block = 2, 4, 8, 3, 16
-    key_valid = padding_mask(bsz, tk, 7, left=causal)
-    query_valid = key_valid[:, tk - tq:]
-    lengths = query_lengths(key_valid, query_valid, causal)
-    selection = select_blocks(random_estimate(bsz, heads, tq, width, lengths), lengths, query_valid, tk - tq, k,
-                              block, causal)
+    bsz, heads, k = 2, 4, 3
+    key_valid, query_valid, selection = random_selection(bsz, heads, tq, tk, k, pad=7, causal=causal)
     q, k_, v = make_qkv(bsz, heads, kv_heads, tq, tk, 8, dtype=torch.float64, requires_grad=True)
     out, nnz = block_sparse_attention(q, k_, v, selection, key_valid, 0.3, k, chunk_blocks=2, mode=mode)
     mask = block_dense_mask(selection, key_valid, k, heads, tq)
@@ -201,7 +206,10 @@ def test_inference_estimates_only_the_selecting_rows(tq, tk):
     rows = fast.estimate_rows
     first = tk - tq
     assert rows.tolist() == sorted({max(0, p // 8 * 8 - first) for p in range(first, tk)})
-    torch.testing.assert_close(fast.estimate, full.estimate[:, :, rows])
+    torch.testing.assert_close(fast.estimate[:, :, rows], full.estimate[:, :, rows])
+    others = torch.ones(tq, dtype=torch.bool)
+    others[rows] = False
+    assert bool(fast.estimate[:, :, others].isnan().all())  # rows not estimated fail loudly
     torch.testing.assert_close(fast.context, full.context)
     assert torch.equal(fast.nnz, full.nnz)
 
@@ -210,12 +218,8 @@ def test_inference_estimates_only_the_selecting_rows(tq, tk):
 def test_slots_of_a_few_queries_match_the_mask(tq, tk):
     """The decoding-sized path (per-query slots) attends exactly the block rule's keys."""
     torch.manual_seed(3)
-    bsz, heads, width, k, block = 2, 4, 8, 3, 16
-    key_valid = padding_mask(bsz, tk, 5, left=True)
-    query_valid = key_valid[:, tk - tq:]
-    lengths = query_lengths(key_valid, query_valid, True)
-    selection = select_blocks(random_estimate(bsz, heads, tq, width, lengths), lengths, query_valid, tk - tq, k,
-                              block, True)
+    heads, k = 4, 3
+    key_valid, _, selection = random_selection(2, heads, tq, tk, k, pad=5, causal=True)
     slots = block_slots(selection, key_valid, k, heads, tq)
     mask = block_dense_mask(selection, key_valid, k, heads, tq)
     assert torch.equal(slots.dense_mask(heads, tk), mask)

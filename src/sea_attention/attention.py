@@ -27,17 +27,19 @@ class SEAOutput:
     """
 
     context: Tensor  # (B, H, Tq, d) attention output before the output projection
-    estimate: Tensor  # (B, H, Tq, K) compressed estimated attention probabilities (see estimate_rows)
+    estimate: Tensor  # (B, H, Tq, K) compressed estimated attention probabilities (NaN rows: see estimate_rows)
     nnz: Tensor  # (B, H, Tq) keys each query attended to, per head
     attention: Tensor | None  # (B, H, Tq, Tk) sparse probabilities, only with return_attention=True
     estimate_logits: Tensor  # (B, H, Tq, K) the estimator's raw logits
     gates: Tensor | None  # (B, H, Tq, 2) sigmoid gates (scale, mix), None when gating is off
-    cells: Tensor  # (B, H, Tq, K) bool, the selected cells (block grouping: the block's, in its bins)
+    cells: Tensor  # (B, H, Tq, K) bool, the selected cells (block grouping: the block's, in the bins of
+    # its selecting row, whose length is not this row's: map them with blocks.block_dense_mask)
     slots: KeySlots | None  # the selected keys, flattened over heads (None with the block grouping)
     lengths: Tensor  # (B, Tq) valid keys of each query's row
-    # None: estimate / estimate_logits hold every query row. Otherwise the (n,) rows they hold:
-    # with grouping="block" in causal inference (no autograd, no decoding state, no attention
-    # view asked for) only the rows that select are estimated, which saves most of the CNN
+    # None: every query row was estimated. Otherwise the (n,) rows that were: with
+    # grouping="block" in causal inference (no autograd, no decoding state, no attention view
+    # asked for) only the rows that select are, which saves most of the CNN; the other rows of
+    # estimate / estimate_logits are NaN, so using them fails loudly instead of silently
     estimate_rows: Tensor | None = None
 
 
@@ -114,9 +116,12 @@ class SEAAttention(nn.Module):
         if self.output_norm is not None:
             context = self._norm_output(context)
         context = context * query_valid[:, None, :, None].to(context.dtype)  # after the norm: its bias must not leak
+        probs, logits = estimate.probs, estimate.logits
+        if estimate.rows is not None:
+            probs, logits = (_full_rows(x, estimate.rows, tq) for x in (probs, logits))
         return SEAOutput(
-            context=context, estimate=estimate.probs, nnz=nnz, attention=attention,
-            estimate_logits=estimate.logits, gates=gates, cells=cells, slots=slots, lengths=lengths,
+            context=context, estimate=probs, nnz=nnz, attention=attention,
+            estimate_logits=logits, gates=gates, cells=cells, slots=slots, lengths=lengths,
             estimate_rows=estimate.rows,
         )
 
@@ -167,7 +172,8 @@ class SEAAttention(nn.Module):
             nnz = slots.nnz(cfg.num_heads)
         else:
             context, nnz = block_sparse_attention(q, k, v, selection, key_valid, scale, budget)
-        return context, attention, selection.per_query_cells(tq), nnz
+        valid = query_valid[:, None, :]  # padding queries report no keys, as with the other groupings
+        return context, attention, selection.per_query_cells(tq) & valid.unsqueeze(-1), nnz * valid
 
     def _use_flex(self, q: Tensor, k: Tensor, v: Tensor, return_attention: bool) -> bool:
         """FlexAttention runs only where it can: no dense attention view asked for, and no
@@ -269,3 +275,9 @@ def _running_sum(x: Tensor) -> Tensor:
     """cumsum over T of (B, H, T, d): a scan along the last, contiguous axis is several times
     faster on CPU than along T, even with the two transposed copies."""
     return x.transpose(-1, -2).contiguous().cumsum(-1).transpose(-1, -2)
+
+
+def _full_rows(x: Tensor, rows: Tensor, tq: int) -> Tensor:
+    """(B, H, n, K) estimated rows -> (B, H, Tq, K) with NaN in the rows not estimated."""
+    full = x.new_full((*x.shape[:2], tq, x.shape[-1]), float("nan"))
+    return full.index_copy_(2, rows, x)

@@ -40,7 +40,9 @@ class SEAConfig:
             ``query_block`` consecutive positions shares one selection (the ``query``
             selection of its first row when causal, of its mean row otherwise), and causal
             queries also attend their own block's keys up to themselves; the attention is
-            then dense block products (``blocks.py``), much faster on long inputs.
+            then dense block products (``blocks.py``), much faster on long inputs. Blocks
+            are cut at absolute positions, so unlike the other groupings the result depends
+            on how much left padding a sample has (batched vs single prompts can differ).
         gating: learned sigmoid gates that scale the sparse attention and mix it with an
             average branch (running mean of V when causal, mean of V otherwise).
         output_mode: ``"mix"`` returns the gated context; ``"norm"`` returns

@@ -21,7 +21,7 @@ from .positions import LearnedPositionCode, tent_code
 class Estimate:
     """What the estimator predicts for each query and head."""
 
-    logits: Tensor  # (B, H, Tq, K) raw CNN output (B, H, n, K) when only ``rows`` were estimated
+    logits: Tensor  # (B, H, Tq, K) raw CNN output; (B, H, n, K) when only ``rows`` were estimated
     probs: Tensor  # like logits: softmax over the row's live bins; 0 for dead bins and padding queries
     gate_logits: Tensor  # (B, H, Tq, 2): s0 scales the sparse attention, s1 mixes in the average branch
     rows: Tensor | None = None  # (n,) the query rows that logits and probs hold; None: all of them
