@@ -27,10 +27,10 @@ class SEAOutput:
     """
 
     context: Tensor  # (B, H, Tq, d) attention output before the output projection
-    estimate: Tensor  # (B, H, Tq, K) compressed estimated attention probabilities (NaN rows: see estimate_rows)
+    estimated: Tensor  # (B, H, n, K) the estimated rows' probabilities (all Tq rows unless estimate_rows)
     nnz: Tensor  # (B, H, Tq) keys each query attended to, per head
     attention: Tensor | None  # (B, H, Tq, Tk) sparse probabilities, only with return_attention=True
-    estimate_logits: Tensor  # (B, H, Tq, K) the estimator's raw logits
+    estimated_logits: Tensor  # (B, H, n, K) the estimator's raw logits for the same rows
     gates: Tensor | None  # (B, H, Tq, 2) sigmoid gates (scale, mix), None when gating is off
     cells: Tensor  # (B, H, Tq, K) bool, the selected cells (block grouping: the block's, in the bins of
     # its selecting row, whose length is not this row's: map them with blocks.block_dense_mask)
@@ -38,9 +38,25 @@ class SEAOutput:
     lengths: Tensor  # (B, Tq) valid keys of each query's row
     # None: every query row was estimated. Otherwise the (n,) rows that were: with
     # grouping="block" in causal inference (no autograd, no decoding state, no attention view
-    # asked for) only the rows that select are, which saves most of the CNN; the other rows of
-    # estimate / estimate_logits are NaN, so using them fails loudly instead of silently
+    # asked for) only the rows that select are, which saves most of the CNN
     estimate_rows: Tensor | None = None
+
+    @property
+    def estimate(self) -> Tensor:
+        """(B, H, Tq, K) compressed estimated attention probabilities; rows that were not
+        estimated (see ``estimate_rows``) are NaN, so using them fails loudly."""
+        return self._all_rows(self.estimated)
+
+    @property
+    def estimate_logits(self) -> Tensor:
+        """(B, H, Tq, K) the estimator's raw logits (NaN rows as in ``estimate``)."""
+        return self._all_rows(self.estimated_logits)
+
+    def _all_rows(self, x: Tensor) -> Tensor:
+        if self.estimate_rows is None:
+            return x
+        full = x.new_full((*x.shape[:2], self.lengths.shape[1], x.shape[-1]), float("nan"))
+        return full.index_copy_(2, self.estimate_rows, x)
 
 
 class SEAAttention(nn.Module):
@@ -116,12 +132,9 @@ class SEAAttention(nn.Module):
         if self.output_norm is not None:
             context = self._norm_output(context)
         context = context * query_valid[:, None, :, None].to(context.dtype)  # after the norm: its bias must not leak
-        probs, logits = estimate.probs, estimate.logits
-        if estimate.rows is not None:
-            probs, logits = (_full_rows(x, estimate.rows, tq) for x in (probs, logits))
         return SEAOutput(
-            context=context, estimate=probs, nnz=nnz, attention=attention,
-            estimate_logits=logits, gates=gates, cells=cells, slots=slots, lengths=lengths,
+            context=context, estimated=estimate.probs, nnz=nnz, attention=attention,
+            estimated_logits=estimate.logits, gates=gates, cells=cells, slots=slots, lengths=lengths,
             estimate_rows=estimate.rows,
         )
 
@@ -276,8 +289,3 @@ def _running_sum(x: Tensor) -> Tensor:
     faster on CPU than along T, even with the two transposed copies."""
     return x.transpose(-1, -2).contiguous().cumsum(-1).transpose(-1, -2)
 
-
-def _full_rows(x: Tensor, rows: Tensor, tq: int) -> Tensor:
-    """(B, H, n, K) estimated rows -> (B, H, Tq, K) with NaN in the rows not estimated."""
-    full = x.new_full((*x.shape[:2], tq, x.shape[-1]), float("nan"))
-    return full.index_copy_(2, rows, x)
