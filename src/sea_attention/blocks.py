@@ -50,6 +50,11 @@ class BlockSelection:
         return self.first // self.block
 
     @property
+    def front(self) -> int:
+        """Rows of the first block that lie before the call's first query."""
+        return self.first - self.first_block * self.block
+
+    @property
     def num_blocks(self) -> int:
         return self.cells.shape[2]
 
@@ -252,5 +257,4 @@ def block_dense_mask(selection: BlockSelection, key_valid: Tensor, cap: int, num
     bsz, tk = key_valid.shape
     keys = block_keys(selection, key_valid, cap, 0, selection.num_blocks)
     mask = span_mask(selection, keys, key_valid, 0, selection.num_blocks, tk, num_heads)  # (B, H, nb, Bq, Tk)
-    front = selection.first - selection.first_block * selection.block
-    return mask.flatten(2, 3)[:, :, front:front + tq]
+    return mask.flatten(2, 3)[:, :, selection.front:selection.front + tq]

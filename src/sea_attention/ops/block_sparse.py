@@ -119,7 +119,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSele
     compute = torch.promote_types(q.dtype, torch.float32)
     lowest = torch.finfo(compute).min  # the softmax shift's floor: finite, so rows without keys stay NaN-free
     start = selection.first_block * block  # key position of row 0 of block 0
-    front, back = selection.first - start, num_blocks * block - tq - (selection.first - start)
+    front = selection.front
+    back = num_blocks * block - tq - front
     q_scaled = q.to(compute) * scale  # the scale folded into q once, not into every score
     q_blocks = _pad_rows(q_scaled, front, back).view(bsz, heads, num_blocks, block, dim)
     k_c, v_c = k.to(compute), v.to(compute)
