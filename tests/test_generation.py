@@ -6,7 +6,8 @@ from transformers import (
     DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
 )
 
-from sea_attention.hf import patch
+from sea_attention.hf import patch, sea_attention_forward, sea_layers
+from sea_attention.hf.decoding import DecodingStateError, find_cache
 
 VOCAB = 101
 
@@ -93,3 +94,40 @@ def test_out_of_sync_cache_is_an_error():
             layer.sea_state.seen = 3  # simulate a cache that lost track
         with pytest.raises(ValueError, match="past keys"):
             model(input_ids=torch.randint(1, VOCAB, (1, 1)), past_key_values=cache, use_cache=True)
+
+
+def test_each_step_reuses_the_decoding_state():
+    """Per-token decoding continues the prefill's state: the Performer sums grow by exactly the
+    new key's features (a fallback that recomputed or skipped the state would not)."""
+    model = build("llama")
+    ids = torch.randint(1, VOCAB, (1, 11))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids[:, :10], past_key_values=cache, use_cache=True)
+        before = [(layer.sea_state, *(x.clone() for x in layer.sea_state.performer)) for layer in cache.layers]
+        model(input_ids=ids[:, 10:], past_key_values=cache, use_cache=True)
+    for (_, module, sea), layer, (state, kv, normaliser) in zip(sea_layers(model), cache.layers, before):
+        assert layer.sea_state is state and state.seen == 11
+        new_key, new_value = layer.keys[:, :, -1:], layer.values[:, :, -1:]  # (B, H_kv, 1, d)
+        phi = sea.estimator.features(new_key, is_query=False, root=module.scaling ** 0.5)  # (B, H_kv, 1, m)
+        torch.testing.assert_close(state.performer[1] - normaliser, phi[:, :, 0], atol=1e-5, rtol=1e-5)
+        grown_values = (state.performer[0] - kv)[..., -new_value.shape[-1]:]  # (B, H_kv, m, d): the V part
+        torch.testing.assert_close(grown_values, phi.transpose(-1, -2) @ new_value, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cache_is_found_whatever_its_keyword():
+    cache = DynamicCache()
+    assert find_cache((), {"cache": cache}) is cache
+    assert find_cache((), {"past_key_values": cache}) is cache
+    assert find_cache((), {"a_future_name": cache, "use_cache": True}) is cache
+    assert find_cache((torch.zeros(1), cache), {}) is cache
+    assert find_cache((), {"use_cache": True}) is None
+
+
+def test_decoding_without_a_state_is_refused():
+    """A call with past keys and no cache to carry SEA's state must not compute something else."""
+    model = build("llama")
+    module = sea_layers(model)[0][1]
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(DecodingStateError, match=r"4 past keys .* no transformers Cache .*transformers \d"):
+        sea_attention_forward(module, q, k, v, None, scaling=0.25)

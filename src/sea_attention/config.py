@@ -47,8 +47,9 @@ class SEAConfig:
             average branch (running mean of V when causal, mean of V otherwise).
         output_mode: ``"mix"`` returns the gated context; ``"norm"`` returns
             LayerNorm(context) + context (over all heads).
-        max_positions: rows of the learned positional table (causal only); the
-            longest sequence the estimator accepts.
+        max_positions: rows of the learned positional table (causal only): a hard limit,
+            the longest sequence a causal estimator accepts. ``patch`` sets it to the
+            model's own maximum positions.
         feature_redraw_interval: redraw the random features every this many optimizer
             steps during distillation; 0 keeps them fixed.
         attention_path: ``"sparse"`` (linear memory, the default), ``"reference"``
@@ -71,7 +72,7 @@ class SEAConfig:
     grouping: str = "query"
     gating: bool = True
     output_mode: str = "mix"
-    max_positions: int = 2048
+    max_positions: int = 8192
     feature_redraw_interval: int = 0
     attention_path: str = "sparse"
     query_chunk: int = 256

@@ -2,17 +2,24 @@
 
 transformers updates its cache before calling the attention function and does not pass
 the cache to it. A forward pre-hook on every patched attention module remembers the
-``past_key_values`` of the current call; the attention function then keeps a
+transformers ``Cache`` object handed to the module, found by its type among the call's
+arguments, not by a keyword name (the keyword changed from ``past_key_value`` to
+``past_key_values`` to ``cache`` across 4.x and 5.x). The attention function then keeps a
 ``DecodeState`` on that cache's layer object, beside its keys and values. The layer's
 batch operations (beam-search reordering, batch selection and expansion, reset) are
 wrapped so the state follows the keys; cropping (assisted decoding) raises.
+
+A causal call with past keys (Tq < Tk) for which no state can be attached raises
+:class:`DecodingStateError` instead of computing something else.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import transformers
 from torch import nn
+from transformers.cache_utils import Cache
 
 from ..decoding import DecodeState
 
@@ -25,8 +32,7 @@ def attach_cache_hooks(module: nn.Module) -> None:
     """Make ``module`` remember the cache passed to its forward (cleared afterwards)."""
 
     def remember(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
-        object.__setattr__(mod, CACHE_ATTR, cache)
+        object.__setattr__(mod, CACHE_ATTR, find_cache(args, kwargs))
 
     def forget(mod: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         object.__setattr__(mod, CACHE_ATTR, None)
@@ -35,6 +41,18 @@ def attach_cache_hooks(module: nn.Module) -> None:
                module.register_forward_hook(forget, with_kwargs=True))
     object.__setattr__(module, HOOKS_ATTR, handles)
     object.__setattr__(module, CACHE_ATTR, None)
+
+
+class DecodingStateError(ValueError):
+    """A decoding call arrived for which SEA cannot attach its decoding state."""
+
+
+def find_cache(args: tuple, kwargs: dict[str, Any]) -> Cache | None:
+    """The transformers ``Cache`` among a module call's arguments, whatever its keyword."""
+    found = [x for x in (*args, *kwargs.values()) if isinstance(x, Cache)]
+    if len(found) > 1:
+        raise DecodingStateError(f"an attention call got {len(found)} KV caches; SEA expects at most one")
+    return found[0] if found else None
 
 
 def detach_cache_hooks(module: nn.Module) -> None:
@@ -47,15 +65,22 @@ def decode_state(module: nn.Module, layer_idx: int, tq: int, tk: int) -> DecodeS
     """The DecodeState for this call, or None when the forward runs without a cache.
 
     A call with no past keys starts a fresh state; a later call must continue it exactly.
+    A call with past keys but no cache to read the state from raises ``DecodingStateError``.
     """
     cache = module.__dict__.get(CACHE_ATTR)
     if cache is None:
+        if tk > tq:
+            raise DecodingStateError(
+                f"{type(module).__name__} was called with {tk - tq} past keys but SEA found no transformers Cache "
+                f"among its arguments (transformers {transformers.__version__}), so it has no decoding state for "
+                "them; decode through model(..., past_key_values=DynamicCache()) / generate(), or report this "
+                "transformers version as unsupported")
         return None
     cache = getattr(cache, "self_attention_cache", cache)  # encoder-decoder caches
     layers = getattr(cache, "layers", None)
     if layers is None or len(layers) <= layer_idx:
-        raise ValueError(f"SEA decoding needs a transformers Cache with per-layer storage (DynamicCache); "
-                         f"got {type(cache).__name__}")
+        raise DecodingStateError(f"SEA decoding needs a transformers Cache with per-layer storage (DynamicCache); "
+                                 f"got {type(cache).__name__}")
     layer = layers[layer_idx]
     past = tk - tq
     state = getattr(layer, STATE_ATTR, None)
@@ -64,8 +89,8 @@ def decode_state(module: nn.Module, layer_idx: int, tq: int, tk: int) -> DecodeS
         _attach(layer, state)
     elif state is None or state.seen != past:
         seen = "no SEA state" if state is None else f"SEA state for {state.seen} keys"
-        raise ValueError(f"the KV cache holds {past} past keys but {seen}: SEA decoding supports caches that "
-                         "only grow (DynamicCache); sliding-window, static and cropped caches are not supported")
+        raise DecodingStateError(f"the KV cache holds {past} past keys but {seen}: SEA decoding supports caches that "
+                                 "only grow (DynamicCache); sliding-window, static and cropped caches are not supported")
     return state
 
 
