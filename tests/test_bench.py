@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from test_cli import tiny_model_dir  # noqa: F401  (a module fixture: tiny Llama + tokenizer + text)
 
 from sea_attention.bench import (
     STAGES, AttentionBenchPoint, AttentionBenchSetup, bench_attention, format_attention_table, stage_flops,
