@@ -149,10 +149,18 @@ def test_feature_redraw_follows_interval():
 
 
 def test_too_long_for_positional_table():
-    module = sea(max_positions=16)
+    module = sea(max_positions=16, position_code="learned")
     q, k, v = make_qkv(1, 4, 2, 20, 20, 16)
     with pytest.raises(ValueError, match="max_positions is 16"):
         module(q, k, v)
+
+
+def test_default_estimator_has_no_length_limit():
+    """Kernel bins and no positional table: every length runs, max_positions is not a limit."""
+    module = sea(max_positions=16)
+    assert module.estimator.positions is None
+    q, k, v = make_qkv(1, 4, 2, 40, 40, 16)
+    assert module(q, k, v).context.isfinite().all()
 
 
 @pytest.mark.parametrize("shapes, kwargs, message", [

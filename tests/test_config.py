@@ -5,9 +5,12 @@ from sea_attention import SEAConfig
 
 def test_defaults_and_derived_values():
     cfg = SEAConfig(num_heads=12, head_dim=64)
-    assert cfg.num_kv_heads == 12 and cfg.feature_kind == "relu" and cfg.grouping == "query"
+    assert cfg.num_kv_heads == 12 and cfg.feature_kind == "favor" and cfg.grouping == "query"
+    assert cfg.kernel_bins and cfg.position_code == "none"
     assert cfg.num_features == 33  # floor(64 ln 64 / 8)
-    assert SEAConfig(num_heads=12, head_dim=64, causal=False).feature_kind == "favor"
+    assert SEAConfig(num_heads=12, head_dim=64, causal=False).position_code == "tent"
+    legacy = SEAConfig(num_heads=12, head_dim=64, kernel_bins=False)  # the paper's causal estimator
+    assert legacy.feature_kind == "relu" and legacy.position_code == "learned"
     assert SEAConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(k=32).k == 32
 
@@ -20,6 +23,8 @@ def test_defaults_and_derived_values():
     (dict(estimate_width=30), "estimate_width must be a multiple of 4"),
     (dict(feature_kind="cos"), "feature_kind must be one of ('favor', 'relu')"),
     (dict(grouping="batch"), "grouping must be one of"),
+    (dict(position_code="tent"), "does not apply when causal=True"),
+    (dict(position_code="rope"), "position_code must be one of"),
     (dict(grouping="sample"), "not allowed when causal=True"),
     (dict(output_mode="add"), "output_mode must be one of ('mix', 'norm')"),
     (dict(attention_path="flash"), "attention_path must be one of ('sparse', 'reference', 'flex')"),
@@ -37,3 +42,11 @@ def test_bidirectional_groupings_and_width():
     SEAConfig(num_heads=4, head_dim=16, causal=False, grouping="sample", estimate_width=6)
     with pytest.raises(ValueError, match="unknown SEAConfig fields"):
         SEAConfig(num_heads=4, head_dim=16).replace(kk=3)
+
+
+def test_a_config_saved_before_kernel_bins_loads_as_it_was():
+    saved = SEAConfig(num_heads=4, head_dim=16, kernel_bins=False).to_dict()
+    del saved["kernel_bins"], saved["position_code"]  # what a save from before these fields holds
+    saved["feature_kind"] = "relu"
+    restored = SEAConfig.from_dict(saved)
+    assert not restored.kernel_bins and restored.position_code == "learned"

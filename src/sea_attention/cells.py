@@ -21,16 +21,23 @@ import torch
 from torch import Tensor
 
 
+def cell_edges(lengths: Tensor, width: int) -> Tensor:
+    """Key ranks where the bins start, and the row's end: (...,) lengths -> (..., K + 1).
+
+    Bin b covers ranks [edges[b], edges[b + 1]): the one definition of a bin.
+    """
+    bins = torch.arange(width + 1, device=lengths.device)
+    return (bins * lengths.unsqueeze(-1)) // width
+
+
 def cell_starts(lengths: Tensor, width: int) -> Tensor:
     """First key rank of every bin: (...,) lengths -> (..., K)."""
-    bins = torch.arange(width, device=lengths.device)
-    return (bins * lengths.unsqueeze(-1)) // width
+    return cell_edges(lengths, width)[..., :-1]
 
 
 def cell_lengths(lengths: Tensor, width: int) -> Tensor:
     """Number of keys in every bin: (...,) -> (..., K); 0 marks a dead bin."""
-    bins = torch.arange(width + 1, device=lengths.device)
-    edges = (bins * lengths.unsqueeze(-1)) // width
+    edges = cell_edges(lengths, width)
     return edges[..., 1:] - edges[..., :-1]
 
 

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 FEATURE_KINDS = ("favor", "relu")
+POSITION_CODES = ("learned", "tent", "none")
+# fields added after the first release, with the value that reproduces a config saved without them
+LEGACY_DEFAULTS = {"kernel_bins": False}
 GROUPINGS = ("query", "query_head", "sample", "head", "block")
 CAUSAL_GROUPINGS = ("query", "query_head", "block")  # the others let later queries steal earlier budgets
 OUTPUT_MODES = ("mix", "norm")
@@ -30,8 +33,17 @@ class SEAConfig:
             estimators need a multiple of 4, bidirectional ones a multiple of 2.
         feature_factor: nbf; the Performer uses m = floor(d ln d / nbf) random features.
         feature_kind: ``"relu"`` (generalized ReLU features) or ``"favor"`` (FAVOR+
-            positive softmax features); ``None`` picks ReLU when causal, FAVOR+ otherwise,
-            as the paper's models did.
+            positive softmax features); ``None`` picks FAVOR+ when ``kernel_bins`` is on or
+            the layer is bidirectional, ReLU otherwise (the paper's causal models).
+        kernel_bins: add the kernel's own compressed attention to the estimate's logits:
+            phi(q) . phi(k) summed into each row's K bins (``estimator/kernel_bins.py``),
+            scaled by a learned weight per head. It gives the estimator the content signal
+            in its own coordinates, at every length. Off for configs saved before it existed.
+        position_code: what the Performer averages beside V to tell where attention goes:
+            ``"learned"`` (a (max_positions, d) table, causal only: rows past the distillation
+            length stay untrained), ``"tent"`` (the fixed code of the bidirectional models)
+            or ``"none"``; ``None`` picks ``"tent"`` when bidirectional, ``"none"`` when
+            causal with ``kernel_bins`` (the bins already locate the mass), else ``"learned"``.
         grouping: which cells compete for one top-k budget: ``"query"`` (one query
             across all heads; the default), ``"query_head"`` (one query and head),
             ``"sample"`` (a whole sample) or ``"head"`` (a whole sample and head). The
@@ -47,9 +59,9 @@ class SEAConfig:
             average branch (running mean of V when causal, mean of V otherwise).
         output_mode: ``"mix"`` returns the gated context; ``"norm"`` returns
             LayerNorm(context) + context (over all heads).
-        max_positions: rows of the learned positional table (causal only): a hard limit,
-            the longest sequence a causal estimator accepts. ``patch`` sets it to the
-            model's own maximum positions.
+        max_positions: rows of the learned positional table (``position_code="learned"``):
+            a hard limit, the longest sequence such an estimator accepts. ``patch`` sets it
+            to the model's own maximum positions. Unused by the other codes.
         feature_redraw_interval: redraw the random features every this many optimizer
             steps during distillation; 0 keeps them fixed.
         attention_path: ``"sparse"`` (linear memory, the default), ``"reference"``
@@ -69,6 +81,8 @@ class SEAConfig:
     estimate_width: int = 128
     feature_factor: int = 8
     feature_kind: str | None = None
+    kernel_bins: bool = True
+    position_code: str | None = None
     grouping: str = "query"
     gating: bool = True
     output_mode: str = "mix"
@@ -83,7 +97,9 @@ class SEAConfig:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.feature_kind is None:
-            self.feature_kind = "relu" if self.causal else "favor"
+            self.feature_kind = "relu" if self.causal and not self.kernel_bins else "favor"
+        if self.position_code is None:
+            self.position_code = "tent" if not self.causal else "none" if self.kernel_bins else "learned"
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -107,6 +123,12 @@ class SEAConfig:
             raise ValueError(f"causal must be True or False, got {self.causal!r}")
         if not isinstance(self.gating, bool):
             raise ValueError(f"gating must be True or False, got {self.gating!r}")
+        if not isinstance(self.kernel_bins, bool):
+            raise ValueError(f"kernel_bins must be True or False, got {self.kernel_bins!r}")
+        _choice("position_code", self.position_code, POSITION_CODES)
+        if (self.position_code == "learned" and not self.causal) or (self.position_code == "tent" and self.causal):
+            raise ValueError(f"position_code={self.position_code!r} does not apply when causal={self.causal}: "
+                             f"expected one of {('learned', 'none') if self.causal else ('tent', 'none')}")
         if self.causal and self.grouping not in CAUSAL_GROUPINGS:
             raise ValueError(
                 f"grouping={self.grouping!r} is not allowed when causal=True: "
@@ -156,6 +178,8 @@ class SEAConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SEAConfig":
+        """Rebuild a saved config; fields it predates take their ``LEGACY_DEFAULTS`` value."""
+        values = {**LEGACY_DEFAULTS, **values}
         unknown = set(values) - set(cls.field_names())
         if unknown:
             raise ValueError(f"unknown SEAConfig fields {sorted(unknown)}; valid fields: {cls.field_names()}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .cells import stretch_estimate
 from .hf import LayerCall, layer_override, no_cache, sea_layers
 from .ops.reference import exact_attention
 
@@ -20,6 +21,7 @@ class AttentionSnapshot:
     head: int
     teacher: Tensor  # (T, T) dense attention of the same weights
     estimate: Tensor  # (T, K) SEA's compressed estimate
+    stretched: Tensor  # (T, T) the estimate stretched back to the keys (each bin's share spread over its keys)
     sparse: Tensor  # (T, T) SEA's sparse attention probabilities
     nnz: Tensor  # (T,) keys per query in this head
 
@@ -42,8 +44,9 @@ def capture_attention(model: nn.Module, input_ids: Tensor, layer: int, head: int
         _, teacher = exact_attention(call.query, call.key, call.value, call.key_valid, call.scaling, call.causal)
         out = call.sea(call.query, call.key, call.value, attention_mask=call.key_valid, scale=call.scaling,
                        k_budget=k_budget, return_attention=True)
-        kept.update(teacher=teacher[0, head], estimate=out.estimate[0, head], sparse=out.attention[0, head],
-                    nnz=out.nnz[0, head])
+        stretched = stretch_estimate(out.estimate[:1, head:head + 1], call.key_valid[:1], out.lengths[:1])
+        kept.update(teacher=teacher[0, head], estimate=out.estimate[0, head], stretched=stretched[0, 0],
+                    sparse=out.attention[0, head], nnz=out.nnz[0, head])
         return out.context, None
 
     model.eval()
@@ -53,7 +56,9 @@ def capture_attention(model: nn.Module, input_ids: Tensor, layer: int, head: int
 
 
 def plot_attention(snapshot: AttentionSnapshot, path: str | Path, title: str = "") -> Path:
-    """Save the three maps side by side as a PNG (log colour scale: attention spans decades)."""
+    """Save the teacher's map, SEA's estimate stretched back to the keys (the interpretable
+    estimated attention matrix) and SEA's sparse map side by side, all in key coordinates so
+    that the teacher's heavy-hitter columns line up across panels (log colour scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +68,8 @@ def plot_attention(snapshot: AttentionSnapshot, path: str | Path, title: str = "
     floor = 1e-4
     panels = [
         ("teacher attention (dense)", snapshot.teacher, "key"),
-        (f"SEA estimate (K={snapshot.estimate.shape[-1]} bins per row)", snapshot.estimate, "compressed bin"),
+        (f"SEA estimate (K={snapshot.estimate.shape[-1]} bins per row, stretched to keys)", snapshot.stretched,
+         "key"),
         (f"SEA sparse attention (mean {snapshot.nnz.float().mean():.1f} keys/query)", snapshot.sparse, "key"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.4), constrained_layout=True)

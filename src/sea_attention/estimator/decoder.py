@@ -16,12 +16,16 @@ GATE_INIT = 4.0
 
 
 class TokenEncoder(nn.Module):
-    """(Performer output, V) of one token and head -> a narrow CNN input row and two gate logits."""
+    """(Performer output, V) of one token and head -> a narrow CNN input row and two gate logits.
 
-    def __init__(self, head_dim: int, row_width: int, channels: int) -> None:
+    The Performer output is ``performer_width`` wide: 2d with a positional code beside V, d without.
+    """
+
+    def __init__(self, head_dim: int, row_width: int, channels: int, performer_width: int) -> None:
         super().__init__()
         self.channels = channels
-        self.encode = nn.Sequential(nn.Linear(3 * head_dim, 2 * head_dim), nn.LayerNorm(2 * head_dim), nn.GELU())
+        self.encode = nn.Sequential(nn.Linear(performer_width + head_dim, 2 * head_dim), nn.LayerNorm(2 * head_dim),
+                                    nn.GELU())
         self.to_row = nn.Linear(2 * head_dim, row_width * channels)
         self.to_gates = nn.Linear(2 * head_dim, 2)
         # gates start almost open (sigmoid(4) = 0.98): an untrained layer is plain sparse
@@ -30,7 +34,7 @@ class TokenEncoder(nn.Module):
         nn.init.constant_(self.to_gates.bias, GATE_INIT)
 
     def hidden(self, performer: Tensor, own_value: Tensor) -> Tensor:
-        """performer (B, H, T, 2d) and each token's own value (B, H_kv, T, d) -> hidden (B, H, T, 2d)."""
+        """performer (B, H, T, p) and each token's own value (B, H_kv, T, d) -> hidden (B, H, T, 2d)."""
         linear, norm, act = self.encode
         width = performer.shape[-1]
         # the first layer reads [performer, own value]: two products instead of a concatenation,

@@ -14,6 +14,7 @@ from ..decoding import DecodeState
 from ..ops.reference import repeat_kv
 from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
 from .features import RandomFeatures, causal_linear_attention, linear_attention
+from .kernel_bins import binned_log_mass, prefix_sums
 from .positions import LearnedPositionCode, tent_code
 
 
@@ -28,7 +29,8 @@ class Estimate:
 
 
 class AttentionEstimator(nn.Module):
-    """Performer features + positional code -> per-token encoder -> CNN decoder -> softmax."""
+    """Performer features (+ positional code) -> per-token encoder -> CNN decoder (+ the kernel's
+    own binned attention, ``kernel_bins``) -> softmax."""
 
     def __init__(self, config: SEAConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -36,8 +38,12 @@ class AttentionEstimator(nn.Module):
         self.layer_idx = layer_idx
         d, heads, width = config.head_dim, config.num_heads, config.estimate_width
         self.features = RandomFeatures(d, config.num_features, config.feature_kind, seed=self._seed(0))
-        self.positions = LearnedPositionCode(config.max_positions, d) if config.causal else None
-        self.encoder = TokenEncoder(d, width // config.width_downsample, config.cnn_channels)
+        learned = config.position_code == "learned"
+        self.positions = LearnedPositionCode(config.max_positions, d) if learned else None
+        performer_width = d if config.position_code == "none" else 2 * d
+        self.encoder = TokenEncoder(d, width // config.width_downsample, config.cnn_channels, performer_width)
+        # weight per head of the kernel's binned log-mass in the logits; 1: start from the kernel's own estimate
+        self.kernel_scale = nn.Parameter(torch.ones(heads, 1, 1)) if config.kernel_bins else None
         decoder = CausalDecoder if config.causal else BidirectionalDecoder
         self.decoder = decoder(heads, config.cnn_channels, width)
 
@@ -52,11 +58,14 @@ class AttentionEstimator(nn.Module):
             return True
         return False
 
-    def position_code(self, key_valid: Tensor, positions: Tensor | None, rank_offset: Tensor | None = None) -> Tensor:
-        """(B, Tk, d) positional code of every key; 0 on padding keys.
+    def position_code(self, key_valid: Tensor, positions: Tensor | None,
+                      rank_offset: Tensor | None = None) -> Tensor | None:
+        """(B, Tk, d) positional code of every key, 0 on padding keys; None for ``position_code="none"``.
 
         ``rank_offset`` (B,) counts valid keys before these ones (decoding).
         """
+        if self.config.position_code == "none":
+            return None
         ranks = key_ranks(key_valid)
         if rank_offset is not None:
             ranks = ranks + rank_offset.unsqueeze(-1)
@@ -88,10 +97,12 @@ class AttentionEstimator(nn.Module):
         # Performer over (positional code ++ V): a coarse histogram of where each query looks
         offset = state.valid_keys if past else None
         new_positions = positions[:, past:] if positions is not None else None
-        code = self.position_code(new_valid, new_positions, offset).to(torch.float32)  # (B, Tk', d)
-        values = torch.cat([code.unsqueeze(1).expand(-1, kv_heads, -1, -1), v[:, :, past:].float()], dim=-1)
+        code = self.position_code(new_valid, new_positions, offset)  # (B, Tk', d) or None
+        values = v[:, :, past:].float()
+        if code is not None:
+            values = torch.cat([code.float().unsqueeze(1).expand(-1, kv_heads, -1, -1), values], dim=-1)
         if not bool(new_valid.all()):  # padding values may hold anything (NaN * 0 is NaN): zero them
-            values = values * new_valid[:, None, :, None]  # (B, H_kv, Tk', 2d)
+            values = values * new_valid[:, None, :, None]  # (B, H_kv, Tk', p)
         root = math.sqrt(scale)
         phi_q = self.features(q, is_query=True, root=root).view(bsz, kv_heads, groups, tq, -1)
         phi_k = self.features(k[:, :, past:], is_query=False, root=root) * new_valid[:, None, :, None]
@@ -102,7 +113,7 @@ class AttentionEstimator(nn.Module):
                 state.performer = performer_state
         else:
             performer = linear_attention(phi_q, phi_k, values)
-        performer = performer.reshape(bsz, heads, tq, 2 * d)
+        performer = performer.reshape(bsz, heads, tq, values.shape[-1])
 
         own_v = v[:, :, tk - tq:].to(param_dtype)  # each query token's own value
         hidden = self.encoder.hidden(performer.to(param_dtype), own_v)  # (B, H, Tq, 2d)
@@ -113,12 +124,29 @@ class AttentionEstimator(nn.Module):
         else:
             logits = self._decode_rows(hidden, row_mask, rows).float()  # (B, H, n, K)
             lengths = lengths.index_select(1, rows)
+        if self.kernel_scale is not None:
+            logits = logits + self.kernel_scale * self._kernel_log_mass(phi_q, phi_k, new_valid, lengths, state, rows)
 
         live = live_cells(lengths, cfg.estimate_width).unsqueeze(1)  # (B, 1, Tq, K)
         # a finite fill keeps padding rows (no live bin) NaN-free, also in backward
         probs = torch.softmax(logits.masked_fill(~live, torch.finfo(logits.dtype).min), dim=-1)
         probs = probs.masked_fill(~live, 0.0)
         return Estimate(logits, probs, gate_logits.float(), rows)
+
+    def _kernel_log_mass(self, phi_q: Tensor, phi_k: Tensor, new_valid: Tensor, lengths: Tensor,
+                         state: DecodeState | None, rows: Tensor | None) -> Tensor:
+        """(B, H, Tq or n, K) log of the kernel's attention share per bin (``kernel_bins.py``)."""
+        bsz, kv_heads, groups = phi_q.shape[:3]
+        start = state.kernel_sums if state is not None and state.seen else None
+        sums, counts = prefix_sums(phi_k, new_valid, start=None if start is None else (start[0][:, :, -1], start[1][:, -1]))
+        if start is not None:  # the state's rows cover positions 0..seen, the new ones continue them
+            sums, counts = torch.cat([start[0], sums[:, :, 1:]], dim=2), torch.cat([start[1], counts[:, 1:]], dim=1)
+        if state is not None:
+            state.kernel_sums = (sums, counts)
+        if rows is not None:
+            phi_q = phi_q.index_select(3, rows)
+        log_mass = binned_log_mass(phi_q, sums, counts, lengths, self.config.estimate_width)
+        return log_mass.flatten(1, 2)  # (B, H, n, K): query head h = kv head h // G, group h % G
 
     def _decode_rows(self, hidden: Tensor, row_mask: Tensor, rows: Tensor) -> Tensor:
         """Logits (B, H, n, K) of some query rows only (causal).

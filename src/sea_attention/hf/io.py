@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .. import __version__
 from ..assets import load_model
 from .families import family_of
+from ..config import LEGACY_DEFAULTS
 from .patch import SEA_CONFIG_ATTR, _require_patched, patch, sea_layers
 
 FORMAT_VERSION = 1
@@ -147,7 +148,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     if meta.get("include_tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(folder)
 
-    patch(model, **meta["sea_config"])
+    patch(model, **{**LEGACY_DEFAULTS, **meta["sea_config"]})  # fields a save predates keep their old value
     _load_sea_weights(model, load_file(str(folder / WEIGHTS_NAME)))
     # remembered so that saving this model again points at the same base (or carries its weights)
     model.config.sea_base_model = meta["base_model"]

@@ -1,0 +1,70 @@
+"""The kernel's own compressed attention: FAVOR+ attention mass summed into each row's K bins.
+
+For query i the softmax kernel estimate of its attention on key j is phi(q_i) . phi(k_j).
+Summed over the keys of bin b (the ranks ``cells.cell_edges`` gives) and divided by the
+row's total, it is an estimate of exactly what the estimator predicts, in its own
+coordinates, for every row length: no positional table, nothing to extrapolate.
+
+With prefix sums P[p] = sum of phi(k) over the valid keys before position p, bin b of row i
+holds phi(q_i) . (P[p(e_{b+1})] - P[p(e_b)]), where p(e) is the position after the key of
+rank e - 1: O(T K m) time, linear in T. Prefix sums over positions (padding adds zero) grow
+by appending, so decoding keeps them in its state. They are float64 because a bin's mass is
+a difference of two large running sums (a sink key can hold most of a row's kernel mass).
+No gradient flows through it: the features are a fixed random projection and the result is
+an input of the estimator, like the teacher's q and k in distillation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..cells import cell_edges
+
+LOG_FLOOR = 1e-6  # log(mass fraction) of an empty bin
+
+
+def prefix_sums(phi_k: Tensor, key_valid: Tensor, start: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """Sums over the keys before each position: features (B, H_kv, n + 1, m) float64 and
+    valid-key counts (B, n + 1).
+
+    phi_k (B, H_kv, n, m), key_valid (B, n). ``start`` = the last rows of an earlier call's
+    sums (decoding), which the new ones continue; the result then covers the new keys only
+    and its first row is ``start``.
+    """
+    features = torch.where(key_valid[:, None, :, None], phi_k.double(), 0.0).cumsum(2)  # padding never read
+    counts = key_valid.long().cumsum(-1)
+    if start is None:
+        features = torch.nn.functional.pad(features, (0, 0, 1, 0))
+        counts = torch.nn.functional.pad(counts, (1, 0))
+    else:
+        first_features, first_counts = start  # (B, H_kv, m), (B,)
+        features = torch.cat([first_features.unsqueeze(2), features + first_features.unsqueeze(2)], dim=2)
+        counts = torch.cat([first_counts.unsqueeze(1), counts + first_counts.unsqueeze(1)], dim=1)
+    return features, counts
+
+
+@torch.no_grad()
+def binned_log_mass(phi_q: Tensor, sums: Tensor, counts: Tensor, lengths: Tensor, width: int,
+                    chunk: int = 256) -> Tensor:
+    """log of each bin's share of the kernel mass: (B, H_kv, G, Tq, K) float32.
+
+    phi_q (B, H_kv, G, Tq, m); ``sums``, ``counts`` from ``prefix_sums`` over every key up
+    to the last query (positions 0..Tk); lengths (B, Tq) valid keys of each row. Dead bins
+    and padding rows get log(LOG_FLOOR); the estimator masks them anyway.
+    """
+    bsz, kv_heads, groups, tq, m = phi_q.shape
+    edges = cell_edges(lengths, width)  # (B, Tq, K + 1) ranks
+    positions = torch.searchsorted(counts, edges.flatten(1)).view_as(edges)  # first position with that count
+    out = []
+    for c0 in range(0, tq, chunk):
+        rows = positions[:, c0:c0 + chunk]  # (B, c, K + 1)
+        picked = sums.gather(2, rows.flatten(1)[:, None, :, None].expand(-1, kv_heads, -1, m))
+        picked = picked.view(bsz, kv_heads, rows.shape[1], width + 1, m)  # (B, H_kv, c, K + 1, m)
+        query = phi_q[:, :, :, c0:c0 + chunk].double()  # (B, H_kv, G, c, m)
+        cumulative = torch.einsum("bhckm,bhgcm->bhgck", picked, query)  # kernel mass up to each edge
+        mass = (cumulative[..., 1:] - cumulative[..., :-1]).clamp_min(0)
+        share = mass / (cumulative[..., -1:] - cumulative[..., :1]).clamp_min(1e-300)
+        out.append(share.clamp_min(LOG_FLOOR).log().float())
+    return torch.cat(out, dim=3)

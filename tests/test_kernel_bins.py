@@ -1,0 +1,57 @@
+"""The kernel's binned attention against a dense reference: phi(q) phi(k)^T summed into the bins."""
+
+import pytest
+import torch
+
+from sea_attention.cells import compress_attention, query_lengths
+from sea_attention.estimator.features import RandomFeatures
+from sea_attention.estimator.kernel_bins import LOG_FLOOR, binned_log_mass, prefix_sums
+
+from conftest import padding_mask
+
+
+def dense_reference(phi_q, phi_k, key_valid, lengths, width, causal):
+    """The kernel's attention as a dense (B, H, Tq, Tk) map, normalised per row, then binned."""
+    bsz, kv_heads, groups, tq, m = phi_q.shape
+    tk = phi_k.shape[2]
+    scores = phi_q.double() @ phi_k.double().unsqueeze(2).transpose(-1, -2)  # (B, H_kv, G, Tq, Tk)
+    allowed = key_valid[:, None, None, None, :].expand_as(scores)
+    if causal:
+        allowed = allowed & torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+    scores = torch.where(allowed, scores, 0.0)
+    probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-300)
+    binned = compress_attention(probs.flatten(1, 2), key_valid, lengths, width)
+    return binned.clamp_min(LOG_FLOOR).log().view(bsz, kv_heads, groups, tq, width)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pad, left", [(0, True), (3, True), (5, True), (4, False)])
+@pytest.mark.parametrize("tk, width", [(40, 8), (6, 8), (33, 16)])
+def test_binned_mass_equals_the_dense_kernel_attention(causal, pad, left, tk, width):
+    bsz, kv_heads, groups, d = 3, 2, 2, 16
+    features = RandomFeatures(d, 24, "favor", seed=0)
+    q, k = torch.randn(bsz, kv_heads, groups, tk, d), torch.randn(bsz, kv_heads, tk, d)
+    key_valid = padding_mask(bsz, tk, pad, left)
+    lengths = query_lengths(key_valid, key_valid, causal)
+    phi_q, phi_k = features(q, is_query=True, root=0.5), features(k, is_query=False, root=0.5)
+    sums, counts = prefix_sums(phi_k, key_valid)
+    got = binned_log_mass(phi_q, sums, counts, lengths, width, chunk=7)
+    expected = dense_reference(phi_q, phi_k, key_valid, lengths, width, causal)
+    rows = (lengths > 0)[:, None, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[rows], expected[rows].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_sums_continue_across_calls():
+    phi_k, key_valid = torch.rand(2, 3, 20, 5), padding_mask(2, 20, 3)
+    whole = prefix_sums(phi_k, key_valid)
+    first = prefix_sums(phi_k[:, :, :12], key_valid[:, :12])
+    rest = prefix_sums(phi_k[:, :, 12:], key_valid[:, 12:], start=(first[0][:, :, -1], first[1][:, -1]))
+    torch.testing.assert_close(torch.cat([first[0], rest[0][:, :, 1:]], 2), whole[0])
+    assert torch.equal(torch.cat([first[1], rest[1][:, 1:]], 1), whole[1])
+
+
+def test_padding_keys_are_never_read():
+    phi_k, key_valid = torch.rand(1, 1, 10, 4), padding_mask(2, 10, 3)[1:]
+    phi_k[0, 0, 0] = float("nan")  # a padding key
+    sums, _ = prefix_sums(phi_k, key_valid)
+    assert sums.isfinite().all()
