@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import exact_attention, make_qkv, padding_mask
-from sea_attention import SEAAttention, SEAConfig
+from sea_attention import DecodeState, SEAAttention, SEAConfig
 
 
 def sea(heads=4, kv_heads=2, dim=16, causal=True, **kw):
@@ -32,7 +32,12 @@ def test_full_budget_without_gating_is_exact_attention(batch, heads, kv_heads, t
     module = sea(heads, kv_heads, dim, causal, gating=False, attention_path=path, grouping=grouping, query_chunk=8)
     q, k, v = make_qkv(batch, heads, kv_heads, tq, tk, dim)
     mask = padding_mask(batch, tk, pad, left=causal)
-    out = module(q, k, v, attention_mask=mask, k_budget=tk)
+    state = None
+    if causal and tq < tk:  # a causal query suffix continues the state of a prefill of the other keys
+        state, past = DecodeState(), tk - tq
+        module(torch.randn(batch, heads, past, dim), k[:, :, :past], v[:, :, :past],
+               attention_mask=mask[:, :past], state=state)
+    out = module(q, k, v, attention_mask=mask, k_budget=tk, state=state)
     expected = exact_attention(q, k, v, mask, causal)
     rows = mask[:, tk - tq:]
     torch.testing.assert_close(out.context.transpose(1, 2)[rows], expected.transpose(1, 2)[rows], atol=1e-5, rtol=1e-5)
@@ -161,6 +166,7 @@ def test_too_long_for_positional_table():
     (((1, 4, 8, 16), (1, 4, 8, 16), (1, 4, 8, 16)), {}, "num_kv_heads=2"),
     (((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {}, "config.head_dim is 16"),
     (((1, 4, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "must not outnumber keys"),
+    (((1, 4, 5, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "causal query suffix needs the DecodeState"),
     (((2, 4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "batch sizes differ"),
     (((1, 4, 8, 16), (1, 2, 8, 16), (1, 2, 7, 16)), {}, "same length"),
     (((1, 4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"attention_mask": torch.ones(1, 7, dtype=torch.bool)}, "attention_mask must have shape"),

@@ -60,8 +60,8 @@ class AttentionEstimator(nn.Module):
         ranks = key_ranks(key_valid)
         if rank_offset is not None:
             ranks = ranks + rank_offset.unsqueeze(-1)
-        if self.positions is not None:
-            code = self.positions(ranks if positions is None else positions)
+        if self.positions is not None:  # padding keys read row 0 (their code is zeroed below)
+            code = self.positions((ranks if positions is None else positions).masked_fill(~key_valid, 0))
         else:
             code = tent_code(ranks, key_valid.sum(-1), self.config.head_dim)
         return code * key_valid.unsqueeze(-1)
