@@ -203,3 +203,56 @@ def test_norm_mode_keeps_padding_queries_at_zero():
     mask[:, :3] = False
     out = module(q, k, v, attention_mask=mask).context
     assert bool((out[:, :, :3] == 0).all()) and bool((out[:, :, 3:] != 0).any())
+
+
+def _args(tq=8, tk=8, batch=1, dtype=torch.float32):
+    q, k, v = make_qkv(batch, 4, 2, tq, tk, 16)
+    return dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype))
+
+
+def _mutated_k(module):
+    module.config.k = -3
+    return {}
+
+
+BAD_CALLS = [  # (what the call gets, the error it must raise)
+    (lambda m: {"scale": float("nan")}, "scale must be a finite positive number"),
+    (lambda m: {"scale": float("inf")}, "scale must be a finite positive number"),
+    (lambda m: {"scale": -1.0}, "scale must be a finite positive number"),
+    (lambda m: {"scale": 0}, "scale must be a finite positive number"),
+    (lambda m: {"scale": True}, "scale must be a finite positive number"),
+    (_mutated_k, "k must be a positive integer, got -3"),
+    (lambda m: {"positions": torch.full((1, 8), -1)}, r"positions must be >= 0"),
+    (lambda m: {**_args(tq=0, tk=0)}, r"at least one sample and one query"),
+    (lambda m: {**_args(batch=0)}, r"at least one sample and one query"),
+    (lambda m: {**_args(tq=0)}, r"at least one sample and one query"),
+    (lambda m: {**_args(dtype=torch.int64)}, "q must have a floating dtype"),
+    (lambda m: {"q": _args()["q"].numpy()}, "q must be a torch.Tensor, got numpy.ndarray"),
+    (lambda m: {"attention_mask": [[1] * 8]}, "attention_mask must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_CALLS)
+def test_nonsense_arguments_raise_clear_errors(make, message):
+    module = sea()
+    kwargs = {**_args(), **make(module)}
+    with pytest.raises(ValueError, match=message):
+        module(kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v"), **kwargs)
+
+
+def test_huge_budget_selects_every_key_like_a_budget_of_tk():
+    module = sea()
+    q, k, v = make_qkv(1, 4, 2, 20, 20, 16)
+    huge, full = module(q, k, v, k_budget=2 ** 62), module(q, k, v, k_budget=20)
+    assert torch.equal(huge.context, full.context) and torch.equal(huge.nnz, full.nnz)
+
+
+def test_positions_of_padding_keys_are_never_read():
+    module = sea()
+    q, k, v = make_qkv(1, 4, 2, 12, 12, 16)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[:, :3] = False
+    positions = torch.arange(12).unsqueeze(0) - 3
+    expected = module(q, k, v, attention_mask=mask, positions=positions.clamp_min(0)).context
+    positions[:, :3] = torch.tensor([-7, 10 ** 6, -1])  # anything: these keys are padding
+    torch.testing.assert_close(module(q, k, v, attention_mask=mask, positions=positions).context, expected)
