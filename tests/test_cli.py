@@ -1,6 +1,7 @@
 """The `sea` command end to end on a tiny random Llama with a real tokenizer (no downloads)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -76,3 +77,35 @@ def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):
     assert "expected one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--model", "x", "--k", "32,abc"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["distill", "--out", "x", "--lr", "-1"], "argument --lr: expected a finite number > 0, got '-1'"),
+    (["distill", "--out", "x", "--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+    (["distill", "--out", "x", "--base-lr", "inf"], "argument --base-lr: expected a finite number > 0"),
+    (["distill", "--out", "x", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    (["distill", "--out", "x", "--warmup-steps", "-2"], "argument --warmup-steps: expected an integer >= 0"),
+    (["eval", "--model", "m", "--max-tokens", "-5"], "argument --max-tokens: expected a positive integer"),
+    (["eval", "--model", "m", "--max-tokens", "0"], "argument --max-tokens: expected a positive integer"),
+    (["eval", "--model", "m", "--stride", "0"], "argument --stride: expected a positive integer, got '0'"),
+    (["eval", "--model", "m", "--seq-len", "1.5"], "argument --seq-len: expected a positive integer"),
+    (["generate", "--model", "m", "--prompt", "p", "--temperature", "-1"],
+     "argument --temperature: expected a finite number >= 0, got '-1'"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-p", "5"], r"argument --top-p: expected a number in \(0, 1\]"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-p", "0"], r"argument --top-p: expected a number in \(0, 1\]"),
+    (["plot", "--model", "m", "--layer", "-1"], "argument --layer: expected an integer >= 0"),
+    (["distill", "--out", "x", "--query-block", "0"], "argument --query-block: expected a positive integer"),
+])
+def test_out_of_range_arguments_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_distill_config_rejects_bad_learning_rates():
+    from sea_attention.distill import DistillConfig
+
+    for value in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+            DistillConfig(lr=value)

@@ -73,6 +73,10 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0 or self.warmup_steps < 0:
             raise ValueError("checkpoint_every and warmup_steps must be >= 0")
+        for name in ("lr", "base_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclass
