@@ -174,8 +174,18 @@ def _load_pretrained(
     config = AutoConfig.from_pretrained(source)
     auto_class = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
     model = auto_class.from_pretrained(source, config=config, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(source)
+
+
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model; a clear error naming ``source`` when there is none."""
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{source} has no usable tokenizer (tokenizer.json / tokenizer_config.json): save one there with "
+            f"tokenizer.save_pretrained(...). Cause: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def load_model(
