@@ -109,3 +109,22 @@ def test_distill_config_rejects_bad_learning_rates():
     for value in (-1.0, 0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="lr must be a finite number > 0"):
             DistillConfig(lr=value)
+
+
+def test_distill_refuses_an_out_that_is_a_file_before_training(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "model.bin"
+    out.write_bytes(b"precious")
+    assert main(["distill", "--model", str(tiny_model_dir / "model"), "--data", str(tiny_model_dir / "text.txt"),
+                 "--steps", "1", "--seq-len", "32", "--out", str(out), "--quiet"]) == 2
+    assert "model.bin exists and is not a directory" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious" and not (tmp_path / "model.bin-checkpoints").exists()
+
+
+def test_resume_from_a_garbage_checkpoint_names_the_file(tiny_model_dir, tmp_path, capsys):
+    checkpoints = tmp_path / "ckpt"
+    checkpoints.mkdir()
+    (checkpoints / "checkpoint.pt").write_bytes(b"")
+    assert main(["distill", "--model", str(tiny_model_dir / "model"), "--data", str(tiny_model_dir / "text.txt"),
+                 "--steps", "1", "--seq-len", "32", "--k", "4", "--estimate-width", "8", "--out",
+                 str(tmp_path / "sea"), "--checkpoint-dir", str(checkpoints), "--resume", "--quiet"]) == 2
+    assert f"{checkpoints / 'checkpoint.pt'} is not a readable checkpoint" in capsys.readouterr().err

@@ -60,7 +60,9 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
 def cmd_distill(args) -> int:
     from .distill import DistillConfig, Distiller, TokenWindows, tokenize
     from .hf import save_pretrained
+    from .hf.io import check_save_target
 
+    check_save_target(args.out)  # before training, not after it
     torch.manual_seed(args.seed)
     model, tokenizer, base = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     config = DistillConfig(stage=args.stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,

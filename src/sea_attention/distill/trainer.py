@@ -90,6 +90,9 @@ class StepRecord:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+CHECKPOINT_KEYS = ("step", "config", "trainable", "buffers", "optimizer", "scheduler", "history")  # state_dict()
+
+
 class _StopForward(Exception):
     """Raised after the last layer in the estimator stage: the LM head is not needed."""
 
@@ -175,7 +178,7 @@ class Distiller:
 
     def resume(self) -> bool:
         """Continue from the last checkpoint in ``checkpoint_dir``; False if there is none."""
-        state = load_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        state = load_checkpoint(self.checkpoint_dir, CHECKPOINT_KEYS) if self.checkpoint_dir else None
         if state is None:
             return False
         self.load_state_dict(state)

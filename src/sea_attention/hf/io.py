@@ -21,8 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from .. import __version__
+from ..atomic import remove_debris, replace_dir, temp_dir
 from ..assets import load_model, load_tokenizer
 from .families import family_of
 from .patch import _require_patched, patch, sea_layers, set_budget
@@ -69,8 +68,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model: st
     base_model = base_model or getattr(model.config, "name_or_path", "") or None
     if base_model is None and not include_base_weights:
         raise ValueError("cannot tell which base model this is: pass base_model=... or include_base_weights=True")
-    if final.exists() and not (final.is_dir() and ((final / CONFIG_NAME).is_file() or not any(final.iterdir()))):
-        raise FileExistsError(f"{final} exists and is not a SEA save directory; refusing to replace it")
+    check_save_target(final)
     meta = {
         "format_version": FORMAT_VERSION,
         "sea_attention_version": __version__,
@@ -84,10 +82,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model: st
         "k_budget": k_budget,
     }
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_debris(final)  # what earlier, killed saves to the same place left
+    tmp = temp_dir(final)
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
         if include_base_weights:
@@ -96,11 +93,20 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model: st
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def check_save_target(path: str | os.PathLike) -> None:
+    """Refuse a ``path`` that :func:`save_pretrained` must not replace: anything but a missing or
+    empty directory, or an earlier SEA save (checked before long work such as training)."""
+    final = Path(path)
+    if final.exists() and not (final.is_dir() and ((final / CONFIG_NAME).is_file() or not any(final.iterdir()))):
+        kind = "a directory that is not a SEA save" if final.is_dir() else "not a directory"
+        raise FileExistsError(f"{final} exists and is {kind}; refusing to replace it")
 
 
 def _layer_settings(model: nn.Module) -> tuple[dict, int | None]:
@@ -120,25 +126,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, then deleted.
-
-    Between the two renames ``final`` is briefly absent, never partial; if the process dies
-    there, the previous version survives as ``.<name>.old-*`` next to it.
-    """
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
