@@ -256,3 +256,57 @@ def test_positions_of_padding_keys_are_never_read():
     expected = module(q, k, v, attention_mask=mask, positions=positions.clamp_min(0)).context
     positions[:, :3] = torch.tensor([-7, 10 ** 6, -1])  # anything: these keys are padding
     torch.testing.assert_close(module(q, k, v, attention_mask=mask, positions=positions).context, expected)
+
+
+NAN_LAYERS = [dict(), dict(grouping="query_head"), dict(grouping="block", query_block=8), dict(output_mode="norm"),
+              dict(attention_path="reference")]
+
+
+@pytest.mark.parametrize("layer", NAN_LAYERS)
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_causality_canary_under_non_finite_inputs(layer, which):
+    """A NaN/inf at position j changes no row before j; the rows that see it are NaN."""
+    module = sea(heads=4, kv_heads=2, k=3, **layer)
+    generator = torch.Generator().manual_seed(7)
+    t = 40
+    q, k, v = make_qkv(2, 4, 2, t, t, 16)
+    base = module(q, k, v).context
+    for _ in range(4):
+        j = int(torch.randint(1, t, (1,), generator=generator))
+        inputs = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+        inputs[which][0, int(torch.randint(0, inputs[which].shape[1], (1,), generator=generator)), j, 3] = \
+            float("nan") if j % 2 else float("inf")
+        out = module(inputs["q"], inputs["k"], inputs["v"]).context
+        torch.testing.assert_close(out[:, :, :j], base[:, :, :j], atol=0, rtol=0)
+        torch.testing.assert_close(out[1], base[1], atol=0, rtol=0)  # the other sample
+        if which != "q":  # a bad key or value reaches every later row; a bad query only its own
+            assert bool(out[0, :, j:].isnan().all())
+        else:
+            assert bool(out[0, :, j].isnan().all())
+
+
+@pytest.mark.parametrize("causal, layer", [(True, dict()), (True, dict(grouping="block", query_block=8)),
+                                           (False, dict()), (False, dict(grouping="head")),
+                                           (True, dict(attention_path="reference"))])
+def test_non_finite_padding_is_never_read(causal, layer):
+    module = sea(causal=causal, k=3, **layer)
+    q, k, v = make_qkv(2, 4, 2, 30, 30, 16)
+    mask = padding_mask(2, 30, 7, left=causal)
+    clean = module(q, k, v, attention_mask=mask).context
+    for x, fill in ((q, float("nan")), (k, float("inf")), (v, float("nan"))):
+        x[~mask[:, None, :, None].expand_as(x)] = fill
+    dirty = module(q, k, v, attention_mask=mask).context
+    assert not dirty.isnan().any()
+    torch.testing.assert_close(dirty, clean, atol=1e-6, rtol=1e-6)
+
+
+def test_decoding_with_a_nan_key_equals_the_full_forward():
+    module = sea(k=3).eval()
+    q, k, v = make_qkv(1, 4, 2, 20, 20, 16)
+    k[0, 1, 12, 0] = float("nan")
+    full = module(q, k, v).context
+    state, parts = DecodeState(), []
+    for start, end in ((0, 10), (10, 15), (15, 20)):
+        parts.append(module(q[:, :, start:end], k[:, :, :end], v[:, :, :end], state=state).context)
+    torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert bool(full[:, :, 12:].isnan().all()) and not full[:, :, :12].isnan().any()

@@ -105,6 +105,7 @@ class SEAAttention(nn.Module):
         budget = call_budget(k_budget, cfg.k, tk)
         scale = call_scale(scale, q.shape[-1])
         query_valid = key_valid[:, tk - tq:]
+        q, k, v, poisoned = _finite_inputs(q, k, v, key_valid, query_valid, cfg.causal)
         if state is not None and state.seen:  # lengths from the running count: no pass over the past
             lengths = (state.valid_keys.unsqueeze(-1) + query_valid.long().cumsum(-1)) * query_valid
         else:
@@ -134,7 +135,9 @@ class SEAAttention(nn.Module):
             self._advance_state(state, v, key_valid)
         if self.output_norm is not None:
             context = self._norm_output(context)
-        context = context * query_valid[:, None, :, None].to(context.dtype)  # after the norm: its bias must not leak
+        context = context.masked_fill(~query_valid[:, None, :, None], 0.0)  # after the norm: its bias must not leak
+        if poisoned is not None:
+            context = context.masked_fill(poisoned[:, None, :, None], float("nan"))
         return SEAOutput(
             context=context, estimated=estimate.probs, nnz=nnz, attention=attention,
             estimated_logits=estimate.logits, gates=gates, cells=cells, slots=slots, lengths=lengths,
@@ -231,6 +234,33 @@ class SEAAttention(nn.Module):
         flat = context.transpose(1, 2).reshape(bsz, tq, heads * d)
         flat = self.output_norm(flat.to(self.output_norm.weight.dtype)).to(flat.dtype) + flat
         return flat.view(bsz, tq, heads, d).transpose(1, 2)
+
+
+def _finite_inputs(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, query_valid: Tensor,
+                   causal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Keep non-finite inputs from reaching rows that do not attend to them.
+
+    Products such as ``probs @ v`` or a masked intra-chunk scan multiply every key by a weight,
+    and 0 * NaN is NaN: one NaN key would spread to earlier rows, one NaN padding value to
+    the whole sample. So when anything is not finite, padding rows and non-finite entries are
+    zeroed, and the rows that may attend to a non-finite key or value (causal: from its
+    position on; bidirectional: the sample's valid rows), or whose own query is not finite,
+    are returned as ``poisoned`` (B, Tq): their outputs become NaN. None when all is finite.
+    """
+    if bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
+        return q, k, v, None
+    tk, tq = k.shape[2], q.shape[2]
+    finite_key = (torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)).all(1)  # (B, Tk)
+    bad_key = key_valid & ~finite_key
+    if causal:
+        reaches = bad_key.long().cumsum(-1)[:, tk - tq:] > 0  # a bad key at or before the query
+    else:
+        reaches = bad_key.any(-1, keepdim=True).expand(-1, tq)
+    poisoned = query_valid & (reaches | ~torch.isfinite(q).all(-1).all(1))
+    k = torch.where(torch.isfinite(k) & key_valid[:, None, :, None], k, 0.0)
+    v = torch.where(torch.isfinite(v) & key_valid[:, None, :, None], v, 0.0)
+    q = torch.where(torch.isfinite(q) & query_valid[:, None, :, None], q, 0.0)
+    return q, k, v, poisoned
 
 
 def _running_sum(x: Tensor) -> Tensor:

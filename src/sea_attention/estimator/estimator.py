@@ -90,7 +90,7 @@ class AttentionEstimator(nn.Module):
         new_positions = positions[:, past:] if positions is not None else None
         code = self.position_code(new_valid, new_positions, offset).to(torch.float32)  # (B, Tk', d)
         values = torch.cat([code.unsqueeze(1).expand(-1, kv_heads, -1, -1), v[:, :, past:].float()], dim=-1)
-        if not bool(new_valid.all()):  # padding values may hold anything (NaN * 0 is NaN): zero them
+        if not bool(new_valid.all()):  # zero padding values (non-finite ones SEAAttention already zeroed)
             values = values * new_valid[:, None, :, None]  # (B, H_kv, Tk', 2d)
         root = math.sqrt(scale)
         phi_q = self.features(q, is_query=True, root=root).view(bsz, kv_heads, groups, tq, -1)
