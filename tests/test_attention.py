@@ -310,3 +310,22 @@ def test_decoding_with_a_nan_key_equals_the_full_forward():
         parts.append(module(q[:, :, start:end], k[:, :, :end], v[:, :, :end], state=state).context)
     torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=1e-5, equal_nan=True)
     assert bool(full[:, :, 12:].isnan().all()) and not full[:, :, :12].isnan().any()
+
+
+@pytest.mark.parametrize("grouping", ["query", "query_head", "head"])  # block: cut at absolute positions
+@pytest.mark.parametrize("left", [True, False])
+def test_bidirectional_output_ignores_any_amount_of_padding(grouping, left):
+    module = sea(causal=False, k=3, grouping=grouping, query_block=8)
+    q, k, v = make_qkv(1, 4, 2, 21, 21, 16)
+    plain = module(q, k, v).context
+    for pad in range(6):
+        noise = [torch.randn(1, x.shape[1], pad, 16) for x in (q, k, v)]
+        padded = [torch.cat([n, x] if left else [x, n], 2) for n, x in zip(noise, (q, k, v))]
+        mask = torch.ones(1, 21 + pad, dtype=torch.bool)
+        if left:
+            mask[:, :pad] = False
+        else:
+            mask[:, 21:] = False
+        rows = slice(pad, None) if left else slice(0, 21)
+        torch.testing.assert_close(module(*padded, attention_mask=mask).context[:, :, rows], plain,
+                                   atol=1e-5, rtol=1e-5, msg=f"pad={pad}")

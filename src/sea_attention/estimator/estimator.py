@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..cells import key_ranks, live_cells
+from ..cells import key_ranks, live_cells, valid_key_positions
 from ..config import SEAConfig
 from ..decoding import DecodeState
 from ..ops.reference import repeat_kv
@@ -108,7 +108,9 @@ class AttentionEstimator(nn.Module):
         hidden = self.encoder.hidden(performer.to(param_dtype), own_v)  # (B, H, Tq, 2d)
         gate_logits = self.encoder.to_gates(hidden)  # every row has gates, estimated or not
         row_mask = query_valid[:, None, :, None].to(hidden.dtype)
-        if rows is None:
+        if not cfg.causal:
+            logits = self._decode_packed(self.encoder.image(hidden), query_valid).float()  # (B, H, Tq, K)
+        elif rows is None:
             logits = self._decode(self.encoder.image(hidden), row_mask, state).float()  # (B, H, Tq, K)
         else:
             logits = self._decode_rows(hidden, row_mask, rows).float()  # (B, H, n, K)
@@ -137,6 +139,21 @@ class AttentionEstimator(nn.Module):
         mask = (row_mask.index_select(2, flat).unflatten(2, window.shape) * inside).transpose(1, 2).flatten(0, 1)
         logits = self.decoder(image, mask)[:, :, -1]  # (B*n, H, K): each window's last row
         return logits.view(bsz, rows.numel(), heads, -1).transpose(1, 2)
+
+    def _decode_packed(self, image: Tensor, query_valid: Tensor) -> Tensor:
+        """Bidirectional CNN on the valid rows moved to the front, logits moved back.
+
+        The decoder's stride-2 convolution pairs rows by absolute position, so an odd amount of
+        left padding would pair a sample's rows differently; packed, every sample's rows start
+        at row 0 and any padding is trailing, which the zeroed padding rows make exact.
+        """
+        row_mask = query_valid[:, None, :, None].to(image.dtype)
+        if bool(query_valid.all()):
+            return self.decoder(image, row_mask)
+        order = valid_key_positions(query_valid)[:, None, :, None]  # (B, 1, Tq, 1): valid rows first
+        packed = image.gather(2, order.expand(-1, image.shape[1], -1, image.shape[-1]))
+        logits = self.decoder(packed, row_mask.gather(2, order))
+        return torch.empty_like(logits).scatter_(2, order.expand(-1, logits.shape[1], -1, logits.shape[-1]), logits)
 
     def _decode(self, image: Tensor, row_mask: Tensor, state: DecodeState | None) -> Tensor:
         """Run the CNN decoder; with a state, on the remembered rows + the new ones."""
