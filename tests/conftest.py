@@ -39,3 +39,8 @@ def exact_attention(q, k, v, mask, causal, scale=None):
     if causal:
         allowed = allowed & torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-cases", type=int, default=12,
+                     help="random configurations per property in tests/test_fuzz.py (default 12)")
