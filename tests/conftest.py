@@ -44,6 +44,11 @@ def exact_attention(q, k, v, mask, causal, scale=None):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-cases", type=int, default=12,
+                     help="random configurations per property in tests/test_fuzz.py (default 12)")
+
+
 TEXT = " ".join(f"Sentence number {i} says that the {['cat', 'dog', 'bird'][i % 3]} sat on mat {i % 7}."
                 for i in range(400))
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import exact_attention, make_qkv, padding_mask
-from sea_attention import SEAAttention, SEAConfig
+from sea_attention import DecodeState, SEAAttention, SEAConfig
 
 
 def sea(heads=4, kv_heads=2, dim=16, causal=True, **kw):
@@ -32,7 +32,12 @@ def test_full_budget_without_gating_is_exact_attention(batch, heads, kv_heads, t
     module = sea(heads, kv_heads, dim, causal, gating=False, attention_path=path, grouping=grouping, query_chunk=8)
     q, k, v = make_qkv(batch, heads, kv_heads, tq, tk, dim)
     mask = padding_mask(batch, tk, pad, left=causal)
-    out = module(q, k, v, attention_mask=mask, k_budget=tk)
+    state = None
+    if causal and tq < tk:  # a causal query suffix continues the state of a prefill of the other keys
+        state, past = DecodeState(), tk - tq
+        module(torch.randn(batch, heads, past, dim), k[:, :, :past], v[:, :, :past],
+               attention_mask=mask[:, :past], state=state)
+    out = module(q, k, v, attention_mask=mask, k_budget=tk, state=state)
     expected = exact_attention(q, k, v, mask, causal)
     rows = mask[:, tk - tq:]
     torch.testing.assert_close(out.context.transpose(1, 2)[rows], expected.transpose(1, 2)[rows], atol=1e-5, rtol=1e-5)
@@ -169,6 +174,7 @@ def test_default_estimator_has_no_length_limit():
     (((1, 4, 8, 16), (1, 4, 8, 16), (1, 4, 8, 16)), {}, "num_kv_heads=2"),
     (((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {}, "config.head_dim is 16"),
     (((1, 4, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "must not outnumber keys"),
+    (((1, 4, 5, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "causal query suffix needs the DecodeState"),
     (((2, 4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "batch sizes differ"),
     (((1, 4, 8, 16), (1, 2, 8, 16), (1, 2, 7, 16)), {}, "same length"),
     (((1, 4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"attention_mask": torch.ones(1, 7, dtype=torch.bool)}, "attention_mask must have shape"),
@@ -205,3 +211,129 @@ def test_norm_mode_keeps_padding_queries_at_zero():
     mask[:, :3] = False
     out = module(q, k, v, attention_mask=mask).context
     assert bool((out[:, :, :3] == 0).all()) and bool((out[:, :, 3:] != 0).any())
+
+
+def _args(tq=8, tk=8, batch=1, dtype=torch.float32):
+    q, k, v = make_qkv(batch, 4, 2, tq, tk, 16)
+    return dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype))
+
+
+def _mutated_k(module):
+    module.config.k = -3
+    return {}
+
+
+BAD_CALLS = [  # (what the call gets, the error it must raise)
+    (lambda m: {"scale": float("nan")}, "scale must be a finite positive number"),
+    (lambda m: {"scale": float("inf")}, "scale must be a finite positive number"),
+    (lambda m: {"scale": -1.0}, "scale must be a finite positive number"),
+    (lambda m: {"scale": 0}, "scale must be a finite positive number"),
+    (lambda m: {"scale": True}, "scale must be a finite positive number"),
+    (_mutated_k, "k must be a positive integer, got -3"),
+    (lambda m: {"positions": torch.full((1, 8), -1)}, r"positions must be >= 0"),
+    (lambda m: {**_args(tq=0, tk=0)}, r"at least one sample and one query"),
+    (lambda m: {**_args(batch=0)}, r"at least one sample and one query"),
+    (lambda m: {**_args(tq=0)}, r"at least one sample and one query"),
+    (lambda m: {**_args(dtype=torch.int64)}, "q must have a floating dtype"),
+    (lambda m: {"q": _args()["q"].numpy()}, "q must be a torch.Tensor, got numpy.ndarray"),
+    (lambda m: {"attention_mask": [[1] * 8]}, "attention_mask must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_CALLS)
+def test_nonsense_arguments_raise_clear_errors(make, message):
+    module = sea()
+    kwargs = {**_args(), **make(module)}
+    with pytest.raises(ValueError, match=message):
+        module(kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v"), **kwargs)
+
+
+def test_huge_budget_selects_every_key_like_a_budget_of_tk():
+    module = sea()
+    q, k, v = make_qkv(1, 4, 2, 20, 20, 16)
+    huge, full = module(q, k, v, k_budget=2 ** 62), module(q, k, v, k_budget=20)
+    assert torch.equal(huge.context, full.context) and torch.equal(huge.nnz, full.nnz)
+
+
+def test_positions_of_padding_keys_are_never_read():
+    module = sea()
+    q, k, v = make_qkv(1, 4, 2, 12, 12, 16)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[:, :3] = False
+    positions = torch.arange(12).unsqueeze(0) - 3
+    expected = module(q, k, v, attention_mask=mask, positions=positions.clamp_min(0)).context
+    positions[:, :3] = torch.tensor([-7, 10 ** 6, -1])  # anything: these keys are padding
+    torch.testing.assert_close(module(q, k, v, attention_mask=mask, positions=positions).context, expected)
+
+
+NAN_LAYERS = [dict(), dict(grouping="query_head"), dict(grouping="block", query_block=8), dict(output_mode="norm"),
+              dict(attention_path="reference")]
+
+
+@pytest.mark.parametrize("layer", NAN_LAYERS)
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_causality_canary_under_non_finite_inputs(layer, which):
+    """A NaN/inf at position j changes no row before j; the rows that see it are NaN."""
+    module = sea(heads=4, kv_heads=2, k=3, **layer)
+    generator = torch.Generator().manual_seed(7)
+    t = 40
+    q, k, v = make_qkv(2, 4, 2, t, t, 16)
+    base = module(q, k, v).context
+    for _ in range(4):
+        j = int(torch.randint(1, t, (1,), generator=generator))
+        inputs = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+        inputs[which][0, int(torch.randint(0, inputs[which].shape[1], (1,), generator=generator)), j, 3] = \
+            float("nan") if j % 2 else float("inf")
+        out = module(inputs["q"], inputs["k"], inputs["v"]).context
+        torch.testing.assert_close(out[:, :, :j], base[:, :, :j], atol=0, rtol=0)
+        torch.testing.assert_close(out[1], base[1], atol=0, rtol=0)  # the other sample
+        if which != "q":  # a bad key or value reaches every later row; a bad query only its own
+            assert bool(out[0, :, j:].isnan().all())
+        else:
+            assert bool(out[0, :, j].isnan().all())
+
+
+@pytest.mark.parametrize("causal, layer", [(True, dict()), (True, dict(grouping="block", query_block=8)),
+                                           (False, dict()), (False, dict(grouping="head")),
+                                           (True, dict(attention_path="reference"))])
+def test_non_finite_padding_is_never_read(causal, layer):
+    module = sea(causal=causal, k=3, **layer)
+    q, k, v = make_qkv(2, 4, 2, 30, 30, 16)
+    mask = padding_mask(2, 30, 7, left=causal)
+    clean = module(q, k, v, attention_mask=mask).context
+    for x, fill in ((q, float("nan")), (k, float("inf")), (v, float("nan"))):
+        x[~mask[:, None, :, None].expand_as(x)] = fill
+    dirty = module(q, k, v, attention_mask=mask).context
+    assert not dirty.isnan().any()
+    torch.testing.assert_close(dirty, clean, atol=1e-6, rtol=1e-6)
+
+
+def test_decoding_with_a_nan_key_equals_the_full_forward():
+    module = sea(k=3).eval()
+    q, k, v = make_qkv(1, 4, 2, 20, 20, 16)
+    k[0, 1, 12, 0] = float("nan")
+    full = module(q, k, v).context
+    state, parts = DecodeState(), []
+    for start, end in ((0, 10), (10, 15), (15, 20)):
+        parts.append(module(q[:, :, start:end], k[:, :, :end], v[:, :, :end], state=state).context)
+    torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert bool(full[:, :, 12:].isnan().all()) and not full[:, :, :12].isnan().any()
+
+
+@pytest.mark.parametrize("grouping", ["query", "query_head", "head"])  # block: cut at absolute positions
+@pytest.mark.parametrize("left", [True, False])
+def test_bidirectional_output_ignores_any_amount_of_padding(grouping, left):
+    module = sea(causal=False, k=3, grouping=grouping, query_block=8)
+    q, k, v = make_qkv(1, 4, 2, 21, 21, 16)
+    plain = module(q, k, v).context
+    for pad in range(6):
+        noise = [torch.randn(1, x.shape[1], pad, 16) for x in (q, k, v)]
+        padded = [torch.cat([n, x] if left else [x, n], 2) for n, x in zip(noise, (q, k, v))]
+        mask = torch.ones(1, 21 + pad, dtype=torch.bool)
+        if left:
+            mask[:, :pad] = False
+        else:
+            mask[:, 21:] = False
+        rows = slice(pad, None) if left else slice(0, 21)
+        torch.testing.assert_close(module(*padded, attention_mask=mask).context[:, :, rows], plain,
+                                   atol=1e-5, rtol=1e-5, msg=f"pad={pad}")

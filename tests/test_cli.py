@@ -1,6 +1,7 @@
 """The `sea` command end to end on a tiny random Llama with a real tokenizer (no downloads)."""
 
 import json
+import re
 
 import pytest
 
@@ -56,3 +57,54 @@ def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):
     assert "expected one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--model", "x", "--k", "32,abc"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["distill", "--out", "x", "--lr", "-1"], "argument --lr: expected a finite number > 0, got '-1'"),
+    (["distill", "--out", "x", "--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+    (["distill", "--out", "x", "--base-lr", "inf"], "argument --base-lr: expected a finite number > 0"),
+    (["distill", "--out", "x", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    (["distill", "--out", "x", "--warmup-steps", "-2"], "argument --warmup-steps: expected an integer >= 0"),
+    (["eval", "--model", "m", "--max-tokens", "-5"], "argument --max-tokens: expected a positive integer"),
+    (["eval", "--model", "m", "--max-tokens", "0"], "argument --max-tokens: expected a positive integer"),
+    (["eval", "--model", "m", "--stride", "0"], "argument --stride: expected a positive integer, got '0'"),
+    (["eval", "--model", "m", "--seq-len", "1.5"], "argument --seq-len: expected a positive integer"),
+    (["generate", "--model", "m", "--prompt", "p", "--temperature", "-1"],
+     "argument --temperature: expected a finite number >= 0, got '-1'"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-p", "5"], r"argument --top-p: expected a number in \(0, 1\]"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-p", "0"], r"argument --top-p: expected a number in \(0, 1\]"),
+    (["plot", "--model", "m", "--layer", "-1"], "argument --layer: expected an integer >= 0"),
+    (["distill", "--out", "x", "--query-block", "0"], "argument --query-block: expected a positive integer"),
+])
+def test_out_of_range_arguments_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_distill_config_rejects_bad_learning_rates():
+    from sea_attention.distill import DistillConfig
+
+    for value in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+            DistillConfig(lr=value)
+
+
+def test_distill_refuses_an_out_that_is_a_file_before_training(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "model.bin"
+    out.write_bytes(b"precious")
+    assert main(["distill", "--model", str(tiny_model_dir / "model"), "--data", str(tiny_model_dir / "text.txt"),
+                 "--steps", "1", "--seq-len", "32", "--out", str(out), "--quiet"]) == 2
+    assert "model.bin exists and is not a directory" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious" and not (tmp_path / "model.bin-checkpoints").exists()
+
+
+def test_resume_from_a_garbage_checkpoint_names_the_file(tiny_model_dir, tmp_path, capsys):
+    checkpoints = tmp_path / "ckpt"
+    checkpoints.mkdir()
+    (checkpoints / "checkpoint.pt").write_bytes(b"")
+    assert main(["distill", "--model", str(tiny_model_dir / "model"), "--data", str(tiny_model_dir / "text.txt"),
+                 "--steps", "1", "--seq-len", "32", "--k", "4", "--estimate-width", "8", "--out",
+                 str(tmp_path / "sea"), "--checkpoint-dir", str(checkpoints), "--resume", "--quiet"]) == 2
+    assert f"{checkpoints / 'checkpoint.pt'} is not a readable checkpoint" in capsys.readouterr().err

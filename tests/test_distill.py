@@ -1,12 +1,19 @@
 """Distillation on a tiny random Llama: losses go down, checkpoints resume exactly."""
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sea_attention.distill import DistillConfig, Distiller, TokenWindows
 from sea_attention.distill.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from sea_attention.hf import patch
+from sea_attention.distill.trainer import CHECKPOINT_KEYS
+from sea_attention.hf import patch, save_pretrained
 
 
 def tiny_llama(seed=0):
@@ -113,3 +120,57 @@ def test_full_stage_resume_is_exact_with_dropout(tmp_path):
     later.run(progress=False)
     for (name, a), b in zip(straight.state_dict().items(), again.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _debris(target: Path, kind: str, pid: int, directory: bool = False) -> Path:
+    path = target.with_name(f".{target.name}.{kind}-{socket.gethostname().replace('-', '_')}-{pid}-abc")
+    if directory:
+        path.mkdir()
+        (path / "half.safetensors").write_bytes(b"")
+    else:
+        path.write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+def test_a_garbage_checkpoint_is_an_error_naming_the_file(tmp_path, content):
+    target = tmp_path / CHECKPOINT_NAME
+    if content is None:
+        torch.save({"step": 3}, target)  # a torch file, but not ours
+    else:
+        target.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{target}.*delete it to start fresh"):
+        load_checkpoint(tmp_path, CHECKPOINT_KEYS)
+
+
+def test_killed_checkpoint_writes_leave_no_debris_after_the_next_save(tmp_path):
+    target = tmp_path / CHECKPOINT_NAME
+    dead = _debris(target, "tmp", _dead_pid())
+    live = _debris(target, "tmp", os.getppid())  # a writer that still runs: keep its file
+    legacy = tmp_path / ".checkpoint-x1y2.tmp"  # an earlier version's name: removed once stale
+    legacy.write_bytes(b"")
+    fresh_legacy = tmp_path / ".checkpoint-z3.tmp"
+    fresh_legacy.write_bytes(b"")
+    os.utime(legacy, (0, 0))
+    save_checkpoint(tmp_path, {"step": 1})
+    assert not dead.exists() and not legacy.exists()
+    assert live.exists() and fresh_legacy.exists() and target.exists()
+
+
+def test_killed_saves_leave_no_debris_after_the_next_save(tmp_path):
+    from test_hf_io import trained
+
+    final = tmp_path / "sea"
+    pid = _dead_pid()
+    leftovers = [_debris(final, "tmp", pid, directory=True), _debris(final, "old", pid, directory=True)]
+    other_output = _debris(tmp_path / "other", "tmp", pid, directory=True)  # not this output's
+    save_pretrained(trained("llama"), final, include_base_weights=True)
+    assert not any(p.exists() for p in leftovers)
+    assert other_output.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other_output.name, "sea"])

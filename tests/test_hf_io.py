@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import sea_attention.hf.io as hf_io
 from sea_attention import __version__
-from sea_attention.hf import dense_attention, from_pretrained, patch, save_pretrained, sea_budget, sea_layers
+from sea_attention.hf import (dense_attention, from_pretrained, patch, save_pretrained, sea_budget, sea_layers,
+                              set_budget, set_runtime)
 from test_hf_patch import VOCAB, batch, output, tiny_model
 
 
@@ -136,7 +137,105 @@ def test_save_and_load_errors(tmp_path):
     weights = load_file(str(path / "sea_weights.safetensors"))
     weights.pop(next(k for k in weights if k.endswith("projection")))
     save_file(weights, str(path / "sea_weights.safetensors"))
+    _drop_checksum(path)  # as a save from before checksums: the strict key check still catches it
     with pytest.raises(ValueError, match="missing"):
         from_pretrained(path)
     with pytest.raises(FileNotFoundError):
         from_pretrained(other)
+
+
+def _drop_checksum(path):
+    meta = json.loads((path / "sea_config.json").read_text())
+    meta.pop("weights_sha256")
+    (path / "sea_config.json").write_text(json.dumps(meta))
+
+
+def _edit_meta(path, **changes):
+    meta = json.loads((path / "sea_config.json").read_text())
+    for name, value in changes.items():
+        if isinstance(value, dict):
+            meta[name].update(value)
+        else:
+            meta[name] = value
+    (path / "sea_config.json").write_text(json.dumps(meta))
+
+
+def _flip_a_byte(path):
+    file = path / "sea_weights.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    file = path / "sea_weights.safetensors"
+    file.write_bytes(file.read_bytes()[:100])
+    _drop_checksum(path)
+
+
+def _empty_weights(path):
+    (path / "sea_weights.safetensors").write_bytes(b"")
+    _drop_checksum(path)
+
+
+CORRUPTIONS = [  # (how the save is damaged, the error it must give)
+    (_flip_a_byte, r"sea_weights\.safetensors does not match the sha256"),
+    (_truncate, r"sea_weights\.safetensors is not a readable safetensors file"),
+    (_empty_weights, r"sea_weights\.safetensors is not a readable safetensors file"),
+    (lambda p: (p / "sea_weights.safetensors").unlink(), r"sea_weights\.safetensors is missing"),
+    (lambda p: (p / "sea_config.json").write_text('{"format_version": 1, "base'), r"sea_config\.json is not valid JSON"),
+    (lambda p: (p / "sea_config.json").write_text(""), r"sea_config\.json is not valid JSON"),
+    (lambda p: (p / "sea_config.json").write_text("[1, 2]"), r"sea_config\.json must hold a JSON object"),
+    (lambda p: _edit_meta(p, sea_config="k=3"), r"sea_config must be a JSON object"),
+    (lambda p: (p / "sea_config.json").write_text('{"format_version": 1}'), r"sea_config\.json lacks the fields"),
+    (lambda p: _edit_meta(p, torch_dtype="float99"), r"torch_dtype 'float99' is not a torch dtype"),
+    (lambda p: _edit_meta(p, sea_config={"estimate_width": 16}), r"holds .* of shape .* the SEA config in sea_config"),
+    (lambda p: _edit_meta(p, sea_config={"estimate_width": 7}), r"sea_config\.json: its sea_config does not fit"),
+]
+
+
+@pytest.mark.parametrize("damage, message", CORRUPTIONS)
+def test_a_damaged_save_gives_an_error_naming_the_file(tmp_path, damage, message):
+    path = save_pretrained(trained("llama"), tmp_path / "sea", include_base_weights=True)
+    damage(path)
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(path)
+
+
+@torch.no_grad()
+def test_a_save_without_checksum_still_loads(tmp_path):
+    model = trained("llama")
+    inputs = batch("llama")
+    path = save_pretrained(model, tmp_path / "sea", include_base_weights=True)
+    assert len(json.loads((path / "sea_config.json").read_text())["weights_sha256"]) == 64
+    _drop_checksum(path)
+    loaded, _ = from_pretrained(path)
+    torch.testing.assert_close(output(loaded, inputs)[0], output(model, inputs)[0], atol=0, rtol=0)
+
+
+def test_a_model_directory_without_tokenizer_says_so(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="base has no usable tokenizer"):
+        hf_io.load_model(str(tmp_path / "base"))
+
+
+@torch.no_grad()
+def test_runtime_settings_and_budget_survive_a_reload(tmp_path):
+    model = trained("llama")
+    set_runtime(model, grouping="block", query_block=4)
+    set_budget(model, 2)
+    inputs = batch("llama")
+    expected = output(model, inputs)
+    loaded, _ = from_pretrained(save_pretrained(model, tmp_path / "sea", include_base_weights=True))
+    sea = sea_layers(loaded)[0][2]
+    assert (sea.config.grouping, sea.config.query_block, sea.k_budget) == ("block", 4, 2)
+    torch.testing.assert_close(output(loaded, inputs)[0], expected[0], atol=0, rtol=0)
+    set_budget(loaded, None)  # the saved k is still the config's
+    assert sea.config.k == 3
+
+
+def test_layers_with_different_settings_are_not_saved_as_one(tmp_path):
+    model = trained("llama")
+    sea_layers(model)[0][2].k_budget = 5
+    with pytest.raises(ValueError, match="different SEA configs or budgets"):
+        save_pretrained(model, tmp_path / "sea", include_base_weights=True)

@@ -358,3 +358,19 @@ def test_sliding_window_shorter_than_the_sequence_warns():
     patch(model, k=2, estimate_width=8)
     with pytest.warns(UserWarning, match="sliding window"):
         model(**batch("mistral"))
+
+
+@torch.no_grad()
+def test_left_padding_with_rank_position_ids_gives_the_unpadded_logits():
+    """RoPE rotates q and k by their position ids; dense attention only sees differences of
+    positions, SEA's estimator sees the rotated vectors themselves. With position ids that
+    count real tokens (what generate passes), a left-padded prompt is exact."""
+    model = patch(tiny_model("llama"), k=3, estimate_width=8)
+    ids = torch.randint(1, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    pad = 5
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], 1)
+    mask = torch.ones(1, 16 + pad, dtype=torch.long)
+    mask[:, :pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    got = model(padded, attention_mask=mask, position_ids=positions).logits[:, pad:]
+    torch.testing.assert_close(got, model(ids).logits, atol=1e-5, rtol=1e-5)

@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -38,6 +37,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .atomic import remove_debris, temp_dir, write_text
 
 __all__ = ["BUNDLED_MODELS", "BUNDLED_TEXTS", "SPLITS", "default_cache_dir", "load_model", "load_text"]
 
@@ -62,7 +63,6 @@ _WIKI_BZ2 = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p0000303
 _BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 _WIKI_CACHE_VERSION = 1
 _COMPLETE_MARKER = "sea-cache-complete.json"  # written last: a cache without it is unfinished
-_STALE_TMP_SECONDS = 3600.0  # temp dirs older than this belong to a dead process
 
 
 def default_cache_dir() -> Path:
@@ -91,11 +91,9 @@ def _build_cache_atomically(final: Path, build: Callable[[Path], None]) -> Path:
     """
     if (final / _COMPLETE_MARKER).is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_debris(final)
+    tmp = temp_dir(final)
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         build(tmp)
         for file in tmp.rglob("*"):
             if file.is_file():
@@ -113,30 +111,6 @@ def _build_cache_atomically(final: Path, build: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _remove_stale_tmp_dirs(final: Path) -> None:
-    """Delete temp dirs of ``final`` left by crashed processes (recent ones may be live)."""
-    now = time.time()
-    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
-        try:
-            if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass  # another process removed it meanwhile
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,8 +148,18 @@ def _load_pretrained(
     config = AutoConfig.from_pretrained(source)
     auto_class = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
     model = auto_class.from_pretrained(source, config=config, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(source)
+
+
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model; a clear error naming ``source`` when there is none."""
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{source} has no usable tokenizer (tokenizer.json / tokenizer_config.json): save one there with "
+            f"tokenizer.save_pretrained(...). Cause: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def load_model(
@@ -254,7 +238,7 @@ def _wiki_articles(cache_root: Path) -> tuple[tuple[str, str], ...]:
     except (OSError, ValueError, KeyError, TypeError):
         pass  # missing or unreadable: rebuild
     articles = _parse_wiki()
-    _write_text_atomically(path, json.dumps({"version": _WIKI_CACHE_VERSION, "articles": articles}))
+    write_text(path, json.dumps({"version": _WIKI_CACHE_VERSION, "articles": articles}))
     return tuple(articles)
 
 

@@ -12,6 +12,7 @@ from .cells import KeySlots, cells_to_keys, query_lengths
 from .config import SEAConfig
 from .decoding import DecodeState
 from .estimator import AttentionEstimator, Estimate
+from .inputs import call_budget, call_scale, validate_inputs
 from .ops.block_sparse import block_sparse_attention
 from .ops.reference import reference_attention, repeat_kv
 from .ops.sparse import sparse_attention
@@ -63,7 +64,8 @@ class SEAAttention(nn.Module):
     """Sparse attention over keys picked from an estimated attention map.
 
     ``forward(q, k, v)`` takes per-head queries (B, H, Tq, d) and keys/values
-    (B, H_kv, Tk, d). When Tq < Tk the queries are the last Tq positions (decoding).
+    (B, H_kv, Tk, d). When Tq < Tk the queries are the last Tq positions: decoding, which
+    needs the ``DecodeState`` of the earlier calls when causal.
     """
 
     def __init__(self, config: SEAConfig, layer_idx: int = 0) -> None:
@@ -87,8 +89,9 @@ class SEAAttention(nn.Module):
         Args:
             q: queries (B, H, Tq, d). k, v: keys and values (B, H_kv, Tk, d).
             attention_mask: optional (B, Tk) bool, True for real tokens.
-            scale: score scale; defaults to 1/sqrt(d).
+            scale: score scale, finite and positive; defaults to 1/sqrt(d).
             k_budget: keys per query per head for this call (dynamic k); defaults to config.k.
+                A budget of Tk or more selects every key.
             positions: optional (B, Tk) rows of the learned positional table for the keys
                 (causal only); defaults to each key's rank among the valid keys.
             return_attention: also return the sparse probabilities as a dense (B, H, Tq, Tk) view.
@@ -97,11 +100,12 @@ class SEAAttention(nn.Module):
                 queries (Tq = Tk - state.seen) and reuse it. Results equal one full forward.
         """
         cfg = self.config
-        key_valid = self._check_inputs(q, k, v, attention_mask, k_budget, positions, state)
-        budget = cfg.k if k_budget is None else k_budget
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        key_valid = validate_inputs(cfg, q, k, v, attention_mask, scale, k_budget, positions, state)
         tq, tk = q.shape[2], k.shape[2]
+        budget = call_budget(k_budget, cfg.k, tk)
+        scale = call_scale(scale, q.shape[-1])
         query_valid = key_valid[:, tk - tq:]
+        q, k, v, poisoned = _finite_inputs(q, k, v, key_valid, query_valid, cfg.causal)
         if state is not None and state.seen:  # lengths from the running count: no pass over the past
             lengths = (state.valid_keys.unsqueeze(-1) + query_valid.long().cumsum(-1)) * query_valid
         else:
@@ -131,7 +135,9 @@ class SEAAttention(nn.Module):
             self._advance_state(state, v, key_valid)
         if self.output_norm is not None:
             context = self._norm_output(context)
-        context = context * query_valid[:, None, :, None].to(context.dtype)  # after the norm: its bias must not leak
+        context = context.masked_fill(~query_valid[:, None, :, None], 0.0)  # after the norm: its bias must not leak
+        if poisoned is not None:
+            context = context.masked_fill(poisoned[:, None, :, None], float("nan"))
         return SEAOutput(
             context=context, estimated=estimate.probs, nnz=nnz, attention=attention,
             estimated_logits=estimate.logits, gates=gates, cells=cells, slots=slots, lengths=lengths,
@@ -229,59 +235,32 @@ class SEAAttention(nn.Module):
         flat = self.output_norm(flat.to(self.output_norm.weight.dtype)).to(flat.dtype) + flat
         return flat.view(bsz, tq, heads, d).transpose(1, 2)
 
-    def _check_inputs(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None,
-                      k_budget: int | None, positions: Tensor | None, state: DecodeState | None) -> Tensor:
-        """Validate shapes; return the (B, Tk) bool key mask."""
-        cfg = self.config
-        if state is not None:
-            if not cfg.causal:
-                raise ValueError("incremental decoding state needs a causal SEA layer (causal=True)")
-            if state.seen != k.shape[2] - q.shape[2]:
-                raise ValueError(
-                    f"decoding state has seen {state.seen} keys, but this call has {k.shape[2]} keys and "
-                    f"{q.shape[2]} queries: the queries must be exactly the keys added since the last call")
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            if x.dim() != 4:
-                raise ValueError(f"{name} must have shape (B, heads, T, head_dim), got {tuple(x.shape)}")
-        if q.shape[1] != cfg.num_heads:
-            raise ValueError(f"q has {q.shape[1]} heads but config.num_heads is {cfg.num_heads}")
-        if k.shape[1] != cfg.num_kv_heads or v.shape[1] != cfg.num_kv_heads:
-            raise ValueError(
-                f"k and v must have num_kv_heads={cfg.num_kv_heads} heads, got {k.shape[1]} and {v.shape[1]}"
-            )
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            if x.shape[-1] != cfg.head_dim:
-                raise ValueError(f"{name} has head_dim {x.shape[-1]} but config.head_dim is {cfg.head_dim}")
-        if not (q.shape[0] == k.shape[0] == v.shape[0]):
-            raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
-        if k.shape[2] != v.shape[2]:
-            raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
-        if q.shape[2] > k.shape[2]:
-            raise ValueError(
-                f"queries ({q.shape[2]}) must not outnumber keys ({k.shape[2]}): queries are the "
-                "last positions of the key sequence"
-            )
-        if k_budget is not None and (isinstance(k_budget, bool) or not isinstance(k_budget, int) or k_budget < 1):
-            raise ValueError(f"k_budget must be a positive integer or None, got {k_budget!r}")
-        bsz, tk = k.shape[0], k.shape[2]
-        if positions is not None:
-            if not cfg.causal:
-                raise ValueError("positions only apply to causal models (bidirectional ones use ranks)")
-            if positions.shape != (bsz, tk) or positions.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"positions must be an integer tensor of shape {(bsz, tk)}, got "
-                                 f"{tuple(positions.shape)} {positions.dtype}")
-        if attention_mask is None:
-            return torch.ones(bsz, tk, dtype=torch.bool, device=k.device)
-        if attention_mask.shape != (bsz, tk):
-            raise ValueError(
-                f"attention_mask must have shape (B, Tk) = {(bsz, tk)} (True for real tokens), "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        if attention_mask.dtype != torch.bool:
-            if attention_mask.is_floating_point() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                raise ValueError("attention_mask must be bool (or 0/1 integers), True for real tokens")
-            attention_mask = attention_mask.bool()
-        return attention_mask.to(k.device)
+
+def _finite_inputs(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, query_valid: Tensor,
+                   causal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Keep non-finite inputs from reaching rows that do not attend to them.
+
+    Products such as ``probs @ v`` or a masked intra-chunk scan multiply every key by a weight,
+    and 0 * NaN is NaN: one NaN key would spread to earlier rows, one NaN padding value to
+    the whole sample. So when anything is not finite, padding rows and non-finite entries are
+    zeroed, and the rows that may attend to a non-finite key or value (causal: from its
+    position on; bidirectional: the sample's valid rows), or whose own query is not finite,
+    are returned as ``poisoned`` (B, Tq): their outputs become NaN. None when all is finite.
+    """
+    if bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
+        return q, k, v, None
+    tk, tq = k.shape[2], q.shape[2]
+    finite_key = (torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)).all(1)  # (B, Tk)
+    bad_key = key_valid & ~finite_key
+    if causal:
+        reaches = bad_key.long().cumsum(-1)[:, tk - tq:] > 0  # a bad key at or before the query
+    else:
+        reaches = bad_key.any(-1, keepdim=True).expand(-1, tq)
+    poisoned = query_valid & (reaches | ~torch.isfinite(q).all(-1).all(1))
+    k = torch.where(torch.isfinite(k) & key_valid[:, None, :, None], k, 0.0)
+    v = torch.where(torch.isfinite(v) & key_valid[:, None, :, None], v, 0.0)
+    q = torch.where(torch.isfinite(q) & query_valid[:, None, :, None], q, 0.0)
+    return q, k, v, poisoned
 
 
 def _running_sum(x: Tensor) -> Tensor:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .cli_args import int_list
+from .cli_args import (int_list, non_negative_float, non_negative_int, positive_float, positive_int,
+                       unit_interval)
 
 
 def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: dict | None = None):
@@ -45,21 +46,23 @@ def _sea_overrides(args) -> dict:
 def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> None:
     group = parser.add_argument_group("SEA options (when patching a base model)")
     if with_k:  # `sea eval` uses --k for its list of budgets
-        group.add_argument("--k", type=int, help="keys per query per head (default 64)")
-    group.add_argument("--estimate-width", type=int, help="K, width of the compressed estimate (default 128)")
-    group.add_argument("--feature-factor", type=int, help="nbf: m = d ln d / nbf random features (default 8)")
+        group.add_argument("--k", type=positive_int, help="keys per query per head (default 64)")
+    group.add_argument("--estimate-width", type=positive_int, help="K, width of the compressed estimate (default 128)")
+    group.add_argument("--feature-factor", type=positive_int, help="nbf: m = d ln d / nbf random features (default 8)")
     runtime = parser.add_argument_group("selection (also for saved SEA models)")
     runtime.add_argument("--grouping", choices=("query", "query_head", "block"),
                          help="which cells share one top-k: per query (default), per query and head, or per "
                               "block of positions (fastest on long inputs)")
-    runtime.add_argument("--query-block", type=int, help="positions per block of --grouping block (default 64)")
+    runtime.add_argument("--query-block", type=positive_int, help="positions per block of --grouping block (default 64)")
 
 
 # ---------------------------------------------------------------------------------------- distill
 def cmd_distill(args) -> int:
     from .distill import DistillConfig, Distiller, TokenWindows, tokenize
     from .hf import save_pretrained
+    from .hf.io import check_save_target
 
+    check_save_target(args.out)  # before training, not after it
     torch.manual_seed(args.seed)
     model, tokenizer, base = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     config = DistillConfig(stage=args.stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -90,14 +93,15 @@ def cmd_eval(args) -> int:
 
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))
-    if args.max_tokens:
+    if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
-    rows = evaluate_budgets(model, tokens, seq_len=args.seq_len, stride=args.stride or args.seq_len,
+    stride = args.seq_len if args.stride is None else args.stride
+    rows = evaluate_budgets(model, tokens, seq_len=args.seq_len, stride=stride,
                             budgets=args.k_list, oracle=args.oracle, progress=not args.quiet)
     print(format_table(rows))
     if args.json:
         write_json(rows, args.json, model=args.model, data=args.data, split=args.split, seq_len=args.seq_len,
-                   stride=args.stride or args.seq_len)
+                   stride=stride)
     return 0
 
 
@@ -198,26 +202,26 @@ def _add_bench_parser(commands) -> None:
     attention = kinds.add_parser("attention", help="time and peak memory of one attention forward vs T")
     attention.add_argument("--lengths", type=int_list, default=[1024, 4096, 16384, 32768], help="e.g. 1024,4096")
     attention.add_argument("--methods", type=_method_list, default=METHODS, help=f"some of {','.join(METHODS)}")
-    attention.add_argument("--heads", type=int, default=12)
-    attention.add_argument("--head-dim", type=int, default=64)
-    attention.add_argument("--k", type=int, default=64, help="SEA keys per query per head")
-    attention.add_argument("--estimate-width", type=int, default=128, help="SEA's K")
-    attention.add_argument("--repeats", type=int, default=3, help="timed calls per point (median)")
+    attention.add_argument("--heads", type=positive_int, default=12)
+    attention.add_argument("--head-dim", type=positive_int, default=64)
+    attention.add_argument("--k", type=positive_int, default=64, help="SEA keys per query per head")
+    attention.add_argument("--estimate-width", type=positive_int, default=128, help="SEA's K")
+    attention.add_argument("--repeats", type=positive_int, default=3, help="timed calls per point (median)")
     attention.add_argument("--bidirectional", action="store_true", help="no causal mask")
-    attention.add_argument("--memory-limit-gb", type=float, default=16.0,
+    attention.add_argument("--memory-limit-gb", type=positive_float, default=16.0,
                            help="skip dense methods (eager, sea_reference) estimated to need more")
-    attention.add_argument("--timeout", type=float, default=1800, help="seconds per point")
+    attention.add_argument("--timeout", type=positive_float, default=1800, help="seconds per point")
     attention.add_argument("--breakdown", action="store_true", help="also time each stage of SEA against its FLOP floor")
     attention.add_argument("--plot", help="write a log-log PNG of time and memory vs T")
     model = kinds.add_parser("model", help="prefill and decode tokens/s, dense vs SEA")
     model.add_argument("--model", required=True, help="bundled name, local dir, SEA dir, hub id, or 'tiny' (random)")
     model.add_argument("--lengths", type=int_list, default=[512, 1024, 2048], help="prompt lengths")
-    model.add_argument("--decode-tokens", type=int, default=32)
+    model.add_argument("--decode-tokens", type=positive_int, default=32)
     model.add_argument("--data", default="wiki", help="text of the prompts: 'wiki', 'bbc' or a text file")
     model.add_argument("--dense-implementation", default="sdpa", choices=("sdpa", "eager"))
     _add_sea_options(model)
     for parser in (attention, model):
-        parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+        parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
         parser.add_argument("--json", help="write the setup, machine and results to this JSON file")
         parser.set_defaults(func=cmd_bench)
 
@@ -235,19 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--model", default="smollm2-135m", help="bundled name, local dir, SEA dir or hub id")
     distill.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
     distill.add_argument("--stage", default="estimator", choices=("estimator", "full"))
-    distill.add_argument("--steps", type=int, default=100)
-    distill.add_argument("--seq-len", type=int, default=512)
-    distill.add_argument("--batch-size", type=int, default=1)
-    distill.add_argument("--grad-accum", type=int, default=1)
-    distill.add_argument("--lr", type=float, default=1e-3, help="learning rate of the SEA modules")
-    distill.add_argument("--base-lr", type=float, default=1e-5, help="learning rate of the base model (stage full)")
-    distill.add_argument("--warmup-steps", type=int, default=10)
+    distill.add_argument("--steps", type=positive_int, default=100)
+    distill.add_argument("--seq-len", type=positive_int, default=512)
+    distill.add_argument("--batch-size", type=positive_int, default=1)
+    distill.add_argument("--grad-accum", type=positive_int, default=1)
+    distill.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of the SEA modules")
+    distill.add_argument("--base-lr", type=positive_float, default=1e-5, help="learning rate of the base model (stage full)")
+    distill.add_argument("--warmup-steps", type=non_negative_int, default=10)
     distill.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
     distill.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     distill.add_argument("--seed", type=int, default=0)
     distill.add_argument("--out", required=True, help="directory for the distilled model")
     distill.add_argument("--checkpoint-dir", help="default: OUT-checkpoints")
-    distill.add_argument("--checkpoint-every", type=int, default=50)
+    distill.add_argument("--checkpoint-every", type=non_negative_int, default=50)
     distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     distill.add_argument("--quiet", action="store_true")
     _add_sea_options(distill)
@@ -257,12 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--data", default="wiki")
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
-    evaluate.add_argument("--seq-len", type=int, default=1024)
-    evaluate.add_argument("--stride", type=int, help="default: --seq-len (non-overlapping windows)")
+    evaluate.add_argument("--seq-len", type=positive_int, default=1024)
+    evaluate.add_argument("--stride", type=positive_int, help="default: --seq-len (non-overlapping windows)")
     evaluate.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128], help="budgets, e.g. 32,64,128")
     evaluate.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                           help="also evaluate exact top-(H*k) selection on the dense attention")
-    evaluate.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    evaluate.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens")
     evaluate.add_argument("--json", help="write the numbers to this JSON file")
     evaluate.add_argument("--quiet", action="store_true")
     _add_sea_options(evaluate, with_k=False)
@@ -271,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text with a SEA model, streamed to the terminal")
     generate.add_argument("--model", required=True, help="SEA dir, or a base model to patch (untrained estimator)")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64)
+    generate.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-p", type=unit_interval, default=0.95, help="nucleus sampling mass, in (0, 1]")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--dense", action="store_true", help="use the model's dense attention instead, to compare")
     _add_sea_options(generate)
@@ -282,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="PNG of teacher attention, SEA estimate and SEA sparse attention")
     plot.add_argument("--model", required=True)
     plot.add_argument("--data", default="wiki")
-    plot.add_argument("--seq-len", type=int, default=256)
-    plot.add_argument("--layer", type=int, default=0)
-    plot.add_argument("--head", type=int, default=0)
+    plot.add_argument("--seq-len", type=positive_int, default=256)
+    plot.add_argument("--layer", type=non_negative_int, default=0)
+    plot.add_argument("--head", type=non_negative_int, default=0)
     plot.add_argument("--out", default="attention.png")
     _add_sea_options(plot)
     plot.set_defaults(func=cmd_plot)

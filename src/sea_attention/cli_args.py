@@ -1,8 +1,42 @@
-"""Argument types shared by the `sea` subcommands."""
+"""Argument types shared by the `sea` subcommands: a bad value is an argparse error that
+names the accepted range, before any model is loaded."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
+
+
+def _number(text: str, parse: Callable[[str], float], accepted: Callable[[float], bool], description: str):
+    """``parse(text)`` if it is finite and ``accepted``; otherwise an argparse error."""
+    try:
+        value = parse(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not accepted(value):
+        raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda x: x >= 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda x: x >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda x: x > 0, "a finite number > 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, lambda x: x >= 0, "a finite number >= 0")
+
+
+def unit_interval(text: str) -> float:
+    return _number(text, float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 
 
 def int_list(text: str) -> list[int]:

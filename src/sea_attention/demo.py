@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from .cli_args import int_list
+from .cli_args import int_list, positive_int
 
 
 def add_demo_parser(commands) -> None:
     demo = commands.add_parser("demo", help="distil and evaluate SEA on SmolLM2-135M (about 10 min on 2 CPU cores)")
     demo.add_argument("--out", default="sea-demo", help="directory for the model, results and plot (default: sea-demo)")
-    demo.add_argument("--steps", type=int, default=35, help="estimator distillation steps")
-    demo.add_argument("--seq-len", type=int, default=512, help="tokens per training and evaluation window")
-    demo.add_argument("--eval-tokens", type=int, default=2048, help="test tokens to evaluate")
+    demo.add_argument("--steps", type=positive_int, default=35, help="estimator distillation steps")
+    demo.add_argument("--seq-len", type=positive_int, default=512, help="tokens per training and evaluation window")
+    demo.add_argument("--eval-tokens", type=positive_int, default=2048, help="test tokens to evaluate")
     demo.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128], help="budgets to evaluate")
     demo.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True)
     demo.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from .attention import AttentionBenchPoint
-from .runtime import atomic_write
+from ..atomic import write_file
 
 
 def _reference_lines(ax, xs: list[int], ys: list[float]) -> None:
@@ -57,4 +57,4 @@ def plot_attention_bench(points: list[AttentionBenchPoint], path: str | Path, ti
             ax.legend()
     fig.suptitle(title or "attention forward, B=1, fp32")
 
-    return atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
+    return write_file(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))

@@ -13,7 +13,6 @@ import os
 import queue as queue_module
 import resource
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..atomic import write_text
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -136,23 +137,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
             "cpu_model": cpu_model()}
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """``write(temporary)`` into the target's folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a report is meant to be read
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_bench_json(points: list, path: str | Path, threads: int | None = None, **sections: Any) -> Path:
     """Write ``{"machine": ..., **sections, "points": [...]}`` atomically (points are dataclasses)."""
     payload = {"machine": machine_info(threads), **sections, "points": [asdict(p) for p in points]}
-    return atomic_write(path, lambda temporary: temporary.write_text(json.dumps(payload, indent=2) + "\n"))
+    return write_text(path, json.dumps(payload, indent=2) + "\n")

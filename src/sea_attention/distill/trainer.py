@@ -73,6 +73,10 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0 or self.warmup_steps < 0:
             raise ValueError("checkpoint_every and warmup_steps must be >= 0")
+        for name in ("lr", "base_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclass
@@ -84,6 +88,9 @@ class StepRecord:
     lr: float
     tokens_per_s: float
     extra: dict[str, float] = field(default_factory=dict)
+
+
+CHECKPOINT_KEYS = ("step", "config", "trainable", "buffers", "optimizer", "scheduler", "history")  # state_dict()
 
 
 class _StopForward(Exception):
@@ -171,7 +178,7 @@ class Distiller:
 
     def resume(self) -> bool:
         """Continue from the last checkpoint in ``checkpoint_dir``; False if there is none."""
-        state = load_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        state = load_checkpoint(self.checkpoint_dir, CHECKPOINT_KEYS) if self.checkpoint_dir else None
         if state is None:
             return False
         self.load_state_dict(state)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..cells import key_ranks, live_cells
+from ..cells import key_ranks, live_cells, valid_key_positions
 from ..config import SEAConfig
 from ..decoding import DecodeState
 from ..ops.reference import repeat_kv
@@ -69,8 +69,8 @@ class AttentionEstimator(nn.Module):
         ranks = key_ranks(key_valid)
         if rank_offset is not None:
             ranks = ranks + rank_offset.unsqueeze(-1)
-        if self.positions is not None:
-            code = self.positions(ranks if positions is None else positions)
+        if self.positions is not None:  # padding keys read row 0 (their code is zeroed below)
+            code = self.positions((ranks if positions is None else positions).masked_fill(~key_valid, 0))
         else:
             code = tent_code(ranks, key_valid.sum(-1), self.config.head_dim)
         return code * key_valid.unsqueeze(-1)
@@ -101,7 +101,7 @@ class AttentionEstimator(nn.Module):
         values = v[:, :, past:].float()
         if code is not None:
             values = torch.cat([code.float().unsqueeze(1).expand(-1, kv_heads, -1, -1), values], dim=-1)
-        if not bool(new_valid.all()):  # padding values may hold anything (NaN * 0 is NaN): zero them
+        if not bool(new_valid.all()):  # zero padding values (non-finite ones SEAAttention already zeroed)
             values = values * new_valid[:, None, :, None]  # (B, H_kv, Tk', p)
         root = math.sqrt(scale)
         phi_q = self.features(q, is_query=True, root=root).view(bsz, kv_heads, groups, tq, -1)
@@ -119,7 +119,9 @@ class AttentionEstimator(nn.Module):
         hidden = self.encoder.hidden(performer.to(param_dtype), own_v)  # (B, H, Tq, 2d)
         gate_logits = self.encoder.to_gates(hidden)  # every row has gates, estimated or not
         row_mask = query_valid[:, None, :, None].to(hidden.dtype)
-        if rows is None:
+        if not cfg.causal:
+            logits = self._decode_packed(self.encoder.image(hidden), query_valid).float()  # (B, H, Tq, K)
+        elif rows is None:
             logits = self._decode(self.encoder.image(hidden), row_mask, state).float()  # (B, H, Tq, K)
         else:
             logits = self._decode_rows(hidden, row_mask, rows).float()  # (B, H, n, K)
@@ -165,6 +167,21 @@ class AttentionEstimator(nn.Module):
         mask = (row_mask.index_select(2, flat).unflatten(2, window.shape) * inside).transpose(1, 2).flatten(0, 1)
         logits = self.decoder(image, mask)[:, :, -1]  # (B*n, H, K): each window's last row
         return logits.view(bsz, rows.numel(), heads, -1).transpose(1, 2)
+
+    def _decode_packed(self, image: Tensor, query_valid: Tensor) -> Tensor:
+        """Bidirectional CNN on the valid rows moved to the front, logits moved back.
+
+        The decoder's stride-2 convolution pairs rows by absolute position, so an odd amount of
+        left padding would pair a sample's rows differently; packed, every sample's rows start
+        at row 0 and any padding is trailing, which the zeroed padding rows make exact.
+        """
+        row_mask = query_valid[:, None, :, None].to(image.dtype)
+        if bool(query_valid.all()):
+            return self.decoder(image, row_mask)
+        order = valid_key_positions(query_valid)[:, None, :, None]  # (B, 1, Tq, 1): valid rows first
+        packed = image.gather(2, order.expand(-1, image.shape[1], -1, image.shape[-1]))
+        logits = self.decoder(packed, row_mask.gather(2, order))
+        return torch.empty_like(logits).scatter_(2, order.expand(-1, logits.shape[1], -1, logits.shape[-1]), logits)
 
     def _decode(self, image: Tensor, row_mask: Tensor, state: DecodeState | None) -> Tensor:
         """Run the CNN decoder; with a state, on the remembered rows + the new ones."""

@@ -114,7 +114,9 @@ def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk:
     v_c = blocks(torch.cat([values[:, :, prefix:], ones[:, :, prefix:]], dim=-1))  # (B, H_kv, n, c, e + 1)
     chunk_kv = k_c.transpose(-1, -2) @ v_c  # (B, H_kv, n, m, e + 1)
     start = torch.cat([kv, normaliser.unsqueeze(-1)], dim=-1)  # (B, H_kv, m, e + 1)
-    before = start.unsqueeze(2) + chunk_kv.cumsum(2) - chunk_kv  # sums over all earlier chunks
+    # sums over all earlier chunks: an exclusive scan (cumsum - own would cancel, and NaN - NaN is NaN)
+    earlier = torch.cat([torch.zeros_like(chunk_kv[:, :, :1]), chunk_kv[:, :, :-1].cumsum(2)], dim=2)
+    before = start.unsqueeze(2) + earlier
     local = (q_c @ k_c.unsqueeze(2).transpose(-1, -2)).tril()  # (B, H_kv, G, n, c, c)
     out = q_c @ before.unsqueeze(2) + local @ v_c.unsqueeze(2)  # (B, H_kv, G, n, c, e + 1)
     out = out.flatten(-3, -2)[..., :tq, :]

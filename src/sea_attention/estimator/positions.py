@@ -24,7 +24,7 @@ class LearnedPositionCode(nn.Module):
                 f"sequence has {longest} positions but the estimator's max_positions is "
                 f"{self.table.shape[0]}: raise SEAConfig.max_positions (and distil again)"
             )
-        return self.table[positions.clamp_min(0)]
+        return self.table[positions]
 
 
 def tent_code(ranks: Tensor, lengths: Tensor, dim: int) -> Tensor:

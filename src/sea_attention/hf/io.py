@@ -2,8 +2,10 @@
 
 A saved directory holds:
 
-* ``sea_config.json``: the SEA config, the base model's identity, family, architecture and
-  dtype, the sea-attention version, and whether the base weights are included;
+* ``sea_config.json``: the SEA config as the layers run it (``set_runtime`` changes included),
+  the active budget (``set_budget``), the base model's identity, family, architecture and
+  dtype, the sea-attention version, whether the base weights are included, and the sha256
+  of the weights file (checked on load; saves from before it load unchecked);
 * ``sea_weights.safetensors``: every SEA parameter and buffer (e.g. the random-feature
   projection) under its ``model.state_dict()`` name (``model.layers.0.self_attn.sea...``);
 * with ``include_base_weights=True``: the base model (``config.json`` + weights, without the
@@ -15,28 +17,31 @@ Directories are written into a temporary sibling and renamed into place when com
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .. import __version__
-from ..assets import load_model
+from ..atomic import remove_debris, replace_dir, temp_dir
+from ..assets import load_model, load_tokenizer
 from .families import family_of
 from ..config import LEGACY_DEFAULTS
-from .patch import SEA_CONFIG_ATTR, _require_patched, patch, sea_layers
+from .patch import _require_patched, patch, sea_layers, set_budget
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "sea_config.json"  # written last: a directory without it is not a SEA save
 WEIGHTS_NAME = "sea_weights.safetensors"
+REQUIRED_FIELDS = ("format_version", "base_model", "architecture", "torch_dtype", "include_base_weights",
+                   "sea_config")
 
 
 def sea_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -59,13 +64,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model: st
     directory is complete, and only if it is empty or an earlier SEA save. Returns the path.
     """
     final = Path(path)
-    sea_config = getattr(model.config, SEA_CONFIG_ATTR, None)
     state = sea_state_dict(model)  # also checks that the model is patched
+    sea_config, k_budget = _layer_settings(model)
     base_model = base_model or getattr(model.config, "name_or_path", "") or None
     if base_model is None and not include_base_weights:
         raise ValueError("cannot tell which base model this is: pass base_model=... or include_base_weights=True")
-    if final.exists() and not (final.is_dir() and ((final / CONFIG_NAME).is_file() or not any(final.iterdir()))):
-        raise FileExistsError(f"{final} exists and is not a SEA save directory; refusing to replace it")
+    check_save_target(final)
     meta = {
         "format_version": FORMAT_VERSION,
         "sea_attention_version": __version__,
@@ -76,43 +80,53 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model: st
         "include_base_weights": include_base_weights,
         "include_tokenizer": tokenizer is not None,
         "sea_config": sea_config,
+        "k_budget": k_budget,
     }
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_debris(final)  # what earlier, killed saves to the same place left
+    tmp = temp_dir(final)
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
         if include_base_weights:
             base = {k: v for k, v in model.state_dict().items() if k not in state}
             model.save_pretrained(tmp, state_dict=base)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, then deleted.
+def check_save_target(path: str | os.PathLike) -> None:
+    """Refuse a ``path`` that :func:`save_pretrained` must not replace: anything but a missing or
+    empty directory, or an earlier SEA save (checked before long work such as training)."""
+    final = Path(path)
+    if final.exists() and not (final.is_dir() and ((final / CONFIG_NAME).is_file() or not any(final.iterdir()))):
+        kind = "a directory that is not a SEA save" if final.is_dir() else "not a directory"
+        raise FileExistsError(f"{final} exists and is {kind}; refusing to replace it")
 
-    Between the two renames ``final`` is briefly absent, never partial; if the process dies
-    there, the previous version survives as ``.<name>.old-*`` next to it.
-    """
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+
+def _layer_settings(model: nn.Module) -> tuple[dict, int | None]:
+    """The SEA config and budget every patched layer runs with: what a reload must restore."""
+    layers = _require_patched(model)
+    configs = {repr(sea.config.to_dict()) for _, _, sea in layers}
+    budgets = {getattr(sea, "k_budget", None) for _, _, sea in layers}
+    if len(configs) > 1 or len(budgets) > 1:
+        raise ValueError("the patched layers run different SEA configs or budgets, which one saved config cannot "
+                         "hold: use set_runtime(model, ...) / set_budget(model, k) for all layers before saving")
+    return layers[0][2].config.to_dict(), budgets.pop()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
@@ -125,13 +139,12 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     without a tokenizer). Every SEA tensor must be present in the saved weights.
     """
     folder = Path(path)
-    if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{folder} is not a SEA save directory (no {CONFIG_NAME})")
-    meta = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder / CONFIG_NAME} has format_version {meta.get('format_version')!r}; "
-                         f"this sea-attention reads {FORMAT_VERSION}")
-    dtype = dtype if dtype is not None else getattr(torch, meta["torch_dtype"])
+    meta = _read_meta(folder)
+    weights = _read_weights(folder, meta.get("weights_sha256"))
+    saved_dtype = getattr(torch, str(meta["torch_dtype"]), None)
+    if not isinstance(saved_dtype, torch.dtype):
+        raise ValueError(f"{folder / CONFIG_NAME}: torch_dtype {meta['torch_dtype']!r} is not a torch dtype")
+    dtype = dtype if dtype is not None else saved_dtype
     architecture = meta["architecture"]
 
     tokenizer = None
@@ -146,24 +159,71 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
             raise ValueError(f"the saved model is a {architecture} but {meta['base_model']!r} loads as a "
                              f"{type(model).__name__}; save it with include_base_weights=True")
     if meta.get("include_tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
 
-    patch(model, **{**LEGACY_DEFAULTS, **meta["sea_config"]})  # fields a save predates keep their old value
-    _load_sea_weights(model, load_file(str(folder / WEIGHTS_NAME)))
+    try:
+        patch(model, **{**LEGACY_DEFAULTS, **meta["sea_config"]})  # fields a save predates keep their old value
+    except ValueError as err:
+        raise ValueError(f"{folder / CONFIG_NAME}: its sea_config does not fit the model: {err}") from err
+    _load_sea_weights(model, weights, folder / WEIGHTS_NAME)
+    set_budget(model, meta.get("k_budget"))
     # remembered so that saving this model again points at the same base (or carries its weights)
     model.config.sea_base_model = meta["base_model"]
     model.config.sea_base_weights_included = bool(meta["include_base_weights"])
     return model.eval(), tokenizer
 
 
-def _load_sea_weights(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Strict load: every SEA tensor of the model present, nothing else."""
-    expected = set(sea_state_dict(model))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+def _read_meta(folder: Path) -> dict:
+    """``sea_config.json``, checked: every problem is a ``ValueError`` naming the file."""
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{folder} is not a SEA save directory (no {CONFIG_NAME})")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}): the save is corrupt, save the model again") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(meta).__name__}")
+    missing = [name for name in REQUIRED_FIELDS if name not in meta]
+    if missing:
+        raise ValueError(f"{file} lacks the fields {missing}: the save is corrupt, save the model again")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{file} has format_version {meta['format_version']!r}; "
+                         f"this sea-attention reads {FORMAT_VERSION}")
+    if not isinstance(meta["sea_config"], dict):
+        raise ValueError(f"{file}: sea_config must be a JSON object, got {meta['sea_config']!r}")
+    return meta
+
+
+def _read_weights(folder: Path, sha256: str | None) -> dict[str, Tensor]:
+    """The SEA tensors; checked against the saved sha256 when there is one (older saves have none)."""
+    file = folder / WEIGHTS_NAME
+    if not file.is_file():
+        raise ValueError(f"{file} is missing: the save is incomplete, save the model again")
+    if sha256 is not None and _sha256(file) != sha256:
+        raise ValueError(f"{file} does not match the sha256 recorded in {CONFIG_NAME}: the weights are corrupt "
+                         "or were changed after saving")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({err}): the save is corrupt") from err
+
+
+def _load_sea_weights(model: nn.Module, state: dict[str, Tensor], file: Path) -> None:
+    """Strict load: every SEA tensor of the model present with its shape, nothing else."""
+    shapes = {name: tuple(t.shape) for name, t in sea_state_dict(model).items()}
+    missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
     if missing or unexpected:
-        raise ValueError(f"SEA weights do not match the model: missing {missing[:5]}"
+        raise ValueError(f"{file} does not match the model: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{'...' if len(unexpected) > 5 else ''}")
+    wrong = [(name, tuple(state[name].shape), shape) for name, shape in shapes.items()
+             if tuple(state[name].shape) != shape]
+    if wrong:
+        name, got, want = wrong[0]
+        raise ValueError(f"{file} holds {name} of shape {got}, but the SEA config in {CONFIG_NAME} builds {want} "
+                         f"({len(wrong)} tensors differ): the config (estimate_width, feature_factor, ...) was "
+                         "edited or belongs to other weights")
     for name, _, sea in sea_layers(model):
         prefix = f"{name}.sea." if name else "sea."
         sea.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)

@@ -188,6 +188,7 @@ def set_runtime(model: nn.Module, **changes: Any) -> None:
     for _, _, sea in _require_patched(model):
         sea.config = sea.config.replace(**changes)  # validated: a bad value raises here
         sea.estimator.config = sea.config
+    setattr(model.config, SEA_CONFIG_ATTR, {**getattr(model.config, SEA_CONFIG_ATTR), **changes})
 
 
 def _check_budget(k: int | None) -> None:

@@ -1,0 +1,140 @@
+"""Checks of `SEAAttention.forward`'s arguments: one small function per rule.
+
+Each rule raises a ``ValueError`` that names the argument and says what is accepted, so a
+wrong call fails at the door instead of computing something else further in.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import SEAConfig
+from .decoding import DecodeState
+
+
+def validate_inputs(config: SEAConfig, q: Any, k: Any, v: Any, attention_mask: Any, scale: Any,
+                    k_budget: Any, positions: Any, state: DecodeState | None) -> Tensor:
+    """Check every argument of one call; return the (B, Tk) bool key mask."""
+    config.validate()  # a config edited after construction is checked where it is used
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _validate_tensor(name, x)
+    _validate_shapes(config, q, k, v)
+    _validate_not_empty(q, k)
+    _validate_suffix(config, q, k, state)
+    _validate_scale(scale)
+    _validate_budget(k_budget)
+    key_valid = _validate_mask(attention_mask, k.shape[0], k.shape[2], k.device)
+    _validate_positions(config, positions, key_valid)
+    return key_valid
+
+
+def call_scale(scale: float | None, head_dim: int) -> float:
+    """The score scale of a call: the given one, or 1/sqrt(d)."""
+    return head_dim ** -0.5 if scale is None else float(scale)
+
+
+def call_budget(k_budget: int | None, config_k: int, keys: int) -> int:
+    """Keys per query per head for a call. A budget of at least Tk already selects every key,
+    so larger ones are capped at Tk (the same selection, without huge integers)."""
+    return min(config_k if k_budget is None else k_budget, keys)
+
+
+def _validate_tensor(name: str, x: Any) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, heads, T, head_dim), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must have a floating dtype (float32, bfloat16, ...), got {x.dtype}")
+
+
+def _validate_shapes(config: SEAConfig, q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.shape[1] != config.num_heads:
+        raise ValueError(f"q has {q.shape[1]} heads but config.num_heads is {config.num_heads}")
+    if k.shape[1] != config.num_kv_heads or v.shape[1] != config.num_kv_heads:
+        raise ValueError(
+            f"k and v must have num_kv_heads={config.num_kv_heads} heads, got {k.shape[1]} and {v.shape[1]}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape[-1] != config.head_dim:
+            raise ValueError(f"{name} has head_dim {x.shape[-1]} but config.head_dim is {config.head_dim}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"queries ({q.shape[2]}) must not outnumber keys ({k.shape[2]}): queries are the "
+                         "last positions of the key sequence")
+
+
+def _validate_not_empty(q: Tensor, k: Tensor) -> None:
+    if q.shape[0] == 0 or q.shape[2] == 0:
+        raise ValueError(f"q must hold at least one sample and one query (B >= 1, Tq >= 1), got shape "
+                         f"{tuple(q.shape)}")
+
+
+def _validate_suffix(config: SEAConfig, q: Tensor, k: Tensor, state: DecodeState | None) -> None:
+    """A causal query suffix is only defined with the state of the prefix: the estimator's CNN
+    reads the earlier rows' inputs, which the suffix alone cannot rebuild."""
+    tq, tk = q.shape[2], k.shape[2]
+    if state is None:
+        if config.causal and tq < tk:
+            raise ValueError(
+                f"q holds the last {tq} of {tk} positions but no state was given: a causal query suffix needs "
+                "the DecodeState carried from the call that consumed the earlier positions (state=...), "
+                "or pass the queries of the full sequence")
+        return
+    if not config.causal:
+        raise ValueError("incremental decoding state needs a causal SEA layer (causal=True)")
+    if state.seen != tk - tq:
+        raise ValueError(
+            f"decoding state has seen {state.seen} keys, but this call has {tk} keys and {tq} queries: the "
+            "queries must be exactly the keys added since the last call")
+
+
+def _validate_scale(scale: Any) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite positive number or None (1/sqrt(head_dim)), got {scale!r}")
+
+
+def _validate_budget(k_budget: Any) -> None:
+    if k_budget is not None and (isinstance(k_budget, bool) or not isinstance(k_budget, int) or k_budget < 1):
+        raise ValueError(f"k_budget must be a positive integer or None, got {k_budget!r}")
+
+
+def _validate_mask(attention_mask: Any, bsz: int, tk: int, device: torch.device) -> Tensor:
+    if attention_mask is None:
+        return torch.ones(bsz, tk, dtype=torch.bool, device=device)
+    if not isinstance(attention_mask, Tensor):
+        raise ValueError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+    if attention_mask.shape != (bsz, tk):
+        raise ValueError(f"attention_mask must have shape (B, Tk) = {(bsz, tk)} (True for real tokens), "
+                         f"got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype != torch.bool:
+        if attention_mask.is_floating_point() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must be bool (or 0/1 integers), True for real tokens")
+        attention_mask = attention_mask.bool()
+    return attention_mask.to(device)
+
+
+def _validate_positions(config: SEAConfig, positions: Any, key_valid: Tensor) -> None:
+    if positions is None:
+        return
+    if not config.causal:
+        raise ValueError("positions only apply to causal models (bidirectional ones use ranks)")
+    shape = tuple(key_valid.shape)
+    if not isinstance(positions, Tensor) or positions.shape != shape or \
+            positions.dtype not in (torch.int32, torch.int64):
+        got = f"{tuple(positions.shape)} {positions.dtype}" if isinstance(positions, Tensor) else type(positions).__name__
+        raise ValueError(f"positions must be an integer tensor of shape {shape}, got {got}")
+    if bool((positions.to(key_valid.device) < 0)[key_valid].any()):
+        raise ValueError("positions must be >= 0 at real tokens (padding entries are never read), got "
+                         f"{int(positions.min())}")
