@@ -81,10 +81,17 @@ class CompareRow:
 @contextmanager
 def method_attention(model: nn.Module, method: str, k: int | None, stats: SelectionStats | None = None,
                      chunk_size: int = 256) -> Iterator[nn.Module]:
-    """Run the patched ``model`` with ``method`` at budget ``k`` inside the ``with`` block."""
+    """Run the patched ``model`` with ``method`` at budget ``k`` inside the ``with`` block.
+
+    ``sea`` without ``stats`` is the model's own path untouched (its decoding state included).
+    """
     if method == "sea":
-        with sea_budget(model, k), layer_override(model, SEAOverride(stats)):
-            yield model
+        with sea_budget(model, k):
+            if stats is None:
+                yield model
+            else:
+                with layer_override(model, SEAOverride(stats)):
+                    yield model
         return
     if method not in SELECTORS:
         raise ValueError(f"method must be one of {','.join(METHODS)}, got {method!r}")
