@@ -14,7 +14,7 @@ from sea_attention.baselines.oracle import (
 from sea_attention.baselines.quest import quest_mask, quest_reference
 from sea_attention.baselines.window_sinks import window_sinks_mask, window_sinks_reference
 from sea_attention.evaluate import oracle_attention, perplexity
-from sea_attention.hf import LayerCall, dense_attention, no_cache, patch
+from sea_attention.hf import LayerCall, dense_attention, layer_override, no_cache, patch, sea_budget, set_runtime
 from sea_attention.ops.reference import allowed_keys, exact_attention
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -178,3 +178,22 @@ def test_dense_method_perplexity_is_the_dense_model():
 def test_allowed_keys_of_a_chunk_match_the_project_rule():
     chunk = inputs(tq=9, tk=40)
     assert torch.equal(chunk.allowed, allowed_keys(chunk.key_valid, 9, True))
+
+
+@pytest.mark.parametrize("grouping", ["query", "block"])
+def test_sea_stats_count_the_keys_sea_attended(grouping):
+    model = tiny_model()
+    set_runtime(model, grouping=grouping, query_block=8)
+    ids = torch.randint(0, 50, (1, 48))
+    stats, reported = SelectionStats(), []
+
+    def record_nnz(call):  # returns None: the layer then runs SEA as usual
+        reported.append(call.run_sea().nnz.float().mean())
+
+    with torch.no_grad():
+        with method_attention(model, "sea", 6, stats):
+            model(input_ids=ids, **no_cache(model))
+        with sea_budget(model, 6), layer_override(model, record_nnz):
+            model(input_ids=ids, **no_cache(model))
+    assert stats.keys_per_query() == pytest.approx(float(sum(reported) / len(reported)), rel=1e-6)
+    assert 0 < stats.coverage() < 1
