@@ -41,7 +41,7 @@ def test_compare_perplexity_table_json_and_plot(tiny_model_dir, tmp_path, capsys
     rows = payload["points"]
     assert [(r["method"], r["k"]) for r in rows] == [("dense", None)] + [
         (m, k) for m in ("oracle", "oracle_head", "window_sinks", "quest", "sea") for k in (16, 32)]
-    assert payload["tokens"] == 256 and "cpu_model" in payload["machine"]
+    assert payload["tokens"] == 256 and "cpu_model" in payload["machine"] and payload["complete"] is True
     dense = rows[0]
     assert dense["ratio"] == 1.0 and dense["coverage"] == pytest.approx(1.0)
     assert dense["keys_per_query"] == pytest.approx(65 / 2)  # mean prefix length of a 64-token window
@@ -96,3 +96,14 @@ def test_passkey_prompts_have_the_length_the_key_and_the_depth(tokenizer):
     assert all(len(p.key) == 5 and p.ids.numel() == p.length for p in prompts)
     with pytest.raises(ValueError, match="no room for filler"):
         passkey_prompt(tokenizer, 10, 0.5, "12345")
+
+
+def test_compare_reports_every_finished_row(tiny_model_dir):
+    from sea_attention.baselines import CompareConfig, compare_perplexity
+    from sea_attention.cli import load_sea_model
+
+    model, _, _ = load_sea_model(str(tiny_model_dir / "model"), {"estimate_width": 8})
+    seen = []
+    rows = compare_perplexity(model, torch.randint(0, 100, (80,)), CompareConfig(("quest",), (16, 32), seq_len=40),
+                              progress=False, on_row=lambda done: seen.append([(r.method, r.k) for r in done]))
+    assert seen == [[("dense", None)], [("dense", None), ("quest", 16)], [(r.method, r.k) for r in rows]]

@@ -128,14 +128,15 @@ def cmd_compare(args) -> int:
 
         tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))[: args.max_tokens]
         config = CompareConfig(args.methods, tuple(args.k_list), args.seq_len, args.stride, args.coverage_skip)
-        rows = compare_perplexity(model, tokens, config, progress=not args.quiet)
-        print(format_compare_table(rows))
         about.update(data=args.data, split=args.split, tokens=int(tokens.numel()), setup=asdict(config))
+        partial = (lambda done: write_bench_json(done, args.json, **about, complete=False)) if args.json else None
+        rows = compare_perplexity(model, tokens, config, progress=not args.quiet, on_row=partial)
+        print(format_compare_table(rows))
         if args.plot:
             title = f"{args.model}, {args.data}/{args.split}: {tokens.numel()} tokens, windows of {args.seq_len}"
             print(f"wrote {plot_compare(rows, args.plot, title)}")
     if args.json:
-        print(f"wrote {write_bench_json(rows, args.json, **about)}")
+        print(f"wrote {write_bench_json(rows, args.json, **about, complete=True)}")
     return 0
 
 

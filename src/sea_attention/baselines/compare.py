@@ -7,7 +7,7 @@ fraction of the dense attention mass the selection covers, per layer and overall
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -112,13 +112,19 @@ def evaluate_method(model: nn.Module, tokens: Tensor, method: str, k: int | None
                       [keys for keys, _ in layers], [cover for _, cover in layers])
 
 
-def compare_perplexity(model: nn.Module, tokens: Tensor, config: CompareConfig,
-                       progress: bool = True) -> list[CompareRow]:
-    """Dense first (the reference of every ratio), then each method at each budget."""
+def compare_perplexity(model: nn.Module, tokens: Tensor, config: CompareConfig, progress: bool = True,
+                       on_row: Callable[[list[CompareRow]], None] | None = None) -> list[CompareRow]:
+    """Dense first (the reference of every ratio), then each method at each budget.
+
+    ``on_row(rows so far)`` runs after every row (the CLI rewrites its JSON: a long run that is
+    stopped keeps what it finished).
+    """
     rows: list[CompareRow] = []
     for method, k in config.runs():
         dense = rows[0].perplexity if rows else None
         rows.append(evaluate_method(model, tokens, method, k, config, dense=dense, progress=progress))
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
