@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..cells import KeySlots
 from ..hf import LayerCall
 from ..ops.reference import allowed_keys, reference_attention
 from .chunks import Selector, query_chunks
@@ -94,7 +95,7 @@ class SelectorOverride:
         return torch.cat(pieces, dim=2), None
 
 
-def sea_selection(call: LayerCall, slots, attention: Tensor | None) -> Tensor:
+def sea_selection(call: LayerCall, slots: KeySlots | None, attention: Tensor | None) -> Tensor:
     """(B, H, Tq, Tk) bool: the keys SEA attended to, from its key slots (per-query grouping) or,
     with the block grouping, from its sparse attention view (a key whose probability underflows
     to 0 is missed there)."""
