@@ -39,7 +39,8 @@ def _runtime_options(args) -> dict:
 
 
 def _sea_overrides(args) -> dict:
-    names = ("k", "estimate_width", "feature_factor") if args.command != "eval" else ("estimate_width", "feature_factor")
+    with_k = args.command not in ("eval", "compare")  # these take --k as a list of budgets
+    names = ("k", "estimate_width", "feature_factor") if with_k else ("estimate_width", "feature_factor")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -103,6 +104,83 @@ def cmd_eval(args) -> int:
         write_json(rows, args.json, model=args.model, data=args.data, split=args.split, seq_len=args.seq_len,
                    stride=stride)
     return 0
+
+
+# ---------------------------------------------------------------------------------------- compare
+def cmd_compare(args) -> int:
+    from dataclasses import asdict
+
+    from .bench import write_bench_json
+
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+    about = {"model": args.model, "task": args.task, "methods": list(args.methods), "budgets": args.k_list}
+    if args.task == "passkey":
+        from .baselines.passkey import PasskeyConfig, format_passkey_table, passkey_rows
+
+        if args.plot:
+            raise ValueError("--plot draws perplexity against keys per query: use it with --task perplexity")
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer to build passkey prompts with")
+        config = PasskeyConfig(tuple(args.lengths), args.prompts, args.seed, args.max_new_tokens)
+        rows = passkey_rows(model, tokenizer, args.methods, tuple(args.k_list), config, progress=not args.quiet)
+        print(format_passkey_table(rows))
+        about["setup"] = asdict(config)
+    else:
+        from .baselines import CompareConfig, compare_perplexity, format_compare_table
+        from .baselines.plot import plot_compare
+        from .distill import tokenize
+
+        tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))[: args.max_tokens]
+        config = CompareConfig(args.methods, tuple(args.k_list), args.seq_len, args.stride, args.coverage_skip)
+        about.update(data=args.data, split=args.split, tokens=int(tokens.numel()), setup=asdict(config))
+        partial = (lambda done: write_bench_json(done, args.json, **about, complete=False)) if args.json else None
+        rows = compare_perplexity(model, tokens, config, progress=not args.quiet, on_row=partial)
+        print(format_compare_table(rows))
+        if args.plot:
+            title = f"{args.model}, {args.data}/{args.split}: {tokens.numel()} tokens, windows of {args.seq_len}"
+            print(f"wrote {plot_compare(rows, args.plot, title)}")
+    if args.json:
+        print(f"wrote {write_bench_json(rows, args.json, **about, complete=True)}")
+    return 0
+
+
+def _compare_methods(text: str) -> tuple[str, ...]:
+    from .baselines import check_methods
+
+    try:
+        return check_methods(m.strip() for m in text.split(",") if m.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
+def _add_compare_parser(commands) -> None:
+    from .baselines import DEFAULT_METHODS
+
+    compare = commands.add_parser("compare", help="every method (oracle, window+sinks, Quest, SEA) at equal budget")
+    compare.add_argument("--model", required=True, help="bundled name, local dir, SEA dir or hub id")
+    compare.add_argument("--task", default="perplexity", choices=("perplexity", "passkey"))
+    compare.add_argument("--methods", type=_compare_methods, default=DEFAULT_METHODS,
+                         help=f"some of {','.join(DEFAULT_METHODS)} (dense always runs: the reference)")
+    compare.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128],
+                         help="keys per query per head, e.g. 32,64,128")
+    perplexity = compare.add_argument_group("--task perplexity")
+    perplexity.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
+    perplexity.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
+    perplexity.add_argument("--seq-len", type=int, default=1024)
+    perplexity.add_argument("--stride", type=int, help="default: --seq-len (non-overlapping windows)")
+    perplexity.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    perplexity.add_argument("--coverage-skip", type=float, default=0.0,
+                            help="coverage over rows past this fraction of each window (e.g. 0.25)")
+    perplexity.add_argument("--plot", help="write a PNG of perplexity against keys per query")
+    passkey = compare.add_argument_group("--task passkey")
+    passkey.add_argument("--lengths", type=int_list, default=[1024, 2048, 4096], help="prompt lengths in tokens")
+    passkey.add_argument("--prompts", type=int, default=3, help="prompts per length (evenly spaced depths)")
+    passkey.add_argument("--max-new-tokens", type=int, default=8)
+    passkey.add_argument("--seed", type=int, default=0, help="seed of the keys")
+    compare.add_argument("--json", help="write the setup, machine and rows to this JSON file")
+    compare.add_argument("--quiet", action="store_true")
+    _add_sea_options(compare, with_k=False)
+    compare.set_defaults(func=cmd_compare)
 
 
 # ---------------------------------------------------------------------------------------- plot
@@ -293,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sea_options(plot)
     plot.set_defaults(func=cmd_plot)
 
+    _add_compare_parser(commands)
     _add_bench_parser(commands)
     return parser
 

@@ -68,19 +68,28 @@ def perplexity(model: nn.Module, tokens: Tensor, seq_len: int, stride: int, *, d
     return math.exp(nll / max(count, 1)), count
 
 
-def oracle_attention(call: LayerCall, k: int) -> tuple[Tensor, None]:
-    """Attention restricted to each query's top H*k dense probabilities across heads."""
-    q, key = call.query, call.key
-    heads, tq = q.shape[1], q.shape[2]
-    mask = allowed_keys(call.key_valid, tq, call.causal).expand(-1, heads, -1, -1)
-    _, probs = reference_attention(q, key, call.value, mask, call.scaling)
-    flat = probs.transpose(1, 2).reshape(q.shape[0], tq, -1)  # (B, Tq, H*Tk)
-    budget = heads * mask[:, 0].sum(-1).clamp_max(k)  # (B, Tq): H*k, or every key of short rows
+def grouped_oracle_mask(probs: Tensor, allowed: Tensor, k: int) -> Tensor:
+    """(B, H, Tq, Tk) bool: per query, its top H*min(L, k) dense probabilities across heads.
+
+    ``probs`` (B, H, Tq, Tk) is the dense attention, ``allowed`` (B, 1 or H, Tq, Tk) the keys each
+    row may see (L of them). Heads share the query's budget, so one head may get more than k keys
+    and another fewer; keys outside ``allowed`` are never picked, even when probabilities underflow.
+    """
+    batch, heads, tq, _ = probs.shape
+    flat = probs.masked_fill(~allowed, -1.0).transpose(1, 2).reshape(batch, tq, -1)  # (B, Tq, H*Tk)
+    budget = heads * allowed[:, 0].sum(-1).clamp_max(k)  # (B, Tq): H*k, or every key of short rows
     top = flat.topk(int(budget.max()), dim=-1).indices
     keep = torch.arange(top.shape[-1], device=top.device) < budget.unsqueeze(-1)
     selected = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, keep)
-    selected = selected.view(q.shape[0], tq, heads, -1).transpose(1, 2) & mask
-    context, _ = reference_attention(q, key, call.value, selected, call.scaling)
+    return selected.view(batch, tq, heads, -1).transpose(1, 2) & allowed
+
+
+def oracle_attention(call: LayerCall, k: int) -> tuple[Tensor, None]:
+    """Attention restricted to each query's top H*k dense probabilities across heads."""
+    q, key = call.query, call.key
+    mask = allowed_keys(call.key_valid, q.shape[2], call.causal).expand(-1, q.shape[1], -1, -1)
+    _, probs = reference_attention(q, key, call.value, mask, call.scaling)
+    context, _ = reference_attention(q, key, call.value, grouped_oracle_mask(probs, mask, k), call.scaling)
     return context, None
 
 
