@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..bench.runtime import atomic_write
+from ..atomic import write_file
 from .compare import CompareRow
 
 
@@ -29,4 +29,4 @@ def plot_compare(rows: list[CompareRow], path: str | Path, title: str = "") -> P
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_title(title or "perplexity at equal budget")
-    return atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
+    return write_file(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
