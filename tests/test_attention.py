@@ -160,9 +160,9 @@ def test_too_long_for_positional_table():
         module(q, k, v)
 
 
-def test_default_estimator_has_no_length_limit():
+def test_kernel_bins_estimator_has_no_length_limit():
     """Kernel bins and no positional table: every length runs, max_positions is not a limit."""
-    module = sea(max_positions=16)
+    module = sea(max_positions=16, kernel_bins=True)
     assert module.estimator.positions is None
     q, k, v = make_qkv(1, 4, 2, 40, 40, 16)
     assert module(q, k, v).context.isfinite().all()

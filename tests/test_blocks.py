@@ -206,9 +206,10 @@ def test_bad_query_block_is_rejected():
         SEAConfig(num_heads=2, head_dim=8, grouping="block", query_block=0)
 
 
+@pytest.mark.parametrize("kernel_bins", [False, True])
 @pytest.mark.parametrize("tq, tk", [(45, 45), (64, 64)])
-def test_inference_estimates_only_the_selecting_rows(tq, tk):
-    module = block_layer().eval()
+def test_inference_estimates_only_the_selecting_rows(tq, tk, kernel_bins):
+    module = block_layer(kernel_bins=kernel_bins).eval()
     q, k, v = make_qkv(2, 4, 2, tq, tk, 16)
     mask = padding_mask(2, tk, 9, left=True)
     full = module(q, k, v, attention_mask=mask)  # autograd on: every row is estimated (training needs them)

@@ -5,12 +5,12 @@ from sea_attention import SEAConfig
 
 def test_defaults_and_derived_values():
     cfg = SEAConfig(num_heads=12, head_dim=64)
-    assert cfg.num_kv_heads == 12 and cfg.feature_kind == "favor" and cfg.grouping == "query"
-    assert cfg.kernel_bins and cfg.position_code == "none"
+    assert cfg.num_kv_heads == 12 and cfg.feature_kind == "relu" and cfg.grouping == "query"
+    assert not cfg.kernel_bins and cfg.position_code == "learned"  # the paper's causal estimator
     assert cfg.num_features == 33  # floor(64 ln 64 / 8)
     assert SEAConfig(num_heads=12, head_dim=64, causal=False).position_code == "tent"
-    legacy = SEAConfig(num_heads=12, head_dim=64, kernel_bins=False)  # the paper's causal estimator
-    assert legacy.feature_kind == "relu" and legacy.position_code == "learned"
+    binned = SEAConfig(num_heads=12, head_dim=64, kernel_bins=True)
+    assert binned.feature_kind == "favor" and binned.position_code == "none"
     assert SEAConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(k=32).k == 32
 

@@ -14,9 +14,12 @@ def layer(**kw):
 
 @pytest.mark.parametrize("schedule", [[40], [1] * 40, [25, 7, 7, 1], [1, 1, 30, 8]])
 @pytest.mark.parametrize("pad", [0, 5])
-@pytest.mark.parametrize("output_mode", ["mix", "norm"])
-def test_steps_equal_full_forward(schedule, pad, output_mode):
-    module = layer(output_mode=output_mode)
+@pytest.mark.parametrize("output_mode, estimator", [
+    ("mix", {}), ("norm", {}), ("mix", dict(kernel_bins=True)),
+    ("mix", dict(kernel_bins=True, feature_kind="relu", position_code="learned")),
+])
+def test_steps_equal_full_forward(schedule, pad, output_mode, estimator):
+    module = layer(output_mode=output_mode, **estimator)
     t = sum(schedule)
     q, k, v = make_qkv(2, 4, 2, t, t, 16)
     mask = padding_mask(2, t, pad, left=True)

@@ -77,7 +77,7 @@ def test_round_trip_from_a_base_directory_with_tokenizer(tmp_path):
     patch(model, k=3, estimate_width=8)
     with torch.no_grad():
         for _, _, sea in sea_layers(model):
-            sea.estimator.kernel_scale.mul_(2)
+            sea.estimator.positions.table.mul_(2)
     inputs = batch("llama")
     expected = output(model, inputs)
     path = save_pretrained(model, tmp_path / "sea", tokenizer=word_tokenizer())

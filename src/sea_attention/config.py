@@ -37,13 +37,17 @@ class SEAConfig:
             the layer is bidirectional, ReLU otherwise (the paper's causal models).
         kernel_bins: add the kernel's own compressed attention to the estimate's logits:
             phi(q) . phi(k) summed into each row's K bins (``estimator/kernel_bins.py``),
-            scaled by a learned weight per head. It gives the estimator the content signal
-            in its own coordinates, at every length. Off for configs saved before it existed.
+            scaled by a learned weight per head (FAVOR+ features, the estimator's own when
+            ``feature_kind="favor"``). It gives the estimator the content signal in its own
+            coordinates, at every length. Off by default: at the demo's budget (35 steps of
+            512 tokens) it lost to the paper's estimator (SEA@64 perplexity 28.1 vs 24.0 on
+            wiki test, ``benchmarks/results/quality_estimator_demo_budget.json``).
         position_code: what the Performer averages beside V to tell where attention goes:
             ``"learned"`` (a (max_positions, d) table, causal only: rows past the distillation
             length stay untrained), ``"tent"`` (the fixed code of the bidirectional models)
             or ``"none"``; ``None`` picks ``"tent"`` when bidirectional, ``"none"`` when
             causal with ``kernel_bins`` (the bins already locate the mass), else ``"learned"``.
+            ``"none"`` leaves a causal estimator without any length limit.
         grouping: which cells compete for one top-k budget: ``"query"`` (one query
             across all heads; the default), ``"query_head"`` (one query and head),
             ``"sample"`` (a whole sample) or ``"head"`` (a whole sample and head). The
@@ -81,7 +85,7 @@ class SEAConfig:
     estimate_width: int = 128
     feature_factor: int = 8
     feature_kind: str | None = None
-    kernel_bins: bool = True
+    kernel_bins: bool = False
     position_code: str | None = None
     grouping: str = "query"
     gating: bool = True

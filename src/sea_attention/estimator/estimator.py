@@ -44,6 +44,10 @@ class AttentionEstimator(nn.Module):
         self.encoder = TokenEncoder(d, width // config.width_downsample, config.cnn_channels, performer_width)
         # weight per head of the kernel's binned log-mass in the logits; 1: start from the kernel's own estimate
         self.kernel_scale = nn.Parameter(torch.ones(heads, 1, 1)) if config.kernel_bins else None
+        # the binned kernel needs softmax-kernel (FAVOR+) features; ReLU ones recall little of the attention
+        self.kernel_features = None
+        if config.kernel_bins and config.feature_kind != "favor":
+            self.kernel_features = RandomFeatures(d, config.num_features, "favor", seed=self._seed(0) + 1)
         decoder = CausalDecoder if config.causal else BidirectionalDecoder
         self.decoder = decoder(heads, config.cnn_channels, width)
 
@@ -55,6 +59,8 @@ class AttentionEstimator(nn.Module):
         interval = self.config.feature_redraw_interval
         if interval and step > 0 and step % interval == 0:
             self.features.redraw(self._seed(step // interval))
+            if self.kernel_features is not None:
+                self.kernel_features.redraw(self._seed(step // interval) + 1)
             return True
         return False
 
@@ -127,6 +133,9 @@ class AttentionEstimator(nn.Module):
             logits = self._decode_rows(hidden, row_mask, rows).float()  # (B, H, n, K)
             lengths = lengths.index_select(1, rows)
         if self.kernel_scale is not None:
+            if self.kernel_features is not None:
+                phi_q = self.kernel_features(q, is_query=True, root=root).view(bsz, kv_heads, groups, tq, -1)
+                phi_k = self.kernel_features(k[:, :, past:], is_query=False, root=root)
             logits = logits + self.kernel_scale * self._kernel_log_mass(phi_q, phi_k, new_valid, lengths, state, rows)
 
         live = live_cells(lengths, cfg.estimate_width).unsqueeze(1)  # (B, 1, Tq, K)
