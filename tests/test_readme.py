@@ -24,6 +24,8 @@ TINY_VALUES = {
     "--max-new-tokens": "4", "--lengths": "64,128", "--decode-tokens": "2", "--layer": "1", "--repeats": "1",
     "--query-block": "8", "--max-tokens": "256",
 }
+# per command, where the generic tiny value does not fit (quest selects pages of 16 keys)
+TINY_OVERRIDES = {"compare": {"--k": "16,32", "--seq-len": "64", "--lengths": "96"}}
 # options a command's defaults would make too big for the tiny model, added where a README line omits them
 TINY_DEFAULTS = {"eval": {"--seq-len": "32", "--max-tokens": "256"}, "plot": {"--seq-len": "32"}}
 
@@ -49,7 +51,9 @@ def tiny(argv: list[str], model_dir: Path, text: Path) -> list[str]:
     out = list(argv)
     for i, word in enumerate(out[:-1]):
         value = out[i + 1]
-        if word in TINY_VALUES:
+        if word in TINY_OVERRIDES.get(out[0], {}):
+            out[i + 1] = TINY_OVERRIDES[out[0]][word]
+        elif word in TINY_VALUES:
             out[i + 1] = TINY_VALUES[word]
         elif word == "--model" and value in ("smollm2-135m", "my-sea-model"):  # the latter: the Python blocks' save
             out[i + 1] = str(model_dir)
