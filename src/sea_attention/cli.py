@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .cli_args import (int_list, non_negative_float, non_negative_int, positive_float, positive_int,
+from .cli_args import (int_list, name_list, non_negative_float, non_negative_int, positive_float, positive_int,
                        unit_interval)
 
 
@@ -144,22 +144,13 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _compare_methods(text: str) -> tuple[str, ...]:
-    from .baselines import check_methods
-
-    try:
-        return check_methods(m.strip() for m in text.split(",") if m.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
-
-
 def _add_compare_parser(commands) -> None:
-    from .baselines import DEFAULT_METHODS
+    from .baselines import DEFAULT_METHODS, check_methods
 
     compare = commands.add_parser("compare", help="every method (oracle, window+sinks, Quest, SEA) at equal budget")
     compare.add_argument("--model", required=True, help="bundled name, local dir, SEA dir or hub id")
     compare.add_argument("--task", default="perplexity", choices=("perplexity", "passkey"))
-    compare.add_argument("--methods", type=_compare_methods, default=DEFAULT_METHODS,
+    compare.add_argument("--methods", type=name_list(check_methods), default=DEFAULT_METHODS,
                          help=f"some of {','.join(DEFAULT_METHODS)} (dense always runs: the reference)")
     compare.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128],
                          help="keys per query per head, e.g. 32,64,128")
@@ -263,23 +254,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _method_list(text: str) -> tuple[str, ...]:
-    from .bench import check_methods
-
-    try:
-        return check_methods(m.strip() for m in text.split(",") if m.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
-
-
 def _add_bench_parser(commands) -> None:
-    from .bench import METHODS
+    from .bench import METHODS, check_methods
 
     bench = commands.add_parser("bench", help="speed and memory: the attention alone, or a whole model")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     attention = kinds.add_parser("attention", help="time and peak memory of one attention forward vs T")
     attention.add_argument("--lengths", type=int_list, default=[1024, 4096, 16384, 32768], help="e.g. 1024,4096")
-    attention.add_argument("--methods", type=_method_list, default=METHODS, help=f"some of {','.join(METHODS)}")
+    attention.add_argument("--methods", type=name_list(check_methods), default=METHODS,
+                           help=f"some of {','.join(METHODS)}")
     attention.add_argument("--heads", type=positive_int, default=12)
     attention.add_argument("--head-dim", type=positive_int, default=64)
     attention.add_argument("--k", type=positive_int, default=64, help="SEA keys per query per head")

@@ -48,3 +48,16 @@ def int_list(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def name_list(check: Callable[[list[str]], tuple[str, ...]]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type for 'a,b,c': the names, validated by ``check`` (its ValueError becomes an
+    argparse error)."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        try:
+            return check([part.strip() for part in text.split(",") if part.strip()])
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error))
+
+    return parse
