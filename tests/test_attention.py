@@ -111,7 +111,7 @@ def test_right_padding_matches_unpadded_bidirectional():
 
 
 def test_outputs_shapes_and_nnz():
-    module = sea(k=4, estimate_width=8)
+    module = sea(k=4, estimate_width=8, sinks=0, local_window=0)  # bins of 8 keys: forced ones would pass k
     q, k, v = make_qkv(2, 4, 2, 64, 64, 16)
     out = module(q, k, v, return_attention=True)
     assert out.context.shape == (2, 4, 64, 16)

@@ -5,12 +5,16 @@ from sea_attention import SEAConfig
 
 def test_defaults_and_derived_values():
     cfg = SEAConfig(num_heads=12, head_dim=64)
-    assert cfg.num_kv_heads == 12 and cfg.feature_kind == "relu" and cfg.grouping == "query"
-    assert not cfg.kernel_bins and cfg.position_code == "learned"  # the paper's causal estimator
+    assert cfg.num_kv_heads == 12 and cfg.feature_kind == "favor" and cfg.grouping == "query"
+    assert cfg.kernel_bins and cfg.key_bins and cfg.position_code == "none"  # binned signals, no length limit
+    assert (cfg.sinks, cfg.local_window) == (4, 16)
     assert cfg.num_features == 33  # floor(64 ln 64 / 8)
-    assert SEAConfig(num_heads=12, head_dim=64, causal=False).position_code == "tent"
-    binned = SEAConfig(num_heads=12, head_dim=64, kernel_bins=True)
-    assert binned.feature_kind == "favor" and binned.position_code == "none"
+    encoder = SEAConfig(num_heads=12, head_dim=64, causal=False)
+    assert encoder.position_code == "tent" and not encoder.binned and (encoder.sinks, encoder.local_window) == (0, 0)
+    paper = SEAConfig(num_heads=12, head_dim=64, kernel_bins=False, key_bins=False, sinks=0, local_window=0)
+    assert paper.feature_kind == "relu" and paper.position_code == "learned"  # the paper's causal estimator
+    for binned in (SEAConfig(num_heads=12, head_dim=64, key_bins=False), SEAConfig(num_heads=12, head_dim=64, kernel_bins=False)):
+        assert binned.feature_kind == "favor" and binned.position_code == "none"
     assert SEAConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(k=32).k == 32
 
@@ -32,6 +36,10 @@ def test_defaults_and_derived_values():
     (dict(feature_factor=10_000), "leaves no random features"),
     (dict(feature_redraw_interval=-1), "feature_redraw_interval must be a non-negative integer"),
     (dict(causal="yes"), "causal must be True or False"),
+    (dict(key_bins=1), "key_bins must be True or False"),
+    (dict(sinks=-1), "sinks must be a non-negative integer"),
+    (dict(local_window=2.5), "local_window must be a non-negative integer"),
+    (dict(causal=False, local_window=8), "apply to causal layers only"),
 ])
 def test_bad_values_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -45,8 +53,10 @@ def test_bidirectional_groupings_and_width():
 
 
 def test_a_config_saved_before_kernel_bins_loads_as_it_was():
-    saved = SEAConfig(num_heads=4, head_dim=16, kernel_bins=False).to_dict()
-    del saved["kernel_bins"], saved["position_code"]  # what a save from before these fields holds
+    saved = SEAConfig(num_heads=4, head_dim=16).to_dict()
+    for name in ("kernel_bins", "key_bins", "sinks", "local_window", "position_code"):
+        del saved[name]  # what a save from before these fields holds
     saved["feature_kind"] = "relu"
     restored = SEAConfig.from_dict(saved)
-    assert not restored.kernel_bins and restored.position_code == "learned"
+    assert not restored.binned and restored.position_code == "learned"
+    assert (restored.sinks, restored.local_window) == (0, 0)

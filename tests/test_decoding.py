@@ -15,8 +15,9 @@ def layer(**kw):
 @pytest.mark.parametrize("schedule", [[40], [1] * 40, [25, 7, 7, 1], [1, 1, 30, 8]])
 @pytest.mark.parametrize("pad", [0, 5])
 @pytest.mark.parametrize("output_mode, estimator", [
-    ("mix", {}), ("norm", {}), ("mix", dict(kernel_bins=True)),
-    ("mix", dict(kernel_bins=True, feature_kind="relu", position_code="learned")),
+    ("mix", {}), ("norm", {}), ("mix", dict(kernel_bins=False)), ("mix", dict(key_bins=False, sinks=0)),
+    ("mix", dict(kernel_bins=True, key_bins=False, feature_kind="relu", position_code="learned")),
+    ("mix", dict(kernel_bins=False, key_bins=False, sinks=0, local_window=0)),  # the paper's estimator
 ])
 def test_steps_equal_full_forward(schedule, pad, output_mode, estimator):
     module = layer(output_mode=output_mode, **estimator)

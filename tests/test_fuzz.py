@@ -25,6 +25,9 @@ from sea_attention.config import CAUSAL_GROUPINGS, GROUPINGS
 # the estimator's random features run in fp32 even in a float64 layer, so results that sum the
 # estimator's inputs in another order (padded vs alone, chunked vs whole) agree to fp32 rounding
 ESTIMATOR_TOL = 1e-6
+CAUSAL_ESTIMATORS = [  # the defaults (binned signals, forced sink and window bins), one signal, the paper's
+    {}, dict(kernel_bins=False, sinks=1, local_window=3), dict(key_bins=False, sinks=0),
+    dict(kernel_bins=False, key_bins=False, sinks=0, local_window=0)]
 
 
 @dataclass
@@ -61,7 +64,8 @@ def random_case(seed: int) -> Case:
         num_heads=kv_heads * groups, num_kv_heads=kv_heads, head_dim=_pick(g, [8, 16]), causal=causal,
         k=_int(g, 1, 8), estimate_width=multiple * _int(g, 1, 4), grouping=_pick(g, CAUSAL_GROUPINGS if causal else GROUPINGS),
         gating=bool(_int(g, 0, 1)), output_mode=_pick(g, ["mix", "norm"]), max_positions=64,
-        query_chunk=_int(g, 1, 16), query_block=_int(g, 1, 12), seed=seed)
+        query_chunk=_int(g, 1, 16), query_block=_int(g, 1, 12), seed=seed,
+        **(_pick(g, CAUSAL_ESTIMATORS) if causal else {}))
     batch, length = _int(g, 1, 3), _int(g, 1, 40)
     pads = [_int(g, 0, length - 1) if _int(g, 0, 2) else 0 for _ in range(batch)]  # odd amounts included
     left = causal or bool(_int(g, 0, 1))

@@ -233,7 +233,7 @@ def test_sea_modules_are_submodules_with_state():
     model = patch(tiny_model("llama"), k=4, estimate_width=8)
     keys = model.state_dict().keys()
     assert "model.layers.0.self_attn.sea.estimator.features.projection" in keys  # a buffer
-    assert "model.layers.1.self_attn.sea.estimator.positions.table" in keys  # a parameter
+    assert "model.layers.1.self_attn.sea.estimator.key_scale" in keys  # a parameter
     assert any(".sea." in n for n, _ in model.named_parameters())
     names = [name for name, _, _ in sea_layers(model)]
     assert names == ["model.layers.0.self_attn", "model.layers.1.self_attn"]

@@ -5,7 +5,8 @@ import torch
 
 from sea_attention.cells import compress_attention, query_lengths
 from sea_attention.estimator.features import RandomFeatures
-from sea_attention.estimator.kernel_bins import LOG_FLOOR, binned_log_mass, prefix_sums
+from sea_attention.cells import cell_edges
+from sea_attention.estimator.kernel_bins import LOG_FLOOR, binned_key_logits, binned_log_mass, prefix_sums
 
 from conftest import padding_mask
 
@@ -55,3 +56,34 @@ def test_padding_keys_are_never_read():
     phi_k[0, 0, 0] = float("nan")  # a padding key
     sums, _ = prefix_sums(phi_k, key_valid)
     assert sums.isfinite().all()
+
+
+def mean_key_reference(q, k, key_valid, lengths, width, scale):
+    """scale * q . mean(k over the bin) + log(size), row by row and bin by bin."""
+    bsz, kv_heads, groups, tq, _ = q.shape
+    out = torch.zeros(bsz, kv_heads, groups, tq, width)
+    edges = cell_edges(lengths, width)
+    for b in range(bsz):
+        keys = k[b][:, key_valid[b]]  # (H_kv, valid keys, d) in rank order
+        for i in range(tq):
+            for c in range(width):
+                lo, hi = int(edges[b, i, c]), int(edges[b, i, c + 1])
+                if hi > lo:
+                    mean = keys[:, lo:hi].double().mean(1)  # (H_kv, d)
+                    dots = (q[b, :, :, i].double() * mean[:, None]).sum(-1)  # (H_kv, G)
+                    out[b, :, :, i, c] = (scale * dots + torch.tensor(hi - lo).double().log()).float()
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pad, left", [(0, True), (3, True), (4, False)])
+@pytest.mark.parametrize("tk, width", [(40, 8), (6, 8)])
+def test_mean_key_logits_equal_a_bin_by_bin_reference(causal, pad, left, tk, width):
+    bsz, kv_heads, groups, d = 2, 2, 2, 8
+    q, k = torch.randn(bsz, kv_heads, groups, tk, d), torch.randn(bsz, kv_heads, tk, d)
+    key_valid = padding_mask(bsz, tk, pad, left)
+    lengths = query_lengths(key_valid, key_valid, causal)
+    sums, counts = prefix_sums(k, key_valid)
+    got = binned_key_logits(q, sums, counts, lengths, width, scale=0.3, chunk=5)
+    expected = mean_key_reference(q, k, key_valid, lengths, width, 0.3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

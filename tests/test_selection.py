@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sea_attention.cells import cell_key_counts, cells_to_keys, live_cells, query_lengths
+from sea_attention.cells import cell_edges, cell_key_counts, cells_to_keys, forced_cells, live_cells, query_lengths
 from sea_attention.selection import cell_budget, max_keys_per_query, select_cells
 
 
@@ -126,3 +126,48 @@ def test_selection_equals_a_stable_sort_even_with_ties(grouping, levels):
         for chunk in (7, 256):
             got = select_cells(estimate, lengths, k, grouping, chunk=chunk)
             assert torch.equal(got, sorted_selection(estimate, lengths, k, grouping)), (k, chunk)
+
+
+def forced_reference(length, width, sinks, window):
+    """Bins holding any of a row's first ``sinks`` or last ``window`` keys, bin by bin."""
+    edges = [b * length // width for b in range(width + 1)]
+    return [edges[b] < edges[b + 1] and (any(r < sinks for r in range(edges[b], edges[b + 1]))
+                                         or any(r >= length - window for r in range(edges[b], edges[b + 1])))
+            for b in range(width)]
+
+
+@pytest.mark.parametrize("sinks, window", [(4, 16), (1, 0), (0, 3), (40, 40)])
+def test_forced_cells_hold_the_sinks_and_the_window(sinks, window):
+    lengths = torch.arange(0, 200)
+    got = forced_cells(lengths, 16, sinks, window)
+    expected = torch.tensor([forced_reference(int(n), 16, sinks, window) for n in lengths])
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("grouping", ["query", "query_head"])
+@pytest.mark.parametrize("k, sinks, window", [(4, 4, 16), (16, 4, 16), (16, 1, 2)])
+def test_forced_cells_come_first_and_the_estimate_fills_the_rest(grouping, k, sinks, window):
+    heads, width = 3, 8
+    lengths = query_lengths(torch.ones(2, 90, dtype=torch.bool), torch.ones(2, 90, dtype=torch.bool), True)
+    estimate = estimate_for(lengths, heads, width)
+    picked = select_cells(estimate, lengths, k, grouping, chunk=17, sinks=sinks, window=window)
+    sinks, window = min(sinks, k // 4), min(window, k // 4)  # small budgets stay sparse
+    forced = forced_cells(lengths, width, sinks, window).unsqueeze(1).expand(-1, heads, -1, -1)
+    assert bool(picked[forced].all())  # every head takes the sink and window bins
+    # the rest is the plain top-k of the estimate with the budget the forced cells left
+    group = heads if grouping == "query" else 1
+    budget = torch.maximum(cell_budget(lengths, k, width, group), forced[:, 0].sum(-1) * group)
+    boosted = torch.where(forced, 2.0, estimate)
+    flat = boosted.permute(0, 2, 1, 3).reshape(2, 90, -1) if grouping == "query" else boosted
+    expected_budget = budget if grouping == "query" else budget[:, None].expand(-1, heads, -1)
+    ranks = torch.sort(flat, dim=-1, descending=True, stable=True).indices.argsort(-1)
+    expected = ranks < expected_budget.unsqueeze(-1)
+    if grouping == "query":
+        expected = expected.view(2, 90, heads, width).permute(0, 2, 1, 3)
+    assert torch.equal(picked, expected)
+
+
+def test_forced_cells_are_refused_by_the_sample_groupings():
+    lengths = torch.full((1, 5), 5)
+    with pytest.raises(ValueError, match="sinks and window apply to the groupings"):
+        select_cells(estimate_for(lengths, 2, 4), lengths, 2, "sample", sinks=1)

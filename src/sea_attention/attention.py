@@ -153,7 +153,8 @@ class SEAAttention(nn.Module):
                       key_valid: Tensor, budget: int, scale: float, return_attention: bool):
         """Per-query groupings: select cells, stretch them to keys, attend on those keys."""
         cfg = self.config
-        cells = select_cells(estimate.probs, lengths, budget, cfg.grouping, cfg.query_chunk)
+        cells = select_cells(estimate.probs, lengths, budget, cfg.grouping, cfg.query_chunk, cfg.sinks,
+                             cfg.local_window)
         slots = cells_to_keys(cells, lengths, key_valid, cap=budget, chunk=cfg.query_chunk)
         attention = None
         if self._use_flex(q, k, v, return_attention):
@@ -176,7 +177,7 @@ class SEAAttention(nn.Module):
         tq = q.shape[2]
         carried = state.block if state is not None and state.seen else None
         selection = select_blocks(estimate.probs, lengths, query_valid, k.shape[2] - tq, budget, cfg.query_block,
-                                  cfg.causal, carried, estimate.rows)
+                                  cfg.causal, carried, estimate.rows, cfg.sinks, cfg.local_window)
         if state is not None:
             state.block = carry(selection)
         attention = None

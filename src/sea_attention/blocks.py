@@ -81,7 +81,7 @@ def selecting_rows(first: int, tq: int, block: int, device: torch.device | None 
 
 def select_blocks(estimate: Tensor, lengths: Tensor, query_valid: Tensor, first: int, k: int, block: int,
                   causal: bool, carried: BlockSelection | None = None,
-                  estimate_rows: Tensor | None = None) -> BlockSelection:
+                  estimate_rows: Tensor | None = None, sinks: int = 0, window: int = 0) -> BlockSelection:
     """Select cells per query block from the estimate (B, H, Tq, K).
 
     ``lengths`` and ``query_valid`` are (B, Tq); ``first`` is the key position of the
@@ -114,7 +114,8 @@ def select_blocks(estimate: Tensor, lengths: Tensor, query_valid: Tensor, first:
         picked = estimate.index_select(2, at)  # (B, H, n, K)
         # cells that hold only the selecting row's own key (or later) are the tile's business
         excluded = cell_starts(row_lengths, width) >= (row_lengths - 1).unsqueeze(-1)  # (B, n, K)
-        cells = select_cells(picked.masked_fill(excluded.unsqueeze(1), EXCLUDED), row_lengths, k, "query")
+        cells = select_cells(picked.masked_fill(excluded.unsqueeze(1), EXCLUDED), row_lengths, k, "query",
+                             sinks=sinks, window=window)
     else:  # a decoding step inside the open block
         cells = estimate.new_zeros(bsz, heads, 0, width, dtype=torch.bool)
     limit = (row_lengths - 1).clamp_min(0)

@@ -46,6 +46,19 @@ def live_cells(lengths: Tensor, width: int) -> Tensor:
     return cell_lengths(lengths, width) > 0
 
 
+def forced_cells(lengths: Tensor, width: int, sinks: int, window: int) -> Tensor:
+    """Bins every head of a row always selects: (...,) lengths -> (..., K) bool.
+
+    The live bins holding any of the first ``sinks`` keys (attention sinks) or any of the
+    last ``window`` keys (the local window) of the row's L valid keys. The estimator's
+    budget then goes to the keys these cannot reach.
+    """
+    edges = cell_edges(lengths, width)  # (..., K + 1)
+    start, end = edges[..., :-1], edges[..., 1:]
+    live = end > start
+    return live & ((start < sinks) | (end > (lengths.unsqueeze(-1) - window)))
+
+
 def key_bins(ranks: Tensor, lengths: Tensor, width: int) -> Tensor:
     """Bin that a key of a given rank falls into, for a row of ``lengths`` valid keys.
 

@@ -9,7 +9,7 @@ from typing import Any
 FEATURE_KINDS = ("favor", "relu")
 POSITION_CODES = ("learned", "tent", "none")
 # fields added after the first release, with the value that reproduces a config saved without them
-LEGACY_DEFAULTS = {"kernel_bins": False}
+LEGACY_DEFAULTS = {"kernel_bins": False, "key_bins": False, "sinks": 0, "local_window": 0}
 GROUPINGS = ("query", "query_head", "sample", "head", "block")
 CAUSAL_GROUPINGS = ("query", "query_head", "block")  # the others let later queries steal earlier budgets
 OUTPUT_MODES = ("mix", "norm")
@@ -33,21 +33,32 @@ class SEAConfig:
             estimators need a multiple of 4, bidirectional ones a multiple of 2.
         feature_factor: nbf; the Performer uses m = floor(d ln d / nbf) random features.
         feature_kind: ``"relu"`` (generalized ReLU features) or ``"favor"`` (FAVOR+
-            positive softmax features); ``None`` picks FAVOR+ when ``kernel_bins`` is on or
+            positive softmax features); ``None`` picks FAVOR+ when a binned signal is on or
             the layer is bidirectional, ReLU otherwise (the paper's causal models).
         kernel_bins: add the kernel's own compressed attention to the estimate's logits:
-            phi(q) . phi(k) summed into each row's K bins (``estimator/kernel_bins.py``),
-            scaled by a learned weight per head (FAVOR+ features, the estimator's own when
-            ``feature_kind="favor"``). It gives the estimator the content signal in its own
-            coordinates, at every length. Off by default: at the demo's budget (35 steps of
-            512 tokens) it lost to the paper's estimator (SEA@64 perplexity 28.1 vs 24.0 on
-            wiki test, ``benchmarks/results/quality_estimator_demo_budget.json``).
+            log of phi(q) . phi(k) summed into each row's K bins (``estimator/kernel_bins.py``),
+            times a learned weight per head (FAVOR+ features, the estimator's own when
+            ``feature_kind="favor"``): the content signal in the estimate's own coordinates,
+            at every length. ``None``: on when causal.
+        key_bins: add each bin's logit through its mean key, scale * q . mean(k) + log(size),
+            times a learned weight per head: exact, linear in T (prefix sums of k), at every
+            length. ``None``: on when causal. With either binned signal the CNN starts as a
+            zero residual, so an undistilled estimator already selects by these signals.
+            Both off, with ``sinks = local_window = 0``, is the paper's causal estimator.
         position_code: what the Performer averages beside V to tell where attention goes:
             ``"learned"`` (a (max_positions, d) table, causal only: rows past the distillation
             length stay untrained), ``"tent"`` (the fixed code of the bidirectional models)
             or ``"none"``; ``None`` picks ``"tent"`` when bidirectional, ``"none"`` when
-            causal with ``kernel_bins`` (the bins already locate the mass), else ``"learned"``.
+            causal with a binned signal (the bins already locate the mass), else ``"learned"``.
             ``"none"`` leaves a causal estimator without any length limit.
+        sinks: causal only: every head of every query always attends the bins that hold the
+            row's first ``sinks`` keys (attention sinks), before the estimate picks the rest.
+            ``None``: 4 when causal, else 0.
+        local_window: causal only: every head of every query always attends the bins that
+            hold the row's last ``local_window`` keys. Forced bins count against the budget
+            (which grows to hold them when it is smaller), so the estimator's budget goes to
+            the keys a window cannot reach (``cells.forced_cells``). ``None``: 16 when
+            causal, else 0.
         grouping: which cells compete for one top-k budget: ``"query"`` (one query
             across all heads; the default), ``"query_head"`` (one query and head),
             ``"sample"`` (a whole sample) or ``"head"`` (a whole sample and head). The
@@ -85,8 +96,11 @@ class SEAConfig:
     estimate_width: int = 128
     feature_factor: int = 8
     feature_kind: str | None = None
-    kernel_bins: bool = False
+    kernel_bins: bool | None = None
+    key_bins: bool | None = None
     position_code: str | None = None
+    sinks: int | None = None
+    local_window: int | None = None
     grouping: str = "query"
     gating: bool = True
     output_mode: str = "mix"
@@ -100,10 +114,13 @@ class SEAConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
+        for name, causal_default in (("kernel_bins", True), ("key_bins", True), ("sinks", 4), ("local_window", 16)):
+            if getattr(self, name) is None:
+                setattr(self, name, causal_default if self.causal is True else type(causal_default)(0))
         if self.feature_kind is None:
-            self.feature_kind = "relu" if self.causal and not self.kernel_bins else "favor"
+            self.feature_kind = "relu" if self.causal and not self.binned else "favor"
         if self.position_code is None:
-            self.position_code = "tent" if not self.causal else "none" if self.kernel_bins else "learned"
+            self.position_code = "tent" if not self.causal else "none" if self.binned else "learned"
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -112,7 +129,11 @@ class SEAConfig:
         for name in ("num_heads", "head_dim", "num_kv_heads", "k", "estimate_width",
                      "feature_factor", "max_positions", "query_chunk", "query_block"):
             _positive_int(name, getattr(self, name))
-        _non_negative_int("feature_redraw_interval", self.feature_redraw_interval)
+        for name in ("feature_redraw_interval", "sinks", "local_window"):
+            _non_negative_int(name, getattr(self, name))
+        if (self.sinks or self.local_window) and not self.causal:
+            raise ValueError(f"sinks and local_window apply to causal layers only, got sinks={self.sinks}, "
+                             f"local_window={self.local_window} with causal=False")
         if self.head_dim < 2:
             raise ValueError(f"head_dim must be >= 2, got {self.head_dim}")
         if self.num_heads % self.num_kv_heads:
@@ -127,8 +148,9 @@ class SEAConfig:
             raise ValueError(f"causal must be True or False, got {self.causal!r}")
         if not isinstance(self.gating, bool):
             raise ValueError(f"gating must be True or False, got {self.gating!r}")
-        if not isinstance(self.kernel_bins, bool):
-            raise ValueError(f"kernel_bins must be True or False, got {self.kernel_bins!r}")
+        for name in ("kernel_bins", "key_bins"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _choice("position_code", self.position_code, POSITION_CODES)
         if (self.position_code == "learned" and not self.causal) or (self.position_code == "tent" and self.causal):
             raise ValueError(f"position_code={self.position_code!r} does not apply when causal={self.causal}: "
@@ -155,6 +177,11 @@ class SEAConfig:
     def num_features(self) -> int:
         """m, the number of Performer random features."""
         return int(self.head_dim * math.log(self.head_dim) / self.feature_factor)
+
+    @property
+    def binned(self) -> bool:
+        """Whether the logits get a binned signal (``kernel_bins`` or ``key_bins``)."""
+        return self.kernel_bins or self.key_bins
 
     @property
     def width_downsample(self) -> int:

@@ -4,8 +4,8 @@ Everything SEA needs from earlier tokens, so that a new token costs the same wha
 context length (apart from reading its selected keys and values):
 
 * the Performer's running sums, sum phi(k) v'^T and sum phi(k), computed with the feature map;
-* with ``kernel_bins``, the sums of phi(k) before every position (they grow by one row per key,
-  like the KV cache beside them);
+* with ``kernel_bins`` / ``key_bins``, the sums of phi(k) / k before every position (they grow
+  by one row per key, like the KV cache beside them);
 * the last 8 rows of the CNN decoder's input (its causal receptive field) and their masks;
 * the running sum of V over valid keys and the number of valid keys (the average branch,
   key ranks and row lengths all follow from it);
@@ -33,9 +33,9 @@ class DecodeState:
     value_sum: Tensor | None = None  # (B, H_kv, d) sum of V over valid keys
     valid_keys: Tensor | None = None  # (B,) number of valid keys
     block: BlockSelection | None = None  # grouping "block": the selection of the open block
-    # kernel_bins: sums of phi(k) over the keys before each position 0..seen, float64
-    # (B, H_kv, seen + 1, m), and the valid-key counts (B, seen + 1)
-    kernel_sums: tuple[Tensor, Tensor] | None = None
+    # kernel_bins / key_bins: sums of [phi(k), k] over the keys before each position 0..seen,
+    # float64 (B, H_kv, seen + 1, m and/or d), and the valid-key counts (B, seen + 1)
+    bin_sums: tuple[Tensor, Tensor] | None = None
 
     def select(self, index: Tensor) -> None:
         """Keep / reorder batch rows (beam search), in place."""
@@ -43,7 +43,7 @@ class DecodeState:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index.to(value.device)))
-        for name in ("performer", "kernel_sums"):
+        for name in ("performer", "bin_sums"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(x.index_select(0, index.to(x.device)) for x in getattr(self, name)))
         if self.block is not None:
@@ -55,7 +55,7 @@ class DecodeState:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.repeat_interleave(repeats, dim=0))
-        for name in ("performer", "kernel_sums"):
+        for name in ("performer", "bin_sums"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(x.repeat_interleave(repeats, dim=0) for x in getattr(self, name)))
         if self.block is not None:

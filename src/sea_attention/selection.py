@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cells import live_cells
+from .cells import forced_cells, live_cells
+
+FORCED = 2.0  # score of a forced cell: above every probability, so the top-k takes it first
 
 
 def cell_budget(lengths: Tensor, k: int, width: int, heads: int) -> Tensor:
@@ -78,15 +80,21 @@ def _masked_scores(estimate: Tensor, lengths: Tensor) -> Tensor:
     return torch.where(live, estimate.float(), -1.0)
 
 
-def select_cells(estimate: Tensor, lengths: Tensor, k: int, grouping: str, chunk: int = 256) -> Tensor:
+def select_cells(estimate: Tensor, lengths: Tensor, k: int, grouping: str, chunk: int = 256,
+                 sinks: int = 0, window: int = 0) -> Tensor:
     """Grouped top-k on the estimate (B, H, Tq, K): the selected cells as a bool tensor.
 
     ``lengths`` (B, Tq) holds each query's valid key count (0 for padding queries).
     Groupings: ``query`` (one query over all heads), ``query_head`` (one query and head),
-    ``sample`` (one sample), ``head`` (one sample and head).
+    ``sample`` (one sample), ``head`` (one sample and head). With ``sinks`` or ``window``
+    (``query`` and ``query_head`` only), every head first takes the bins of the row's first
+    ``sinks`` and last ``window`` keys (``cells.forced_cells``), each capped at k // 4 keys so
+    that small budgets stay sparse; they count against the budget, which grows to hold them
+    if it is smaller (rows whose bins are wider than k / 4 keys).
     """
     bsz, heads, tq, width = estimate.shape
     if grouping in ("query", "query_head"):
+        sinks, window = min(sinks, k // 4), min(window, k // 4)
         group_heads = heads if grouping == "query" else 1
         budget = cell_budget(lengths, k, width, group_heads)  # (B, Tq)
         out = torch.empty(bsz, heads, tq, width, dtype=torch.bool, device=estimate.device)
@@ -94,14 +102,21 @@ def select_cells(estimate: Tensor, lengths: Tensor, k: int, grouping: str, chunk
             part, rows_len = estimate[:, :, lo:lo + chunk].detach(), lengths[:, lo:lo + chunk]  # (B, H, c, K)
             # only rows with 0 < L < K have dead bins; padding rows (L = 0) get no budget at all
             part = _masked_scores(part, rows_len) if bool(((rows_len > 0) & (rows_len < width)).any()) else part.float()
+            part_budget = budget[:, lo:lo + chunk]  # (B, c)
+            if sinks or window:
+                forced = forced_cells(rows_len, width, sinks, window)  # (B, c, K)
+                part = part.masked_fill(forced.unsqueeze(1), FORCED)
+                part_budget = torch.maximum(part_budget, forced.sum(-1) * group_heads)
             rows = part.shape[2]
             if grouping == "query":
                 flat = part.permute(0, 2, 1, 3).reshape(bsz, rows, heads * width)
-                picked = _top_budget(flat, budget[:, lo:lo + chunk])
+                picked = _top_budget(flat, part_budget)
                 out[:, :, lo:lo + chunk] = picked.view(bsz, rows, heads, width).permute(0, 2, 1, 3)
             else:
-                out[:, :, lo:lo + chunk] = _top_budget(part, budget[:, None, lo:lo + chunk].expand(-1, heads, -1))
+                out[:, :, lo:lo + chunk] = _top_budget(part, part_budget[:, None].expand(-1, heads, -1))
         return out
+    if sinks or window:
+        raise ValueError(f"sinks and window apply to the groupings 'query' and 'query_head', not {grouping!r}")
     scores = _masked_scores(estimate.detach(), lengths)
     if grouping == "sample":
         budget = cell_budget(lengths, k, width, heads).sum(-1)  # (B,)

@@ -93,6 +93,10 @@ class CausalDecoder(nn.Module):
         self.to_heads = nn.Conv2d(heads * channels, heads, kernel_size=1)
         self.norm_out = nn.LayerNorm(width)
 
+    def start_at_zero(self) -> None:
+        """Output 0 until trained (a zero-initialised residual on other logits)."""
+        nn.init.zeros_(self.norm_out.weight)
+
     def forward(self, image: Tensor, row_mask: Tensor) -> Tensor:
         """image (B, H*c, T, K/4), row_mask (B, 1, T, 1) -> logits (B, H, T, K)."""
         x = self.norm_in(image) * row_mask
@@ -115,6 +119,11 @@ class BidirectionalDecoder(nn.Module):
         self.down = nn.Conv2d(inner, inner, kernel_size=3, stride=(2, 1), padding=1)
         self.mid = nn.Conv2d(inner, inner, kernel_size=3, padding=1)
         self.to_heads = nn.Conv2d(inner, heads, kernel_size=3, padding=1)
+
+    def start_at_zero(self) -> None:
+        """Output 0 until trained (a zero-initialised residual on other logits)."""
+        nn.init.zeros_(self.to_heads.weight)
+        nn.init.zeros_(self.to_heads.bias)
 
     def forward(self, image: Tensor, row_mask: Tensor) -> Tensor:
         """image (B, H*c, T, K/2), row_mask (B, 1, T, 1) -> logits (B, H, T, K)."""

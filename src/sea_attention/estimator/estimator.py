@@ -14,8 +14,10 @@ from ..decoding import DecodeState
 from ..ops.reference import repeat_kv
 from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
 from .features import RandomFeatures, causal_linear_attention, linear_attention
-from .kernel_bins import binned_log_mass, prefix_sums
+from .kernel_bins import binned_key_logits, binned_log_mass, prefix_sums
 from .positions import LearnedPositionCode, tent_code
+
+KERNEL_SCALE_INIT = 0.5  # initial weight of the kernel's log-share beside the mean-key logits (weight 1)
 
 
 @dataclass
@@ -42,14 +44,18 @@ class AttentionEstimator(nn.Module):
         self.positions = LearnedPositionCode(config.max_positions, d) if learned else None
         performer_width = d if config.position_code == "none" else 2 * d
         self.encoder = TokenEncoder(d, width // config.width_downsample, config.cnn_channels, performer_width)
-        # weight per head of the kernel's binned log-mass in the logits; 1: start from the kernel's own estimate
-        self.kernel_scale = nn.Parameter(torch.ones(heads, 1, 1)) if config.kernel_bins else None
+        # weights per head of the binned signals in the logits, started where the two signals together
+        # covered the most teacher attention without training (SmolLM2, benchmarks/estimator_signals.py)
+        self.kernel_scale = nn.Parameter(torch.full((heads, 1, 1), KERNEL_SCALE_INIT)) if config.kernel_bins else None
+        self.key_scale = nn.Parameter(torch.ones(heads, 1, 1)) if config.key_bins else None
         # the binned kernel needs softmax-kernel (FAVOR+) features; ReLU ones recall little of the attention
         self.kernel_features = None
         if config.kernel_bins and config.feature_kind != "favor":
             self.kernel_features = RandomFeatures(d, config.num_features, "favor", seed=self._seed(0) + 1)
         decoder = CausalDecoder if config.causal else BidirectionalDecoder
         self.decoder = decoder(heads, config.cnn_channels, width)
+        if config.kernel_bins or config.key_bins:  # the CNN starts as a zero residual on the binned signals
+            self.decoder.start_at_zero()
 
     def _seed(self, redraw: int) -> int:
         return self.config.seed + 1_000_003 * self.layer_idx + 7_919 * redraw
@@ -132,11 +138,9 @@ class AttentionEstimator(nn.Module):
         else:
             logits = self._decode_rows(hidden, row_mask, rows).float()  # (B, H, n, K)
             lengths = lengths.index_select(1, rows)
-        if self.kernel_scale is not None:
-            if self.kernel_features is not None:
-                phi_q = self.kernel_features(q, is_query=True, root=root).view(bsz, kv_heads, groups, tq, -1)
-                phi_k = self.kernel_features(k[:, :, past:], is_query=False, root=root)
-            logits = logits + self.kernel_scale * self._kernel_log_mass(phi_q, phi_k, new_valid, lengths, state, rows)
+        if cfg.kernel_bins or cfg.key_bins:
+            logits = logits + self._binned_signals(q, k[:, :, past:], phi_q, phi_k, new_valid, lengths, scale, state,
+                                                   rows)
 
         live = live_cells(lengths, cfg.estimate_width).unsqueeze(1)  # (B, 1, Tq, K)
         # a finite fill keeps padding rows (no live bin) NaN-free, also in backward
@@ -144,20 +148,49 @@ class AttentionEstimator(nn.Module):
         probs = probs.masked_fill(~live, 0.0)
         return Estimate(logits, probs, gate_logits.float(), rows)
 
-    def _kernel_log_mass(self, phi_q: Tensor, phi_k: Tensor, new_valid: Tensor, lengths: Tensor,
-                         state: DecodeState | None, rows: Tensor | None) -> Tensor:
-        """(B, H, Tq or n, K) log of the kernel's attention share per bin (``kernel_bins.py``)."""
-        bsz, kv_heads, groups = phi_q.shape[:3]
-        start = state.kernel_sums if state is not None and state.seen else None
-        sums, counts = prefix_sums(phi_k, new_valid, start=None if start is None else (start[0][:, :, -1], start[1][:, -1]))
+    def _binned_signals(self, q: Tensor, new_k: Tensor, phi_q: Tensor, phi_k: Tensor, new_valid: Tensor,
+                        lengths: Tensor, scale: float, state: DecodeState | None, rows: Tensor | None) -> Tensor:
+        """(B, H, Tq or n, K): the weighted binned signals added to the CNN's logits (``kernel_bins.py``).
+
+        ``kernel_bins``: log of the FAVOR+ kernel's attention share per bin; ``key_bins``: each
+        bin's logit through its mean key. Both come from prefix sums over positions of
+        [phi(k), k] (whichever are on), which decoding keeps in its state.
+        """
+        bsz, kv_heads, groups, tq = phi_q.shape[:4]
+        root = math.sqrt(scale)
+        per_key, queries = [], []  # the prefix-summed key vectors and the queries read against them
+        if self.config.kernel_bins:
+            if self.kernel_features is not None:
+                phi_q = self.kernel_features(q, is_query=True, root=root).view(bsz, kv_heads, groups, tq, -1)
+                per_key.append(self.kernel_features(new_k, is_query=False, root=root))
+            else:  # the estimator's own features are FAVOR+ already
+                per_key.append(phi_k)
+            queries.append(phi_q)
+        if self.config.key_bins:
+            per_key.append(new_k.float())
+            queries.append(q.float().view(bsz, kv_heads, groups, tq, -1))
+        sums, counts = self._bin_sums(torch.cat(per_key, dim=-1), new_valid, state)
+        if rows is not None:
+            queries = [x.index_select(3, rows) for x in queries]
+        signal, width, offset = 0.0, self.config.estimate_width, 0
+        if self.config.kernel_bins:
+            m = queries[0].shape[-1]
+            mass = binned_log_mass(queries[0], sums[..., :m], counts, lengths, width)
+            signal, offset = self.kernel_scale * mass.flatten(1, 2), m
+        if self.config.key_bins:
+            key_logits = binned_key_logits(queries[-1], sums[..., offset:], counts, lengths, width, scale)
+            signal = signal + self.key_scale * key_logits.flatten(1, 2)
+        return signal  # query head h = kv head h // G, group h % G
+
+    def _bin_sums(self, per_key: Tensor, new_valid: Tensor, state: DecodeState | None) -> tuple[Tensor, Tensor]:
+        """Prefix sums of the per-key vectors over positions 0..Tk (continued from a decoding state)."""
+        start = state.bin_sums if state is not None and state.seen else None
+        sums, counts = prefix_sums(per_key, new_valid, start=None if start is None else (start[0][:, :, -1], start[1][:, -1]))
         if start is not None:  # the state's rows cover positions 0..seen, the new ones continue them
             sums, counts = torch.cat([start[0], sums[:, :, 1:]], dim=2), torch.cat([start[1], counts[:, 1:]], dim=1)
         if state is not None:
-            state.kernel_sums = (sums, counts)
-        if rows is not None:
-            phi_q = phi_q.index_select(3, rows)
-        log_mass = binned_log_mass(phi_q, sums, counts, lengths, self.config.estimate_width)
-        return log_mass.flatten(1, 2)  # (B, H, n, K): query head h = kv head h // G, group h % G
+            state.bin_sums = (sums, counts)
+        return sums, counts
 
     def _decode_rows(self, hidden: Tensor, row_mask: Tensor, rows: Tensor) -> Tensor:
         """Logits (B, H, n, K) of some query rows only (causal).
