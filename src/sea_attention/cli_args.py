@@ -39,6 +39,10 @@ def unit_interval(text: str) -> float:
     return _number(text, float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 
 
+def fraction(text: str) -> float:
+    return _number(text, float, lambda x: 0 <= x < 1, "a number in [0, 1)")
+
+
 def int_list(text: str) -> list[int]:
     """'32,64,128' -> [32, 64, 128]; anything else is an argparse error naming the format."""
     try:
