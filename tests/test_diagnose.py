@@ -152,20 +152,6 @@ def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
     assert sorted(p.name for p in report.parent.iterdir()) == ["diagnose.json", "diagnose.png"]  # no debris
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--k", "0"], "argument --k: expected a positive integer, got '0'"),
-    (["--coverage-skip", "1"], r"argument --coverage-skip: expected a number in \[0, 1\), got '1'"),
-    (["--coverage-skip", "-0.1"], r"argument --coverage-skip: expected a number in \[0, 1\)"),
-    (["--seq-len", "0"], "argument --seq-len: expected a positive integer"),
-    (["--max-tokens", "-3"], "argument --max-tokens: expected a positive integer"),
-    (["--split", "dev"], "argument --split: invalid choice: 'dev'"),
-])
-def test_bad_arguments_are_refused_by_the_parser(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        main(["diagnose", "--model", "m", *argv])
-    assert __import__("re").search(message, capsys.readouterr().err)
-
-
 def test_bad_values_are_clear_errors(tiny_model_dir, capsys):
     model, text = str(tiny_model_dir / "model"), str(tiny_model_dir / "text.txt")
     assert main(["diagnose", "--model", "no-such-model", "--seq-len", "1", "--quiet"]) == 2  # before any loading

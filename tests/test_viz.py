@@ -1,5 +1,6 @@
 """Attention snapshots: the estimate stretched back to the keys is a causal distribution per row."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,3 +23,22 @@ def test_snapshot_maps_are_causal_distributions_in_key_coordinates(tmp_path):
     # the stretched estimate keeps each bin's mass: bin b of row 39 (L=40, K=8) is keys 5b..5b+4
     torch.testing.assert_close(snapshot.stretched[39].view(8, 5).sum(-1), snapshot.estimate[39])
     assert plot_attention(snapshot, tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_row_range_keeps_those_rows_and_the_keys_they_see(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                         num_hidden_layers=2, intermediate_size=64, vocab_size=50))
+    patch(model.eval(), k=3, estimate_width=8)
+    snapshot = capture_attention(model, torch.randint(0, 50, (1, 40)), layer=0, head=1)
+    part = snapshot.rows(24, 32)
+    assert (part.first_row, part.teacher.shape, part.estimate.shape, part.nnz.shape) == (24, (8, 32), (8, 8), (8,))
+    for name in ("teacher", "stretched", "sparse"):
+        torch.testing.assert_close(getattr(part, name), getattr(snapshot, name)[24:32, :32], atol=0, rtol=0)
+        assert getattr(snapshot, name)[24:32, 32:].abs().max() == 0  # what a causal crop drops is empty
+    assert part.rows(2, 4).first_row == 26  # crops compose in sequence positions
+    with pytest.raises(ValueError, match=r"rows 30:50 are outside the snapshot's 40 query rows"):
+        snapshot.rows(30, 50)
+    with pytest.raises(ValueError, match=r"need 0 <= start < stop <= 40"):
+        snapshot.rows(5, 5)
+    assert plot_attention(part, tmp_path / "rows.png").read_bytes()[:4] == b"\x89PNG"

@@ -11,7 +11,7 @@ import torch
 
 from . import assets
 from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, positive_float,
-                       positive_int, unit_interval)
+                       positive_int, row_range, unit_interval)
 
 
 def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: dict | None = None):
@@ -222,6 +222,12 @@ def cmd_plot(args) -> int:
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     tokens = tokenize(tokenizer, assets.load_text(args.data, "test"))[: args.seq_len]
     snapshot = capture_attention(model, tokens.unsqueeze(0), args.layer, args.head)
+    count = snapshot.teacher.shape[0]
+    if args.last is not None:
+        snapshot = snapshot.rows(count - args.last, count)
+    elif args.rows is not None:
+        start, stop = args.rows
+        snapshot = snapshot.rows(start or 0, count if stop is None else stop)
     print(f"wrote {plot_attention(snapshot, args.out, f'{args.model}: layer {args.layer}, head {args.head}')}")
     return 0
 
@@ -390,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--seq-len", type=positive_int, default=256)
     plot.add_argument("--layer", type=non_negative_int, default=0)
     plot.add_argument("--head", type=non_negative_int, default=0)
+    rows = plot.add_mutually_exclusive_group()
+    rows.add_argument("--rows", type=row_range, help="plot only query rows START:STOP (keys up to STOP), e.g. 768:1024")
+    rows.add_argument("--last", type=positive_int, help="plot only the last N query rows (all the keys they see)")
     plot.add_argument("--out", default="attention.png")
     _add_sea_options(plot)
     plot.set_defaults(func=cmd_plot)

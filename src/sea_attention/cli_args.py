@@ -65,3 +65,15 @@ def name_list(check: Callable[[list[str]], tuple[str, ...]]) -> Callable[[str], 
             raise argparse.ArgumentTypeError(str(error))
 
     return parse
+
+
+def row_range(text: str) -> tuple[int | None, int | None]:
+    """'START:STOP' (either may be left out: ':512', '768:') -> (START, STOP); an argparse error otherwise."""
+    parts = text.split(":")
+    try:
+        bounds = [int(part) if part.strip() else None for part in parts]
+    except ValueError:
+        bounds = []
+    if len(parts) != 2 or len(bounds) != 2 or any(b is not None and b < 0 for b in bounds):
+        raise argparse.ArgumentTypeError(f"expected START:STOP with integers >= 0 such as 768:1024 or 768:, got {text!r}")
+    return bounds[0], bounds[1]
