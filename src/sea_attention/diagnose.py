@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +149,7 @@ class Diagnosis:
     windows: int
     tokens: int
 
-    def mean(self, value) -> float:
+    def mean(self, value: Callable[[LayerDiagnosis], float]) -> float:
         """``value(layer)`` averaged over layers."""
         return sum(value(layer) for layer in self.layers) / max(len(self.layers), 1)
 
