@@ -190,8 +190,9 @@ def cmd_diagnose(args) -> int:
         about = dict(model=args.model, data=args.data, split=args.split, setup=asdict(config))
         print(f"wrote {write_diagnosis_json(diagnosis, args.json, **about)}")
     if args.plot:
-        title = (f"{args.model}, {args.data}/{args.split}\nk={args.k}, {diagnosis.windows} windows of {args.seq_len} "
-                 f"tokens, rows past {args.coverage_skip:g} of each")
+        rows = f"rows past {args.coverage_skip:g} of each" if args.coverage_skip else "all rows"
+        title = (f"{args.model}, {args.data}/{args.split}\n"
+                 f"k={args.k}, {diagnosis.windows} windows of {args.seq_len} tokens, {rows}")
         print(f"wrote {plot_diagnosis(diagnosis, args.plot, title)}")
     return 0
 

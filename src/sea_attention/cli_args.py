@@ -75,5 +75,6 @@ def row_range(text: str) -> tuple[int | None, int | None]:
     except ValueError:
         bounds = []
     if len(parts) != 2 or len(bounds) != 2 or any(b is not None and b < 0 for b in bounds):
-        raise argparse.ArgumentTypeError(f"expected START:STOP with integers >= 0 such as 768:1024 or 768:, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected START:STOP with integers >= 0 such as 768:1024 or 768:, "
+                                         f"got {text!r}")
     return bounds[0], bounds[1]

@@ -94,12 +94,11 @@ def plot_attention(snapshot: AttentionSnapshot, path: str | Path, title: str = "
     axes = fig.subplots(1, 3)
     for ax, (name, values) in zip(axes, panels):
         image = ax.imshow(values.clamp_min(floor).numpy(), norm=LogNorm(vmin=floor, vmax=1.0), cmap="magma",
-                          aspect="auto", interpolation="antialiased", extent=extent)
+                          aspect="auto", extent=extent,
+                          interpolation="antialiased")  # with more keys than pixels, single-key columns stay visible
         ax.set_title(name)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
     fig.colorbar(image, ax=axes, shrink=0.85, label="probability")
     fig.suptitle(title or f"layer {snapshot.layer}, head {snapshot.head}")
-    dpi = min(max(110, keys // 4), 300)  # a panel is ~4.5 inches: about a pixel per key up to ~1300 keys; beyond,
-    # antialiasing (rather than nearest-neighbour dropping) keeps single-key columns visible
-    return write_file(path, lambda temporary: fig.savefig(temporary, dpi=dpi, format="png"))
+    return write_file(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
