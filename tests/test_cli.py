@@ -35,6 +35,11 @@ def test_distill_eval_plot_resume(tiny_model_dir, tmp_path, capsys):
     png = tmp_path / "attention.png"
     assert main(["plot", "--model", str(out), "--data", text, "--seq-len", "32", "--layer", "1", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for rows in (["--rows", "16:32"], ["--rows", "8:"], ["--last", "8"]):
+        assert main(["plot", "--model", str(out), "--data", text, "--seq-len", "32", *rows, "--out", str(png)]) == 0
+    assert main(["plot", "--model", str(out), "--data", text, "--seq-len", "32", "--last", "40",
+                 "--out", str(png)]) == 2
+    assert "rows -8:32 are outside the snapshot's 32 query rows" in capsys.readouterr().err
 
 
 def test_generate_streams_text(tiny_model_dir, tmp_path, capsys):
@@ -74,7 +79,18 @@ def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):
     (["generate", "--model", "m", "--prompt", "p", "--top-p", "5"], r"argument --top-p: expected a number in \(0, 1\]"),
     (["generate", "--model", "m", "--prompt", "p", "--top-p", "0"], r"argument --top-p: expected a number in \(0, 1\]"),
     (["plot", "--model", "m", "--layer", "-1"], "argument --layer: expected an integer >= 0"),
+    (["plot", "--model", "m", "--rows", "5"], "argument --rows: expected START:STOP with integers >= 0"),
+    (["plot", "--model", "m", "--rows", "a:b"], "argument --rows: expected START:STOP"),
+    (["plot", "--model", "m", "--rows", "1:2", "--last", "3"], "argument --last: not allowed with argument --rows"),
     (["distill", "--out", "x", "--query-block", "0"], "argument --query-block: expected a positive integer"),
+    (["diagnose", "--model", "m", "--k", "0"], "argument --k: expected a positive integer, got '0'"),
+    (["diagnose", "--model", "m", "--coverage-skip", "1"],
+     r"argument --coverage-skip: expected a number in \[0, 1\), got '1'"),
+    (["diagnose", "--model", "m", "--coverage-skip", "-0.1"],
+     r"argument --coverage-skip: expected a number in \[0, 1\)"),
+    (["diagnose", "--model", "m", "--seq-len", "0"], "argument --seq-len: expected a positive integer"),
+    (["diagnose", "--model", "m", "--max-tokens", "-3"], "argument --max-tokens: expected a positive integer"),
+    (["diagnose", "--model", "m", "--split", "dev"], "argument --split: invalid choice: 'dev'"),
 ])
 def test_out_of_range_arguments_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

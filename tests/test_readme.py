@@ -22,10 +22,10 @@ NEEDS_SMOLLM2 = "load_model("
 TINY_VALUES = {
     "--steps": "2", "--seq-len": "32", "--stride": "32", "--k": "2,4", "--estimate-width": "8",
     "--max-new-tokens": "4", "--lengths": "64,128", "--decode-tokens": "2", "--layer": "1", "--repeats": "1",
-    "--query-block": "8", "--max-tokens": "256",
+    "--query-block": "8", "--max-tokens": "256", "--last": "8",
 }
 # per command, where the generic tiny value does not fit (quest selects pages of 16 keys)
-TINY_OVERRIDES = {"compare": {"--k": "16,32", "--seq-len": "64", "--lengths": "96"}}
+TINY_OVERRIDES = {"compare": {"--k": "16,32", "--seq-len": "64", "--lengths": "96"}, "diagnose": {"--k": "4"}}
 # options a command's defaults would make too big for the tiny model, added where a README line omits them
 TINY_DEFAULTS = {"eval": {"--seq-len": "32", "--max-tokens": "256"}, "plot": {"--seq-len": "32"}}
 
@@ -68,7 +68,7 @@ def tiny(argv: list[str], model_dir: Path, text: Path) -> list[str]:
 def test_readme_shows_python_and_commands():
     assert len(code_blocks("python")) >= 3
     names = {argv[0] for argv in sea_commands()}
-    assert {"distill", "eval", "plot", "generate", "bench"} <= names
+    assert {"distill", "eval", "plot", "generate", "bench", "diagnose"} <= names
 
 
 def run_python_blocks(blocks: list[str]) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .cli_args import (int_list, name_list, non_negative_float, non_negative_int, positive_float, positive_int,
-                       unit_interval)
+from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, positive_float,
+                       positive_int, row_range, unit_interval)
 
 
 def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: dict | None = None):
@@ -39,7 +39,7 @@ def _runtime_options(args) -> dict:
 
 
 def _sea_overrides(args) -> dict:
-    with_k = args.command not in ("eval", "compare")  # these take --k as a list of budgets
+    with_k = args.command not in ("eval", "compare", "diagnose")  # their --k is the budget(s) measured
     names = ("k", "estimate_width", "feature_factor") if with_k else ("estimate_width", "feature_factor")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
@@ -174,6 +174,47 @@ def _add_compare_parser(commands) -> None:
     compare.set_defaults(func=cmd_compare)
 
 
+# ---------------------------------------------------------------------------------------- diagnose
+def cmd_diagnose(args) -> int:
+    from dataclasses import asdict
+
+    from .diagnose import DiagnoseConfig, diagnose, format_diagnosis_table, plot_diagnosis, write_diagnosis_json
+    from .distill import tokenize
+
+    config = DiagnoseConfig(args.k, args.seq_len, args.coverage_skip)  # bad values fail before the model loads
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+    tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))[: args.max_tokens]
+    diagnosis = diagnose(model, tokens, config, progress=not args.quiet)
+    print(format_diagnosis_table(diagnosis))
+    if args.json:
+        about = dict(model=args.model, data=args.data, split=args.split, setup=asdict(config))
+        print(f"wrote {write_diagnosis_json(diagnosis, args.json, **about)}")
+    if args.plot:
+        rows = f"rows past {args.coverage_skip:g} of each" if args.coverage_skip else "all rows"
+        title = (f"{args.model}, {args.data}/{args.split}\n"
+                 f"k={args.k}, {diagnosis.windows} windows of {args.seq_len} tokens, {rows}")
+        print(f"wrote {plot_diagnosis(diagnosis, args.plot, title)}")
+    return 0
+
+
+def _add_diagnose_parser(commands) -> None:
+    diagnose = commands.add_parser("diagnose", help="per layer and head: the teacher mass SEA's keys cover, beside "
+                                                    "the oracle's and a window's, and the estimate's KL")
+    diagnose.add_argument("--model", required=True, help="SEA dir, or a base model to patch (untrained estimator)")
+    diagnose.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
+    diagnose.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
+    diagnose.add_argument("--seq-len", type=positive_int, default=1024, help="tokens per window (non-overlapping)")
+    diagnose.add_argument("--max-tokens", type=positive_int, help="use only the first N tokens")
+    diagnose.add_argument("--k", type=positive_int, default=64, help="keys per query per head, for every method")
+    diagnose.add_argument("--coverage-skip", type=fraction, default=0.0,
+                          help="measure only rows past this fraction of each window (e.g. 0.25)")
+    diagnose.add_argument("--json", help="write the setup, machine, per-layer and per-head numbers to this JSON file")
+    diagnose.add_argument("--plot", help="write a PNG: coverage bars per layer, the estimate's KL below")
+    diagnose.add_argument("--quiet", action="store_true")
+    _add_sea_options(diagnose, with_k=False)
+    diagnose.set_defaults(func=cmd_diagnose)
+
+
 # ---------------------------------------------------------------------------------------- plot
 def cmd_plot(args) -> int:
     from .distill import tokenize
@@ -182,6 +223,12 @@ def cmd_plot(args) -> int:
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     tokens = tokenize(tokenizer, assets.load_text(args.data, "test"))[: args.seq_len]
     snapshot = capture_attention(model, tokens.unsqueeze(0), args.layer, args.head)
+    count = snapshot.teacher.shape[0]
+    if args.last is not None:
+        snapshot = snapshot.rows(count - args.last, count)
+    elif args.rows is not None:
+        start, stop = args.rows
+        snapshot = snapshot.rows(start or 0, count if stop is None else stop)
     print(f"wrote {plot_attention(snapshot, args.out, f'{args.model}: layer {args.layer}, head {args.head}')}")
     return 0
 
@@ -350,11 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--seq-len", type=positive_int, default=256)
     plot.add_argument("--layer", type=non_negative_int, default=0)
     plot.add_argument("--head", type=non_negative_int, default=0)
+    rows = plot.add_mutually_exclusive_group()
+    rows.add_argument("--rows", type=row_range, help="plot only query rows START:STOP (keys up to STOP), e.g. 768:1024")
+    rows.add_argument("--last", type=positive_int, help="plot only the last N query rows (all the keys they see)")
     plot.add_argument("--out", default="attention.png")
     _add_sea_options(plot)
     plot.set_defaults(func=cmd_plot)
 
     _add_compare_parser(commands)
+    _add_diagnose_parser(commands)
     _add_bench_parser(commands)
     return parser
 

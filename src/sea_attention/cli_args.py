@@ -39,6 +39,10 @@ def unit_interval(text: str) -> float:
     return _number(text, float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 
 
+def fraction(text: str) -> float:
+    return _number(text, float, lambda x: 0 <= x < 1, "a number in [0, 1)")
+
+
 def int_list(text: str) -> list[int]:
     """'32,64,128' -> [32, 64, 128]; anything else is an argparse error naming the format."""
     try:
@@ -61,3 +65,16 @@ def name_list(check: Callable[[list[str]], tuple[str, ...]]) -> Callable[[str], 
             raise argparse.ArgumentTypeError(str(error))
 
     return parse
+
+
+def row_range(text: str) -> tuple[int | None, int | None]:
+    """'START:STOP' (either may be left out: ':512', '768:') -> (START, STOP); an argparse error otherwise."""
+    parts = text.split(":")
+    try:
+        bounds = [int(part) if part.strip() else None for part in parts]
+    except ValueError:
+        bounds = []
+    if len(parts) != 2 or len(bounds) != 2 or any(b is not None and b < 0 for b in bounds):
+        raise argparse.ArgumentTypeError(f"expected START:STOP with integers >= 0 such as 768:1024 or 768:, "
+                                         f"got {text!r}")
+    return bounds[0], bounds[1]

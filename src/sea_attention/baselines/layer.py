@@ -24,6 +24,7 @@ class LayerStats:
     keys: float = 0.0  # sum over those pairs of the keys selected
     covered_pairs: int = 0  # pairs counted for coverage (rows past ``skip``)
     coverage: float = 0.0  # sum over those pairs of the teacher's probability on the selected keys
+    head_coverage: Tensor | None = None  # (H,) float64: the same sum, per head
 
     @property
     def keys_per_query(self) -> float:
@@ -32,6 +33,19 @@ class LayerStats:
     @property
     def mean_coverage(self) -> float:
         return self.coverage / max(self.covered_pairs, 1)
+
+    @property
+    def mean_head_coverage(self) -> list[float]:
+        """Per head, the mean teacher mass on the selected keys (every head counts the same rows)."""
+        if self.head_coverage is None:
+            return []
+        rows = max(self.covered_pairs // self.head_coverage.numel(), 1)
+        return (self.head_coverage / rows).tolist()
+
+
+def late_rows(positions: Tensor, num_keys: int, skip: float) -> Tensor:
+    """(C,) bool: the rows counted for coverage, those at positions >= skip * num_keys."""
+    return positions >= skip * num_keys
 
 
 @dataclass
@@ -56,9 +70,11 @@ class SelectionStats:
         rows = query_valid[:, None, :].expand(-1, heads, -1)  # (B, H, C)
         stats.pairs += int(rows.sum())
         stats.keys += float((selected.sum(-1) * rows).sum())
-        late = rows & (positions >= self.skip * num_keys)
+        late = rows & late_rows(positions, num_keys, self.skip)
         stats.covered_pairs += int(late.sum())
-        stats.coverage += float(((probs * selected).sum(-1) * late).sum())
+        per_head = ((probs * selected).sum(-1) * late).sum((0, 2)).double().cpu()  # (H,)
+        stats.coverage += float(per_head.sum())
+        stats.head_coverage = per_head if stats.head_coverage is None else stats.head_coverage + per_head
 
     def keys_per_query(self) -> float:
         """Mean over layers of the keys each (query, head) used."""
