@@ -106,5 +106,6 @@ def test_readme_commands_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
 def test_readme_demo_command_runs_small(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert ["demo"] in [argv[:1] for argv in sea_commands()]
-    assert main(["demo", "--steps", "2", "--seq-len", "64", "--eval-tokens", "128", "--k", "32", "--quiet"]) == 0
+    assert main(["demo", "--steps", "2", "--seq-len", "64", "--eval-len", "64", "--eval-tokens", "128", "--k", "32",
+                 "--quiet"]) == 0
     assert (tmp_path / "sea-demo" / "attention.png").exists()
