@@ -160,12 +160,26 @@ def test_too_long_for_positional_table():
         module(q, k, v)
 
 
-def test_kernel_bins_estimator_has_no_length_limit():
-    """Kernel bins and no positional table: every length runs, max_positions is not a limit."""
-    module = sea(max_positions=16, kernel_bins=True)
+@pytest.mark.parametrize("estimator", [{}, dict(key_bins=False), dict(kernel_bins=False)])
+def test_binned_estimators_have_no_length_limit(estimator):
+    """Binned signals and no positional table (the causal default): max_positions is not a limit."""
+    module = sea(max_positions=16, **estimator)
     assert module.estimator.positions is None
     q, k, v = make_qkv(1, 4, 2, 40, 40, 16)
     assert module(q, k, v).context.isfinite().all()
+
+
+def test_an_undistilled_default_estimator_selects_by_its_signals():
+    """The CNN starts as a zero residual: the estimate is the softmax of the weighted binned signals."""
+    module = sea(k=8, estimate_width=8).eval()
+    assert float(module.estimator.decoder.norm_out.weight.abs().sum()) == 0.0
+    q, k, v = make_qkv(1, 4, 2, 40, 40, 16)
+    out = module(q, k, v)
+    module.estimator.key_scale.data.zero_()
+    module.estimator.kernel_scale.data.zero_()
+    flat = module(q, k, v).estimate[:, :, 39]  # no signal left: every live bin alike
+    torch.testing.assert_close(flat, torch.full_like(flat, 1 / 8))
+    assert not torch.allclose(out.estimate[:, :, 39], flat)
 
 
 @pytest.mark.parametrize("shapes, kwargs, message", [
