@@ -23,9 +23,8 @@ from pathlib import Path
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from .. import __version__
 from ..hf import patch, sea_state_dict
-from ..hf.io import check_save_target, load_base, read_json_object, read_weights, write_save
+from ..hf.io import base_description, check_save_target, load_base, read_json_object, read_weights, write_save
 from .trained import BaselineLayers, attach_baseline, baseline_layers, trained_method
 
 FORMAT_VERSION = 1
@@ -57,21 +56,9 @@ def save_baseline(model: nn.Module, path: str | os.PathLike, *, base_model: str 
         raise ValueError("the model carries no trained baseline: attach one with attach_baseline(model, name)")
     final = Path(path)
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items() if layers.owns(name)}
-    base_model = base_model or getattr(model.config, "name_or_path", "") or None
-    if base_model is None and not include_base_weights:
-        raise ValueError("cannot tell which base model this is: pass base_model=... or include_base_weights=True")
+    base = base_description(model, base_model, tokenizer, include_base_weights)
     check_baseline_target(final)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "sea_attention_version": __version__,
-        "method": layers.name,
-        "method_config": layers.config_dict(),
-        "base_model": base_model,
-        "architecture": type(model).__name__,
-        "torch_dtype": str(model.dtype).removeprefix("torch."),
-        "include_base_weights": include_base_weights,
-        "include_tokenizer": tokenizer is not None,
-    }
+    meta = {"format_version": FORMAT_VERSION, **base, "method": layers.name, "method_config": layers.config_dict()}
     not_base = set(tensors) | set(sea_state_dict(model))
     return write_save(final, model, tensors, not_base, meta, tokenizer, CONFIG_NAME, WEIGHTS_NAME)
 

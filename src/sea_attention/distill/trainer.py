@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -305,10 +306,27 @@ class Distiller:
                 self._method_full_pass(input_ids)
         return self._estimator_pass(input_ids) if self.config.stage == "estimator" else self._full_pass(input_ids)
 
+    def _layerwise_forward(self, input_ids: torch.Tensor, train_layer: Callable[[LayerCall], Tensor]) -> None:
+        """The frozen model's dense forward with ``train_layer(call)`` in every layer (it trains on the
+        call and returns the teacher's context, so the forward stays dense), stopped after the last
+        layer: the LM head is not needed."""
+        last = len(self.layers) - 1
+
+        def layer(call: LayerCall):
+            context = train_layer(call)
+            if call.layer_idx == last:
+                raise _StopForward
+            return context.to(call.query.dtype), None
+
+        try:
+            with torch.no_grad(), layer_override(self.model, layer):
+                self.model(input_ids=input_ids, **no_cache(self.model))
+        except _StopForward:
+            pass
+
     def _estimator_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
         scale = 1.0 / (len(self.layers) * self.config.grad_accum)
         sums = {"loss": 0.0, "estimate_kl": 0.0, "context_mse": 0.0}
-        last = len(self.layers) - 1
 
         def train_layer(call: LayerCall):
             with torch.no_grad():
@@ -320,36 +338,23 @@ class Distiller:
             sums["loss"] += float(total.detach()) / len(self.layers)
             sums["estimate_kl"] += float(losses.estimate_kl.detach()) / len(self.layers)
             sums["context_mse"] += float(losses.context_mse.detach()) / len(self.layers)
-            if call.layer_idx == last:
-                raise _StopForward
-            return context.to(call.query.dtype), None  # the teacher's output: the forward stays dense
+            return context
 
-        try:
-            with torch.no_grad(), layer_override(self.model, train_layer):
-                self.model(input_ids=input_ids, **no_cache(self.model))
-        except _StopForward:
-            pass
+        self._layerwise_forward(input_ids, train_layer)
         return sums
 
     def _method_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
         """Stage estimator for a method: the frozen model's dense forward, the method trained in every layer."""
         scale = 1.0 / (len(self.layers) * self.config.grad_accum)
         sums: dict[str, float] = {}
-        last = len(self.layers) - 1
 
-        def train_layer(call: LayerCall):
+        def train_layer(call: LayerCall) -> Tensor:
             context, parts = self.method.train_layer(call, scale)
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value / len(self.layers)
-            if call.layer_idx == last:
-                raise _StopForward
-            return context.to(call.query.dtype), None  # the teacher's output: the forward stays dense
+            return context
 
-        try:
-            with torch.no_grad(), layer_override(self.model, train_layer):
-                self.model(input_ids=input_ids, **no_cache(self.model))
-        except _StopForward:
-            pass
+        self._layerwise_forward(input_ids, train_layer)
         return sums
 
     def _method_full_pass(self, input_ids: torch.Tensor) -> dict[str, float]:

@@ -67,23 +67,23 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model: st
     final = Path(path)
     state = sea_state_dict(model)  # also checks that the model is patched
     sea_config, k_budget = _layer_settings(model)
+    base = base_description(model, base_model, tokenizer, include_base_weights)
+    check_save_target(final)
+    meta = {"format_version": FORMAT_VERSION, **base, "family": family_of(model).name, "sea_config": sea_config,
+            "k_budget": k_budget}
+    return write_save(final, model, state, set(state), meta, tokenizer, CONFIG_NAME, WEIGHTS_NAME)
+
+
+def base_description(model: nn.Module, base_model: str | None, tokenizer: PreTrainedTokenizerBase | None,
+                     include_base_weights: bool) -> dict:
+    """What a save records of its base model (see :func:`load_base`); ``base_model`` defaults to
+    ``model.config.name_or_path`` and is needed when the base weights are not included."""
     base_model = base_model or getattr(model.config, "name_or_path", "") or None
     if base_model is None and not include_base_weights:
         raise ValueError("cannot tell which base model this is: pass base_model=... or include_base_weights=True")
-    check_save_target(final)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "sea_attention_version": __version__,
-        "base_model": base_model,
-        "family": family_of(model).name,
-        "architecture": type(model).__name__,
-        "torch_dtype": str(model.dtype).removeprefix("torch."),
-        "include_base_weights": include_base_weights,
-        "include_tokenizer": tokenizer is not None,
-        "sea_config": sea_config,
-        "k_budget": k_budget,
-    }
-    return write_save(final, model, state, set(state), meta, tokenizer, CONFIG_NAME, WEIGHTS_NAME)
+    return {"sea_attention_version": __version__, "base_model": base_model, "architecture": type(model).__name__,
+            "torch_dtype": str(model.dtype).removeprefix("torch."), "include_base_weights": include_base_weights,
+            "include_tokenizer": tokenizer is not None}
 
 
 def write_save(final: Path, model: nn.Module, tensors: dict[str, Tensor], not_base: Collection[str], meta: dict,
