@@ -356,6 +356,12 @@ def test_distil_compare_and_eval_each_trained_baseline(tiny_model_dir, tmp_path,
                  "--seq-len", "64", "--max-tokens", "256", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "indexer" in printed and "oracle" in printed
+    for method, k in (("indexer", 16), ("performer", None)):  # passkey decodes through the method's override
+        report = tmp_path / f"passkey_{method}.json"
+        assert main(["compare", "--model", str(tmp_path / method), "--task", "passkey", "--k", "16", "--lengths", "64",
+                     "--prompts", "2", "--max-new-tokens", "2", "--json", str(report), "--quiet"]) == 0
+        rows = json.loads(report.read_text())["points"]
+        assert [(r["method"], r["k"], r["prompts"]) for r in rows] == [("dense", None, 2), (method, k, 2)]
 
 
 @pytest.mark.parametrize("argv, message", [
