@@ -14,14 +14,26 @@ from .cli_args import (fraction, int_list, name_list, non_negative_float, non_ne
                        positive_int, row_range, unit_interval)
 
 
-def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: dict | None = None):
-    """A saved SEA model directory, or a base model (bundled name, local dir, hub id) patched fresh.
+def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: dict | None = None,
+                   baselines: bool = False):
+    """A saved SEA model directory, or a base model (bundled name, local dir, hub id) patched fresh;
+    with ``baselines``, also a trained-baseline save (``sea distill --method ...``).
 
     ``overrides`` shape a fresh patch (ignored for a saved model); ``runtime`` (grouping,
     query_block) changes no weight, so it applies to both.
     """
+    from .baselines.saving import is_baseline_save, load_baseline
     from .hf import from_pretrained, patch, set_runtime
 
+    if is_baseline_save(name_or_path):
+        if not baselines:
+            raise ValueError(f"{name_or_path} holds a trained baseline (sea distill --method ...), not a SEA model: "
+                             "run it with `sea compare` or `sea eval`")
+        model, tokenizer = load_baseline(name_or_path)
+        if overrides or runtime:
+            print(f"note: {name_or_path} is a trained baseline; ignoring {sorted({**(overrides or {}), **runtime})}",
+                  file=sys.stderr)
+        return model, tokenizer, name_or_path
     if (Path(name_or_path) / "sea_config.json").exists():
         model, tokenizer = from_pretrained(name_or_path)
         if overrides:
@@ -58,45 +70,112 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
 
 
 # ---------------------------------------------------------------------------------------- distill
+# option of `sea distill` -> (the trained baseline it shapes, the field of that baseline's config)
+BASELINE_OPTIONS = {"indexer_heads": ("indexer", "heads"), "indexer_dim": ("indexer", "head_dim"),
+                    "performer_feature_factor": ("performer", "feature_factor")}
+
+
+def _baseline_config(args):
+    """The config of ``--method`` from its options; options of other methods are an error."""
+    from .baselines.trained import trained_method
+
+    given = {}
+    for option, (owner, field) in BASELINE_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is not None and owner != args.method:
+            raise ValueError(f"--{option.replace('_', '-')} applies to --method {owner}, not {args.method}")
+        if value is not None:
+            given[field] = value
+    if args.method == "sea":
+        return None
+    if args.method == "cosformer":
+        given["horizon"] = args.seq_len  # its cos weights span the distillation windows
+    return trained_method(args.method).config(**given)
+
+
+def _distill_stage(args) -> str:
+    """--stage, or the method's own: estimator for SEA and the indexer, full for the linear attentions."""
+    from .baselines.trained import trained_method
+
+    if args.method == "sea":
+        return args.stage or "estimator"
+    method = trained_method(args.method)
+    if args.stage not in (None, method.stage):
+        raise ValueError(f"--method {args.method} is distilled with --stage {method.stage}, not {args.stage}")
+    return method.stage
+
+
+def _baseline_student(args, config):
+    """A base model, patched (the patch routes each layer to the baseline), carrying a fresh ``--method``."""
+    from .baselines.saving import is_baseline_save
+    from .baselines.trained import attach_baseline
+    from .hf import patch
+
+    options = {**_sea_overrides(args), **_runtime_options(args)}
+    if options:
+        raise ValueError(f"{sorted(options)} shape SEA; --method {args.method} does not use them")
+    if (Path(args.model) / "sea_config.json").exists() or is_baseline_save(args.model):
+        raise ValueError(f"--method {args.method} is distilled from a base model, and {args.model} is a distilled save")
+    model, tokenizer = assets.load_model(args.model)
+    patch(model)
+    return model, tokenizer, attach_baseline(model, args.method, config)
+
+
 def cmd_distill(args) -> int:
+    from .baselines.saving import check_baseline_target, save_baseline
     from .distill import DistillConfig, Distiller, TokenWindows, tokenize
     from .hf import save_pretrained
     from .hf.io import check_save_target
 
-    check_save_target(args.out)  # before training, not after it
-    torch.manual_seed(args.seed)
-    model, tokenizer, base = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
-    config = DistillConfig(stage=args.stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+    stage, baseline = _distill_stage(args), _baseline_config(args)
+    if baseline is None:
+        check_save_target(args.out)  # before training, not after it
+        torch.manual_seed(args.seed)
+        model, tokenizer, base = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+        method = None
+    else:
+        check_baseline_target(args.out)
+        torch.manual_seed(args.seed)
+        model, tokenizer, method = _baseline_student(args, baseline)
+        base = args.model
+    config = DistillConfig(stage=stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, lr=args.lr, base_lr=args.base_lr,
                            warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
                            checkpoint_every=args.checkpoint_every)
     tokens = tokenize(tokenizer, assets.load_text(args.data, "train"))
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
-    distiller = Distiller(model, TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints)
+    distiller = Distiller(model, TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints, method)
     if args.resume:
         print(f"resumed at step {distiller.step}" if distiller.resume() else "no checkpoint found: starting fresh")
     started = time.perf_counter()
     history = distiller.run(progress=not args.quiet)
     # fine-tuned base weights (stage full, now or earlier) must travel with the SEA weights
-    tuned = args.stage == "full" or bool(getattr(model.config, "sea_base_weights_included", False))
-    save_pretrained(model, args.out, base_model=getattr(model.config, "sea_base_model", None) or base,
-                    tokenizer=tokenizer, include_base_weights=tuned)
+    tuned = stage == "full" or bool(getattr(model.config, "sea_base_weights_included", False))
+    if method is None:
+        save_pretrained(model, args.out, base_model=getattr(model.config, "sea_base_model", None) or base,
+                        tokenizer=tokenizer, include_base_weights=tuned)
+    else:
+        save_baseline(model, args.out, base_model=base, tokenizer=tokenizer, include_base_weights=tuned)
     first, last = history[0], history[-1]
-    print(f"stage {args.stage}: {len(history)} steps, loss {first.loss:.4f} -> {last.loss:.4f}, "
+    print(f"{args.method}, stage {stage}: {len(history)} steps, loss {first.loss:.4f} -> {last.loss:.4f}, "
           f"{time.perf_counter() - started:.0f} s; model saved to {args.out}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
+    from .baselines.trained import baseline_layers
     from .distill import tokenize
     from .evaluate import evaluate_budgets, format_table, write_json
 
-    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args), baselines=True)
     tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
     stride = args.seq_len if args.stride is None else args.stride
+    trained = baseline_layers(model)
+    if trained is not None:
+        return _eval_baseline(args, model, tokens, trained.name, stride)
     rows = evaluate_budgets(model, tokens, seq_len=args.seq_len, stride=stride,
                             budgets=args.k_list, oracle=args.oracle, progress=not args.quiet)
     print(format_table(rows))
@@ -106,13 +185,36 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_baseline(args, model, tokens, method: str, stride: int) -> int:
+    """`sea eval` of a trained baseline: its rows of `sea compare` (and the oracle's), dense first."""
+    from .baselines import CompareConfig, compare_perplexity, format_compare_table
+    from .bench import write_bench_json
+
+    methods = (method, "oracle") if args.oracle else (method,)
+    config = CompareConfig(methods, tuple(args.k_list), args.seq_len, stride)
+    rows = compare_perplexity(model, tokens, config, progress=not args.quiet)
+    print(format_compare_table(rows))
+    if args.json:
+        write_bench_json(rows, args.json, model=args.model, data=args.data, split=args.split, seq_len=args.seq_len,
+                         stride=stride)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- compare
 def cmd_compare(args) -> int:
     from dataclasses import asdict
 
+    from .baselines import DEFAULT_METHODS
+    from .baselines.compare import check_model_runs
+    from .baselines.trained import baseline_layers
     from .bench import write_bench_json
 
-    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args), baselines=True)
+    trained = baseline_layers(model)
+    if args.methods is None:  # a trained baseline's model: dense and the baseline
+        args.methods = ("dense", trained.name) if trained is not None else DEFAULT_METHODS
+    for method in args.methods:  # before any text is read
+        check_model_runs(model, method)
     about = {"model": args.model, "task": args.task, "methods": list(args.methods), "budgets": args.k_list}
     if args.task == "passkey":
         from .baselines.passkey import PasskeyConfig, format_passkey_table, passkey_rows
@@ -145,13 +247,15 @@ def cmd_compare(args) -> int:
 
 
 def _add_compare_parser(commands) -> None:
-    from .baselines import DEFAULT_METHODS, check_methods
+    from .baselines import DEFAULT_METHODS, METHODS, check_methods
 
     compare = commands.add_parser("compare", help="every method (oracle, window+sinks, Quest, SEA) at equal budget")
     compare.add_argument("--model", required=True, help="bundled name, local dir, SEA dir or hub id")
     compare.add_argument("--task", default="perplexity", choices=("perplexity", "passkey"))
-    compare.add_argument("--methods", type=name_list(check_methods), default=DEFAULT_METHODS,
-                         help=f"some of {','.join(DEFAULT_METHODS)} (dense always runs: the reference)")
+    compare.add_argument("--methods", type=name_list(check_methods),
+                         help=f"some of {','.join(METHODS)} (dense always runs: the reference); default "
+                              f"{','.join(DEFAULT_METHODS)}, or dense and the baseline for a model distilled with "
+                              "`sea distill --method`")
     compare.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128],
                          help="keys per query per head, e.g. 32,64,128")
     perplexity = compare.add_argument_group("--task perplexity")
@@ -343,10 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(commands)
 
-    distill = commands.add_parser("distill", help="distil SEA into a model from its own dense attention")
+    from .baselines.trained import TRAINED
+
+    distill = commands.add_parser("distill", help="distil SEA (or a trained baseline) from a model's dense attention")
     distill.add_argument("--model", default="smollm2-135m", help="bundled name, local dir, SEA dir or hub id")
     distill.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
-    distill.add_argument("--stage", default="estimator", choices=("estimator", "full"))
+    distill.add_argument("--method", default="sea", choices=("sea", *TRAINED),
+                         help="what to distil: SEA, or a trained baseline of `sea compare` (default sea)")
+    distill.add_argument("--stage", choices=("estimator", "full"),
+                         help="estimator: only the method's modules, base frozen; full: the whole model against a "
+                              "frozen dense copy (default: estimator for sea and indexer, full for performer and "
+                              "cosformer, the only stage they have)")
     distill.add_argument("--steps", type=positive_int, default=100)
     distill.add_argument("--seq-len", type=positive_int, default=512)
     distill.add_argument("--batch-size", type=positive_int, default=1)
@@ -363,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     distill.add_argument("--quiet", action="store_true")
     _add_sea_options(distill)
+    baselines = distill.add_argument_group("trained baselines (--method)")
+    baselines.add_argument("--indexer-heads", type=positive_int, help="indexer heads (default 4)")
+    baselines.add_argument("--indexer-dim", type=positive_int, help="width of an indexer head (default 32)")
+    baselines.add_argument("--performer-feature-factor", type=positive_int,
+                           help="nbf of the performer: m = d ln d / nbf random features (default 1)")
     distill.set_defaults(func=cmd_distill)
 
     evaluate = commands.add_parser("eval", help="perplexity: dense vs SEA at several k (and the oracle)")

@@ -16,6 +16,11 @@ OUTPUT_MODES = ("mix", "norm")
 ATTENTION_PATHS = ("sparse", "reference", "flex")
 
 
+def performer_features(head_dim: int, feature_factor: int) -> int:
+    """m = floor(d ln d / nbf), the Performer's number of random features (the paper's rule)."""
+    return int(head_dim * math.log(head_dim) / feature_factor)
+
+
 @dataclass
 class SEAConfig:
     """Configuration of a SEA attention layer.
@@ -169,14 +174,14 @@ class SEAConfig:
         if self.num_features < 1:
             raise ValueError(
                 f"feature_factor={self.feature_factor} leaves no random features for "
-                f"head_dim={self.head_dim}: use a feature_factor <= {int(self.head_dim * math.log(self.head_dim))}"
+                f"head_dim={self.head_dim}: use a feature_factor <= {performer_features(self.head_dim, 1)}"
             )
 
     # ------------------------------------------------------------------ derived values
     @property
     def num_features(self) -> int:
         """m, the number of Performer random features."""
-        return int(self.head_dim * math.log(self.head_dim) / self.feature_factor)
+        return performer_features(self.head_dim, self.feature_factor)
 
     @property
     def binned(self) -> bool:

@@ -2,7 +2,9 @@
 
 Per method and k: perplexity (``evaluate.perplexity``, the project's one implementation, on the
 same sliding windows), its ratio to dense, the keys per query per head actually used and the
-fraction of the dense attention mass the selection covers, per layer and overall.
+fraction of the dense attention mass the selection covers, per layer and overall. The linear
+attentions (``performer``, ``cosformer``) select nothing and take no budget: one row each,
+without keys or coverage.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .dense import dense_mask
 from .layer import SelectionStats, SelectorOverride, SEAOverride
 from .oracle import oracle_head_mask, oracle_mask
 from .quest import quest_mask
+from .trained import TRAINED, BaselineLayers, baseline_layers
 from .window_sinks import window_sinks_mask
 
 SELECTORS: dict[str, Selector] = {  # the training-free methods
@@ -29,8 +32,10 @@ SELECTORS: dict[str, Selector] = {  # the training-free methods
     "window_sinks": window_sinks_mask,
     "quest": quest_mask,
 }
-METHODS: tuple[str, ...] = (*SELECTORS, "sea")  # sea: the model's own SEA attention at each k
+# sea: the model's own SEA attention at each k; the trained baselines run on a model distilled with them
+METHODS: tuple[str, ...] = (*SELECTORS, "sea", *TRAINED)
 DEFAULT_METHODS: tuple[str, ...] = ("dense", "oracle", "oracle_head", "window_sinks", "quest", "sea")
+BUDGET_FREE: tuple[str, ...] = ("dense", *(name for name, m in TRAINED.items() if not m.selects))  # one row each
 
 
 def check_methods(methods) -> tuple[str, ...]:
@@ -40,6 +45,13 @@ def check_methods(methods) -> tuple[str, ...]:
     if unknown or not methods:
         raise ValueError(f"methods must be some of {','.join(METHODS)}, got {','.join(methods) or 'none'}")
     return methods
+
+
+def method_runs(methods: tuple[str, ...], budgets: tuple[int, ...]) -> list[tuple[str, int | None]]:
+    """(method, k) pairs in order: dense once (the reference, always first), the other budget-free
+    methods once, the rest per k."""
+    return [("dense", None)] + [(m, k) for m in methods if m != "dense"
+                                for k in ((None,) if m in BUDGET_FREE else budgets)]
 
 
 @dataclass(frozen=True)
@@ -61,8 +73,7 @@ class CompareConfig:
             raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
 
     def runs(self) -> list[tuple[str, int | None]]:
-        """(method, k) pairs in order: dense once (the reference, always first), the rest per k."""
-        return [("dense", None)] + [(m, k) for m in self.methods if m != "dense" for k in self.budgets]
+        return method_runs(self.methods, self.budgets)
 
 
 @dataclass
@@ -71,11 +82,25 @@ class CompareRow:
     k: int | None
     perplexity: float
     ratio: float  # perplexity / dense perplexity
-    keys_per_query: float  # mean keys per (query, head) actually used, over layers
-    coverage: float  # mean teacher attention mass on the selected keys, over layers
+    keys_per_query: float | None  # mean keys per (query, head) actually used, over layers (None: selects nothing)
+    coverage: float | None  # mean teacher attention mass on the selected keys, over layers (None: idem)
     tokens: int
     layer_keys: list[float]
     layer_coverage: list[float]
+
+
+def check_model_runs(model: nn.Module, method: str) -> BaselineLayers | None:
+    """ValueError if ``model`` cannot run ``method``: a trained baseline needs a model distilled with
+    it, and a model carrying one has untrained SEA layers. Returns the baseline ``method`` runs, if any."""
+    trained = baseline_layers(model)
+    if method in TRAINED and (trained is None or trained.name != method):
+        carries = f"carries {trained.name}" if trained else "carries no trained baseline"
+        raise ValueError(f"{method} runs on a model distilled with `sea distill --method {method}`; this model "
+                         f"{carries}")
+    if method == "sea" and trained is not None:
+        raise ValueError(f"this model carries a trained {trained.name}, not a distilled SEA: its SEA layers are "
+                         f"untrained; compare it with --methods {trained.name}")
+    return trained if method in TRAINED else None
 
 
 @contextmanager
@@ -83,8 +108,14 @@ def method_attention(model: nn.Module, method: str, k: int | None, stats: Select
                      chunk_size: int = 256) -> Iterator[nn.Module]:
     """Run the patched ``model`` with ``method`` at budget ``k`` inside the ``with`` block.
 
-    ``sea`` without ``stats`` is the model's own path untouched (its decoding state included).
+    ``sea`` without ``stats`` is the model's own path untouched (its decoding state included). A
+    trained baseline needs a model distilled with it (``sea distill --method NAME``).
     """
+    trained = check_model_runs(model, method)
+    if trained is not None:
+        with layer_override(model, lambda call: (trained.attend(call, k, stats, chunk_size), None)):
+            yield model
+        return
     if method == "sea":
         with sea_budget(model, k):
             if stats is None:
@@ -108,8 +139,10 @@ def evaluate_method(model: nn.Module, tokens: Tensor, method: str, k: int | None
         ppl, count = perplexity(model, tokens, config.seq_len, config.stride or config.seq_len, desc=name,
                                 progress=progress)
     layers = stats.per_layer()
-    return CompareRow(method, k, ppl, ppl / (dense or ppl), stats.keys_per_query(), stats.coverage(), count,
-                      [keys for keys, _ in layers], [cover for _, cover in layers])
+    selected = bool(layers)  # the linear attentions select nothing
+    return CompareRow(method, k, ppl, ppl / (dense or ppl), stats.keys_per_query() if selected else None,
+                      stats.coverage() if selected else None, count, [keys for keys, _ in layers],
+                      [cover for _, cover in layers])
 
 
 def compare_perplexity(model: nn.Module, tokens: Tensor, config: CompareConfig, progress: bool = True,
@@ -134,6 +167,8 @@ def format_compare_table(rows: list[CompareRow]) -> str:
              f"{'tokens':>7}"]
     for r in rows:
         k = "-" if r.k is None else str(r.k)
-        lines.append(f"{r.method:<13} {k:>5} {r.perplexity:>11.2f} {r.ratio:>8.3f} {r.keys_per_query:>9.1f} "
-                     f"{r.coverage:>9.3f} {r.tokens:>7}")
+        keys = "-" if r.keys_per_query is None else f"{r.keys_per_query:.1f}"
+        coverage = "-" if r.coverage is None else f"{r.coverage:.3f}"
+        lines.append(f"{r.method:<13} {k:>5} {r.perplexity:>11.2f} {r.ratio:>8.3f} {keys:>9} {coverage:>9} "
+                     f"{r.tokens:>7}")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .compare import METHODS, method_attention
+from .compare import METHODS, method_attention, method_runs
 
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about it.\n")
@@ -100,15 +100,15 @@ def greedy_answer(model: nn.Module, tokenizer, prompt: PasskeyPrompt, max_new_to
 
 def passkey_rows(model: nn.Module, tokenizer, methods: tuple[str, ...], budgets: tuple[int, ...],
                  config: PasskeyConfig, progress: bool = True) -> list[PasskeyRow]:
-    """Accuracy per (method, k, length): dense once, every other method at every budget.
+    """Accuracy per (method, k, length): dense and the linear attentions once, every other method
+    at every budget.
 
-    ``sea`` decodes through its own decoding state (no override); the training-free methods
-    select among the cached keys at every step.
+    ``sea`` decodes through its own decoding state (no override); the other methods recompute
+    their attention over the cached keys at every step.
     """
     prompts = passkey_prompts(tokenizer, config)
-    runs = [("dense", None)] + [(m, k) for m in methods if m != "dense" for k in budgets]
     rows = []
-    for method, k in runs:
+    for method, k in method_runs(methods, budgets):
         if method not in METHODS:
             raise ValueError(f"method must be one of {','.join(METHODS)}, got {method!r}")
         with method_attention(model, method, k):

@@ -53,6 +53,11 @@ class LayerLosses:
         return kl_weight * self.estimate_kl + mse_weight * self.estimate_mse + context_weight * self.context_mse
 
 
+def kl_rows(target: Tensor, log_probs: Tensor) -> Tensor:
+    """KL(target || exp(log_probs)) of every row, summed over the last axis (0 log 0 = 0): (..., N) -> (...)."""
+    return torch.where(target > 0, target * (target.clamp_min(1e-30).log() - log_probs), 0.0).sum(-1)
+
+
 def layer_losses(output: SEAOutput, targets: LayerTargets) -> LayerLosses:
     """The three layer-local losses, averaged over valid (sample, head, query) rows."""
     rows = targets.query_valid[:, None, :].expand(-1, output.estimate.shape[1], -1)  # (B, H, Tq)
@@ -61,8 +66,7 @@ def layer_losses(output: SEAOutput, targets: LayerTargets) -> LayerLosses:
     log_estimate = torch.log_softmax(
         output.estimate_logits.float().masked_fill(~live, torch.finfo(torch.float32).min), dim=-1)
     target = targets.estimate
-    kl = torch.where(target > 0, target * (target.clamp_min(1e-30).log() - log_estimate), 0.0).sum(-1)
-    kl = (kl * rows).sum() / count
+    kl = (kl_rows(target, log_estimate) * rows).sum() / count
     mse = (((output.estimate.float() - target) ** 2).sum(-1) * rows).sum() / count
     context = ((output.context.float() - targets.context) ** 2).mean(-1)
     context = (context * rows).sum() / count

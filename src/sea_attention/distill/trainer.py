@@ -9,6 +9,10 @@ Two stages:
 * ``full``: the paper's recipe. The whole model is trained against a frozen dense copy of
   itself: task cross-entropy, hidden-state MSE, logit KL and the layer-local losses, with
   a high learning rate for SEA modules and a low one for the rest.
+
+``Distiller(method=...)`` trains another method in SEA's place, through the same stages (the
+trained baselines of ``sea compare``, ``baselines/trained.py``): a :class:`LayerMethod` says which
+parameters are its own and what it does in a layer call; SEA's modules are then frozen.
 """
 
 from __future__ import annotations
@@ -16,16 +20,17 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..cells import query_lengths
-from ..hf import LayerCall, layer_override, no_cache, sea_layers
+from ..hf import LayerCall, dense_attention, layer_override, no_cache, sea_layers
 from ..ops.reference import exact_attention
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TokenWindows
@@ -79,12 +84,33 @@ class DistillConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+class LayerMethod(Protocol):
+    """A method distilled in SEA's place: one module per attention layer, attached to the model."""
+
+    name: str
+    stages: tuple[str, ...]  # the stages it can be trained with
+
+    def owns(self, parameter_name: str) -> bool:
+        """Whether a parameter or buffer of the model is the method's own (trained at ``lr``)."""
+
+    def train_layer(self, call: LayerCall, loss_scale: float) -> tuple[Tensor, dict[str, float]]:
+        """Stage estimator: backpropagate ``loss_scale`` x its layer-local loss; return the teacher's
+        context (B, H, Tq, d) and the loss terms (``loss``, and ``estimate_kl`` where it has one)."""
+
+    def attend(self, call: LayerCall) -> Tensor:
+        """Stage full: the layer's attention (B, H, Tq, d) with the method."""
+
+
+def _is_sea(name: str) -> bool:
+    return ".sea." in f".{name}"
+
+
 @dataclass
 class StepRecord:
     step: int
     loss: float
-    estimate_kl: float
-    context_mse: float
+    estimate_kl: float  # nan where the trained method has no such term
+    context_mse: float  # idem
     lr: float
     tokens_per_s: float
     extra: dict[str, float] = field(default_factory=dict)
@@ -101,38 +127,45 @@ class Distiller:
     """Runs one distillation stage on a patched model; checkpoints and resumes."""
 
     def __init__(self, model: nn.Module, windows: TokenWindows, config: DistillConfig,
-                 checkpoint_dir: str | Path | None = None) -> None:
-        self.model, self.windows, self.config = model, windows, config
+                 checkpoint_dir: str | Path | None = None, method: LayerMethod | None = None) -> None:
+        self.model, self.windows, self.config, self.method = model, windows, config, method
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.layers = [sea for _, _, sea in sea_layers(model)]
         if not self.layers:
             raise ValueError("the model is not patched with SEA: call sea_attention.patch(model) first")
+        if method is not None and config.stage not in method.stages:
+            raise ValueError(f"{method.name} is distilled with stage {' or '.join(method.stages)}, "
+                             f"not {config.stage!r}")
         self.step = 0
         self.history: list[StepRecord] = []
         self._set_trainable()
         groups = self._param_groups()
-        self._sea_group = next(i for i, g in enumerate(groups) if g["lr"] == config.lr)
+        self._sea_group = next((i for i, g in enumerate(groups) if g["lr"] == config.lr), 0)  # reported lr
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.teacher = self._frozen_teacher() if config.stage == "full" else None
 
     # ------------------------------------------------------------------ set-up
+    def _owns(self, name: str) -> bool:
+        """The trained method's own parameters and buffers (SEA's, by default): trained at ``lr``."""
+        return self.method.owns(name) if self.method is not None else _is_sea(name)
+
     def _set_trainable(self) -> None:
         full = self.config.stage == "full"
         for name, param in self.model.named_parameters():
-            param.requires_grad_(full or ".sea." in f".{name}")
+            param.requires_grad_(self._owns(name) or (full and not _is_sea(name)))
 
     def _param_groups(self) -> list[dict[str, Any]]:
         cfg = self.config
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                is_sea = ".sea." in f".{name}"
+                own = self._owns(name)
                 decay = param.dim() >= 2 and "norm" not in name.lower()
-                groups.setdefault((is_sea, decay), []).append(param)
-        return [{"params": params, "lr": cfg.lr if is_sea else cfg.base_lr,
+                groups.setdefault((own, decay), []).append(param)
+        return [{"params": params, "lr": cfg.lr if own else cfg.base_lr,
                  "weight_decay": cfg.weight_decay if decay else 0.0}
-                for (is_sea, decay), params in groups.items()]
+                for (own, decay), params in groups.items()]
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.config
@@ -153,10 +186,14 @@ class Distiller:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        buffers = {n: b.clone() for n, b in self.model.named_buffers() if ".sea." in f".{n}"}
+        buffers = {n: b.clone() for n, b in self.model.named_buffers() if self._owns(n)}
         return {"step": self.step, "config": asdict(self.config), "trainable": trainable, "buffers": buffers,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "history": [asdict(r) for r in self.history]}
+                "history": [asdict(r) for r in self.history], "method": self._method_name}
+
+    @property
+    def _method_name(self) -> str:
+        return self.method.name if self.method is not None else "sea"
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ours = asdict(self.config)
@@ -165,6 +202,9 @@ class Distiller:
         if changed:
             details = ", ".join(f"{n}: checkpoint {state['config'][n]!r}, now {ours.get(n)!r}" for n in changed)
             raise ValueError(f"cannot resume: the run's settings differ from the checkpoint's ({details})")
+        if state.get("method", "sea") != self._method_name:
+            raise ValueError(f"cannot resume: the checkpoint trains {state.get('method', 'sea')}, this run "
+                             f"{self._method_name}")
         params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -220,7 +260,7 @@ class Distiller:
         totals: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             input_ids = self.windows.batch(self.step * cfg.grad_accum + micro, cfg.batch_size).to(self.device)
-            parts = self._estimator_pass(input_ids) if cfg.stage == "estimator" else self._full_pass(input_ids)
+            parts = self._pass(input_ids)
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -234,8 +274,8 @@ class Distiller:
         tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
         if grad_norm is not None:
             totals["grad_norm"] = float(grad_norm)
-        return StepRecord(step=self.step, loss=totals.pop("loss"), estimate_kl=totals.pop("estimate_kl"),
-                          context_mse=totals.pop("context_mse"), lr=lr,
+        return StepRecord(step=self.step, loss=totals.pop("loss"), estimate_kl=totals.pop("estimate_kl", math.nan),
+                          context_mse=totals.pop("context_mse", math.nan), lr=lr,
                           tokens_per_s=tokens / (time.perf_counter() - started), extra=totals)
 
     @property
@@ -259,10 +299,34 @@ class Distiller:
         lengths = query_lengths(call.key_valid, query_valid, call.causal)
         return context, layer_targets(probs, context, call.key_valid, lengths, call.sea.config.estimate_width)
 
+    def _pass(self, input_ids: torch.Tensor) -> dict[str, float]:
+        """One micro-batch of the configured stage: backpropagated; returns the loss terms."""
+        if self.method is not None:
+            return self._method_pass(input_ids) if self.config.stage == "estimator" else \
+                self._method_full_pass(input_ids)
+        return self._estimator_pass(input_ids) if self.config.stage == "estimator" else self._full_pass(input_ids)
+
+    def _layerwise_forward(self, input_ids: torch.Tensor, train_layer: Callable[[LayerCall], Tensor]) -> None:
+        """The frozen model's dense forward with ``train_layer(call)`` in every layer (it trains on the
+        call and returns the teacher's context, so the forward stays dense), stopped after the last
+        layer: the LM head is not needed."""
+        last = len(self.layers) - 1
+
+        def layer(call: LayerCall):
+            context = train_layer(call)
+            if call.layer_idx == last:
+                raise _StopForward
+            return context.to(call.query.dtype), None
+
+        try:
+            with torch.no_grad(), layer_override(self.model, layer):
+                self.model(input_ids=input_ids, **no_cache(self.model))
+        except _StopForward:
+            pass
+
     def _estimator_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
         scale = 1.0 / (len(self.layers) * self.config.grad_accum)
         sums = {"loss": 0.0, "estimate_kl": 0.0, "context_mse": 0.0}
-        last = len(self.layers) - 1
 
         def train_layer(call: LayerCall):
             with torch.no_grad():
@@ -274,16 +338,45 @@ class Distiller:
             sums["loss"] += float(total.detach()) / len(self.layers)
             sums["estimate_kl"] += float(losses.estimate_kl.detach()) / len(self.layers)
             sums["context_mse"] += float(losses.context_mse.detach()) / len(self.layers)
-            if call.layer_idx == last:
-                raise _StopForward
-            return context.to(call.query.dtype), None  # the teacher's output: the forward stays dense
+            return context
 
-        try:
-            with torch.no_grad(), layer_override(self.model, train_layer):
-                self.model(input_ids=input_ids, **no_cache(self.model))
-        except _StopForward:
-            pass
+        self._layerwise_forward(input_ids, train_layer)
         return sums
+
+    def _method_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
+        """Stage estimator for a method: the frozen model's dense forward, the method trained in every layer."""
+        scale = 1.0 / (len(self.layers) * self.config.grad_accum)
+        sums: dict[str, float] = {}
+
+        def train_layer(call: LayerCall) -> Tensor:
+            context, parts = self.method.train_layer(call, scale)
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value / len(self.layers)
+            return context
+
+        self._layerwise_forward(input_ids, train_layer)
+        return sums
+
+    def _method_full_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
+        """Stage full for a method: the model-level losses only (the method has no SEA layer losses)."""
+        with torch.no_grad(), dense_attention(self.teacher, "sdpa"):
+            teacher = self.teacher(input_ids=input_ids, output_hidden_states=True, **no_cache(self.teacher))
+        with self._autocast(), layer_override(self.model, lambda call: (self.method.attend(call), None)):
+            student = self.model(input_ids=input_ids, output_hidden_states=True, **no_cache(self.model))
+        task, hidden, logits = self._model_losses(student, teacher, input_ids)
+        cfg = self.config
+        loss = cfg.task_weight * task + cfg.hidden_weight * hidden + cfg.logit_weight * logits
+        (loss / cfg.grad_accum).backward()
+        return {"loss": float(loss.detach()), "task": float(task.detach()), "hidden_mse": float(hidden.detach()),
+                "logit_kl": float(logits.detach())}
+
+    @staticmethod
+    def _model_losses(student, teacher, input_ids: torch.Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Task cross-entropy, hidden-state MSE and logit KL of the student against the teacher."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+        return (language_model_loss(student.logits, input_ids, mask),
+                hidden_mse(student.hidden_states, teacher.hidden_states, mask),
+                logit_kl(student.logits, teacher.logits, mask))
 
     def _full_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
         cfg = self.config
@@ -305,10 +398,7 @@ class Distiller:
 
         with self._autocast(), layer_override(self.model, train_layer):
             student = self.model(input_ids=input_ids, output_hidden_states=True, **no_cache(self.model))
-        mask = torch.ones_like(input_ids, dtype=torch.bool)
-        task = language_model_loss(student.logits, input_ids, mask)
-        hidden = hidden_mse(student.hidden_states, teacher.hidden_states, mask)
-        logits = logit_kl(student.logits, teacher.logits, mask)
+        task, hidden, logits = self._model_losses(student, teacher, input_ids)
         attention = torch.stack([t for t, _ in layer_terms]).mean()
         loss = (cfg.task_weight * task + cfg.hidden_weight * hidden + cfg.logit_weight * logits
                 + cfg.attention_weight * attention)

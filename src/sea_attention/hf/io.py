@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -66,34 +67,42 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model: st
     final = Path(path)
     state = sea_state_dict(model)  # also checks that the model is patched
     sea_config, k_budget = _layer_settings(model)
+    base = base_description(model, base_model, tokenizer, include_base_weights)
+    check_save_target(final)
+    meta = {"format_version": FORMAT_VERSION, **base, "family": family_of(model).name, "sea_config": sea_config,
+            "k_budget": k_budget}
+    return write_save(final, model, state, set(state), meta, tokenizer, CONFIG_NAME, WEIGHTS_NAME)
+
+
+def base_description(model: nn.Module, base_model: str | None, tokenizer: PreTrainedTokenizerBase | None,
+                     include_base_weights: bool) -> dict:
+    """What a save records of its base model (see :func:`load_base`); ``base_model`` defaults to
+    ``model.config.name_or_path`` and is needed when the base weights are not included."""
     base_model = base_model or getattr(model.config, "name_or_path", "") or None
     if base_model is None and not include_base_weights:
         raise ValueError("cannot tell which base model this is: pass base_model=... or include_base_weights=True")
-    check_save_target(final)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "sea_attention_version": __version__,
-        "base_model": base_model,
-        "family": family_of(model).name,
-        "architecture": type(model).__name__,
-        "torch_dtype": str(model.dtype).removeprefix("torch."),
-        "include_base_weights": include_base_weights,
-        "include_tokenizer": tokenizer is not None,
-        "sea_config": sea_config,
-        "k_budget": k_budget,
-    }
+    return {"sea_attention_version": __version__, "base_model": base_model, "architecture": type(model).__name__,
+            "torch_dtype": str(model.dtype).removeprefix("torch."), "include_base_weights": include_base_weights,
+            "include_tokenizer": tokenizer is not None}
 
+
+def write_save(final: Path, model: nn.Module, tensors: dict[str, Tensor], not_base: Collection[str], meta: dict,
+               tokenizer: PreTrainedTokenizerBase | None, config_name: str, weights_name: str) -> Path:
+    """Write a save directory atomically: ``tensors`` as ``weights_name`` (checksummed in
+    ``meta``), the base model (``model``'s state without the names in ``not_base``) when
+    ``meta["include_base_weights"]``, the tokenizer, and ``meta`` as ``config_name``, last.
+    Shared by SEA saves and the trained baselines' saves (``baselines/saving.py``)."""
     remove_debris(final)  # what earlier, killed saves to the same place left
     tmp = temp_dir(final)
     try:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
-        if include_base_weights:
-            base = {k: v for k, v in model.state_dict().items() if k not in state}
+        save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
+        meta = {**meta, "weights_sha256": file_sha256(tmp / weights_name)}
+        if meta["include_base_weights"]:
+            base = {k: v for k, v in model.state_dict().items() if k not in not_base}
             model.save_pretrained(tmp, state_dict=base)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / config_name).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -101,13 +110,14 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model: st
     return final
 
 
-def check_save_target(path: str | os.PathLike) -> None:
+def check_save_target(path: str | os.PathLike, marker: str = CONFIG_NAME, kind: str = "a SEA save") -> None:
     """Refuse a ``path`` that :func:`save_pretrained` must not replace: anything but a missing or
-    empty directory, or an earlier SEA save (checked before long work such as training)."""
+    empty directory, or an earlier save of the same kind (a directory holding ``marker``);
+    checked before long work such as training."""
     final = Path(path)
-    if final.exists() and not (final.is_dir() and ((final / CONFIG_NAME).is_file() or not any(final.iterdir()))):
-        kind = "a directory that is not a SEA save" if final.is_dir() else "not a directory"
-        raise FileExistsError(f"{final} exists and is {kind}; refusing to replace it")
+    if final.exists() and not (final.is_dir() and ((final / marker).is_file() or not any(final.iterdir()))):
+        what = f"a directory that is not {kind}" if final.is_dir() else "not a directory"
+        raise FileExistsError(f"{final} exists and is {what}; refusing to replace it")
 
 
 def _layer_settings(model: nn.Module) -> tuple[dict, int | None]:
@@ -121,7 +131,7 @@ def _layer_settings(model: nn.Module) -> tuple[dict, int | None]:
     return layers[0][2].config.to_dict(), budgets.pop()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -140,13 +150,29 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     """
     folder = Path(path)
     meta = _read_meta(folder)
-    weights = _read_weights(folder, meta.get("weights_sha256"))
+    weights = read_weights(folder / WEIGHTS_NAME, meta.get("weights_sha256"), CONFIG_NAME)
+    model, tokenizer = load_base(folder, meta, dtype, CONFIG_NAME)
+    try:
+        patch(model, **{**LEGACY_DEFAULTS, **meta["sea_config"]})  # fields a save predates keep their old value
+    except ValueError as err:
+        raise ValueError(f"{folder / CONFIG_NAME}: its sea_config does not fit the model: {err}") from err
+    _load_sea_weights(model, weights, folder / WEIGHTS_NAME)
+    set_budget(model, meta.get("k_budget"))
+    # remembered so that saving this model again points at the same base (or carries its weights)
+    model.config.sea_base_model = meta["base_model"]
+    model.config.sea_base_weights_included = bool(meta["include_base_weights"])
+    return model.eval(), tokenizer
+
+
+def load_base(folder: Path, meta: dict, dtype: torch.dtype | None, config_name: str
+              ) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
+    """The base model a save describes (its own weights, or ``meta["base_model"]``) in ``dtype``
+    (default: the saved one), and its tokenizer (the saved one first). Errors name ``config_name``."""
     saved_dtype = getattr(torch, str(meta["torch_dtype"]), None)
     if not isinstance(saved_dtype, torch.dtype):
-        raise ValueError(f"{folder / CONFIG_NAME}: torch_dtype {meta['torch_dtype']!r} is not a torch dtype")
+        raise ValueError(f"{folder / config_name}: torch_dtype {meta['torch_dtype']!r} is not a torch dtype")
     dtype = dtype if dtype is not None else saved_dtype
     architecture = meta["architecture"]
-
     tokenizer = None
     if meta["include_base_weights"]:
         model_class = getattr(transformers, architecture, None)
@@ -160,17 +186,24 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
                              f"{type(model).__name__}; save it with include_base_weights=True")
     if meta.get("include_tokenizer"):
         tokenizer = load_tokenizer(folder)
+    return model, tokenizer
 
+
+def read_json_object(file: Path, required: tuple[str, ...], version: int) -> dict:
+    """A save's JSON description, checked: valid JSON, an object, ``required`` fields, ``version``.
+    Every problem is a ``ValueError`` naming the file."""
     try:
-        patch(model, **{**LEGACY_DEFAULTS, **meta["sea_config"]})  # fields a save predates keep their old value
-    except ValueError as err:
-        raise ValueError(f"{folder / CONFIG_NAME}: its sea_config does not fit the model: {err}") from err
-    _load_sea_weights(model, weights, folder / WEIGHTS_NAME)
-    set_budget(model, meta.get("k_budget"))
-    # remembered so that saving this model again points at the same base (or carries its weights)
-    model.config.sea_base_model = meta["base_model"]
-    model.config.sea_base_weights_included = bool(meta["include_base_weights"])
-    return model.eval(), tokenizer
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}): the save is corrupt, save the model again") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(meta).__name__}")
+    missing = [name for name in required if name not in meta]
+    if missing:
+        raise ValueError(f"{file} lacks the fields {missing}: the save is corrupt, save the model again")
+    if meta["format_version"] != version:
+        raise ValueError(f"{file} has format_version {meta['format_version']!r}; this sea-attention reads {version}")
+    return meta
 
 
 def _read_meta(folder: Path) -> dict:
@@ -178,30 +211,19 @@ def _read_meta(folder: Path) -> dict:
     file = folder / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{folder} is not a SEA save directory (no {CONFIG_NAME})")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON ({err}): the save is corrupt, save the model again") from err
-    if not isinstance(meta, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(meta).__name__}")
-    missing = [name for name in REQUIRED_FIELDS if name not in meta]
-    if missing:
-        raise ValueError(f"{file} lacks the fields {missing}: the save is corrupt, save the model again")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{file} has format_version {meta['format_version']!r}; "
-                         f"this sea-attention reads {FORMAT_VERSION}")
+    meta = read_json_object(file, REQUIRED_FIELDS, FORMAT_VERSION)
     if not isinstance(meta["sea_config"], dict):
         raise ValueError(f"{file}: sea_config must be a JSON object, got {meta['sea_config']!r}")
     return meta
 
 
-def _read_weights(folder: Path, sha256: str | None) -> dict[str, Tensor]:
-    """The SEA tensors; checked against the saved sha256 when there is one (older saves have none)."""
-    file = folder / WEIGHTS_NAME
+def read_weights(file: Path, sha256: str | None, config_name: str) -> dict[str, Tensor]:
+    """A save's tensors; checked against the sha256 recorded in ``config_name`` when there is one
+    (older saves have none)."""
     if not file.is_file():
         raise ValueError(f"{file} is missing: the save is incomplete, save the model again")
-    if sha256 is not None and _sha256(file) != sha256:
-        raise ValueError(f"{file} does not match the sha256 recorded in {CONFIG_NAME}: the weights are corrupt "
+    if sha256 is not None and file_sha256(file) != sha256:
+        raise ValueError(f"{file} does not match the sha256 recorded in {config_name}: the weights are corrupt "
                          "or were changed after saving")
     try:
         return load_file(str(file))
