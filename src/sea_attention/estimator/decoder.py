@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .per_sample import sample_wise
+
 
 GATE_INIT = 4.0
 
@@ -33,6 +35,7 @@ class TokenEncoder(nn.Module):
         nn.init.zeros_(self.to_gates.weight)
         nn.init.constant_(self.to_gates.bias, GATE_INIT)
 
+    @sample_wise  # matrix products over flattened rows round differently by batch size (per_sample.py)
     def hidden(self, performer: Tensor, own_value: Tensor) -> Tensor:
         """performer (B, H, T, p) and each token's own value (B, H_kv, T, d) -> hidden (B, H, T, 2d)."""
         linear, norm, act = self.encode
@@ -47,16 +50,22 @@ class TokenEncoder(nn.Module):
                            linear.weight[:, :width].T)
         return act(norm(both.view_as(value_part)))
 
+    @sample_wise
     def image(self, hidden: Tensor) -> Tensor:
         """hidden (B, H, T, 2d) -> CNN image (B, H*c, T, w): chunk c of a head's row -> channel h*c + c."""
         bsz, heads, tokens, _ = hidden.shape
         rows = self.to_row(hidden).view(bsz, heads, tokens, self.channels, -1)
         return rows.permute(0, 1, 3, 2, 4).reshape(bsz, heads * self.channels, tokens, -1)
 
+    @sample_wise
+    def gates(self, hidden: Tensor) -> Tensor:
+        """hidden (B, H, T, 2d) -> gate logits (B, H, T, 2)."""
+        return self.to_gates(hidden)
+
     def forward(self, performer: Tensor, own_value: Tensor) -> tuple[Tensor, Tensor]:
         """-> CNN image (B, H*c, T, w) and gate logits (B, H, T, 2) (inputs as in ``hidden``)."""
         z = self.hidden(performer, own_value)
-        return self.image(z), self.to_gates(z)
+        return self.image(z), self.gates(z)
 
 
 class CausalConv(nn.Module):
@@ -97,8 +106,9 @@ class CausalDecoder(nn.Module):
         """Output 0 until trained (a zero-initialised residual on other logits)."""
         nn.init.zeros_(self.norm_out.weight)
 
+    @sample_wise  # oneDNN convolutions round differently by batch size (per_sample.py)
     def forward(self, image: Tensor, row_mask: Tensor) -> Tensor:
-        """image (B, H*c, T, K/4), row_mask (B, 1, T, 1) -> logits (B, H, T, K)."""
+        """image (B, H*c, T, K/4), row_mask (B, 1, T, 1) -> logits (B, H, T, K), one sample at a time."""
         x = self.norm_in(image) * row_mask
         x = torch.relu(self.conv_a(x)) * row_mask
         x = self.to_heads(torch.relu(self.conv_b(x)))  # (B, H, T, K/4)
@@ -125,8 +135,9 @@ class BidirectionalDecoder(nn.Module):
         nn.init.zeros_(self.to_heads.weight)
         nn.init.zeros_(self.to_heads.bias)
 
+    @sample_wise
     def forward(self, image: Tensor, row_mask: Tensor) -> Tensor:
-        """image (B, H*c, T, K/2), row_mask (B, 1, T, 1) -> logits (B, H, T, K)."""
+        """image (B, H*c, T, K/2), row_mask (B, 1, T, 1) -> logits (B, H, T, K), one sample at a time."""
         tokens = image.shape[2]
         x = torch.relu(self.down(image * row_mask)) * row_mask[:, :, ::2]
         x = torch.relu(self.mid(x))

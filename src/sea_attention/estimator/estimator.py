@@ -129,7 +129,7 @@ class AttentionEstimator(nn.Module):
 
         own_v = v[:, :, tk - tq:].to(param_dtype)  # each query token's own value
         hidden = self.encoder.hidden(performer.to(param_dtype), own_v)  # (B, H, Tq, 2d)
-        gate_logits = self.encoder.to_gates(hidden)  # every row has gates, estimated or not
+        gate_logits = self.encoder.gates(hidden)  # every row has gates, estimated or not
         row_mask = query_valid[:, None, :, None].to(hidden.dtype)
         if not cfg.causal:
             logits = self._decode_packed(self.encoder.image(hidden), query_valid).float()  # (B, H, Tq, K)
@@ -207,7 +207,7 @@ class AttentionEstimator(nn.Module):
         image = self.encoder.image(hidden.index_select(2, flat))  # (B, H*c, n*9, w)
         image = image.unflatten(2, window.shape).transpose(1, 2).flatten(0, 1)  # (B*n, H*c, 9, w)
         mask = (row_mask.index_select(2, flat).unflatten(2, window.shape) * inside).transpose(1, 2).flatten(0, 1)
-        logits = self.decoder(image, mask)[:, :, -1]  # (B*n, H, K): each window's last row
+        logits = self.decoder(image, mask, runs=bsz)[:, :, -1]  # (B*n, H, K): each window's last row; a run per sample
         return logits.view(bsz, rows.numel(), heads, -1).transpose(1, 2)
 
     def _decode_packed(self, image: Tensor, query_valid: Tensor) -> Tensor:

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .per_sample import sample_wise
+
 FAVOR_EPS = 1e-4  # keeps FAVOR+ features strictly positive
 RELU_EPS = 1e-3  # keeps ReLU features strictly positive
 DENOM_EPS = 1e-6  # a query whose keys are all padding divides by this, giving 0
@@ -53,7 +55,8 @@ class RandomFeatures(nn.Module):
         fresh = orthogonal_gaussian_projection(self.num_features, self.projection.shape[1], generator)
         self.projection.copy_(fresh.to(self.projection))
 
-    def forward(self, x: Tensor, is_query: bool, root: float = 1.0) -> Tensor:  # (..., d) -> (..., m), fp32
+    @sample_wise
+    def forward(self, x: Tensor, is_query: bool, root: float = 1.0) -> Tensor:  # (B, ..., d) -> (B, ..., m), fp32
         """phi(root * x): the factor goes into the small projection, not into a copy of x."""
         x = x.float()
         projected = x @ (self.projection.float() * root).T
@@ -65,6 +68,7 @@ class RandomFeatures(nn.Module):
         return (torch.exp(exponent) + FAVOR_EPS) / math.sqrt(self.num_features)
 
 
+@sample_wise  # batched matrix products round differently by batch size (per_sample.py)
 def linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor) -> Tensor:
     """Bidirectional linear attention.
 
@@ -78,6 +82,7 @@ def linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor) -> Tensor:
     return numerator / (denominator + DENOM_EPS)
 
 
+@sample_wise
 def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk: int = 64,
                             state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Causal linear attention where queries are the last Tq of the Tk keys.
