@@ -1,19 +1,24 @@
 """Distillation on a tiny random Llama: losses go down, checkpoints resume exactly."""
 
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sea_attention.distill import DistillConfig, Distiller, TokenWindows
 from sea_attention.distill.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from sea_attention.distill.trainer import CHECKPOINT_KEYS
 from sea_attention.hf import patch, save_pretrained
+from sea_attention.hf.io import WEIGHTS_NAME
 
 
 def tiny_llama(seed=0):
@@ -174,3 +179,49 @@ def test_killed_saves_leave_no_debris_after_the_next_save(tmp_path):
     assert not any(p.exists() for p in leftovers)
     assert other_output.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other_output.name, "sea"])
+
+
+def _distill_command(model_dir: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    """`sea distill` on the tiny model as its own process, checkpointing every step."""
+    return [sys.executable, "-m", "sea_attention.cli", "distill", "--model", str(model_dir / "model"),
+            "--data", str(model_dir / "text.txt"), "--steps", str(steps), "--seq-len", "32", "--k", "4",
+            "--estimate-width", "8", "--out", str(out), "--checkpoint-every", "1", "--quiet", *extra]
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended (rc {process.returncode}) before writing {path}"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_kill_9_during_distillation_then_resume_gives_the_uninterrupted_weights(tiny_model_dir, tmp_path):
+    """SIGKILL at a random (seeded) moment after the first checkpoint, then `--resume` to the end:
+    the same SEA weights as a run never interrupted, and no temporary file or folder left."""
+    steps = 120
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_distill_command(tiny_model_dir, straight, steps), check=True, capture_output=True)
+
+    run = subprocess.Popen(_distill_command(tiny_model_dir, killed, steps), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed-checkpoints" / CHECKPOINT_NAME
+    _wait_for(checkpoint, run, timeout=120)
+    time.sleep(random.Random(11).uniform(0.0, 1.0))
+    assert run.poll() is None, "the run finished before the kill: give it more steps"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    reached = load_checkpoint(checkpoint.parent)["step"]
+    assert 1 <= reached < steps and not killed.exists()
+
+    resumed = subprocess.run(_distill_command(tiny_model_dir, killed, steps, "--resume"), check=True,
+                             capture_output=True, text=True)
+    assert f"resumed at step {reached}" in resumed.stdout
+    want, got = (load_file(path / WEIGHTS_NAME) for path in (straight, killed))
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "killed-checkpoints", "straight",
+                                                          "straight-checkpoints"]
+    assert [p.name for p in checkpoint.parent.iterdir()] == [CHECKPOINT_NAME]
