@@ -18,7 +18,8 @@ from test_fuzz import Case, random_case
 from test_hf_patch import VOCAB, tiny_model
 
 from sea_attention import DecodeState, SEAAttention, SEAConfig
-from sea_attention.hf import dense_attention, layer_override, patch
+from sea_attention.config import LEGACY_DEFAULTS
+from sea_attention.hf import dense_attention, layer_override, patch, sea_layers
 
 BATCH = 3
 # a padded sample's estimate logits against its own: at most 2.1e-5 apart over 231 random
@@ -26,14 +27,19 @@ BATCH = 3
 ROUNDING_BOUND = 1e-4
 
 
-def fp32_layer(case: Case) -> SEAAttention:
-    """The case's layer in float32 (the fuzz suite's are float64), weights moved off their init."""
-    torch.manual_seed(case.seed)
-    module = SEAAttention(case.config).eval()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+@torch.no_grad()
+def trained_looking(module: torch.nn.Module) -> torch.nn.Module:
+    """Weights moved off their init: an untrained CNN decoder starts at exactly 0 (a residual on the
+    binned signals), so only moved weights let its convolutions reach the estimate."""
+    for p in module.parameters():
+        p.add_(torch.randn_like(p) * 0.1)
     return module
+
+
+def fp32_layer(case: Case) -> SEAAttention:
+    """The case's layer in float32 (the fuzz suite's are float64), trained-looking."""
+    torch.manual_seed(case.seed)
+    return trained_looking(SEAAttention(case.config).eval())
 
 
 def batch_inputs(config: SEAConfig, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,8 +95,9 @@ def test_a_near_tie_between_heads_is_decided_alike_alone_and_in_a_batch():
     seed, row = 716, 96
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    module = SEAAttention(SEAConfig(num_heads=4, num_kv_heads=2, head_dim=8, k=1, estimate_width=8,
-                                    max_positions=256)).eval()
+    paper = SEAConfig(num_heads=4, num_kv_heads=2, head_dim=8, k=1, estimate_width=8, max_positions=256,
+                      **LEGACY_DEFAULTS)  # the paper's estimator: the CNN's logits alone
+    module = SEAAttention(paper).eval()
     q = torch.randn(BATCH, 4, 120, 8, generator=g)
     k, v = torch.randn(BATCH, 2, 120, 8, generator=g), torch.randn(BATCH, 2, 120, 8, generator=g)
     alone, batched = module(q[:1], k[:1], v[:1]), module(q, k, v)
@@ -111,6 +118,8 @@ def capture_layer_calls(model, ids: torch.Tensor) -> list:
 @torch.no_grad()
 def test_tiny_llama_prompt_alone_and_in_a_batch_of_three():
     model = patch(tiny_model("llama"), k=2, estimate_width=8)
+    for _, _, sea in sea_layers(model):
+        trained_looking(sea)
     ids = torch.randint(1, VOCAB, (BATCH, 24), generator=torch.Generator().manual_seed(5))
     # every layer's SEA on the model's own q, k, v: one sample alone against the batch
     for call in capture_layer_calls(model, ids):
@@ -130,6 +139,8 @@ def test_tiny_llama_prompt_alone_and_in_a_batch_of_three():
 def test_tiny_llama_left_padded_prompt_estimate_stays_within_the_rounding_bound():
     """The first prompt is 5 tokens shorter, left-padded in the batch (with rank position ids)."""
     model = patch(tiny_model("llama"), k=2, estimate_width=8)
+    for _, _, sea in sea_layers(model):
+        trained_looking(sea)
     ids = torch.randint(1, VOCAB, (BATCH, 24), generator=torch.Generator().manual_seed(5))
     mask = torch.ones(BATCH, 24, dtype=torch.long)
     mask[0, :5] = 0
