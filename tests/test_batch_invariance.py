@@ -107,20 +107,27 @@ def test_a_near_tie_between_heads_is_decided_alike_alone_and_in_a_batch():
     assert_same_estimate_and_selection(alone, batched, 0)
 
 
-def capture_layer_calls(model, ids: torch.Tensor) -> list:
+def trained_tiny_llama() -> torch.nn.Module:
+    model = patch(tiny_model("llama"), k=2, estimate_width=8)
+    for _, _, sea in sea_layers(model):
+        trained_looking(sea)
+    return model
+
+
+def capture_layer_calls(model, ids: torch.Tensor, **inputs) -> list:
     """The LayerCall of every layer of a forward pass (SEA runs as usual)."""
     calls = []
     with layer_override(model, calls.append):
-        model(ids)
+        model(ids, **inputs)
     return calls
+
+
+PROMPTS = torch.randint(1, VOCAB, (BATCH, 24), generator=torch.Generator().manual_seed(5))
 
 
 @torch.no_grad()
 def test_tiny_llama_prompt_alone_and_in_a_batch_of_three():
-    model = patch(tiny_model("llama"), k=2, estimate_width=8)
-    for _, _, sea in sea_layers(model):
-        trained_looking(sea)
-    ids = torch.randint(1, VOCAB, (BATCH, 24), generator=torch.Generator().manual_seed(5))
+    model, ids = trained_tiny_llama(), PROMPTS
     # every layer's SEA on the model's own q, k, v: one sample alone against the batch
     for call in capture_layer_calls(model, ids):
         batched = call.run_sea()
@@ -138,16 +145,10 @@ def test_tiny_llama_prompt_alone_and_in_a_batch_of_three():
 @torch.no_grad()
 def test_tiny_llama_left_padded_prompt_estimate_stays_within_the_rounding_bound():
     """The first prompt is 5 tokens shorter, left-padded in the batch (with rank position ids)."""
-    model = patch(tiny_model("llama"), k=2, estimate_width=8)
-    for _, _, sea in sea_layers(model):
-        trained_looking(sea)
-    ids = torch.randint(1, VOCAB, (BATCH, 24), generator=torch.Generator().manual_seed(5))
     mask = torch.ones(BATCH, 24, dtype=torch.long)
     mask[0, :5] = 0
-    calls = []
-    with layer_override(model, calls.append):
-        model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
-    for call in calls:
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    for call in capture_layer_calls(trained_tiny_llama(), PROMPTS, attention_mask=mask, position_ids=positions):
         padded = call.run_sea()
         alone = call.sea(*(x[:1, :, 5:] for x in (call.query, call.key, call.value)), scale=call.scaling)
         gap = (alone.estimated_logits - padded.estimated_logits[:1, :, 5:]).abs().max()

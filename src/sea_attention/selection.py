@@ -9,7 +9,9 @@ Budgets are counted in cells and chosen so that, once cells are stretched to key
   1 and at most all ``h * K_eff`` live cells.
 
 So rows with L <= k are exact (every key), and every valid query gets at least one key.
-Ties are broken by position (a stable sort), so a larger budget selects a superset.
+Ties are broken by position (a stable sort), so a larger budget selects a superset. Scores
+are compared exactly as computed, so a near-tie follows the estimate's last bits: the estimator
+makes those independent of the batch, not of padding (docs/architecture.md, "Batch composition").
 """
 
 from __future__ import annotations
