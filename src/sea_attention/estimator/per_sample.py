@@ -10,9 +10,10 @@ exactly, can decide a near-tie the other way. Run per sample, on aligned memory,
 sees the same shapes and alignment whatever the batch, so at a given thread count a sample is
 estimated bitwise alike alone and in any batch (``tests/test_batch_invariance.py``).
 
-The price is one call per sample: nothing measurable in prefill and training, where each
-sample's products are large, but batched decoding steps (a few rows per sample) pay B times the
-kernels' fixed cost.
+The price is one call per sample. In prefill and training each sample's products are large and
+the difference was within the noise of a shared 2-core machine; batched decoding steps (a few
+rows per sample) pay B times the kernels' fixed cost: one SEA layer's step (9 heads, d=64, 1k
+keys, 1 thread) took 21-31 ms at B=8 against 18-21 ms before, 91-135 ms at B=32 against 83-108.
 """
 
 from __future__ import annotations
