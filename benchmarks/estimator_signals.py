@@ -10,7 +10,7 @@ takes at budget k, rows past the first quarter of each window:
 * ``window_sinks``: the first 4 keys and the last k - 4;
 * ``kernel``: the FAVOR+ kernel's binned attention share (``kernel_bins``); ``mean_key``: the
   bins' mean-key logits (``key_bins``); and their sum with the kernel's log-share weighted, each
-  with the sink and window bins forced (``sinks=4``, ``local_window`` in {16, 32}).
+  with the sink and window bins forced (``sinks=4``, ``local_window`` in {8, 16}).
 
 This chose the undistilled estimator's starting point (``KERNEL_SCALE_INIT``, the forced bins).
 
@@ -77,7 +77,7 @@ class Coverage:
         kernel, mean_key = self._signals(q, key, valid, lengths, call.scaling)
         self.add("kernel", layer, cells_cover(kernel.exp()))
         self.add("mean_key", layer, cells_cover(torch.softmax(mean_key, -1)))
-        for window in (16, 32):
+        for window in (8, 16):  # capped at k // 4 = 16 at k=64
             self.add(f"mean_key+forced{window}", layer, cells_cover(torch.softmax(mean_key, -1), 4, window))
             for weight in self.weights:
                 both = torch.softmax(weight * kernel + mean_key, -1)
