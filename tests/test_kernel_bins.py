@@ -87,3 +87,19 @@ def test_mean_key_logits_equal_a_bin_by_bin_reference(causal, pad, left, tk, wid
     got = binned_key_logits(q, sums, counts, lengths, width, scale=0.3, chunk=5)
     expected = mean_key_reference(q, k, key_valid, lengths, width, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_gather_for_both_signals_equals_each_alone():
+    """The estimator reads [phi(q), q] against one concatenated prefix sum: the same numbers."""
+    from sea_attention.estimator.kernel_bins import edge_dots, key_logits, log_mass
+
+    phi_q, q = torch.rand(2, 2, 3, 30, 5), torch.randn(2, 2, 3, 30, 8)
+    phi_k, k = torch.rand(2, 2, 30, 5), torch.randn(2, 2, 30, 8)
+    key_valid = padding_mask(2, 30, 4)
+    lengths = query_lengths(key_valid, key_valid, True)
+    sums, counts = prefix_sums(torch.cat([phi_k, k], -1), key_valid)
+    (kernel, keys), sizes = edge_dots([phi_q, q], sums, counts, lengths, 8, chunk=7)
+    alone_sums, _ = prefix_sums(phi_k, key_valid)
+    torch.testing.assert_close(log_mass(kernel), binned_log_mass(phi_q, alone_sums, counts, lengths, 8))
+    key_sums, _ = prefix_sums(k, key_valid)
+    torch.testing.assert_close(key_logits(keys, sizes, 0.3), binned_key_logits(q, key_sums, counts, lengths, 8, 0.3))

@@ -14,7 +14,7 @@ from ..decoding import DecodeState
 from ..ops.reference import repeat_kv
 from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
 from .features import RandomFeatures, causal_linear_attention, linear_attention
-from .kernel_bins import binned_key_logits, binned_log_mass, prefix_sums
+from .kernel_bins import edge_dots, key_logits, log_mass, prefix_sums
 from .positions import LearnedPositionCode, tent_code
 
 KERNEL_SCALE_INIT = 0.5  # initial weight of the kernel's log-share beside the mean-key logits (weight 1)
@@ -172,14 +172,12 @@ class AttentionEstimator(nn.Module):
         sums, counts = self._bin_sums(torch.cat(per_key, dim=-1), new_valid, state)
         if rows is not None:
             queries = [x.index_select(3, rows) for x in queries]
-        signal, width, offset = 0.0, self.config.estimate_width, 0
+        dots, sizes = edge_dots(queries, sums, counts, lengths, self.config.estimate_width)  # one gather for both
+        signal = 0.0
         if self.config.kernel_bins:
-            m = queries[0].shape[-1]
-            mass = binned_log_mass(queries[0], sums[..., :m], counts, lengths, width)
-            signal, offset = self.kernel_scale * mass.flatten(1, 2), m
+            signal = self.kernel_scale * log_mass(dots[0]).flatten(1, 2)
         if self.config.key_bins:
-            key_logits = binned_key_logits(queries[-1], sums[..., offset:], counts, lengths, width, scale)
-            signal = signal + self.key_scale * key_logits.flatten(1, 2)
+            signal = signal + self.key_scale * key_logits(dots[-1], sizes, scale).flatten(1, 2)
         return signal  # query head h = kv head h // G, group h % G
 
     def _bin_sums(self, per_key: Tensor, new_valid: Tensor, state: DecodeState | None) -> tuple[Tensor, Tensor]:

@@ -45,25 +45,54 @@ def prefix_sums(phi_k: Tensor, key_valid: Tensor, start: tuple[Tensor, Tensor] |
     return features, counts
 
 
-def _edge_dots(query: Tensor, sums: Tensor, counts: Tensor, lengths: Tensor, width: int,
-               chunk: int = 256) -> tuple[Tensor, Tensor]:
-    """query . (the prefix sums at every bin edge) of each row, and the bins' key counts.
+@torch.no_grad()  # the signals are inputs of the estimator, like the teacher's q and k
+def edge_dots(queries: list[Tensor], sums: Tensor, counts: Tensor, lengths: Tensor, width: int,
+              chunk: int = 256) -> tuple[list[Tensor], Tensor]:
+    """Each query . (its slice of the prefix sums at every bin edge) of each row, and the bins' key counts.
 
-    query (B, H_kv, G, Tq, f); ``sums`` (B, H_kv, Tk + 1, f) and ``counts`` from
-    ``prefix_sums``; lengths (B, Tq). Returns (B, H_kv, G, Tq, K + 1) float64 and
-    (B, 1, 1, Tq, K) long: bin b of row i sums to dots[..., b + 1] - dots[..., b].
+    queries: (B, H_kv, G, Tq, f_i) whose widths f_i split the last axis of ``sums``
+    (B, H_kv, Tk + 1, sum f_i) in order; ``sums`` and ``counts`` from ``prefix_sums``; lengths
+    (B, Tq). The prefix sums are gathered once for all queries. Returns one (B, H_kv, G, Tq, K + 1)
+    float64 tensor per query and (B, 1, 1, Tq, K) long: bin b of row i sums to
+    dots[..., b + 1] - dots[..., b].
     """
-    bsz, kv_heads, groups, tq, f = query.shape
+    bsz, kv_heads, groups, tq, _ = queries[0].shape
+    f = sums.shape[-1]
     edges = cell_edges(lengths, width)  # (B, Tq, K + 1) ranks
     positions = torch.searchsorted(counts, edges.flatten(1)).view_as(edges)  # first position with that count
-    out = []
+    out: list[list[Tensor]] = [[] for _ in queries]
     for c0 in range(0, tq, chunk):
         rows = positions[:, c0:c0 + chunk]  # (B, c, K + 1)
         picked = sums.gather(2, rows.flatten(1)[:, None, :, None].expand(-1, kv_heads, -1, f))
         picked = picked.view(bsz, kv_heads, rows.shape[1], width + 1, f)  # (B, H_kv, c, K + 1, f)
-        out.append(torch.einsum("bhckf,bhgcf->bhgck", picked, query[:, :, :, c0:c0 + chunk].double()))
+        offset = 0
+        for i, query in enumerate(queries):
+            part = picked[..., offset:offset + query.shape[-1]]
+            out[i].append(torch.einsum("bhckf,bhgcf->bhgck", part, query[:, :, :, c0:c0 + chunk].double()))
+            offset += query.shape[-1]
     sizes = (edges[..., 1:] - edges[..., :-1])[:, None, None]  # (B, 1, 1, Tq, K)
-    return torch.cat(out, dim=3), sizes
+    return [torch.cat(parts, dim=3) for parts in out], sizes
+
+
+def log_mass(cumulative: Tensor) -> Tensor:
+    """log of each bin's share of the kernel mass from the kernel's ``edge_dots``: (..., K) float32.
+
+    Dead bins and padding rows get log(LOG_FLOOR); the estimator masks them anyway.
+    """
+    mass = (cumulative[..., 1:] - cumulative[..., :-1]).clamp_min(0)
+    share = mass / (cumulative[..., -1:] - cumulative[..., :1]).clamp_min(1e-300)
+    return share.clamp_min(LOG_FLOOR).log().float()
+
+
+def key_logits(cumulative: Tensor, sizes: Tensor, scale: float) -> Tensor:
+    """scale * q . mean(k over the bin) + log(size) from the keys' ``edge_dots``: (..., K) float32.
+
+    The log of the bin's softmax mass if its keys were all equal to their mean (a lower bound of
+    the true log-mass, Jensen). Dead bins and padding rows get 0.
+    """
+    totals = cumulative[..., 1:] - cumulative[..., :-1]  # q . sum of the bin's keys
+    logits = scale * totals / sizes.clamp_min(1) + sizes.clamp_min(1).log()
+    return torch.where(sizes > 0, logits, 0.0).float()
 
 
 @torch.no_grad()
@@ -72,26 +101,19 @@ def binned_log_mass(phi_q: Tensor, sums: Tensor, counts: Tensor, lengths: Tensor
     """log of each bin's share of the kernel mass: (B, H_kv, G, Tq, K) float32.
 
     phi_q (B, H_kv, G, Tq, m); ``sums``, ``counts`` from ``prefix_sums`` of phi(k) over every
-    key up to the last query (positions 0..Tk); lengths (B, Tq) valid keys of each row. Dead
-    bins and padding rows get log(LOG_FLOOR); the estimator masks them anyway.
+    key up to the last query (positions 0..Tk); lengths (B, Tq) valid keys of each row.
     """
-    cumulative, _ = _edge_dots(phi_q, sums, counts, lengths, width, chunk)  # kernel mass up to each edge
-    mass = (cumulative[..., 1:] - cumulative[..., :-1]).clamp_min(0)
-    share = mass / (cumulative[..., -1:] - cumulative[..., :1]).clamp_min(1e-300)
-    return share.clamp_min(LOG_FLOOR).log().float()
+    (cumulative,), _ = edge_dots([phi_q], sums, counts, lengths, width, chunk)
+    return log_mass(cumulative)
 
 
 @torch.no_grad()
 def binned_key_logits(q: Tensor, sums: Tensor, counts: Tensor, lengths: Tensor, width: int, scale: float,
                       chunk: int = 256) -> Tensor:
-    """Each bin's attention logit through its mean key: (B, H_kv, G, Tq, K) float32.
+    """Each bin's attention logit through its mean key (``key_logits``): (B, H_kv, G, Tq, K) float32.
 
-    scale * q . mean(k over the bin) + log(keys in the bin): the log of the bin's softmax mass
-    if its keys were all equal to their mean (a lower bound of the true log-mass, Jensen),
-    exact and linear in T through prefix sums of the raw keys. q (B, H_kv, G, Tq, d);
-    ``sums``, ``counts`` from ``prefix_sums`` of k. Dead bins and padding rows get 0.
+    Exact and linear in T through prefix sums of the raw keys. q (B, H_kv, G, Tq, d);
+    ``sums``, ``counts`` from ``prefix_sums`` of k.
     """
-    cumulative, sizes = _edge_dots(q, sums, counts, lengths, width, chunk)
-    totals = cumulative[..., 1:] - cumulative[..., :-1]  # (B, H_kv, G, Tq, K): q . sum of the bin's keys
-    logits = scale * totals / sizes.clamp_min(1) + sizes.clamp_min(1).log()
-    return torch.where(sizes > 0, logits, 0.0).float()
+    (cumulative,), sizes = edge_dots([q], sums, counts, lengths, width, chunk)
+    return key_logits(cumulative, sizes, scale)
