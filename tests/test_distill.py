@@ -225,3 +225,26 @@ def test_kill_9_during_distillation_then_resume_gives_the_uninterrupted_weights(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "killed-checkpoints", "straight",
                                                           "straight-checkpoints"]
     assert [p.name for p in checkpoint.parent.iterdir()] == [CHECKPOINT_NAME]
+
+
+def test_relative_hidden_loss_is_the_mse_over_each_states_mean_square():
+    from sea_attention.distill.losses import hidden_mse
+
+    g = torch.Generator().manual_seed(0)
+    teacher = (torch.randn(2, 5, 8, generator=g), 300 * torch.randn(2, 5, 8, generator=g), torch.zeros(2, 5, 8))
+    student = tuple(t + torch.randn(t.shape, generator=g) for t in teacher)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    keep = mask.unsqueeze(-1).expand(-1, -1, 8)
+    expected = []
+    for s, t in zip(student, teacher):
+        error = ((s - t)[keep] ** 2).mean()
+        scale = (t[keep] ** 2).mean()
+        expected.append(error / scale if scale > 0 else error)  # a state of zeros counts as scale 1
+    assert float(hidden_mse(student, teacher, mask, relative=True)) == pytest.approx(float(sum(expected) / 3), rel=1e-5)
+    plain = sum(((s - t)[keep] ** 2).mean() for s, t in zip(student, teacher)) / 3
+    assert float(hidden_mse(student, teacher, mask)) == pytest.approx(float(plain), rel=1e-5)
+
+
+def test_distill_config_refuses_an_unknown_hidden_loss():
+    with pytest.raises(ValueError, match="hidden_loss must be one of"):
+        DistillConfig(hidden_loss="l1")

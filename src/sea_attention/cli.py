@@ -141,7 +141,7 @@ def cmd_distill(args) -> int:
     config = DistillConfig(stage=stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, lr=args.lr, base_lr=args.base_lr,
                            warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
-                           checkpoint_every=args.checkpoint_every)
+                           checkpoint_every=args.checkpoint_every, hidden_loss=args.hidden_loss)
     tokens = tokenize(tokenizer, assets.load_text(args.data, "train"))
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
     distiller = Distiller(model, TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints, method)
@@ -448,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(commands)
 
     from .baselines.trained import TRAINED
+    from .distill.losses import HIDDEN_LOSSES
 
     distill = commands.add_parser("distill", help="distil SEA (or a trained baseline) from a model's dense attention")
     distill.add_argument("--model", default="smollm2-135m", help="bundled name, local dir, SEA dir or hub id")
@@ -465,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of the SEA modules")
     distill.add_argument("--base-lr", type=positive_float, default=1e-5, help="learning rate of the base model (stage full)")
     distill.add_argument("--warmup-steps", type=non_negative_int, default=10)
+    distill.add_argument("--hidden-loss", default="relative", choices=HIDDEN_LOSSES,
+                         help="stage full: hidden-state MSE relative to each state's scale (default), or the "
+                              "paper's plain MSE")
     distill.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
     distill.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     distill.add_argument("--seed", type=int, default=0)

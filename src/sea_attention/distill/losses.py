@@ -11,7 +11,8 @@ Layer-local (method doc 4.2), per SEA layer, against that layer's dense teacher 
 * context MSE: SEA's attention output against the teacher's (before the output
   projection); this is what trains the gates.
 
-Model-level (stage ``full``): task cross-entropy, hidden-state MSE, logit KL.
+Model-level (stage ``full``): task cross-entropy, hidden-state MSE (relative to each state's scale by
+default), logit KL.
 """
 
 from __future__ import annotations
@@ -81,12 +82,28 @@ def logit_kl(student_logits: Tensor, teacher_logits: Tensor, token_mask: Tensor)
     return (per_token * token_mask).sum() / token_mask.sum().clamp_min(1)
 
 
-def hidden_mse(student_states: tuple[Tensor, ...], teacher_states: tuple[Tensor, ...], token_mask: Tensor) -> Tensor:
-    """Mean squared error over all hidden states (embeddings ... last layer), real tokens only."""
+HIDDEN_LOSSES = ("relative", "mse")
+
+
+def hidden_mse(student_states: tuple[Tensor, ...], teacher_states: tuple[Tensor, ...], token_mask: Tensor,
+               relative: bool = False) -> Tensor:
+    """Mean squared error over all hidden states (embeddings ... last layer), real tokens only.
+
+    ``relative``: each state's squared error is divided by the teacher state's mean square, so every
+    layer weighs the same whatever its scale (a state that equals zero everywhere counts as scale 1).
+    Without it the loss is in the residual stream's own units: on SmolLM2, whose stream carries a few
+    huge activations, the plain MSE is ~1e5 at the start of training and drowns every other term.
+    """
     total = student_states[0].new_zeros((), dtype=torch.float32)
     weights = token_mask.unsqueeze(-1).float()
     for s, t in zip(student_states, teacher_states):
-        total = total + (((s.float() - t.float()) ** 2) * weights).sum() / (weights.sum() * s.shape[-1]).clamp_min(1)
+        t = t.float()
+        count = (weights.sum() * s.shape[-1]).clamp_min(1)
+        error = (((s.float() - t) ** 2) * weights).sum() / count
+        if relative:
+            scale = ((t ** 2) * weights).sum() / count
+            error = error / torch.where(scale > 0, scale, torch.ones_like(scale))
+        total = total + error
     return total / len(student_states)
 
 

@@ -34,7 +34,7 @@ from ..hf import LayerCall, dense_attention, layer_override, no_cache, sea_layer
 from ..ops.reference import exact_attention
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TokenWindows
-from .losses import hidden_mse, language_model_loss, layer_losses, layer_targets, logit_kl
+from .losses import HIDDEN_LOSSES, hidden_mse, language_model_loss, layer_losses, layer_targets, logit_kl
 
 STAGES = ("estimator", "full")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -65,12 +65,15 @@ class DistillConfig:
     # model-level loss weights (stage full; the paper's OPT recipe)
     task_weight: float = 0.1
     hidden_weight: float = 5.0
+    hidden_loss: str = "relative"  # "mse": the paper's plain MSE, in the residual stream's units
     logit_weight: float = 0.2
     attention_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden_loss must be one of {HIDDEN_LOSSES}, got {self.hidden_loss!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("steps", "seq_len", "batch_size", "grad_accum"):
@@ -370,12 +373,12 @@ class Distiller:
         return {"loss": float(loss.detach()), "task": float(task.detach()), "hidden_mse": float(hidden.detach()),
                 "logit_kl": float(logits.detach())}
 
-    @staticmethod
-    def _model_losses(student, teacher, input_ids: torch.Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _model_losses(self, student, teacher, input_ids: torch.Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Task cross-entropy, hidden-state MSE and logit KL of the student against the teacher."""
         mask = torch.ones_like(input_ids, dtype=torch.bool)
+        relative = self.config.hidden_loss == "relative"
         return (language_model_loss(student.logits, input_ids, mask),
-                hidden_mse(student.hidden_states, teacher.hidden_states, mask),
+                hidden_mse(student.hidden_states, teacher.hidden_states, mask, relative),
                 logit_kl(student.logits, teacher.logits, mask))
 
     def _full_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
