@@ -12,7 +12,7 @@ from .cells import KeySlots, cells_to_keys, query_lengths
 from .config import SEAConfig
 from .decoding import DecodeState
 from .estimator import AttentionEstimator, Estimate
-from .inputs import call_budget, call_scale, validate_inputs
+from .inputs import call_budget, call_scale, validate_inputs, validate_query_rows
 from .ops.block_sparse import block_sparse_attention
 from .ops.reference import reference_attention, repeat_kv
 from .ops.sparse import sparse_attention
@@ -83,7 +83,8 @@ class SEAAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Tensor | None = None,
                 scale: float | None = None, k_budget: int | None = None, positions: Tensor | None = None,
-                return_attention: bool = False, state: DecodeState | None = None) -> SEAOutput:
+                return_attention: bool = False, state: DecodeState | None = None,
+                query_rows: Tensor | None = None) -> SEAOutput:
         """Run SEA attention.
 
         Args:
@@ -98,9 +99,14 @@ class SEAAttention(nn.Module):
             state: incremental decoding state (causal only). An empty ``DecodeState()`` is
                 filled by a call with no past keys (prefill); later calls pass only the new
                 queries (Tq = Tk - state.seen) and reuse it. Results equal one full forward.
+            query_rows: (n,) strictly increasing rows of the Tq queries (causal, per-query grouping,
+                no state): compute only these; every Tq-long field of the output then holds these
+                n rows, each equal to the full forward's row. Trains on a subset of rows.
         """
         cfg = self.config
         key_valid = validate_inputs(cfg, q, k, v, attention_mask, scale, k_budget, positions, state)
+        if query_rows is not None:
+            validate_query_rows(cfg, query_rows, q.shape[2], state)
         tq, tk = q.shape[2], k.shape[2]
         budget = call_budget(k_budget, cfg.k, tk)
         scale = call_scale(scale, q.shape[-1])
@@ -111,12 +117,17 @@ class SEAAttention(nn.Module):
         else:
             lengths = query_lengths(key_valid, query_valid, cfg.causal)  # (B, Tq)
 
-        rows = None
+        rows = query_rows
         if cfg.grouping == "block" and cfg.causal and state is None and not return_attention \
                 and not torch.is_grad_enabled():  # inference: only the rows that select need an estimate
             rows = selecting_rows(tk - tq, tq, cfg.query_block, q.device)
         estimate: Estimate = self.estimator(q, k, v, key_valid, query_valid, lengths, scale, positions, state, rows)
-        if cfg.grouping == "block":
+        pick = _row_picker(query_rows)  # (.., Tq, ..) -> (.., n, ..) on the asked rows; identity without
+        if query_rows is not None:
+            context, attention, cells, slots = self._attend_cells(pick(q, 2), k, v, estimate, pick(lengths, 1),
+                                                                  key_valid, budget, scale, return_attention)
+            nnz = slots.nnz(cfg.num_heads)
+        elif cfg.grouping == "block":
             context, attention, cells, nnz = self._attend_blocks(q, k, v, estimate, lengths, key_valid,
                                                                  query_valid, budget, scale, return_attention, state)
             slots = None
@@ -127,21 +138,21 @@ class SEAAttention(nn.Module):
 
         gates = None
         if cfg.gating:
-            gates = torch.sigmoid(estimate.gate_logits).to(context.dtype)
+            gates = torch.sigmoid(pick(estimate.gate_logits, 2)).to(context.dtype)
             scaler, mix = gates[..., :1], gates[..., 1:]
-            average = self._average_values(v, key_valid, lengths, tq, state).to(context.dtype)
+            average = pick(self._average_values(v, key_valid, lengths, tq, state), 2).to(context.dtype)
             context = torch.lerp(average, scaler * context, mix)  # mix * scaler * context + (1 - mix) * average
         if state is not None:
             self._advance_state(state, v, key_valid)
         if self.output_norm is not None:
             context = self._norm_output(context)
-        context = context.masked_fill(~query_valid[:, None, :, None], 0.0)  # after the norm: its bias must not leak
+        context = context.masked_fill(~pick(query_valid, 1)[:, None, :, None], 0.0)  # after the norm: no bias leak
         if poisoned is not None:
-            context = context.masked_fill(poisoned[:, None, :, None], float("nan"))
+            context = context.masked_fill(pick(poisoned, 1)[:, None, :, None], float("nan"))
         return SEAOutput(
             context=context, estimated=estimate.probs, nnz=nnz, attention=attention,
-            estimated_logits=estimate.logits, gates=gates, cells=cells, slots=slots, lengths=lengths,
-            estimate_rows=estimate.rows,
+            estimated_logits=estimate.logits, gates=gates, cells=cells, slots=slots, lengths=pick(lengths, 1),
+            estimate_rows=None if query_rows is not None else estimate.rows,
         )
 
     def maybe_redraw_features(self, step: int) -> bool:
@@ -262,6 +273,11 @@ def _finite_inputs(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, query_val
     v = torch.where(torch.isfinite(v) & key_valid[:, None, :, None], v, 0.0)
     q = torch.where(torch.isfinite(q) & query_valid[:, None, :, None], q, 0.0)
     return q, k, v, poisoned
+
+
+def _row_picker(rows: Tensor | None):
+    """``pick(x, dim)``: x's entries at ``rows`` along dim (x itself when rows is None)."""
+    return lambda x, dim: x if rows is None else x.index_select(dim, rows)
 
 
 def _running_sum(x: Tensor) -> Tensor:

@@ -73,6 +73,15 @@ def key_ranks(key_valid: Tensor) -> Tensor:
     return key_valid.long().cumsum(-1) - 1
 
 
+def row_keys(key_valid: Tensor, lengths: Tensor) -> Tensor:
+    """(B, Tq, Tk) bool: the keys each row attends to, for rows of ``lengths`` (B, Tq) valid keys.
+
+    A causal row's L valid keys are exactly the valid keys of rank < L (a bidirectional row's
+    length is the sample's whole count), so this holds for any set of rows, in any order.
+    """
+    return key_valid[:, None, :] & (key_ranks(key_valid)[:, None, :] < lengths[:, :, None])
+
+
 def valid_key_positions(key_valid: Tensor) -> Tensor:
     """Positions of the valid keys in order, valid ones first: (B, Tk) bool -> (B, Tk) long.
 
@@ -250,7 +259,6 @@ def stretch_estimate(estimate: Tensor, key_valid: Tensor, lengths: Tensor) -> Te
     ranks = key_ranks(key_valid)  # (B, Tk)
     bins = key_bins(ranks.clamp_min(0)[:, None, :], lengths[:, :, None], width).clamp(0, width - 1)
     sizes = cell_lengths(lengths, width).clamp_min(1).gather(-1, bins)  # (B, Tq, Tk)
-    # a causal row's L valid keys are exactly the valid keys of rank < L
-    inside = key_valid[:, None, :] & (ranks[:, None, :] < lengths[:, :, None])
+    inside = row_keys(key_valid, lengths)
     picked = estimate.gather(-1, bins.unsqueeze(1).expand(-1, estimate.shape[1], -1, -1))
     return torch.where(inside.unsqueeze(1), picked / sizes.unsqueeze(1), 0.0)

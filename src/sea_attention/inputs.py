@@ -138,3 +138,19 @@ def _validate_positions(config: SEAConfig, positions: Any, key_valid: Tensor) ->
     if bool((positions.to(key_valid.device) < 0)[key_valid].any()):
         raise ValueError("positions must be >= 0 at real tokens (padding entries are never read), got "
                          f"{int(positions.min())}")
+
+
+def validate_query_rows(config: SEAConfig, query_rows: Any, tq: int, state: DecodeState | None) -> None:
+    """``query_rows``: a 1-D integer tensor of strictly increasing rows in [0, Tq), for a causal layer
+    with a per-query grouping and no decoding state (the rows' CNN history comes from the full input)."""
+    if not config.causal or state is not None or config.grouping == "block":
+        raise ValueError("query_rows needs a causal SEA layer, grouping 'query' or 'query_head' and no decoding "
+                         f"state (got causal={config.causal}, grouping={config.grouping!r}, "
+                         f"state={'given' if state is not None else None})")
+    if not isinstance(query_rows, Tensor) or query_rows.dim() != 1 or query_rows.dtype != torch.long:
+        raise ValueError(f"query_rows must be a 1-D torch.long tensor, got {type(query_rows).__name__}"
+                         f"{'' if not isinstance(query_rows, Tensor) else f' {query_rows.dtype} of shape {tuple(query_rows.shape)}'}")
+    if query_rows.numel() == 0 or int(query_rows.min()) < 0 or int(query_rows.max()) >= tq \
+            or bool((query_rows[1:] <= query_rows[:-1]).any()):
+        raise ValueError(f"query_rows must be non-empty, strictly increasing and in [0, {tq}), got "
+                         f"{query_rows.tolist()[:8]}{'...' if query_rows.numel() > 8 else ''}")
