@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from sea_attention.cli import main
 from sea_attention.hf import from_pretrained
@@ -40,6 +41,18 @@ def test_distill_eval_plot_resume(tiny_model_dir, tmp_path, capsys):
     assert main(["plot", "--model", str(out), "--data", text, "--seq-len", "32", "--last", "40",
                  "--out", str(png)]) == 2
     assert "rows -8:32 are outside the snapshot's 32 query rows" in capsys.readouterr().err
+
+
+def test_distill_on_row_subsets(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "sea"
+    assert main(["distill", "--model", str(tiny_model_dir / "model"), "--data", str(tiny_model_dir / "text.txt"),
+                 "--steps", "4", "--seq-len", "32", "--k", "4", "--estimate-width", "8", "--query-rows", "8",
+                 "--updates-per-pass", "2", "--out", str(out), "--quiet"]) == 0
+    state = torch.load(tmp_path / "sea-checkpoints" / "checkpoint.pt", weights_only=False)
+    assert state["config"]["query_rows"] == 8 and state["config"]["updates_per_pass"] == 2
+    assert main(["distill", "--model", str(tiny_model_dir / "model"), "--data", str(tiny_model_dir / "text.txt"),
+                 "--stage", "full", "--query-rows", "8", "--out", str(tmp_path / "full"), "--quiet"]) == 2
+    assert "stage 'estimator' only" in capsys.readouterr().err
 
 
 def test_generate_streams_text(tiny_model_dir, tmp_path, capsys):
@@ -83,6 +96,8 @@ def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):
     (["plot", "--model", "m", "--rows", "a:b"], "argument --rows: expected START:STOP"),
     (["plot", "--model", "m", "--rows", "1:2", "--last", "3"], "argument --last: not allowed with argument --rows"),
     (["distill", "--out", "x", "--query-block", "0"], "argument --query-block: expected a positive integer"),
+    (["distill", "--out", "x", "--updates-per-pass", "0"], "argument --updates-per-pass: expected a positive integer"),
+    (["distill", "--out", "x", "--query-rows", "-1"], "argument --query-rows: expected an integer >= 0"),
     (["diagnose", "--model", "m", "--k", "0"], "argument --k: expected a positive integer, got '0'"),
     (["diagnose", "--model", "m", "--coverage-skip", "1"],
      r"argument --coverage-skip: expected a number in \[0, 1\), got '1'"),

@@ -55,9 +55,11 @@ def test_estimator_stage_trains_only_sea():
     assert changed and all(".sea." in n for n in changed)
 
 
-@pytest.mark.parametrize("stage", ["estimator", "full"])
-def test_resume_reaches_the_same_weights(tmp_path, stage):
-    config = DistillConfig(stage=stage, steps=6, seq_len=32, checkpoint_every=3, warmup_steps=1)
+@pytest.mark.parametrize("stage, rows, updates", [("estimator", 0, 1), ("full", 0, 1), ("estimator", 10, 2)])
+def test_resume_reaches_the_same_weights(tmp_path, stage, rows, updates):
+    # with two updates per teacher pass, step 3 resumes in the middle of a pass: its teacher runs again
+    config = DistillConfig(stage=stage, steps=6, seq_len=32, checkpoint_every=3, warmup_steps=1, query_rows=rows,
+                           updates_per_pass=updates)
     straight = tiny_llama()
     Distiller(straight, windows(), config, tmp_path / "a").run(progress=False)
 
@@ -248,3 +250,124 @@ def test_relative_hidden_loss_is_the_mse_over_each_states_mean_square():
 def test_distill_config_refuses_an_unknown_hidden_loss():
     with pytest.raises(ValueError, match="hidden_loss must be one of"):
         DistillConfig(hidden_loss="l1")
+
+
+def _sea_call(model, ids):
+    """The first layer's call in the dense forward of ``ids``."""
+    from sea_attention.hf import layer_override
+
+    calls = []
+
+    def hold(call):
+        calls.append(call)
+        return call.dense()[0], None
+
+    with torch.no_grad(), layer_override(model, hold):
+        model(input_ids=ids)
+    return calls[0]
+
+
+@pytest.mark.parametrize("pad", [0, 5])
+def test_targets_of_some_rows_are_those_rows_of_the_full_targets(pad):
+    model = tiny_llama()
+    distiller = Distiller(model, windows(), DistillConfig(steps=1, seq_len=32, query_rows=6))
+    call = _sea_call(model, windows().batch(0, 2))
+    call.key_valid[1, :pad] = False  # left padding in the second sample
+    rows = torch.tensor([0, 3, 4, 17, 30, 31])
+    full_context, full = distiller._dense_targets(call)
+    context, part = distiller._dense_targets(call, rows)
+    torch.testing.assert_close(context, full_context.index_select(2, rows))
+    torch.testing.assert_close(part.estimate, full.estimate.index_select(2, rows))
+    torch.testing.assert_close(part.context, full.context.index_select(2, rows))
+    assert torch.equal(part.query_valid, full.query_valid.index_select(1, rows))
+
+
+def test_rows_are_drawn_from_the_step_and_layer_only():
+    model = tiny_llama()
+    distiller = Distiller(model, windows(), DistillConfig(steps=4, seq_len=32, query_rows=8))
+    call = _sea_call(model, windows().batch(0, 1))
+    first = distiller._query_rows(call)
+    assert first.tolist() == sorted(set(first.tolist())) and len(first) == 8 and int(first.max()) < 32
+    assert int(first[0]) % 8 == 0 and first.tolist() == list(range(int(first[0]), int(first[0]) + 8))  # one run
+    assert torch.equal(first, distiller._query_rows(call))
+    distiller.step = 1
+    assert not torch.equal(first, distiller._query_rows(call))
+    every = Distiller(tiny_llama(), windows(), DistillConfig(steps=1, seq_len=32, query_rows=32))
+    assert every._query_rows(call) is None  # as many rows as the window has: all of them
+
+
+def test_each_teacher_pass_serves_updates_per_pass_steps(monkeypatch):
+    model = tiny_llama()
+    seen = []
+    forward = type(model).forward
+
+    def counting(self, *args, **kwargs):
+        seen.append(kwargs["input_ids"].clone())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    config = DistillConfig(steps=6, seq_len=32, query_rows=8, updates_per_pass=3, checkpoint_every=0)
+    history = Distiller(model, windows(), config).run(progress=False)
+    assert len(seen) == 2  # steps 0-2 on window 0, steps 3-5 on window 1
+    assert torch.equal(seen[0], windows().batch(0, 1)) and torch.equal(seen[1], windows().batch(1, 1))
+    assert all(r.extra["rows_per_s"] > 0 for r in history)
+
+
+def test_training_on_row_subsets_lowers_the_loss_on_every_row():
+    from sea_attention.distill.losses import layer_losses
+
+    def full_loss(model):
+        call = _sea_call(model, windows().batch(99, 1))
+        _, targets = Distiller(model, windows(), DistillConfig(steps=1, seq_len=32))._dense_targets(call)
+        with torch.no_grad():
+            return float(layer_losses(call.run_sea(), targets).estimate_kl)
+
+    model = tiny_llama()
+    before = full_loss(model)
+    config = DistillConfig(steps=30, seq_len=32, lr=3e-3, warmup_steps=2, query_rows=8, updates_per_pass=2,
+                           checkpoint_every=0)
+    Distiller(model, windows(), config).run(progress=False)
+    assert full_loss(model) < 0.8 * before
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(query_rows=-1), "query_rows must be >= 0"),
+    (dict(updates_per_pass=0), "updates_per_pass must be >= 1"),
+    (dict(stage="full", query_rows=8), "stage 'estimator' only"),
+    (dict(stage="full", updates_per_pass=2), "stage 'estimator' only"),
+])
+def test_row_sampling_settings_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(**kwargs)
+
+
+def test_row_sampling_is_refused_for_bidirectional_layers_and_baselines():
+    from transformers import BertConfig, BertForMaskedLM
+
+    from sea_attention.baselines.trained import attach_baseline, baseline_layers
+
+    torch.manual_seed(0)
+    bert = patch(BertForMaskedLM(BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                                            intermediate_size=64, vocab_size=97)), k=4, estimate_width=8)
+    with pytest.raises(ValueError, match="query_rows needs causal SEA layers"):
+        Distiller(bert, windows(), DistillConfig(steps=1, seq_len=32, query_rows=4))
+    model = tiny_llama()
+    attach_baseline(model, "indexer")
+    with pytest.raises(ValueError, match="train SEA only"):
+        Distiller(model, windows(), DistillConfig(steps=1, seq_len=32, updates_per_pass=2),
+                  method=baseline_layers(model))
+
+
+def test_rows_come_in_aligned_runs():
+    from sea_attention.distill.trainer import ROW_RUN
+
+    model = tiny_llama()
+    call = _sea_call(model, windows().batch(0, 1))
+    call.query = torch.randn(1, 4, 200, 16)  # a longer window: 200 rows, the last run 8 rows short
+    distiller = Distiller(model, windows(), DistillConfig(steps=40, seq_len=32, query_rows=3 * ROW_RUN))
+    for step in range(40):
+        distiller.step = step
+        rows = distiller._query_rows(call)
+        starts = rows[::ROW_RUN]
+        assert bool((starts % ROW_RUN == 0).all()) and int(rows.max()) < 200
+        assert len(rows) == 3 * ROW_RUN or int(rows[-1]) == 199  # short only where the tail run was drawn

@@ -141,7 +141,8 @@ def cmd_distill(args) -> int:
     config = DistillConfig(stage=stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, lr=args.lr, base_lr=args.base_lr,
                            warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
-                           checkpoint_every=args.checkpoint_every, hidden_loss=args.hidden_loss)
+                           checkpoint_every=args.checkpoint_every, hidden_loss=args.hidden_loss,
+                           query_rows=args.query_rows, updates_per_pass=args.updates_per_pass)
     tokens = tokenize(tokenizer, assets.load_text(args.data, "train"))
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
     distiller = Distiller(model, TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints, method)
@@ -466,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of the SEA modules")
     distill.add_argument("--base-lr", type=positive_float, default=1e-5, help="learning rate of the base model (stage full)")
     distill.add_argument("--warmup-steps", type=non_negative_int, default=10)
+    distill.add_argument("--query-rows", type=non_negative_int, default=0,
+                         help="stage estimator: query rows per window trained in each layer, drawn afresh every "
+                              "step (default 0: every row)")
+    distill.add_argument("--updates-per-pass", type=positive_int, default=1,
+                         help="stage estimator: optimizer steps per teacher forward, each on fresh rows (default 1)")
     distill.add_argument("--hidden-loss", default="relative", choices=HIDDEN_LOSSES,
                          help="stage full: hidden-state MSE relative to each state's scale (default), or the "
                               "paper's plain MSE")

@@ -29,15 +29,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..cells import query_lengths
+from ..cells import query_lengths, row_keys
 from ..hf import LayerCall, dense_attention, layer_override, no_cache, sea_layers
-from ..ops.reference import exact_attention
+from ..ops.reference import reference_attention
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TokenWindows
-from .losses import HIDDEN_LOSSES, hidden_mse, language_model_loss, layer_losses, layer_targets, logit_kl
+from .losses import (HIDDEN_LOSSES, LayerTargets, hidden_mse, language_model_loss, layer_losses, layer_targets,
+                     logit_kl)
 
 STAGES = ("estimator", "full")
 SCHEDULES = ("cosine", "linear", "constant")
+ROW_RUN = 16  # consecutive query rows drawn together by ``query_rows``
 
 
 @dataclass
@@ -58,6 +60,10 @@ class DistillConfig:
     bf16: bool = False
     seed: int = 0
     checkpoint_every: int = 50  # 0: only at the end
+    # stage estimator (SEA, causal layers): how much each teacher forward is used
+    query_rows: int = 0  # query rows per window trained in each layer, drawn afresh every step in runs of
+    # ROW_RUN consecutive rows (0: every row)
+    updates_per_pass: int = 1  # optimizer steps per teacher forward: the layers' q, k, v are held between them
     # layer-local loss weights
     kl_weight: float = 1.0
     mse_weight: float = 1.0
@@ -79,8 +85,13 @@ class DistillConfig:
         for name in ("steps", "seq_len", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 0 or self.warmup_steps < 0:
-            raise ValueError("checkpoint_every and warmup_steps must be >= 0")
+        if self.checkpoint_every < 0 or self.warmup_steps < 0 or self.query_rows < 0:
+            raise ValueError("checkpoint_every, warmup_steps and query_rows must be >= 0")
+        if self.updates_per_pass < 1:
+            raise ValueError(f"updates_per_pass must be >= 1, got {self.updates_per_pass}")
+        if self.stage != "estimator" and (self.query_rows or self.updates_per_pass > 1):
+            raise ValueError("query_rows and updates_per_pass apply to stage 'estimator' only (stage full trains "
+                             "the whole model on every row of every window)")
         for name in ("lr", "base_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -139,8 +150,11 @@ class Distiller:
         if method is not None and config.stage not in method.stages:
             raise ValueError(f"{method.name} is distilled with stage {' or '.join(method.stages)}, "
                              f"not {config.stage!r}")
+        _validate_row_sampling(config, self.layers, method)
         self.step = 0
         self.history: list[StepRecord] = []
+        self._held: dict[int, list[LayerCall]] = {}  # micro-batch -> its teacher pass's layer calls
+        self._held_pass = -1  # which teacher pass ``_held`` is from
         self._set_trainable()
         groups = self._param_groups()
         self._sea_group = next((i for i, g in enumerate(groups) if g["lr"] == config.lr), 0)  # reported lr
@@ -261,9 +275,10 @@ class Distiller:
         self.model.train(cfg.stage == "full")
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        teacher_pass = self.step // cfg.updates_per_pass  # the windows this step trains on
         for micro in range(cfg.grad_accum):
-            input_ids = self.windows.batch(self.step * cfg.grad_accum + micro, cfg.batch_size).to(self.device)
-            parts = self._pass(input_ids)
+            input_ids = self.windows.batch(teacher_pass * cfg.grad_accum + micro, cfg.batch_size).to(self.device)
+            parts = self._pass(input_ids, teacher_pass, micro)
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -274,12 +289,15 @@ class Distiller:
         self.step += 1
         for sea in self.layers:
             sea.maybe_redraw_features(self.step)
-        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        seconds = time.perf_counter() - started
+        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len / cfg.updates_per_pass  # teacher tokens, amortised
+        if "rows" in totals:  # query rows trained per layer (stage estimator)
+            totals["rows_per_s"] = totals.pop("rows") * cfg.grad_accum / seconds
         if grad_norm is not None:
             totals["grad_norm"] = float(grad_norm)
         return StepRecord(step=self.step, loss=totals.pop("loss"), estimate_kl=totals.pop("estimate_kl", math.nan),
                           context_mse=totals.pop("context_mse", math.nan), lr=lr,
-                          tokens_per_s=tokens / (time.perf_counter() - started), extra=totals)
+                          tokens_per_s=tokens / seconds, extra=totals)
 
     @property
     def device(self) -> torch.device:
@@ -288,26 +306,36 @@ class Distiller:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
-    def _layer_loss(self, call: LayerCall, q, k, v, targets_from=None):
-        """SEA on (q, k, v) and its layer-local losses; ``targets_from`` = precomputed targets."""
+    def _layer_loss(self, call: LayerCall, targets: LayerTargets, rows: Tensor | None = None):
+        """SEA on the call's q, k, v (only ``rows`` of its queries, if given) and its layer-local losses
+        against ``targets`` (of the same rows)."""
         cfg = self.config
         with self._autocast():
-            out = call.sea(q, k, v, attention_mask=call.key_valid, scale=call.scaling)
-        losses = layer_losses(out, targets_from)
+            out = call.sea(call.query, call.key, call.value, attention_mask=call.key_valid, scale=call.scaling,
+                           query_rows=rows)
+        losses = layer_losses(out, targets)
         return out, losses, losses.total(cfg.kl_weight, cfg.mse_weight, cfg.context_weight)
 
-    def _dense_targets(self, call: LayerCall):
-        context, probs = exact_attention(call.query, call.key, call.value, call.key_valid, call.scaling, call.causal)
+    def _dense_targets(self, call: LayerCall, rows: Tensor | None = None) -> tuple[Tensor, LayerTargets]:
+        """The teacher's context and the estimator's targets, of every query row or of ``rows``:
+        only those rows' scores (rows x Tk) are computed."""
         query_valid = call.key_valid[:, call.key.shape[2] - call.query.shape[2]:]
-        lengths = query_lengths(call.key_valid, query_valid, call.causal)
+        lengths = query_lengths(call.key_valid, query_valid, call.causal)  # (B, Tq)
+        query = call.query
+        if rows is not None:
+            query, lengths = query.index_select(2, rows), lengths.index_select(1, rows)
+        mask = row_keys(call.key_valid, lengths).unsqueeze(1).expand(-1, query.shape[1], -1, -1)
+        context, probs = reference_attention(query, call.key, call.value, mask, call.scaling)
         return context, layer_targets(probs, context, call.key_valid, lengths, call.sea.config.estimate_width)
 
-    def _pass(self, input_ids: torch.Tensor) -> dict[str, float]:
+    def _pass(self, input_ids: torch.Tensor, teacher_pass: int, micro: int) -> dict[str, float]:
         """One micro-batch of the configured stage: backpropagated; returns the loss terms."""
         if self.method is not None:
             return self._method_pass(input_ids) if self.config.stage == "estimator" else \
                 self._method_full_pass(input_ids)
-        return self._estimator_pass(input_ids) if self.config.stage == "estimator" else self._full_pass(input_ids)
+        if self.config.stage == "estimator":
+            return self._estimator_pass(self._teacher_calls(input_ids, teacher_pass, micro))
+        return self._full_pass(input_ids)
 
     def _layerwise_forward(self, input_ids: torch.Tensor, train_layer: Callable[[LayerCall], Tensor]) -> None:
         """The frozen model's dense forward with ``train_layer(call)`` in every layer (it trains on the
@@ -327,23 +355,51 @@ class Distiller:
         except _StopForward:
             pass
 
-    def _estimator_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
-        scale = 1.0 / (len(self.layers) * self.config.grad_accum)
-        sums = {"loss": 0.0, "estimate_kl": 0.0, "context_mse": 0.0}
+    def _teacher_calls(self, input_ids: torch.Tensor, teacher_pass: int, micro: int) -> list[LayerCall]:
+        """Every layer's call (its q, k, v, no autograd) in the frozen model's dense forward of
+        ``input_ids``; held for the ``updates_per_pass`` steps that train on this teacher pass."""
+        if teacher_pass != self._held_pass:
+            self._held, self._held_pass = {}, teacher_pass
+        if micro not in self._held:
+            calls: list[LayerCall] = []
 
-        def train_layer(call: LayerCall):
+            def hold(call: LayerCall) -> Tensor:
+                calls.append(call)
+                return call.dense()[0]  # the forward stays dense
+
+            self._layerwise_forward(input_ids, hold)
+            if self.config.updates_per_pass == 1:
+                return calls
+            self._held[micro] = calls
+        return self._held[micro]
+
+    def _query_rows(self, call: LayerCall) -> Tensor | None:
+        """The query rows this step trains in this layer: ``query_rows`` of them, in aligned runs of
+        ROW_RUN consecutive rows (a run shares its CNN history: ``estimator._decode_rows``), drawn
+        from the step, the layer and the seed only (a resumed run draws the same); None for every row."""
+        tq, count = call.query.shape[2], self.config.query_rows
+        if count == 0 or count >= tq:
+            return None
+        run = min(ROW_RUN, count)
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step * 1_009 + call.layer_idx)
+        starts = torch.randperm(-(-tq // run), generator=generator)[: -(-count // run)].sort().values * run
+        rows = (starts[:, None] + torch.arange(run)).flatten()
+        return rows[rows < tq][:count].to(call.query.device)
+
+    def _estimator_pass(self, calls: list[LayerCall]) -> dict[str, float]:
+        """Stage estimator: every layer's SEA trained on the teacher's held calls, one layer's graph at a time."""
+        scale = 1.0 / (len(calls) * self.config.grad_accum)
+        sums = {"loss": 0.0, "estimate_kl": 0.0, "context_mse": 0.0, "rows": 0.0}
+        for call in calls:
+            rows = self._query_rows(call)
             with torch.no_grad():
-                context, targets = self._dense_targets(call)
-            with torch.enable_grad():
-                q, k, v = (x.detach() for x in (call.query, call.key, call.value))
-                _, losses, total = self._layer_loss(call, q, k, v, targets)
-                (total * scale).backward()
-            sums["loss"] += float(total.detach()) / len(self.layers)
-            sums["estimate_kl"] += float(losses.estimate_kl.detach()) / len(self.layers)
-            sums["context_mse"] += float(losses.context_mse.detach()) / len(self.layers)
-            return context
-
-        self._layerwise_forward(input_ids, train_layer)
+                _, targets = self._dense_targets(call, rows)
+            _, losses, total = self._layer_loss(call, targets, rows)
+            (total * scale).backward()
+            sums["loss"] += float(total.detach()) / len(calls)
+            sums["estimate_kl"] += float(losses.estimate_kl.detach()) / len(calls)
+            sums["context_mse"] += float(losses.context_mse.detach()) / len(calls)
+            sums["rows"] += call.query.shape[0] * (call.query.shape[2] if rows is None else rows.numel()) / len(calls)
         return sums
 
     def _method_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
@@ -395,7 +451,7 @@ class Distiller:
         layer_terms = []
 
         def train_layer(call: LayerCall):
-            out, losses, total = self._layer_loss(call, call.query, call.key, call.value, targets[call.layer_idx])
+            out, losses, total = self._layer_loss(call, targets[call.layer_idx])
             layer_terms.append((total, losses))
             return out.context.to(call.query.dtype), None
 
@@ -411,3 +467,14 @@ class Distiller:
         return {"loss": float(loss), "task": float(task), "hidden_mse": float(hidden), "logit_kl": float(logits),
                 "estimate_kl": sum(float(l.estimate_kl.detach()) for _, l in layer_terms) / count,
                 "context_mse": sum(float(l.context_mse.detach()) for _, l in layer_terms) / count}
+
+
+def _validate_row_sampling(config: DistillConfig, layers: list[nn.Module], method: LayerMethod | None) -> None:
+    """``query_rows`` and ``updates_per_pass`` train SEA's causal layers; refuse them elsewhere."""
+    if not (config.query_rows or config.updates_per_pass > 1):
+        return
+    if method is not None:
+        raise ValueError(f"query_rows and updates_per_pass train SEA only; {method.name} trains on every row "
+                         "once per teacher pass")
+    if config.query_rows and not all(sea.config.causal for sea in layers):
+        raise ValueError("query_rows needs causal SEA layers: a bidirectional row's estimate depends on every row")

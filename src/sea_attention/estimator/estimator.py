@@ -193,20 +193,17 @@ class AttentionEstimator(nn.Module):
     def _decode_rows(self, hidden: Tensor, row_mask: Tensor, rows: Tensor) -> Tensor:
         """Logits (B, H, n, K) of some query rows only (causal).
 
-        A causal row's logits depend on its decoder input row and the HISTORY_ROWS before it,
-        so each row's window is decoded as its own small image; rows before the start are
-        masked zero rows, exactly what the convolutions' zero padding gives a full forward.
+        A causal row's logits depend on its decoder input row and the HISTORY_ROWS before it.
+        Each run of consecutive rows [a, b) is decoded from the input rows [a - HISTORY_ROWS, b),
+        the runs packed end to end into one image: a kept row's history lies inside its own run's
+        segment, so the packing changes nothing it sees. Rows before the start are masked zero
+        rows, exactly what the convolutions' zero padding gives a full forward.
         """
-        history = CausalDecoder.HISTORY_ROWS
-        bsz, heads = hidden.shape[:2]
-        window = rows[:, None] + torch.arange(-history, 1, device=rows.device)  # (n, 9)
-        inside = (window >= 0).unsqueeze(-1)
-        flat = window.clamp_min(0).flatten()
-        image = self.encoder.image(hidden.index_select(2, flat))  # (B, H*c, n*9, w)
-        image = image.unflatten(2, window.shape).transpose(1, 2).flatten(0, 1)  # (B*n, H*c, 9, w)
-        mask = (row_mask.index_select(2, flat).unflatten(2, window.shape) * inside).transpose(1, 2).flatten(0, 1)
-        logits = self.decoder(image, mask, runs=bsz)[:, :, -1]  # (B*n, H, K): each window's last row; a run per sample
-        return logits.view(bsz, rows.numel(), heads, -1).transpose(1, 2)
+        packed, own = _packed_history(rows, CausalDecoder.HISTORY_ROWS)  # (P,), (n,)
+        inside = (packed >= 0).to(row_mask.dtype)[:, None]
+        image = self.encoder.image(hidden.index_select(2, packed.clamp_min(0)))  # (B, H*c, P, w)
+        mask = row_mask.index_select(2, packed.clamp_min(0)) * inside  # (B, 1, P, 1)
+        return self.decoder(image, mask).index_select(2, own)  # (B, H, n, K)
 
     def _decode_packed(self, image: Tensor, query_valid: Tensor) -> Tensor:
         """Bidirectional CNN on the valid rows moved to the front, logits moved back.
@@ -235,3 +232,16 @@ class AttentionEstimator(nn.Module):
         row_mask = torch.cat([state.cnn_mask.to(row_mask.dtype), row_mask], dim=2)
         state.cnn_rows, state.cnn_mask = image[:, :, -rows:], row_mask[:, :, -rows:]
         return self.decoder(image, row_mask)[:, :, rows:]
+
+
+def _packed_history(rows: Tensor, history: int) -> tuple[Tensor, Tensor]:
+    """The input rows that decode ``rows`` (sorted): each run of consecutive rows [a, b) needs rows
+    a - history .. b - 1. Returns those positions for all runs, end to end (P,), negative before
+    the start, and where each of ``rows`` sits among them (n,)."""
+    starts = torch.ones_like(rows, dtype=torch.bool)
+    starts[1:] = rows[1:] != rows[:-1] + 1
+    span = torch.where(starts, history + 1, 1)  # input rows each query row adds to the packing
+    ends = span.cumsum(0)
+    step = torch.arange(int(ends[-1]), device=rows.device) - torch.repeat_interleave(ends - span, span)
+    packed = torch.repeat_interleave(rows - span + 1, span) + step
+    return packed, ends - 1
