@@ -61,9 +61,12 @@ def edge_dots(queries: list[Tensor], sums: Tensor, counts: Tensor, lengths: Tens
     edges = cell_edges(lengths, width)  # (B, Tq, K + 1) ranks
     positions = torch.searchsorted(counts, edges.flatten(1)).view_as(edges)  # first position with that count
     out: list[list[Tensor]] = [[] for _ in queries]
+    # whole rows of the sums by index_select: an index per row, not per element as gather needs
+    flat = sums.reshape(-1, f)  # (B * H_kv * (Tk + 1), f)
+    first_row = torch.arange(bsz * kv_heads, device=sums.device).view(bsz, kv_heads, 1) * sums.shape[2]
     for c0 in range(0, tq, chunk):
         rows = positions[:, c0:c0 + chunk]  # (B, c, K + 1)
-        picked = sums.gather(2, rows.flatten(1)[:, None, :, None].expand(-1, kv_heads, -1, f))
+        picked = flat.index_select(0, (first_row + rows.flatten(1)[:, None, :]).flatten())
         picked = picked.view(bsz, kv_heads, rows.shape[1], width + 1, f)  # (B, H_kv, c, K + 1, f)
         offset = 0
         for i, query in enumerate(queries):
