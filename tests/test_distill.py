@@ -371,3 +371,15 @@ def test_rows_come_in_aligned_runs():
         starts = rows[::ROW_RUN]
         assert bool((starts % ROW_RUN == 0).all()) and int(rows.max()) < 200
         assert len(rows) == 3 * ROW_RUN or int(rows[-1]) == 199  # short only where the tail run was drawn
+
+
+def test_a_checkpoint_from_before_the_relative_hidden_loss_resumes_only_with_the_plain_one(tmp_path):
+    config = DistillConfig(stage="full", steps=4, seq_len=32, hidden_loss="mse")
+    Distiller(tiny_llama(), windows(), config, tmp_path).run(progress=False, until=2)
+    state = load_checkpoint(tmp_path)
+    for name in ("hidden_loss", "query_rows", "updates_per_pass"):  # as written before these settings existed
+        del state["config"][name]
+    save_checkpoint(tmp_path, state)
+    with pytest.raises(ValueError, match="hidden_loss: checkpoint 'mse', now 'relative'"):
+        Distiller(tiny_llama(), windows(), DistillConfig(stage="full", steps=4, seq_len=32), tmp_path).resume()
+    assert Distiller(tiny_llama(), windows(), config, tmp_path).resume()

@@ -130,6 +130,8 @@ class StepRecord:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+# what a checkpoint written before a setting existed ran with (its config has no such key)
+CHECKPOINT_DEFAULTS = {"hidden_loss": "mse", "query_rows": 0, "updates_per_pass": 1}
 CHECKPOINT_KEYS = ("step", "config", "trainable", "buffers", "optimizer", "scheduler", "history")  # state_dict()
 
 
@@ -213,11 +215,10 @@ class Distiller:
         return self.method.name if self.method is not None else "sea"
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ours = asdict(self.config)
-        changed = sorted(name for name, value in state["config"].items()
-                         if name != "checkpoint_every" and ours.get(name) != value)
+        ours, theirs = asdict(self.config), {**CHECKPOINT_DEFAULTS, **state["config"]}
+        changed = sorted(name for name, value in theirs.items() if name != "checkpoint_every" and ours.get(name) != value)
         if changed:
-            details = ", ".join(f"{n}: checkpoint {state['config'][n]!r}, now {ours.get(n)!r}" for n in changed)
+            details = ", ".join(f"{n}: checkpoint {theirs[n]!r}, now {ours.get(n)!r}" for n in changed)
             raise ValueError(f"cannot resume: the run's settings differ from the checkpoint's ({details})")
         if state.get("method", "sea") != self._method_name:
             raise ValueError(f"cannot resume: the checkpoint trains {state.get('method', 'sea')}, this run "
