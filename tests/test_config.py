@@ -8,11 +8,14 @@ def test_defaults_and_derived_values():
     assert cfg.num_kv_heads == 12 and cfg.feature_kind == "favor" and cfg.grouping == "query"
     assert cfg.kernel_bins and cfg.key_bins and cfg.position_code == "none"  # binned signals, no length limit
     assert (cfg.sinks, cfg.local_window) == (4, 16)
+    assert cfg.estimate_width == 256  # a binned causal estimator; the paper's K elsewhere
     assert cfg.num_features == 33  # floor(64 ln 64 / 8)
     encoder = SEAConfig(num_heads=12, head_dim=64, causal=False)
     assert encoder.position_code == "tent" and not encoder.binned and (encoder.sinks, encoder.local_window) == (0, 0)
     paper = SEAConfig(num_heads=12, head_dim=64, kernel_bins=False, key_bins=False, sinks=0, local_window=0)
     assert paper.feature_kind == "relu" and paper.position_code == "learned"  # the paper's causal estimator
+    assert paper.estimate_width == encoder.estimate_width == 128
+    assert SEAConfig(num_heads=12, head_dim=64, estimate_width=64).estimate_width == 64
     for binned in (SEAConfig(num_heads=12, head_dim=64, key_bins=False), SEAConfig(num_heads=12, head_dim=64, kernel_bins=False)):
         assert binned.feature_kind == "favor" and binned.position_code == "none"
     assert SEAConfig.from_dict(cfg.to_dict()) == cfg

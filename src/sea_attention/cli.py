@@ -60,7 +60,7 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
     group = parser.add_argument_group("SEA options (when patching a base model)")
     if with_k:  # `sea eval` uses --k for its list of budgets
         group.add_argument("--k", type=positive_int, help="keys per query per head (default 64)")
-    group.add_argument("--estimate-width", type=positive_int, help="K, width of the compressed estimate (default 128)")
+    group.add_argument("--estimate-width", type=positive_int, help="K, width of the compressed estimate (default 256 for causal layers, 128 bidirectional)")
     group.add_argument("--feature-factor", type=positive_int, help="nbf: m = d ln d / nbf random features (default 8)")
     runtime = parser.add_argument_group("selection (also for saved SEA models)")
     runtime.add_argument("--grouping", choices=("query", "query_head", "block"),
@@ -418,7 +418,7 @@ def _add_bench_parser(commands) -> None:
     attention.add_argument("--heads", type=positive_int, default=12)
     attention.add_argument("--head-dim", type=positive_int, default=64)
     attention.add_argument("--k", type=positive_int, default=64, help="SEA keys per query per head")
-    attention.add_argument("--estimate-width", type=positive_int, default=128, help="SEA's K")
+    attention.add_argument("--estimate-width", type=positive_int, help="SEA's K (default: SEAConfig's)")
     attention.add_argument("--repeats", type=positive_int, default=3, help="timed calls per point (median)")
     attention.add_argument("--bidirectional", action="store_true", help="no causal mask")
     attention.add_argument("--memory-limit-gb", type=positive_float, default=16.0,

@@ -35,7 +35,10 @@ class SEAConfig:
         causal: decoder (causal) or encoder (bidirectional) attention.
         k: budget, the mean number of keys each query attends to per head.
         estimate_width: K, the width of the compressed attention estimate. Causal
-            estimators need a multiple of 4, bidirectional ones a multiple of 2.
+            estimators need a multiple of 4, bidirectional ones a multiple of 2. ``None``
+            picks 256 for a causal layer with a binned signal (on SmolLM2 at 1024 tokens and
+            k=64, undistilled, it covers 0.86 of the teacher's attention against 0.81 at 128;
+            wiki validation), 128 otherwise (the paper's).
         feature_factor: nbf; the Performer uses m = floor(d ln d / nbf) random features.
         feature_kind: ``"relu"`` (generalized ReLU features) or ``"favor"`` (FAVOR+
             positive softmax features); ``None`` picks FAVOR+ when a binned signal is on or
@@ -98,7 +101,7 @@ class SEAConfig:
     num_kv_heads: int | None = None
     causal: bool = True
     k: int = 64
-    estimate_width: int = 128
+    estimate_width: int | None = None
     feature_factor: int = 8
     feature_kind: str | None = None
     kernel_bins: bool | None = None
@@ -126,6 +129,8 @@ class SEAConfig:
             self.feature_kind = "relu" if self.causal and not self.binned else "favor"
         if self.position_code is None:
             self.position_code = "tent" if not self.causal else "none" if self.binned else "learned"
+        if self.estimate_width is None:
+            self.estimate_width = 256 if self.causal is True and self.binned else 128
         self.validate()
 
     # ------------------------------------------------------------------ validation

@@ -49,7 +49,7 @@ def run_demo(args) -> int:
     from . import assets
     from .distill import DistillConfig, Distiller, TokenWindows, tokenize
     from .evaluate import evaluate_budgets, format_table, write_json
-    from .hf import patch, save_pretrained
+    from .hf import patch, save_pretrained, sea_layers
     from .viz import capture_attention, plot_attention
 
     started = time.perf_counter()
@@ -59,7 +59,7 @@ def run_demo(args) -> int:
 
     print("1/5 loading smollm2-135m (the first run converts the bundled GGUF once, ~40 s)")
     model, tokenizer = assets.load_model("smollm2-135m")
-    patch(model, k=64, estimate_width=128)
+    patch(model, k=64)
     train = tokenize(tokenizer, assets.load_text("wiki", "train"))
     test = tokenize(tokenizer, assets.load_text("wiki", "test"))[: args.eval_tokens]
 
@@ -86,6 +86,7 @@ def run_demo(args) -> int:
 
     print("5/5 plotting one layer's attention")
     snapshot = capture_attention(model, test[:256].unsqueeze(0), layer=3, head=0)
-    plot_attention(snapshot, out / "attention.png", "SmolLM2-135M + SEA (k=64, K=128): layer 3, head 0")
+    width = sea_layers(model)[0][2].config.estimate_width
+    plot_attention(snapshot, out / "attention.png", f"SmolLM2-135M + SEA (k=64, K={width}): layer 3, head 0")
     print(f"done in {time.perf_counter() - started:.0f} s: model, results.json and attention.png in {out}")
     return 0

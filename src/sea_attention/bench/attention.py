@@ -41,7 +41,7 @@ class AttentionBenchSetup:
     heads: int = 12
     head_dim: int = 64
     k: int = 64
-    estimate_width: int = 128
+    estimate_width: int | None = None  # None: SEAConfig's default
     causal: bool = True
     repeats: int = 3
     threads: int | None = None
