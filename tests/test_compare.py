@@ -23,6 +23,7 @@ def test_compare_perplexity_table_json_and_plot(tiny_model_dir, tmp_path, capsys
                  "--seq-len", "64", "--max-tokens", "256", "--estimate-width", "8", "--json", str(report),
                  "--plot", str(png), "--quiet"]) == 0
     payload = json.loads(report.read_text())
+    assert payload["sea_config"]["estimate_width"] == 8  # what the sea rows ran with
     rows = payload["points"]
     assert [(r["method"], r["k"]) for r in rows] == [("dense", None)] + [
         (m, k) for m in ("oracle", "oracle_head", "window_sinks", "quest", "sea") for k in (16, 32)]

@@ -209,6 +209,7 @@ def cmd_compare(args) -> int:
     from .baselines.compare import check_model_runs
     from .baselines.trained import baseline_layers
     from .bench import write_bench_json
+    from .hf import sea_layers
 
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args), baselines=True)
     trained = baseline_layers(model)
@@ -216,7 +217,8 @@ def cmd_compare(args) -> int:
         args.methods = ("dense", trained.name) if trained is not None else DEFAULT_METHODS
     for method in args.methods:  # before any text is read
         check_model_runs(model, method)
-    about = {"model": args.model, "task": args.task, "methods": list(args.methods), "budgets": args.k_list}
+    about = {"model": args.model, "task": args.task, "methods": list(args.methods), "budgets": args.k_list,
+             "sea_config": sea_layers(model)[0][2].config.to_dict()}  # what the sea rows ran with
     if args.task == "passkey":
         from .baselines.passkey import PasskeyConfig, format_passkey_table, passkey_rows
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .atomic import write_text
 from .hf import LayerCall, dense_attention, layer_override, no_cache, sea_budget, sea_layers
 from .ops.reference import allowed_keys, reference_attention
 
@@ -134,8 +135,4 @@ def format_table(rows: list[PerplexityRow]) -> str:
 
 def write_json(rows: list[PerplexityRow], path: str | Path, **metadata) -> None:
     """Write the rows (and any run metadata) as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps({**metadata, "rows": [asdict(r) for r in rows]}, indent=2))
-    temporary.replace(path)
+    write_text(path, json.dumps({**metadata, "rows": [asdict(r) for r in rows]}, indent=2))
