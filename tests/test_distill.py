@@ -383,3 +383,40 @@ def test_a_checkpoint_from_before_the_relative_hidden_loss_resumes_only_with_the
     with pytest.raises(ValueError, match="hidden_loss: checkpoint 'mse', now 'relative'"):
         Distiller(tiny_llama(), windows(), DistillConfig(stage="full", steps=4, seq_len=32), tmp_path).resume()
     assert Distiller(tiny_llama(), windows(), config, tmp_path).resume()
+
+
+def test_an_estimator_checkpoint_resumes_whatever_the_hidden_loss_and_a_wider_k_is_named(tmp_path):
+    config = DistillConfig(steps=4, seq_len=32)
+    Distiller(tiny_llama(), windows(), config, tmp_path).run(progress=False, until=2)
+    state = load_checkpoint(tmp_path)
+    del state["config"]["hidden_loss"]  # an estimator-stage checkpoint from before the setting: no effect there
+    save_checkpoint(tmp_path, state)
+    assert Distiller(tiny_llama(), windows(), config, tmp_path).resume()
+    torch.manual_seed(0)
+    wider = patch(LlamaForCausalLM(tiny_llama().config).eval(), k=4, estimate_width=16)
+    with pytest.raises(ValueError, match="patched with other SEA settings"):
+        Distiller(wider, windows(), config, tmp_path).resume()
+
+
+def test_row_subsets_are_refused_for_the_block_grouping():
+    model = tiny_llama()
+    from sea_attention.hf import set_runtime
+
+    set_runtime(model, grouping="block")
+    with pytest.raises(ValueError, match="needs a per-query grouping"):
+        Distiller(model, windows(), DistillConfig(steps=1, seq_len=32, query_rows=8))
+
+
+@pytest.mark.parametrize("rows, expected", [(0, 2), (8, 4)])
+def test_the_teachers_attention_is_computed_once_per_layer_when_every_row_trains(monkeypatch, rows, expected):
+    import sea_attention.distill.trainer as trainer
+    from sea_attention.hf import interface
+
+    calls = []
+    for module in (trainer, interface):  # the trainer's targets and LayerCall.dense
+        original = getattr(module, "reference_attention", None) or module.exact_attention
+        name = "reference_attention" if hasattr(module, "reference_attention") else "exact_attention"
+        monkeypatch.setattr(module, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    config = DistillConfig(steps=1, seq_len=32, query_rows=rows, checkpoint_every=0)
+    Distiller(tiny_llama(), windows(), config).run(progress=False)
+    assert len(calls) == expected  # 2 layers: every row, once each; rows: the dense forward + the rows' targets

@@ -46,6 +46,13 @@ class AttentionBenchSetup:
     repeats: int = 3
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.estimate_width is None:  # SEAConfig's default for these shapes, recorded as the K used
+            from ..config import SEAConfig
+
+            self.estimate_width = SEAConfig(num_heads=self.heads, head_dim=self.head_dim,
+                                            causal=self.causal).estimate_width
+
     def sea_config(self, length: int, **changes):
         from ..config import SEAConfig
 

@@ -155,7 +155,8 @@ class Distiller:
         _validate_row_sampling(config, self.layers, method)
         self.step = 0
         self.history: list[StepRecord] = []
-        self._held: dict[int, list[LayerCall]] = {}  # micro-batch -> its teacher pass's layer calls
+        # micro-batch -> its teacher pass's layer calls, each with its every-row targets (None with query_rows)
+        self._held: dict[int, list[tuple[LayerCall, LayerTargets | None]]] = {}
         self._held_pass = -1  # which teacher pass ``_held`` is from
         self._set_trainable()
         groups = self._param_groups()
@@ -216,7 +217,8 @@ class Distiller:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ours, theirs = asdict(self.config), {**CHECKPOINT_DEFAULTS, **state["config"]}
-        changed = sorted(name for name, value in theirs.items() if name != "checkpoint_every" and ours.get(name) != value)
+        ignored = {"checkpoint_every"} | ({"hidden_loss"} if self.config.stage != "full" else set())  # no effect
+        changed = sorted(name for name, value in theirs.items() if name not in ignored and ours.get(name) != value)
         if changed:
             details = ", ".join(f"{n}: checkpoint {theirs[n]!r}, now {ours.get(n)!r}" for n in changed)
             raise ValueError(f"cannot resume: the run's settings differ from the checkpoint's ({details})")
@@ -224,6 +226,13 @@ class Distiller:
             raise ValueError(f"cannot resume: the checkpoint trains {state.get('method', 'sea')}, this run "
                              f"{self._method_name}")
         params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+        for name, value in [*state["trainable"].items(), *state["buffers"].items()]:
+            ours_now = params.get(name, buffers.get(name))
+            if ours_now is None or ours_now.shape != value.shape:
+                now = "missing" if ours_now is None else f"{tuple(ours_now.shape)}"
+                raise ValueError(f"cannot resume: {name} is {tuple(value.shape)} in the checkpoint and {now} in this "
+                                 "model: it was patched with other SEA settings (e.g. --estimate-width: causal layers "
+                                 "default to K=256 now, 128 before)")
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
@@ -266,6 +275,8 @@ class Distiller:
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.save()
         bar.close()
+        if self.step >= cfg.steps:  # the held q, k, v are not needed past the run
+            self._held, self._held_pass = {}, -1
         self.save()
         return self.history
 
@@ -356,17 +367,24 @@ class Distiller:
         except _StopForward:
             pass
 
-    def _teacher_calls(self, input_ids: torch.Tensor, teacher_pass: int, micro: int) -> list[LayerCall]:
+    def _teacher_calls(self, input_ids: torch.Tensor, teacher_pass: int,
+                       micro: int) -> list[tuple[LayerCall, LayerTargets | None]]:
         """Every layer's call (its q, k, v, no autograd) in the frozen model's dense forward of
-        ``input_ids``; held for the ``updates_per_pass`` steps that train on this teacher pass."""
+        ``input_ids``, held for the ``updates_per_pass`` steps that train on this teacher pass.
+        Training every row, the layer's dense attention is both its output and its targets, so
+        they are kept with the call; with ``query_rows`` each step scores its own rows."""
         if teacher_pass != self._held_pass:
             self._held, self._held_pass = {}, teacher_pass
         if micro not in self._held:
-            calls: list[LayerCall] = []
+            calls: list[tuple[LayerCall, LayerTargets | None]] = []
 
             def hold(call: LayerCall) -> Tensor:
-                calls.append(call)
-                return call.dense()[0]  # the forward stays dense
+                if self.config.query_rows:
+                    calls.append((call, None))
+                    return call.dense()[0]  # the forward stays dense
+                context, targets = self._dense_targets(call)
+                calls.append((call, targets))
+                return context
 
             self._layerwise_forward(input_ids, hold)
             if self.config.updates_per_pass == 1:
@@ -387,14 +405,15 @@ class Distiller:
         rows = (starts[:, None] + torch.arange(run)).flatten()
         return rows[rows < tq][:count].to(call.query.device)
 
-    def _estimator_pass(self, calls: list[LayerCall]) -> dict[str, float]:
+    def _estimator_pass(self, calls: list[tuple[LayerCall, LayerTargets | None]]) -> dict[str, float]:
         """Stage estimator: every layer's SEA trained on the teacher's held calls, one layer's graph at a time."""
         scale = 1.0 / (len(calls) * self.config.grad_accum)
         sums = {"loss": 0.0, "estimate_kl": 0.0, "context_mse": 0.0, "rows": 0.0}
-        for call in calls:
+        for call, targets in calls:
             rows = self._query_rows(call)
-            with torch.no_grad():
-                _, targets = self._dense_targets(call, rows)
+            if targets is None:
+                with torch.no_grad():
+                    _, targets = self._dense_targets(call, rows)
             _, losses, total = self._layer_loss(call, targets, rows)
             (total * scale).backward()
             sums["loss"] += float(total.detach()) / len(calls)
@@ -479,3 +498,6 @@ def _validate_row_sampling(config: DistillConfig, layers: list[nn.Module], metho
                          "once per teacher pass")
     if config.query_rows and not all(sea.config.causal for sea in layers):
         raise ValueError("query_rows needs causal SEA layers: a bidirectional row's estimate depends on every row")
+    if config.query_rows and any(sea.config.grouping == "block" for sea in layers):
+        raise ValueError("query_rows needs a per-query grouping (query or query_head): a block's selection is made "
+                         "by its first row for every row of the block")
