@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,7 +69,7 @@ class Run:
     model: torch.nn.Module
     distiller: Distiller
     spent: float = 0.0  # seconds of distillation, evaluation excluded
-    curve: list | None = None
+    curve: list[dict] = field(default_factory=list)  # held-out scores along the way
 
     def train_until(self, seconds: float) -> None:
         while self.spent < seconds:
@@ -80,7 +80,7 @@ class Run:
     def score(self, held_out, args) -> None:
         point = {"minutes": round(self.spent / 60, 2), "steps": self.distiller.step,
                  **held_out_perplexity(self.model, held_out, args)}
-        self.curve = (self.curve or []) + [point]
+        self.curve.append(point)
         print(f"{self.trainer.name}: {point['minutes']:.1f} min, {point['steps']} steps, "
               f"sea@{args.k} {point['sea']:.2f} (dense {point['dense']:.2f})", flush=True)
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..config import performer_features
-from ..estimator.features import RandomFeatures
+from ..estimator.features import RandomFeatures, layer_seed
 from .linear import kernel_attention
 
 
 @dataclass(frozen=True)
 class PerformerConfig:
     feature_factor: int = 1  # nbf: m = floor(d ln d / nbf) random features
-    seed: int = 0  # layer l draws its features from seed + 1_000_003 * l
+    seed: int = 0  # layer l draws its features from features.layer_seed(seed, l)
 
     def __post_init__(self) -> None:
         if isinstance(self.feature_factor, bool) or not isinstance(self.feature_factor, int) or self.feature_factor < 1:
@@ -40,7 +40,7 @@ class PerformerAttention(nn.Module):
                              f"head_dim={head_dim}: use a feature_factor <= {performer_features(head_dim, 1)}")
         self.config, self.causal = config, causal
         self.features = RandomFeatures(head_dim, features, "relu" if causal else "favor",
-                                       seed=config.seed + 1_000_003 * layer_idx)
+                                       seed=layer_seed(config.seed, layer_idx))
 
     def feature_maps(self, query: Tensor, key: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         """phi(q) (B, H, Tq, m) and phi(k) (B, H_kv, Tk, m), fp32."""

@@ -13,7 +13,7 @@ from ..config import SEAConfig
 from ..decoding import DecodeState
 from ..ops.reference import repeat_kv
 from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
-from .features import RandomFeatures, causal_linear_attention, linear_attention
+from .features import RandomFeatures, causal_linear_attention, layer_seed, linear_attention
 from .kernel_bins import edge_dots, key_logits, log_mass, prefix_sums
 from .positions import LearnedPositionCode, tent_code
 
@@ -58,7 +58,7 @@ class AttentionEstimator(nn.Module):
             self.decoder.start_at_zero()
 
     def _seed(self, redraw: int) -> int:
-        return self.config.seed + 1_000_003 * self.layer_idx + 7_919 * redraw
+        return layer_seed(self.config.seed, self.layer_idx, redraw)
 
     def maybe_redraw_features(self, step: int) -> bool:
         """Redraw the random features when ``step`` is a multiple of the redraw interval."""

@@ -19,6 +19,12 @@ RELU_EPS = 1e-3  # keeps ReLU features strictly positive
 DENOM_EPS = 1e-6  # a query whose keys are all padding divides by this, giving 0
 
 
+def layer_seed(seed: int, layer_idx: int, redraw: int = 0) -> int:
+    """The seed of layer ``layer_idx``'s random features (after ``redraw`` redraws): every layer
+    and every redraw draws its own."""
+    return seed + 1_000_003 * layer_idx + 7_919 * redraw
+
+
 def orthogonal_gaussian_projection(num_features: int, dim: int, generator: torch.Generator) -> Tensor:
     """(m, d) Gaussian orthogonal random features: QR-orthogonal blocks, rows rescaled
     by the norms of i.i.d. Gaussian vectors (so each row is marginally Gaussian)."""
