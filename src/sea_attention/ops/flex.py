@@ -135,6 +135,18 @@ def sea_block_mask(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, 
                                     seq_lengths=(tq, tk), compute_q_blocks=backward)
 
 
+def _two_key_blocks(k: Tensor, v: Tensor, key_valid: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """k, v and key_valid with padding keys appended up to ``block_size + 1`` keys.
+
+    torch 2.13's CPU kernel specialised for a single key block returns wrong rows on AVX2
+    CPUs (correct with AVX-512); two blocks take the general kernel. Padding keys have no
+    rank, so ``mask_mod`` never admits them and the result is unchanged.
+    """
+    extra = block_size + 1 - k.shape[2]
+    k, v = (torch.nn.functional.pad(x, (0, 0, 0, extra)) for x in (k, v))
+    return k, v, torch.nn.functional.pad(key_valid, (0, extra), value=False)
+
+
 def flex_sea_attention(q: Tensor, k: Tensor, v: Tensor, cells: Tensor, lengths: Tensor, key_valid: Tensor, *,
                        cap: int, scale: float, block_size: int = 128) -> Tensor:
     """Attention of q (B, H, Tq, d) on the keys selected by ``cells`` (B, H, Tq, K), via FlexAttention.
@@ -158,6 +170,8 @@ def flex_sea_attention(q: Tensor, k: Tensor, v: Tensor, cells: Tensor, lengths: 
         raise ValueError(f"FlexAttention needs q, k, v of one dtype among {_FLEX_DTYPES}, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if k.shape[2] <= block_size:
+        k, v, key_valid = _two_key_blocks(k, v, key_valid, block_size)
     block_mask = sea_block_mask(cells, lengths, key_valid, cap, block_size, backward=needs_grad)
     # grad mode is part of the compiled graph's guards: running inference as no_grad lets
     # calls with and without torch.no_grad() share one kernel
