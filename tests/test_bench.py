@@ -45,7 +45,7 @@ def test_cli_attention_writes_json_and_plot(tmp_path, capsys):
                  "--json", str(report), "--plot", str(png)]) == 0
     data = json.loads(report.read_text())
     assert data["setup"]["heads"] == 2 and data["machine"]["torch"] == torch.__version__
-    assert data["machine"]["cpu_model"]
+    assert data["machine"]["cpu_model"] and data["machine"]["cpu_capability"]
     points = {(p["method"], p["length"]): p for p in data["points"]}
     assert set(points) == {(m, t) for m in ("sdpa", "eager", "sea", "sea_block") for t in (64, 128)}
     assert all(p["seconds"] > 0 and p["peak_mb"] is not None and p["note"] == "" for p in points.values())

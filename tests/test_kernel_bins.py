@@ -103,3 +103,19 @@ def test_one_gather_for_both_signals_equals_each_alone():
     torch.testing.assert_close(log_mass(kernel), binned_log_mass(phi_q, alone_sums, counts, lengths, 8))
     key_sums, _ = prefix_sums(k, key_valid)
     torch.testing.assert_close(key_logits(keys, sizes, 0.3), binned_key_logits(q, key_sums, counts, lengths, 8, 0.3))
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 30, None])
+def test_edge_dots_do_not_depend_on_the_chunk(chunk):
+    """Rows gathered one at a time, a few at a time, all at once or by the cache-sized default
+    (``rows_per_chunk``) give the same dots."""
+    from sea_attention.estimator.kernel_bins import edge_dots, rows_per_chunk
+
+    phi_q, phi_k = torch.rand(2, 2, 3, 30, 5), torch.rand(2, 2, 30, 5)
+    key_valid = padding_mask(2, 30, 4)
+    lengths = query_lengths(key_valid, key_valid, True)
+    sums, counts = prefix_sums(phi_k, key_valid)
+    (expected,), _ = edge_dots([phi_q], sums, counts, lengths, 8, chunk=30)
+    (got,), _ = edge_dots([phi_q], sums, counts, lengths, 8, chunk=chunk)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert rows_per_chunk(sums, 8) >= 1 and rows_per_chunk(torch.empty(1, 64, 1, 10**6, dtype=torch.float64), 8) == 1

@@ -133,8 +133,10 @@ def cpu_model() -> str:
 
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
+    """torch, threads, CPUs, the CPU's model and the vector ISA torch's kernels use ('AVX2', 'AVX512', ...):
+    one CPU model name covers machines whose speeds differ 2x by ISA."""
     return {"torch": torch.__version__, "threads": threads or torch.get_num_threads(), "cpus": os.cpu_count(),
-            "cpu_model": cpu_model()}
+            "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def write_bench_json(points: list, path: str | Path, threads: int | None = None, **sections: Any) -> Path:
