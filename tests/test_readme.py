@@ -108,4 +108,5 @@ def test_readme_demo_command_runs_small(tmp_path, monkeypatch):
     assert ["demo"] in [argv[:1] for argv in sea_commands()]
     assert main(["demo", "--steps", "2", "--seq-len", "64", "--eval-len", "64", "--eval-tokens", "128", "--k", "32",
                  "--quiet"]) == 0
-    assert (tmp_path / "sea-demo" / "attention.png").exists()
+    for name in ("attention.png", "coverage.png", "diagnosis.json", "results.json"):
+        assert (tmp_path / "sea-demo" / name).exists(), name
