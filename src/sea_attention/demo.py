@@ -17,6 +17,8 @@ import torch
 
 from .cli_args import int_list, non_negative_int, positive_int
 
+MODEL_K = 64  # the patched model's own budget: the one diagnosed, plotted and saved
+
 
 def add_demo_parser(commands) -> None:
     demo = commands.add_parser("demo", help="distil and evaluate SEA on SmolLM2-135M (about 8 min on 2 CPU cores)")
@@ -67,7 +69,7 @@ def run_demo(args) -> int:
 
     print("1/6 loading smollm2-135m (the first run converts the bundled GGUF once, ~40 s)")
     model, tokenizer = assets.load_model("smollm2-135m")
-    patch(model, k=64)
+    patch(model, k=MODEL_K)
     train = tokenize(tokenizer, assets.load_text("wiki", "train"))
     test = tokenize(tokenizer, assets.load_text("wiki", "test"))[: args.eval_tokens]
 
@@ -95,21 +97,21 @@ def run_demo(args) -> int:
                distill_steps=args.steps, distill_seconds=round(trained - started, 1),
                history=[round(h.loss, 5) for h in history])
 
-    print(f"5/6 per layer, the teacher attention SEA's keys cover at k=64 ({min(args.eval_len, test.numel())} "
-          "test tokens)")
-    diagnosis = diagnose(model, test[: args.eval_len], DiagnoseConfig(k=64, seq_len=args.eval_len),
+    print(f"5/6 per layer, the teacher attention SEA's keys cover at k={MODEL_K} "
+          f"({min(args.eval_len, test.numel())} test tokens)")
+    diagnosis = diagnose(model, test[: args.eval_len], DiagnoseConfig(k=MODEL_K, seq_len=args.eval_len),
                          progress=not args.quiet)
     summary = diagnosis.summary()
     print(f"    coverage: SEA {summary['coverage_sea']:.3f}, oracle {summary['coverage_oracle']:.3f}, window "
           f"{summary['coverage_window_sinks']:.3f}; recall of the oracle's covered mass {summary['recall']:.3f}")
-    write_diagnosis_json(diagnosis, out / "diagnosis.json", model="smollm2-135m", data="wiki/test", k=64)
+    write_diagnosis_json(diagnosis, out / "diagnosis.json", model="smollm2-135m", data="wiki/test", k=MODEL_K)
     plot_diagnosis(diagnosis, out / "coverage.png", "SmolLM2-135M + SEA: teacher attention on the keys "
-                   f"each method selects, k=64, {diagnosis.tokens} wiki-test tokens")
+                   f"each method selects, k={MODEL_K}, {diagnosis.tokens} wiki-test tokens")
 
     print("6/6 plotting one layer's attention")
     snapshot = capture_attention(model, test[:256].unsqueeze(0), layer=3, head=0)
     width = sea_layers(model)[0][2].config.estimate_width
-    plot_attention(snapshot, out / "attention.png", f"SmolLM2-135M + SEA (k=64, K={width}): layer 3, head 0")
+    plot_attention(snapshot, out / "attention.png", f"SmolLM2-135M + SEA (k={MODEL_K}, K={width}): layer 3, head 0")
     print(f"done in {time.perf_counter() - started:.0f} s: model, results.json, diagnosis.json, coverage.png and "
           f"attention.png in {out}")
     return 0
