@@ -7,6 +7,7 @@
         --reference benchmarks/results/compare_smollm2_training_free.json \
               benchmarks/results/compare_smollm2_bbc_oracle_sea.json \
               benchmarks/results/compare_smollm2_bbc_k64.json \
+              benchmarks/results/compare_smollm2_bbc_window_sinks_k32_128.json \
               benchmarks/results/compare_smollm2_4096_k64_K256.json \
               benchmarks/results/compare_smollm2_bbc_4096_k64_K256.json \
         --json benchmarks/results/quality_targets_K512.json
