@@ -77,15 +77,21 @@ def targets(rows: dict[Key, float], recall: dict[str, float]) -> list[dict]:
     return checks
 
 
+def collect_checks(sea: list[str], reference: list[str]) -> list[dict]:
+    """The targets of one SEA model: its `sea` rows and diagnosis from ``sea``, the training-free
+    rows (dense, oracle, window_sinks) from ``reference`` and ``sea`` together."""
+    rows = load_rows(sea, {"sea", "dense"})
+    rows.update(load_rows(reference + sea, {"dense", "oracle", "window_sinks"}))
+    return targets(rows, load_recall(sea))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sea", nargs="+", required=True, help="compare/diagnose JSONs of the SEA model")
     parser.add_argument("--reference", nargs="+", default=[], help="compare JSONs with dense/oracle/window rows")
     parser.add_argument("--json", help="write the checks here")
     args = parser.parse_args()
-    rows = load_rows(args.sea, {"sea", "dense"})
-    rows.update(load_rows(args.reference + args.sea, {"dense", "oracle", "window_sinks"}))
-    checks = targets(rows, load_recall(args.sea))
+    checks = collect_checks(args.sea, args.reference)
     print(f"{'target':38s} {'text':6s} {'measured':>9s} {'bound':>6s}  result")
     for c in checks:
         print(f"{c['target']:38s} {c['text']:6s} {c['measured']:9.3f} {c['bound']:6.2f}  "

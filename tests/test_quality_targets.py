@@ -24,9 +24,7 @@ def _compare(path: Path, data: str, seq_len: int, points: list[tuple[str, int | 
 
 
 def _checks(qt, sea: list[str], reference: list[str]) -> dict[tuple[str, str], dict]:
-    rows = qt.load_rows(sea, {"sea", "dense"})
-    rows.update(qt.load_rows(reference + sea, {"dense", "oracle", "window_sinks"}))
-    return {(c["target"], c["text"]): c for c in qt.targets(rows, qt.load_recall(sea))}
+    return {(c["target"], c["text"]): c for c in qt.collect_checks(sea, reference)}
 
 
 def test_targets_met_and_missed(qt, tmp_path):
