@@ -19,8 +19,8 @@ import time
 import torch
 
 from sea_attention.atomic import write_text
-from sea_attention.bench.runtime import machine_info, matmul_gflops
-from sea_attention.estimator.kernel_bins import edge_dots, prefix_sums, rows_per_chunk
+from sea_attention.tools.bench.runtime import machine_info, matmul_gflops
+from sea_attention.core.estimator.kernel_bins import edge_dots, prefix_sums, rows_per_chunk
 
 KV_HEADS, GROUPS, FEATURES, DIM = 3, 3, 33, 64
 

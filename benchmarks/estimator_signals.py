@@ -26,16 +26,17 @@ import time
 
 import torch
 
-from sea_attention import assets, patch
+from sea_attention import patch
+from sea_attention.app import assets
 from sea_attention.atomic import write_text
-from sea_attention.cells import compress_attention, forced_cells, query_lengths
-from sea_attention.distill import tokenize
-from sea_attention.estimator.features import RandomFeatures
-from sea_attention.estimator.kernel_bins import binned_key_logits, binned_log_mass, prefix_sums
-from sea_attention.evaluate import grouped_oracle_mask
+from sea_attention.core.cells import compress_attention, forced_cells, query_lengths
+from sea_attention.tools.distill import tokenize
+from sea_attention.core.estimator.features import RandomFeatures
+from sea_attention.core.estimator.kernel_bins import binned_key_logits, binned_log_mass, prefix_sums
+from sea_attention.tools.evaluate import grouped_oracle_mask
 from sea_attention.hf import LayerCall, layer_override, no_cache
-from sea_attention.ops.reference import allowed_keys
-from sea_attention.selection import select_cells
+from sea_attention.core.ops.reference import allowed_keys
+from sea_attention.core.selection import select_cells
 
 
 def window_sinks(tq: int, k: int, sinks: int = 4) -> torch.Tensor:

@@ -19,12 +19,12 @@ from dataclasses import asdict
 
 import torch
 
-from sea_attention import assets
+from sea_attention.app import assets
 from sea_attention.atomic import write_text
-from sea_attention.bench.runtime import machine_info, matmul_gflops
-from sea_attention.cli_args import int_list
-from sea_attention.distill import DistillConfig, Distiller, TokenWindows, tokenize
-from sea_attention.evaluate import evaluate_budgets, format_table
+from sea_attention.tools.bench.runtime import machine_info, matmul_gflops
+from sea_attention.app.cli_args import int_list
+from sea_attention.tools.distill import DistillConfig, Distiller, TokenWindows, tokenize
+from sea_attention.tools.evaluate import evaluate_budgets, format_table
 from sea_attention.hf import patch
 
 VARIANTS = {  # name -> SEAConfig fields on top of k=64, K=128

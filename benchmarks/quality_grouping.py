@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from sea_attention import assets
-from sea_attention.cli_args import int_list
-from sea_attention.distill import tokenize
-from sea_attention.evaluate import perplexity
+from sea_attention.app import assets
+from sea_attention.app.cli_args import int_list
+from sea_attention.tools.distill import tokenize
+from sea_attention.tools.evaluate import perplexity
 from sea_attention.hf import dense_attention, from_pretrained, layer_override, sea_budget, sea_layers
 
 

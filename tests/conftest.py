@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from sea_attention import assets
+from sea_attention.app import assets
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Tests for sea_attention.assets: bundled texts, models and the atomic caches."""
+"""Tests for sea_attention.app.assets: bundled texts, models and the atomic caches."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sea_attention import assets
-from sea_attention.assets import BUNDLED_MODELS, BUNDLED_TEXTS, SPLITS, load_model, load_text
+from sea_attention.app import assets
+from sea_attention.app.assets import BUNDLED_MODELS, BUNDLED_TEXTS, SPLITS, load_model, load_text
 
 PARTS = ("train", "validation", "test")
 

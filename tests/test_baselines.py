@@ -6,16 +6,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_qkv, padding_mask
-from sea_attention.baselines import SELECTORS, CompareConfig, SelectionStats, SelectorOverride, query_chunks
-from sea_attention.baselines.compare import method_attention
-from sea_attention.baselines.oracle import (
+from sea_attention.tools.baselines import SELECTORS, CompareConfig, SelectionStats, SelectorOverride, query_chunks
+from sea_attention.tools.baselines.compare import method_attention
+from sea_attention.tools.baselines.oracle import (
     grouped_oracle_reference, oracle_head_mask, oracle_head_reference, oracle_mask,
 )
-from sea_attention.baselines.quest import quest_mask, quest_reference
-from sea_attention.baselines.window_sinks import window_sinks_mask, window_sinks_reference
-from sea_attention.evaluate import oracle_attention, perplexity
+from sea_attention.tools.baselines.quest import quest_mask, quest_reference
+from sea_attention.tools.baselines.window_sinks import window_sinks_mask, window_sinks_reference
+from sea_attention.tools.evaluate import oracle_attention, perplexity
 from sea_attention.hf import LayerCall, dense_attention, layer_override, no_cache, patch, sea_budget, set_runtime
-from sea_attention.ops.reference import allowed_keys, exact_attention
+from sea_attention.core.ops.reference import allowed_keys, exact_attention
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
 

@@ -18,7 +18,7 @@ from test_fuzz import Case, random_case
 from test_hf_patch import VOCAB, tiny_model
 
 from sea_attention import DecodeState, SEAAttention, SEAConfig
-from sea_attention.config import LEGACY_DEFAULTS
+from sea_attention.core.config import LEGACY_DEFAULTS
 from sea_attention.hf import dense_attention, layer_override, patch, sea_layers
 
 BATCH = 3

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from sea_attention.bench import (
+from sea_attention.tools.bench import (
     STAGES, AttentionBenchPoint, AttentionBenchSetup, bench_attention, format_attention_table, stage_flops,
     write_bench_json,
 )
-from sea_attention.bench.breakdown import measure_breakdown
-from sea_attention.bench.runtime import in_fresh_process
-from sea_attention.cli import main
+from sea_attention.tools.bench.breakdown import measure_breakdown
+from sea_attention.tools.bench.runtime import in_fresh_process
+from sea_attention.app.cli import main
 
 TINY = ["--heads", "2", "--head-dim", "16", "--k", "4", "--estimate-width", "8", "--repeats", "1", "--threads", "1"]
 

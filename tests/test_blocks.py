@@ -6,11 +6,11 @@ import torch
 from conftest import exact_attention, make_qkv, padding_mask
 from naive import naive_cells_to_keys
 from sea_attention import DecodeState, SEAAttention, SEAConfig
-from sea_attention.blocks import EXCLUDED, block_dense_mask, block_slots, select_blocks
-from sea_attention.cells import cell_starts, live_cells, query_lengths
-from sea_attention.ops.block_sparse import block_sparse_attention
-from sea_attention.ops.reference import reference_attention
-from sea_attention.selection import select_cells
+from sea_attention.core.blocks import EXCLUDED, block_dense_mask, block_slots, select_blocks
+from sea_attention.core.cells import cell_starts, live_cells, query_lengths
+from sea_attention.core.ops.block_sparse import block_sparse_attention
+from sea_attention.core.ops.reference import reference_attention
+from sea_attention.core.selection import select_cells
 
 
 def block_layer(causal=True, heads=4, kv_heads=2, dim=16, **kw):

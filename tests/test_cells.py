@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from naive import naive_cell_keys, naive_cells_to_keys, slot_cells_to_keys
-from sea_attention.cells import (
+from sea_attention.core.cells import (
     _even_picks, cell_lengths, cells_to_keys, compress_attention, key_bins, live_cells, query_lengths, stretch_estimate,
 )
 

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from sea_attention.cli import main
+from sea_attention.app.cli import main
 from sea_attention.hf import from_pretrained
 
 
@@ -115,7 +115,7 @@ def test_out_of_range_arguments_are_refused_by_the_parser(argv, message, capsys)
 
 
 def test_distill_config_rejects_bad_learning_rates():
-    from sea_attention.distill import DistillConfig
+    from sea_attention.tools.distill import DistillConfig
 
     for value in (-1.0, 0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="lr must be a finite number > 0"):

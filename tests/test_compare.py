@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from sea_attention import assets
-from sea_attention.baselines.passkey import PasskeyConfig, passkey_prompt, passkey_prompts
-from sea_attention.cli import main
+from sea_attention.app import assets
+from sea_attention.tools.baselines.passkey import PasskeyConfig, passkey_prompt, passkey_prompts
+from sea_attention.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def test_passkey_prompts_have_the_length_the_key_and_the_depth(tokenizer):
 
 
 def test_compare_reports_every_finished_row(tiny_model_dir):
-    from sea_attention.baselines import CompareConfig, compare_perplexity
-    from sea_attention.cli import load_sea_model
+    from sea_attention.tools.baselines import CompareConfig, compare_perplexity
+    from sea_attention.app.cli import load_sea_model
 
     model, _, _ = load_sea_model(str(tiny_model_dir / "model"), {"estimate_width": 8})
     seen = []

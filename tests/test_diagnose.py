@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaForCausalLM
 
-from sea_attention.cli import main
-from sea_attention.diagnose import DiagnoseConfig, diagnose
-from sea_attention.distill import tokenize
+from sea_attention.app.cli import main
+from sea_attention.tools.diagnose import DiagnoseConfig, diagnose
+from sea_attention.tools.distill import tokenize
 from sea_attention.hf import LayerCall, layer_override, no_cache, patch, save_pretrained
 
 SINKS = 4  # window_sinks' sinks

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sea_attention.distill import DistillConfig, Distiller, TokenWindows
-from sea_attention.distill.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from sea_attention.distill.trainer import CHECKPOINT_KEYS
+from sea_attention.tools.distill import DistillConfig, Distiller, TokenWindows
+from sea_attention.tools.distill.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from sea_attention.tools.distill.trainer import CHECKPOINT_KEYS
 from sea_attention.hf import patch, save_pretrained
 from sea_attention.hf.io import WEIGHTS_NAME
 
@@ -185,7 +185,7 @@ def test_killed_saves_leave_no_debris_after_the_next_save(tmp_path):
 
 def _distill_command(model_dir: Path, out: Path, steps: int, *extra: str) -> list[str]:
     """`sea distill` on the tiny model as its own process, checkpointing every step."""
-    return [sys.executable, "-m", "sea_attention.cli", "distill", "--model", str(model_dir / "model"),
+    return [sys.executable, "-m", "sea_attention.app.cli", "distill", "--model", str(model_dir / "model"),
             "--data", str(model_dir / "text.txt"), "--steps", str(steps), "--seq-len", "32", "--k", "4",
             "--estimate-width", "8", "--out", str(out), "--checkpoint-every", "1", "--quiet", *extra]
 
@@ -230,7 +230,7 @@ def test_kill_9_during_distillation_then_resume_gives_the_uninterrupted_weights(
 
 
 def test_relative_hidden_loss_is_the_mse_over_each_states_mean_square():
-    from sea_attention.distill.losses import hidden_mse
+    from sea_attention.tools.distill.losses import hidden_mse
 
     g = torch.Generator().manual_seed(0)
     teacher = (torch.randn(2, 5, 8, generator=g), 300 * torch.randn(2, 5, 8, generator=g), torch.zeros(2, 5, 8))
@@ -314,7 +314,7 @@ def test_each_teacher_pass_serves_updates_per_pass_steps(monkeypatch):
 
 
 def test_training_on_row_subsets_lowers_the_loss_on_every_row():
-    from sea_attention.distill.losses import layer_losses
+    from sea_attention.tools.distill.losses import layer_losses
 
     def full_loss(model):
         call = _sea_call(model, windows().batch(99, 1))
@@ -344,7 +344,7 @@ def test_row_sampling_settings_are_validated(kwargs, match):
 def test_row_sampling_is_refused_for_bidirectional_layers_and_baselines():
     from transformers import BertConfig, BertForMaskedLM
 
-    from sea_attention.baselines.trained import attach_baseline, baseline_layers
+    from sea_attention.tools.baselines.trained import attach_baseline, baseline_layers
 
     torch.manual_seed(0)
     bert = patch(BertForMaskedLM(BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
@@ -359,7 +359,7 @@ def test_row_sampling_is_refused_for_bidirectional_layers_and_baselines():
 
 
 def test_rows_come_in_aligned_runs():
-    from sea_attention.distill.trainer import ROW_RUN
+    from sea_attention.tools.distill.trainer import ROW_RUN
 
     model = tiny_llama()
     call = _sea_call(model, windows().batch(0, 1))
@@ -409,7 +409,7 @@ def test_row_subsets_are_refused_for_the_block_grouping():
 
 @pytest.mark.parametrize("rows, expected", [(0, 2), (8, 4)])
 def test_the_teachers_attention_is_computed_once_per_layer_when_every_row_trains(monkeypatch, rows, expected):
-    import sea_attention.distill.trainer as trainer
+    import sea_attention.tools.distill.trainer as trainer
     from sea_attention.hf import interface
 
     calls = []

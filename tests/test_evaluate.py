@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sea_attention.evaluate import (
+from sea_attention.tools.evaluate import (
     PerplexityRow, evaluate_budgets, format_table, oracle_attention, perplexity, sliding_windows,
 )
 from sea_attention.hf import dense_attention, layer_override, patch

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sea_attention.estimator.features import (
+from sea_attention.core.estimator.features import (
     RandomFeatures, causal_linear_attention, linear_attention, orthogonal_gaussian_projection,
 )
 

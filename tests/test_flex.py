@@ -10,10 +10,10 @@ import torch
 
 from conftest import make_qkv, padding_mask
 from sea_attention import SEAAttention, SEAConfig
-from sea_attention.cells import cells_to_keys, live_cells, query_lengths
-from sea_attention.ops.flex import flex_sea_attention, sea_block_mask
-from sea_attention.ops.reference import reference_attention
-from sea_attention.selection import select_cells
+from sea_attention.core.cells import cells_to_keys, live_cells, query_lengths
+from sea_attention.core.ops.flex import flex_sea_attention, sea_block_mask
+from sea_attention.core.ops.reference import reference_attention
+from sea_attention.core.selection import select_cells
 
 BATCH, HEADS, KV_HEADS, DIM = 2, 4, 2, 16
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from sea_attention import DecodeState, SEAAttention, SEAConfig
-from sea_attention.config import CAUSAL_GROUPINGS, GROUPINGS
+from sea_attention.core.config import CAUSAL_GROUPINGS, GROUPINGS
 
 
 # the estimator's random features run in fp32 even in a float64 layer, so results that sum the

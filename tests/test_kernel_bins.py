@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from sea_attention.cells import compress_attention, query_lengths
-from sea_attention.estimator.features import RandomFeatures
-from sea_attention.cells import cell_edges
-from sea_attention.estimator.kernel_bins import LOG_FLOOR, binned_key_logits, binned_log_mass, prefix_sums
+from sea_attention.core.cells import compress_attention, query_lengths
+from sea_attention.core.estimator.features import RandomFeatures
+from sea_attention.core.cells import cell_edges
+from sea_attention.core.estimator.kernel_bins import LOG_FLOOR, binned_key_logits, binned_log_mass, prefix_sums
 
 from conftest import padding_mask
 
@@ -91,7 +91,7 @@ def test_mean_key_logits_equal_a_bin_by_bin_reference(causal, pad, left, tk, wid
 
 def test_one_gather_for_both_signals_equals_each_alone():
     """The estimator reads [phi(q), q] against one concatenated prefix sum: the same numbers."""
-    from sea_attention.estimator.kernel_bins import edge_dots, key_logits, log_mass
+    from sea_attention.core.estimator.kernel_bins import edge_dots, key_logits, log_mass
 
     phi_q, q = torch.rand(2, 2, 3, 30, 5), torch.randn(2, 2, 3, 30, 8)
     phi_k, k = torch.rand(2, 2, 30, 5), torch.randn(2, 2, 30, 8)
@@ -109,7 +109,7 @@ def test_one_gather_for_both_signals_equals_each_alone():
 def test_edge_dots_do_not_depend_on_the_chunk(chunk):
     """Rows gathered one at a time, a few at a time, all at once or by the cache-sized default
     (``rows_per_chunk``) give the same dots."""
-    from sea_attention.estimator.kernel_bins import edge_dots, rows_per_chunk
+    from sea_attention.core.estimator.kernel_bins import edge_dots, rows_per_chunk
 
     phi_q, phi_k = torch.rand(2, 2, 3, 30, 5), torch.rand(2, 2, 30, 5)
     key_valid = padding_mask(2, 30, 4)

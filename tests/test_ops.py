@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import make_qkv
-from sea_attention.cells import cells_to_keys, live_cells, query_lengths
-from sea_attention.ops import naive_sparse_attention, reference_attention, sparse_attention
+from sea_attention.core.cells import cells_to_keys, live_cells, query_lengths
+from sea_attention.core.ops import naive_sparse_attention, reference_attention, sparse_attention
 
 
 def random_slots(batch, heads, tq, tk, width, causal, cap, density=0.3, pad=0):
@@ -91,7 +91,7 @@ def test_bfloat16_close_to_float32():
 @pytest.mark.parametrize("causal", [True, False])
 def test_exact_attention_matches_sdpa(causal):
     from conftest import exact_attention as sdpa_attention, padding_mask
-    from sea_attention.ops import exact_attention
+    from sea_attention.core.ops import exact_attention
     q, k, v = make_qkv(2, 4, 2, 6, 11, 8)
     mask = padding_mask(2, 11, 3, left=causal)
     context, probs = exact_attention(q, k, v, mask, 8 ** -0.5, causal)
@@ -125,7 +125,7 @@ def test_non_contiguous_inputs_like_transformers_gives():
 def test_slots_in_any_order(mode):
     """KeySlots from elsewhere may interleave unused slots and heads: same attention, same
     probabilities per slot, same gradients."""
-    from sea_attention.cells import KeySlots
+    from sea_attention.core.cells import KeySlots
     slots = random_slots(2, 4, 12, 12, 4, True, 3, pad=2)
     order = torch.rand(slots.head.shape).argsort(-1)
     shuffled = KeySlots(*(x.gather(-1, order) for x in (slots.head, slots.key, slots.valid)))

@@ -1,9 +1,9 @@
-"""sea_attention.estimator.per_sample: running a function one sample (or one run of rows) at a time."""
+"""sea_attention.core.estimator.per_sample: running a function one sample (or one run of rows) at a time."""
 
 import pytest
 import torch
 
-from sea_attention.estimator.per_sample import ALIGNMENT, per_sample, sample_wise
+from sea_attention.core.estimator.per_sample import ALIGNMENT, per_sample, sample_wise
 
 
 def scan(x, scale, state=None, chunk=4):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sea_attention.cli import main
+from sea_attention.app.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 NEEDS_SMOLLM2 = "load_model("

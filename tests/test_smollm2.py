@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sea_attention import assets
-from sea_attention.distill import DistillConfig, Distiller, TokenWindows, tokenize
-from sea_attention.evaluate import perplexity
+from sea_attention.app import assets
+from sea_attention.tools.distill import DistillConfig, Distiller, TokenWindows, tokenize
+from sea_attention.tools.evaluate import perplexity
 from sea_attention.hf import dense_attention, from_pretrained, patch, save_pretrained
 
 pytestmark = pytest.mark.slow

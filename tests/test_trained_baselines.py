@@ -11,19 +11,19 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_qkv, padding_mask
-from sea_attention.baselines import CompareConfig, CompareRow, format_compare_table, query_chunks
-from sea_attention.baselines.compare import method_attention, method_runs
-from sea_attention.baselines.cosformer import CosformerAttention, CosformerConfig, cosformer_reference
-from sea_attention.baselines.indexer import IndexerConfig, LightningIndexer, distil_layer, indexer_reference
-from sea_attention.baselines.linear import kernel_attention_reference
-from sea_attention.baselines.performer import PerformerAttention, PerformerConfig
-from sea_attention.baselines.saving import CONFIG_NAME, WEIGHTS_NAME, load_baseline, save_baseline
-from sea_attention.baselines.trained import attach_baseline, baseline_layers
-from sea_attention.cli import main
-from sea_attention.distill import DistillConfig, Distiller, TokenWindows
-from sea_attention.distill.losses import hidden_mse, logit_kl
+from sea_attention.tools.baselines import CompareConfig, CompareRow, format_compare_table, query_chunks
+from sea_attention.tools.baselines.compare import method_attention, method_runs
+from sea_attention.tools.baselines.cosformer import CosformerAttention, CosformerConfig, cosformer_reference
+from sea_attention.tools.baselines.indexer import IndexerConfig, LightningIndexer, distil_layer, indexer_reference
+from sea_attention.tools.baselines.linear import kernel_attention_reference
+from sea_attention.tools.baselines.performer import PerformerAttention, PerformerConfig
+from sea_attention.tools.baselines.saving import CONFIG_NAME, WEIGHTS_NAME, load_baseline, save_baseline
+from sea_attention.tools.baselines.trained import attach_baseline, baseline_layers
+from sea_attention.app.cli import main
+from sea_attention.tools.distill import DistillConfig, Distiller, TokenWindows
+from sea_attention.tools.distill.losses import hidden_mse, logit_kl
 from sea_attention.hf import LayerCall, dense_attention, no_cache, patch
-from sea_attention.ops.reference import exact_attention
+from sea_attention.core.ops.reference import exact_attention
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
 SCALE = DIM ** -0.5

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sea_attention.hf import patch
-from sea_attention.viz import AttentionSnapshot, capture_attention, plot_attention
+from sea_attention.tools.viz import AttentionSnapshot, capture_attention, plot_attention
 
 
 def tiny_snapshot(layer: int, head: int) -> AttentionSnapshot:

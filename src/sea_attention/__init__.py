@@ -1,8 +1,8 @@
 """sea-attention: linear-time sparse attention with an estimated attention mask (SEA, ICLR 2024)."""
 
-from .attention import SEAAttention, SEAOutput
-from .config import SEAConfig
-from .decoding import DecodeState
+from .core.attention import SEAAttention, SEAOutput
+from .core.config import SEAConfig
+from .core.decoding import DecodeState
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ import transformers
 from torch import nn
 from transformers.cache_utils import Cache
 
-from ..decoding import DecodeState
+from ..core.decoding import DecodeState
 
 CACHE_ATTR = "sea_cache"  # on an attention module, during its forward: the cache it was given
 STATE_ATTR = "sea_state"  # on a cache layer: that layer's DecodeState

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..attention import SEAAttention, SEAOutput
-from ..ops.reference import exact_attention
+from ..core.attention import SEAAttention, SEAOutput
+from ..core.ops.reference import exact_attention
 from .decoding import decode_state
 from .masks import key_padding_mask, sea_mask
 

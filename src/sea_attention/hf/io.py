@@ -33,9 +33,9 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import __version__
 from ..atomic import remove_debris, replace_dir, temp_dir
-from ..assets import load_model, load_tokenizer
+from ..app.assets import load_model, load_tokenizer
 from .families import family_of
-from ..config import LEGACY_DEFAULTS
+from ..core.config import LEGACY_DEFAULTS
 from .patch import _require_patched, patch, sea_layers, set_budget
 
 FORMAT_VERSION = 1
@@ -144,7 +144,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     """Load a directory written by :func:`save_pretrained`: (patched model in eval mode, tokenizer).
 
     The base comes from the directory when its weights were included, else from
-    ``sea_attention.assets.load_model(base_model)``. ``dtype`` defaults to the saved one. The
+    ``sea_attention.app.assets.load_model(base_model)``. ``dtype`` defaults to the saved one. The
     tokenizer is the saved one if any, else the base model's (None for an included base saved
     without a tokenizer). Every SEA tensor must be present in the saved weights.
     """

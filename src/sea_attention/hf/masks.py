@@ -22,7 +22,7 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from ..ops.reference import allowed_keys
+from ..core.ops.reference import allowed_keys
 
 _PLAIN = (causal_mask_function, bidirectional_mask_function)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from ..attention import SEAAttention
-from ..config import SEAConfig
+from ..core.attention import SEAAttention
+from ..core.config import SEAConfig
 from .decoding import attach_cache_hooks, detach_cache_hooks
 from .families import family_of
 from .interface import IMPLEMENTATION, OVERRIDE_ATTR, LayerOverride, register

@@ -1,0 +1,551 @@
+"""The `sea` command: distil, evaluate, plot, and the end-to-end demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import assets
+from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, positive_float,
+                       positive_int, row_range, unit_interval)
+
+
+def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: dict | None = None,
+                   baselines: bool = False):
+    """A saved SEA model directory, or a base model (bundled name, local dir, hub id) patched fresh;
+    with ``baselines``, also a trained-baseline save (``sea distill --method ...``).
+
+    ``overrides`` shape a fresh patch (ignored for a saved model); ``runtime`` (grouping,
+    query_block) changes no weight, so it applies to both.
+    """
+    from ..tools.baselines.saving import is_baseline_save, load_baseline
+    from ..hf import from_pretrained, patch, set_runtime
+
+    if is_baseline_save(name_or_path):
+        if not baselines:
+            raise ValueError(f"{name_or_path} holds a trained baseline (sea distill --method ...), not a SEA model: "
+                             "run it with `sea compare` or `sea eval`")
+        model, tokenizer = load_baseline(name_or_path)
+        if overrides or runtime:
+            print(f"note: {name_or_path} is a trained baseline; ignoring {sorted({**(overrides or {}), **runtime})}",
+                  file=sys.stderr)
+        return model, tokenizer, name_or_path
+    if (Path(name_or_path) / "sea_config.json").exists():
+        model, tokenizer = from_pretrained(name_or_path)
+        if overrides:
+            print(f"note: {name_or_path} is already a SEA model; ignoring {sorted(overrides)}", file=sys.stderr)
+    else:
+        model, tokenizer = assets.load_model(name_or_path)
+        patch(model, **(overrides or {}))
+    if runtime:
+        set_runtime(model, **runtime)
+    return model, tokenizer, name_or_path
+
+
+def _runtime_options(args) -> dict:
+    return {name: getattr(args, name) for name in ("grouping", "query_block") if getattr(args, name, None) is not None}
+
+
+def _sea_overrides(args) -> dict:
+    with_k = args.command not in ("eval", "compare", "diagnose")  # their --k is the budget(s) measured
+    names = ("k", "estimate_width", "feature_factor") if with_k else ("estimate_width", "feature_factor")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> None:
+    group = parser.add_argument_group("SEA options (when patching a base model)")
+    if with_k:  # `sea eval` uses --k for its list of budgets
+        group.add_argument("--k", type=positive_int, help="keys per query per head (default 64)")
+    group.add_argument("--estimate-width", type=positive_int, help="K, width of the compressed estimate (default 256 for causal layers, 128 bidirectional)")
+    group.add_argument("--feature-factor", type=positive_int, help="nbf: m = d ln d / nbf random features (default 8)")
+    runtime = parser.add_argument_group("selection (also for saved SEA models)")
+    runtime.add_argument("--grouping", choices=("query", "query_head", "block"),
+                         help="which cells share one top-k: per query (default), per query and head, or per "
+                              "block of positions (fastest on long inputs)")
+    runtime.add_argument("--query-block", type=positive_int, help="positions per block of --grouping block (default 64)")
+
+
+# ---------------------------------------------------------------------------------------- distill
+# option of `sea distill` -> (the trained baseline it shapes, the field of that baseline's config)
+BASELINE_OPTIONS = {"indexer_heads": ("indexer", "heads"), "indexer_dim": ("indexer", "head_dim"),
+                    "performer_feature_factor": ("performer", "feature_factor")}
+
+
+def _baseline_config(args):
+    """The config of ``--method`` from its options; options of other methods are an error."""
+    from ..tools.baselines.trained import trained_method
+
+    given = {}
+    for option, (owner, field) in BASELINE_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is not None and owner != args.method:
+            raise ValueError(f"--{option.replace('_', '-')} applies to --method {owner}, not {args.method}")
+        if value is not None:
+            given[field] = value
+    if args.method == "sea":
+        return None
+    if args.method == "cosformer":
+        given["horizon"] = args.seq_len  # its cos weights span the distillation windows
+    return trained_method(args.method).config(**given)
+
+
+def _distill_stage(args) -> str:
+    """--stage, or the method's own: estimator for SEA and the indexer, full for the linear attentions."""
+    from ..tools.baselines.trained import trained_method
+
+    if args.method == "sea":
+        return args.stage or "estimator"
+    method = trained_method(args.method)
+    if args.stage not in (None, method.stage):
+        raise ValueError(f"--method {args.method} is distilled with --stage {method.stage}, not {args.stage}")
+    return method.stage
+
+
+def _baseline_student(args, config):
+    """A base model, patched (the patch routes each layer to the baseline), carrying a fresh ``--method``."""
+    from ..tools.baselines.saving import is_baseline_save
+    from ..tools.baselines.trained import attach_baseline
+    from ..hf import patch
+
+    options = {**_sea_overrides(args), **_runtime_options(args)}
+    if options:
+        raise ValueError(f"{sorted(options)} shape SEA; --method {args.method} does not use them")
+    if (Path(args.model) / "sea_config.json").exists() or is_baseline_save(args.model):
+        raise ValueError(f"--method {args.method} is distilled from a base model, and {args.model} is a distilled save")
+    model, tokenizer = assets.load_model(args.model)
+    patch(model)
+    return model, tokenizer, attach_baseline(model, args.method, config)
+
+
+def cmd_distill(args) -> int:
+    from ..tools.baselines.saving import check_baseline_target, save_baseline
+    from ..tools.distill import DistillConfig, Distiller, TokenWindows, tokenize
+    from ..hf import save_pretrained
+    from ..hf.io import check_save_target
+
+    stage, baseline = _distill_stage(args), _baseline_config(args)
+    if baseline is None:
+        check_save_target(args.out)  # before training, not after it
+        torch.manual_seed(args.seed)
+        model, tokenizer, base = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+        method = None
+    else:
+        check_baseline_target(args.out)
+        torch.manual_seed(args.seed)
+        model, tokenizer, method = _baseline_student(args, baseline)
+        base = args.model
+    config = DistillConfig(stage=stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+                           grad_accum=args.grad_accum, lr=args.lr, base_lr=args.base_lr,
+                           warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
+                           checkpoint_every=args.checkpoint_every, hidden_loss=args.hidden_loss,
+                           query_rows=args.query_rows, updates_per_pass=args.updates_per_pass)
+    tokens = tokenize(tokenizer, assets.load_text(args.data, "train"))
+    checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
+    distiller = Distiller(model, TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints, method)
+    if args.resume:
+        print(f"resumed at step {distiller.step}" if distiller.resume() else "no checkpoint found: starting fresh")
+    started = time.perf_counter()
+    history = distiller.run(progress=not args.quiet)
+    # fine-tuned base weights (stage full, now or earlier) must travel with the SEA weights
+    tuned = stage == "full" or bool(getattr(model.config, "sea_base_weights_included", False))
+    if method is None:
+        save_pretrained(model, args.out, base_model=getattr(model.config, "sea_base_model", None) or base,
+                        tokenizer=tokenizer, include_base_weights=tuned)
+    else:
+        save_baseline(model, args.out, base_model=base, tokenizer=tokenizer, include_base_weights=tuned)
+    first, last = history[0], history[-1]
+    print(f"{args.method}, stage {stage}: {len(history)} steps, loss {first.loss:.4f} -> {last.loss:.4f}, "
+          f"{time.perf_counter() - started:.0f} s; model saved to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from ..tools.baselines.trained import baseline_layers
+    from ..tools.distill import tokenize
+    from ..tools.evaluate import evaluate_budgets, format_table, write_json
+
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args), baselines=True)
+    tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))
+    if args.max_tokens is not None:
+        tokens = tokens[: args.max_tokens]
+    stride = args.seq_len if args.stride is None else args.stride
+    trained = baseline_layers(model)
+    if trained is not None:
+        return _eval_baseline(args, model, tokens, trained.name, stride)
+    rows = evaluate_budgets(model, tokens, seq_len=args.seq_len, stride=stride,
+                            budgets=args.k_list, oracle=args.oracle, progress=not args.quiet)
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json, model=args.model, data=args.data, split=args.split, seq_len=args.seq_len,
+                   stride=stride)
+    return 0
+
+
+def _eval_baseline(args, model, tokens, method: str, stride: int) -> int:
+    """`sea eval` of a trained baseline: its rows of `sea compare` (and the oracle's), dense first."""
+    from ..tools.baselines import CompareConfig, compare_perplexity, format_compare_table
+    from ..tools.bench import write_bench_json
+
+    methods = (method, "oracle") if args.oracle else (method,)
+    config = CompareConfig(methods, tuple(args.k_list), args.seq_len, stride)
+    rows = compare_perplexity(model, tokens, config, progress=not args.quiet)
+    print(format_compare_table(rows))
+    if args.json:
+        write_bench_json(rows, args.json, model=args.model, data=args.data, split=args.split, seq_len=args.seq_len,
+                         stride=stride)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- compare
+def cmd_compare(args) -> int:
+    from dataclasses import asdict
+
+    from ..tools.baselines import DEFAULT_METHODS
+    from ..tools.baselines.compare import check_model_runs
+    from ..tools.baselines.trained import baseline_layers
+    from ..tools.bench import write_bench_json
+    from ..hf import sea_layers
+
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args), baselines=True)
+    trained = baseline_layers(model)
+    if args.methods is None:  # a trained baseline's model: dense and the baseline
+        args.methods = ("dense", trained.name) if trained is not None else DEFAULT_METHODS
+    for method in args.methods:  # before any text is read
+        check_model_runs(model, method)
+    about = {"model": args.model, "task": args.task, "methods": list(args.methods), "budgets": args.k_list,
+             "sea_config": sea_layers(model)[0][2].config.to_dict()}  # what the sea rows ran with
+    if args.task == "passkey":
+        from ..tools.baselines.passkey import PasskeyConfig, format_passkey_table, passkey_rows
+
+        if args.plot:
+            raise ValueError("--plot draws perplexity against keys per query: use it with --task perplexity")
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer to build passkey prompts with")
+        config = PasskeyConfig(tuple(args.lengths), args.prompts, args.seed, args.max_new_tokens)
+        rows = passkey_rows(model, tokenizer, args.methods, tuple(args.k_list), config, progress=not args.quiet)
+        print(format_passkey_table(rows))
+        about["setup"] = asdict(config)
+    else:
+        from ..tools.baselines import CompareConfig, compare_perplexity, format_compare_table
+        from ..tools.baselines.plot import plot_compare
+        from ..tools.distill import tokenize
+
+        tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))[: args.max_tokens]
+        config = CompareConfig(args.methods, tuple(args.k_list), args.seq_len, args.stride, args.coverage_skip)
+        about.update(data=args.data, split=args.split, tokens=int(tokens.numel()), setup=asdict(config))
+        partial = (lambda done: write_bench_json(done, args.json, **about, complete=False)) if args.json else None
+        rows = compare_perplexity(model, tokens, config, progress=not args.quiet, on_row=partial)
+        print(format_compare_table(rows))
+        if args.plot:
+            title = f"{args.model}, {args.data}/{args.split}: {tokens.numel()} tokens, windows of {args.seq_len}"
+            print(f"wrote {plot_compare(rows, args.plot, title)}")
+    if args.json:
+        print(f"wrote {write_bench_json(rows, args.json, **about, complete=True)}")
+    return 0
+
+
+def _add_compare_parser(commands) -> None:
+    from ..tools.baselines import DEFAULT_METHODS, METHODS, check_methods
+
+    compare = commands.add_parser("compare", help="every method (oracle, window+sinks, Quest, SEA) at equal budget")
+    compare.add_argument("--model", required=True, help="bundled name, local dir, SEA dir or hub id")
+    compare.add_argument("--task", default="perplexity", choices=("perplexity", "passkey"))
+    compare.add_argument("--methods", type=name_list(check_methods),
+                         help=f"some of {','.join(METHODS)} (dense always runs: the reference); default "
+                              f"{','.join(DEFAULT_METHODS)}, or dense and the baseline for a model distilled with "
+                              "`sea distill --method`")
+    compare.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128],
+                         help="keys per query per head, e.g. 32,64,128")
+    perplexity = compare.add_argument_group("--task perplexity")
+    perplexity.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
+    perplexity.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
+    perplexity.add_argument("--seq-len", type=int, default=1024)
+    perplexity.add_argument("--stride", type=int, help="default: --seq-len (non-overlapping windows)")
+    perplexity.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    perplexity.add_argument("--coverage-skip", type=float, default=0.0,
+                            help="coverage over rows past this fraction of each window (e.g. 0.25)")
+    perplexity.add_argument("--plot", help="write a PNG of perplexity against keys per query")
+    passkey = compare.add_argument_group("--task passkey")
+    passkey.add_argument("--lengths", type=int_list, default=[1024, 2048, 4096], help="prompt lengths in tokens")
+    passkey.add_argument("--prompts", type=int, default=3, help="prompts per length (evenly spaced depths)")
+    passkey.add_argument("--max-new-tokens", type=int, default=8)
+    passkey.add_argument("--seed", type=int, default=0, help="seed of the keys")
+    compare.add_argument("--json", help="write the setup, machine and rows to this JSON file")
+    compare.add_argument("--quiet", action="store_true")
+    _add_sea_options(compare, with_k=False)
+    compare.set_defaults(func=cmd_compare)
+
+
+# ---------------------------------------------------------------------------------------- diagnose
+def cmd_diagnose(args) -> int:
+    from dataclasses import asdict
+
+    from ..tools.diagnose import DiagnoseConfig, diagnose, format_diagnosis_table, plot_diagnosis, write_diagnosis_json
+    from ..tools.distill import tokenize
+
+    config = DiagnoseConfig(args.k, args.seq_len, args.coverage_skip)  # bad values fail before the model loads
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+    tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))[: args.max_tokens]
+    diagnosis = diagnose(model, tokens, config, progress=not args.quiet)
+    print(format_diagnosis_table(diagnosis))
+    if args.json:
+        about = dict(model=args.model, data=args.data, split=args.split, setup=asdict(config))
+        print(f"wrote {write_diagnosis_json(diagnosis, args.json, **about)}")
+    if args.plot:
+        rows = f"rows past {args.coverage_skip:g} of each" if args.coverage_skip else "all rows"
+        title = (f"{args.model}, {args.data}/{args.split}\n"
+                 f"k={args.k}, {diagnosis.windows} windows of {args.seq_len} tokens, {rows}")
+        print(f"wrote {plot_diagnosis(diagnosis, args.plot, title)}")
+    return 0
+
+
+def _add_diagnose_parser(commands) -> None:
+    diagnose = commands.add_parser("diagnose", help="per layer and head: the teacher mass SEA's keys cover, beside "
+                                                    "the oracle's and a window's, and the estimate's KL")
+    diagnose.add_argument("--model", required=True, help="SEA dir, or a base model to patch (untrained estimator)")
+    diagnose.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
+    diagnose.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
+    diagnose.add_argument("--seq-len", type=positive_int, default=1024, help="tokens per window (non-overlapping)")
+    diagnose.add_argument("--max-tokens", type=positive_int, help="use only the first N tokens")
+    diagnose.add_argument("--k", type=positive_int, default=64, help="keys per query per head, for every method")
+    diagnose.add_argument("--coverage-skip", type=fraction, default=0.0,
+                          help="measure only rows past this fraction of each window (e.g. 0.25)")
+    diagnose.add_argument("--json", help="write the setup, machine, per-layer and per-head numbers to this JSON file")
+    diagnose.add_argument("--plot", help="write a PNG: coverage bars per layer, the estimate's KL below")
+    diagnose.add_argument("--quiet", action="store_true")
+    _add_sea_options(diagnose, with_k=False)
+    diagnose.set_defaults(func=cmd_diagnose)
+
+
+# ---------------------------------------------------------------------------------------- plot
+def cmd_plot(args) -> int:
+    from ..tools.distill import tokenize
+    from ..tools.viz import capture_attention, plot_attention
+
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+    tokens = tokenize(tokenizer, assets.load_text(args.data, "test"))[: args.seq_len]
+    snapshot = capture_attention(model, tokens.unsqueeze(0), args.layer, args.head)
+    count = snapshot.teacher.shape[0]
+    if args.last is not None:
+        snapshot = snapshot.rows(count - args.last, count)
+    elif args.rows is not None:
+        start, stop = args.rows
+        snapshot = snapshot.rows(start or 0, count if stop is None else stop)
+    print(f"wrote {plot_attention(snapshot, args.out, f'{args.model}: layer {args.layer}, head {args.head}')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    from transformers import TextStreamer
+
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer to turn the prompt into tokens")
+    if args.dense:
+        from ..hf import dense_attention as attention_mode
+    else:
+        from contextlib import nullcontext
+
+        attention_mode = lambda m: nullcontext(m)  # noqa: E731
+    device = next(model.parameters()).device
+    encoded = tokenizer(args.prompt, return_tensors="pt")
+    inputs = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask") if name in encoded}
+    torch.manual_seed(args.seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else \
+        dict(do_sample=False)
+    with attention_mode(model):
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
+                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    from dataclasses import asdict
+
+    from ..tools import bench
+
+    if args.bench_command == "model":
+        setup = bench.ModelBenchSetup(args.model, args.lengths, args.decode_tokens, args.data,
+                                      args.dense_implementation, args.threads)
+        if args.model == "tiny":  # a random narrow Llama, no tokenizer: random prompt ids
+            from ..hf import patch
+
+            model, tokenizer = patch(bench.tiny_model(max(args.lengths) + args.decode_tokens),
+                                     **_sea_overrides(args), **_runtime_options(args)), None
+        else:
+            model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+        print(f"{args.model}: prefill T tokens, then {args.decode_tokens} greedy decode steps; dense = "
+              f"{args.dense_implementation}")
+        points = bench.bench_model(model, tokenizer, setup)
+        print(f"\n{bench.format_model_table(args.model, points)}")
+        sections = {"setup": asdict(setup)}
+    else:
+        setup = bench.AttentionBenchSetup(args.heads, args.head_dim, args.k, args.estimate_width,
+                                          not args.bidirectional, args.repeats, args.threads)
+        print(f"attention forward, B=1, H={setup.heads}, d={setup.head_dim}, fp32, "
+              f"{'causal' if setup.causal else 'bidirectional'}; one fresh process per point")
+        points = bench.bench_attention(args.lengths, args.methods, setup, args.memory_limit_gb, args.timeout)
+        print(f"\n{bench.format_attention_table(points)}")
+        sections = {"setup": asdict(setup), "memory_limit_gb": args.memory_limit_gb}
+        if args.breakdown:
+            groupings = tuple(g for m, g in (("sea", "query"), ("sea_block", "block")) if m in args.methods) or ("query",)
+            rate, breakdowns = bench.bench_breakdown(args.lengths, setup, args.timeout, groupings=groupings)
+            for breakdown in breakdowns:
+                print(f"\n{bench.format_breakdown(breakdown, rate)}")
+            sections["breakdown"] = {"matmul_gflops": rate, "lengths": [asdict(b) for b in breakdowns]}
+        if args.plot:
+            print(f"wrote {bench.plot_attention_bench(points, args.plot)}")
+    if args.json:
+        print(f"wrote {bench.write_bench_json(points, args.json, threads=args.threads, **sections)}")
+    return 0
+
+
+def _add_bench_parser(commands) -> None:
+    from ..tools.bench import METHODS, check_methods
+
+    bench = commands.add_parser("bench", help="speed and memory: the attention alone, or a whole model")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    attention = kinds.add_parser("attention", help="time and peak memory of one attention forward vs T")
+    attention.add_argument("--lengths", type=int_list, default=[1024, 4096, 16384, 32768], help="e.g. 1024,4096")
+    attention.add_argument("--methods", type=name_list(check_methods), default=METHODS,
+                           help=f"some of {','.join(METHODS)}")
+    attention.add_argument("--heads", type=positive_int, default=12)
+    attention.add_argument("--head-dim", type=positive_int, default=64)
+    attention.add_argument("--k", type=positive_int, default=64, help="SEA keys per query per head")
+    attention.add_argument("--estimate-width", type=positive_int, help="SEA's K (default: SEAConfig's)")
+    attention.add_argument("--repeats", type=positive_int, default=3, help="timed calls per point (median)")
+    attention.add_argument("--bidirectional", action="store_true", help="no causal mask")
+    attention.add_argument("--memory-limit-gb", type=positive_float, default=16.0,
+                           help="skip dense methods (eager, sea_reference) estimated to need more")
+    attention.add_argument("--timeout", type=positive_float, default=1800, help="seconds per point")
+    attention.add_argument("--breakdown", action="store_true", help="also time each stage of SEA against its FLOP floor")
+    attention.add_argument("--plot", help="write a log-log PNG of time and memory vs T")
+    model = kinds.add_parser("model", help="prefill and decode tokens/s, dense vs SEA")
+    model.add_argument("--model", required=True, help="bundled name, local dir, SEA dir, hub id, or 'tiny' (random)")
+    model.add_argument("--lengths", type=int_list, default=[512, 1024, 2048], help="prompt lengths")
+    model.add_argument("--decode-tokens", type=positive_int, default=32)
+    model.add_argument("--data", default="wiki", help="text of the prompts: 'wiki', 'bbc' or a text file")
+    model.add_argument("--dense-implementation", default="sdpa", choices=("sdpa", "eager"))
+    _add_sea_options(model)
+    for parser in (attention, model):
+        parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+        parser.add_argument("--json", help="write the setup, machine and results to this JSON file")
+        parser.set_defaults(func=cmd_bench)
+
+
+# ---------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sea", description="SEA: linear-time sparse attention for pretrained transformers")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from .demo import add_demo_parser
+
+    add_demo_parser(commands)
+
+    from ..tools.baselines.trained import TRAINED
+    from ..tools.distill.losses import HIDDEN_LOSSES
+
+    distill = commands.add_parser("distill", help="distil SEA (or a trained baseline) from a model's dense attention")
+    distill.add_argument("--model", default="smollm2-135m", help="bundled name, local dir, SEA dir or hub id")
+    distill.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
+    distill.add_argument("--method", default="sea", choices=("sea", *TRAINED),
+                         help="what to distil: SEA, or a trained baseline of `sea compare` (default sea)")
+    distill.add_argument("--stage", choices=("estimator", "full"),
+                         help="estimator: only the method's modules, base frozen; full: the whole model against a "
+                              "frozen dense copy (default: estimator for sea and indexer, full for performer and "
+                              "cosformer, the only stage they have)")
+    distill.add_argument("--steps", type=positive_int, default=100)
+    distill.add_argument("--seq-len", type=positive_int, default=512)
+    distill.add_argument("--batch-size", type=positive_int, default=1)
+    distill.add_argument("--grad-accum", type=positive_int, default=1)
+    distill.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of the SEA modules")
+    distill.add_argument("--base-lr", type=positive_float, default=1e-5, help="learning rate of the base model (stage full)")
+    distill.add_argument("--warmup-steps", type=non_negative_int, default=10)
+    distill.add_argument("--query-rows", type=non_negative_int, default=0,
+                         help="stage estimator: query rows per window trained in each layer, drawn afresh every "
+                              "step (default 0: every row)")
+    distill.add_argument("--updates-per-pass", type=positive_int, default=1,
+                         help="stage estimator: optimizer steps per teacher forward, each on fresh rows (default 1)")
+    distill.add_argument("--hidden-loss", default="relative", choices=HIDDEN_LOSSES,
+                         help="stage full: hidden-state MSE relative to each state's scale (default), or the "
+                              "paper's plain MSE")
+    distill.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
+    distill.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--out", required=True, help="directory for the distilled model")
+    distill.add_argument("--checkpoint-dir", help="default: OUT-checkpoints")
+    distill.add_argument("--checkpoint-every", type=non_negative_int, default=50)
+    distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    distill.add_argument("--quiet", action="store_true")
+    _add_sea_options(distill)
+    baselines = distill.add_argument_group("trained baselines (--method)")
+    baselines.add_argument("--indexer-heads", type=positive_int, help="indexer heads (default 4)")
+    baselines.add_argument("--indexer-dim", type=positive_int, help="width of an indexer head (default 32)")
+    baselines.add_argument("--performer-feature-factor", type=positive_int,
+                           help="nbf of the performer: m = d ln d / nbf random features (default 1)")
+    distill.set_defaults(func=cmd_distill)
+
+    evaluate = commands.add_parser("eval", help="perplexity: dense vs SEA at several k (and the oracle)")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--data", default="wiki")
+    evaluate.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
+    evaluate.add_argument("--seq-len", type=positive_int, default=1024)
+    evaluate.add_argument("--stride", type=positive_int, help="default: --seq-len (non-overlapping windows)")
+    evaluate.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128], help="budgets, e.g. 32,64,128")
+    evaluate.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
+                          help="also evaluate exact top-(H*k) selection on the dense attention")
+    evaluate.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens")
+    evaluate.add_argument("--json", help="write the numbers to this JSON file")
+    evaluate.add_argument("--quiet", action="store_true")
+    _add_sea_options(evaluate, with_k=False)
+    evaluate.set_defaults(func=cmd_eval)
+
+    generate = commands.add_parser("generate", help="generate text with a SEA model, streamed to the terminal")
+    generate.add_argument("--model", required=True, help="SEA dir, or a base model to patch (untrained estimator)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64)
+    generate.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-p", type=unit_interval, default=0.95, help="nucleus sampling mass, in (0, 1]")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--dense", action="store_true", help="use the model's dense attention instead, to compare")
+    _add_sea_options(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    plot = commands.add_parser("plot", help="PNG of teacher attention, SEA estimate and SEA sparse attention")
+    plot.add_argument("--model", required=True)
+    plot.add_argument("--data", default="wiki")
+    plot.add_argument("--seq-len", type=positive_int, default=256)
+    plot.add_argument("--layer", type=non_negative_int, default=0)
+    plot.add_argument("--head", type=non_negative_int, default=0)
+    rows = plot.add_mutually_exclusive_group()
+    rows.add_argument("--rows", type=row_range, help="plot only query rows START:STOP (keys up to STOP), e.g. 768:1024")
+    rows.add_argument("--last", type=positive_int, help="plot only the last N query rows (all the keys they see)")
+    plot.add_argument("--out", default="attention.png")
+    _add_sea_options(plot)
+    plot.set_defaults(func=cmd_plot)
+
+    _add_compare_parser(commands)
+    _add_diagnose_parser(commands)
+    _add_bench_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as error:
+        print(f"sea {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

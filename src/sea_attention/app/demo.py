@@ -1,0 +1,117 @@
+"""`sea demo`: the whole path on a real pretrained model, on a CPU, in about eight minutes.
+
+Load SmolLM2-135M, patch it with SEA, distil the estimator on Wikipedia text, compare
+perplexity against the dense model, the oracle selection and a sliding window with attention
+sinks at k = 32, 64, 128, measure per layer the teacher attention SEA's keys cover beside the
+oracle's and the window's (``sea diagnose``), save the distilled model, that plot and a
+picture of one layer's attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from .cli_args import int_list, non_negative_int, positive_int
+
+MODEL_K = 64  # the patched model's own budget: the one diagnosed, plotted and saved
+
+
+def add_demo_parser(commands) -> None:
+    demo = commands.add_parser("demo", help="distil and evaluate SEA on SmolLM2-135M (about 8 min on 2 CPU cores)")
+    demo.add_argument("--out", default="sea-demo", help="directory for the model, results and plot (default: sea-demo)")
+    demo.add_argument("--steps", type=positive_int, default=40,
+                      help="estimator distillation steps (the undistilled estimator is already close: see README)")
+    demo.add_argument("--seq-len", type=positive_int, default=512, help="tokens per training window")
+    demo.add_argument("--query-rows", type=non_negative_int, default=128,
+                      help="query rows trained per window and layer (0: every row); row subsets reach a lower "
+                           "held-out perplexity per CPU-minute (README, distillation per CPU-minute)")
+    demo.add_argument("--updates-per-pass", type=positive_int, default=4,
+                      help="optimizer steps per teacher forward, each on fresh rows")
+    demo.add_argument("--eval-len", type=positive_int, default=1024,
+                      help="tokens per evaluation window (the estimator has no length limit)")
+    demo.add_argument("--eval-tokens", type=positive_int, default=2048, help="test tokens to evaluate")
+    demo.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128], help="budgets to evaluate")
+    demo.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=run_demo)
+
+
+def window_rows(model, tokens, seq_len: int, budgets: list[int], progress: bool = True) -> list:
+    """The training-free competitor at each budget: the first 4 keys and the last k - 4."""
+    from ..tools.baselines.compare import method_attention
+    from ..tools.evaluate import PerplexityRow, perplexity
+
+    rows = []
+    for k in budgets:
+        with method_attention(model, "window_sinks", k):
+            ppl, count = perplexity(model, tokens, seq_len, seq_len, desc=f"window_sinks k={k}", progress=progress)
+        rows.append(PerplexityRow("window", k, ppl, count))
+    return rows
+
+
+def run_demo(args) -> int:
+    from . import assets
+    from ..tools.diagnose import DiagnoseConfig, diagnose, plot_diagnosis, write_diagnosis_json
+    from ..tools.distill import DistillConfig, Distiller, TokenWindows, tokenize
+    from ..tools.evaluate import evaluate_budgets, format_table, write_json
+    from ..hf import patch, save_pretrained, sea_layers
+    from ..tools.viz import capture_attention, plot_attention
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    budgets = args.k_list
+    torch.manual_seed(args.seed)
+
+    print("1/6 loading smollm2-135m (the first run converts the bundled GGUF once, ~40 s)")
+    model, tokenizer = assets.load_model("smollm2-135m")
+    patch(model, k=MODEL_K)
+    train = tokenize(tokenizer, assets.load_text("wiki", "train"))
+    test = tokenize(tokenizer, assets.load_text("wiki", "test"))[: args.eval_tokens]
+
+    subset = f"{args.query_rows} query rows of " if args.query_rows else ""
+    print(f"2/6 distilling the estimator: {args.steps} steps on {subset}{args.seq_len}-token windows, "
+          f"{args.updates_per_pass} per teacher pass (base model frozen)")
+    config = DistillConfig(stage="estimator", steps=args.steps, seq_len=args.seq_len, lr=2e-3,
+                           warmup_steps=max(1, args.steps // 10), seed=args.seed, checkpoint_every=0,
+                           query_rows=args.query_rows, updates_per_pass=args.updates_per_pass)
+    history = Distiller(model, TokenWindows(train, args.seq_len, args.seed), config).run(progress=not args.quiet)
+    trained = time.perf_counter()
+    print(f"    loss {history[0].loss:.4f} -> {history[-1].loss:.4f}  "
+          f"(estimate KL {history[0].estimate_kl:.3f} -> {history[-1].estimate_kl:.3f})")
+
+    print(f"3/6 perplexity on {test.numel()} test tokens, windows of {args.eval_len}")
+    rows = evaluate_budgets(model, test, seq_len=args.eval_len, stride=args.eval_len, budgets=budgets,
+                            oracle=args.oracle, progress=not args.quiet)
+    rows += window_rows(model, test, args.eval_len, budgets, progress=not args.quiet)
+    print(format_table(rows))
+
+    print(f"4/6 saving the distilled model to {out} (load it with sea_attention.from_pretrained)")
+    save_pretrained(model, out, base_model="smollm2-135m", tokenizer=tokenizer)
+    write_json(rows, out / "results.json", model="smollm2-135m", data="wiki/test", seq_len=args.eval_len,
+               train_seq_len=args.seq_len, query_rows=args.query_rows, updates_per_pass=args.updates_per_pass,
+               distill_steps=args.steps, distill_seconds=round(trained - started, 1),
+               history=[round(h.loss, 5) for h in history])
+
+    print(f"5/6 per layer, the teacher attention SEA's keys cover at k={MODEL_K} "
+          f"({min(args.eval_len, test.numel())} test tokens)")
+    diagnosis = diagnose(model, test[: args.eval_len], DiagnoseConfig(k=MODEL_K, seq_len=args.eval_len),
+                         progress=not args.quiet)
+    summary = diagnosis.summary()
+    print(f"    coverage: SEA {summary['coverage_sea']:.3f}, oracle {summary['coverage_oracle']:.3f}, window "
+          f"{summary['coverage_window_sinks']:.3f}; recall of the oracle's covered mass {summary['recall']:.3f}")
+    write_diagnosis_json(diagnosis, out / "diagnosis.json", model="smollm2-135m", data="wiki/test", k=MODEL_K)
+    plot_diagnosis(diagnosis, out / "coverage.png", "SmolLM2-135M + SEA: teacher attention on the keys "
+                   f"each method selects, k={MODEL_K}, {diagnosis.tokens} wiki-test tokens")
+
+    print("6/6 plotting one layer's attention")
+    snapshot = capture_attention(model, test[:256].unsqueeze(0), layer=3, head=0)
+    width = sea_layers(model)[0][2].config.estimate_width
+    plot_attention(snapshot, out / "attention.png", f"SmolLM2-135M + SEA (k={MODEL_K}, K={width}): layer 3, head 0")
+    print(f"done in {time.perf_counter() - started:.0f} s: model, results.json, diagnosis.json, coverage.png and "
+          f"attention.png in {out}")
+    return 0

@@ -1,0 +1,60 @@
+"""Log-log plot of an attention benchmark: time and peak memory against the sequence length.
+
+Dashed O(T) and O(T^2) lines start at the smallest length's median value, so a method's
+slope can be read against them: a linear-time method runs parallel to O(T).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from .attention import AttentionBenchPoint
+from ...atomic import write_file
+
+
+def _reference_lines(ax, xs: list[int], ys: list[float]) -> None:
+    """Dashed O(T) and O(T^2) from the median value at the smallest length."""
+    if len(set(xs)) < 2:
+        return
+    lo, hi = min(xs), max(xs)
+    start = statistics.median(y for x, y in zip(xs, ys) if x == lo)
+    for power, style in ((1, "--"), (2, ":")):
+        ax.plot([lo, hi], [start, start * (hi / lo) ** power], style, color="gray", linewidth=1,
+                label=f"O(T{'' if power == 1 else '²'})")
+
+
+def plot_attention_bench(points: list[AttentionBenchPoint], path: str | Path, title: str = "") -> Path:
+    """Write a PNG: time (left) and peak memory (right) against T, one line per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    methods = list(dict.fromkeys(p.method for p in points))
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)  # the Agg backend, without pyplot's global state (no display needed)
+    axes = fig.subplots(1, 2)
+    panels = (("seconds", "forward time (s)"), ("peak_mb", "peak extra memory (MB)"))
+    for ax, (field, label) in zip(axes, panels):
+        xs, ys = [], []
+        for method in methods:
+            # skipped points have no value; RSS noise can give <= 0 MB, which a log axis cannot show
+            measured = [(p.length, getattr(p, field)) for p in points
+                        if p.method == method and getattr(p, field) is not None and getattr(p, field) > 0]
+            if measured:
+                ax.plot(*zip(*measured), marker="o", label=method)
+                xs += [x for x, _ in measured]
+                ys += [y for _, y in measured]
+        _reference_lines(ax, xs, ys)
+        ax.set_xscale("log", base=2)
+        lengths = sorted({p.length for p in points})
+        ax.set_xticks(lengths, [str(t) for t in lengths])
+        ax.minorticks_off() if len(lengths) > 1 else None
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(title or "attention forward, B=1, fp32")
+
+    return write_file(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
