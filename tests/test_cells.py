@@ -3,7 +3,7 @@ import torch
 
 from naive import naive_cell_keys, naive_cells_to_keys, slot_cells_to_keys
 from sea_attention.core.cells import (
-    _even_picks, cell_lengths, cells_to_keys, compress_attention, key_bins, live_cells, query_lengths, stretch_estimate,
+    even_pick, cell_lengths, cells_to_keys, compress_attention, key_bins, live_cells, query_lengths, stretch_estimate,
 )
 
 
@@ -65,7 +65,7 @@ def test_even_picks_exact_in_every_precision():
         offset = torch.arange(70).minimum(emitted - 1)
         largest = int(((2 * offset + 1) * size + 2 * emitted).max())
         expected = ((2 * offset + 1) * size) // (2 * emitted)
-        assert torch.equal(_even_picks(offset, size, emitted, largest), expected)
+        assert torch.equal(even_pick(offset, size, emitted, largest), expected)
 
 
 def test_slots_are_ordered_by_head_and_never_padding():

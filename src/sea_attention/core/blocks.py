@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cells import KeySlots, cell_lengths, cell_starts, valid_key_positions
+from .cells import KeySlots, cell_lengths, cell_starts, even_pick, valid_key_positions
 from .selection import select_cells
 
 EXCLUDED = -0.5  # score of a live cell whose keys are all in the tile: below every real cell
@@ -187,7 +187,7 @@ def block_keys(selection: BlockSelection, key_valid: Tensor, cap: int, lo: int, 
     start = cell_starts(lengths, width).gather(-1, bins)
     emitted = size.clamp_max(cap)
     offsets = torch.arange(max(int(emitted.max()) if emitted.numel() else 0, 1), device=cells.device)
-    rank = start.unsqueeze(-1) + ((2 * offsets + 1) * size.unsqueeze(-1)) // (2 * emitted.clamp_min(1).unsqueeze(-1))
+    rank = start.unsqueeze(-1) + even_pick(offsets, size.unsqueeze(-1), emitted.clamp_min(1).unsqueeze(-1))
     valid = (offsets < emitted.unsqueeze(-1)) & used.unsqueeze(-1) & (rank < limit[:, :, None, None])
     key = positions.gather(-1, rank.clamp(0, positions.shape[-1] - 1).flatten(1)).view_as(rank)
     return BlockKeys(torch.where(used, ids // width, 0), torch.where(valid, key, 0), valid)

@@ -27,7 +27,15 @@ def cell_edges(lengths: Tensor, width: int) -> Tensor:
     Bin b covers ranks [edges[b], edges[b + 1]): the one definition of a bin.
     """
     bins = torch.arange(width + 1, device=lengths.device)
-    return (bins * lengths.unsqueeze(-1)) // width
+    return bin_start(bins, lengths.unsqueeze(-1), width)
+
+
+def bin_start(bins: Tensor, lengths: Tensor, width: int) -> Tensor:
+    """First key rank of bin ``bins`` in rows of ``lengths`` valid keys (broadcast): floor(b L / K).
+
+    The one definition of the bins; bin b ends where bin b + 1 starts.
+    """
+    return bins * lengths // width
 
 
 def cell_starts(lengths: Tensor, width: int) -> Tensor:
@@ -161,22 +169,30 @@ def _selected_cells(cells: Tensor) -> tuple[Tensor, Tensor]:
     return row.index_select(0, pick), word.index_select(0, pick) * 8 + bits[:, 1]
 
 
-def _even_picks(offset: Tensor, size: Tensor, emitted: Tensor, largest: int) -> Tensor:
-    """``((2 offset + 1) size) // (2 emitted)`` for non-negative integers, in floating point.
+def even_pick(offset: Tensor, size: Tensor, emitted: Tensor, largest: int | None = None) -> Tensor:
+    """Where in its bin the ``offset``-th key a selected bin emits lies: floor((2 o + 1) s / 2 n).
 
-    Exact: for integers a, b > 0 with a + b <= 2^p (p = 24 in float32, 53 in float64) the
-    operands and the product are exact, and the correctly rounded quotient a / b never
-    reaches the next integer (it is at least 1/b below it, more than half an ulp).
-    ``largest`` bounds a + b = (2 offset + 1) size + 2 emitted.
+    The one emission rule: a bin of ``s`` keys emits ``n = min(s, cap)`` of them, spread
+    evenly (``cells_to_keys``, the block grouping and the FlexAttention mask all call it).
+    With ``largest``, a bound on (2 o + 1) s + 2 n, integer inputs are evaluated in floating
+    point, which vectorises and is exact: for integers a, b > 0 with a + b <= 2^p (p = 24 in
+    float32, 53 in float64) the operands and the product are exact, and the correctly rounded
+    quotient a / b never reaches the next integer (it is at least 1/b below it).
+    Floating inputs (FlexAttention's mask) are floor-divided as they are.
     """
-    if largest < 2 ** 22:
-        dtype = torch.float32
-    elif largest < 2 ** 51:
-        dtype = torch.float64
-    else:  # out of exact floating point range: integer division
+    if largest is None or largest >= 2 ** 51:
         return ((2 * offset + 1) * size) // (2 * emitted)
+    dtype = torch.float32 if largest < 2 ** 22 else torch.float64
     numerator = (2 * offset + 1).to(dtype).mul_(size.to(dtype))
     return numerator.div_((2 * emitted).to(dtype)).floor_().long()
+
+
+def is_even_pick(offset: Tensor, size: Tensor, emitted: Tensor) -> Tensor:
+    """Whether a bin of ``size`` (>= 1) keys emitting ``emitted`` of them emits the key at ``offset``
+    inside it: the inverse of ``even_pick`` (the only pick that can land there, then a check)."""
+    n = emitted.clamp_min(1)
+    pick = (2 * n * offset + size - 1) // (2 * size)
+    return (pick < emitted) & (even_pick(pick, size, n) == offset)
 
 
 def cells_to_keys(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, chunk: int = 256) -> KeySlots:
@@ -196,8 +212,8 @@ def cells_to_keys(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, c
     row, cell = _selected_cells(cells.permute(0, 2, 1, 3).reshape(bsz * tq, heads * width))  # row = b * Tq + i
     head, bin_ = torch.div(cell, width, rounding_mode="floor"), cell % width
     length = lengths.reshape(-1).index_select(0, row)
-    start = bin_ * length // width  # cell_starts, for the selected cells only
-    size = (bin_ + 1) * length // width - start  # cell_lengths
+    start = bin_start(bin_, length, width)  # cell_starts, for the selected cells only
+    size = bin_start(bin_ + 1, length, width) - start  # cell_lengths
     emitted = size.clamp_max(cap)  # cell_key_counts; 0 for a dead cell
     live = emitted > 0
     if not bool(live.all()):
@@ -228,7 +244,7 @@ def cells_to_keys(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, c
         most = int(n.max())
         # (cells, most) grid; a cell's extra columns repeat its last key (same slot, same value)
         offset = torch.arange(most, device=device).minimum(n - 1)
-        rank = _even_picks(offset, sz, n, (2 * most - 1) * int(sz.max()) + 2 * most).add_(start[c0:c1, None])
+        rank = even_pick(offset, sz, n, (2 * most - 1) * int(sz.max()) + 2 * most).add_(start[c0:c1, None])
         key = rank if positions is None else positions.gather(0, (rank + key_row[c0:c1, None]).flatten())
         target = offset.add_(first_slot[c0:c1, None]).flatten()
         key_out.view(-1).scatter_(0, target, key.flatten())

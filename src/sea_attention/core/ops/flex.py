@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ..cells import cell_key_counts, cell_lengths, cell_starts, key_bins, key_ranks, valid_key_positions
+from ..cells import (cell_key_counts, cell_lengths, cell_starts, even_pick, is_even_pick, key_bins, key_ranks,
+                     valid_key_positions)
 
 _FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_TABLE = 1 << 16  # smallest table length (256 KiB): small calls share one compiled kernel
@@ -91,8 +92,8 @@ def sea_block_mask(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, 
     emit = counts[sel_b, sel_h, sel_q, sel_bin]
     start, size = starts[sel_b, sel_q, sel_bin], sizes[sel_b, sel_q, sel_bin]
     rank_block = valid_key_positions(key_valid) // block_size  # (B, Tk) key block of each rank
-    first_block = rank_block[sel_b, start + size // (2 * emit)]  # (N,)
-    last_block = rank_block[sel_b, start + ((2 * emit - 1) * size) // (2 * emit)]
+    first_block = rank_block[sel_b, start + even_pick(torch.zeros_like(emit), size, emit)]  # (N,)
+    last_block = rank_block[sel_b, start + even_pick(emit - 1, size, emit)]
 
     nqb, nkb = -(-tq // block_size), -(-tk // block_size)
     row = ((sel_b * heads + sel_h) * nqb + sel_q // block_size) * (nkb + 1)  # the cell's (b, h, q block) row
@@ -124,11 +125,7 @@ def sea_block_mask(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, 
         emitted = read(at_count + ((b * n_h + h) * n_q + q_idx) * n_w + bin_)  # 0 unless selected
         start = read(at_start + row * n_w + bin_)
         size = read(at_size + row * n_w + bin_).clamp_min(1)
-        offset = rank - start
-        n = emitted.clamp_min(1)
-        # the only pick o that can land on this offset, then check that it does
-        pick = (2 * n * offset + size - 1) // (2 * size)
-        hit = (pick < emitted) & (((2 * pick + 1) * size) // (2 * n) == offset)
+        hit = is_even_pick(rank - start, size, emitted)
         return (rank >= 0) & (rank < length) & (emitted > 0) & hit
 
     return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block_size, mask_mod=mask_mod,
