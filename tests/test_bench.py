@@ -10,7 +10,7 @@ from sea_attention.tools.bench import (
     STAGES, AttentionBenchPoint, AttentionBenchSetup, bench_attention, format_attention_table, stage_flops,
     write_bench_json,
 )
-from sea_attention.tools.bench.breakdown import measure_breakdown
+from sea_attention.tools.bench.breakdown import EstimatorShape, measure_breakdown
 from sea_attention.tools.bench.runtime import in_fresh_process
 from sea_attention.app.cli import main
 
@@ -69,7 +69,7 @@ def test_cli_rejects_bad_lengths_and_unknown_methods(capsys):
 
 def test_stage_flops_against_hand_computed_values():
     # T=128, H=2, d=16, m=5, K=8, c=2, w=K/4=2, S=10
-    flops = stage_flops(128, 2, 16, 5, 8, 2, 4, 10.0)
+    flops = stage_flops(EstimatorShape(2, 16, 5, 8, 2, 4), 128, 10.0)
     assert flops == {
         "features": 2 * (2 * 128 * 2 * 16 * 5),  # 81,920
         "linear_attention": 163_840 + 1_212_416,  # state 2*128*2*5*32*2, chunks 128*2*64*37*2
@@ -77,7 +77,7 @@ def test_stage_flops_against_hand_computed_values():
         "decoder": 147_456 + 4_096,  # 2*128*2*16*9*2, 2*128*2*4*2
         "sparse_attention": 81_920,  # 2*2*128*10*16
     }
-    assert stage_flops(128, 2, 16, 5, 8, 4, 2, 10.0, causal=False)["linear_attention"] == 163_840
+    assert stage_flops(EstimatorShape(2, 16, 5, 8, 4, 2, causal=False), 128, 10.0)["linear_attention"] == 163_840
 
 
 @pytest.mark.parametrize("grouping", ["query", "block"])

@@ -6,9 +6,9 @@ import torch
 from conftest import exact_attention, make_qkv, padding_mask
 from naive import naive_cells_to_keys
 from sea_attention import DecodeState, SEAAttention, SEAConfig
-from sea_attention.core.blocks import EXCLUDED, block_dense_mask, block_slots, select_blocks
+from sea_attention.core.blocks import EXCLUDED, BlockRequest, block_dense_mask, block_slots, select_blocks
 from sea_attention.core.cells import cell_starts, live_cells, query_lengths
-from sea_attention.core.ops.block_sparse import block_sparse_attention
+from sea_attention.core.ops.block_sparse import BlockSparseAttention
 from sea_attention.core.ops.reference import reference_attention
 from sea_attention.core.selection import select_cells
 
@@ -31,7 +31,7 @@ def random_selection(bsz, heads, tq, tk, k, pad, causal, width=8, block=16):
     query_valid = key_valid[:, tk - tq:]
     lengths = query_lengths(key_valid, query_valid, causal)
     estimate = random_estimate(bsz, heads, tq, width, lengths)
-    return key_valid, query_valid, select_blocks(estimate, lengths, query_valid, tk - tq, k, block, causal)
+    return key_valid, query_valid, select_blocks(estimate, BlockRequest(lengths, query_valid, tk - tq, k, block, causal))
 
 
 def naive_block_keys(estimate, lengths, key_valid, first, k, block, causal):
@@ -80,7 +80,7 @@ def test_block_selection_matches_the_loop(causal, tq, tk, pad):
     query_valid = key_valid[:, tk - tq:]
     lengths = query_lengths(key_valid, query_valid, causal)
     estimate = random_estimate(bsz, heads, tq, width, lengths)
-    selection = select_blocks(estimate, lengths, query_valid, tk - tq, k, block, causal)
+    selection = select_blocks(estimate, BlockRequest(lengths, query_valid, tk - tq, k, block, causal))
     mask = block_dense_mask(selection, key_valid, k, heads, tq)
     got = {(b, h, i, j) for b, h, i, j in torch.nonzero(mask).tolist() if query_valid[b, i]}
     assert got == naive_block_keys(estimate, lengths, key_valid, tk - tq, k, block, causal)
@@ -131,7 +131,7 @@ def test_both_strategies_match_the_reference(mode, causal, kv_heads, tq, tk):
     bsz, heads, k = 2, 4, 3
     key_valid, query_valid, selection = random_selection(bsz, heads, tq, tk, k, pad=7, causal=causal)
     q, k_, v = make_qkv(bsz, heads, kv_heads, tq, tk, 8, dtype=torch.float64, requires_grad=True)
-    out, nnz = block_sparse_attention(q, k_, v, selection, key_valid, 0.3, k, chunk_blocks=2, mode=mode)
+    out, nnz = BlockSparseAttention(chunk_blocks=2, mode=mode)(q, k_, v, selection, key_valid, 0.3, k)
     mask = block_dense_mask(selection, key_valid, k, heads, tq)
     expected, _ = reference_attention(q, k_, v, mask, 0.3)
     rows = query_valid[:, None, :, None]

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from .blocks import block_dense_mask, block_slots, carry, select_blocks, selecting_rows
-from .cells import KeySlots, cells_to_keys, query_lengths
+from .call import CallOptions, SEACall
+from .cells import KeySlots
 from .config import SEAConfig
 from .decoding import DecodeState
 from .estimator import AttentionEstimator, Estimate
-from .inputs import call_budget, call_scale, validate_inputs, validate_query_rows
-from .ops.block_sparse import block_sparse_attention
-from .ops.reference import reference_attention, repeat_kv
-from .ops.sparse import sparse_attention
-from .selection import select_cells
+from .grouping import grouping_for
+from .ops.reference import repeat_kv
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 @dataclass
@@ -70,29 +71,35 @@ class SEAAttention(nn.Module):
 
     def __init__(self, config: SEAConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        self.config = config
         self.layer_idx = layer_idx
-        self.estimator = AttentionEstimator(config, layer_idx)
+        self.estimator = AttentionEstimator(config, layer_idx)  # holds the layer's one config
         width = config.num_heads * config.head_dim
         self.output_norm = nn.LayerNorm(width) if config.output_mode == "norm" else None
+        self.k_budget: int | None = None  # keys per query per head of calls that pass none; None: config.k
+
+    @property
+    def config(self) -> SEAConfig:
+        """The layer's config (stored once, on the estimator; assigning it changes both)."""
+        return self.estimator.config
+
+    @config.setter
+    def config(self, config: SEAConfig) -> None:
+        self.estimator.config = config
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"heads={c.num_heads}, kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, causal={c.causal}, "
                 f"k={c.k}, K={c.estimate_width}, grouping={c.grouping}, path={c.attention_path}")
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Tensor | None = None,
-                scale: float | None = None, k_budget: int | None = None, positions: Tensor | None = None,
-                return_attention: bool = False, state: DecodeState | None = None,
-                query_rows: Tensor | None = None) -> SEAOutput:
-        """Run SEA attention.
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, **options: Unpack[CallOptions]) -> SEAOutput:
+        """Run SEA attention: validate -> estimate -> select -> attend -> gate.
 
         Args:
             q: queries (B, H, Tq, d). k, v: keys and values (B, H_kv, Tk, d).
             attention_mask: optional (B, Tk) bool, True for real tokens.
             scale: score scale, finite and positive; defaults to 1/sqrt(d).
-            k_budget: keys per query per head for this call (dynamic k); defaults to config.k.
-                A budget of Tk or more selects every key.
+            k_budget: keys per query per head for this call (dynamic k); defaults to the layer's
+                ``k_budget``, then config.k. A budget of Tk or more selects every key.
             positions: optional (B, Tk) rows of the learned positional table for the keys
                 (causal only); defaults to each key's rank among the valid keys.
             return_attention: also return the sparse probabilities as a dense (B, H, Tq, Tk) view.
@@ -103,120 +110,42 @@ class SEAAttention(nn.Module):
                 no state): compute only these; every Tq-long field of the output then holds these
                 n rows, each equal to the full forward's row. Trains on a subset of rows.
         """
-        cfg = self.config
-        key_valid = validate_inputs(cfg, q, k, v, attention_mask, scale, k_budget, positions, state)
-        if query_rows is not None:
-            validate_query_rows(cfg, query_rows, q.shape[2], state)
-        tq, tk = q.shape[2], k.shape[2]
-        budget = call_budget(k_budget, cfg.k, tk)
-        scale = call_scale(scale, q.shape[-1])
-        query_valid = key_valid[:, tk - tq:]
-        q, k, v, poisoned = _finite_inputs(q, k, v, key_valid, query_valid, cfg.causal)
-        if state is not None and state.seen:  # lengths from the running count: no pass over the past
-            lengths = (state.valid_keys.unsqueeze(-1) + query_valid.long().cumsum(-1)) * query_valid
-        else:
-            lengths = query_lengths(key_valid, query_valid, cfg.causal)  # (B, Tq)
+        call = SEACall.build(self.config, (q, k, v), options, self.k_budget)
+        grouping = grouping_for(self.config)
+        estimate = self.estimator(call, grouping.estimate_rows(call))
+        attended = grouping.run(estimate, call)
+        context, gates = self.compose(attended.context, estimate, call)
+        return SEAOutput(
+            context=context, estimated=estimate.probs, nnz=attended.nnz, attention=attended.attention,
+            estimated_logits=estimate.logits, gates=gates, cells=attended.cells, slots=attended.slots,
+            lengths=call.asked_lengths, estimate_rows=None if call.query_rows is not None else estimate.rows,
+        )
 
-        rows = query_rows
-        if cfg.grouping == "block" and cfg.causal and state is None and not return_attention \
-                and not torch.is_grad_enabled():  # inference: only the rows that select need an estimate
-            rows = selecting_rows(tk - tq, tq, cfg.query_block, q.device)
-        estimate: Estimate = self.estimator(q, k, v, key_valid, query_valid, lengths, scale, positions, state, rows)
-        pick = _row_picker(query_rows)  # (.., Tq, ..) -> (.., n, ..) on the asked rows; identity without
-        if query_rows is not None:
-            context, attention, cells, slots = self._attend_cells(pick(q, 2), k, v, estimate, pick(lengths, 1),
-                                                                  key_valid, budget, scale, return_attention)
-            nnz = slots.nnz(cfg.num_heads)
-        elif cfg.grouping == "block":
-            context, attention, cells, nnz = self._attend_blocks(q, k, v, estimate, lengths, key_valid,
-                                                                 query_valid, budget, scale, return_attention, state)
-            slots = None
-        else:
-            context, attention, cells, slots = self._attend_cells(q, k, v, estimate, lengths, key_valid, budget,
-                                                                  scale, return_attention)
-            nnz = slots.nnz(cfg.num_heads)
-
+    def compose(self, context: Tensor, estimate: Estimate, call: SEACall) -> tuple[Tensor, Tensor | None]:
+        """The layer's output from the sparse context: gates, decoding state, norm, masks."""
         gates = None
-        if cfg.gating:
-            gates = torch.sigmoid(pick(estimate.gate_logits, 2)).to(context.dtype)
+        if self.config.gating:
+            gates = torch.sigmoid(call.asked(estimate.gate_logits, 2)).to(context.dtype)
             scaler, mix = gates[..., :1], gates[..., 1:]
-            average = pick(self._average_values(v, key_valid, lengths, tq, state), 2).to(context.dtype)
+            average = call.asked(self._average_values(call), 2).to(context.dtype)
             context = torch.lerp(average, scaler * context, mix)  # mix * scaler * context + (1 - mix) * average
-        if state is not None:
-            self._advance_state(state, v, key_valid)
+        if call.state is not None:
+            self._advance_state(call.state, call.v, call.key_valid)
         if self.output_norm is not None:
             context = self._norm_output(context)
-        context = context.masked_fill(~pick(query_valid, 1)[:, None, :, None], 0.0)  # after the norm: no bias leak
-        if poisoned is not None:
-            context = context.masked_fill(pick(poisoned, 1)[:, None, :, None], float("nan"))
-        return SEAOutput(
-            context=context, estimated=estimate.probs, nnz=nnz, attention=attention,
-            estimated_logits=estimate.logits, gates=gates, cells=cells, slots=slots, lengths=pick(lengths, 1),
-            estimate_rows=None if query_rows is not None else estimate.rows,
-        )
+        context = context.masked_fill(~call.asked(call.query_valid, 1)[:, None, :, None], 0.0)  # after the norm
+        if call.poisoned is not None:
+            context = context.masked_fill(call.asked(call.poisoned, 1)[:, None, :, None], float("nan"))
+        return context, gates
 
     def maybe_redraw_features(self, step: int) -> bool:
         """Redraw the Performer features if ``step`` is due (see ``feature_redraw_interval``)."""
         return self.estimator.maybe_redraw_features(step)
 
     # ------------------------------------------------------------------ helpers
-    def _attend_cells(self, q: Tensor, k: Tensor, v: Tensor, estimate: Estimate, lengths: Tensor,
-                      key_valid: Tensor, budget: int, scale: float, return_attention: bool):
-        """Per-query groupings: select cells, stretch them to keys, attend on those keys."""
-        cfg = self.config
-        cells = select_cells(estimate.probs, lengths, budget, cfg.grouping, cfg.query_chunk, cfg.sinks,
-                             cfg.local_window)
-        slots = cells_to_keys(cells, lengths, key_valid, cap=budget, chunk=cfg.query_chunk)
-        attention = None
-        if self._use_flex(q, k, v, return_attention):
-            from .ops.flex import flex_sea_attention  # imported on use: it pulls in torch.compile
-
-            context = flex_sea_attention(q, k, v, cells, lengths, key_valid, cap=budget, scale=scale)
-        elif cfg.attention_path == "reference":
-            context, probs = reference_attention(q, k, v, slots.dense_mask(cfg.num_heads, k.shape[2]), scale)
-            attention = probs if return_attention else None
-        else:
-            context, slot_probs = sparse_attention(q, k, v, slots, scale, cfg.query_chunk)
-            attention = slots.to_dense(slot_probs, cfg.num_heads, k.shape[2]) if return_attention else None
-        return context, attention, cells, slots
-
-    def _attend_blocks(self, q: Tensor, k: Tensor, v: Tensor, estimate: Estimate, lengths: Tensor,
-                       key_valid: Tensor, query_valid: Tensor, budget: int, scale: float,
-                       return_attention: bool, state: DecodeState | None):
-        """The ``block`` grouping: select per query block, attend with dense block products."""
-        cfg = self.config
-        tq = q.shape[2]
-        carried = state.block if state is not None and state.seen else None
-        selection = select_blocks(estimate.probs, lengths, query_valid, k.shape[2] - tq, budget, cfg.query_block,
-                                  cfg.causal, carried, estimate.rows, cfg.sinks, cfg.local_window)
-        if state is not None:
-            state.block = carry(selection)
-        attention = None
-        if cfg.attention_path == "reference" or return_attention:
-            mask = block_dense_mask(selection, key_valid, budget, cfg.num_heads, tq)
-            context, probs = reference_attention(q, k, v, mask, scale)
-            attention = probs if return_attention else None
-            nnz = mask.sum(-1)
-        elif cfg.causal and tq * 4 <= cfg.query_block:  # decoding: a block of rows would be mostly padding
-            slots = block_slots(selection, key_valid, budget, cfg.num_heads, tq)
-            context, _ = sparse_attention(q, k, v, slots, scale, cfg.query_chunk)
-            nnz = slots.nnz(cfg.num_heads)
-        else:
-            context, nnz = block_sparse_attention(q, k, v, selection, key_valid, scale, budget)
-        valid = query_valid[:, None, :]  # padding queries report no keys, as with the other groupings
-        return context, attention, selection.per_query_cells(tq) & valid.unsqueeze(-1), nnz * valid
-
-    def _use_flex(self, q: Tensor, k: Tensor, v: Tensor, return_attention: bool) -> bool:
-        """FlexAttention runs only where it can: no dense attention view asked for, and no
-        backward on CPU (PyTorch's CPU FlexAttention is forward only)."""
-        if self.config.attention_path != "flex" or return_attention:
-            return False
-        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        return not (needs_grad and q.device.type == "cpu")
-
-    def _average_values(self, v: Tensor, key_valid: Tensor, lengths: Tensor, tq: int,
-                        state: DecodeState | None) -> Tensor:
+    def _average_values(self, call: SEACall) -> Tensor:
         """The average branch: mean of V over each query's valid keys, (B, H, Tq, d)."""
+        v, key_valid, state, tq = call.v, call.key_valid, call.state, call.q.shape[2]
         past = state.seen if state is not None else 0  # the past is in the running sum
         masked = v[:, :, past:].float()
         if not bool(key_valid[:, past:].all()):
@@ -227,7 +156,7 @@ class SEAAttention(nn.Module):
             sums = _running_sum(masked)[:, :, v.shape[2] - tq:]  # running sums up to each query
         else:
             sums = masked.sum(2, keepdim=True).expand(-1, -1, tq, -1)
-        mean = sums / lengths[:, None, :, None].clamp_min(1)
+        mean = sums / call.lengths[:, None, :, None].clamp_min(1)
         return repeat_kv(mean, self.config.kv_groups)
 
     def _advance_state(self, state: DecodeState, v: Tensor, key_valid: Tensor) -> None:
@@ -246,38 +175,6 @@ class SEAAttention(nn.Module):
         flat = context.transpose(1, 2).reshape(bsz, tq, heads * d)
         flat = self.output_norm(flat.to(self.output_norm.weight.dtype)).to(flat.dtype) + flat
         return flat.view(bsz, tq, heads, d).transpose(1, 2)
-
-
-def _finite_inputs(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, query_valid: Tensor,
-                   causal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Keep non-finite inputs from reaching rows that do not attend to them.
-
-    Products such as ``probs @ v`` or a masked intra-chunk scan multiply every key by a weight,
-    and 0 * NaN is NaN: one NaN key would spread to earlier rows, one NaN padding value to
-    the whole sample. So when anything is not finite, padding rows and non-finite entries are
-    zeroed, and the rows that may attend to a non-finite key or value (causal: from its
-    position on; bidirectional: the sample's valid rows), or whose own query is not finite,
-    are returned as ``poisoned`` (B, Tq): their outputs become NaN. None when all is finite.
-    """
-    if bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
-        return q, k, v, None
-    tk, tq = k.shape[2], q.shape[2]
-    finite_key = (torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)).all(1)  # (B, Tk)
-    bad_key = key_valid & ~finite_key
-    if causal:
-        reaches = bad_key.long().cumsum(-1)[:, tk - tq:] > 0  # a bad key at or before the query
-    else:
-        reaches = bad_key.any(-1, keepdim=True).expand(-1, tq)
-    poisoned = query_valid & (reaches | ~torch.isfinite(q).all(-1).all(1))
-    k = torch.where(torch.isfinite(k) & key_valid[:, None, :, None], k, 0.0)
-    v = torch.where(torch.isfinite(v) & key_valid[:, None, :, None], v, 0.0)
-    q = torch.where(torch.isfinite(q) & query_valid[:, None, :, None], q, 0.0)
-    return q, k, v, poisoned
-
-
-def _row_picker(rows: Tensor | None):
-    """``pick(x, dim)``: x's entries at ``rows`` along dim (x itself when rows is None)."""
-    return lambda x, dim: x if rows is None else x.index_select(dim, rows)
 
 
 def _running_sum(x: Tensor) -> Tensor:

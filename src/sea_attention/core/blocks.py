@@ -79,45 +79,45 @@ def selecting_rows(first: int, tq: int, block: int, device: torch.device | None 
     return starts.clamp_min(0)
 
 
-def select_blocks(estimate: Tensor, lengths: Tensor, query_valid: Tensor, first: int, k: int, block: int,
-                  causal: bool, carried: BlockSelection | None = None,
-                  estimate_rows: Tensor | None = None, sinks: int = 0, window: int = 0) -> BlockSelection:
+@dataclass(frozen=True)
+class BlockRequest:
+    """What one call asks of the block selection (see ``select_blocks``)."""
+
+    lengths: Tensor  # (B, Tq) valid keys of each query's row
+    query_valid: Tensor  # (B, Tq) bool
+    first: int  # key position of the first query (Tk - Tq)
+    k: int  # keys per query per head
+    block: int  # positions per block
+    causal: bool
+    sinks: int = 0  # forced bins, as in ``selection.select_cells``
+    window: int = 0
+
+
+def select_blocks(estimate: Tensor, request: BlockRequest, carried: BlockSelection | None = None,
+                  estimate_rows: Tensor | None = None) -> BlockSelection:
     """Select cells per query block from the estimate (B, H, Tq, K).
 
-    ``lengths`` and ``query_valid`` are (B, Tq); ``first`` is the key position of the
-    first query (Tk - Tq). ``carried`` (decoding) is the selection of the block that was
-    open when the previous call ended (``carry``): a call that starts inside that block
-    reuses it. Without it, a call that starts mid-block selects that block from its own
-    first query. ``estimate_rows`` (causal): the query rows ``estimate`` holds when it does
-    not hold them all (``selecting_rows`` gives the ones needed).
+    ``carried`` (decoding) is the selection of the block that was open when the previous call
+    ended (``carry``): a call that starts inside that block reuses it. Without it, a call that
+    starts mid-block selects that block from its own first query. ``estimate_rows`` (causal):
+    the query rows ``estimate`` holds when it does not hold them all (``selecting_rows``).
     """
+    block, first = request.block, request.first
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"query_block must be a positive integer, got {block!r}")
-    bsz, heads, _, width = estimate.shape
-    tq = lengths.shape[1]
-    device = estimate.device
+    tq = request.lengths.shape[1]
     first_block = first // block
     num_blocks = (first + tq - 1) // block - first_block + 1
-    block_pos = (first_block + torch.arange(num_blocks, device=device)) * block  # (nb,) absolute starts
-    if not causal:
-        return _select_bidirectional(estimate, lengths, query_valid, first, k, block, block_pos)
-
+    block_pos = (first_block + torch.arange(num_blocks, device=estimate.device)) * block  # (nb,) absolute starts
+    if not request.causal:
+        return _select_bidirectional(estimate, request, block_pos)
     rows = block_pos - first  # each block's selecting row; negative: it started before this call
     tile_start = block_pos.clone()
     reuse = carried is not None and rows[0] < 0 and int(carried.tile_start[0]) // block == first_block
     if rows[0] < 0 and not reuse:  # a mid-block start without the past: select from the first query
         rows[0], tile_start[0] = 0, first
     own = rows[1:] if reuse else rows
-    row_lengths = lengths.index_select(1, own)  # (B, n)
-    if own.numel():
-        at = own if estimate_rows is None else torch.searchsorted(estimate_rows, own)
-        picked = estimate.index_select(2, at)  # (B, H, n, K)
-        # cells that hold only the selecting row's own key (or later) are the tile's business
-        excluded = cell_starts(row_lengths, width) >= (row_lengths - 1).unsqueeze(-1)  # (B, n, K)
-        cells = select_cells(picked.masked_fill(excluded.unsqueeze(1), EXCLUDED), row_lengths, k, "query",
-                             sinks=sinks, window=window)
-    else:  # a decoding step inside the open block
-        cells = estimate.new_zeros(bsz, heads, 0, width, dtype=torch.bool)
+    cells, row_lengths = _select_rows(estimate, request, own, estimate_rows)
     limit = (row_lengths - 1).clamp_min(0)
     if reuse:
         cells = torch.cat([carried.cells, cells], dim=2)
@@ -127,10 +127,26 @@ def select_blocks(estimate: Tensor, lengths: Tensor, query_valid: Tensor, first:
     return BlockSelection(cells, row_lengths, limit, tile_start, first, block, causal=True)
 
 
-def _select_bidirectional(estimate: Tensor, lengths: Tensor, query_valid: Tensor, first: int, k: int,
-                          block: int, block_pos: Tensor) -> BlockSelection:
+def _select_rows(estimate: Tensor, request: BlockRequest, own: Tensor,
+                 estimate_rows: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The ``query`` selection of the selecting rows ``own`` (causal): cells (B, H, n, K), lengths (B, n)."""
+    row_lengths = request.lengths.index_select(1, own)  # (B, n)
+    if not own.numel():  # a decoding step inside the open block
+        bsz, heads, _, width = estimate.shape
+        return estimate.new_zeros(bsz, heads, 0, width, dtype=torch.bool), row_lengths
+    at = own if estimate_rows is None else torch.searchsorted(estimate_rows, own)
+    picked = estimate.index_select(2, at)  # (B, H, n, K)
+    # cells that hold only the selecting row's own key (or later) are the tile's business
+    excluded = cell_starts(row_lengths, estimate.shape[-1]) >= (row_lengths - 1).unsqueeze(-1)  # (B, n, K)
+    cells = select_cells(picked.masked_fill(excluded.unsqueeze(1), EXCLUDED), row_lengths, request.k, "query",
+                         sinks=request.sinks, window=request.window)
+    return cells, row_lengths
+
+
+def _select_bidirectional(estimate: Tensor, request: BlockRequest, block_pos: Tensor) -> BlockSelection:
     """Rows of a bidirectional sample share their bins: select with the block's mean estimate."""
     bsz, heads, tq, width = estimate.shape
+    lengths, query_valid, first, block = request.lengths, request.query_valid, request.first, request.block
     num_blocks = block_pos.shape[0]
     front = first - int(block_pos[0])
     back = num_blocks * block - tq - front
@@ -140,7 +156,7 @@ def _select_bidirectional(estimate: Tensor, lengths: Tensor, query_valid: Tensor
     count = torch.nn.functional.pad(weights, (front, back)).view(bsz, num_blocks, block).sum(-1)
     mean = total / count.clamp_min(1)[:, None, :, None]
     row_lengths = torch.nn.functional.pad(lengths, (front, back)).view(bsz, num_blocks, block).amax(-1)
-    cells = select_cells(mean, row_lengths, k, "query")
+    cells = select_cells(mean, row_lengths, request.k, "query")
     return BlockSelection(cells, row_lengths, row_lengths, block_pos, first, block, causal=False)
 
 

@@ -17,31 +17,28 @@ from .config import SEAConfig
 from .decoding import DecodeState
 
 
-def validate_inputs(config: SEAConfig, q: Any, k: Any, v: Any, attention_mask: Any, scale: Any,
-                    k_budget: Any, positions: Any, state: DecodeState | None) -> Tensor:
-    """Check every argument of one call; return the (B, Tk) bool key mask."""
+OPTIONS = ("attention_mask", "scale", "k_budget", "positions", "return_attention", "state", "query_rows")
+
+
+def validate_call(config: SEAConfig, q: Any, k: Any, v: Any, options: dict[str, Any]) -> Tensor:
+    """Check every argument of one call (``options``: ``call.CallOptions``); return the (B, Tk) bool key mask."""
     config.validate()  # a config edited after construction is checked where it is used
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"SEAAttention.forward() got unexpected keyword arguments {unknown}; accepted: {OPTIONS}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         _validate_tensor(name, x)
     _validate_shapes(config, q, k, v)
     _validate_not_empty(q, k)
+    state = options.get("state")
     _validate_suffix(config, q, k, state)
-    _validate_scale(scale)
-    _validate_budget(k_budget)
-    key_valid = _validate_mask(attention_mask, k.shape[0], k.shape[2], k.device)
-    _validate_positions(config, positions, key_valid)
+    _validate_scale(options.get("scale"))
+    validate_budget("k_budget", options.get("k_budget"))
+    key_valid = _validate_mask(options.get("attention_mask"), k.shape[0], k.shape[2], k.device)
+    _validate_positions(config, options.get("positions"), key_valid)
+    if options.get("query_rows") is not None:
+        _validate_query_rows(config, options["query_rows"], q.shape[2], state)
     return key_valid
-
-
-def call_scale(scale: float | None, head_dim: int) -> float:
-    """The score scale of a call: the given one, or 1/sqrt(d)."""
-    return head_dim ** -0.5 if scale is None else float(scale)
-
-
-def call_budget(k_budget: int | None, config_k: int, keys: int) -> int:
-    """Keys per query per head for a call. A budget of at least Tk already selects every key,
-    so larger ones are capped at Tk (the same selection, without huge integers)."""
-    return min(config_k if k_budget is None else k_budget, keys)
 
 
 def _validate_tensor(name: str, x: Any) -> None:
@@ -105,9 +102,10 @@ def _validate_scale(scale: Any) -> None:
         raise ValueError(f"scale must be a finite positive number or None (1/sqrt(head_dim)), got {scale!r}")
 
 
-def _validate_budget(k_budget: Any) -> None:
+def validate_budget(name: str, k_budget: Any) -> None:
+    """A budget of keys per query per head: a positive integer, or None for the default."""
     if k_budget is not None and (isinstance(k_budget, bool) or not isinstance(k_budget, int) or k_budget < 1):
-        raise ValueError(f"k_budget must be a positive integer or None, got {k_budget!r}")
+        raise ValueError(f"{name} must be a positive integer or None, got {k_budget!r}")
 
 
 def _validate_mask(attention_mask: Any, bsz: int, tk: int, device: torch.device) -> Tensor:
@@ -140,10 +138,12 @@ def _validate_positions(config: SEAConfig, positions: Any, key_valid: Tensor) ->
                          f"{int(positions.min())}")
 
 
-def validate_query_rows(config: SEAConfig, query_rows: Any, tq: int, state: DecodeState | None) -> None:
+def _validate_query_rows(config: SEAConfig, query_rows: Any, tq: int, state: DecodeState | None) -> None:
     """``query_rows``: a 1-D integer tensor of strictly increasing rows in [0, Tq), for a causal layer
     with a per-query grouping and no decoding state (the rows' CNN history comes from the full input)."""
-    if not config.causal or state is not None or config.grouping == "block":
+    from .grouping import grouping_for  # the grouping says whether it computes row subsets
+
+    if not config.causal or state is not None or not grouping_for(config).computes_row_subsets:
         raise ValueError("query_rows needs a causal SEA layer, grouping 'query' or 'query_head' and no decoding "
                          f"state (got causal={config.causal}, grouping={config.grouping!r}, "
                          f"state={'given' if state is not None else None})")

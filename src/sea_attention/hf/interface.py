@@ -32,7 +32,7 @@ class LayerCall:
     """One attention call of a patched layer, as seen by a ``layer_override`` function."""
 
     module: nn.Module  # the transformers attention module
-    sea: SEAAttention  # its SEA attention (``sea.k_budget`` is the active dynamic k, None = config.k)
+    sea: SEAAttention  # its SEA attention (``sea.k_budget``: the active dynamic k)
     layer_idx: int
     query: Tensor  # (B, H, Tq, d)
     key: Tensor  # (B, H_kv, Tk, d)
@@ -44,7 +44,6 @@ class LayerCall:
 
     def run_sea(self, **kwargs: Any) -> SEAOutput:
         """What the layer runs without an override (kwargs go to ``SEAAttention.forward``)."""
-        kwargs.setdefault("k_budget", getattr(self.sea, "k_budget", None))
         kwargs.setdefault("return_attention", self.output_attentions)
         return self.sea(self.query, self.key, self.value, attention_mask=self.key_valid, scale=self.scaling,
                         **kwargs)
@@ -107,8 +106,8 @@ def sea_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
             return context.to(query.dtype).transpose(1, 2), attention if want_attention else None
 
     state = decode_state(module, sea.layer_idx, tq, tk) if causal else None
-    out = sea(query, key, value, attention_mask=key_valid, scale=scaling, k_budget=getattr(sea, "k_budget", None),
-              return_attention=want_attention, state=state)
+    out = sea(query, key, value, attention_mask=key_valid, scale=scaling, return_attention=want_attention,
+              state=state)
     return out.context.transpose(1, 2), out.attention
 
 

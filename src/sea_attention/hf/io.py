@@ -124,7 +124,7 @@ def _layer_settings(model: nn.Module) -> tuple[dict, int | None]:
     """The SEA config and budget every patched layer runs with: what a reload must restore."""
     layers = _require_patched(model)
     configs = {repr(sea.config.to_dict()) for _, _, sea in layers}
-    budgets = {getattr(sea, "k_budget", None) for _, _, sea in layers}
+    budgets = {sea.k_budget for _, _, sea in layers}
     if len(configs) > 1 or len(budgets) > 1:
         raise ValueError("the patched layers run different SEA configs or budgets, which one saved config cannot "
                          "hold: use set_runtime(model, ...) / set_budget(model, k) for all layers before saving")

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..core.attention import SEAAttention
 from ..core.config import SEAConfig
+from ..core.inputs import validate_budget
 from .decoding import attach_cache_hooks, detach_cache_hooks
 from .families import family_of
 from .interface import IMPLEMENTATION, OVERRIDE_ATTR, LayerOverride, register
@@ -103,7 +104,6 @@ def patch(model: nn.Module, config: SEAConfig | None = None, **overrides: Any) -
             if reference is not None:
                 sea.to(device=reference.device, dtype=reference.dtype)
             sea.train(module.training)
-            sea.k_budget = None  # dynamic k (set_budget); None = config.k
             module.sea = sea
             object.__setattr__(module, OVERRIDE_ATTR, None)  # a plain attribute: never a submodule
             attach_cache_hooks(module)  # decoding state rides on the KV cache
@@ -187,18 +187,12 @@ def set_runtime(model: nn.Module, **changes: Any) -> None:
                          f"got {sorted(unknown)}")
     for _, _, sea in _require_patched(model):
         sea.config = sea.config.replace(**changes)  # validated: a bad value raises here
-        sea.estimator.config = sea.config
     setattr(model.config, SEA_CONFIG_ATTR, {**getattr(model.config, SEA_CONFIG_ATTR), **changes})
-
-
-def _check_budget(k: int | None) -> None:
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"k must be a positive integer or None (the config's k), got {k!r}")
 
 
 def set_budget(model: nn.Module, k: int | None) -> None:
     """Set the keys per query per head of every patched layer (None: back to ``config.k``)."""
-    _check_budget(k)
+    validate_budget("k", k)
     for _, _, sea in _require_patched(model):
         sea.k_budget = k
 
@@ -206,9 +200,9 @@ def set_budget(model: nn.Module, k: int | None) -> None:
 @contextmanager
 def sea_budget(model: nn.Module, k: int | None) -> Iterator[nn.Module]:
     """``set_budget`` for the duration of a ``with`` block; the previous budgets come back after."""
-    _check_budget(k)
+    validate_budget("k", k)
     layers = _require_patched(model)
-    previous = [getattr(sea, "k_budget", None) for _, _, sea in layers]
+    previous = [sea.k_budget for _, _, sea in layers]
     try:
         for _, _, sea in layers:
             sea.k_budget = k

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,9 @@ from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
 from .features import RandomFeatures, causal_linear_attention, layer_seed, linear_attention
 from .kernel_bins import edge_dots, key_logits, log_mass, prefix_sums
 from .positions import LearnedPositionCode, tent_code
+
+if TYPE_CHECKING:
+    from ..call import SEACall
 
 KERNEL_SCALE_INIT = 0.5  # initial weight of the kernel's log-share beside the mean-key logits (weight 1)
 
@@ -87,75 +91,78 @@ class AttentionEstimator(nn.Module):
             code = tent_code(ranks, key_valid.sum(-1), self.config.head_dim)
         return code * key_valid.unsqueeze(-1)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, query_valid: Tensor,
-                lengths: Tensor, scale: float, positions: Tensor | None = None,
-                state: DecodeState | None = None, rows: Tensor | None = None) -> Estimate:
-        """q (B, H, Tq, d); k, v (B, H_kv, Tk, d); key_valid (B, Tk); query_valid and lengths (B, Tq).
+    def forward(self, call: "SEACall", rows: Tensor | None = None) -> Estimate:
+        """The estimate of a call's queries (``call.q`` (B, H, Tq, d) against its keys).
 
-        With a decoding ``state`` (causal only), keys before ``state.seen`` are taken from the
+        With a decoding state (causal only), keys before ``state.seen`` are taken from the
         state instead of being recomputed, and the state is updated. ``rows`` (causal, no
         state): estimate only these sorted query rows (the gates still cover every row).
         """
-        if rows is not None and (state is not None or not self.config.causal):
+        if rows is not None and (call.state is not None or not self.config.causal):
             raise ValueError("estimating some rows only needs a causal estimator and no decoding state")
-        cfg = self.config
-        bsz, heads, tq, d = q.shape
-        kv_heads, tk = k.shape[1], k.shape[2]
-        groups = heads // kv_heads
-        param_dtype = self.encoder.to_row.weight.dtype
-        past = state.seen if state is not None else 0
-        new_valid = key_valid[:, past:]  # the keys this call adds
+        phi_q, phi_k, performer = self._performer(call)
+        hidden = self.encoder.hidden(performer.to(self._param_dtype), call.v[:, :, call.first:].to(self._param_dtype))
+        gate_logits = self.encoder.gates(hidden)  # every row has gates, estimated or not: (B, H, Tq, 2)
+        logits = self._cnn_logits(hidden, call, rows).float()  # (B, H, Tq or n, K)
+        lengths = call.lengths if rows is None else call.lengths.index_select(1, rows)
+        if self.config.binned:
+            logits = logits + self._binned_signals(call, phi_q, phi_k, lengths, rows)
+        live = live_cells(lengths, self.config.estimate_width).unsqueeze(1)  # (B, 1, Tq, K)
+        # a finite fill keeps padding rows (no live bin) NaN-free, also in backward
+        probs = torch.softmax(logits.masked_fill(~live, torch.finfo(logits.dtype).min), dim=-1)
+        probs = probs.masked_fill(~live, 0.0)
+        return Estimate(logits, probs, gate_logits.float(), rows)
 
-        # Performer over (positional code ++ V): a coarse histogram of where each query looks
-        offset = state.valid_keys if past else None
-        new_positions = positions[:, past:] if positions is not None else None
-        code = self.position_code(new_valid, new_positions, offset)  # (B, Tk', d) or None
+    @property
+    def _param_dtype(self) -> torch.dtype:
+        return self.encoder.to_row.weight.dtype
+
+    def _performer(self, call: "SEACall") -> tuple[Tensor, Tensor, Tensor]:
+        """Performer over (positional code ++ V), a coarse histogram of where each query looks:
+        phi(q) (B, H_kv, G, Tq, m), phi(k) of the new keys and the output (B, H, Tq, p)."""
+        q, k, v, state = call.q, call.k, call.v, call.state
+        bsz, heads, tq, _ = q.shape
+        kv_heads = k.shape[1]
+        past = state.seen if state is not None else 0
+        new_valid = call.key_valid[:, past:]  # the keys this call adds
+        new_positions = call.positions[:, past:] if call.positions is not None else None
+        code = self.position_code(new_valid, new_positions, state.valid_keys if past else None)  # (B, Tk', d)
         values = v[:, :, past:].float()
         if code is not None:
             values = torch.cat([code.float().unsqueeze(1).expand(-1, kv_heads, -1, -1), values], dim=-1)
         if not bool(new_valid.all()):  # zero padding values (non-finite ones SEAAttention already zeroed)
             values = values * new_valid[:, None, :, None]  # (B, H_kv, Tk', p)
-        root = math.sqrt(scale)
-        phi_q = self.features(q, is_query=True, root=root).view(bsz, kv_heads, groups, tq, -1)
+        root = math.sqrt(call.scale)
+        phi_q = self.features(q, is_query=True, root=root).view(bsz, kv_heads, heads // kv_heads, tq, -1)
         phi_k = self.features(k[:, :, past:], is_query=False, root=root) * new_valid[:, None, :, None]
-        if cfg.causal:
+        if self.config.causal:
             performer, performer_state = causal_linear_attention(
                 phi_q, phi_k, values, state=state.performer if past else None)
             if state is not None:
                 state.performer = performer_state
         else:
             performer = linear_attention(phi_q, phi_k, values)
-        performer = performer.reshape(bsz, heads, tq, values.shape[-1])
+        return phi_q, phi_k, performer.reshape(bsz, heads, tq, values.shape[-1])
 
-        own_v = v[:, :, tk - tq:].to(param_dtype)  # each query token's own value
-        hidden = self.encoder.hidden(performer.to(param_dtype), own_v)  # (B, H, Tq, 2d)
-        gate_logits = self.encoder.gates(hidden)  # every row has gates, estimated or not
-        row_mask = query_valid[:, None, :, None].to(hidden.dtype)
-        if not cfg.causal:
-            logits = self._decode_packed(self.encoder.image(hidden), query_valid).float()  # (B, H, Tq, K)
-        elif rows is None:
-            logits = self._decode(self.encoder.image(hidden), row_mask, state).float()  # (B, H, Tq, K)
-        else:
-            logits = self._decode_rows(hidden, row_mask, rows).float()  # (B, H, n, K)
-            lengths = lengths.index_select(1, rows)
-        if cfg.kernel_bins or cfg.key_bins:
-            logits = logits + self._binned_signals(q, k[:, :, past:], phi_q, phi_k, new_valid, lengths, scale, state,
-                                                   rows)
+    def _cnn_logits(self, hidden: Tensor, call: "SEACall", rows: Tensor | None) -> Tensor:
+        """The CNN decoder's logits (B, H, Tq, K), or (B, H, n, K) for ``rows`` only."""
+        row_mask = call.query_valid[:, None, :, None].to(hidden.dtype)
+        if not self.config.causal:
+            return self._decode_packed(self.encoder.image(hidden), call.query_valid)
+        if rows is None:
+            return self._decode(self.encoder.image(hidden), row_mask, call.state)
+        return self._decode_rows(hidden, row_mask, rows)
 
-        live = live_cells(lengths, cfg.estimate_width).unsqueeze(1)  # (B, 1, Tq, K)
-        # a finite fill keeps padding rows (no live bin) NaN-free, also in backward
-        probs = torch.softmax(logits.masked_fill(~live, torch.finfo(logits.dtype).min), dim=-1)
-        probs = probs.masked_fill(~live, 0.0)
-        return Estimate(logits, probs, gate_logits.float(), rows)
-
-    def _binned_signals(self, q: Tensor, new_k: Tensor, phi_q: Tensor, phi_k: Tensor, new_valid: Tensor,
-                        lengths: Tensor, scale: float, state: DecodeState | None, rows: Tensor | None) -> Tensor:
+    def _binned_signals(self, call: "SEACall", phi_q: Tensor, phi_k: Tensor, lengths: Tensor,
+                        rows: Tensor | None) -> Tensor:
         """(B, H, Tq or n, K): the weighted binned signals added to the CNN's logits (``kernel_bins.py``).
 
         ``kernel_bins``: log of the FAVOR+ kernel's attention share per bin; ``key_bins``: each
         bin's logit through its mean key. Both come from prefix sums over positions of
         [phi(k), k] (whichever are on), which decoding keeps in its state.
         """
+        past = call.state.seen if call.state is not None else 0
+        q, new_k, scale = call.q, call.k[:, :, past:], call.scale
         bsz, kv_heads, groups, tq = phi_q.shape[:4]
         root = math.sqrt(scale)
         per_key, queries = [], []  # the prefix-summed key vectors and the queries read against them
@@ -169,7 +176,7 @@ class AttentionEstimator(nn.Module):
         if self.config.key_bins:
             per_key.append(new_k.float())
             queries.append(q.float().view(bsz, kv_heads, groups, tq, -1))
-        sums, counts = self._bin_sums(torch.cat(per_key, dim=-1), new_valid, state)
+        sums, counts = self._bin_sums(torch.cat(per_key, dim=-1), call.key_valid[:, past:], call.state)
         if rows is not None:
             queries = [x.index_select(3, rows) for x in queries]
         dots, sizes = edge_dots(queries, sums, counts, lengths, self.config.estimate_width)  # one gather for both

@@ -1,39 +1,61 @@
 """Where SEA's forward time goes: each stage timed alone, against its matmul floor.
 
-The stages are those of ``SEAAttention.forward``: the estimator, the grouped top-k
-(``selection.select_cells``), the cell -> key mapping (``cells.cells_to_keys``), the sparse
-attention op (``ops.sparse.sparse_attention``) and the rest (lengths, gating, masking), the
-last being the whole forward's time minus the stages'. With the block grouping, the
-selection is ``blocks.select_blocks`` and the attention ``ops.block_sparse`` (which maps
-cells to keys itself). A stage's floor is its FLOPs at this
+The stages are those ``SEAAttention.forward`` runs: the estimator, then the grouping's own
+``steps()`` (per query: the grouped top-k, the cell -> key mapping and the sparse attention
+op; block: the block selection and the block-sparse op, which maps cells to keys itself),
+each called exactly as the forward calls it, and the rest (validation, gating, masking), the
+whole forward's time minus the stages'. A stage's floor is its FLOPs at this
 machine's fp32 matmul rate: how fast it could be if it were one large matmul.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from ...core.call import SEACall
+from ...core.estimator.decoder import CausalDecoder
+from ...core.grouping import BlockGrouping, Grouping, PerQueryGrouping, grouping_for
 from .attention import AttentionBenchSetup
 from .runtime import in_fresh_process, matmul_gflops, median_seconds
 
-STAGES = {  # grouping -> stages, in forward order
-    "query": ("estimator", "selection", "cell_to_key", "sparse_attention", "rest"),
-    "block": ("estimator", "selection", "sparse_attention", "rest"),
-}
 CHUNK = 64  # queries per chunk of the causal linear attention (the chunk part's FLOPs)
 
 
-def stage_flops(length: int, heads: int, head_dim: int, num_features: int, estimate_width: int,
-                cnn_channels: int, width_downsample: int, mean_keys: float, causal: bool = True,
+@dataclass(frozen=True)
+class EstimatorShape:
+    """The sizes that set SEA's matmul work (see ``stage_flops``)."""
+
+    heads: int  # H
+    head_dim: int  # d
+    num_features: int  # m, Performer features
+    estimate_width: int  # K
+    cnn_channels: int  # c, per head
+    width_downsample: int  # K / w
+    causal: bool = True
+
+    @classmethod
+    def of(cls, config) -> "EstimatorShape":
+        return cls(config.num_heads, config.head_dim, config.num_features, config.estimate_width,
+                   config.cnn_channels, config.width_downsample, config.causal)
+
+
+def _stage_names(grouping: type[Grouping]) -> tuple[str, ...]:
+    return ("estimator", *grouping.stages, "rest")
+
+
+STAGES = {"query": _stage_names(PerQueryGrouping), "block": _stage_names(BlockGrouping)}  # in forward order
+
+
+def stage_flops(shape: EstimatorShape, length: int, mean_keys: float,
                 decoded_rows: int | None = None) -> dict[str, float]:
     """FLOPs of SEA's matmul work for one sequence (B=1, T queries = T keys), by part.
 
-    T = length, H = heads, d = head_dim, m = num_features (Performer), K = estimate_width,
-    c = cnn_channels (per head), w = K // width_downsample, S = mean_keys (selected keys per
-    query summed over all heads):
+    T = length, w = K // width_downsample, S = mean_keys (selected keys per query summed
+    over all heads), the rest from ``shape``:
 
     * features: q and k random features, 2 * (2 T H d m)
     * linear_attention: state 2 T H m (2d) * 2, plus (causal) the within-chunk part
@@ -47,10 +69,10 @@ def stage_flops(length: int, heads: int, head_dim: int, num_features: int, estim
 
     Selection and the cell -> key mapping are memory-bound (no matmul): not listed.
     """
-    t, h, d, m = length, heads, head_dim, num_features
-    w, c = estimate_width // width_downsample, cnn_channels
+    t, h, d, m = length, shape.heads, shape.head_dim, shape.num_features
+    w, c = shape.estimate_width // shape.width_downsample, shape.cnn_channels
     r = t if decoded_rows is None else decoded_rows
-    linear = 2 * t * h * m * (2 * d) * 2 + (t * h * CHUNK * (m + 2 * d) * 2 if causal else 0)
+    linear = 2 * t * h * m * (2 * d) * 2 + (t * h * CHUNK * (m + 2 * d) * 2 if shape.causal else 0)
     return {
         "features": 2 * (2 * t * h * d * m),
         "linear_attention": linear,
@@ -78,15 +100,24 @@ class StageBreakdown:
     flops: dict[str, float] = field(default_factory=dict)  # stage_flops by part
 
 
+def _forward_steps(module, q, k, v) -> tuple[dict[str, Callable[[], object]], dict, object]:
+    """The stages ``SEAAttention.forward`` runs, as named calls that each take the previous
+    one's output (the grouping's own ``steps()``), and the final Attended once run."""
+    call = SEACall.build(module.config, (q, k, v), {}, module.k_budget)
+    grouping = grouping_for(module.config)
+    rows = grouping.estimate_rows(call)
+    out: dict = {}
+    calls = {"estimator": lambda: module.estimator(call, rows)}
+    previous = "estimator"
+    for name, step in grouping.steps():
+        calls[name] = (lambda step=step, prev=previous: step(out[prev], call))
+        previous = name
+    return calls, out, rows
+
+
 def measure_breakdown(length: int, setup: AttentionBenchSetup, grouping: str = "query") -> StageBreakdown:
-    """Time each stage of the sparse SEA forward at this length (in this process)."""
+    """Time each stage of the SEA forward at this length (in this process), by the forward's own steps."""
     from ...core.attention import SEAAttention
-    from ...core.blocks import select_blocks, selecting_rows
-    from ...core.estimator.decoder import CausalDecoder
-    from ...core.cells import cells_to_keys, query_lengths
-    from ...core.ops.block_sparse import block_sparse_attention
-    from ...core.ops.sparse import sparse_attention
-    from ...core.selection import select_cells
 
     if grouping not in STAGES:
         raise ValueError(f"grouping must be one of {tuple(STAGES)}, got {grouping!r}")
@@ -95,24 +126,8 @@ def measure_breakdown(length: int, setup: AttentionBenchSetup, grouping: str = "
     cfg = setup.sea_config(length, grouping=grouping)
     module = SEAAttention(cfg).eval()
     q, k, v = setup.inputs(length)
-    valid = torch.ones(1, length, dtype=torch.bool)
-    lengths = query_lengths(valid, valid, cfg.causal)
-    scale = cfg.head_dim ** -0.5
-    # the calls SEAAttention.forward makes, in order, each on the previous one's output
-    rows = selecting_rows(0, length, cfg.query_block) if grouping == "block" and cfg.causal else None
-    calls = {"estimator": lambda: module.estimator(q, k, v, valid, valid, lengths, scale, rows=rows)}
-    if grouping == "block":
-        calls["selection"] = lambda: select_blocks(out["estimator"].probs, lengths, valid, 0, cfg.k, cfg.query_block,
-                                                   cfg.causal, estimate_rows=rows)
-        calls["sparse_attention"] = lambda: block_sparse_attention(q, k, v, out["selection"], valid, scale, cfg.k)
-    else:
-        calls["selection"] = lambda: select_cells(out["estimator"].probs, lengths, cfg.k, cfg.grouping,
-                                                  cfg.query_chunk)
-        calls["cell_to_key"] = lambda: cells_to_keys(out["selection"], lengths, valid, cap=cfg.k,
-                                                     chunk=cfg.query_chunk)
-        calls["sparse_attention"] = lambda: sparse_attention(q, k, v, out["cell_to_key"], scale, cfg.query_chunk)
-    out: dict = {}
     with torch.no_grad():
+        calls, out, rows = _forward_steps(module, q, k, v)
         for name, call in calls.items():
             out[name] = call()  # warm-up, and the next stage's input
         calls["total"] = lambda: module(q, k, v)
@@ -121,13 +136,9 @@ def measure_breakdown(length: int, setup: AttentionBenchSetup, grouping: str = "
         rounds = [{name: median_seconds(call, 1) for name, call in calls.items()} for _ in range(setup.repeats)]
     seconds = {name: statistics.median(r[name] for r in rounds) for name in calls}
     total = seconds.pop("total")
-    if grouping == "block":
-        mean_keys = float(out["sparse_attention"][1].sum()) / length
-    else:
-        mean_keys = float(out["cell_to_key"].valid.sum()) / length
-    flops = stage_flops(length, cfg.num_heads, cfg.head_dim, cfg.num_features, cfg.estimate_width,
-                        cfg.cnn_channels, cfg.width_downsample, mean_keys, cfg.causal,
-                        None if rows is None else rows.numel() * (CausalDecoder.HISTORY_ROWS + 1))
+    mean_keys = float(out["sparse_attention"].nnz.sum()) / length
+    decoded = None if rows is None else rows.numel() * (CausalDecoder.HISTORY_ROWS + 1)
+    flops = stage_flops(EstimatorShape.of(cfg), length, mean_keys, decoded)
     gflop = {"estimator": sum(f for part, f in flops.items() if part != "sparse_attention") / 1e9,
              "sparse_attention": flops["sparse_attention"] / 1e9}
     seconds["rest"] = total - sum(seconds.values())  # gating, lengths, masking; noise can make it < 0

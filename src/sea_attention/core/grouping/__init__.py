@@ -1,0 +1,17 @@
+"""Selection strategies: one object per value of ``SEAConfig.grouping`` (``base.Grouping``)."""
+
+from __future__ import annotations
+
+from ..config import SEAConfig
+from .base import Attended, Grouping, Step
+from .block import BlockGrouping
+from .per_query import PerQueryGrouping
+
+__all__ = ["Attended", "BlockGrouping", "Grouping", "PerQueryGrouping", "Step", "grouping_for"]
+
+
+def grouping_for(config: SEAConfig) -> Grouping:
+    """The strategy a config asks for: the only place that reads ``config.grouping``."""
+    if config.grouping == "block":
+        return BlockGrouping(config)
+    return PerQueryGrouping(config, config.grouping)

@@ -1,0 +1,66 @@
+"""The grouping protocol: how one SEA layer turns an estimate into attention.
+
+A grouping decides which cells compete for one top-k budget, which keys the selected cells
+stand for, and how attention runs on them. ``SEAAttention.forward`` only calls the protocol:
+
+    estimate = estimator(call, rows=grouping.estimate_rows(call))
+    attended = grouping.run(estimate, call)      # = its steps, in order
+
+``steps()`` names each stage, so ``sea bench attention --breakdown`` times exactly the
+calls the forward makes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from ..cells import KeySlots
+from ..config import SEAConfig
+
+if TYPE_CHECKING:
+    from ..call import SEACall
+    from ..estimator import Estimate
+
+Step = tuple[str, Callable[[Any, "SEACall"], Any]]  # (stage name, fn(previous result, call) -> result)
+
+
+@dataclass
+class Attended:
+    """What a grouping's attention produces for the computed rows."""
+
+    context: Tensor  # (B, H, n, d) before gating
+    cells: Tensor  # (B, H, n, K) bool, the selected cells
+    nnz: Tensor  # (B, H, n) keys each query attended to, per head
+    attention: Tensor | None = None  # (B, H, n, Tk) sparse probabilities, with return_attention
+    slots: KeySlots | None = None  # the selected keys, flattened over heads (per-query groupings)
+
+
+class Grouping(ABC):
+    """One value of ``SEAConfig.grouping``: selection, key mapping and attention kernel."""
+
+    stages: tuple[str, ...] = ()  # the names of steps(), for the benchmark
+    computes_row_subsets: bool = False  # whether query_rows (training on some rows) is defined
+    reports_slots: bool = False  # whether Attended.slots lists the selected keys
+
+    def __init__(self, config: SEAConfig) -> None:
+        self.config = config
+
+    def estimate_rows(self, call: "SEACall") -> Tensor | None:
+        """The query rows the estimator must produce (sorted), or None for all of them."""
+        return call.query_rows
+
+    @abstractmethod
+    def steps(self) -> tuple[Step, ...]:
+        """The stages from the estimate to an ``Attended``, in order."""
+
+    def run(self, estimate: "Estimate", call: "SEACall") -> Attended:
+        """Run every stage on the previous one's result."""
+        result: Any = estimate
+        for _, step in self.steps():
+            result = step(result, call)
+        return result

@@ -1,0 +1,66 @@
+"""The ``block`` grouping: a block of ``query_block`` consecutive positions shares one
+selection (``blocks.py``), and attention runs as dense block products (``ops/block_sparse``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..blocks import BlockRequest, BlockSelection, block_dense_mask, block_slots, carry, select_blocks, selecting_rows
+from ..ops.block_sparse import block_sparse_attention
+from ..ops.reference import reference_attention
+from ..ops.sparse import sparse_attention
+from .base import Attended, Grouping, Step
+
+if TYPE_CHECKING:
+    from ..call import SEACall
+    from ..estimator import Estimate
+
+
+class BlockGrouping(Grouping):
+    """Stages: ``selection`` (per block) and ``sparse_attention`` (which maps cells to keys itself)."""
+
+    stages = ("selection", "sparse_attention")
+
+    def steps(self) -> tuple[Step, ...]:
+        return tuple(zip(self.stages, (self.select, self.attend)))
+
+    def estimate_rows(self, call: "SEACall") -> Tensor | None:
+        """Causal inference (no autograd, no decoding state, no attention view): only the rows
+        that select need an estimate, which saves most of the CNN."""
+        if self.config.causal and call.state is None and not call.return_attention and not torch.is_grad_enabled():
+            return selecting_rows(call.first, call.q.shape[2], self.config.query_block, call.q.device)
+        return None
+
+    def select(self, estimate: "Estimate", call: "SEACall") -> BlockSelection:
+        cfg = self.config
+        state = call.state
+        carried = state.block if state is not None and state.seen else None
+        request = BlockRequest(call.lengths, call.query_valid, call.first, call.budget, cfg.query_block, cfg.causal,
+                               cfg.sinks, cfg.local_window)
+        selection = select_blocks(estimate.probs, request, carried, estimate.rows)
+        if state is not None:
+            state.block = carry(selection)
+        return selection
+
+    def attend(self, selection: BlockSelection, call: "SEACall") -> Attended:
+        """Dense block products; the reference path (or an attention view) on the dense mask, and
+        sparse slots for a few queries (decoding), where a block of rows would be mostly padding."""
+        cfg, tq = self.config, call.q.shape[2]
+        attention = None
+        if cfg.attention_path == "reference" or call.return_attention:
+            mask = block_dense_mask(selection, call.key_valid, call.budget, cfg.num_heads, tq)
+            context, probs = reference_attention(call.q, call.k, call.v, mask, call.scale)
+            attention = probs if call.return_attention else None
+            nnz = mask.sum(-1)
+        elif cfg.causal and tq * 4 <= cfg.query_block:
+            slots = block_slots(selection, call.key_valid, call.budget, cfg.num_heads, tq)
+            context, _ = sparse_attention(call.q, call.k, call.v, slots, call.scale, cfg.query_chunk)
+            nnz = slots.nnz(cfg.num_heads)
+        else:
+            context, nnz = block_sparse_attention(call.q, call.k, call.v, selection, call.key_valid, call.scale,
+                                                  call.budget)
+        valid = call.query_valid[:, None, :]  # padding queries report no keys, as with the other groupings
+        return Attended(context, selection.per_query_cells(tq) & valid.unsqueeze(-1), nnz * valid, attention)
