@@ -11,7 +11,7 @@ import torch
 from conftest import make_qkv, padding_mask
 from sea_attention import SEAAttention, SEAConfig
 from sea_attention.core.cells import cells_to_keys, live_cells, query_lengths
-from sea_attention.core.ops.flex import flex_sea_attention, sea_block_mask
+from sea_attention.core.ops.flex import CellMap, flex_sea_attention, sea_block_mask
 from sea_attention.core.ops.reference import reference_attention
 from sea_attention.core.selection import select_cells
 
@@ -47,7 +47,7 @@ CASES = [  # causal, tq, tk, K, cap, pad
 def test_flex_matches_reference(causal, tq, tk, width, cap, pad):
     q, k, v = make_qkv(BATCH, HEADS, KV_HEADS, tq, tk, DIM)
     cells, lengths, key_valid = random_selection(tq, tk, width, cap, pad, causal)
-    out = flex_sea_attention(q, k, v, cells, lengths, key_valid, cap=cap, scale=DIM ** -0.5)
+    out = flex_sea_attention(q, k, v, cells, CellMap(lengths, key_valid, cap), scale=DIM ** -0.5)
     expected = reference(q, k, v, cells, lengths, key_valid, cap)
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -75,7 +75,7 @@ def test_sea_attention_flex_path_matches_reference_path():
 def test_block_mask_is_sparse_and_covers_every_selected_key(block_size):
     tq = tk = 2048
     cells, lengths, key_valid = random_selection(tq, tk, 32, 4, 300, causal=True)
-    block_mask = sea_block_mask(cells, lengths, key_valid, cap=4, block_size=block_size)
+    block_mask = sea_block_mask(cells, CellMap(lengths, key_valid, 4), block_size=block_size)
     nqb, nkb = -(-tq // block_size), -(-tk // block_size)
     counts, indices = block_mask.kv_num_blocks, block_mask.kv_indices  # (B, H, nQB), (B, H, nQB, nKB)
     assert counts.shape == (BATCH, HEADS, nqb) and indices.shape == (BATCH, HEADS, nqb, nkb)
@@ -95,10 +95,10 @@ def test_bad_inputs_raise():
     q, k, v = make_qkv(BATCH, HEADS, KV_HEADS, 8, 8, DIM)
     cells, lengths, key_valid = random_selection(8, 8, 8, 4, 0, causal=True)
     with pytest.raises(ValueError, match="block_size"):
-        flex_sea_attention(q, k, v, cells, lengths, key_valid, cap=4, scale=0.25, block_size=0)
+        flex_sea_attention(q, k, v, cells, CellMap(lengths, key_valid, 4), scale=0.25, block_size=0)
     with pytest.raises(ValueError, match="cap"):
-        flex_sea_attention(q, k, v, cells, lengths, key_valid, cap=0, scale=0.25)
+        flex_sea_attention(q, k, v, cells, CellMap(lengths, key_valid, 0), scale=0.25)
     with pytest.raises(ValueError, match="dtype"):
-        flex_sea_attention(q.double(), k.double(), v.double(), cells, lengths, key_valid, cap=4, scale=0.25)
+        flex_sea_attention(q.double(), k.double(), v.double(), cells, CellMap(lengths, key_valid, 4), scale=0.25)
     with pytest.raises(ValueError, match="cells"):
-        flex_sea_attention(q, k, v, cells[:, :2], lengths, key_valid, cap=4, scale=0.25)
+        flex_sea_attention(q, k, v, cells[:, :2], CellMap(lengths, key_valid, 4), scale=0.25)

@@ -208,7 +208,44 @@ def cells_to_keys(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, c
     cell) grid of ranks straight into the slots.
     """
     bsz, heads, tq, width = cells.shape
-    device = cells.device
+    listed = _list_cells(cells, lengths, cap)
+    totals = torch.zeros(bsz * tq, dtype=torch.long, device=cells.device).index_add_(0, listed.row, listed.emitted)
+    slots = max(int(totals.max()) if totals.numel() else 0, 1)
+    # flat position in (B, Tq, S) of each cell's first key: its row, plus the keys of the
+    # row's earlier cells (a global running count minus the count before the row)
+    before_row = totals.cumsum(0) - totals
+    first_slot = listed.row * slots + listed.emitted.cumsum(0) - listed.emitted - before_row.index_select(0, listed.row)
+    first_cell = torch.zeros(bsz * tq + 1, dtype=torch.long, device=cells.device)
+    torch.cumsum(torch.bincount(listed.row, minlength=bsz * tq), 0, out=first_cell[1:])
+    out = KeySlots(torch.zeros(bsz, tq, slots, dtype=torch.long, device=cells.device),
+                   torch.zeros(bsz, tq, slots, dtype=torch.long, device=cells.device),
+                   torch.arange(slots, device=cells.device) < totals.view(bsz, tq, 1))
+    positions = None if bool(key_valid.all()) else valid_key_positions(key_valid).reshape(-1)  # None: rank r is key r
+    bounds = first_cell.tolist()
+    for lo in range(0, bsz * tq, chunk):
+        c0, c1 = bounds[lo], bounds[min(lo + chunk, bsz * tq)]
+        if c0 != c1:
+            _write_keys(out, listed.part(c0, c1), first_slot[c0:c1], positions, key_valid.shape[-1])
+    return out
+
+
+@dataclass
+class _ListedCells:
+    """The selected live cells of a (B, H, Tq, K) selection, row-major: row = b * Tq + i."""
+
+    row: Tensor  # (N,)
+    head: Tensor
+    start: Tensor  # first key rank of the cell
+    size: Tensor  # keys in the cell
+    emitted: Tensor  # min(size, cap)
+    tq: int
+
+    def part(self, c0: int, c1: int) -> "_ListedCells":
+        return _ListedCells(*(x[c0:c1] for x in (self.row, self.head, self.start, self.size, self.emitted)), self.tq)
+
+
+def _list_cells(cells: Tensor, lengths: Tensor, cap: int) -> _ListedCells:
+    bsz, heads, tq, width = cells.shape
     row, cell = _selected_cells(cells.permute(0, 2, 1, 3).reshape(bsz * tq, heads * width))  # row = b * Tq + i
     head, bin_ = torch.div(cell, width, rounding_mode="floor"), cell % width
     length = lengths.reshape(-1).index_select(0, row)
@@ -218,38 +255,23 @@ def cells_to_keys(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, c
     live = emitted > 0
     if not bool(live.all()):
         row, head, start, size, emitted = (x[live] for x in (row, head, start, size, emitted))
-    totals = torch.zeros(bsz * tq, dtype=torch.long, device=device).index_add_(0, row, emitted)
-    slots = max(int(totals.max()) if totals.numel() else 0, 1)
-    # flat position in (B, Tq, S) of each cell's first key: its row, plus the keys of the
-    # row's earlier cells (a global running count minus the count before the row)
-    before_row = totals.cumsum(0) - totals
-    first_slot = row * slots + emitted.cumsum(0) - emitted - before_row.index_select(0, row)
-    first_cell = torch.zeros(bsz * tq + 1, dtype=torch.long, device=device)
-    torch.cumsum(torch.bincount(row, minlength=bsz * tq), 0, out=first_cell[1:])
-    first_cell = first_cell.tolist()
+    return _ListedCells(row, head, start, size, emitted, tq)
 
-    valid = torch.arange(slots, device=device) < totals.view(bsz, tq, 1)
-    head_out = torch.zeros(bsz, tq, slots, dtype=torch.long, device=device)
-    key_out = torch.zeros(bsz, tq, slots, dtype=torch.long, device=device)
-    if bool(key_valid.all()):
-        positions = None  # rank r is key r
-    else:
-        positions = valid_key_positions(key_valid).reshape(-1)
-        key_row = (row // tq) * key_valid.shape[-1]  # each cell's batch row in the flat positions
-    for lo in range(0, bsz * tq, chunk):
-        c0, c1 = first_cell[lo], first_cell[min(lo + chunk, bsz * tq)]
-        if c0 == c1:
-            continue
-        n, sz = emitted[c0:c1, None], size[c0:c1, None]
-        most = int(n.max())
-        # (cells, most) grid; a cell's extra columns repeat its last key (same slot, same value)
-        offset = torch.arange(most, device=device).minimum(n - 1)
-        rank = even_pick(offset, sz, n, (2 * most - 1) * int(sz.max()) + 2 * most).add_(start[c0:c1, None])
-        key = rank if positions is None else positions.gather(0, (rank + key_row[c0:c1, None]).flatten())
-        target = offset.add_(first_slot[c0:c1, None]).flatten()
-        key_out.view(-1).scatter_(0, target, key.flatten())
-        head_out.view(-1).scatter_(0, target, head[c0:c1, None].expand_as(rank).flatten())
-    return KeySlots(head_out, key_out, valid)
+
+def _write_keys(out: KeySlots, listed: _ListedCells, first_slot: Tensor, positions: Tensor | None,
+                keys: int) -> None:
+    """Write a run of cells' keys into their slots; ``positions`` (B * Tk,) maps ranks to keys."""
+    n, sz = listed.emitted[:, None], listed.size[:, None]
+    most = int(n.max())
+    # (cells, most) grid; a cell's extra columns repeat its last key (same slot, same value)
+    offset = torch.arange(most, device=n.device).minimum(n - 1)
+    rank = even_pick(offset, sz, n, (2 * most - 1) * int(sz.max()) + 2 * most).add_(listed.start[:, None])
+    if positions is not None:
+        key_row = (listed.row // listed.tq) * keys  # each cell's batch row in the flat positions
+        rank = positions.gather(0, (rank + key_row[:, None]).flatten()).view_as(rank)
+    target = offset.add_(first_slot[:, None]).flatten()
+    out.key.view(-1).scatter_(0, target, rank.flatten())
+    out.head.view(-1).scatter_(0, target, listed.head[:, None].expand_as(rank).flatten())
 
 
 def compress_attention(attention: Tensor, key_valid: Tensor, lengths: Tensor, width: int) -> Tensor:

@@ -136,51 +136,47 @@ class SEAConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and its allowed values."""
+        self._validate_fields()
+        self._validate_combinations()
+
+    def _validate_fields(self) -> None:
+        """Each field on its own: type and range."""
         for name in ("num_heads", "head_dim", "num_kv_heads", "k", "estimate_width",
                      "feature_factor", "max_positions", "query_chunk", "query_block"):
             _positive_int(name, getattr(self, name))
         for name in ("feature_redraw_interval", "sinks", "local_window"):
             _non_negative_int(name, getattr(self, name))
+        if self.head_dim < 2:
+            raise ValueError(f"head_dim must be >= 2, got {self.head_dim}")
+        for name, allowed in (("feature_kind", FEATURE_KINDS), ("grouping", GROUPINGS), ("output_mode", OUTPUT_MODES),
+                              ("attention_path", ATTENTION_PATHS), ("position_code", POSITION_CODES)):
+            _choice(name, getattr(self, name), allowed)
+        for name in ("causal", "gating", "kernel_bins", "key_bins"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def _validate_combinations(self) -> None:
+        """Fields that constrain each other: a combination that cannot run is refused here."""
         if (self.sinks or self.local_window) and not self.causal:
             raise ValueError(f"sinks and local_window apply to causal layers only, got sinks={self.sinks}, "
                              f"local_window={self.local_window} with causal=False")
-        if self.head_dim < 2:
-            raise ValueError(f"head_dim must be >= 2, got {self.head_dim}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
-        _choice("feature_kind", self.feature_kind, FEATURE_KINDS)
-        _choice("grouping", self.grouping, GROUPINGS)
-        _choice("output_mode", self.output_mode, OUTPUT_MODES)
-        _choice("attention_path", self.attention_path, ATTENTION_PATHS)
-        if not isinstance(self.causal, bool):
-            raise ValueError(f"causal must be True or False, got {self.causal!r}")
-        if not isinstance(self.gating, bool):
-            raise ValueError(f"gating must be True or False, got {self.gating!r}")
-        for name in ("kernel_bins", "key_bins"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        _choice("position_code", self.position_code, POSITION_CODES)
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if (self.position_code == "learned" and not self.causal) or (self.position_code == "tent" and self.causal):
             raise ValueError(f"position_code={self.position_code!r} does not apply when causal={self.causal}: "
                              f"expected one of {('learned', 'none') if self.causal else ('tent', 'none')}")
         if self.causal and self.grouping not in CAUSAL_GROUPINGS:
-            raise ValueError(
-                f"grouping={self.grouping!r} is not allowed when causal=True: "
-                f"expected one of {CAUSAL_GROUPINGS}"
-            )
-        multiple = self.width_downsample
-        if self.estimate_width % multiple:
-            raise ValueError(
-                f"estimate_width must be a multiple of {multiple} when causal={self.causal}, "
-                f"got {self.estimate_width}"
-            )
+            raise ValueError(f"grouping={self.grouping!r} is not allowed when causal=True: expected one of "
+                             f"{CAUSAL_GROUPINGS}")
+        if self.grouping == "block" and self.attention_path == "flex":
+            raise ValueError("attention_path='flex' runs the per-query groupings; grouping='block' has its own "
+                             "block-sparse kernel: use attention_path='sparse' (or 'reference') with it")
+        if self.estimate_width % self.width_downsample:
+            raise ValueError(f"estimate_width must be a multiple of {self.width_downsample} when causal={self.causal}, "
+                             f"got {self.estimate_width}")
         if self.num_features < 1:
-            raise ValueError(
-                f"feature_factor={self.feature_factor} leaves no random features for "
-                f"head_dim={self.head_dim}: use a feature_factor <= {performer_features(self.head_dim, 1)}"
-            )
+            raise ValueError(f"feature_factor={self.feature_factor} leaves no random features for "
+                             f"head_dim={self.head_dim}: use a feature_factor <= {performer_features(self.head_dim, 1)}")
 
     # ------------------------------------------------------------------ derived values
     @property

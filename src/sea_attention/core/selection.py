@@ -94,40 +94,46 @@ def select_cells(estimate: Tensor, lengths: Tensor, k: int, grouping: str, chunk
     that small budgets stay sparse; they count against the budget, which grows to hold them
     if it is smaller (rows whose bins are wider than k / 4 keys).
     """
-    bsz, heads, tq, width = estimate.shape
     if grouping in ("query", "query_head"):
-        sinks, window = min(sinks, k // 4), min(window, k // 4)
-        group_heads = heads if grouping == "query" else 1
-        budget = cell_budget(lengths, k, width, group_heads)  # (B, Tq)
-        out = torch.empty(bsz, heads, tq, width, dtype=torch.bool, device=estimate.device)
-        for lo in range(0, tq, chunk):
-            part, rows_len = estimate[:, :, lo:lo + chunk].detach(), lengths[:, lo:lo + chunk]  # (B, H, c, K)
-            # only rows with 0 < L < K have dead bins; padding rows (L = 0) get no budget at all
-            part = _masked_scores(part, rows_len) if bool(((rows_len > 0) & (rows_len < width)).any()) else part.float()
-            part_budget = budget[:, lo:lo + chunk]  # (B, c)
-            if sinks or window:
-                forced = forced_cells(rows_len, width, sinks, window)  # (B, c, K)
-                part = part.masked_fill(forced.unsqueeze(1), FORCED)
-                part_budget = torch.maximum(part_budget, forced.sum(-1) * group_heads)
-            rows = part.shape[2]
-            if grouping == "query":
-                flat = part.permute(0, 2, 1, 3).reshape(bsz, rows, heads * width)
-                picked = _top_budget(flat, part_budget)
-                out[:, :, lo:lo + chunk] = picked.view(bsz, rows, heads, width).permute(0, 2, 1, 3)
-            else:
-                out[:, :, lo:lo + chunk] = _top_budget(part, part_budget[:, None].expand(-1, heads, -1))
+        forced = (min(sinks, k // 4), min(window, k // 4))
+        out = torch.empty(estimate.shape, dtype=torch.bool, device=estimate.device)
+        for lo in range(0, estimate.shape[2], chunk):
+            out[:, :, lo:lo + chunk] = _select_rows(estimate[:, :, lo:lo + chunk].detach(), lengths[:, lo:lo + chunk],
+                                                    k, grouping == "query", forced)
         return out
     if sinks or window:
         raise ValueError(f"sinks and window apply to the groupings 'query' and 'query_head', not {grouping!r}")
+    return _select_whole(estimate, lengths, k, grouping)
+
+
+def _select_rows(part: Tensor, lengths: Tensor, k: int, across_heads: bool, forced: tuple[int, int]) -> Tensor:
+    """``query`` / ``query_head`` selection of a chunk of rows (B, H, c, K), forced bins first."""
+    bsz, heads, rows, width = part.shape
+    group_heads = heads if across_heads else 1
+    budget = cell_budget(lengths, k, width, group_heads)  # (B, c)
+    # only rows with 0 < L < K have dead bins; padding rows (L = 0) get no budget at all
+    part = _masked_scores(part, lengths) if bool(((lengths > 0) & (lengths < width)).any()) else part.float()
+    if any(forced):
+        must = forced_cells(lengths, width, *forced)  # (B, c, K)
+        part = part.masked_fill(must.unsqueeze(1), FORCED)
+        budget = torch.maximum(budget, must.sum(-1) * group_heads)
+    if not across_heads:
+        return _top_budget(part, budget[:, None].expand(-1, heads, -1))
+    flat = part.permute(0, 2, 1, 3).reshape(bsz, rows, heads * width)
+    return _top_budget(flat, budget).view(bsz, rows, heads, width).permute(0, 2, 1, 3)
+
+
+def _select_whole(estimate: Tensor, lengths: Tensor, k: int, grouping: str) -> Tensor:
+    """``sample`` / ``head`` selection: one budget per sample (or sample and head), plus each
+    valid query's best cell so that no query is left empty."""
+    bsz, heads, _, width = estimate.shape
     scores = _masked_scores(estimate.detach(), lengths)
     if grouping == "sample":
         budget = cell_budget(lengths, k, width, heads).sum(-1)  # (B,)
-        flat = scores.reshape(bsz, -1)
-        picked = (_ranked(flat) < budget[:, None]).view_as(scores)
+        picked = (_ranked(scores.reshape(bsz, -1)) < budget[:, None]).view_as(scores)
     elif grouping == "head":
         budget = cell_budget(lengths, k, width, 1).sum(-1)  # (B,)
-        flat = scores.reshape(bsz, heads, -1)
-        picked = (_ranked(flat) < budget[:, None, None]).view_as(scores)
+        picked = (_ranked(scores.reshape(bsz, heads, -1)) < budget[:, None, None]).view_as(scores)
     else:
         raise ValueError(f"grouping must be one of ('query', 'query_head', 'sample', 'head'), got {grouping!r}")
     return picked | _best_cell_per_query(scores, lengths)

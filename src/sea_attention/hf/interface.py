@@ -73,12 +73,12 @@ def _attentions_requested(kwargs: dict[str, Any]) -> bool:
 
 
 def sea_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                          attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          attention_mask: Tensor | None, scaling: float | None = None,
                           **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """Attention function registered as "sea"; returns ((B, Tq, H, d), (B, H, Tq, Tk) or None).
 
-    ``dropout`` is ignored: SEA has no attention dropout (its estimator is trained by
-    distillation, where the teacher runs without dropout too).
+    A ``dropout`` keyword is accepted and ignored: SEA has no attention dropout (its estimator
+    is trained by distillation, where the teacher runs without dropout too).
     """
     sea = getattr(module, "sea", None)
     if not isinstance(sea, SEAAttention):

@@ -28,15 +28,17 @@ _PLAIN = (causal_mask_function, bidirectional_mask_function)
 
 
 def sea_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-             mask_function=causal_mask_function, attention_mask: Tensor | None = None,
-             **kwargs: Any) -> Tensor | None:
+             mask_function=causal_mask_function, **kwargs: Any) -> Tensor | None:
     """The mask function registered as "sea" in ``AttentionMaskInterface``.
+
+    transformers passes the (B, Tk) ``attention_mask`` (or None) among ``kwargs``.
 
     Returns the (B, Tk) bool key padding mask, or ``None`` when there is no padding mask.
     Masks with more structure than padding + causality (sliding windows, packed sequences,
     custom overlays) come back as the dense (B, 1, Tq, Tk) bool mask, unless it turns out to
     be plain after all (e.g. a sliding window longer than the sequence).
     """
+    attention_mask: Tensor | None = kwargs.get("attention_mask")
     if mask_function in _PLAIN:
         if mask_function is causal_mask_function and int(q_offset) + q_length != kv_offset + kv_length:
             # StaticCache: keys are a fixed-size buffer, so queries are not the last keys

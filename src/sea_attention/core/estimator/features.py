@@ -89,6 +89,21 @@ def linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor) -> Tensor:
 
 
 @sample_wise
+def _prefix_state(phi_k: Tensor, values: Tensor, prefix: int,
+                  state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """The running state (sum phi(k) v^T, sum phi(k)) after the first ``prefix`` keys, continued from ``state``."""
+    m, e = phi_k.shape[-1], values.shape[-1]
+    if state is None:
+        kv = phi_k.new_zeros(*phi_k.shape[:2], m, e)
+        normaliser = phi_k.new_zeros(*phi_k.shape[:2], m)
+    else:
+        kv, normaliser = state
+    if prefix:
+        kv = kv + phi_k[:, :, :prefix].transpose(-1, -2) @ values[:, :, :prefix]
+        normaliser = normaliser + phi_k[:, :, :prefix].sum(-2)
+    return kv, normaliser
+
+
 def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk: int = 64,
                             state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Causal linear attention where queries are the last Tq of the Tk keys.
@@ -101,16 +116,9 @@ def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk:
     ``state`` = (sum phi(k) v^T (B, H_kv, m, e), sum phi(k) (B, H_kv, m)) of keys seen in
     earlier calls; the updated state is returned (used by decoding).
     """
-    tq, tk, m, e = phi_q.shape[-2], phi_k.shape[-2], phi_k.shape[-1], values.shape[-1]
+    tq, tk = phi_q.shape[-2], phi_k.shape[-2]
     prefix = tk - tq
-    if state is None:
-        kv = phi_k.new_zeros(*phi_k.shape[:2], m, e)
-        normaliser = phi_k.new_zeros(*phi_k.shape[:2], m)
-    else:
-        kv, normaliser = state
-    if prefix:
-        kv = kv + phi_k[:, :, :prefix].transpose(-1, -2) @ values[:, :, :prefix]
-        normaliser = normaliser + phi_k[:, :, :prefix].sum(-2)
+    kv, normaliser = _prefix_state(phi_k, values, prefix, state)
     chunk = max(1, min(chunk, tq))
     n = -(-tq // chunk)
     pad = n * chunk - tq  # zero rows: no contribution as keys, sliced off as queries

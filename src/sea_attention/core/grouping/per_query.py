@@ -65,10 +65,10 @@ class PerQueryGrouping(Grouping):
         return Attended(context, cells, slots.nnz(self.config.num_heads), attention, slots)
 
     def _flex(self, q: Tensor, cells: Tensor, call: "SEACall") -> Tensor:
-        from ..ops.flex import flex_sea_attention  # imported on use: it pulls in torch.compile
+        from ..ops.flex import CellMap, flex_sea_attention  # imported on use: it pulls in torch.compile
 
-        return flex_sea_attention(q, call.k, call.v, cells, call.asked_lengths, call.key_valid, cap=call.budget,
-                                  scale=call.scale)
+        cell_map = CellMap(call.asked_lengths, call.key_valid, call.budget)
+        return flex_sea_attention(q, call.k, call.v, cells, cell_map, scale=call.scale)
 
 
 def _flex_runs(q: Tensor, call: "SEACall") -> bool:

@@ -27,6 +27,7 @@ power of two and marked static: a new size class recompiles (log2 many), a new T
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from typing import Callable
 
@@ -63,53 +64,66 @@ def _static_table(parts: list[Tensor]) -> tuple[Tensor, list[int]]:
     return table, offsets
 
 
-def sea_block_mask(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, block_size: int = 128, *,
-                   backward: bool = False) -> BlockMask:
-    """The selection as a BlockMask: touched key blocks per query block plus the exact mask_mod.
+@dataclass(frozen=True)
+class CellMap:
+    """What turns a row's selected cells into keys (``cells.py``)."""
 
-    cells (B, H, Tq, K) bool, lengths (B, Tq) long, key_valid (B, Tk) bool. Memory is
-    O(B H Tq K + B H (Tq/block) (Tk/block)); no Tq x Tk tensor is built. The transposed
-    (query-major) block lists that only the backward pass reads are built with ``backward``.
-    """
+    lengths: Tensor  # (B, Tq) long, each row's valid key count
+    key_valid: Tensor  # (B, Tk) bool, the key padding mask
+    cap: int  # the most keys one cell emits
+
+
+def _validate_block_mask(cells: Tensor, cell_map: CellMap, block_size: int) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    cap = cell_map.cap
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ValueError(f"cap must be a positive integer, got {cap!r}")
-    bsz, heads, tq, width = cells.shape
-    tk = key_valid.shape[-1]
-    if lengths.shape != (bsz, tq) or key_valid.shape != (bsz, tk) or key_valid.dtype != torch.bool:
+    bsz, _, tq, _ = cells.shape
+    lengths, key_valid = cell_map.lengths, cell_map.key_valid
+    if lengths.shape != (bsz, tq) or key_valid.dim() != 2 or key_valid.shape[0] != bsz \
+            or key_valid.dtype != torch.bool:
         raise ValueError(f"lengths must be (B, Tq) = {(bsz, tq)} and key_valid a (B, Tk) bool mask, got "
                          f"{tuple(lengths.shape)} and {tuple(key_valid.shape)} {key_valid.dtype}")
-    device = cells.device
-    lengths = lengths.long()
-    counts = cell_key_counts(cells, lengths, cap)  # (B, H, Tq, K) keys each cell emits, 0 if unselected
-    starts = cell_starts(lengths, width)  # (B, Tq, K)
-    sizes = cell_lengths(lengths, width)  # (B, Tq, K)
 
-    # the selected cells only (a few percent of all): first and last emitted rank of each,
-    # the offsets floor((2o+1)s / 2n) at o = 0 and n - 1, and their key blocks
+
+def _touched_blocks(counts: Tensor, cell_map: CellMap, block_size: int) -> tuple[Tensor, Tensor]:
+    """Key blocks each (batch, head, query block) visits: kv_num_blocks (B, H, nQB), kv_indices (B, H, nQB, nKB).
+
+    Only the selected cells (a few percent of all) are visited: the key blocks of a cell's
+    first and last emitted key bound its keys, marked with a difference array and a cumsum.
+    """
+    bsz, heads, tq, width = counts.shape
+    tk = cell_map.key_valid.shape[-1]
     sel_b, sel_h, sel_q, sel_bin = torch.nonzero(counts, as_tuple=True)  # (N,) each
     emit = counts[sel_b, sel_h, sel_q, sel_bin]
-    start, size = starts[sel_b, sel_q, sel_bin], sizes[sel_b, sel_q, sel_bin]
-    rank_block = valid_key_positions(key_valid) // block_size  # (B, Tk) key block of each rank
+    start = cell_starts(cell_map.lengths, width)[sel_b, sel_q, sel_bin]
+    size = cell_lengths(cell_map.lengths, width)[sel_b, sel_q, sel_bin]
+    rank_block = valid_key_positions(cell_map.key_valid) // block_size  # (B, Tk) key block of each rank
     first_block = rank_block[sel_b, start + even_pick(torch.zeros_like(emit), size, emit)]  # (N,)
     last_block = rank_block[sel_b, start + even_pick(emit - 1, size, emit)]
-
     nqb, nkb = -(-tq // block_size), -(-tk // block_size)
     row = ((sel_b * heads + sel_h) * nqb + sel_q // block_size) * (nkb + 1)  # the cell's (b, h, q block) row
-    # difference array over key blocks: +1 at a cell's first block, -1 after its last one
-    diff = torch.zeros(bsz * heads * nqb * (nkb + 1), dtype=torch.int32, device=device)
-    ones = torch.ones_like(row, dtype=torch.int32)
+    diff = torch.zeros(bsz * heads * nqb * (nkb + 1), dtype=torch.int32, device=counts.device)
+    ones = torch.ones_like(row, dtype=torch.int32)  # +1 at a cell's first block, -1 after its last one
     diff.index_add_(0, row + first_block, ones).index_add_(0, row + last_block + 1, -ones)
     touched = diff.view(bsz, heads, nqb, nkb + 1).cumsum(-1)[..., :nkb] > 0  # (B, H, nQB, nKB)
-    kv_num_blocks = touched.sum(-1, dtype=torch.int32)  # (B, H, nQB)
     # touched blocks first, in increasing order (stable sort)
     kv_indices = torch.sort((~touched).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    return touched.sum(-1, dtype=torch.int32), kv_indices
 
+
+def _exact_mask_mod(counts: Tensor, cell_map: CellMap) -> Callable[..., Tensor]:
+    """``mask_mod(b, h, q_idx, kv_idx)``: the mapping of ``cells.py`` for one (query, key), read
+    from one static flat table (see the module docstring)."""
+    bsz, heads, tq, width = counts.shape
+    lengths, key_valid = cell_map.lengths, cell_map.key_valid
+    tk = key_valid.shape[-1]
     key_rank = torch.where(key_valid, key_ranks(key_valid), -1)  # (B, Tk), -1 for padding keys
+    starts, sizes = cell_starts(lengths, width), cell_lengths(lengths, width)  # (B, Tq, K)
     table, (_, at_rank, at_count, at_start, at_size) = _static_table([lengths, key_rank, counts, starts, sizes])
     # sizes and offsets as data, not Python ints: ints would become symbolic sizes
-    dims = torch.tensor([tq, tk, heads, width, at_rank, at_count, at_start, at_size], device=device)
+    dims = torch.tensor([tq, tk, heads, width, at_rank, at_count, at_start, at_size], device=counts.device)
     torch._dynamo.mark_static(dims)
 
     def read(index: Tensor) -> Tensor:
@@ -128,8 +142,24 @@ def sea_block_mask(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, 
         hit = is_even_pick(rank - start, size, emitted)
         return (rank >= 0) & (rank < length) & (emitted > 0) & hit
 
-    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block_size, mask_mod=mask_mod,
-                                    seq_lengths=(tq, tk), compute_q_blocks=backward)
+    return mask_mod
+
+
+def sea_block_mask(cells: Tensor, cell_map: CellMap, block_size: int = 128, *, backward: bool = False) -> BlockMask:
+    """The selection as a BlockMask: touched key blocks per query block plus the exact mask_mod.
+
+    cells (B, H, Tq, K) bool. Memory is O(B H Tq K + B H (Tq/block) (Tk/block)); no Tq x Tk
+    tensor is built. The transposed (query-major) block lists that only the backward pass
+    reads are built with ``backward``.
+    """
+    _validate_block_mask(cells, cell_map, block_size)
+    cell_map = CellMap(cell_map.lengths.long(), cell_map.key_valid, cell_map.cap)
+    counts = cell_key_counts(cells, cell_map.lengths, cell_map.cap)  # (B, H, Tq, K) keys per cell, 0 if unselected
+    kv_num_blocks, kv_indices = _touched_blocks(counts, cell_map, block_size)
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block_size,
+                                    mask_mod=_exact_mask_mod(counts, cell_map),
+                                    seq_lengths=(cells.shape[2], cell_map.key_valid.shape[-1]),
+                                    compute_q_blocks=backward)
 
 
 def _two_key_blocks(k: Tensor, v: Tensor, key_valid: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -144,15 +174,31 @@ def _two_key_blocks(k: Tensor, v: Tensor, key_valid: Tensor, block_size: int) ->
     return k, v, torch.nn.functional.pad(key_valid, (0, extra), value=False)
 
 
-def flex_sea_attention(q: Tensor, k: Tensor, v: Tensor, cells: Tensor, lengths: Tensor, key_valid: Tensor, *,
-                       cap: int, scale: float, block_size: int = 128) -> Tensor:
+def flex_sea_attention(q: Tensor, k: Tensor, v: Tensor, cells: Tensor, cell_map: CellMap, *, scale: float,
+                       block_size: int = 128) -> Tensor:
     """Attention of q (B, H, Tq, d) on the keys selected by ``cells`` (B, H, Tq, K), via FlexAttention.
 
     k, v (B, H_kv, Tk, d) with H a multiple of H_kv; queries are the last Tq keys.
-    ``lengths`` (B, Tq) are the rows' valid key counts, ``key_valid`` (B, Tk) the key
-    padding mask, ``cap`` the most keys one cell emits. Returns the context (B, H, Tq, d)
-    in q's dtype; rows with no selected key are 0.
+    ``cell_map`` holds the rows' valid key counts, the key padding mask and the most keys
+    one cell emits. Returns the context (B, H, Tq, d) in q's dtype; rows with no selected key are 0.
     """
+    _validate_flex_inputs(q, k, v, cells)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if k.shape[2] <= block_size:
+        k, v, key_valid = _two_key_blocks(k, v, cell_map.key_valid, block_size)
+        cell_map = CellMap(cell_map.lengths, key_valid, cell_map.cap)
+    block_mask = sea_block_mask(cells, cell_map, block_size, backward=needs_grad)
+    # grad mode is part of the compiled graph's guards: running inference as no_grad lets
+    # calls with and without torch.no_grad() share one kernel
+    with torch.set_grad_enabled(needs_grad):
+        out = _compiled_flex()(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask,
+                               scale=float(scale), enable_gqa=k.shape[1] != q.shape[1])
+    # rows without any selected key: what flex leaves there is kernel-dependent (0 or NaN)
+    has_keys = cell_key_counts(cells, cell_map.lengths.long(), cell_map.cap).sum(-1) > 0  # (B, H, Tq)
+    return torch.where(has_keys.unsqueeze(-1), out, 0.0).to(q.dtype)
+
+
+def _validate_flex_inputs(q: Tensor, k: Tensor, v: Tensor, cells: Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, heads, T, d), got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -166,15 +212,3 @@ def flex_sea_attention(q: Tensor, k: Tensor, v: Tensor, cells: Tensor, lengths: 
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLEX_DTYPES:
         raise ValueError(f"FlexAttention needs q, k, v of one dtype among {_FLEX_DTYPES}, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if k.shape[2] <= block_size:
-        k, v, key_valid = _two_key_blocks(k, v, key_valid, block_size)
-    block_mask = sea_block_mask(cells, lengths, key_valid, cap, block_size, backward=needs_grad)
-    # grad mode is part of the compiled graph's guards: running inference as no_grad lets
-    # calls with and without torch.no_grad() share one kernel
-    with torch.set_grad_enabled(needs_grad):
-        out = _compiled_flex()(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask,
-                               scale=float(scale), enable_gqa=k.shape[1] != heads)
-    # rows without any selected key: what flex leaves there is kernel-dependent (0 or NaN)
-    has_keys = cell_key_counts(cells, lengths.long(), cap).sum(-1) > 0  # (B, H, Tq)
-    return torch.where(has_keys.unsqueeze(-1), out, 0.0).to(q.dtype)

@@ -184,7 +184,9 @@ class _SparseAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, head, key, valid, scale, chunk, mode):
+    def forward(ctx, q, k, v, slots: KeySlots, plan: "_Plan"):
+        head, key, valid = slots.head, slots.key, slots.valid
+        scale, chunk, mode = plan.scale, plan.chunk, plan.mode
         bsz, heads, tq, dim = q.shape
         kv_heads, keys = k.shape[1], k.shape[2]
         groups = heads // kv_heads
@@ -219,14 +221,14 @@ class _SparseAttention(torch.autograd.Function):
                 out[:, :, sl] = rows.weighted_sum(v_flat, p).view(heads, bsz, -1, dim).transpose(0, 1)
                 probs[:, sl] = _scatter_slots(p, rows.slot, h.shape)
         ctx.save_for_backward(q, k, v, head, key, valid, probs, out)
-        ctx.scale, ctx.chunk, ctx.mode, ctx.dtypes = scale, chunk, mode, dtypes
+        ctx.plan, ctx.dtypes = plan, dtypes
         ctx.mark_non_differentiable(probs)
         return out, probs
 
     @staticmethod
     def backward(ctx, grad_out, _grad_probs):
         q, k, v, head, key, valid, probs, out = ctx.saved_tensors
-        scale, chunk = ctx.scale, ctx.chunk
+        scale, chunk = ctx.plan.scale, ctx.plan.chunk
         bsz, heads, tq, dim = q.shape
         kv_heads, keys = k.shape[1], k.shape[2]
         groups = heads // kv_heads
@@ -235,7 +237,7 @@ class _SparseAttention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         k_flat, v_flat = k.reshape(-1, dim), v.reshape(-1, dim)
         dk_flat, dv_flat = dk.view(-1, dim), dv.view(-1, dim)
-        for sl, span, strategy in _chunks(key, valid, chunk, ctx.mode, heads):
+        for sl, span, strategy in _chunks(key, valid, chunk, ctx.plan.mode, heads):
             h, kk, ok = head[:, sl], key[:, sl], valid[:, sl]
             g, p_slots = grad_out[:, :, sl], probs[:, sl]
             if span == 0:
@@ -261,10 +263,19 @@ class _SparseAttention(torch.autograd.Function):
                 dk_flat.index_add_(0, touched, dk_part)
                 dv_flat.index_add_(0, touched, dv_part)
         q_dtype, k_dtype, v_dtype = ctx.dtypes
-        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None, None, None, None, None
+        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None
 
 
 MODES = ("auto", "slots", "dense")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How ``_SparseAttention`` runs: the score scale, queries per chunk and the chunk strategy."""
+
+    scale: float
+    chunk: int
+    mode: str
 
 
 SLOT_CHUNKS = 4  # a CSR chunk spans this many chunks: its memory, O(chunk * S), is far below a dense one's
@@ -308,7 +319,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, slots: KeySlots, scale: fl
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    out, probs = _SparseAttention.apply(q, k, v, slots.head, slots.key, slots.valid, scale, chunk, mode)
+    out, probs = _SparseAttention.apply(q, k, v, slots, _Plan(scale, chunk, mode))
     return out.to(q.dtype), probs
 
 

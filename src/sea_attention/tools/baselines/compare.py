@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..evaluate import perplexity
+from ..methods import check_methods as check_list
 from ...hf import layer_override, sea_budget
 from .chunks import Selector
 from .dense import dense_mask
@@ -39,12 +40,8 @@ BUDGET_FREE: tuple[str, ...] = ("dense", *(name for name, m in TRAINED.items() i
 
 
 def check_methods(methods) -> tuple[str, ...]:
-    """The methods in order without repeats; ValueError naming the accepted ones otherwise."""
-    methods = tuple(dict.fromkeys(methods))
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"methods must be some of {','.join(METHODS)}, got {','.join(methods) or 'none'}")
-    return methods
+    """The compared methods in order without repeats (``tools.methods.check_methods``)."""
+    return check_list(methods, METHODS)
 
 
 def method_runs(methods: tuple[str, ...], budgets: tuple[int, ...]) -> list[tuple[str, int | None]]:

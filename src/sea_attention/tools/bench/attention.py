@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..methods import check_methods as check_list
 from .runtime import in_fresh_process, median_seconds, peak_extra_mb
 
 METHODS = ("sdpa", "eager", "sea", "sea_block", "sea_reference", "sea_flex")
@@ -66,15 +67,8 @@ class AttentionBenchSetup:
 
 
 def check_methods(methods) -> tuple[str, ...]:
-    """The methods as a tuple; ValueError listing the accepted ones for anything unknown."""
-    methods = tuple(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
-                         f"expected some of {', '.join(METHODS)}")
-    if not methods:
-        raise ValueError(f"no methods given: expected some of {', '.join(METHODS)}")
-    return methods
+    """The benchmarked methods in order without repeats (``tools.methods.check_methods``)."""
+    return check_list(methods, METHODS)
 
 
 def estimated_gb(method: str, length: int, heads: int) -> float:
