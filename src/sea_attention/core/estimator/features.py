@@ -88,7 +88,6 @@ def linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor) -> Tensor:
     return numerator / (denominator + DENOM_EPS)
 
 
-@sample_wise
 def _prefix_state(phi_k: Tensor, values: Tensor, prefix: int,
                   state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
     """The running state (sum phi(k) v^T, sum phi(k)) after the first ``prefix`` keys, continued from ``state``."""
@@ -104,6 +103,7 @@ def _prefix_state(phi_k: Tensor, values: Tensor, prefix: int,
     return kv, normaliser
 
 
+@sample_wise  # batched matrix products round differently by batch size (per_sample.py)
 def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk: int = 64,
                             state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Causal linear attention where queries are the last Tq of the Tk keys.
