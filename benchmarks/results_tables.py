@@ -96,7 +96,7 @@ def distill_runs(results: Results) -> str:
 
 def diagnose(results: Results) -> str:
     """`sea diagnose` summaries: teacher mass each selection covers at k=64, recall, the estimate's KL."""
-    files = [("demo recipe of the time, paper's estimator", "diagnose_demo_budget.json"),
+    files = [("an earlier demo recipe, 35 x 512 steps", "diagnose_demo_budget.json"),
              ("same, rows past the first quarter", "diagnose_demo_budget_skip25.json"),
              ("`sea demo` (defaults, 40 row-subset steps)", "demo_diagnosis.json")]
     files += [(f"{label}", pattern.format(t)) for label, pattern in DIAG.items() for t in ("wiki", "bbc")]
