@@ -17,7 +17,8 @@ BBC = "compare_smollm2_bbc_k64.json"                   # dense, window_sinks@64,
 BBC_ORACLE = "compare_smollm2_bbc_oracle_sea.json"     # oracle@64/128, SEA K=128 @64/128 (BBC)
 BBC_WINDOW = "compare_smollm2_bbc_window_sinks_k32_128.json"
 K128 = {"wiki": "compare_smollm2_sea_undistilled.json", "bbc": BBC_ORACLE}
-K256 = {t: (f"compare_smollm2_sea_K256_k64_{t}.json", f"compare_smollm2_sea_K256_k32_128_{t}.json") for t in ("wiki", "bbc")}
+K256 = {t: (f"compare_smollm2_sea_K256_k64_{t}.json", f"compare_smollm2_sea_K256_k32_128_{t}.json")
+        for t in ("wiki", "bbc")}
 K512 = {t: f"compare_smollm2_sea_K512_k64_{t}.json" for t in ("wiki", "bbc")}
 ROWS120 = {t: f"compare_smollm2_sea_rows128x4_120x1024_{t}.json" for t in ("wiki", "bbc")}
 EST256 = {t: f"compare_smollm2_sea_K256_rows128x4_300x1024_{t}.json" for t in ("wiki", "bbc")}
@@ -149,8 +150,8 @@ def validation_k(results: Results) -> str:
 LONG_COLUMNS = ("dense", "window_sinks", "K=128", "K=256", "K=256, 300 steps", "K=512", "K=512, 500 steps")
 LONG_ROWS: list[tuple[str, int, tuple[str | None, ...]]] = [
     ("wiki", 1024, (FREE, FREE, K128["wiki"], K256["wiki"][0], EST256["wiki"], K512["wiki"], EST512["wiki"])),
-    ("wiki", 2048, ("compare_smollm2_2048_k64.json",) * 2 + (None, "compare_smollm2_2048_k64.json", None, None,
-                                                           "compare_smollm2_sea_K512_rows128x4_500x1024_2048_wiki.json")),
+    ("wiki", 2048, ("compare_smollm2_2048_k64.json",) * 2 + (None, "compare_smollm2_2048_k64.json", None, None)
+     + ("compare_smollm2_sea_K512_rows128x4_500x1024_2048_wiki.json",)),
     ("wiki", 4096, ("compare_smollm2_4096_k64.json",) * 3 + (
         "compare_smollm2_4096_k64_K256.json", "compare_smollm2_sea_K256_rows128x4_300x1024_4096_wiki.json",
         "compare_smollm2_4096_k64_K512.json", "compare_smollm2_sea_K512_rows128x4_500x1024_4096_wiki.json")),
@@ -224,27 +225,32 @@ def attention_cell(name: str | None) -> Cell:
     return lambda r: f"{speed(name, 'sea', 4096)(r)}; block {speed(name, 'sea_block', 4096)(r)}"
 
 
+def at64(names: str | tuple[str, ...], method: str = "sea") -> Cell:
+    """Perplexity at k=64 (x dense)."""
+    return ppl(names, method, ks=(64,), ratio=True)
+
+
 SUMMARY = grid(
     ["method", "wiki test, k=64 (x dense)", "BBC test, k=64 (x dense)", "passkey @64: 1k, 2k, 4k tokens",
      "attention forward, T=4,096: s (peak MB)"],
     [[text("dense (SDPA)"), ppl(FREE, "dense"), ppl(BBC, "dense"), passkey_or(PASSKEY, "dense", None),
       attention_cell("sdpa:attention_K256.json")],
-     [text("oracle top-k (needs the dense map)"), ppl(FREE, "oracle", (64,), True), ppl(BBC_ORACLE, "oracle", (64,), True),
+     [text("oracle top-k (needs the dense map)"), at64(FREE, "oracle"), at64(BBC_ORACLE, "oracle"),
       NOT_MEASURED, NOT_MEASURED],
-     [text("window_sinks (StreamingLLM)"), ppl(FREE, "window_sinks", (64,), True), ppl(BBC, "window_sinks", (64,), True),
+     [text("window_sinks (StreamingLLM)"), at64(FREE, "window_sinks"), at64(BBC, "window_sinks"),
       passkey_or(PASSKEY, "window_sinks"), NOT_MEASURED],
-     [text("quest"), ppl(FREE, "quest", (64,), True), NOT_MEASURED, passkey_or(PASSKEY, "quest"), NOT_MEASURED],
-     [text("DSA indexer, 40 steps"), ppl("compare_smollm2_indexer.json", "indexer", (64,), True),
-      ppl("compare_smollm2_indexer_bbc.json", "indexer", (64,), True), NOT_MEASURED, NOT_MEASURED],
-     [text("Performer, full KD 30 steps (every key)"), ppl("compare_smollm2_performer_full_kd_30x1024_wiki.json",
-                                                             "performer"),
+     [text("quest"), at64(FREE, "quest"), NOT_MEASURED, passkey_or(PASSKEY, "quest"), NOT_MEASURED],
+     [text("DSA indexer, 40 steps"), at64("compare_smollm2_indexer.json", "indexer"),
+      at64("compare_smollm2_indexer_bbc.json", "indexer"), NOT_MEASURED, NOT_MEASURED],
+     [text("Performer, full KD 30 steps (every key)"),
+      ppl("compare_smollm2_performer_full_kd_30x1024_wiki.json", "performer"),
       ppl("compare_smollm2_performer_full_kd_30x1024_bbc.json", "performer"), NOT_MEASURED, NOT_MEASURED],
-     [text("**SEA, `sea.patch` defaults (K=256), no training**"), ppl(K256["wiki"], ks=(64,), ratio=True),
-      ppl(K256["bbc"], ks=(64,), ratio=True), NOT_MEASURED, attention_cell("attention_K256.json")],
-     [text("SEA, K=256, 300 row-subset steps"), ppl(EST256["wiki"], ks=(64,), ratio=True),
-      ppl(EST256["bbc"], ks=(64,), ratio=True), passkey_or(PASSKEY_256), attention_cell("attention_K256.json")],
-     [text("**SEA, K=512, 500 row-subset steps**"), ppl(EST512["wiki"], ks=(64,), ratio=True),
-      ppl(EST512["bbc"], ks=(64,), ratio=True), passkey_or(PASSKEY_512), attention_cell("attention_K512.json")]])
+     [text("**SEA, `sea.patch` defaults (K=256), no training**"), at64(K256["wiki"]), at64(K256["bbc"]),
+      NOT_MEASURED, attention_cell("attention_K256.json")],
+     [text("SEA, K=256, 300 row-subset steps"), at64(EST256["wiki"]), at64(EST256["bbc"]),
+      passkey_or(PASSKEY_256), attention_cell("attention_K256.json")],
+     [text("**SEA, K=512, 500 row-subset steps**"), at64(EST512["wiki"]), at64(EST512["bbc"]),
+      passkey_or(PASSKEY_512), attention_cell("attention_K512.json")]])
 
 
 TABLES: dict[str, Callable[[Results], str]] = {
@@ -264,7 +270,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
         ["SEA estimator", "wiki test: k=32 / 64 / 128", "BBC test: k=32 / 64 / 128", "recall@64 wiki / BBC"],
         [[text("dense (reference)"), ppl(FREE, "dense"), ppl(BBC, "dense"), text("-")],
          [text("oracle (reference)"), ppl(FREE, "oracle"), ppl(BBC_ORACLE, "oracle"), text("-")],
-         [text("window_sinks (reference)"), ppl(FREE, "window_sinks"), ppl((BBC, BBC_WINDOW), "window_sinks"), text("-")],
+         [text("window_sinks (reference)"), ppl(FREE, "window_sinks"), ppl((BBC, BBC_WINDOW), "window_sinks"),
+          text("-")],
          [text("undistilled, K=128"), ppl(K128["wiki"]), ppl(K128["bbc"]), text("-")],
          [text("K=128, 120 row-subset steps"), ppl(ROWS120["wiki"]), ppl(ROWS120["bbc"]), text("-")],
          [text("undistilled, K=256 (default)"), ppl(K256["wiki"]), ppl(K256["bbc"]),
@@ -289,7 +296,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
         ("dense (BBC)", "compare_smollm2_indexer_bbc.json", "dense"),
         ("indexer, 40 x 1024 steps (BBC)", "compare_smollm2_indexer_bbc.json", "indexer")]),
     "full-kd": full_kd,
-    "attention-paper-estimator": bench_table(["attention.json"], ["sdpa", "eager", "sea", "sea_block", "sea_reference"]),
+    "attention-paper-estimator": bench_table(["attention.json"],
+                                             ["sdpa", "eager", "sea", "sea_block", "sea_reference"]),
     "attention-default-estimator": bench_table(["attention_default_estimator.json"], ["sdpa", "sea", "sea_block"]),
     "attention-K": bench_table([f"attention_K{w}.json" for w in (128, 256, 512)], ["sdpa", "sea", "sea_block"]),
     "attention-flex": bench_table(["attention_flex.json"], ["sdpa", "sea", "sea_flex"]),
