@@ -24,11 +24,12 @@ def add_demo_parser(commands) -> None:
     demo = commands.add_parser("demo", help="distil and evaluate SEA on SmolLM2-135M (about 8 min on 2 CPU cores)")
     demo.add_argument("--out", default="sea-demo", help="directory for the model, results and plot (default: sea-demo)")
     demo.add_argument("--steps", type=positive_int, default=40,
-                      help="estimator distillation steps (the undistilled estimator is already close: see README)")
+                      help="estimator distillation steps (the undistilled estimator is already close: "
+                           "see docs/results.md)")
     demo.add_argument("--seq-len", type=positive_int, default=512, help="tokens per training window")
     demo.add_argument("--query-rows", type=non_negative_int, default=128,
                       help="query rows trained per window and layer (0: every row); row subsets reach a lower "
-                           "held-out perplexity per CPU-minute (README, distillation per CPU-minute)")
+                           "held-out perplexity per CPU-minute (docs/results.md, distillation per CPU-minute)")
     demo.add_argument("--updates-per-pass", type=positive_int, default=4,
                       help="optimizer steps per teacher forward, each on fresh rows")
     demo.add_argument("--eval-len", type=positive_int, default=1024,

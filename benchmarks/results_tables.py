@@ -1,0 +1,308 @@
+"""Which JSON files and fields each generated table of docs/results.md and README.md shows.
+
+Rendered by ``results_doc.py`` (``python benchmarks/results_doc.py [--check]``). A table is a
+function of a ``Results`` (the files it reads are listed under it with their machines); labels
+are names, never numbers: every number comes from a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from results_doc import KS, Cell, Results, grid, joined, num, passkey, ppl, recall, speed, table, text
+
+# the files of the main SmolLM2-135M runs (4 x 1024 test tokens unless the name says a length)
+FREE = "compare_smollm2_training_free.json"            # dense, oracle, oracle_head, window_sinks, quest (wiki)
+BBC = "compare_smollm2_bbc_k64.json"                   # dense, window_sinks@64, SEA K=128 @64 (BBC)
+BBC_ORACLE = "compare_smollm2_bbc_oracle_sea.json"     # oracle@64/128, SEA K=128 @64/128 (BBC)
+BBC_WINDOW = "compare_smollm2_bbc_window_sinks_k32_128.json"
+K128 = {"wiki": "compare_smollm2_sea_undistilled.json", "bbc": BBC_ORACLE}
+K256 = {t: (f"compare_smollm2_sea_K256_k64_{t}.json", f"compare_smollm2_sea_K256_k32_128_{t}.json")
+        for t in ("wiki", "bbc")}
+K512 = {t: f"compare_smollm2_sea_K512_k64_{t}.json" for t in ("wiki", "bbc")}
+ROWS120 = {t: f"compare_smollm2_sea_rows128x4_120x1024_{t}.json" for t in ("wiki", "bbc")}
+EST256 = {t: f"compare_smollm2_sea_K256_rows128x4_300x1024_{t}.json" for t in ("wiki", "bbc")}
+EST512 = {t: f"compare_smollm2_sea_K512_rows128x4_500x1024_{t}.json" for t in ("wiki", "bbc")}
+DIAG = {"undistilled, K=256": "diagnose_smollm2_undistilled_K256_{}.json",
+        "K=256, 300 steps": "diagnose_smollm2_K256_rows128x4_300x1024_{}.json",
+        "K=512, 500 steps": "diagnose_smollm2_K512_rows128x4_500x1024_{}.json"}
+NOT_MEASURED = text("not measured")
+
+
+def compare_row(results: Results, label: str, names: str | tuple[str, ...], method: str) -> list[str]:
+    """method | k | perplexity | x dense | keys/query/head | coverage over k = 32 / 64 / 128 (files merged)."""
+    points = results.points(names, method)
+    ks = [None] if None in points else [k for k in KS if k in points]
+    field = lambda key, digits: joined(num(points[k][key], digits) for k in ks)  # noqa: E731
+    return [label, joined(str(k) for k in ks) if ks != [None] else "-", field("perplexity", 2), field("ratio", 3),
+            field("keys_per_query", 1), field("coverage", 3) if points[ks[0]]["coverage"] is not None else "-"]
+
+
+def compare_table(rows: list[tuple[str, str, str]]) -> Callable[[Results], str]:
+    header = ["method", "k", "perplexity", "x dense", "keys/query/head", "coverage"]
+    return lambda results: table(header, [compare_row(results, *row) for row in rows])
+
+
+def bench_table(names: list[str], methods: list[str]) -> Callable[[Results], str]:
+    """`sea bench attention`: per file and length, seconds (peak MB) of each method."""
+    def render(results: Results) -> str:
+        rows = []
+        for name in names:
+            result = results.load(name)
+            for length in sorted({p["length"] for p in result["points"]}):
+                rows.append([str(result["setup"]["estimate_width"]), f"{length:,}"]
+                            + [speed(name, m, length)(results) for m in methods])
+        return table(["K", "T"] + methods, rows)
+    return render
+
+
+def model_bench(results: Results) -> str:
+    """`sea bench model`: prefill and decode tokens/s, dense vs SEA, per grouping."""
+    rows = []
+    for grouping, name in (("query", "model_smollm2.json"), ("block", "model_smollm2_block.json")):
+        for p in results.load(name)["points"]:
+            rows.append([p["mode"] if p["mode"] == "dense" else f"sea ({grouping})", f"{p['length']:,}",
+                         num(p["prefill_tok_s"], 1), num(p["decode_tok_s"], 2)])
+    return table(["attention", "prompt tokens", "prefill tokens/s", "decode tokens/s"], rows)
+
+
+def decode_latency(results: Results) -> str:
+    rows = [[f"{r['context']:,}", num(r["dense_ms"], 1), num(r["sea_ms"], 1)]
+            for r in results.load("decode_latency_smollm2-135m.json")["rows"]]
+    return table(["context tokens", "dense ms/token", "SEA ms/token"], rows)
+
+
+def distill_throughput(results: Results) -> str:
+    result = results.load("distill_throughput.json")
+    rows = [[r["trainer"], num(r["seconds_per_step"], 1), num(r["teacher_tokens_per_s"], 1), num(r["rows_per_s"], 1),
+             str(r["steps"]), ", ".join(f"{c['sea']:.2f} @ {c['minutes']:.1f}" for c in r["curve"]),
+             num(r["curve"][0]["dense"])] for r in result["results"]]
+    return table(["trainer", "s/step", "teacher tokens/s", "query rows/s", "steps",
+                  "SEA@64 validation perplexity @ minute", "dense"], rows)
+
+
+def distill_runs(results: Results) -> str:
+    """The estimator stages: wall time, estimate KL at the first step and over the last 50, command."""
+    rows, commands = [], []
+    for name in ("distill_smollm2_K256_rows128x4_300x1024.json", "distill_smollm2_K512_rows128x4_500x1024.json"):
+        result = results.load(name)
+        steps = result["steps"]
+        last = [s["estimate_kl"] for s in steps[-50:]]
+        rows.append([str(result["estimate_width"]), str(len(steps)), f"{result['wall_seconds']:,}",
+                     num(steps[0]["estimate_kl"]), num(sum(last) / len(last))])
+        commands.append(result["command"])
+    body = table(["K", "steps", "wall s", "estimate KL, step 1", "estimate KL, mean of the last 50 steps"], rows)
+    return body + "\n\n```bash\n" + "\n".join(commands) + "\n```"
+
+
+def diagnose(results: Results) -> str:
+    """`sea diagnose` summaries: teacher mass each selection covers at k=64, recall, the estimate's KL."""
+    files = [("an earlier demo recipe, 35 x 512 steps", "diagnose_demo_budget.json"),
+             ("same, rows past the first quarter", "diagnose_demo_budget_skip25.json"),
+             ("`sea demo` (defaults, 40 row-subset steps)", "demo_diagnosis.json")]
+    files += [(f"{label}", pattern.format(t)) for label, pattern in DIAG.items() for t in ("wiki", "bbc")]
+    rows = []
+    for label, name in files:
+        r = results.load(name)
+        s = r["summary"]
+        rows.append([label, f"{r['data']}/{r['split']}" if "split" in r else r["data"], str(r["tokens"]),
+                     *(num(s[f"coverage_{m}"], 3) for m in ("sea", "oracle", "oracle_head", "window_sinks")),
+                     num(s["recall"], 3), num(s["estimate_kl"])])
+    return table(["SEA model", "text", "tokens", "SEA", "oracle", "oracle_head", "window_sinks",
+                  "recall", "estimate KL"], rows)
+
+
+def demo(results: Results) -> str:
+    result = results.load("demo_results.json")
+    by = {(r["name"], r["k"]): r["perplexity"] for r in result["rows"]}
+    dense = by["dense", None]
+    cell = lambda name, k: f"{by[name, k]:.2f} ({100 * (by[name, k] / dense - 1):+.1f} %)"  # noqa: E731
+    rows = [[str(k), num(dense), cell("oracle", k), cell("sea", k), cell("window", k)] for k in KS]
+    note = (f"{result['distill_steps']} estimator steps of {result['train_seq_len']} tokens "
+            f"({result['query_rows']} query rows, {result['updates_per_pass']} steps per teacher pass), "
+            f"{result['distill_seconds']:.0f} s of distillation.")
+    return table(["k", "dense", "oracle", "SEA", "window_sinks"], rows) + "\n\n" + note
+
+
+def quality_targets(results: Results) -> str:
+    rows = [[c["target"], c["text"], num(c["measured"], 3), num(c["bound"], 2), "met" if c["met"] else "**missed**"]
+            for c in results.load("quality_targets_K512.json")["checks"]]
+    return table(["target", "text", "measured", "bound", ""], rows)
+
+
+def grouping_quality(results: Results) -> str:
+    rows = [[r["grouping"], num(r["k"], 0) if r["k"] else "-", str(r["block"] or "-"), num(r["perplexity"]),
+             num(r["keys_per_query"], 1)] for r in results.load("quality_grouping.json")["rows"]]
+    return table(["grouping", "k", "block", "perplexity", "keys/query/head"], rows)
+
+
+def validation_k(results: Results) -> str:
+    rows = []
+    for width in (128, 256, 512):
+        point = results.point(f"validation_smollm2_sea_K{width}_k64.json", "sea", 64)
+        dense = results.point(f"validation_smollm2_sea_K{width}_k64.json", "dense", None)
+        rows.append([str(width), num(dense["perplexity"]), num(point["perplexity"]), num(point["coverage"], 3)])
+    return table(["K", "dense", "SEA@64", "coverage@64"], rows)
+
+
+# ---- long inputs, passkey, full KD and the README's summary --------------------------------------
+
+LONG_COLUMNS = ("dense", "window_sinks", "K=128", "K=256", "K=256, 300 steps", "K=512", "K=512, 500 steps")
+LONG_ROWS: list[tuple[str, int, tuple[str | None, ...]]] = [
+    ("wiki", 1024, (FREE, FREE, K128["wiki"], K256["wiki"][0], EST256["wiki"], K512["wiki"], EST512["wiki"])),
+    ("wiki", 2048, ("compare_smollm2_2048_k64.json",) * 2 + (None, "compare_smollm2_2048_k64.json", None, None)
+     + ("compare_smollm2_sea_K512_rows128x4_500x1024_2048_wiki.json",)),
+    ("wiki", 4096, ("compare_smollm2_4096_k64.json",) * 3 + (
+        "compare_smollm2_4096_k64_K256.json", "compare_smollm2_sea_K256_rows128x4_300x1024_4096_wiki.json",
+        "compare_smollm2_4096_k64_K512.json", "compare_smollm2_sea_K512_rows128x4_500x1024_4096_wiki.json")),
+    ("wiki", 8192, ("compare_smollm2_sea_K512_rows128x4_500x1024_8192_wiki.json",) * 2 + (None,) * 4
+     + ("compare_smollm2_sea_K512_rows128x4_500x1024_8192_wiki.json",)),
+    ("bbc", 1024, (BBC, BBC, BBC, K256["bbc"][0], EST256["bbc"], K512["bbc"], EST512["bbc"])),
+    ("bbc", 4096, ("compare_smollm2_bbc_4096_k64.json",) * 3 + (
+        "compare_smollm2_bbc_4096_k64_K256.json", "compare_smollm2_sea_K256_rows128x4_300x1024_4096_bbc.json",
+        None, "compare_smollm2_sea_K512_rows128x4_500x1024_4096_bbc.json")),
+]
+
+
+def long_cell(results: Results, text_name: str, length: int, column: str, name: str | None) -> str:
+    """Perplexity at k=64 (x dense) of one column's method, from a file checked to hold that text and length."""
+    if name is None:
+        return "-"
+    result = results.load(name)
+    if (result["data"], result["setup"]["seq_len"]) != (text_name, length):
+        raise ValueError(f"{name}: holds {result['data']} at {result['setup']['seq_len']} tokens, "
+                         f"the long-inputs row wants {text_name} at {length}")
+    method = column if column in ("dense", "window_sinks") else "sea"
+    return ppl(name, method, ks=(64,), ratio=method != "dense")(results)
+
+
+def long_inputs(results: Results) -> str:
+    rows = [[text_name, f"{length:,}"] + [long_cell(results, text_name, length, column, name)
+                                          for column, name in zip(LONG_COLUMNS, names)]
+            for text_name, length, names in LONG_ROWS]
+    return table(["text", "tokens per window"] + [f"{c} @64" if c == "window_sinks" else c for c in LONG_COLUMNS], rows)
+
+
+PASSKEY = "passkey_smollm2_1k_4k.json"
+PASSKEY_256 = "passkey_smollm2_K256_rows128x4_300x1024.json"
+PASSKEY_512 = "passkey_smollm2_K512_rows128x4_500x1024.json"
+
+
+def passkey_table(results: Results) -> str:
+    rows = [("dense", PASSKEY, "dense", None), ("window_sinks @64", PASSKEY, "window_sinks", 64),
+            ("quest @64", PASSKEY, "quest", 64), ("SEA undistilled, K=128 @64", PASSKEY, "sea", 64),
+            ("dense", PASSKEY_256, "dense", None), ("SEA K=256, 300 steps @64", PASSKEY_256, "sea", 64),
+            ("dense", PASSKEY_512, "dense", None)]
+    rows += [(f"SEA K=512, 500 steps @{k}", PASSKEY_512, "sea", k) for k in KS]
+    return table(["method", "correct at 1,024, 2,048, 4,096 tokens"],
+                 [[label, passkey(name, method, k)(results)] for label, name, method, k in rows])
+
+
+FULL_KD = "full_kd_smollm2_30x1024.json"
+
+
+def full_kd(results: Results) -> str:
+    """Full KD, 30 x 1024 steps each: test perplexity per budget, the tuned model's dense, wall s of the steps."""
+    rows = [["the original teacher, dense", ppl(FREE, "dense")(results), ppl(BBC, "dense")(results), "-", "-"]]
+    for method in ("sea", "performer", "cosformer"):
+        names = [f"compare_smollm2_{method}_full_kd_30x1024_{t}.json" for t in ("wiki", "bbc")]
+        rows.append([method, *(ppl(n, method)(results) for n in names),
+                     joined(ppl(n, "dense")(results) for n in names), num(results.load(FULL_KD)[method]["seconds"], 0)])
+    return table(["method (full KD, 30 x 1024 tokens)", "wiki test: k=32 / 64 / 128", "BBC test: k=32 / 64 / 128",
+                  "the tuned model, dense: wiki / BBC", "wall s of the steps"], rows)
+
+
+def passkey_or(name: str | None, method: str = "sea", k: int | None = 64) -> Cell:
+    return passkey(name, method, k) if name else NOT_MEASURED
+
+
+def attention_cell(name: str | None) -> Cell:
+    """Per-query and block SEA (or SDPA for name's dense row), T=4,096, from one `sea bench attention` file."""
+    if name is None:
+        return NOT_MEASURED
+    if name.startswith("sdpa:"):
+        return speed(name.removeprefix("sdpa:"), "sdpa", 4096)
+    return lambda r: f"{speed(name, 'sea', 4096)(r)}; block {speed(name, 'sea_block', 4096)(r)}"
+
+
+def at64(names: str | tuple[str, ...], method: str = "sea") -> Cell:
+    """Perplexity at k=64 (x dense)."""
+    return ppl(names, method, ks=(64,), ratio=True)
+
+
+SUMMARY = grid(
+    ["method", "wiki test, k=64 (x dense)", "BBC test, k=64 (x dense)", "passkey @64: 1k, 2k, 4k tokens",
+     "attention forward, T=4,096: s (peak MB)"],
+    [[text("dense (SDPA)"), ppl(FREE, "dense"), ppl(BBC, "dense"), passkey_or(PASSKEY, "dense", None),
+      attention_cell("sdpa:attention_K256.json")],
+     [text("oracle top-k (needs the dense map)"), at64(FREE, "oracle"), at64(BBC_ORACLE, "oracle"),
+      NOT_MEASURED, NOT_MEASURED],
+     [text("window_sinks (StreamingLLM)"), at64(FREE, "window_sinks"), at64(BBC, "window_sinks"),
+      passkey_or(PASSKEY, "window_sinks"), NOT_MEASURED],
+     [text("quest"), at64(FREE, "quest"), NOT_MEASURED, passkey_or(PASSKEY, "quest"), NOT_MEASURED],
+     [text("DSA indexer, 40 steps"), at64("compare_smollm2_indexer.json", "indexer"),
+      at64("compare_smollm2_indexer_bbc.json", "indexer"), NOT_MEASURED, NOT_MEASURED],
+     [text("Performer, full KD 30 steps (every key)"),
+      ppl("compare_smollm2_performer_full_kd_30x1024_wiki.json", "performer"),
+      ppl("compare_smollm2_performer_full_kd_30x1024_bbc.json", "performer"), NOT_MEASURED, NOT_MEASURED],
+     [text("**SEA, `sea.patch` defaults (K=256), no training**"), at64(K256["wiki"]), at64(K256["bbc"]),
+      NOT_MEASURED, attention_cell("attention_K256.json")],
+     [text("SEA, K=256, 300 row-subset steps"), at64(EST256["wiki"]), at64(EST256["bbc"]),
+      passkey_or(PASSKEY_256), attention_cell("attention_K256.json")],
+     [text("**SEA, K=512, 500 row-subset steps**"), at64(EST512["wiki"]), at64(EST512["bbc"]),
+      passkey_or(PASSKEY_512), attention_cell("attention_K512.json")]])
+
+
+TABLES: dict[str, Callable[[Results], str]] = {
+    "summary": SUMMARY,
+    "training-free-wiki": compare_table([
+        ("dense", FREE, "dense"), ("oracle", FREE, "oracle"), ("oracle_head", FREE, "oracle_head"),
+        ("window_sinks", FREE, "window_sinks"), ("quest", FREE, "quest"),
+        ("**sea, undistilled, K=256 (default)**", K256["wiki"], "sea"),
+        ("sea, undistilled, K=128", K128["wiki"], "sea"), ("sea, undistilled, K=512", K512["wiki"], "sea"),
+        ("sea, paper's estimator, 35 x 512 steps", "compare_smollm2_sea_demo.json", "sea")]),
+    "training-free-bbc": compare_table([
+        ("dense", BBC, "dense"), ("oracle", BBC_ORACLE, "oracle"), ("window_sinks", (BBC, BBC_WINDOW), "window_sinks"),
+        ("**sea, undistilled, K=256 (default)**", K256["bbc"], "sea"), ("sea, undistilled, K=128", K128["bbc"], "sea"),
+        ("sea, undistilled, K=512", K512["bbc"], "sea")]),
+    "validation-K": validation_k,
+    "estimator-stages": grid(
+        ["SEA estimator", "wiki test: k=32 / 64 / 128", "BBC test: k=32 / 64 / 128", "recall@64 wiki / BBC"],
+        [[text("dense (reference)"), ppl(FREE, "dense"), ppl(BBC, "dense"), text("-")],
+         [text("oracle (reference)"), ppl(FREE, "oracle"), ppl(BBC_ORACLE, "oracle"), text("-")],
+         [text("window_sinks (reference)"), ppl(FREE, "window_sinks"), ppl((BBC, BBC_WINDOW), "window_sinks"),
+          text("-")],
+         [text("undistilled, K=128"), ppl(K128["wiki"]), ppl(K128["bbc"]), text("-")],
+         [text("K=128, 120 row-subset steps"), ppl(ROWS120["wiki"]), ppl(ROWS120["bbc"]), text("-")],
+         [text("undistilled, K=256 (default)"), ppl(K256["wiki"]), ppl(K256["bbc"]),
+          lambda r: joined(recall(DIAG["undistilled, K=256"].format(t))(r) for t in ("wiki", "bbc"))],
+         [text("K=256, 300 row-subset steps"), ppl(EST256["wiki"]), ppl(EST256["bbc"]),
+          lambda r: joined(recall(DIAG["K=256, 300 steps"].format(t))(r) for t in ("wiki", "bbc"))],
+         [text("undistilled, K=512"), ppl(K512["wiki"]), ppl(K512["bbc"]), text("-")],
+         [text("**K=512, 500 row-subset steps**"), ppl(EST512["wiki"]), ppl(EST512["bbc"]),
+          lambda r: joined(recall(DIAG["K=512, 500 steps"].format(t))(r) for t in ("wiki", "bbc"))],
+         [text("paper's estimator, 35 x 512 steps"), ppl("compare_smollm2_sea_demo.json"), text("-"), text("-")]]),
+    "distillation-runs": distill_runs,
+    "quality-targets": quality_targets,
+    "diagnose": diagnose,
+    "demo": demo,
+    "long-inputs": long_inputs,
+    "passkey": passkey_table,
+    "trained-baselines": compare_table([
+        ("dense", "compare_smollm2_indexer.json", "dense"),
+        ("indexer, 40 x 1024 steps", "compare_smollm2_indexer.json", "indexer"),
+        ("sea, paper's estimator, 40 x 1024 steps", "compare_smollm2_sea_equal_budget.json", "sea"),
+        ("sea, undistilled, K=128", K128["wiki"], "sea"),
+        ("dense (BBC)", "compare_smollm2_indexer_bbc.json", "dense"),
+        ("indexer, 40 x 1024 steps (BBC)", "compare_smollm2_indexer_bbc.json", "indexer")]),
+    "full-kd": full_kd,
+    "attention-paper-estimator": bench_table(["attention.json"],
+                                             ["sdpa", "eager", "sea", "sea_block", "sea_reference"]),
+    "attention-default-estimator": bench_table(["attention_default_estimator.json"], ["sdpa", "sea", "sea_block"]),
+    "attention-K": bench_table([f"attention_K{w}.json" for w in (128, 256, 512)], ["sdpa", "sea", "sea_block"]),
+    "attention-flex": bench_table(["attention_flex.json"], ["sdpa", "sea", "sea_flex"]),
+    "model-bench": model_bench,
+    "decode-latency": decode_latency,
+    "distill-throughput": distill_throughput,
+    "grouping-quality": grouping_quality,
+}
