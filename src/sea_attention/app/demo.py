@@ -56,23 +56,38 @@ def window_rows(model, tokens, seq_len: int, budgets: list[int], progress: bool 
 
 
 def run_demo(args) -> int:
+    """``sea demo``: load -> distil -> evaluate -> save -> diagnose -> plot, on SmolLM2-135M."""
     from . import assets
-    from ..tools.diagnose import DiagnoseConfig, diagnose, plot_diagnosis, write_diagnosis_json
-    from ..tools.distill import DistillConfig, Distiller, TokenWindows, tokenize
-    from ..tools.evaluate import evaluate_budgets, format_table, write_json
-    from ..hf import patch, save_pretrained, sea_layers
-    from ..tools.viz import capture_attention, plot_attention
+    from ..hf import patch
 
     started = time.perf_counter()
     out = Path(args.out)
-    budgets = args.k_list
     torch.manual_seed(args.seed)
-
     print("1/6 loading smollm2-135m (the first run converts the bundled GGUF once, ~40 s)")
     model, tokenizer = assets.load_model("smollm2-135m")
     patch(model, k=MODEL_K)
-    train = tokenize(tokenizer, assets.load_text("wiki", "train"))
-    test = tokenize(tokenizer, assets.load_text("wiki", "test"))[: args.eval_tokens]
+    test = _tokens(tokenizer, "test")[: args.eval_tokens]
+    history = _distil(model, _tokens(tokenizer, "train"), args)
+    trained = time.perf_counter()
+    rows = _evaluate(model, test, args)
+    _save(model, tokenizer, rows, args, {"distill_seconds": round(trained - started, 1),
+                                          "history": [round(h.loss, 5) for h in history]})
+    _diagnose(model, test, args, out)
+    _plot_layer(model, test, out)
+    print(f"done in {time.perf_counter() - started:.0f} s: model, results.json, diagnosis.json, coverage.png and "
+          f"attention.png in {out}")
+    return 0
+
+
+def _tokens(tokenizer, split: str) -> torch.Tensor:
+    from . import assets
+    from ..tools.distill import tokenize
+
+    return tokenize(tokenizer, assets.load_text("wiki", split))
+
+
+def _distil(model, train: torch.Tensor, args) -> list:
+    from ..tools.distill import DistillConfig, Distiller, TokenWindows
 
     subset = f"{args.query_rows} query rows of " if args.query_rows else ""
     print(f"2/6 distilling the estimator: {args.steps} steps on {subset}{args.seq_len}-token windows, "
@@ -81,22 +96,36 @@ def run_demo(args) -> int:
                            warmup_steps=max(1, args.steps // 10), seed=args.seed, checkpoint_every=0,
                            query_rows=args.query_rows, updates_per_pass=args.updates_per_pass)
     history = Distiller(model, TokenWindows(train, args.seq_len, args.seed), config).run(progress=not args.quiet)
-    trained = time.perf_counter()
     print(f"    loss {history[0].loss:.4f} -> {history[-1].loss:.4f}  "
           f"(estimate KL {history[0].estimate_kl:.3f} -> {history[-1].estimate_kl:.3f})")
+    return history
+
+
+def _evaluate(model, test: torch.Tensor, args) -> list:
+    from ..tools.evaluate import evaluate_budgets, format_table
 
     print(f"3/6 perplexity on {test.numel()} test tokens, windows of {args.eval_len}")
-    rows = evaluate_budgets(model, test, seq_len=args.eval_len, stride=args.eval_len, budgets=budgets,
+    rows = evaluate_budgets(model, test, seq_len=args.eval_len, stride=args.eval_len, budgets=args.k_list,
                             oracle=args.oracle, progress=not args.quiet)
-    rows += window_rows(model, test, args.eval_len, budgets, progress=not args.quiet)
+    rows += window_rows(model, test, args.eval_len, args.k_list, progress=not args.quiet)
     print(format_table(rows))
+    return rows
 
+
+def _save(model, tokenizer, rows: list, args, run: dict) -> None:
+    from ..hf import save_pretrained
+    from ..tools.evaluate import write_json
+
+    out = Path(args.out)
     print(f"4/6 saving the distilled model to {out} (load it with sea_attention.from_pretrained)")
     save_pretrained(model, out, base_model="smollm2-135m", tokenizer=tokenizer)
     write_json(rows, out / "results.json", model="smollm2-135m", data="wiki/test", seq_len=args.eval_len,
                train_seq_len=args.seq_len, query_rows=args.query_rows, updates_per_pass=args.updates_per_pass,
-               distill_steps=args.steps, distill_seconds=round(trained - started, 1),
-               history=[round(h.loss, 5) for h in history])
+               distill_steps=args.steps, **run)
+
+
+def _diagnose(model, test: torch.Tensor, args, out: Path) -> None:
+    from ..tools.diagnose import DiagnoseConfig, diagnose, plot_diagnosis, write_diagnosis_json
 
     print(f"5/6 per layer, the teacher attention SEA's keys cover at k={MODEL_K} "
           f"({min(args.eval_len, test.numel())} test tokens)")
@@ -109,10 +138,12 @@ def run_demo(args) -> int:
     plot_diagnosis(diagnosis, out / "coverage.png", "SmolLM2-135M + SEA: teacher attention on the keys "
                    f"each method selects, k={MODEL_K}, {diagnosis.tokens} wiki-test tokens")
 
+
+def _plot_layer(model, test: torch.Tensor, out: Path) -> None:
+    from ..hf import sea_layers
+    from ..tools.viz import capture_attention, plot_attention
+
     print("6/6 plotting one layer's attention")
     snapshot = capture_attention(model, test[:256].unsqueeze(0), layer=3, head=0)
     width = sea_layers(model)[0][2].config.estimate_width
     plot_attention(snapshot, out / "attention.png", f"SmolLM2-135M + SEA (k={MODEL_K}, K={width}): layer 3, head 0")
-    print(f"done in {time.perf_counter() - started:.0f} s: model, results.json, diagnosis.json, coverage.png and "
-          f"attention.png in {out}")
-    return 0
