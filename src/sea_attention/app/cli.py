@@ -310,6 +310,8 @@ def cmd_diagnose(args) -> int:
     from ..tools.diagnose import DiagnoseConfig, diagnose, format_diagnosis_table, plot_diagnosis, write_diagnosis_json
     from ..tools.distill import tokenize
 
+    if args.task is not None:
+        return _diagnose_retrieval(args)
     config = DiagnoseConfig(args.k, args.seq_len, args.coverage_skip)  # bad values fail before the model loads
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))[: args.max_tokens]
@@ -323,6 +325,31 @@ def cmd_diagnose(args) -> int:
         title = (f"{args.model}, {args.data}/{args.split}\n"
                  f"k={args.k}, {diagnosis.windows} windows of {args.seq_len} tokens, {rows}")
         print(f"wrote {plot_diagnosis(diagnosis, args.plot, title)}")
+    return 0
+
+
+def _diagnose_retrieval(args) -> int:
+    """`sea diagnose --task`: SEA's selection along the dense answer to one prompt of the suite."""
+    from dataclasses import asdict
+
+    from ..tools.baselines.retrieval import RetrievalConfig, suite_prompts
+    from ..tools.retrieval_diagnose import (RetrievalDiagnoseConfig, diagnose_prompt, format_prompt_diagnosis,
+                                            plot_prompt_diagnosis, write_prompt_diagnosis)
+
+    suite = RetrievalConfig((args.task,), (args.length,), args.prompts, args.seed, haystacks=tuple(args.haystack))
+    if args.prompt >= args.prompts:
+        raise ValueError(f"--prompt must be below --prompts ({args.prompts}), got {args.prompt}")
+    config = RetrievalDiagnoseConfig(args.k, args.top, suite.new_tokens(args.task))
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+    suite.check_fits(getattr(model.config, "max_position_embeddings", None))
+    prompt = suite_prompts(tokenizer, suite)[(args.task, args.length)][args.prompt]
+    report = diagnose_prompt(model, tokenizer, prompt, config)
+    print(format_prompt_diagnosis(report))
+    if args.json:
+        about = dict(model=args.model, prompt=args.prompt, suite=asdict(suite), setup=asdict(config))
+        print(f"wrote {write_prompt_diagnosis(report, args.json, **about)}")
+    if args.plot:
+        print(f"wrote {plot_prompt_diagnosis(report, args.plot)}")
     return 0
 
 
@@ -340,6 +367,18 @@ def _add_diagnose_parser(commands) -> None:
     diagnose.add_argument("--json", help="write the setup, machine, per-layer and per-head numbers to this JSON file")
     diagnose.add_argument("--plot", help="write a PNG: coverage bars per layer, the estimate's KL below")
     diagnose.add_argument("--quiet", action="store_true")
+    from ..tools.baselines.tasks import TASKS
+
+    task = diagnose.add_argument_group("one prompt of the retrieval suite (--task): SEA's selection at each answer "
+                                       "step, layer and head against the dense top keys")
+    task.add_argument("--task", choices=tuple(TASKS), help="diagnose this task's prompt instead of perplexity windows")
+    task.add_argument("--length", type=positive_int, default=1024, help="prompt tokens")
+    task.add_argument("--prompts", type=positive_int, default=10, help="prompts of the set (as in sea compare)")
+    task.add_argument("--prompt", type=non_negative_int, default=0, help="which of them (0-based)")
+    task.add_argument("--top", type=positive_int, default=4, help="dense top keys checked per step, layer and head")
+    task.add_argument("--seed", type=int, default=0)
+    task.add_argument("--haystack", type=name_list(lambda names: tuple(names)), default=["wiki", "bbc"],
+                      help="prose of the needles: bundled corpora (test split) or text files")
     _add_sea_options(diagnose, with_k=False)
     diagnose.set_defaults(func=cmd_diagnose)
 
