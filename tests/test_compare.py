@@ -1,4 +1,4 @@
-"""`sea compare` end to end on a tiny random Llama with a real tokenizer, and the passkey prompts."""
+"""`sea compare` end to end on a tiny random Llama with a real tokenizer, and the retrieval suite's prompts."""
 
 import json
 
@@ -7,7 +7,9 @@ import torch
 from transformers import AutoTokenizer
 
 from sea_attention.app import assets
-from sea_attention.tools.baselines.passkey import PasskeyConfig, passkey_prompt, passkey_prompts
+from sea_attention.tools.baselines.passkey import passkey_prompt
+from sea_attention.tools.baselines.retrieval import RetrievalConfig, copy_matches
+from sea_attention.tools.baselines.tasks import COPY_CUE, TASKS, PromptSource, split_sentences, task_prompts
 from sea_attention.app.cli import main
 
 
@@ -60,13 +62,21 @@ def test_compare_passkey(tiny_model_dir, tmp_path, capsys):
     assert all(r["prompts"] == 2 and len(r["answers"]) == 2 and r["accuracy"] == r["correct"] / 2 for r in rows)
 
 
-def test_compare_rejects_unknown_methods_and_plot_for_passkey(tiny_model_dir, capsys):
+def test_compare_rejects_unknown_methods_tasks_and_lengths(tiny_model_dir, capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--model", "x", "--methods", "dense,h2o"])
     assert "methods must be some of" in capsys.readouterr().err
-    assert main(["compare", "--model", str(tiny_model_dir / "model"), "--task", "passkey", "--plot", "x.png",
+    with pytest.raises(SystemExit):
+        main(["compare", "--model", "x", "--task", "haystack"])
+    assert "invalid choice: 'haystack'" in capsys.readouterr().err
+    # the tiny model has 256 positions: a 300-token prompt is refused before any prompt is built
+    assert main(["compare", "--model", str(tiny_model_dir / "model"), "--task", "needle", "--lengths", "128,300",
                  "--estimate-width", "8", "--quiet"]) == 2
-    assert "--task perplexity" in capsys.readouterr().err
+    assert "lengths [300] plus 8 answer tokens of needle pass the model's 256 positions" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="lengths must be integers >= 64"):
+        RetrievalConfig(lengths=(32,))
+    with pytest.raises(ValueError, match="tasks must be some of passkey,needle,multi_needle,copy"):
+        RetrievalConfig(tasks=("needle", "kv"))
 
 
 def test_passkey_prompts_have_the_length_the_key_and_the_depth(tokenizer):
@@ -76,12 +86,59 @@ def test_passkey_prompts_have_the_length_the_key_and_the_depth(tokenizer):
     assert text.count("12345") == 2 and text.rstrip().endswith("the pass key is")
     early, late = (tokenizer.decode(passkey_prompt(tokenizer, 200, d, "12345").ids).index("12345") for d in (0.1, 0.9))
     assert early < late
-    prompts = passkey_prompts(tokenizer, PasskeyConfig(lengths=(120, 160), prompts=3, seed=7))
-    assert [p.length for p in prompts] == [120] * 3 + [160] * 3
-    assert [p.key for p in prompts] == [p.key for p in passkey_prompts(tokenizer, PasskeyConfig((120, 160), 3, 7))]
-    assert all(len(p.key) == 5 and p.ids.numel() == p.length for p in prompts)
     with pytest.raises(ValueError, match="no room for filler"):
         passkey_prompt(tokenizer, 10, 0.5, "12345")
+
+
+@pytest.fixture(scope="module")
+def source(tokenizer):
+    from conftest import TEXT
+
+    return PromptSource(tokenizer, {"a": split_sentences(TEXT, tokenizer), "b": split_sentences(TEXT[::-1], tokenizer)})
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_suite_prompts_are_exact_deterministic_and_hold_the_answer(tokenizer, source, task):
+    prompts = task_prompts(source, task, 160, 3, seed=1)
+    again = task_prompts(source, task, 160, 3, seed=1)
+    assert [p.ids.tolist() for p in prompts] == [p.ids.tolist() for p in again]  # the same per seed
+    assert [p.ids.tolist() for p in prompts] != [p.ids.tolist() for p in task_prompts(source, task, 160, 3, seed=2)]
+    assert all(p.ids.numel() == 160 and p.task == task for p in prompts)
+    assert [p.depth for p in prompts] == [0.25, 0.5, 0.75]
+    for p in prompts:
+        ids = p.ids.tolist()
+        if task == "copy":  # the string sits in the prose, its first COPY_CUE tokens end the prompt
+            string = ids[-COPY_CUE:] + p.expected.tolist()
+            starts = [i for i in range(len(ids) - len(string)) if ids[i:i + len(string)] == string]
+            assert len(starts) == 1 and starts[0] < len(ids) - len(string)
+        else:  # the answer is in the text, before the question
+            text = tokenizer.decode(p.ids).replace(" ", "")
+            assert p.answer.isdigit() and p.answer in text[: text.rindex("?")]
+
+
+def test_needles_sit_at_their_depth_and_copy_scores_per_position(tokenizer, source):
+    prompts = task_prompts(source, "needle", 200, 3, seed=0)
+    where = [tokenizer.decode(p.ids).replace(" ", "").index(p.answer) for p in prompts]
+    assert where == sorted(where)
+    matches = copy_matches(torch.tensor([5, 6, 9]), torch.tensor([5, 7, 9, 4]))
+    assert matches.tolist() == [True, False, True, False]  # a missing token misses
+
+
+def test_compare_retrieval_suite_dense_end_to_end(tiny_model_dir, tmp_path, capsys):
+    report, png = tmp_path / "suite.json", tmp_path / "suite.png"
+    assert main(["compare", "--model", str(tiny_model_dir / "model"), "--task", "retrieval", "--methods",
+                 "dense,window_sinks", "--k", "16", "--lengths", "96,128", "--prompts", "2", "--haystack",
+                 str(tiny_model_dir / "text.txt"), "--estimate-width", "8", "--json", str(report), "--plot", str(png),
+                 "--quiet"]) == 0
+    payload = json.loads(report.read_text())
+    rows = payload["points"]
+    assert [(r["method"], r["task"], r["length"]) for r in rows] == [
+        (m, t, n) for m in ("dense", "window_sinks") for t in TASKS for n in (96, 128)]
+    for r in rows:
+        assert r["prompts"] == 2 and len(r["answers"]) == 2 and 0 <= r["accuracy"] <= 1
+        assert len(r["position_accuracy"]) == (TASKS["copy"].max_new_tokens if r["task"] == "copy" else 0)
+    assert payload["setup"]["prompts"] == 2 and payload["complete"] is True
+    assert "copy@96" in capsys.readouterr().out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_reports_every_finished_row(tiny_model_dir):

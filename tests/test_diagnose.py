@@ -161,3 +161,26 @@ def test_bad_values_are_clear_errors(tiny_model_dir, capsys):
     assert main(["diagnose", "--model", model, "--data", text, "--max-tokens", "1", "--estimate-width", "8",
                  "--quiet"]) == 2
     assert "at least 2 tokens" in capsys.readouterr().err
+
+
+def test_diagnose_task_probes_sea_against_the_dense_top_keys(tiny_model_dir, tmp_path, capsys):
+    """`sea diagnose --task`: per answer step, layer and head, SEA's share of the dense top keys."""
+    import json
+
+    from sea_attention.app.cli import main
+
+    report, png = tmp_path / "needle.json", tmp_path / "needle.png"
+    assert main(["diagnose", "--model", str(tiny_model_dir / "model"), "--task", "needle", "--length", "128",
+                 "--prompts", "2", "--prompt", "1", "--k", "8", "--haystack", str(tiny_model_dir / "text.txt"),
+                 "--estimate-width", "8", "--json", str(report), "--plot", str(png), "--quiet"]) == 0
+    payload = json.loads(report.read_text())
+    steps, layers = payload["steps"], payload["layers"]
+    assert steps == 8 and sorted(layers) == ["0", "1"]  # the dense answer's 8 tokens, both layers
+    for layer in layers.values():
+        assert len(layer["selected"]) == steps and len(layer["selected"][0]) == 4  # (steps, heads)
+        assert all(0 <= x <= 1 for row in layer["selected_mass"] for x in row)
+        assert all(0 <= r < 4 * 8 for row in layer["group_rank"] for r in row)
+    assert "dense" in capsys.readouterr().out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["diagnose", "--model", str(tiny_model_dir / "model"), "--task", "needle", "--prompts", "2",
+                 "--prompt", "2", "--quiet"]) == 2
+    assert "--prompt must be below --prompts (2)" in capsys.readouterr().err

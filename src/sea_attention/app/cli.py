@@ -219,17 +219,8 @@ def cmd_compare(args) -> int:
         check_model_runs(model, method)
     about = {"model": args.model, "task": args.task, "methods": list(args.methods), "budgets": args.k_list,
              "sea_config": sea_layers(model)[0][2].config.to_dict()}  # what the sea rows ran with
-    if args.task == "passkey":
-        from ..tools.baselines.passkey import PasskeyConfig, format_passkey_table, passkey_rows
-
-        if args.plot:
-            raise ValueError("--plot draws perplexity against keys per query: use it with --task perplexity")
-        if tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer to build passkey prompts with")
-        config = PasskeyConfig(tuple(args.lengths), args.prompts, args.seed, args.max_new_tokens)
-        rows = passkey_rows(model, tokenizer, args.methods, tuple(args.k_list), config, progress=not args.quiet)
-        print(format_passkey_table(rows))
-        about["setup"] = asdict(config)
+    if args.task != "perplexity":
+        rows = _compare_retrieval(args, model, tokenizer, about)
     else:
         from ..tools.baselines import CompareConfig, compare_perplexity, format_compare_table
         from ..tools.baselines.plot import plot_compare
@@ -249,12 +240,38 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _compare_retrieval(args, model, tokenizer, about: dict) -> list:
+    """`sea compare --task` of the retrieval and copy suite: its rows, table and plot."""
+    from dataclasses import asdict
+
+    from ..tools.baselines.retrieval import RetrievalConfig, format_retrieval_table, plot_retrieval, retrieval_rows
+    from ..tools.baselines.tasks import TASKS
+    from ..tools.bench import write_bench_json
+
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer to build {args.task} prompts with")
+    tasks = tuple(TASKS) if args.task == "retrieval" else (args.task,)
+    config = RetrievalConfig(tasks, tuple(args.lengths), args.prompts, args.seed, args.max_new_tokens,
+                             tuple(args.haystack))
+    about["setup"] = asdict(config)
+    partial = (lambda done: write_bench_json(done, args.json, **about, complete=False)) if args.json else None
+    rows = retrieval_rows(model, tokenizer, args.methods, tuple(args.k_list), config, progress=not args.quiet,
+                          on_row=partial)
+    print(format_retrieval_table(rows))
+    if args.plot:
+        title = f"{args.model}: {args.prompts} prompts per task and length, greedy"
+        print(f"wrote {plot_retrieval(rows, args.plot, title)}")
+    return rows
+
+
 def _add_compare_parser(commands) -> None:
     from ..tools.baselines import DEFAULT_METHODS, METHODS, check_methods
+    from ..tools.baselines.tasks import TASKS
 
     compare = commands.add_parser("compare", help="every method (oracle, window+sinks, Quest, SEA) at equal budget")
     compare.add_argument("--model", required=True, help="bundled name, local dir, SEA dir or hub id")
-    compare.add_argument("--task", default="perplexity", choices=("perplexity", "passkey"))
+    compare.add_argument("--task", default="perplexity", choices=("perplexity", *TASKS, "retrieval"),
+                         help="perplexity on sliding windows, or a retrieval/copy task (retrieval: all of them)")
     compare.add_argument("--methods", type=name_list(check_methods),
                          help=f"some of {','.join(METHODS)} (dense always runs: the reference); default "
                               f"{','.join(DEFAULT_METHODS)}, or dense and the baseline for a model distilled with "
@@ -269,12 +286,17 @@ def _add_compare_parser(commands) -> None:
     perplexity.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
     perplexity.add_argument("--coverage-skip", type=float, default=0.0,
                             help="coverage over rows past this fraction of each window (e.g. 0.25)")
-    perplexity.add_argument("--plot", help="write a PNG of perplexity against keys per query")
-    passkey = compare.add_argument_group("--task passkey")
-    passkey.add_argument("--lengths", type=int_list, default=[1024, 2048, 4096], help="prompt lengths in tokens")
-    passkey.add_argument("--prompts", type=int, default=3, help="prompts per length (evenly spaced depths)")
-    passkey.add_argument("--max-new-tokens", type=int, default=8)
-    passkey.add_argument("--seed", type=int, default=0, help="seed of the keys")
+    compare.add_argument("--plot", help="write a PNG: perplexity against keys per query, or accuracy against length")
+    suite = compare.add_argument_group("retrieval and copy tasks (--task passkey, needle, multi_needle, copy, or "
+                                       "retrieval: all four)")
+    suite.add_argument("--lengths", type=int_list, default=[1024, 2048, 4096, 8192], help="prompt lengths in tokens")
+    suite.add_argument("--prompts", type=positive_int, default=10, help="prompts per task and length (evenly "
+                                                                        "spaced depths)")
+    suite.add_argument("--max-new-tokens", type=positive_int, help="greedy steps (default: each task's own)")
+    suite.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    suite.add_argument("--haystack", type=name_list(lambda names: tuple(names)), default=["wiki", "bbc"],
+                       help="prose the needles hide in, alternating by prompt: bundled corpora (their test "
+                            "split) or text files")
     compare.add_argument("--json", help="write the setup, machine and rows to this JSON file")
     compare.add_argument("--quiet", action="store_true")
     _add_sea_options(compare, with_k=False)
@@ -288,6 +310,8 @@ def cmd_diagnose(args) -> int:
     from ..tools.diagnose import DiagnoseConfig, diagnose, format_diagnosis_table, plot_diagnosis, write_diagnosis_json
     from ..tools.distill import tokenize
 
+    if args.task is not None:
+        return _diagnose_retrieval(args)
     config = DiagnoseConfig(args.k, args.seq_len, args.coverage_skip)  # bad values fail before the model loads
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))[: args.max_tokens]
@@ -301,6 +325,31 @@ def cmd_diagnose(args) -> int:
         title = (f"{args.model}, {args.data}/{args.split}\n"
                  f"k={args.k}, {diagnosis.windows} windows of {args.seq_len} tokens, {rows}")
         print(f"wrote {plot_diagnosis(diagnosis, args.plot, title)}")
+    return 0
+
+
+def _diagnose_retrieval(args) -> int:
+    """`sea diagnose --task`: SEA's selection along the dense answer to one prompt of the suite."""
+    from dataclasses import asdict
+
+    from ..tools.baselines.retrieval import RetrievalConfig, suite_prompts
+    from ..tools.retrieval_diagnose import (RetrievalDiagnoseConfig, diagnose_prompt, format_prompt_diagnosis,
+                                            plot_prompt_diagnosis, write_prompt_diagnosis)
+
+    suite = RetrievalConfig((args.task,), (args.length,), args.prompts, args.seed, haystacks=tuple(args.haystack))
+    if args.prompt >= args.prompts:
+        raise ValueError(f"--prompt must be below --prompts ({args.prompts}), got {args.prompt}")
+    config = RetrievalDiagnoseConfig(args.k, args.top, suite.new_tokens(args.task))
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+    suite.check_fits(getattr(model.config, "max_position_embeddings", None))
+    prompt = suite_prompts(tokenizer, suite)[(args.task, args.length)][args.prompt]
+    report = diagnose_prompt(model, tokenizer, prompt, config)
+    print(format_prompt_diagnosis(report))
+    if args.json:
+        about = dict(model=args.model, prompt=args.prompt, suite=asdict(suite), setup=asdict(config))
+        print(f"wrote {write_prompt_diagnosis(report, args.json, **about)}")
+    if args.plot:
+        print(f"wrote {plot_prompt_diagnosis(report, args.plot)}")
     return 0
 
 
@@ -318,6 +367,18 @@ def _add_diagnose_parser(commands) -> None:
     diagnose.add_argument("--json", help="write the setup, machine, per-layer and per-head numbers to this JSON file")
     diagnose.add_argument("--plot", help="write a PNG: coverage bars per layer, the estimate's KL below")
     diagnose.add_argument("--quiet", action="store_true")
+    from ..tools.baselines.tasks import TASKS
+
+    task = diagnose.add_argument_group("one prompt of the retrieval suite (--task): SEA's selection at each answer "
+                                       "step, layer and head against the dense top keys")
+    task.add_argument("--task", choices=tuple(TASKS), help="diagnose this task's prompt instead of perplexity windows")
+    task.add_argument("--length", type=positive_int, default=1024, help="prompt tokens")
+    task.add_argument("--prompts", type=positive_int, default=10, help="prompts of the set (as in sea compare)")
+    task.add_argument("--prompt", type=non_negative_int, default=0, help="which of them (0-based)")
+    task.add_argument("--top", type=positive_int, default=4, help="dense top keys checked per step, layer and head")
+    task.add_argument("--seed", type=int, default=0)
+    task.add_argument("--haystack", type=name_list(lambda names: tuple(names)), default=["wiki", "bbc"],
+                      help="prose of the needles: bundled corpora (test split) or text files")
     _add_sea_options(diagnose, with_k=False)
     diagnose.set_defaults(func=cmd_diagnose)
 

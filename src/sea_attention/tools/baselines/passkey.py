@@ -2,19 +2,16 @@
 
 A prompt of exactly ``length`` tokens: an instruction, filler sentences with the key line
 inserted at a fixed depth, and a question; the model continues greedily and is right when the
-continuation contains the key. Keys come from a seeded generator, depths are evenly spaced, so
-every method sees the same prompts.
+continuation contains the key. The suite (``tasks.py``, task ``passkey``) draws the keys from a
+seeded generator at evenly spaced depths, so every method sees the same prompts.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-
-from .compare import METHODS, method_attention, method_runs
+from torch import Tensor
 
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about it.\n")
@@ -23,41 +20,12 @@ KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
-@dataclass(frozen=True)
-class PasskeyConfig:
-    lengths: tuple[int, ...] = (1024, 2048, 4096)  # prompt tokens
-    prompts: int = 3  # per length, at depths (j + 1) / (prompts + 1)
-    seed: int = 0
-    max_new_tokens: int = 8
-
-    def __post_init__(self) -> None:
-        for name in ("prompts", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.lengths or min(self.lengths) < 1:
-            raise ValueError(f"lengths must be positive integers, got {self.lengths!r}")
-
-    def depths(self) -> list[float]:
-        return [(j + 1) / (self.prompts + 1) for j in range(self.prompts)]
-
-
 @dataclass
 class PasskeyPrompt:
     length: int
     depth: float  # where the key line sits in the filler, 0 = start, 1 = end
     key: str
     ids: Tensor  # (length,) long
-
-
-@dataclass
-class PasskeyRow:
-    method: str
-    k: int | None
-    length: int
-    correct: int
-    prompts: int
-    accuracy: float
-    answers: list[str]  # the greedy continuations, for reading
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -78,54 +46,3 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPro
     cut = min(cut, room)
     ids = head + filler[:cut] + line + filler[cut:] + question
     return PasskeyPrompt(length, depth, key, torch.tensor(ids, dtype=torch.long))
-
-
-def passkey_prompts(tokenizer, config: PasskeyConfig) -> list[PasskeyPrompt]:
-    """Every (length, depth) prompt, with keys drawn from ``config.seed``."""
-    rng = random.Random(config.seed)
-    return [passkey_prompt(tokenizer, length, depth, str(rng.randint(10000, 99999)))
-            for length in config.lengths for depth in config.depths()]
-
-
-@torch.no_grad()
-def greedy_answer(model: nn.Module, tokenizer, prompt: PasskeyPrompt, max_new_tokens: int) -> str:
-    """The model's greedy continuation of the prompt (KV cache), decoded."""
-    device = next(model.parameters()).device
-    ids = prompt.ids.unsqueeze(0).to(device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=pad)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def passkey_rows(model: nn.Module, tokenizer, methods: tuple[str, ...], budgets: tuple[int, ...],
-                 config: PasskeyConfig, progress: bool = True) -> list[PasskeyRow]:
-    """Accuracy per (method, k, length): dense and the linear attentions once, every other method
-    at every budget.
-
-    ``sea`` decodes through its own decoding state (no override); the other methods recompute
-    their attention over the cached keys at every step.
-    """
-    prompts = passkey_prompts(tokenizer, config)
-    rows = []
-    for method, k in method_runs(methods, budgets):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {','.join(METHODS)}, got {method!r}")
-        with method_attention(model, method, k):
-            for length in config.lengths:
-                answers = [greedy_answer(model, tokenizer, p, config.max_new_tokens) for p in prompts
-                           if p.length == length]
-                keys = [p.key for p in prompts if p.length == length]
-                correct = sum(key in answer for key, answer in zip(keys, answers))
-                rows.append(PasskeyRow(method, k, length, correct, len(keys), correct / len(keys), answers))
-                if progress:
-                    print(f"passkey {method:<13} k={k or '-':<4} length={length}: {correct}/{len(keys)}", flush=True)
-    return rows
-
-
-def format_passkey_table(rows: list[PasskeyRow]) -> str:
-    lines = [f"{'method':<13} {'k':>5} {'length':>7} {'accuracy':>9} {'correct':>8}"]
-    for r in rows:
-        k = "-" if r.k is None else str(r.k)
-        lines.append(f"{r.method:<13} {k:>5} {r.length:>7} {r.accuracy:>9.2f} {r.correct:>4}/{r.prompts}")
-    return "\n".join(lines)

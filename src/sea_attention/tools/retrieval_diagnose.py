@@ -1,0 +1,173 @@
+"""`sea diagnose --task`: where SEA's selection loses what dense attention retrieves, per answer step.
+
+For one prompt of the retrieval suite: the dense model's greedy answer and SEA's, then one dense
+forward over the prompt and the dense answer (teacher forcing: every layer sees the dense inputs).
+At each answer step (the query rows that predict the answer tokens), layer and head it records:
+
+* ``selected``: the fraction of the dense attention's ``top`` keys that SEA's selection holds, and
+  ``selected_mass``: the same weighted by their dense probability;
+* ``head_rank`` / ``group_rank``: the rank (0 = best) of the bin holding the dense top-1 key in
+  the estimate, among the head's K bins and among all H*K bins the ``query`` grouping compares,
+  beside ``budget`` (the bins the grouped top-k takes); ``mass_head_rank`` / ``mass_group_rank``:
+  the same ranks if the bins were scored by their exact attention mass (an oracle estimate).
+
+    report = diagnose_prompt(model, tokenizer, prompt, RetrievalDiagnoseConfig(k=64))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..atomic import write_file, write_text
+from ..core.cells import KeySlots, key_bins
+from ..core.selection import cell_budget
+from ..hf import LayerCall, layer_override, no_cache, sea_budget, sea_layers
+from .baselines.chunks import query_chunks
+from .baselines.compare import method_attention
+from .baselines.retrieval import greedy_ids
+from .baselines.tasks import TaskPrompt
+
+
+@dataclass(frozen=True)
+class RetrievalDiagnoseConfig:
+    k: int = 64  # SEA's keys per query per head
+    top: int = 4  # dense top keys checked per (step, layer, head)
+    max_new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("k", "top", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _ranks(scores: Tensor, picked: Tensor) -> tuple[Tensor, Tensor]:
+    """Ranks (0 = best) of bin ``picked`` (B, H, S) in scores (B, H, S, K): per head, and among all heads."""
+    value = scores.gather(-1, picked.unsqueeze(-1))  # (B, H, S, 1)
+    head = (scores > value).sum(-1)
+    everyone = scores.permute(0, 2, 1, 3).flatten(2)  # (B, S, H*K)
+    group = (everyone.unsqueeze(1) > value).sum(-1)  # (B, H, S)
+    return head, group
+
+
+@dataclass
+class TopKeyProbe:
+    """``layer_override``: passes the dense attention on and measures SEA on the last ``steps`` rows."""
+
+    config: RetrievalDiagnoseConfig
+    steps: int
+    layers: dict[int, dict[str, list]] = field(default_factory=dict)  # layer -> name -> (S, H) lists
+
+    def __call__(self, call: LayerCall) -> tuple[Tensor, None]:
+        out = call.run_sea(k_budget=self.config.k)
+        tq, tk, heads = call.query.shape[2], call.key.shape[2], call.query.shape[1]
+        contexts, last = [], []
+        for chunk in query_chunks(call.query, call.key, call.value, call.key_valid, call.scaling, call.causal, 256):
+            context, probs = chunk.teacher  # (B, H, C, d), (B, H, C, Tk)
+            contexts.append(context)
+            last.append(probs)
+        probs = torch.cat(last, 2)[:, :, tq - self.steps:]  # (B, H, S, Tk)
+        rows = slice(tq - self.steps, tq)
+        slots = KeySlots(out.slots.head[:, rows], out.slots.key[:, rows], out.slots.valid[:, rows])
+        selected = slots.dense_mask(heads, tk)  # (B, H, S, Tk)
+        values, keys = probs.topk(self.config.top, dim=-1)  # (B, H, S, top)
+        hit = selected.gather(-1, keys).float()
+        lengths = out.lengths[:, rows]  # (B, S)
+        width = out.estimated.shape[-1]
+        top_bin = key_bins(keys[..., 0], lengths[:, None, :], width).clamp(0, width - 1)  # (B, H, S)
+        bins = key_bins(torch.arange(tk, device=probs.device), lengths[:, :, None], width).clamp(0, width - 1)
+        mass = probs.new_zeros(*probs.shape[:-1], width).scatter_add_(-1, bins[:, None].expand_as(probs), probs)
+        head_rank, group_rank = _ranks(out.estimate[:, :, rows].float(), top_bin)
+        mass_head, mass_group = _ranks(mass, top_bin)
+        budget = cell_budget(lengths, self.config.k, width, heads)[:, None, :].expand_as(head_rank)
+        measured = {"selected": hit.mean(-1), "selected_mass": (hit * values).sum(-1) / values.sum(-1),
+                    "top_mass": values.sum(-1), "head_rank": head_rank, "group_rank": group_rank,
+                    "mass_head_rank": mass_head, "mass_group_rank": mass_group, "budget": budget}
+        self.layers[call.layer_idx] = {name: x[0].transpose(0, 1).tolist() for name, x in measured.items()}
+        return torch.cat(contexts, 2), None
+
+
+@dataclass
+class PromptDiagnosis:
+    task: str
+    length: int
+    depth: float
+    answer: str  # what the task asks for
+    dense_answer: str
+    sea_answer: str
+    steps: int
+    layers: dict[int, dict[str, list]]  # layer -> measurement -> (steps, heads)
+
+    def layer_means(self, name: str) -> list[list[float]]:
+        """(steps, layers): ``name`` averaged over heads."""
+        order = sorted(self.layers)
+        return [[sum(self.layers[i][name][s]) / len(self.layers[i][name][s]) for i in order] for s in range(self.steps)]
+
+
+@torch.no_grad()
+def diagnose_prompt(model: nn.Module, tokenizer, prompt: TaskPrompt, config: RetrievalDiagnoseConfig) -> PromptDiagnosis:
+    """Dense and SEA greedy answers to ``prompt``, and SEA's selection along the dense answer."""
+    if not sea_layers(model):
+        raise ValueError("the model is not SEA-patched: call sea_attention.hf.patch(model) first")
+    with method_attention(model, "dense", None):
+        dense = greedy_ids(model, tokenizer, prompt.ids, config.max_new_tokens)
+    with sea_budget(model, config.k):
+        sea = greedy_ids(model, tokenizer, prompt.ids, config.max_new_tokens)
+    forced = torch.cat([prompt.ids, dense[:-1]])  # row T - 1 + i predicts answer token i
+    probe = TopKeyProbe(config, steps=dense.numel())
+    device = next(model.parameters()).device
+    with layer_override(model, probe):
+        model(input_ids=forced.unsqueeze(0).to(device), **no_cache(model))
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return PromptDiagnosis(prompt.task, prompt.length, prompt.depth, prompt.answer, decode(dense), decode(sea),
+                           dense.numel(), probe.layers)
+
+
+def format_prompt_diagnosis(report: PromptDiagnosis) -> str:
+    """Per answer step: the dense token's step, the head-mean fraction of dense top keys SEA holds
+    in each layer (one digit per layer: 0-9 tenths, '*' = all)."""
+    lines = [f"{report.task} @{report.length}, depth {report.depth:.2f}: answer {report.answer!r}, "
+             f"dense {report.dense_answer!r}, SEA {report.sea_answer!r}",
+             "step  mass-weighted fraction of the dense top keys SEA selected, per layer (0-9 tenths, * = all)"]
+    for step, row in enumerate(report.layer_means("selected_mass")):
+        digits = "".join("*" if v >= 0.995 else str(min(int(v * 10), 9)) for v in row)
+        lines.append(f"{step:>4}  {digits}  mean {sum(row) / len(row):.3f}")
+    return "\n".join(lines)
+
+
+def write_prompt_diagnosis(report: PromptDiagnosis, path: str | Path, **about) -> Path:
+    from .bench.runtime import machine_info
+
+    payload = {**about, "machine": machine_info(), **asdict(report)}
+    return write_text(path, json.dumps(payload) + "\n")
+
+
+def plot_prompt_diagnosis(report: PromptDiagnosis, path: str | Path, title: str = "") -> Path:
+    """A PNG: steps x layers heat map of the (mass-weighted) fraction of dense top keys SEA selected,
+    and the estimate's grouped rank of the dense top-1 key's bin over its budget."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 6), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1)
+    image = top.imshow(report.layer_means("selected_mass"), aspect="auto", vmin=0, vmax=1, cmap="viridis")
+    top.set_ylabel("answer step")
+    top.set_title(title or f"{report.task}: fraction of dense top-key mass SEA selected (head mean)",
+                  fontsize="medium")
+    fig.colorbar(image, ax=top)
+    order = sorted(report.layers)
+    ratio = [[min(r / max(b, 1), 4.0) for r, b in zip(report.layers[i]["group_rank"][0], report.layers[i]["budget"][0])]
+             for i in order]
+    image = bottom.imshow(torch.tensor(ratio).T.tolist(), aspect="auto", vmin=0, vmax=4, cmap="magma_r")
+    bottom.set_ylabel("head")
+    bottom.set_xlabel("layer")
+    bottom.set_title("step 0: grouped rank of the dense top-1 key's bin / budget (> 1: not selected by the estimate)",
+                     fontsize="medium")
+    fig.colorbar(image, ax=bottom)
+    return write_file(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
