@@ -71,7 +71,7 @@ def test_generate_streams_text(tiny_model_dir, tmp_path, capsys):
 
 
 def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):
-    assert main(["eval", "--model", str(tiny_model_dir / "model"), "--data", "no-such-corpus", "--quiet"]) == 2
+    assert main(["eval", "--model", str(tiny_model_dir / "model"), "--data", "no-such-corpus.txt", "--quiet"]) == 2
     assert "expected one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--model", "x", "--k", "32,abc"])
