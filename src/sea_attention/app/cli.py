@@ -214,6 +214,7 @@ def cmd_eval(args) -> int:
     from ..tools.evaluate import evaluate_budgets, format_table, write_json
 
     group = args.group
+    torch.manual_seed(0)  # a base model's fresh (untrained) SEA modules: the same in every process
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args), baselines=True)
     tokens = tokenize(tokenizer, _load_text(args, args.split))
     if args.max_tokens is not None:
