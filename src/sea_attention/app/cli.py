@@ -93,8 +93,9 @@ def _load_text(args, split: str) -> str:
 
 
 def _names_a_file(data: str) -> bool:
-    """An existing file, or a name written as a path (./x, /x, ~/x, x.txt): not a `datasets` id."""
-    return Path(data).expanduser().is_file() or data.startswith((".", "/", "~")) or data.endswith(".txt")
+    """An existing file, or a missing one written as a path (./x, /x, ~/x, x.txt); a folder is a dataset."""
+    path = Path(data).expanduser()
+    return path.is_file() or (not path.exists() and (data.startswith((".", "/", "~")) or data.endswith(".txt")))
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
