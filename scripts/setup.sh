@@ -34,7 +34,7 @@ case "$mode" in
     # releases on PyPI are multi-GB CUDA builds.
     keep_torch=$(mktemp); echo "torch==$(lower_bound torch)" > "$keep_torch"
     pip install -c "$keep_torch" -e ".[assets,test]"
-    pip install -c "$keep_torch" --upgrade --upgrade-strategy eager transformers safetensors tqdm matplotlib \
+    pip install -c "$keep_torch" --upgrade --upgrade-strategy eager transformers safetensors tqdm matplotlib datasets \
       gguf accelerate gensim pytest
     pip install --upgrade --no-deps $assets
     rm -f "$keep_torch" ;;

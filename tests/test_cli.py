@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sea_attention.app.cli import main
+from conftest import TEXT
 from sea_attention.hf import from_pretrained
 
 
@@ -71,7 +72,7 @@ def test_generate_streams_text(tiny_model_dir, tmp_path, capsys):
 
 
 def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):
-    assert main(["eval", "--model", str(tiny_model_dir / "model"), "--data", "no-such-corpus", "--quiet"]) == 2
+    assert main(["eval", "--model", str(tiny_model_dir / "model"), "--data", "no-such-corpus.txt", "--quiet"]) == 2
     assert "expected one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--model", "x", "--k", "32,abc"])
@@ -139,3 +140,30 @@ def test_resume_from_a_garbage_checkpoint_names_the_file(tiny_model_dir, tmp_pat
                  "--steps", "1", "--seq-len", "32", "--k", "4", "--estimate-width", "8", "--out",
                  str(tmp_path / "sea"), "--checkpoint-dir", str(checkpoints), "--resume", "--quiet"]) == 2
     assert f"{checkpoints / 'checkpoint.pt'} is not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_data_by_datasets_name_loads_a_local_dataset_and_names_an_unreachable_hub(tiny_model_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A local parquet dataset goes through `datasets.load_dataset` like a hub id: its split's text column
+    joined with blank lines, as the paper's WikiText protocol."""
+    import datasets
+    import huggingface_hub.constants
+
+    from sea_attention.app.corpora import DatasetText, load_dataset_text
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    lines = TEXT.split(". ")
+    datasets.Dataset.from_dict({"body": lines[:300]}).to_parquet(str(folder / "train.parquet"))
+    datasets.Dataset.from_dict({"body": lines[300:]}).to_parquet(str(folder / "validation.parquet"))
+    assert load_dataset_text(DatasetText(str(folder), "validation", text_column="body")) == "\n\n".join(lines[300:])
+    model = str(tiny_model_dir / "model")
+    argv = ["eval", "--model", model, "--data", str(folder), "--data-split", "validation", "--seq-len", "32", "--k",
+            "4", "--no-oracle", "--quiet"]
+    assert main(argv) == 2 and "has no column 'text'" in capsys.readouterr().err
+    assert main([*argv, "--text-column", "body"]) == 0 and "dense" in capsys.readouterr().out
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as without internet, at once
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["eval", "--model", model, "--data", "wikitext-2", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "'Salesforce/wikitext' (config 'wikitext-2-raw-v1')" in error and "hub cannot be reached" in error

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import assets
+from .corpora import DATASET_ALIASES, DatasetText, load_dataset_text
 from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, positive_float,
                        positive_int, row_range, unit_interval)
 
@@ -67,6 +68,41 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
                          help="which cells share one top-k: per query (default), per query and head, or per "
                               "block of positions (fastest on long inputs)")
     runtime.add_argument("--query-block", type=positive_int, help="positions per block of --grouping block (default 64)")
+
+
+# ---------------------------------------------------------------------------------------- texts
+DATA_HELP = (f"'wiki', 'bbc', a text file, {', '.join(DATASET_ALIASES)} or any `datasets` id (or local dataset "
+             "folder) with a text column")
+DATASET_OPTIONS = ("data_config", "data_split", "text_column")
+
+
+def _load_text(args, split: str) -> str:
+    """``--data``'s text: a bundled corpus or a text file (split by sea's rule), else a ``datasets`` corpus
+    (``--data-split``, default the same split name; ``--data-config``, ``--text-column``)."""
+    given = [f"--{name.replace('_', '-')}" for name in DATASET_OPTIONS if getattr(args, name, None) is not None]
+    if args.data in assets.BUNDLED_TEXTS or _names_a_file(args.data):
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to `datasets` corpora, not to --data {args.data}")
+        return assets.load_text(args.data, split)
+    split = getattr(args, "data_split", None) or split
+    if split == "all":
+        raise ValueError(f"split 'all' is for the bundled corpora and text files: name a split of {args.data} "
+                         "with --data-split")
+    return load_dataset_text(DatasetText(args.data, split, getattr(args, "data_config", None),
+                                         getattr(args, "text_column", None) or "text"))
+
+
+def _names_a_file(data: str) -> bool:
+    """An existing file, or a missing one written as a path (./x, /x, ~/x, x.txt); a folder is a dataset."""
+    path = Path(data).expanduser()
+    return path.is_file() or (not path.exists() and (data.startswith((".", "/", "~")) or data.endswith(".txt")))
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-config", help="configuration of a `datasets` corpus (wikitext-2: wikitext-2-raw-v1)")
+    parser.add_argument("--data-split", help="split of a `datasets` corpus, e.g. validation (default: --split's "
+                                             "name; `sea distill`: train)")
+    parser.add_argument("--text-column", help="column of a `datasets` corpus holding the text (default text)")
 
 
 # ---------------------------------------------------------------------------------------- distill
@@ -143,15 +179,24 @@ def cmd_distill(args) -> int:
                            warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
                            checkpoint_every=args.checkpoint_every, hidden_loss=args.hidden_loss,
                            query_rows=args.query_rows, updates_per_pass=args.updates_per_pass)
-    tokens = tokenize(tokenizer, assets.load_text(args.data, "train"))
+    tokens = tokenize(tokenizer, _load_text(args, "train"))
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
-    distiller = Distiller(model, TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints, method)
+    group = args.group
+    distiller = Distiller(model.to(group.device), TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints,
+                          method, group)
+    say = print if group.is_main else (lambda *_: None)
+    if group.backend is not None:
+        say(f"{group.world_size} processes ({group.backend}), global batch {args.batch_size * group.world_size} "
+            f"windows (--batch-size {args.batch_size} per process) x --grad-accum {args.grad_accum}")
     if args.resume:
-        print(f"resumed at step {distiller.step}" if distiller.resume() else "no checkpoint found: starting fresh")
+        say(f"resumed at step {distiller.step}" if distiller.resume() else "no checkpoint found: starting fresh")
     started = time.perf_counter()
     history = distiller.run(progress=not args.quiet)
     # fine-tuned base weights (stage full, now or earlier) must travel with the SEA weights
     tuned = stage == "full" or bool(getattr(model.config, "sea_base_weights_included", False))
+    model = distiller.trained_model()  # under FSDP2: gathered on rank 0, which alone writes
+    if not group.is_main:
+        return 0
     if method is None:
         save_pretrained(model, args.out, base_model=getattr(model.config, "sea_base_model", None) or base,
                         tokenizer=tokenizer, include_base_weights=tuned)
@@ -169,16 +214,23 @@ def cmd_eval(args) -> int:
     from ..tools.distill import tokenize
     from ..tools.evaluate import evaluate_budgets, format_table, write_json
 
+    group = args.group
+    torch.manual_seed(0)  # a base model's fresh (untrained) SEA modules: the same in every process
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args), baselines=True)
-    tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))
+    tokens = tokenize(tokenizer, _load_text(args, args.split))
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
     stride = args.seq_len if args.stride is None else args.stride
     trained = baseline_layers(model)
     if trained is not None:
+        if group.backend is not None:
+            raise ValueError(f"{args.model} holds a trained baseline ({trained.name}): `sea eval` runs it in one "
+                             "process; launch it without torchrun")
         return _eval_baseline(args, model, tokens, trained.name, stride)
-    rows = evaluate_budgets(model, tokens, seq_len=args.seq_len, stride=stride,
-                            budgets=args.k_list, oracle=args.oracle, progress=not args.quiet)
+    rows = evaluate_budgets(model.to(group.device), tokens, seq_len=args.seq_len, stride=stride,
+                            budgets=args.k_list, oracle=args.oracle, progress=not args.quiet, group=group)
+    if not group.is_main:
+        return 0
     print(format_table(rows))
     if args.json:
         write_json(rows, args.json, model=args.model, data=args.data, split=args.split, seq_len=args.seq_len,
@@ -226,7 +278,7 @@ def cmd_compare(args) -> int:
         from ..tools.baselines.plot import plot_compare
         from ..tools.distill import tokenize
 
-        tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))[: args.max_tokens]
+        tokens = tokenize(tokenizer, _load_text(args, args.split))[: args.max_tokens]
         config = CompareConfig(args.methods, tuple(args.k_list), args.seq_len, args.stride, args.coverage_skip)
         about.update(data=args.data, split=args.split, tokens=int(tokens.numel()), setup=asdict(config))
         partial = (lambda done: write_bench_json(done, args.json, **about, complete=False)) if args.json else None
@@ -279,7 +331,7 @@ def _add_compare_parser(commands) -> None:
     compare.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128],
                          help="keys per query per head, e.g. 32,64,128")
     perplexity = compare.add_argument_group("--task perplexity")
-    perplexity.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
+    perplexity.add_argument("--data", default="wiki", help=DATA_HELP)
     perplexity.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
     perplexity.add_argument("--seq-len", type=int, default=1024)
     perplexity.add_argument("--stride", type=int, help="default: --seq-len (non-overlapping windows)")
@@ -314,7 +366,7 @@ def cmd_diagnose(args) -> int:
         return _diagnose_retrieval(args)
     config = DiagnoseConfig(args.k, args.seq_len, args.coverage_skip)  # bad values fail before the model loads
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
-    tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))[: args.max_tokens]
+    tokens = tokenize(tokenizer, _load_text(args, args.split))[: args.max_tokens]
     diagnosis = diagnose(model, tokens, config, progress=not args.quiet)
     print(format_diagnosis_table(diagnosis))
     if args.json:
@@ -389,7 +441,7 @@ def cmd_plot(args) -> int:
     from ..tools.viz import capture_attention, plot_attention
 
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
-    tokens = tokenize(tokenizer, assets.load_text(args.data, "test"))[: args.seq_len]
+    tokens = tokenize(tokenizer, _load_text(args, "test"))[: args.seq_len]
     snapshot = capture_attention(model, tokens.unsqueeze(0), args.layer, args.head)
     count = snapshot.teacher.shape[0]
     if args.last is not None:
@@ -516,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = commands.add_parser("distill", help="distil SEA (or a trained baseline) from a model's dense attention")
     distill.add_argument("--model", default="smollm2-135m", help="bundled name, local dir, SEA dir or hub id")
-    distill.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
+    distill.add_argument("--data", default="wiki", help=DATA_HELP)
+    _add_data_options(distill)
     distill.add_argument("--method", default="sea", choices=("sea", *TRAINED),
                          help="what to distil: SEA, or a trained baseline of `sea compare` (default sea)")
     distill.add_argument("--stage", choices=("estimator", "full"),
@@ -556,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="perplexity: dense vs SEA at several k (and the oracle)")
     evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--data", default="wiki")
+    evaluate.add_argument("--data", default="wiki", help=DATA_HELP)
+    _add_data_options(evaluate)
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
     evaluate.add_argument("--seq-len", type=positive_int, default=1024)
     evaluate.add_argument("--stride", type=positive_int, help="default: --seq-len (non-overlapping windows)")
@@ -599,10 +653,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = ("distill", "eval")  # the commands torchrun can run on many processes
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ..tools.distributed import process_group
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with process_group() as group:
+            if group.backend is not None and args.command not in DISTRIBUTED_COMMANDS:
+                raise ValueError(f"sea {args.command} runs in one process: launch it without torchrun (torchrun "
+                                 f"runs {' and '.join(f'sea {c}' for c in DISTRIBUTED_COMMANDS)})")
+            args.group = group
+            return args.func(args)
     except (ValueError, OSError) as error:
         print(f"sea {args.command}: error: {error}", file=sys.stderr)
         return 2

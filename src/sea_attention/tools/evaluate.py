@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..atomic import write_text
+from .distributed import Group
 from ..hf import LayerCall, dense_attention, layer_override, no_cache, sea_budget, sea_layers
 from ..core.ops.reference import allowed_keys, reference_attention
 
@@ -51,22 +52,29 @@ def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[in
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: Tensor, seq_len: int, stride: int, *, desc: str = "perplexity",
-               progress: bool = True) -> tuple[float, int]:
-    """Sliding-window perplexity of ``model`` on a 1-D token tensor; returns (ppl, tokens scored)."""
+               progress: bool = True, group: Group | None = None) -> tuple[float, int]:
+    """Sliding-window perplexity of ``model`` on a 1-D token tensor; returns (ppl, tokens scored).
+
+    Under torchrun (``group``) each rank scores its share of the windows and the token-level sums are
+    all-reduced: every rank returns the single-process perplexity.
+    """
+    group = group or Group()
     if tokens.numel() < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {tokens.numel()}: use more text")
     model.eval()
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for begin, end, targets in tqdm(sliding_windows(tokens.numel(), seq_len, stride), desc=desc,
-                                    disable=not progress, leave=False, dynamic_ncols=True):
+    windows = group.shard(sliding_windows(tokens.numel(), seq_len, stride))
+    for begin, end, targets in tqdm(windows, desc=desc, disable=not (progress and group.is_main), leave=False,
+                                    dynamic_ncols=True):
         ids = tokens[begin:end].unsqueeze(0).to(device)
         logits = model(input_ids=ids, **no_cache(model)).logits[0, :-1].float()  # predicts ids[1:]
         labels = ids[0, 1:].clone()
         labels[: labels.numel() - targets] = -100  # already scored by an earlier window
         nll += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
         count += targets
-    return math.exp(nll / max(count, 1)), count
+    nll, count = group.sum([nll, count])
+    return math.exp(nll / max(count, 1)), int(count)
 
 
 def grouped_oracle_mask(probs: Tensor, allowed: Tensor, k: int) -> Tensor:
@@ -101,23 +109,29 @@ def oracle_memory_gb(model: nn.Module, seq_len: int) -> float:
 
 
 def evaluate_budgets(model: nn.Module, tokens: Tensor, *, seq_len: int, stride: int, budgets: list[int],
-                     oracle: bool = True, progress: bool = True, oracle_limit_gb: float = 8.0) -> list[PerplexityRow]:
-    """Dense, SEA at each budget, and the oracle at each budget where its dense maps fit in memory."""
+                     oracle: bool = True, progress: bool = True, oracle_limit_gb: float = 8.0,
+                     group: Group | None = None) -> list[PerplexityRow]:
+    """Dense, SEA at each budget, and the oracle at each budget where its dense maps fit in memory
+    (the windows shared among ``group``'s ranks)."""
+    group = group or Group()
+    progress = progress and group.is_main
     if oracle and oracle_memory_gb(model, seq_len) > oracle_limit_gb:
-        print(f"oracle rows skipped: its dense maps need ~{oracle_memory_gb(model, seq_len):.0f} GB "
-              f"(> {oracle_limit_gb:.0f} GB) at seq_len={seq_len}")
+        if group.is_main:
+            print(f"oracle rows skipped: its dense maps need ~{oracle_memory_gb(model, seq_len):.0f} GB "
+                  f"(> {oracle_limit_gb:.0f} GB) at seq_len={seq_len}")
         oracle = False
     rows = []
     with dense_attention(model):
-        ppl, n = perplexity(model, tokens, seq_len, stride, desc="dense", progress=progress)
+        ppl, n = perplexity(model, tokens, seq_len, stride, desc="dense", progress=progress, group=group)
     rows.append(PerplexityRow("dense", None, ppl, n))
     for k in budgets:
         if oracle:
             with layer_override(model, lambda call, k=k: oracle_attention(call, k)):
-                ppl, n = perplexity(model, tokens, seq_len, stride, desc=f"oracle k={k}", progress=progress)
+                ppl, n = perplexity(model, tokens, seq_len, stride, desc=f"oracle k={k}", progress=progress,
+                                    group=group)
             rows.append(PerplexityRow("oracle", k, ppl, n))
         with sea_budget(model, k):
-            ppl, n = perplexity(model, tokens, seq_len, stride, desc=f"sea k={k}", progress=progress)
+            ppl, n = perplexity(model, tokens, seq_len, stride, desc=f"sea k={k}", progress=progress, group=group)
         rows.append(PerplexityRow("sea", k, ppl, n))
     return rows
 

@@ -17,6 +17,7 @@ default), logit KL.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,13 +87,14 @@ HIDDEN_LOSSES = ("relative", "mse")
 
 
 def hidden_mse(student_states: tuple[Tensor, ...], teacher_states: tuple[Tensor, ...], token_mask: Tensor,
-               relative: bool = False) -> Tensor:
+               relative: bool = False, average: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Mean squared error over all hidden states (embeddings ... last layer), real tokens only.
 
     ``relative``: each state's squared error is divided by the teacher state's mean square, so every
     layer weighs the same whatever its scale (a state that equals zero everywhere counts as scale 1).
     Without it the loss is in the residual stream's own units: on SmolLM2, whose stream carries a few
     huge activations, the plain MSE is ~1e5 at the start of training and drowns every other term.
+    ``average`` (the mean over the ranks of a run) makes each scale the global batch's, as in one process.
     """
     total = student_states[0].new_zeros((), dtype=torch.float32)
     weights = token_mask.unsqueeze(-1).float()
@@ -102,6 +104,7 @@ def hidden_mse(student_states: tuple[Tensor, ...], teacher_states: tuple[Tensor,
         error = (((s.float() - t) ** 2) * weights).sum() / count
         if relative:
             scale = ((t ** 2) * weights).sum() / count
+            scale = average(scale) if average is not None else scale
             error = error / torch.where(scale > 0, scale, torch.ones_like(scale))
         total = total + error
     return total / len(student_states)

@@ -13,6 +13,11 @@ Two stages:
 ``Distiller(method=...)`` trains another method in SEA's place, through the same stages (the
 trained baselines of ``sea compare``, ``baselines/trained.py``): a :class:`LayerMethod` says which
 parameters are its own and what it does in a layer call; SEA's modules are then frozen.
+
+Under torchrun (``group``, :mod:`..distributed`) each rank trains on its share of a global batch of
+``batch_size x world_size`` windows: stage estimator with every SEA layer under DDP, stage full with the
+student under FSDP2 (the frozen teacher replicated); the gradients, schedule and losses are those of one
+process with the global batch. Rank 0 shows progress and writes the checkpoints, which hold full tensors.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .. import distributed
+from ..distributed import Group
 
 from ...core.cells import query_lengths, row_keys
 from ...core.grouping import grouping_for
@@ -144,8 +152,10 @@ class Distiller:
     """Runs one distillation stage on a patched model; checkpoints and resumes."""
 
     def __init__(self, model: nn.Module, windows: TokenWindows, config: DistillConfig,
-                 checkpoint_dir: str | Path | None = None, method: LayerMethod | None = None) -> None:
+                 checkpoint_dir: str | Path | None = None, method: LayerMethod | None = None,
+                 group: Group | None = None) -> None:
         self.model, self.windows, self.config, self.method = model, windows, config, method
+        self.group = group or Group()
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.layers = [sea for _, _, sea in sea_layers(model)]
         if not self.layers:
@@ -154,17 +164,21 @@ class Distiller:
             raise ValueError(f"{method.name} is distilled with stage {' or '.join(method.stages)}, "
                              f"not {config.stage!r}")
         _validate_row_sampling(config, self.layers, method)
+        if method is not None and self.group.backend is not None:
+            raise ValueError(f"{method.name} is distilled in one process: launch `sea distill --method "
+                             f"{method.name}` without torchrun")
         self.step = 0
         self.history: list[StepRecord] = []
         # micro-batch -> its teacher pass's layer calls, each with its every-row targets (None with query_rows)
         self._held: dict[int, list[tuple[LayerCall, LayerTargets | None]]] = {}
         self._held_pass = -1  # which teacher pass ``_held`` is from
         self._set_trainable()
+        self.teacher = self._frozen_teacher() if config.stage == "full" else None  # replicated on every rank
+        self._replicas = self._parallelize()  # before the optimizer: FSDP2 replaces the parameters
         groups = self._param_groups()
         self._sea_group = next((i for i, g in enumerate(groups) if g["lr"] == config.lr), 0)  # reported lr
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.teacher = self._frozen_teacher() if config.stage == "full" else None
 
     # ------------------------------------------------------------------ set-up
     def _owns(self, name: str) -> bool:
@@ -199,6 +213,25 @@ class Distiller:
             return max(0.0, 1.0 - progress)
         return 1.0
 
+    def _parallelize(self) -> dict[int, nn.Module]:
+        """Many processes: stage estimator, each SEA layer under DDP (returned, by id of the layer);
+        stage full, the student sharded with FSDP2 (in place). One process: nothing to do."""
+        if self.config.stage == "estimator":
+            return {id(sea): distributed.replicate(sea, self.group) for sea in self.layers}
+        distributed.shard_model(self.model, [name for name, _, _ in sea_layers(self.model)], self.group)
+        return {}
+
+    def trained_model(self) -> nn.Module | None:
+        """The trained model as one plain module, to save: the model itself; under FSDP2 its gathered
+        weights in rank 0's copy of the teacher (the same architecture), None on the other ranks."""
+        if self.group.backend is None or self.config.stage == "estimator":
+            return self.model
+        state = {name: distributed.full(value.detach()) for name, value in self.model.state_dict().items()}
+        if not self.group.is_main:
+            return None
+        self.teacher.load_state_dict(state)
+        return self.teacher
+
     def _frozen_teacher(self) -> nn.Module:
         teacher = copy.deepcopy(self.model).eval()
         teacher.requires_grad_(False)
@@ -206,17 +239,21 @@ class Distiller:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        """Full tensors whatever the world size (gathering shards is a collective: every rank calls it)."""
+        trainable = {n: distributed.full(p.detach()).clone() for n, p in self.model.named_parameters()
+                     if p.requires_grad}
         buffers = {n: b.clone() for n, b in self.model.named_buffers() if self._owns(n)}
         return {"step": self.step, "config": asdict(self.config), "trainable": trainable, "buffers": buffers,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "history": [asdict(r) for r in self.history], "method": self._method_name}
+                "optimizer": distributed.full_optimizer_state(self.optimizer.state_dict()),
+                "scheduler": self.scheduler.state_dict(), "history": [asdict(r) for r in self.history],
+                "method": self._method_name, "world_size": self.group.world_size}
 
     @property
     def _method_name(self) -> str:
         return self.method.name if self.method is not None else "sea"
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = self._with_our_world_size(state)
         ours, theirs = asdict(self.config), {**CHECKPOINT_DEFAULTS, **state["config"]}
         ignored = {"checkpoint_every"} | ({"hidden_loss"} if self.config.stage != "full" else set())  # no effect
         changed = sorted(name for name, value in theirs.items() if name not in ignored and ours.get(name) != value)
@@ -235,18 +272,34 @@ class Distiller:
                                  "model: it was patched with other SEA settings (e.g. --estimate-width: causal layers "
                                  "default to K=256 now, 128 before)")
         with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
-            for name, value in state["buffers"].items():
-                buffers[name].copy_(value)
+            for name, value in [*state["trainable"].items(), *state["buffers"].items()]:
+                distributed.assign(params.get(name, buffers.get(name)), value)
         self.optimizer.load_state_dict(state["optimizer"])
+        distributed.shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.history = [StepRecord(**r) for r in state["history"]]
 
+    def _with_our_world_size(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint written by another number of processes resumes when the global batch is the
+        same (then so are the data, schedule and losses); its per-rank batch size is no difference."""
+        world, theirs = self.group.world_size, state.get("world_size", 1)
+        if theirs == world:
+            return state
+        global_batch = state["config"]["batch_size"] * theirs
+        if global_batch != self.config.batch_size * world:
+            fits = f"--batch-size {global_batch // world}" if global_batch % world == 0 else \
+                f"a number of processes dividing {global_batch}"
+            raise ValueError(f"cannot resume: the checkpoint was written by {theirs} process(es) with a global batch "
+                             f"of {global_batch} windows, and {world} x --batch-size {self.config.batch_size} make "
+                             f"{self.config.batch_size * world}: use {fits}")
+        return {**state, "config": {**state["config"], "batch_size": self.config.batch_size}}
+
     def resume(self) -> bool:
-        """Continue from the last checkpoint in ``checkpoint_dir``; False if there is none."""
-        state = load_checkpoint(self.checkpoint_dir, CHECKPOINT_KEYS) if self.checkpoint_dir else None
+        """Continue from the last checkpoint in ``checkpoint_dir``; False if there is none. Rank 0 reads
+        it and hands it to the other ranks (their machines need not see the folder)."""
+        directory = self.checkpoint_dir
+        state = self.group.from_main(lambda: load_checkpoint(directory, CHECKPOINT_KEYS)) if directory else None
         if state is None:
             return False
         self.load_state_dict(state)
@@ -254,7 +307,9 @@ class Distiller:
 
     def save(self) -> None:
         if self.checkpoint_dir is not None:
-            save_checkpoint(self.checkpoint_dir, self.state_dict())
+            state = self.state_dict()  # every rank: gathering shards is a collective
+            if self.group.is_main:
+                save_checkpoint(self.checkpoint_dir, state)
 
     # ------------------------------------------------------------------ training
     def run(self, progress: bool = True, until: int | None = None) -> list[StepRecord]:
@@ -265,7 +320,8 @@ class Distiller:
         """
         cfg = self.config
         until = cfg.steps if until is None else min(until, cfg.steps)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc=f"distil [{cfg.stage}]",
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (progress and self.group.is_main),
+                   desc=f"distil [{cfg.stage}]",
                    unit="step", dynamic_ncols=True)
         while self.step < until:
             record = self._optimizer_step()
@@ -284,16 +340,20 @@ class Distiller:
     def _optimizer_step(self) -> StepRecord:
         cfg = self.config
         started = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + self.step)  # dropout etc. depend on the step only: resumable
+        # dropout etc. depend on the step (and rank) only: resumable
+        torch.manual_seed(cfg.seed * 1_000_003 + self.step + 104_729 * self.group.rank)
         self.model.train(cfg.stage == "full")
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         teacher_pass = self.step // cfg.updates_per_pass  # the windows this step trains on
+        world = self.group.world_size
         for micro in range(cfg.grad_accum):
-            input_ids = self.windows.batch(teacher_pass * cfg.grad_accum + micro, cfg.batch_size).to(self.device)
-            parts = self._pass(input_ids, teacher_pass, micro)
+            batch = self.windows.batch(teacher_pass * cfg.grad_accum + micro, cfg.batch_size * world)  # global
+            with distributed.no_sync(self._replicas.values(), micro < cfg.grad_accum - 1):
+                parts = self._pass(self.group.shard(batch).to(self.device), teacher_pass, micro)
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+        totals = self.group.average(totals)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm) if cfg.clip_norm else None
         lr = self.optimizer.param_groups[self._sea_group]["lr"]  # the rate this step used
@@ -303,11 +363,12 @@ class Distiller:
         for sea in self.layers:
             sea.maybe_redraw_features(self.step)
         seconds = time.perf_counter() - started
-        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len / cfg.updates_per_pass  # teacher tokens, amortised
-        if "rows" in totals:  # query rows trained per layer (stage estimator)
-            totals["rows_per_s"] = totals.pop("rows") * cfg.grad_accum / seconds
+        # teacher tokens of all ranks, amortised
+        tokens = cfg.grad_accum * cfg.batch_size * world * cfg.seq_len / cfg.updates_per_pass
+        if "rows" in totals:  # query rows trained per layer (stage estimator), all ranks
+            totals["rows_per_s"] = totals.pop("rows") * cfg.grad_accum * world / seconds
         if grad_norm is not None:
-            totals["grad_norm"] = float(grad_norm)
+            totals["grad_norm"] = float(distributed.full(grad_norm))
         return StepRecord(step=self.step, loss=totals.pop("loss"), estimate_kl=totals.pop("estimate_kl", math.nan),
                           context_mse=totals.pop("context_mse", math.nan), lr=lr,
                           tokens_per_s=tokens / seconds, extra=totals)
@@ -323,9 +384,10 @@ class Distiller:
         """SEA on the call's q, k, v (only ``rows`` of its queries, if given) and its layer-local losses
         against ``targets`` (of the same rows)."""
         cfg = self.config
+        sea = self._replicas.get(id(call.sea), call.sea)  # under DDP: its gradients averaged over the ranks
         with self._autocast():
-            out = call.sea(call.query, call.key, call.value, attention_mask=call.key_valid, scale=call.scaling,
-                           query_rows=rows)
+            out = sea(call.query, call.key, call.value, attention_mask=call.key_valid, scale=call.scaling,
+                      query_rows=rows)
         losses = layer_losses(out, targets)
         return out, losses, losses.total(cfg.kl_weight, cfg.mse_weight, cfg.context_weight)
 
@@ -455,7 +517,7 @@ class Distiller:
         mask = torch.ones_like(input_ids, dtype=torch.bool)
         relative = self.config.hidden_loss == "relative"
         return (language_model_loss(student.logits, input_ids, mask),
-                hidden_mse(student.hidden_states, teacher.hidden_states, mask, relative),
+                hidden_mse(student.hidden_states, teacher.hidden_states, mask, relative, self.group.mean),
                 logit_kl(student.logits, teacher.logits, mask))
 
     def _full_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
