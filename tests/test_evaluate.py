@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sea_attention.tools.evaluate import (
-    PerplexityRow, evaluate_budgets, format_table, oracle_attention, perplexity, sliding_windows,
+    BudgetSweep, PerplexityRow, evaluate_budgets, format_table, oracle_attention, perplexity, sliding_windows,
 )
 from sea_attention.hf import dense_attention, layer_override, patch
 
@@ -53,8 +53,7 @@ def test_oracle_with_full_budget_is_dense_and_small_budget_is_not():
 
 def test_report_rows_and_table():
     model = patch(tiny(), k=4, estimate_width=8)
-    rows = evaluate_budgets(model, torch.randint(0, 50, (40,)), seq_len=20, stride=20, budgets=[2, 40],
-                            progress=False)
+    rows = evaluate_budgets(model, torch.randint(0, 50, (40,)), BudgetSweep(20, 20, [2, 40], progress=False))
     assert [(r.name, r.k) for r in rows] == [("dense", None), ("oracle", 2), ("sea", 2), ("oracle", 40), ("sea", 40)]
     assert rows[3].perplexity == pytest.approx(rows[0].perplexity, rel=1e-5)  # oracle with every key
     table = format_table([PerplexityRow("dense", None, 10.0, 5), PerplexityRow("sea", 8, 11.0, 5)])

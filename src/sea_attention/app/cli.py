@@ -157,28 +157,42 @@ def _baseline_student(args, config):
     return model, tokenizer, attach_baseline(model, args.method, config)
 
 
-def cmd_distill(args) -> int:
-    from ..tools.baselines.saving import check_baseline_target, save_baseline
-    from ..tools.distill import DistillConfig, Distiller, TokenWindows, tokenize
-    from ..hf import save_pretrained
+def _distill_config(args, stage: str):
+    from ..tools.distill import DistillConfig
+
+    return DistillConfig(stage=stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, lr=args.lr, base_lr=args.base_lr,
+                         warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every, hidden_loss=args.hidden_loss,
+                         query_rows=args.query_rows, updates_per_pass=args.updates_per_pass)
+
+
+def _distill_student(args):
+    """The model to distil, its tokenizer, the trained baseline (None: SEA) and the base to record;
+    the output folder is checked first, before any training."""
+    from ..tools.baselines.saving import check_baseline_target
     from ..hf.io import check_save_target
 
-    stage, baseline = _distill_stage(args), _baseline_config(args)
+    baseline = _baseline_config(args)
     if baseline is None:
-        check_save_target(args.out)  # before training, not after it
+        check_save_target(args.out)
         torch.manual_seed(args.seed)
         model, tokenizer, base = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
-        method = None
-    else:
-        check_baseline_target(args.out)
-        torch.manual_seed(args.seed)
-        model, tokenizer, method = _baseline_student(args, baseline)
-        base = args.model
-    config = DistillConfig(stage=stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                           grad_accum=args.grad_accum, lr=args.lr, base_lr=args.base_lr,
-                           warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
-                           checkpoint_every=args.checkpoint_every, hidden_loss=args.hidden_loss,
-                           query_rows=args.query_rows, updates_per_pass=args.updates_per_pass)
+        return model, tokenizer, None, base
+    check_baseline_target(args.out)
+    torch.manual_seed(args.seed)
+    model, tokenizer, method = _baseline_student(args, baseline)
+    return model, tokenizer, method, args.model
+
+
+def cmd_distill(args) -> int:
+    from ..tools.baselines.saving import save_baseline
+    from ..tools.distill import Distiller, TokenWindows, tokenize
+    from ..hf import save_pretrained
+
+    stage = _distill_stage(args)
+    model, tokenizer, method, base = _distill_student(args)
+    config = _distill_config(args, stage)
     tokens = tokenize(tokenizer, _load_text(args, "train"))
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
     group = args.group
@@ -202,9 +216,8 @@ def cmd_distill(args) -> int:
                         tokenizer=tokenizer, include_base_weights=tuned)
     else:
         save_baseline(model, args.out, base_model=base, tokenizer=tokenizer, include_base_weights=tuned)
-    first, last = history[0], history[-1]
-    print(f"{args.method}, stage {stage}: {len(history)} steps, loss {first.loss:.4f} -> {last.loss:.4f}, "
-          f"{time.perf_counter() - started:.0f} s; model saved to {args.out}")
+    print(f"{args.method}, stage {stage}: {len(history)} steps, loss {history[0].loss:.4f} -> "
+          f"{history[-1].loss:.4f}, {time.perf_counter() - started:.0f} s; model saved to {args.out}")
     return 0
 
 
@@ -212,7 +225,7 @@ def cmd_distill(args) -> int:
 def cmd_eval(args) -> int:
     from ..tools.baselines.trained import baseline_layers
     from ..tools.distill import tokenize
-    from ..tools.evaluate import evaluate_budgets, format_table, write_json
+    from ..tools.evaluate import BudgetSweep, evaluate_budgets, format_table, write_json
 
     group = args.group
     torch.manual_seed(0)  # a base model's fresh (untrained) SEA modules: the same in every process
@@ -227,8 +240,8 @@ def cmd_eval(args) -> int:
             raise ValueError(f"{args.model} holds a trained baseline ({trained.name}): `sea eval` runs it in one "
                              "process; launch it without torchrun")
         return _eval_baseline(args, model, tokens, trained.name, stride)
-    rows = evaluate_budgets(model.to(group.device), tokens, seq_len=args.seq_len, stride=stride,
-                            budgets=args.k_list, oracle=args.oracle, progress=not args.quiet, group=group)
+    sweep = BudgetSweep(args.seq_len, stride, args.k_list, oracle=args.oracle, progress=not args.quiet)
+    rows = evaluate_budgets(model.to(group.device), tokens, sweep, group)
     if not group.is_main:
         return 0
     print(format_table(rows))

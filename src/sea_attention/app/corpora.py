@@ -17,6 +17,8 @@ DATASET_ALIASES = MappingProxyType({
     "wikitext-103": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
 })
 JOIN = "\n\n"
+ACCEPTED = ("--data expected one of wiki, bbc (bundled), wikitext-2, wikitext-103, a text file, a local dataset folder "
+            "or a datasets id")
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,9 @@ def load_dataset_text(source: DatasetText) -> str:
         rows = datasets.load_dataset(path, config, split=source.split)
     except ConnectionError as error:
         raise ValueError(f"could not load {about}: the Hugging Face hub cannot be reached ({error}); "
-                         "download it where there is internet, or pass a local dataset folder") from error
+                         f"download it where there is internet, or pass a local dataset folder ({ACCEPTED})") from error
     except (FileNotFoundError, ValueError) as error:  # DatasetNotFoundError is a FileNotFoundError
-        raise ValueError(f"could not load {about}, split {source.split!r}: {error}") from error
+        raise ValueError(f"could not load {about}, split {source.split!r}: {error} ({ACCEPTED})") from error
     if source.text_column not in rows.column_names:
         raise ValueError(f"{about} has no column {source.text_column!r}: its columns are {rows.column_names}; "
                          "name one with --text-column")

@@ -102,11 +102,11 @@ def _distil(model, train: torch.Tensor, args) -> list:
 
 
 def _evaluate(model, test: torch.Tensor, args) -> list:
-    from ..tools.evaluate import evaluate_budgets, format_table
+    from ..tools.evaluate import BudgetSweep, evaluate_budgets, format_table
 
     print(f"3/6 perplexity on {test.numel()} test tokens, windows of {args.eval_len}")
-    rows = evaluate_budgets(model, test, seq_len=args.eval_len, stride=args.eval_len, budgets=args.k_list,
-                            oracle=args.oracle, progress=not args.quiet)
+    sweep = BudgetSweep(args.eval_len, args.eval_len, args.k_list, oracle=args.oracle, progress=not args.quiet)
+    rows = evaluate_budgets(model, test, sweep)
     rows += window_rows(model, test, args.eval_len, args.k_list, progress=not args.quiet)
     print(format_table(rows))
     return rows

@@ -108,13 +108,25 @@ def oracle_memory_gb(model: nn.Module, seq_len: int) -> float:
     return 4 * heads * seq_len * seq_len * 4 / 1e9
 
 
-def evaluate_budgets(model: nn.Module, tokens: Tensor, *, seq_len: int, stride: int, budgets: list[int],
-                     oracle: bool = True, progress: bool = True, oracle_limit_gb: float = 8.0,
+@dataclass(frozen=True)
+class BudgetSweep:
+    """What ``evaluate_budgets`` measures: windows of ``seq_len`` every ``stride`` tokens, at each budget."""
+
+    seq_len: int
+    stride: int
+    budgets: list[int]
+    oracle: bool = True  # also the oracle selection, where its dense maps fit in ``oracle_limit_gb``
+    progress: bool = True
+    oracle_limit_gb: float = 8.0
+
+
+def evaluate_budgets(model: nn.Module, tokens: Tensor, sweep: BudgetSweep,
                      group: Group | None = None) -> list[PerplexityRow]:
     """Dense, SEA at each budget, and the oracle at each budget where its dense maps fit in memory
     (the windows shared among ``group``'s ranks)."""
     group = group or Group()
-    progress = progress and group.is_main
+    seq_len, stride, oracle, oracle_limit_gb = sweep.seq_len, sweep.stride, sweep.oracle, sweep.oracle_limit_gb
+    progress = sweep.progress and group.is_main
     if oracle and oracle_memory_gb(model, seq_len) > oracle_limit_gb:
         if group.is_main:
             print(f"oracle rows skipped: its dense maps need ~{oracle_memory_gb(model, seq_len):.0f} GB "
@@ -124,7 +136,7 @@ def evaluate_budgets(model: nn.Module, tokens: Tensor, *, seq_len: int, stride: 
     with dense_attention(model):
         ppl, n = perplexity(model, tokens, seq_len, stride, desc="dense", progress=progress, group=group)
     rows.append(PerplexityRow("dense", None, ppl, n))
-    for k in budgets:
+    for k in sweep.budgets:
         if oracle:
             with layer_override(model, lambda call, k=k: oracle_attention(call, k)):
                 ppl, n = perplexity(model, tokens, seq_len, stride, desc=f"oracle k={k}", progress=progress,
