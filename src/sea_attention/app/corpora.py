@@ -17,6 +17,8 @@ DATASET_ALIASES = MappingProxyType({
     "wikitext-103": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
 })
 JOIN = "\n\n"
+DATA_FORMS = (f"'wiki', 'bbc', a text file, {', '.join(DATASET_ALIASES)} or any `datasets` id (or local dataset "
+              "folder) with a text column")  # what --data accepts
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ def load_dataset_text(source: DatasetText) -> str:
         rows = datasets.load_dataset(path, config, split=source.split)
     except ConnectionError as error:
         raise ValueError(f"could not load {about}: the Hugging Face hub cannot be reached ({error}); "
-                         "download it where there is internet, or pass a local dataset folder") from error
+                         "download it where there is internet, or pass a local dataset folder (--data takes "
+                         f"{DATA_FORMS})") from error
     except (FileNotFoundError, ValueError) as error:  # DatasetNotFoundError is a FileNotFoundError
         raise ValueError(f"could not load {about}, split {source.split!r}: {error}") from error
     if source.text_column not in rows.column_names:
