@@ -156,7 +156,7 @@ def test_bad_values_are_clear_errors(tiny_model_dir, capsys):
     model, text = str(tiny_model_dir / "model"), str(tiny_model_dir / "text.txt")
     assert main(["diagnose", "--model", "no-such-model", "--seq-len", "1", "--quiet"]) == 2  # before any loading
     assert "seq_len must be an integer >= 2, got 1" in capsys.readouterr().err
-    assert main(["diagnose", "--model", model, "--data", "no-such-corpus", "--quiet"]) == 2
+    assert main(["diagnose", "--model", model, "--data", "no-such-corpus.txt", "--quiet"]) == 2
     assert "expected one of" in capsys.readouterr().err
     assert main(["diagnose", "--model", model, "--data", text, "--max-tokens", "1", "--estimate-width", "8",
                  "--quiet"]) == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .corpora import DATASET_ALIASES, DatasetText, load_dataset_text
+from .corpora import DATA_FORMS, DatasetText, load_dataset_text
 from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, positive_float,
                        positive_int, row_range, unit_interval)
 
@@ -71,8 +71,6 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
 
 
 # ---------------------------------------------------------------------------------------- texts
-DATA_HELP = (f"'wiki', 'bbc', a text file, {', '.join(DATASET_ALIASES)} or any `datasets` id (or local dataset "
-             "folder) with a text column")
 DATASET_OPTIONS = ("data_config", "data_split", "text_column")
 
 
@@ -344,7 +342,7 @@ def _add_compare_parser(commands) -> None:
     compare.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128],
                          help="keys per query per head, e.g. 32,64,128")
     perplexity = compare.add_argument_group("--task perplexity")
-    perplexity.add_argument("--data", default="wiki", help=DATA_HELP)
+    perplexity.add_argument("--data", default="wiki", help=DATA_FORMS)
     perplexity.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
     perplexity.add_argument("--seq-len", type=int, default=1024)
     perplexity.add_argument("--stride", type=int, help="default: --seq-len (non-overlapping windows)")
@@ -581,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = commands.add_parser("distill", help="distil SEA (or a trained baseline) from a model's dense attention")
     distill.add_argument("--model", default="smollm2-135m", help="bundled name, local dir, SEA dir or hub id")
-    distill.add_argument("--data", default="wiki", help=DATA_HELP)
+    distill.add_argument("--data", default="wiki", help=DATA_FORMS)
     _add_data_options(distill)
     distill.add_argument("--method", default="sea", choices=("sea", *TRAINED),
                          help="what to distil: SEA, or a trained baseline of `sea compare` (default sea)")
@@ -622,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="perplexity: dense vs SEA at several k (and the oracle)")
     evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--data", default="wiki", help=DATA_HELP)
+    evaluate.add_argument("--data", default="wiki", help=DATA_FORMS)
     _add_data_options(evaluate)
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
     evaluate.add_argument("--seq-len", type=positive_int, default=1024)

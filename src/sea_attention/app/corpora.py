@@ -17,8 +17,8 @@ DATASET_ALIASES = MappingProxyType({
     "wikitext-103": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
 })
 JOIN = "\n\n"
-ACCEPTED = ("--data expected one of wiki, bbc (bundled), wikitext-2, wikitext-103, a text file, a local dataset folder "
-            "or a datasets id")
+DATA_FORMS = (f"'wiki', 'bbc', a text file, {', '.join(DATASET_ALIASES)} or any `datasets` id (or local dataset "
+              "folder) with a text column")  # what --data accepts
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,10 @@ def load_dataset_text(source: DatasetText) -> str:
         rows = datasets.load_dataset(path, config, split=source.split)
     except ConnectionError as error:
         raise ValueError(f"could not load {about}: the Hugging Face hub cannot be reached ({error}); "
-                         f"download it where there is internet, or pass a local dataset folder ({ACCEPTED})") from error
+                         "download it where there is internet, or pass a local dataset folder (--data takes "
+                         f"{DATA_FORMS})") from error
     except (FileNotFoundError, ValueError) as error:  # DatasetNotFoundError is a FileNotFoundError
-        raise ValueError(f"could not load {about}, split {source.split!r}: {error} ({ACCEPTED})") from error
+        raise ValueError(f"could not load {about}, split {source.split!r}: {error} (--data takes {DATA_FORMS})") from error
     if source.text_column not in rows.column_names:
         raise ValueError(f"{about} has no column {source.text_column!r}: its columns are {rows.column_names}; "
                          "name one with --text-column")

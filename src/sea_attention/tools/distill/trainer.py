@@ -34,13 +34,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..distributed import Group
-
 from ...core.cells import query_lengths, row_keys
 from ...core.grouping import grouping_for
 from ...hf import LayerCall, dense_attention, layer_override, no_cache, sea_layers
 from ...core.ops.reference import reference_attention
+from .. import distributed
+from ..distributed import Group
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TokenWindows
 from .losses import (HIDDEN_LOSSES, LayerTargets, hidden_mse, language_model_loss, layer_losses, layer_targets,
