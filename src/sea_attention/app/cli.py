@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import assets
+from .cli_tasks import add_task_options, task_split
 from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, positive_float,
                        positive_int, row_range, unit_interval)
 
@@ -143,9 +144,15 @@ def cmd_distill(args) -> int:
                            warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
                            checkpoint_every=args.checkpoint_every, hidden_loss=args.hidden_loss,
                            query_rows=args.query_rows, updates_per_pass=args.updates_per_pass)
-    tokens = tokenize(tokenizer, assets.load_text(args.data, "train"))
+    if args.task is not None:  # a classifier (`sea finetune`): texts of the task's train split, --seq-len each
+        from ..tools.tasks import TaskBatches
+        from ..tools.tasks.metrics import check_max_len
+
+        batches = TaskBatches(task_split(args, "train"), tokenizer, check_max_len(model, args.seq_len), args.seed)
+    else:
+        batches = TokenWindows(tokenize(tokenizer, assets.load_text(args.data, "train")), args.seq_len, args.seed)
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
-    distiller = Distiller(model, TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints, method)
+    distiller = Distiller(model, batches, config, checkpoints, method)
     if args.resume:
         print(f"resumed at step {distiller.step}" if distiller.resume() else "no checkpoint found: starting fresh")
     started = time.perf_counter()
@@ -169,7 +176,11 @@ def cmd_eval(args) -> int:
     from ..tools.distill import tokenize
     from ..tools.evaluate import evaluate_budgets, format_table, write_json
 
+    if args.task is not None:
+        return _eval_task(args)
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args), baselines=True)
+    args.seq_len = args.seq_len or 1024
+    args.k_list = args.k_list or [32, 64, 128]
     tokens = tokenize(tokenizer, assets.load_text(args.data, args.split))
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
@@ -183,6 +194,26 @@ def cmd_eval(args) -> int:
     if args.json:
         write_json(rows, args.json, model=args.model, data=args.data, split=args.split, seq_len=args.seq_len,
                    stride=stride)
+    return 0
+
+
+def _eval_task(args) -> int:
+    """`sea eval --task`: accuracy, macro-F1 and confusion of dense, oracle and SEA on the task's split."""
+    from ..tools.tasks.metrics import TaskEvalSetup, check_max_len, evaluate_task, format_task_table, write_task_json
+
+    if args.split == "all":
+        raise ValueError("--task is evaluated on one split: train, validation or test")
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+    if not hasattr(model, "classifier") and "ForSequenceClassification" not in type(model).__name__:
+        raise ValueError(f"{args.model} is a {type(model).__name__}, not a classifier: fine-tune one with "
+                         "`sea finetune --task ...` and distil it with `sea distill --task ...`")
+    max_len = check_max_len(model, args.seq_len or model.config.max_position_embeddings)
+    setup = TaskEvalSetup(tuple(args.k_list or (8, 16, 32, 64)), max_len, args.batch_size, args.oracle)
+    data = task_split(args, args.split)
+    rows = evaluate_task(model, tokenizer, data, setup, progress=not args.quiet)
+    print(format_task_table(rows))
+    if args.json:
+        print(f"wrote {write_task_json(rows, args.json, data, setup, model=args.model)}")
     return 0
 
 
@@ -450,12 +481,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(commands)
 
+    from .cli_tasks import add_finetune_parser
+
+    add_finetune_parser(commands)
+
     from ..tools.baselines.trained import TRAINED
     from ..tools.distill.losses import HIDDEN_LOSSES
 
     distill = commands.add_parser("distill", help="distil SEA (or a trained baseline) from a model's dense attention")
     distill.add_argument("--model", default="smollm2-135m", help="bundled name, local dir, SEA dir or hub id")
-    distill.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
+    distill.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file (language modelling)")
+    add_task_options(distill)
     distill.add_argument("--method", default="sea", choices=("sea", *TRAINED),
                          help="what to distil: SEA, or a trained baseline of `sea compare` (default sea)")
     distill.add_argument("--stage", choices=("estimator", "full"),
@@ -463,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "frozen dense copy (default: estimator for sea and indexer, full for performer and "
                               "cosformer, the only stage they have)")
     distill.add_argument("--steps", type=positive_int, default=100)
-    distill.add_argument("--seq-len", type=positive_int, default=512)
+    distill.add_argument("--seq-len", type=positive_int, default=512,
+                         help="tokens per window; with --task, per text (longer texts are truncated)")
     distill.add_argument("--batch-size", type=positive_int, default=1)
     distill.add_argument("--grad-accum", type=positive_int, default=1)
     distill.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of the SEA modules")
@@ -493,13 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="nbf of the performer: m = d ln d / nbf random features (default 1)")
     distill.set_defaults(func=cmd_distill)
 
-    evaluate = commands.add_parser("eval", help="perplexity: dense vs SEA at several k (and the oracle)")
+    evaluate = commands.add_parser("eval", help="perplexity (or, with --task, accuracy): dense vs SEA at several k "
+                                                "(and the oracle)")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--data", default="wiki")
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
-    evaluate.add_argument("--seq-len", type=positive_int, default=1024)
+    evaluate.add_argument("--seq-len", type=positive_int,
+                          help="tokens per window (default 1024); with --task, per text (default: the model's positions)")
     evaluate.add_argument("--stride", type=positive_int, help="default: --seq-len (non-overlapping windows)")
-    evaluate.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128], help="budgets, e.g. 32,64,128")
+    evaluate.add_argument("--k", dest="k_list", type=int_list,
+                          help="budgets, e.g. 32,64,128 (default 32,64,128; with --task 8,16,32,64)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=16, help="--task: texts per forward")
+    add_task_options(evaluate)
     evaluate.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                           help="also evaluate exact top-(H*k) selection on the dense attention")
     evaluate.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens")
