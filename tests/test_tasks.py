@@ -116,3 +116,33 @@ def test_eval_task_refuses_a_non_classifier(tiny_model_dir, task_dir):
         args = build_parser().parse_args(["eval", "--model", str(tiny_model_dir / "model"), "--task",
                                           str(task_dir / "task.csv")])
         args.func(args)
+
+
+def test_plot_encoder_attention(task_dir, tmp_path):
+    """`sea plot` on a BERT classifier draws its bidirectional maps: queries see keys after them."""
+    from sea_attention.tools.viz import capture_attention
+
+    out = tmp_path / "bert.png"
+    assert main(["plot", "--model", str(task_dir / "bert"), "--task", str(task_dir / "task.csv"), "--text-column",
+                 "review", "--label-column", "verdict", "--seq-len", "32", "--k", "4", "--estimate-width", "16",
+                 "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    model = patch(BertForSequenceClassification.from_pretrained(task_dir / "bert"), k=4, estimate_width=16)
+    snapshot = capture_attention(model, torch.arange(100, 120).unsqueeze(0), layer=1, head=2)
+    assert not snapshot.causal and snapshot.teacher.triu(1).sum() > 0.1 * snapshot.teacher.sum()
+    assert snapshot.sparse.triu(1).sum() > 0  # SEA's selection reaches keys after the query too
+
+
+def test_datasets_id_task(tmp_path):
+    """hf:ID goes through `datasets.load_dataset` (here a local folder, offline): class ids become class
+    names, unlabelled rows (-1) are dropped, and every split is re-split by group."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    features = Features({"sentence": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
+    for split, count in (("train", 120), ("test", 40)):
+        labels = [-1 if split == "test" and i < 5 else i % 2 for i in range(count)]
+        texts = [f"text {split} {i} " + ("nice" if i % 2 else "bad") for i in range(count)]
+        Dataset.from_dict({"sentence": texts, "label": labels}, features=features).to_parquet(tmp_path / f"{split}.parquet")
+    parts = [load_task(f"hf:{tmp_path}", s, TaskColumns(text="sentence")) for s in ("train", "validation", "test")]
+    assert sum(len(p.texts) for p in parts) == 155 and parts[0].label_names == ("neg", "pos")
+    assert all(("nice" in text) == bool(label) for p in parts for text, label in zip(p.texts, p.labels))

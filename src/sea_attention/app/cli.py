@@ -359,7 +359,11 @@ def cmd_plot(args) -> int:
     from ..tools.viz import capture_attention, plot_attention
 
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
-    tokens = tokenize(tokenizer, assets.load_text(args.data, "test"))[: args.seq_len]
+    if args.task is not None:  # the first test text of a task, as the classifier reads it (special tokens too)
+        text = task_split(args, "test").texts[0]
+        tokens = torch.tensor(tokenizer(text, truncation=True, max_length=args.seq_len)["input_ids"])
+    else:
+        tokens = tokenize(tokenizer, assets.load_text(args.data, "test"))[: args.seq_len]
     snapshot = capture_attention(model, tokens.unsqueeze(0), args.layer, args.head)
     count = snapshot.teacher.shape[0]
     if args.last is not None:
@@ -571,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     rows.add_argument("--rows", type=row_range, help="plot only query rows START:STOP (keys up to STOP), e.g. 768:1024")
     rows.add_argument("--last", type=positive_int, help="plot only the last N query rows (all the keys they see)")
     plot.add_argument("--out", default="attention.png")
+    add_task_options(plot)
     _add_sea_options(plot)
     plot.set_defaults(func=cmd_plot)
 
