@@ -146,3 +146,19 @@ def test_datasets_id_task(tmp_path):
     parts = [load_task(f"hf:{tmp_path}", s, TaskColumns(text="sentence")) for s in ("train", "validation", "test")]
     assert sum(len(p.texts) for p in parts) == 155 and parts[0].label_names == ("neg", "pos")
     assert all(("nice" in text) == bool(label) for p in parts for text, label in zip(p.texts, p.labels))
+
+
+def test_finetune_resumes_only_the_same_run(task_dir, tmp_path):
+    """A fine-tune resumes from its checkpoint (weights and losses come back); another data set is refused."""
+    from sea_attention.tools.tasks.finetune import FinetuneConfig, finetune, load_classifier
+
+    data = load_task(str(task_dir / "task.csv"), "train", TaskColumns("review", "verdict", "film")).subset(48)
+    config = FinetuneConfig(batch_size=8, max_len=32, checkpoint_every=2)
+    first, tokenizer = load_classifier(str(task_dir / "bert"), data)
+    losses = finetune(first, tokenizer, data, config, tmp_path, progress=False)
+    assert len(losses) == 6
+    again, _ = load_classifier(str(task_dir / "bert"), data)
+    assert finetune(again, tokenizer, data, config, tmp_path, progress=False) == losses  # resumed at the end
+    torch.testing.assert_close(again.state_dict(), first.state_dict())
+    with pytest.raises(ValueError, match="cannot resume"):
+        finetune(again, tokenizer, data.subset(40), config, tmp_path, progress=False)

@@ -19,7 +19,7 @@ from ..distill.checkpoint import load_checkpoint, save_checkpoint
 from ..distill.losses import classification_loss
 from .data import TaskData, encode
 
-CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "scheduler", "losses")
+CHECKPOINT_KEYS = ("step", "config", "data", "model", "optimizer", "scheduler", "losses")
 
 
 @dataclass
@@ -75,7 +75,8 @@ def finetune(model: PreTrainedModel, tokenizer, data: TaskData, config: Finetune
     warmup = int(config.warmup_fraction * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
-    step, losses = _resume(model, optimizer, scheduler, config, checkpoint_dir)
+    about = {"task": data.name, "split": data.split, "examples": len(data.texts), "labels": list(data.label_names)}
+    step, losses = _resume(model, optimizer, scheduler, {**asdict(config), **about}, checkpoint_dir)
     model.train()
     for step in tqdm(range(step, steps), initial=step, total=steps, desc="finetune", disable=not progress,
                      dynamic_ncols=True):
@@ -90,18 +91,21 @@ def finetune(model: PreTrainedModel, tokenizer, data: TaskData, config: Finetune
         scheduler.step()
         losses.append(float(loss.detach()))
         if checkpoint_dir and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            save_checkpoint(checkpoint_dir, {"step": step + 1, "config": asdict(config), "model": model.state_dict(),
+            save_checkpoint(checkpoint_dir, {"step": step + 1, "config": asdict(config), "data": about,
+                                             "model": model.state_dict(),
                                              "optimizer": optimizer.state_dict(),
                                              "scheduler": scheduler.state_dict(), "losses": losses})
     return losses
 
 
-def _resume(model, optimizer, scheduler, config: FinetuneConfig, checkpoint_dir) -> tuple[int, list[float]]:
+def _resume(model, optimizer, scheduler, run: dict, checkpoint_dir) -> tuple[int, list[float]]:
+    """The step and losses of the checkpoint in ``checkpoint_dir`` (0, [] without one), loaded into the
+    model, optimizer and scheduler; ``run`` (config and data) must match the checkpoint's."""
     state = load_checkpoint(checkpoint_dir, CHECKPOINT_KEYS) if checkpoint_dir else None
     if state is None:
         return 0, []
-    ours = {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
-    theirs = {k: v for k, v in state["config"].items() if k != "checkpoint_every"}
+    ours = {k: v for k, v in run.items() if k != "checkpoint_every"}
+    theirs = {k: v for k, v in {**state["config"], **state["data"]}.items() if k != "checkpoint_every"}
     if ours != theirs:
         raise ValueError(f"cannot resume from {checkpoint_dir}: its run had {theirs}, this one {ours}")
     model.load_state_dict(state["model"])
