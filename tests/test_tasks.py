@@ -109,13 +109,6 @@ def test_pipeline_end_to_end(task_dir, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
-def test_eval_task_refuses_a_non_classifier(tiny_model_dir, task_dir):
-    with pytest.raises(ValueError, match="not a classifier"):
-        from sea_attention.app.cli import build_parser
-
-        args = build_parser().parse_args(["eval", "--model", str(tiny_model_dir / "model"), "--task",
-                                          str(task_dir / "task.csv")])
-        args.func(args)
 
 
 def test_plot_encoder_attention(task_dir, tmp_path):
@@ -162,3 +155,15 @@ def test_finetune_resumes_only_the_same_run(task_dir, tmp_path):
     torch.testing.assert_close(again.state_dict(), first.state_dict())
     with pytest.raises(ValueError, match="cannot resume"):
         finetune(again, tokenizer, data.subset(40), config, tmp_path, progress=False)
+
+
+def test_cli_task_errors(task_dir, tiny_model_dir, tmp_path, capsys):
+    """Clear refusals: --data with --task, a causal LM as a classifier, a task file that does not exist."""
+    csv = ["--task", str(task_dir / "task.csv"), "--text-column", "review", "--label-column", "verdict"]
+    assert main(["distill", "--model", str(task_dir / "bert"), *csv, "--data", "wiki", "--out", str(tmp_path / "x")]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main(["distill", "--model", str(tiny_model_dir / "model"), *csv, "--out", str(tmp_path / "y")]) == 2
+    assert "not a classifier" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "x", "--task", str(tmp_path / "missing.csv")])
+    assert "unknown task" in capsys.readouterr().err

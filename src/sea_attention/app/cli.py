@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .cli_tasks import add_task_options, task_split
+from .cli_tasks import add_task_options, require_classifier, task_split
 from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, positive_float,
                        positive_int, row_range, unit_interval)
 
@@ -128,6 +128,8 @@ def cmd_distill(args) -> int:
     from ..hf import save_pretrained
     from ..hf.io import check_save_target
 
+    if args.task is not None and args.data is not None:
+        raise ValueError("--data (a text to model) and --task (a classification task) exclude each other")
     stage, baseline = _distill_stage(args), _baseline_config(args)
     if baseline is None:
         check_save_target(args.out)  # before training, not after it
@@ -148,9 +150,11 @@ def cmd_distill(args) -> int:
         from ..tools.tasks import TaskBatches
         from ..tools.tasks.metrics import check_max_len
 
+        require_classifier(model, args.model)
         batches = TaskBatches(task_split(args, "train"), tokenizer, check_max_len(model, args.seq_len), args.seed)
     else:
-        batches = TokenWindows(tokenize(tokenizer, assets.load_text(args.data, "train")), args.seq_len, args.seed)
+        batches = TokenWindows(tokenize(tokenizer, assets.load_text(args.data or "wiki", "train")), args.seq_len,
+                               args.seed)
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
     distiller = Distiller(model, batches, config, checkpoints, method)
     if args.resume:
@@ -204,9 +208,7 @@ def _eval_task(args) -> int:
     if args.split == "all":
         raise ValueError("--task is evaluated on one split: train, validation or test")
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
-    if not hasattr(model, "classifier") and "ForSequenceClassification" not in type(model).__name__:
-        raise ValueError(f"{args.model} is a {type(model).__name__}, not a classifier: fine-tune one with "
-                         "`sea finetune --task ...` and distil it with `sea distill --task ...`")
+    require_classifier(model, args.model)
     max_len = check_max_len(model, args.seq_len or model.config.max_position_embeddings)
     setup = TaskEvalSetup(tuple(args.k_list or (8, 16, 32, 64)), max_len, args.batch_size, args.oracle)
     data = task_split(args, args.split)
@@ -494,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = commands.add_parser("distill", help="distil SEA (or a trained baseline) from a model's dense attention")
     distill.add_argument("--model", default="smollm2-135m", help="bundled name, local dir, SEA dir or hub id")
-    distill.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file (language modelling)")
+    distill.add_argument("--data", help="'wiki' (default), 'bbc' or a text file (language modelling; not with --task)")
     add_task_options(distill)
     distill.add_argument("--method", default="sea", choices=("sea", *TRAINED),
                          help="what to distil: SEA, or a trained baseline of `sea compare` (default sea)")

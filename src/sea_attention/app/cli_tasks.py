@@ -42,6 +42,13 @@ def task_split(args, split: str):
     return load_task(args.task, split, columns).subset(args.max_examples)
 
 
+def require_classifier(model, name: str) -> None:
+    """A ValueError unless ``model`` is a sequence classifier (what ``--task`` trains and measures)."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        raise ValueError(f"{name} is a {type(model).__name__}, not a classifier: fine-tune one with "
+                         "`sea finetune --task ...` and distil it with `sea distill --task ...`")
+
+
 def cmd_finetune(args) -> int:
     from pathlib import Path
 
