@@ -287,11 +287,13 @@ class Distiller:
         self.model.train(cfg.stage == "full")
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        tokens = 0  # real (unpadded) tokens the teacher read
         teacher_pass = self.step // cfg.updates_per_pass  # the windows this step trains on
         for micro in range(cfg.grad_accum):
             batch = model_batch(self.windows.batch(teacher_pass * cfg.grad_accum + micro, cfg.batch_size),
                                 self.device)
             parts = self._pass(batch, teacher_pass, micro)
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -303,7 +305,7 @@ class Distiller:
         for sea in self.layers:
             sea.maybe_redraw_features(self.step)
         seconds = time.perf_counter() - started
-        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len / cfg.updates_per_pass  # teacher tokens, amortised
+        tokens /= cfg.updates_per_pass  # teacher tokens, amortised over the steps that share the teacher pass
         if "rows" in totals:  # query rows trained per layer (stage estimator)
             totals["rows_per_s"] = totals.pop("rows") * cfg.grad_accum / seconds
         if grad_norm is not None:
