@@ -15,10 +15,12 @@ if [ "${1:-rt}" = rt ]; then
   stage rt-finetune $SEA finetune --task rt-polarity --max-examples 1600 --batch-size 32 --max-len 64 --lr 5e-5 --out runs/rt-dense
   stage rt-estimator $SEA distill --model runs/rt-dense --task rt-polarity --seq-len 64 --steps 15 --batch-size 16 --warmup-steps 2 --checkpoint-every 5 --out runs/rt-sea-est
   stage rt-full $SEA distill --model runs/rt-sea-est --task rt-polarity --stage full --seq-len 64 --steps 10 --batch-size 16 --warmup-steps 1 --checkpoint-every 5 --out runs/rt-sea-full
+  stage rt-teacher-eval $SEA eval --model runs/rt-dense --task rt-polarity --split test --max-examples 200 --seq-len 64 --k 64 --no-oracle --batch-size 25 --json benchmarks/results/task_minilm_rt_polarity_teacher.json
   stage rt-eval $SEA eval --model runs/rt-sea-full --task rt-polarity --split test --max-examples 200 --seq-len 64 --k 8,16,32,64 --batch-size 25 --json benchmarks/results/task_minilm_rt_polarity.json
 else
-  stage bbc-finetune $SEA finetune --task bbc-topics --max-examples 48 --batch-size 8 --max-len 512 --lr 1.5e-4 --checkpoint-every 2 --out runs/bbc-dense
-  stage bbc-estimator $SEA distill --model runs/bbc-dense --task bbc-topics --seq-len 512 --steps 6 --batch-size 2 --warmup-steps 1 --checkpoint-every 2 --out runs/bbc-sea-est
-  stage bbc-full $SEA distill --model runs/bbc-sea-est --task bbc-topics --stage full --seq-len 512 --steps 4 --batch-size 2 --warmup-steps 1 --checkpoint-every 2 --out runs/bbc-sea-full
-  stage bbc-eval $SEA eval --model runs/bbc-sea-full --task bbc-topics --split test --max-examples 16 --seq-len 512 --k 8,16,32,64 --batch-size 4 --json benchmarks/results/task_minilm_bbc_topics_512.json
+  stage bbc-finetune $SEA finetune --task bbc-topics --max-examples 160 --batch-size 8 --max-len 512 --lr 1.5e-4 --checkpoint-every 5 --out runs/bbc-dense
+  stage bbc-estimator $SEA distill --model runs/bbc-dense --task bbc-topics --seq-len 512 --steps 10 --batch-size 2 --warmup-steps 1 --checkpoint-every 5 --out runs/bbc-sea-est
+  stage bbc-full $SEA distill --model runs/bbc-sea-est --task bbc-topics --stage full --seq-len 512 --steps 8 --batch-size 2 --warmup-steps 1 --checkpoint-every 4 --out runs/bbc-sea-full
+  stage bbc-teacher-eval $SEA eval --model runs/bbc-dense --task bbc-topics --split test --max-examples 48 --seq-len 512 --k 64 --no-oracle --batch-size 4 --json benchmarks/results/task_minilm_bbc_topics_512_teacher.json
+  stage bbc-eval $SEA eval --model runs/bbc-sea-full --task bbc-topics --split test --max-examples 48 --seq-len 512 --k 8,16,32,64 --batch-size 4 --json benchmarks/results/task_minilm_bbc_topics_512.json
 fi
