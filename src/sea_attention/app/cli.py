@@ -11,6 +11,7 @@ import torch
 
 from . import assets
 from .corpora import DATA_FORMS, DatasetText, load_dataset_text
+from .cli_tasks import add_task_options, require_classifier, task_split
 from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, positive_float,
                        positive_int, row_range, unit_interval)
 
@@ -78,6 +79,8 @@ def _load_text(args, split: str) -> str:
     """``--data``'s text: a bundled corpus or a text file (split by sea's rule), else a ``datasets`` corpus
     (``--data-split``, default the same split name; ``--data-config``, ``--text-column``)."""
     given = [f"--{name.replace('_', '-')}" for name in DATASET_OPTIONS if getattr(args, name, None) is not None]
+    if args.data is None:  # sea distill leaves it unset so that --task can refuse it
+        args.data = "wiki"
     if args.data in assets.BUNDLED_TEXTS or _names_a_file(args.data):
         if given:
             raise ValueError(f"{', '.join(given)} apply to `datasets` corpora, not to --data {args.data}")
@@ -171,6 +174,8 @@ def _distill_student(args):
     from ..tools.baselines.saving import check_baseline_target
     from ..hf.io import check_save_target
 
+    if args.task is not None and args.data is not None:
+        raise ValueError("--data (a text to model) and --task (a classification task) exclude each other")
     baseline = _baseline_config(args)
     if baseline is None:
         check_save_target(args.out)
@@ -183,19 +188,31 @@ def _distill_student(args):
     return model, tokenizer, method, args.model
 
 
+def _distill_batches(args, model, tokenizer):
+    """What the distillation reads: a task's texts (a classifier, `sea finetune`) or token windows."""
+    from ..tools.distill import TokenWindows, tokenize
+
+    if args.task is None:
+        return TokenWindows(tokenize(tokenizer, _load_text(args, "train")), args.seq_len, args.seed)
+    from ..tools.tasks import TaskBatches
+    from ..tools.tasks.metrics import check_max_len
+
+    require_classifier(model, args.model)
+    return TaskBatches(task_split(args, "train"), tokenizer, check_max_len(model, args.seq_len), args.seed)
+
+
 def cmd_distill(args) -> int:
     from ..tools.baselines.saving import save_baseline
-    from ..tools.distill import Distiller, TokenWindows, tokenize
+    from ..tools.distill import Distiller
     from ..hf import save_pretrained
 
     stage = _distill_stage(args)
     model, tokenizer, method, base = _distill_student(args)
     config = _distill_config(args, stage)
-    tokens = tokenize(tokenizer, _load_text(args, "train"))
+    batches = _distill_batches(args, model, tokenizer)
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
     group = args.group
-    distiller = Distiller(model.to(group.device), TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints,
-                          method, group)
+    distiller = Distiller(model.to(group.device), batches, config, checkpoints, method, group)
     say = print if group.is_main else (lambda *_: None)
     if group.backend is not None:
         say(f"{group.world_size} processes ({group.backend}), global batch {args.batch_size * group.world_size} "
@@ -226,8 +243,14 @@ def cmd_eval(args) -> int:
     from ..tools.evaluate import BudgetSweep, evaluate_budgets, format_table, write_json
 
     group = args.group
+    if args.task is not None:
+        if group.backend is not None:
+            raise ValueError("sea eval --task runs in one process: launch it without torchrun")
+        return _eval_task(args)
     torch.manual_seed(0)  # a base model's fresh (untrained) SEA modules: the same in every process
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args), baselines=True)
+    args.seq_len = args.seq_len or 1024
+    args.k_list = args.k_list or [32, 64, 128]
     tokens = tokenize(tokenizer, _load_text(args, args.split))
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
@@ -246,6 +269,24 @@ def cmd_eval(args) -> int:
     if args.json:
         write_json(rows, args.json, model=args.model, data=args.data, split=args.split, seq_len=args.seq_len,
                    stride=stride)
+    return 0
+
+
+def _eval_task(args) -> int:
+    """`sea eval --task`: accuracy, macro-F1 and confusion of dense, oracle and SEA on the task's split."""
+    from ..tools.tasks.metrics import TaskEvalSetup, check_max_len, evaluate_task, format_task_table, write_task_json
+
+    if args.split == "all":
+        raise ValueError("--task is evaluated on one split: train, validation or test")
+    model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
+    require_classifier(model, args.model)
+    max_len = check_max_len(model, args.seq_len or model.config.max_position_embeddings)
+    setup = TaskEvalSetup(tuple(args.k_list or (8, 16, 32, 64)), max_len, args.batch_size, args.oracle)
+    data = task_split(args, args.split)
+    rows = evaluate_task(model, tokenizer, data, setup, progress=not args.quiet)
+    print(format_task_table(rows))
+    if args.json:
+        print(f"wrote {write_task_json(rows, args.json, data, setup, model=args.model)}")
     return 0
 
 
@@ -452,7 +493,11 @@ def cmd_plot(args) -> int:
     from ..tools.viz import capture_attention, plot_attention
 
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
-    tokens = tokenize(tokenizer, _load_text(args, "test"))[: args.seq_len]
+    if args.task is not None:  # the first test text of a task, as the classifier reads it (special tokens too)
+        text = task_split(args, "test").texts[0]
+        tokens = torch.tensor(tokenizer(text, truncation=True, max_length=args.seq_len)["input_ids"])
+    else:
+        tokens = tokenize(tokenizer, _load_text(args, "test"))[: args.seq_len]
     snapshot = capture_attention(model, tokens.unsqueeze(0), args.layer, args.head)
     count = snapshot.teacher.shape[0]
     if args.last is not None:
@@ -574,13 +619,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(commands)
 
+    from .cli_tasks import add_finetune_parser
+
+    add_finetune_parser(commands)
+
     from ..tools.baselines.trained import TRAINED
     from ..tools.distill.losses import HIDDEN_LOSSES
 
     distill = commands.add_parser("distill", help="distil SEA (or a trained baseline) from a model's dense attention")
     distill.add_argument("--model", default="smollm2-135m", help="bundled name, local dir, SEA dir or hub id")
-    distill.add_argument("--data", default="wiki", help=DATA_FORMS)
+    distill.add_argument("--data", help=f"{DATA_FORMS} (language modelling; default wiki; not with --task)")
     _add_data_options(distill)
+    add_task_options(distill)
     distill.add_argument("--method", default="sea", choices=("sea", *TRAINED),
                          help="what to distil: SEA, or a trained baseline of `sea compare` (default sea)")
     distill.add_argument("--stage", choices=("estimator", "full"),
@@ -588,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "frozen dense copy (default: estimator for sea and indexer, full for performer and "
                               "cosformer, the only stage they have)")
     distill.add_argument("--steps", type=positive_int, default=100)
-    distill.add_argument("--seq-len", type=positive_int, default=512)
+    distill.add_argument("--seq-len", type=positive_int, default=512,
+                         help="tokens per window; with --task, per text (longer texts are truncated)")
     distill.add_argument("--batch-size", type=positive_int, default=1)
     distill.add_argument("--grad-accum", type=positive_int, default=1)
     distill.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of the SEA modules")
@@ -618,14 +669,19 @@ def build_parser() -> argparse.ArgumentParser:
                            help="nbf of the performer: m = d ln d / nbf random features (default 1)")
     distill.set_defaults(func=cmd_distill)
 
-    evaluate = commands.add_parser("eval", help="perplexity: dense vs SEA at several k (and the oracle)")
+    evaluate = commands.add_parser("eval", help="perplexity (or, with --task, accuracy): dense vs SEA at several k "
+                                                "(and the oracle)")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--data", default="wiki", help=DATA_FORMS)
     _add_data_options(evaluate)
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
-    evaluate.add_argument("--seq-len", type=positive_int, default=1024)
+    evaluate.add_argument("--seq-len", type=positive_int,
+                          help="tokens per window (default 1024); with --task, per text (default: the model's positions)")
     evaluate.add_argument("--stride", type=positive_int, help="default: --seq-len (non-overlapping windows)")
-    evaluate.add_argument("--k", dest="k_list", type=int_list, default=[32, 64, 128], help="budgets, e.g. 32,64,128")
+    evaluate.add_argument("--k", dest="k_list", type=int_list,
+                          help="budgets, e.g. 32,64,128 (default 32,64,128; with --task 8,16,32,64)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=16, help="--task: texts per forward")
+    add_task_options(evaluate)
     evaluate.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                           help="also evaluate exact top-(H*k) selection on the dense attention")
     evaluate.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens")
@@ -655,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     rows.add_argument("--rows", type=row_range, help="plot only query rows START:STOP (keys up to STOP), e.g. 768:1024")
     rows.add_argument("--last", type=positive_int, help="plot only the last N query rows (all the keys they see)")
     plot.add_argument("--out", default="attention.png")
+    add_task_options(plot)
     _add_sea_options(plot)
     plot.set_defaults(func=cmd_plot)
 

@@ -11,7 +11,7 @@ Layer-local (method doc 4.2), per SEA layer, against that layer's dense teacher 
 * context MSE: SEA's attention output against the teacher's (before the output
   projection); this is what trains the gates.
 
-Model-level (stage ``full``): task cross-entropy, hidden-state MSE (relative to each state's scale by
+Model-level (stage ``full``): task cross-entropy (next token, or the class of a classifier), hidden-state MSE (relative to each state's scale by
 default), logit KL.
 """
 
@@ -108,6 +108,11 @@ def hidden_mse(student_states: tuple[Tensor, ...], teacher_states: tuple[Tensor,
             error = error / torch.where(scale > 0, scale, torch.ones_like(scale))
         total = total + error
     return total / len(student_states)
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of (B, C) class logits against (B,) labels."""
+    return F.cross_entropy(logits.float(), labels)
 
 
 def language_model_loss(logits: Tensor, input_ids: Tensor, token_mask: Tensor) -> Tensor:

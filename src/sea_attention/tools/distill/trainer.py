@@ -42,8 +42,8 @@ from .. import distributed
 from ..distributed import Group
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TokenWindows
-from .losses import (HIDDEN_LOSSES, LayerTargets, hidden_mse, language_model_loss, layer_losses, layer_targets,
-                     logit_kl)
+from .losses import (HIDDEN_LOSSES, LayerTargets, classification_loss, hidden_mse, language_model_loss, layer_losses,
+                     layer_targets, logit_kl)
 
 STAGES = ("estimator", "full")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -344,12 +344,15 @@ class Distiller:
         self.model.train(cfg.stage == "full")
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        tokens = 0  # real (unpadded) tokens the teacher read
         teacher_pass = self.step // cfg.updates_per_pass  # the windows this step trains on
         world = self.group.world_size
         for micro in range(cfg.grad_accum):
-            batch = self.windows.batch(teacher_pass * cfg.grad_accum + micro, cfg.batch_size * world)  # global
+            raw = self.windows.batch(teacher_pass * cfg.grad_accum + micro, cfg.batch_size * world)  # global
+            batch = model_batch(_rank_rows(raw, self.group), self.device)
             with distributed.no_sync(self._replicas.values(), micro < cfg.grad_accum - 1):
-                parts = self._pass(self.group.shard(batch).to(self.device), teacher_pass, micro)
+                parts = self._pass(batch, teacher_pass, micro)
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
         totals = self.group.average(totals)
@@ -362,8 +365,8 @@ class Distiller:
         for sea in self.layers:
             sea.maybe_redraw_features(self.step)
         seconds = time.perf_counter() - started
-        # teacher tokens of all ranks, amortised
-        tokens = cfg.grad_accum * cfg.batch_size * world * cfg.seq_len / cfg.updates_per_pass
+        # real teacher tokens of all ranks, amortised over the steps that share the teacher pass
+        tokens = self.group.sum([tokens])[0] / cfg.updates_per_pass
         if "rows" in totals:  # query rows trained per layer (stage estimator), all ranks
             totals["rows_per_s"] = totals.pop("rows") * cfg.grad_accum * world / seconds
         if grad_norm is not None:
@@ -402,16 +405,15 @@ class Distiller:
         context, probs = reference_attention(query, call.key, call.value, mask, call.scaling)
         return context, layer_targets(probs, context, call.key_valid, lengths, call.sea.config.estimate_width)
 
-    def _pass(self, input_ids: torch.Tensor, teacher_pass: int, micro: int) -> dict[str, float]:
-        """One micro-batch of the configured stage: backpropagated; returns the loss terms."""
+    def _pass(self, batch: dict[str, Tensor], teacher_pass: int, micro: int) -> dict[str, float]:
+        """One micro-batch (``model_batch``) of the configured stage: backpropagated; returns the loss terms."""
         if self.method is not None:
-            return self._method_pass(input_ids) if self.config.stage == "estimator" else \
-                self._method_full_pass(input_ids)
+            return self._method_pass(batch) if self.config.stage == "estimator" else self._method_full_pass(batch)
         if self.config.stage == "estimator":
-            return self._estimator_pass(self._teacher_calls(input_ids, teacher_pass, micro))
-        return self._full_pass(input_ids)
+            return self._estimator_pass(self._teacher_calls(batch, teacher_pass, micro))
+        return self._full_pass(batch)
 
-    def _layerwise_forward(self, input_ids: torch.Tensor, train_layer: Callable[[LayerCall], Tensor]) -> None:
+    def _layerwise_forward(self, batch: dict[str, Tensor], train_layer: Callable[[LayerCall], Tensor]) -> None:
         """The frozen model's dense forward with ``train_layer(call)`` in every layer (it trains on the
         call and returns the teacher's context, so the forward stays dense), stopped after the last
         layer: the LM head is not needed."""
@@ -425,14 +427,14 @@ class Distiller:
 
         try:
             with torch.no_grad(), layer_override(self.model, layer):
-                self.model(input_ids=input_ids, **no_cache(self.model))
+                self.model(**forward_inputs(batch), **no_cache(self.model))
         except _StopForward:
             pass
 
-    def _teacher_calls(self, input_ids: torch.Tensor, teacher_pass: int,
+    def _teacher_calls(self, batch: dict[str, Tensor], teacher_pass: int,
                        micro: int) -> list[tuple[LayerCall, LayerTargets | None]]:
         """Every layer's call (its q, k, v, no autograd) in the frozen model's dense forward of
-        ``input_ids``, held for the ``updates_per_pass`` steps that train on this teacher pass.
+        ``batch``, held for the ``updates_per_pass`` steps that train on this teacher pass.
         Training every row, the layer's dense attention is both its output and its targets, so
         they are kept with the call; with ``query_rows`` each step scores its own rows."""
         if teacher_pass != self._held_pass:
@@ -448,7 +450,7 @@ class Distiller:
                 calls.append((call, targets))
                 return context
 
-            self._layerwise_forward(input_ids, hold)
+            self._layerwise_forward(batch, hold)
             if self.config.updates_per_pass == 1:
                 return calls
             self._held[micro] = calls
@@ -484,7 +486,7 @@ class Distiller:
             sums["rows"] += call.query.shape[0] * (call.query.shape[2] if rows is None else rows.numel()) / len(calls)
         return sums
 
-    def _method_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
+    def _method_pass(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """Stage estimator for a method: the frozen model's dense forward, the method trained in every layer."""
         scale = 1.0 / (len(self.layers) * self.config.grad_accum)
         sums: dict[str, float] = {}
@@ -495,31 +497,37 @@ class Distiller:
                 sums[key] = sums.get(key, 0.0) + value / len(self.layers)
             return context
 
-        self._layerwise_forward(input_ids, train_layer)
+        self._layerwise_forward(batch, train_layer)
         return sums
 
-    def _method_full_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
+    def _method_full_pass(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """Stage full for a method: the model-level losses only (the method has no SEA layer losses)."""
         with torch.no_grad(), dense_attention(self.teacher, "sdpa"):
-            teacher = self.teacher(input_ids=input_ids, output_hidden_states=True, **no_cache(self.teacher))
+            teacher = self.teacher(**forward_inputs(batch), output_hidden_states=True, **no_cache(self.teacher))
         with self._autocast(), layer_override(self.model, lambda call: (self.method.attend(call), None)):
-            student = self.model(input_ids=input_ids, output_hidden_states=True, **no_cache(self.model))
-        task, hidden, logits = self._model_losses(student, teacher, input_ids)
+            student = self.model(**forward_inputs(batch), output_hidden_states=True, **no_cache(self.model))
+        task, hidden, logits = self._model_losses(student, teacher, batch)
         cfg = self.config
         loss = cfg.task_weight * task + cfg.hidden_weight * hidden + cfg.logit_weight * logits
         (loss / cfg.grad_accum).backward()
         return {"loss": float(loss.detach()), "task": float(task.detach()), "hidden_mse": float(hidden.detach()),
                 "logit_kl": float(logits.detach())}
 
-    def _model_losses(self, student, teacher, input_ids: torch.Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Task cross-entropy, hidden-state MSE and logit KL of the student against the teacher."""
-        mask = torch.ones_like(input_ids, dtype=torch.bool)
+    def _model_losses(self, student, teacher, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Task cross-entropy, hidden-state MSE (real tokens) and logit KL of the student against the
+        teacher: next-token for a language model, the class for a classifier (a batch with ``labels``)."""
+        input_ids = batch["input_ids"]
+        mask = batch.get("attention_mask", torch.ones_like(input_ids)).bool()
         relative = self.config.hidden_loss == "relative"
-        return (language_model_loss(student.logits, input_ids, mask),
-                hidden_mse(student.hidden_states, teacher.hidden_states, mask, relative, self.group.mean),
-                logit_kl(student.logits, teacher.logits, mask))
+        hidden = hidden_mse(student.hidden_states, teacher.hidden_states, mask, relative, self.group.mean)
+        if "labels" in batch:  # (B, C) logits: one row per text
+            rows = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            return (classification_loss(student.logits, batch["labels"]), hidden,
+                    logit_kl(student.logits, teacher.logits, rows))
+        return language_model_loss(student.logits, input_ids, mask), hidden, logit_kl(student.logits, teacher.logits,
+                                                                                       mask)
 
-    def _full_pass(self, input_ids: torch.Tensor) -> dict[str, float]:
+    def _full_pass(self, batch: dict[str, Tensor]) -> dict[str, float]:
         cfg = self.config
         targets = {}
 
@@ -528,7 +536,7 @@ class Distiller:
             return context.to(call.query.dtype), None
 
         with torch.no_grad(), layer_override(self.teacher, record_teacher):
-            teacher = self.teacher(input_ids=input_ids, output_hidden_states=True, **no_cache(self.teacher))
+            teacher = self.teacher(**forward_inputs(batch), output_hidden_states=True, **no_cache(self.teacher))
 
         layer_terms = []
 
@@ -538,8 +546,8 @@ class Distiller:
             return out.context.to(call.query.dtype), None
 
         with self._autocast(), layer_override(self.model, train_layer):
-            student = self.model(input_ids=input_ids, output_hidden_states=True, **no_cache(self.model))
-        task, hidden, logits = self._model_losses(student, teacher, input_ids)
+            student = self.model(**forward_inputs(batch), output_hidden_states=True, **no_cache(self.model))
+        task, hidden, logits = self._model_losses(student, teacher, batch)
         attention = torch.stack([t for t, _ in layer_terms]).mean()
         loss = (cfg.task_weight * task + cfg.hidden_weight * hidden + cfg.logit_weight * logits
                 + cfg.attention_weight * attention)
@@ -549,6 +557,26 @@ class Distiller:
         return {"loss": float(loss), "task": float(task), "hidden_mse": float(hidden), "logit_kl": float(logits),
                 "estimate_kl": sum(float(l.estimate_kl.detach()) for _, l in layer_terms) / count,
                 "context_mse": sum(float(l.context_mse.detach()) for _, l in layer_terms) / count}
+
+
+def _rank_rows(batch: Tensor | dict[str, Tensor], group: Group) -> Tensor | dict[str, Tensor]:
+    """This rank's rows of a global micro-batch (token ids, or a task's dict of tensors)."""
+    if isinstance(batch, Tensor):
+        return group.shard(batch)
+    return {name: group.shard(value) for name, value in batch.items()}
+
+
+def model_batch(batch: Tensor | dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """A micro-batch of the training data on ``device``: ``TokenWindows`` gives token ids (B, T), a task's
+    ``TaskBatches`` gives {input_ids, attention_mask, labels}."""
+    if isinstance(batch, Tensor):
+        batch = {"input_ids": batch}
+    return {name: value.to(device) for name, value in batch.items()}
+
+
+def forward_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What the model's forward takes from a micro-batch (the labels are for the losses)."""
+    return {name: value for name, value in batch.items() if name != "labels"}
 
 
 def _validate_row_sampling(config: DistillConfig, layers: list[nn.Module], method: LayerMethod | None) -> None:
