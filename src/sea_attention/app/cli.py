@@ -11,7 +11,7 @@ import torch
 
 from . import assets
 from .corpora import DATA_FORMS, DatasetText, load_dataset_text
-from .cli_tasks import add_task_options, require_classifier, task_split
+from .cli_tasks import TEXT_COLUMN_HELP, add_task_options, require_classifier, task_split
 from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, positive_float,
                        positive_int, row_range, unit_interval)
 
@@ -103,7 +103,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-config", help="configuration of a `datasets` corpus (wikitext-2: wikitext-2-raw-v1)")
     parser.add_argument("--data-split", help="split of a `datasets` corpus, e.g. validation (default: --split's "
                                              "name; `sea distill`: train)")
-    parser.add_argument("--text-column", help="column of a `datasets` corpus holding the text (default text)")
+    parser.add_argument("--text-column", help=TEXT_COLUMN_HELP)
 
 
 # ---------------------------------------------------------------------------------------- distill
@@ -630,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--model", default="smollm2-135m", help="bundled name, local dir, SEA dir or hub id")
     distill.add_argument("--data", help=f"{DATA_FORMS} (language modelling; default wiki; not with --task)")
     _add_data_options(distill)
-    add_task_options(distill)
+    add_task_options(distill, text_column=False)
     distill.add_argument("--method", default="sea", choices=("sea", *TRAINED),
                          help="what to distil: SEA, or a trained baseline of `sea compare` (default sea)")
     distill.add_argument("--stage", choices=("estimator", "full"),
@@ -681,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--k", dest="k_list", type=int_list,
                           help="budgets, e.g. 32,64,128 (default 32,64,128; with --task 8,16,32,64)")
     evaluate.add_argument("--batch-size", type=positive_int, default=16, help="--task: texts per forward")
-    add_task_options(evaluate)
+    add_task_options(evaluate, text_column=False)
     evaluate.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                           help="also evaluate exact top-(H*k) selection on the dense attention")
     evaluate.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens")

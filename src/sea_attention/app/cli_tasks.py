@@ -20,15 +20,20 @@ def task_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error))
 
 
-def add_task_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    """``--task`` and the column flags of a user's CSV/JSONL (or hub dataset)."""
+TEXT_COLUMN_HELP = "column holding the text: of a `datasets` corpus (--data) or a task's CSV/JSONL/hub rows (default text)"
+
+
+def add_task_options(parser: argparse.ArgumentParser, required: bool = False, text_column: bool = True) -> None:
+    """``--task`` and the column flags of a user's CSV/JSONL (or hub dataset); ``text_column=False`` when
+    the parser already has ``--text-column`` (the ``--data`` options share it)."""
     from ..tools.tasks import BUNDLED_TASKS
 
     group = parser.add_argument_group("classification task")
     group.add_argument("--task", type=task_name, required=required,
                        help=f"{' or '.join(BUNDLED_TASKS)} (bundled), PATH.csv / PATH.jsonl, or hf:DATASET_ID "
                             "(needs the `datasets` library and the hub)")
-    group.add_argument("--text-column", default="text", help="column of the texts (CSV/JSONL/hub; default text)")
+    if text_column:
+        group.add_argument("--text-column", help=TEXT_COLUMN_HELP)
     group.add_argument("--label-column", default="label", help="column of the labels (default label)")
     group.add_argument("--group-column", help="column grouping rows that must share a split (default: the text)")
     group.add_argument("--max-examples", type=positive_int, help="use only the first N examples of the split")
@@ -38,7 +43,7 @@ def task_split(args, split: str):
     """The ``split`` of ``args.task`` with the column flags, cut to ``--max-examples``."""
     from ..tools.tasks import TaskColumns, load_task
 
-    columns = TaskColumns(args.text_column, args.label_column, args.group_column)
+    columns = TaskColumns(args.text_column or "text", args.label_column, args.group_column)
     return load_task(args.task, split, columns).subset(args.max_examples)
 
 
