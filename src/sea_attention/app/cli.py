@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, positive_float,
-                       positive_int, row_range, unit_interval)
+from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, output_dir, output_file,
+                       positive_float, positive_int, row_range, unit_interval)
 
 
 def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: dict | None = None,
@@ -128,6 +128,11 @@ def cmd_distill(args) -> int:
     from ..hf.io import check_save_target
 
     stage, baseline = _distill_stage(args), _baseline_config(args)
+    config = DistillConfig(stage=stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+                           grad_accum=args.grad_accum, lr=args.lr, base_lr=args.base_lr,
+                           warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
+                           checkpoint_every=args.checkpoint_every, hidden_loss=args.hidden_loss,
+                           query_rows=args.query_rows, updates_per_pass=args.updates_per_pass)  # before any loading
     if baseline is None:
         check_save_target(args.out)  # before training, not after it
         torch.manual_seed(args.seed)
@@ -138,11 +143,6 @@ def cmd_distill(args) -> int:
         torch.manual_seed(args.seed)
         model, tokenizer, method = _baseline_student(args, baseline)
         base = args.model
-    config = DistillConfig(stage=stage, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                           grad_accum=args.grad_accum, lr=args.lr, base_lr=args.base_lr,
-                           warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
-                           checkpoint_every=args.checkpoint_every, hidden_loss=args.hidden_loss,
-                           query_rows=args.query_rows, updates_per_pass=args.updates_per_pass)
     tokens = tokenize(tokenizer, assets.load_text(args.data, "train"))
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
     distiller = Distiller(model, TokenWindows(tokens, args.seq_len, args.seed), config, checkpoints, method)
@@ -206,7 +206,7 @@ def cmd_compare(args) -> int:
     from dataclasses import asdict
 
     from ..tools.baselines import DEFAULT_METHODS
-    from ..tools.baselines.compare import check_model_runs
+    from ..tools.baselines.compare import check_budgets, check_model_runs
     from ..tools.baselines.trained import baseline_layers
     from ..tools.bench import write_bench_json
     from ..hf import sea_layers
@@ -217,6 +217,7 @@ def cmd_compare(args) -> int:
         args.methods = ("dense", trained.name) if trained is not None else DEFAULT_METHODS
     for method in args.methods:  # before any text is read
         check_model_runs(model, method)
+    check_budgets(args.methods, tuple(args.k_list))  # every (method, k) before the first forward
     about = {"model": args.model, "task": args.task, "methods": list(args.methods), "budgets": args.k_list,
              "sea_config": sea_layers(model)[0][2].config.to_dict()}  # what the sea rows ran with
     if args.task == "passkey":
@@ -264,18 +265,18 @@ def _add_compare_parser(commands) -> None:
     perplexity = compare.add_argument_group("--task perplexity")
     perplexity.add_argument("--data", default="wiki", help="'wiki', 'bbc' or a text file")
     perplexity.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
-    perplexity.add_argument("--seq-len", type=int, default=1024)
-    perplexity.add_argument("--stride", type=int, help="default: --seq-len (non-overlapping windows)")
-    perplexity.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
-    perplexity.add_argument("--coverage-skip", type=float, default=0.0,
+    perplexity.add_argument("--seq-len", type=positive_int, default=1024)
+    perplexity.add_argument("--stride", type=positive_int, help="default: --seq-len (non-overlapping windows)")
+    perplexity.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens")
+    perplexity.add_argument("--coverage-skip", type=fraction, default=0.0,
                             help="coverage over rows past this fraction of each window (e.g. 0.25)")
-    perplexity.add_argument("--plot", help="write a PNG of perplexity against keys per query")
+    perplexity.add_argument("--plot", type=output_file, help="write a PNG of perplexity against keys per query")
     passkey = compare.add_argument_group("--task passkey")
     passkey.add_argument("--lengths", type=int_list, default=[1024, 2048, 4096], help="prompt lengths in tokens")
-    passkey.add_argument("--prompts", type=int, default=3, help="prompts per length (evenly spaced depths)")
-    passkey.add_argument("--max-new-tokens", type=int, default=8)
+    passkey.add_argument("--prompts", type=positive_int, default=3, help="prompts per length (evenly spaced depths)")
+    passkey.add_argument("--max-new-tokens", type=positive_int, default=8)
     passkey.add_argument("--seed", type=int, default=0, help="seed of the keys")
-    compare.add_argument("--json", help="write the setup, machine and rows to this JSON file")
+    compare.add_argument("--json", type=output_file, help="write the setup, machine and rows to this JSON file")
     compare.add_argument("--quiet", action="store_true")
     _add_sea_options(compare, with_k=False)
     compare.set_defaults(func=cmd_compare)
@@ -315,8 +316,8 @@ def _add_diagnose_parser(commands) -> None:
     diagnose.add_argument("--k", type=positive_int, default=64, help="keys per query per head, for every method")
     diagnose.add_argument("--coverage-skip", type=fraction, default=0.0,
                           help="measure only rows past this fraction of each window (e.g. 0.25)")
-    diagnose.add_argument("--json", help="write the setup, machine, per-layer and per-head numbers to this JSON file")
-    diagnose.add_argument("--plot", help="write a PNG: coverage bars per layer, the estimate's KL below")
+    diagnose.add_argument("--json", type=output_file, help="write the setup, machine, per-layer and per-head numbers to this JSON file")
+    diagnose.add_argument("--plot", type=output_file, help="write a PNG: coverage bars per layer, the estimate's KL below")
     diagnose.add_argument("--quiet", action="store_true")
     _add_sea_options(diagnose, with_k=False)
     diagnose.set_defaults(func=cmd_diagnose)
@@ -427,7 +428,7 @@ def _add_bench_parser(commands) -> None:
                            help="skip dense methods (eager, sea_reference) estimated to need more")
     attention.add_argument("--timeout", type=positive_float, default=1800, help="seconds per point")
     attention.add_argument("--breakdown", action="store_true", help="also time each stage of SEA against its FLOP floor")
-    attention.add_argument("--plot", help="write a log-log PNG of time and memory vs T")
+    attention.add_argument("--plot", type=output_file, help="write a log-log PNG of time and memory vs T")
     model = kinds.add_parser("model", help="prefill and decode tokens/s, dense vs SEA")
     model.add_argument("--model", required=True, help="bundled name, local dir, SEA dir, hub id, or 'tiny' (random)")
     model.add_argument("--lengths", type=int_list, default=[512, 1024, 2048], help="prompt lengths")
@@ -437,7 +438,7 @@ def _add_bench_parser(commands) -> None:
     _add_sea_options(model)
     for parser in (attention, model):
         parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
-        parser.add_argument("--json", help="write the setup, machine and results to this JSON file")
+        parser.add_argument("--json", type=output_file, help="write the setup, machine and results to this JSON file")
         parser.set_defaults(func=cmd_bench)
 
 
@@ -474,14 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "step (default 0: every row)")
     distill.add_argument("--updates-per-pass", type=positive_int, default=1,
                          help="stage estimator: optimizer steps per teacher forward, each on fresh rows (default 1)")
-    distill.add_argument("--hidden-loss", default="relative", choices=HIDDEN_LOSSES,
-                         help="stage full: hidden-state MSE relative to each state's scale (default), or the "
+    distill.add_argument("--hidden-loss", choices=HIDDEN_LOSSES,
+                         help="stage full only: hidden-state MSE relative to each state's scale (default), or the "
                               "paper's plain MSE")
     distill.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
     distill.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     distill.add_argument("--seed", type=int, default=0)
-    distill.add_argument("--out", required=True, help="directory for the distilled model")
-    distill.add_argument("--checkpoint-dir", help="default: OUT-checkpoints")
+    distill.add_argument("--out", required=True, type=output_dir, help="directory for the distilled model")
+    distill.add_argument("--checkpoint-dir", type=output_dir, help="default: OUT-checkpoints")
     distill.add_argument("--checkpoint-every", type=non_negative_int, default=50)
     distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     distill.add_argument("--quiet", action="store_true")
@@ -503,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                           help="also evaluate exact top-(H*k) selection on the dense attention")
     evaluate.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens")
-    evaluate.add_argument("--json", help="write the numbers to this JSON file")
+    evaluate.add_argument("--json", type=output_file, help="write the numbers to this JSON file")
     evaluate.add_argument("--quiet", action="store_true")
     _add_sea_options(evaluate, with_k=False)
     evaluate.set_defaults(func=cmd_eval)
@@ -528,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     rows = plot.add_mutually_exclusive_group()
     rows.add_argument("--rows", type=row_range, help="plot only query rows START:STOP (keys up to STOP), e.g. 768:1024")
     rows.add_argument("--last", type=positive_int, help="plot only the last N query rows (all the keys they see)")
-    plot.add_argument("--out", default="attention.png")
+    plot.add_argument("--out", type=output_file, default="attention.png")
     _add_sea_options(plot)
     plot.set_defaults(func=cmd_plot)
 

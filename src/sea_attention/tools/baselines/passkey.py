@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .compare import METHODS, method_attention, method_runs
+from .compare import METHODS, check_budgets, method_attention, method_runs
 
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about it.\n")
@@ -106,6 +106,7 @@ def passkey_rows(model: nn.Module, tokenizer, methods: tuple[str, ...], budgets:
     ``sea`` decodes through its own decoding state (no override); the other methods recompute
     their attention over the cached keys at every step.
     """
+    check_budgets(methods, budgets)  # every pair before the first forward
     prompts = passkey_prompts(tokenizer, config)
     rows = []
     for method, k in method_runs(methods, budgets):
