@@ -204,9 +204,9 @@ def load_model(
             return _load_pretrained(name_or_path, dtype, attn_implementation)
         except (OSError, ValueError) as err:
             raise OSError(
-                f"could not load model {name_or_path!r}: use a bundled name "
-                f"({', '.join(repr(n) for n in BUNDLED_MODELS)}), a local model directory, or a "
-                f"Hugging Face hub id (hub ids need internet). Cause: {err}"
+                f"could not load model {name_or_path!r}: there is no folder {str(Path(name_or_path).resolve())!r}, "
+                f"it is not a bundled name ({', '.join(repr(n) for n in BUNDLED_MODELS)}), and as a Hugging Face "
+                f"hub id it failed (hub ids need internet). Cause: {err}"
             ) from err
     return _load_pretrained(source, dtype, attn_implementation)
 
