@@ -90,10 +90,11 @@ def test_bad_text_name_or_split(name: str, split: str, expected: str) -> None:
 
 
 def test_unknown_model_error_names_the_options() -> None:
-    # An invalid repo id fails at once, without network retries.
+    # Not a hub id (so a path): a missing folder, said at once, without network retries.
     with pytest.raises(OSError, match="smollm2-135m") as info:
         load_model("no/such//model")
-    assert "minilm-l6" in str(info.value) and "internet" in str(info.value)
+    assert "minilm-l6" in str(info.value) and "is a folder that does not exist" in str(info.value)
+    assert "hub id" in str(info.value)
 
 
 def test_minilm_loads_and_encodes() -> None:

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import torch
 from sea_attention.app.cli import main
 from conftest import TEXT
 from sea_attention.hf import from_pretrained
+
+HERE = str(Path(__file__).resolve())  # a regular file: no folder can be created under it
 
 
 def test_distill_eval_plot_resume(tiny_model_dir, tmp_path, capsys):
@@ -24,6 +27,14 @@ def test_distill_eval_plot_resume(tiny_model_dir, tmp_path, capsys):
     assert main(["distill", "--model", model, "--data", text, "--steps", "4", "--seq-len", "32", "--k", "4",
                  "--estimate-width", "8", "--out", str(out), "--resume", "--quiet"]) == 0
     assert "resumed at step 4" in capsys.readouterr().out
+    # ...and refuse every setting that shapes the weights, the SEA layers' included; a finished run says how to go on
+    for change, message in ((["--k", "2"], "sea.k: checkpoint 4, now 2"),
+                            (["--k", "4", "--grouping", "block"], "sea.grouping: checkpoint 'query', now 'block'"),
+                            (["--k", "4", "--steps", "8"], "steps: checkpoint 4, now 8). The checkpoint's run finished")):
+        argv = ["distill", "--model", model, "--data", text, "--steps", "4", "--seq-len", "32", "--estimate-width", "8",
+                "--out", str(out), "--resume", "--quiet", *change]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
 
     report = tmp_path / "eval.json"
     assert main(["eval", "--model", str(out), "--data", text, "--split", "test", "--seq-len", "32",
@@ -107,12 +118,39 @@ def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):
     (["diagnose", "--model", "m", "--seq-len", "0"], "argument --seq-len: expected a positive integer"),
     (["diagnose", "--model", "m", "--max-tokens", "-3"], "argument --max-tokens: expected a positive integer"),
     (["diagnose", "--model", "m", "--split", "dev"], "argument --split: invalid choice: 'dev'"),
+    (["compare", "--model", "m", "--stride", "0"], "argument --stride: expected a positive integer, got '0'"),
+    (["compare", "--model", "m", "--seq-len", "-4"], "argument --seq-len: expected a positive integer"),
+    (["compare", "--model", "m", "--coverage-skip", "1"], r"argument --coverage-skip: expected a number in \[0, 1\)"),
+    # a file to write whose folder is a regular file (this test file): refused before any work
+    *[(argv, f"argument {option}: cannot write '{re.escape(HERE)}/x': '{re.escape(HERE)}' is a file, not a folder")
+      for argv, option in [
+          (["eval", "--model", "m", "--json", f"{HERE}/x"], "--json"),
+          (["diagnose", "--model", "m", "--plot", f"{HERE}/x"], "--plot"),
+          (["diagnose", "--model", "m", "--json", f"{HERE}/x"], "--json"),
+          (["compare", "--model", "m", "--json", f"{HERE}/x"], "--json"),
+          (["compare", "--model", "m", "--plot", f"{HERE}/x"], "--plot"),
+          (["plot", "--model", "m", "--out", f"{HERE}/x"], "--out"),
+          (["bench", "attention", "--json", f"{HERE}/x"], "--json"),
+          (["bench", "attention", "--plot", f"{HERE}/x"], "--plot"),
+          (["bench", "model", "--model", "tiny", "--json", f"{HERE}/x"], "--json"),
+          (["distill", "--out", f"{HERE}/x"], "--out"),
+          (["distill", "--out", "x", "--checkpoint-dir", f"{HERE}/x"], "--checkpoint-dir"),
+          (["demo", "--out", f"{HERE}/x"], "--out")]],
+    (["eval", "--model", "m", "--json", str(Path(HERE).parent)], r"argument --json: cannot write .*: .* is a folder"),
 ])
 def test_out_of_range_arguments_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_setting_the_stage_ignores_is_refused_before_the_model_loads(capsys):
+    """--hidden-loss in the estimator stage, like --query-rows with --stage full: refused, not ignored."""
+    for extra, message in ((["--hidden-loss", "mse"], "hidden_loss applies to stage 'full' only"),
+                           (["--stage", "full", "--query-rows", "8"], "stage 'estimator' only")):
+        assert main(["distill", "--model", "no-such-model", "--out", "x", *extra, "--quiet"]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_distill_config_rejects_bad_learning_rates():

@@ -150,3 +150,30 @@ def test_compare_reports_every_finished_row(tiny_model_dir):
     rows = compare_perplexity(model, torch.randint(0, 100, (80,)), CompareConfig(("quest",), (16, 32), seq_len=40),
                               progress=False, on_row=lambda done: seen.append([(r.method, r.k) for r in done]))
     assert seen == [[("dense", None)], [("dense", None), ("quest", 16)], [(r.method, r.k) for r in rows]]
+
+
+@pytest.mark.parametrize("task", ["perplexity", "passkey"])
+def test_an_impossible_method_and_budget_is_refused_before_the_first_forward(tiny_model_dir, capsys, monkeypatch,
+                                                                            task):
+    """quest at k=4 (below one page of 16 keys), listed after methods that could run: refused before
+    any of them computes anything."""
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward ran before the impossible pair was refused")
+
+    monkeypatch.setattr("sea_attention.tools.baselines.compare.perplexity", no_forward)
+    monkeypatch.setattr("sea_attention.tools.baselines.passkey.greedy_answer", no_forward)
+    assert main(["compare", "--model", str(tiny_model_dir / "model"), "--data", str(tiny_model_dir / "text.txt"),
+                 "--task", task, "--methods", "dense,sea,quest", "--k", "32,4", "--estimate-width", "8",
+                 "--quiet"]) == 2
+    assert "quest needs k >= page_size (a page is its unit of selection), got k=4" in capsys.readouterr().err
+
+
+def test_compare_config_refuses_what_cannot_run():
+    from sea_attention.tools.baselines import CompareConfig
+
+    for kwargs, message in ((dict(stride=0), r"stride must be in \[1, seq_len=1024\]"),
+                            (dict(stride=2048), r"stride must be in \[1, seq_len=1024\]"),
+                            (dict(methods=("quest",), budgets=(32, 8)), "quest needs k >= page_size")):
+        with pytest.raises(ValueError, match=message):
+            CompareConfig(**kwargs)
+    assert CompareConfig(seq_len=64).window_stride == 64 and CompareConfig(seq_len=64, stride=16).window_stride == 16

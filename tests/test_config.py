@@ -1,4 +1,8 @@
+import json
+
+import numpy as np
 import pytest
+import torch
 
 from sea_attention import SEAConfig
 
@@ -27,6 +31,9 @@ def test_defaults_and_derived_values():
     (dict(num_kv_heads=5), "multiple of num_kv_heads"),
     (dict(k=0), "k must be a positive integer"),
     (dict(k=2.5), "k must be a positive integer"),
+    (dict(k=np.float64(8)), "k must be a positive integer, got np.float64(8.0) (accepted: int, or an integer type"),
+    (dict(k=np.bool_(True)), "k must be a positive integer, got np.True_"),
+    (dict(k=np.int64(0)), "k must be a positive integer, got np.int64(0)"),
     (dict(estimate_width=30), "estimate_width must be a multiple of 4"),
     (dict(feature_kind="cos"), "feature_kind must be one of ('favor', 'relu')"),
     (dict(grouping="batch"), "grouping must be one of"),
@@ -47,6 +54,16 @@ def test_defaults_and_derived_values():
 def test_bad_values_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         SEAConfig(**{"num_heads": 12, "head_dim": 64, **changes})
+
+
+def test_integer_like_numbers_are_accepted_as_ints():
+    """numpy and 0-d torch integers (e.g. from a hyperparameter grid) count as integers and are stored
+    as Python ints, so the config still serialises to JSON."""
+    config = SEAConfig(num_heads=np.int32(12), head_dim=64, k=np.int64(8), sinks=np.uint8(2),
+                       query_block=torch.tensor(16))
+    assert (config.k, config.num_heads, config.sinks, config.query_block) == (8, 12, 2, 16)
+    assert all(type(v) is int for v in (config.k, config.num_heads, config.sinks, config.query_block))
+    assert json.loads(json.dumps(config.to_dict()))["k"] == 8
 
 
 def test_bidirectional_groupings_and_width():

@@ -107,6 +107,39 @@ def test_resume_refuses_changed_settings(tmp_path):
         changed.resume()
 
 
+def _patched(**sea):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=128, vocab_size=97, max_position_embeddings=128)
+    return patch(LlamaForCausalLM(config).eval(), **{"k": 4, "estimate_width": 8, **sea})
+
+
+@pytest.mark.parametrize("sea, message", [  # what the resumed run was patched with, the error it must give
+    (dict(k=2), "sea.k: checkpoint 4, now 2"),
+    (dict(grouping="block"), "sea.grouping: checkpoint 'query', now 'block'"),
+    (dict(grouping="query_head"), "sea.grouping: checkpoint 'query', now 'query_head'"),
+    (dict(estimate_width=16), "sea.estimate_width: checkpoint 8, now 16"),
+    (dict(feature_factor=4), "sea.feature_factor: checkpoint 8, now 4"),
+    (dict(sinks=0), "sea.sinks: checkpoint 4, now 0"),
+    (dict(seed=1), "sea.seed: checkpoint 0, now 1"),
+])
+def test_resume_refuses_other_sea_settings(tmp_path, sea, message):
+    """Every setting that shapes the weights is part of the run, the SEA layers' included (k and the
+    grouping change no tensor shape, so only the settings can tell)."""
+    config = DistillConfig(steps=4, seq_len=32)
+    Distiller(_patched(), windows(), config, tmp_path).run(progress=False, until=2)
+    with pytest.raises(ValueError, match=f"cannot resume: the run's settings differ from the checkpoint's .*{message}"):
+        Distiller(_patched(**sea), windows(), config, tmp_path).resume()
+    assert Distiller(_patched(attention_path="reference"), windows(), config, tmp_path).resume()  # same computation
+
+
+def test_a_finished_run_asked_for_more_steps_says_how_to_train_further(tmp_path):
+    Distiller(tiny_llama(), windows(), DistillConfig(steps=2, seq_len=32), tmp_path).run(progress=False)
+    with pytest.raises(ValueError, match=r"steps: checkpoint 2, now 4\)\. The checkpoint's run finished its 2 steps.*"
+                                         r"start a new run from the saved model \(sea distill --model SAVED"):
+        Distiller(tiny_llama(), windows(), DistillConfig(steps=4, seq_len=32), tmp_path).resume()
+
+
 def test_full_stage_resume_is_exact_with_dropout(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -249,7 +282,15 @@ def test_relative_hidden_loss_is_the_mse_over_each_states_mean_square():
 
 def test_distill_config_refuses_an_unknown_hidden_loss():
     with pytest.raises(ValueError, match="hidden_loss must be one of"):
-        DistillConfig(hidden_loss="l1")
+        DistillConfig(stage="full", hidden_loss="l1")
+    assert DistillConfig(stage="full").hidden_loss == "relative"
+
+
+@pytest.mark.parametrize("hidden_loss", ["mse", "relative"])
+def test_the_hidden_loss_is_refused_in_the_estimator_stage(hidden_loss):
+    """Like query_rows with stage full: a setting the stage would ignore is an error, not a no-op."""
+    with pytest.raises(ValueError, match=f"hidden_loss applies to stage 'full' only .* got hidden_loss='{hidden_loss}'"):
+        DistillConfig(stage="estimator", hidden_loss=hidden_loss)
 
 
 def _sea_call(model, ids):
@@ -390,6 +431,7 @@ def test_an_estimator_checkpoint_resumes_whatever_the_hidden_loss_and_a_wider_k_
     Distiller(tiny_llama(), windows(), config, tmp_path).run(progress=False, until=2)
     state = load_checkpoint(tmp_path)
     del state["config"]["hidden_loss"]  # an estimator-stage checkpoint from before the setting: no effect there
+    del state["layers"]  # nor the layers' settings: the shapes are still checked
     save_checkpoint(tmp_path, state)
     assert Distiller(tiny_llama(), windows(), config, tmp_path).resume()
     torch.manual_seed(0)

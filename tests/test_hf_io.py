@@ -1,6 +1,7 @@
 """sea_attention.hf.io: save_pretrained / from_pretrained round trips and crash safety."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -145,9 +146,12 @@ def test_save_and_load_errors(tmp_path):
         from_pretrained(other)
 
 
-def _drop_checksum(path):
+def _drop_checksum(path, keep_legacy=False):
+    """As a save from before checksums (or, ``keep_legacy``, from before the base weights had one)."""
     meta = json.loads((path / "sea_config.json").read_text())
-    meta.pop("weights_sha256")
+    recorded = meta.pop("sha256")
+    if keep_legacy:
+        meta["weights_sha256"] = recorded["sea_weights.safetensors"]
     (path / "sea_config.json").write_text(json.dumps(meta))
 
 
@@ -161,8 +165,8 @@ def _edit_meta(path, **changes):
     (path / "sea_config.json").write_text(json.dumps(meta))
 
 
-def _flip_a_byte(path):
-    file = path / "sea_weights.safetensors"
+def _flip_a_byte(path, name="sea_weights.safetensors"):
+    file = path / name
     data = bytearray(file.read_bytes())
     data[-3] ^= 0xFF
     file.write_bytes(bytes(data))
@@ -181,6 +185,11 @@ def _empty_weights(path):
 
 CORRUPTIONS = [  # (how the save is damaged, the error it must give)
     (_flip_a_byte, r"sea_weights\.safetensors does not match the sha256"),
+    (lambda p: (_drop_checksum(p, keep_legacy=True), _flip_a_byte(p)), r"sea_weights\.safetensors does not match"),
+    (lambda p: _flip_a_byte(p, "model.safetensors"),
+     r"model\.safetensors does not match the sha256 recorded in sea_config\.json"),
+    (lambda p: (p / "model.safetensors").unlink(), r"model\.safetensors is missing: the save is incomplete"),
+    (lambda p: _edit_meta(p, sha256="abc"), r"sea_config\.json: sha256 must map file names to hex digests"),
     (_truncate, r"sea_weights\.safetensors is not a readable safetensors file"),
     (_empty_weights, r"sea_weights\.safetensors is not a readable safetensors file"),
     (lambda p: (p / "sea_weights.safetensors").unlink(), r"sea_weights\.safetensors is missing"),
@@ -208,10 +217,29 @@ def test_a_save_without_checksum_still_loads(tmp_path):
     model = trained("llama")
     inputs = batch("llama")
     path = save_pretrained(model, tmp_path / "sea", include_base_weights=True)
-    assert len(json.loads((path / "sea_config.json").read_text())["weights_sha256"]) == 64
-    _drop_checksum(path)
-    loaded, _ = from_pretrained(path)
-    torch.testing.assert_close(output(loaded, inputs)[0], output(model, inputs)[0], atol=0, rtol=0)
+    recorded = json.loads((path / "sea_config.json").read_text())["sha256"]
+    assert set(recorded) == {"sea_weights.safetensors", "model.safetensors"}  # every weight file
+    assert all(len(digest) == 64 for digest in recorded.values())
+    for keep_legacy in (True, False):  # as saved before the base weights had a checksum, or before any had one
+        save_pretrained(model, path, include_base_weights=True)
+        _drop_checksum(path, keep_legacy)
+        loaded, _ = from_pretrained(path)
+        torch.testing.assert_close(output(loaded, inputs)[0], output(model, inputs)[0], atol=0, rtol=0)
+
+
+def test_a_missing_base_model_folder_names_sea_config(tmp_path):
+    """Without base weights, the base comes from the folder sea_config.json names: gone, the error says so."""
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    word_tokenizer().save_pretrained(base_dir)
+    model = patch(AutoModelForCausalLM.from_pretrained(base_dir).eval(), k=3, estimate_width=8)
+    path = save_pretrained(model, tmp_path / "sea")
+    for file in base_dir.iterdir():
+        file.unlink()
+    base_dir.rmdir()
+    with pytest.raises(ValueError, match=rf"sea_config\.json: base_model '{re.escape(str(base_dir))}' \(where this "
+                                         r"save, .* loads them from\) cannot be loaded: .* is a folder that does not exist"):
+        from_pretrained(path)
 
 
 def test_a_model_directory_without_tokenizer_says_so(tmp_path):

@@ -374,3 +374,24 @@ def test_left_padding_with_rank_position_ids_gives_the_unpadded_logits():
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     got = model(padded, attention_mask=mask, position_ids=positions).logits[:, pad:]
     torch.testing.assert_close(got, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+@torch.no_grad()
+def test_left_padding_without_position_ids_gives_the_unpadded_logits(name):
+    """A direct forward of a left-padded prompt without position_ids: the patched RoPE model
+    derives them from the mask (as generate does), so SEA sees the prompt alone's q and k;
+    the same holds for a decoding step with a cache and the grown mask."""
+    model = patch(tiny_model(name), k=3, estimate_width=8)
+    ids = torch.randint(1, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    pad = 5
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], 1)
+    mask = torch.ones(1, 16 + pad, dtype=torch.long)
+    mask[:, :pad] = 0
+    alone = model(ids).logits
+    torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, pad:], alone, atol=1e-5, rtol=1e-5)
+    prefill = model(padded[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+    step = model(padded[:, -1:], attention_mask=mask, cache=prefill.past_key_values).logits
+    torch.testing.assert_close(step[:, -1], alone[:, -1], atol=1e-5, rtol=1e-5)
+    unpatch(model)
+    assert not model.model._forward_pre_hooks  # unpatching removes the hook

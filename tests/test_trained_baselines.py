@@ -246,8 +246,8 @@ def test_save_and_load_round_trip(tmp_path, method):
         torch.testing.assert_close(loaded(input_ids=ids, **no_cache(loaded)).logits, expected, atol=0, rtol=0)
 
 
-def _flip_a_byte(path):
-    file = path / WEIGHTS_NAME
+def _flip_a_byte(path, name=WEIGHTS_NAME):
+    file = path / name
     data = bytearray(file.read_bytes())
     data[-3] ^= 0xFF
     file.write_bytes(bytes(data))
@@ -262,10 +262,12 @@ def _edit_meta(path, **changes):
 @pytest.mark.parametrize("damage, message", [
     (_flip_a_byte, r"baseline_weights\.safetensors does not match the sha256 recorded in baseline_config\.json"),
     (lambda p: (p / WEIGHTS_NAME).unlink(), r"baseline_weights\.safetensors is missing"),
+    (lambda p: _flip_a_byte(p, "model.safetensors"),
+     r"model\.safetensors does not match the sha256 recorded in baseline_config\.json"),
     (lambda p: (p / CONFIG_NAME).write_text("{"), r"baseline_config\.json is not valid JSON"),
     (lambda p: _edit_meta(p, method="reformer"), r"baseline_config\.json: method 'reformer' .* cannot be built"),
     (lambda p: _edit_meta(p, method_config={"heads": 2, "head_dim": 8, "colour": 1}), r"cannot be built"),
-    (lambda p: _edit_meta(p, method_config={"heads": 3, "head_dim": 8}, weights_sha256=None),
+    (lambda p: _edit_meta(p, method_config={"heads": 3, "head_dim": 8}, sha256=None),
      r"does not match the indexer that baseline_config\.json builds"),
 ])
 def test_a_damaged_save_gives_an_error_naming_the_file(tmp_path, damage, message):

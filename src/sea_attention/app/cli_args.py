@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _number(text: str, parse: Callable[[str], float], accepted: Callable[[float], bool], description: str):
@@ -78,3 +79,31 @@ def row_range(text: str) -> tuple[int | None, int | None]:
         raise argparse.ArgumentTypeError(f"expected START:STOP with integers >= 0 such as 768:1024 or 768:, "
                                          f"got {text!r}")
     return bounds[0], bounds[1]
+
+
+def _folders_problem(text: str) -> str | None:
+    """Why the folders above ``text`` cannot be created or written into (the nearest existing one is
+    not a folder), or None: the writers create missing folders."""
+    for parent in Path(text).parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{str(parent)!r} is a file, not a folder"
+    return None
+
+
+def output_file(text: str) -> str:
+    """A file the command writes (--json, --plot, plot's --out): refused before any work when a
+    folder above it is a regular file, or when it is itself a folder."""
+    problem = _folders_problem(text) or (f"{text!r} is a folder" if Path(text).is_dir() else None)
+    if problem:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {problem}; expected a file path")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """A folder the command writes (distill's --out and --checkpoint-dir, demo's --out): refused
+    before any work when a folder above it is a regular file (what is at the path itself is for the
+    command to judge: an earlier save may be replaced)."""
+    problem = _folders_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {problem}; expected a folder path")
+    return text

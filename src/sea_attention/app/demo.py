@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from .cli_args import int_list, non_negative_int, positive_int
+from .cli_args import int_list, non_negative_int, output_dir, positive_int
 
 MODEL_K = 64  # the patched model's own budget: the one diagnosed, plotted and saved
 
 
 def add_demo_parser(commands) -> None:
     demo = commands.add_parser("demo", help="distil and evaluate SEA on SmolLM2-135M (about 8 min on 2 CPU cores)")
-    demo.add_argument("--out", default="sea-demo", help="directory for the model, results and plot (default: sea-demo)")
+    demo.add_argument("--out", type=output_dir, default="sea-demo", help="directory for the model, results and plot (default: sea-demo)")
     demo.add_argument("--steps", type=positive_int, default=40,
                       help="estimator distillation steps (the undistilled estimator is already close: "
                            "see docs/results.md)")

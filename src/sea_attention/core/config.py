@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -143,9 +144,9 @@ class SEAConfig:
         """Each field on its own: type and range."""
         for name in ("num_heads", "head_dim", "num_kv_heads", "k", "estimate_width",
                      "feature_factor", "max_positions", "query_chunk", "query_block"):
-            _positive_int(name, getattr(self, name))
+            setattr(self, name, _integer(name, getattr(self, name), 1, "a positive integer"))
         for name in ("feature_redraw_interval", "sinks", "local_window"):
-            _non_negative_int(name, getattr(self, name))
+            setattr(self, name, _integer(name, getattr(self, name), 0, "a non-negative integer"))
         if self.head_dim < 2:
             raise ValueError(f"head_dim must be >= 2, got {self.head_dim}")
         for name, allowed in (("feature_kind", FEATURE_KINDS), ("grouping", GROUPINGS), ("output_mode", OUTPUT_MODES),
@@ -227,14 +228,18 @@ class SEAConfig:
         return [f.name for f in fields(cls)]
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _non_negative_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+def _integer(name: str, value: Any, minimum: int, description: str) -> int:
+    """``value`` as a Python int if it is an integer (numpy and 0-d torch integers too, not bools
+    or floats) >= ``minimum``; otherwise a ``ValueError`` naming the field."""
+    boolean = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+    try:
+        number = None if boolean else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{name} must be {description}, got {value!r} (accepted: int, or an integer type "
+                         "such as numpy.int64)")
+    return number
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -31,6 +31,8 @@ class Family:
         max_positions_attrs: config fields tried in order for the longest context.
         causal: whether the family's self-attention is causal ...
         causal_attr: ... unless this config field says otherwise (BERT: ``is_decoder``).
+        rotary: whether q and k are rotated by position ids (RoPE) before attention: a forward
+            without ``position_ids`` then gets them from its padding mask (``positions.py``).
     """
 
     name: str
@@ -41,6 +43,7 @@ class Family:
     max_positions_attrs: tuple[str, ...] = ("max_position_embeddings", "n_positions")
     causal: bool = True
     causal_attr: str | None = None
+    rotary: bool = False
 
     # ------------------------------------------------------------------ reading model.config
     def num_heads(self, config: PretrainedConfig) -> int:
@@ -85,6 +88,7 @@ LLAMA = Family(
     attention_suffix="Attention",
     kv_heads_attr="num_key_value_heads",
     head_dim_attr="head_dim",
+    rotary=True,
 )
 OPT = Family(name="opt", model_types=("opt",), attention_suffix="OPTAttention")
 GPT2 = Family(name="gpt2", model_types=("gpt2",), attention_suffix="GPT2Attention")

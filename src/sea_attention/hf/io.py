@@ -5,7 +5,9 @@ A saved directory holds:
 * ``sea_config.json``: the SEA config as the layers run it (``set_runtime`` changes included),
   the active budget (``set_budget``), the base model's identity, family, architecture and
   dtype, the sea-attention version, whether the base weights are included, and the sha256
-  of the weights file (checked on load; saves from before it load unchecked);
+  of every weight file it writes (``sha256``: file name -> digest, checked on load; saves
+  from before it carry only ``weights_sha256``, of the SEA weights, or nothing, and load with
+  what they have checked);
 * ``sea_weights.safetensors``: every SEA parameter and buffer (e.g. the random-feature
   projection) under its ``model.state_dict()`` name (``model.layers.0.self_attn.sea...``);
 * with ``include_base_weights=True``: the base model (``config.json`` + weights, without the
@@ -96,10 +98,10 @@ def write_save(final: Path, model: nn.Module, tensors: dict[str, Tensor], not_ba
     tmp = temp_dir(final)
     try:
         save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
-        meta = {**meta, "weights_sha256": file_sha256(tmp / weights_name)}
         if meta["include_base_weights"]:
             base = {k: v for k, v in model.state_dict().items() if k not in not_base}
             model.save_pretrained(tmp, state_dict=base)
+        meta = {**meta, "sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if _is_weights(p.name)}}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / config_name).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -131,6 +133,32 @@ def _layer_settings(model: nn.Module) -> tuple[dict, int | None]:
     return layers[0][2].config.to_dict(), budgets.pop()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin")  # every file holding (or mapping) tensors
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES)
+
+
+def check_files(folder: Path, meta: dict, weights_name: str, config_name: str) -> None:
+    """Every weight file whose sha256 ``config_name`` records is present and matches it, before
+    anything is loaded. Saves from before the ``sha256`` table recorded only ``weights_sha256``
+    (of ``weights_name``), or nothing: what they recorded is checked."""
+    recorded = meta.get("sha256")
+    if recorded is None:
+        legacy = meta.get("weights_sha256")
+        recorded = {weights_name: legacy} if legacy is not None else {}
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise ValueError(f"{folder / config_name}: sha256 must map file names to hex digests, got {recorded!r}")
+    for name, digest in recorded.items():
+        file = folder / name
+        if not file.is_file():
+            raise ValueError(f"{file} is missing: the save is incomplete, save the model again")
+        if file_sha256(file) != digest:
+            raise ValueError(f"{file} does not match the sha256 recorded in {config_name}: the weights are corrupt "
+                             "or were changed after saving")
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -150,7 +178,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     """
     folder = Path(path)
     meta = _read_meta(folder)
-    weights = read_weights(folder / WEIGHTS_NAME, meta.get("weights_sha256"), CONFIG_NAME)
+    check_files(folder, meta, WEIGHTS_NAME, CONFIG_NAME)
+    weights = read_weights(folder / WEIGHTS_NAME)
     model, tokenizer = load_base(folder, meta, dtype, CONFIG_NAME)
     try:
         patch(model, **{**LEGACY_DEFAULTS, **meta["sea_config"]})  # fields a save predates keep their old value
@@ -180,7 +209,12 @@ def load_base(folder: Path, meta: dict, dtype: torch.dtype | None, config_name: 
             raise ValueError(f"transformers has no model class {architecture!r}")
         model = model_class.from_pretrained(folder, dtype=dtype)
     else:
-        model, tokenizer = load_model(meta["base_model"], dtype=dtype)
+        try:
+            model, tokenizer = load_model(meta["base_model"], dtype=dtype)
+        except OSError as err:
+            raise ValueError(f"{folder / config_name}: base_model {meta['base_model']!r} (where this save, which does "
+                             f"not include the base weights, loads them from) cannot be loaded: {err}. Restore it, or "
+                             f"set base_model in {config_name} to the base model's folder") from err
         if type(model).__name__ != architecture:
             raise ValueError(f"the saved model is a {architecture} but {meta['base_model']!r} loads as a "
                              f"{type(model).__name__}; save it with include_base_weights=True")
@@ -217,14 +251,10 @@ def _read_meta(folder: Path) -> dict:
     return meta
 
 
-def read_weights(file: Path, sha256: str | None, config_name: str) -> dict[str, Tensor]:
-    """A save's tensors; checked against the sha256 recorded in ``config_name`` when there is one
-    (older saves have none)."""
+def read_weights(file: Path) -> dict[str, Tensor]:
+    """A save's tensors (its checksum is checked first, by :func:`check_files`)."""
     if not file.is_file():
         raise ValueError(f"{file} is missing: the save is incomplete, save the model again")
-    if sha256 is not None and file_sha256(file) != sha256:
-        raise ValueError(f"{file} does not match the sha256 recorded in {config_name}: the weights are corrupt "
-                         "or were changed after saving")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:

@@ -26,6 +26,7 @@ from ..core.inputs import validate_budget
 from .decoding import attach_cache_hooks, detach_cache_hooks
 from .families import family_of
 from .interface import IMPLEMENTATION, OVERRIDE_ATTR, LayerOverride, register
+from .positions import attach_position_hook, detach_position_hook
 
 SEA_CONFIG_ATTR = "sea_config"  # on model.config: SEAConfig.to_dict() of every patched layer
 DENSE_ATTR = "sea_dense_implementation"  # on model.config: what patch() switched away from
@@ -107,6 +108,8 @@ def patch(model: nn.Module, config: SEAConfig | None = None, **overrides: Any) -
             module.sea = sea
             object.__setattr__(module, OVERRIDE_ATTR, None)  # a plain attribute: never a submodule
             attach_cache_hooks(module)  # decoding state rides on the KV cache
+        if family.rotary:  # left padding without position_ids: ids from the mask, as generate passes them
+            attach_position_hook(model)
         register()
         setattr(model.config, SEA_CONFIG_ATTR, sea_config.to_dict())
         model.set_attn_implementation(IMPLEMENTATION)
@@ -125,6 +128,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         del module.sea
         module.__dict__.pop(OVERRIDE_ATTR, None)
         detach_cache_hooks(module)
+    detach_position_hook(model)
     if previous is not None and model.config._attn_implementation != previous:
         model.set_attn_implementation(previous)
     for attr in (SEA_CONFIG_ATTR, DENSE_ATTR):

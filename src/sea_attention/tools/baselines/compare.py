@@ -22,7 +22,7 @@ from .chunks import Selector
 from .dense import dense_mask
 from .layer import SelectionStats, SelectorOverride, SEAOverride
 from .oracle import oracle_head_mask, oracle_mask
-from .quest import quest_mask
+from .quest import check_budget as quest_budget, quest_mask
 from .trained import TRAINED, BaselineLayers, baseline_layers
 from .window_sinks import window_sinks_mask
 
@@ -37,6 +37,7 @@ SELECTORS: dict[str, Selector] = {  # the training-free methods
 METHODS: tuple[str, ...] = (*SELECTORS, "sea", *TRAINED)
 DEFAULT_METHODS: tuple[str, ...] = ("dense", "oracle", "oracle_head", "window_sinks", "quest", "sea")
 BUDGET_FREE: tuple[str, ...] = ("dense", *(name for name, m in TRAINED.items() if not m.selects))  # one row each
+BUDGET_CHECKS: dict[str, Callable[[int], None]] = {"quest": quest_budget}  # methods that cannot run at every k
 
 
 def check_methods(methods) -> tuple[str, ...]:
@@ -49,6 +50,14 @@ def method_runs(methods: tuple[str, ...], budgets: tuple[int, ...]) -> list[tupl
     methods once, the rest per k."""
     return [("dense", None)] + [(m, k) for m in methods if m != "dense"
                                 for k in ((None,) if m in BUDGET_FREE else budgets)]
+
+
+def check_budgets(methods: tuple[str, ...], budgets: tuple[int, ...]) -> None:
+    """ValueError for the first (method, k) that cannot run (quest below one page): every pair is
+    checked before the first forward, so no finished row is thrown away."""
+    for method, k in method_runs(methods, budgets):
+        if k is not None and method in BUDGET_CHECKS:
+            BUDGET_CHECKS[method](k)
 
 
 @dataclass(frozen=True)
@@ -66,11 +75,18 @@ class CompareConfig:
             raise ValueError(f"budgets must be positive integers, got {self.budgets!r}")
         if not 0.0 <= self.coverage_skip < 1.0:
             raise ValueError(f"coverage_skip must be a fraction in [0, 1), got {self.coverage_skip!r}")
+        if self.stride is not None and not 1 <= self.stride <= self.seq_len:
+            raise ValueError(f"stride must be in [1, seq_len={self.seq_len}] or None (seq_len), got {self.stride!r}")
+        check_budgets(self.methods, self.budgets)
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
 
     def runs(self) -> list[tuple[str, int | None]]:
         return method_runs(self.methods, self.budgets)
+
+    @property
+    def window_stride(self) -> int:
+        return self.seq_len if self.stride is None else self.stride
 
 
 @dataclass
@@ -133,7 +149,7 @@ def evaluate_method(model: nn.Module, tokens: Tensor, method: str, k: int | None
     stats = SelectionStats(config.coverage_skip)
     name = method if k is None else f"{method} k={k}"
     with method_attention(model, method, k, stats, config.chunk_size):
-        ppl, count = perplexity(model, tokens, config.seq_len, config.stride or config.seq_len, desc=name,
+        ppl, count = perplexity(model, tokens, config.seq_len, config.window_stride, desc=name,
                                 progress=progress)
     layers = stats.per_layer()
     selected = bool(layers)  # the linear attentions select nothing

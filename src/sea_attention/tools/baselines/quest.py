@@ -18,7 +18,8 @@ from .chunks import QueryChunk
 PAGE_SIZE = 16  # the paper's page size
 
 
-def _check(k: int, page_size: int) -> None:
+def check_budget(k: int, page_size: int = PAGE_SIZE) -> None:
+    """ValueError unless quest can run at budget ``k`` (at least one page)."""
     if page_size < 1:
         raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
     if k < page_size:
@@ -50,7 +51,7 @@ def page_scores(query: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
 
 def quest_mask(chunk: QueryChunk, k: int, page_size: int = PAGE_SIZE) -> Tensor:
     """(B, H, C, Tk) bool: the row's own page and its top ``k // P - 1`` other visible pages."""
-    _check(k, page_size)
+    check_budget(k, page_size)
     tk = chunk.key.shape[2]
     num_pages = -(-tk // page_size)
     pages = key_pages(chunk.ranks, chunk.key_valid, page_size, num_pages)  # (B, Tk)

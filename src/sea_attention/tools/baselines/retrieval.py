@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .compare import METHODS, method_attention, method_runs
+from .compare import METHODS, check_budgets, check_methods, method_attention, method_runs
 from .tasks import HAYSTACKS, TASKS, PromptSource, TaskPrompt, check_tasks, haystack_sentences, task_prompts
 
 SUITE_LENGTHS: tuple[int, ...] = (1024, 2048, 4096, 8192)  # 8192: SmolLM2's maximum
@@ -123,9 +123,8 @@ def retrieval_rows(model: nn.Module, tokenizer, methods: tuple[str, ...], budget
     their attention over the cached keys at every step. ``on_row(rows so far)`` runs after each row.
     """
     config.check_fits(getattr(getattr(model, "config", None), "max_position_embeddings", None))
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"methods must be some of {','.join(METHODS)}, got {','.join(unknown)}")
+    methods = check_methods(methods)
+    check_budgets(methods, budgets)  # every (method, k) before the first forward
     prompts = suite_prompts(tokenizer, config)
     rows: list[RetrievalRow] = []
     for method, k in method_runs(methods, budgets):

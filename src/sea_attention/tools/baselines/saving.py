@@ -4,7 +4,7 @@ The directory parallels a SEA save (``hf/io.py``, whose atomic writer and checke
 
 * ``baseline_config.json``: the method and its config, the base model's identity, architecture
   and dtype, whether the base weights and the tokenizer are included, the sea-attention version
-  and the sha256 of the weights file (checked on load);
+  and the sha256 of every weight file (checked on load);
 * ``baseline_weights.safetensors``: the baseline's parameters and buffers under their
   ``model.state_dict()`` names (``model.layers.0.self_attn.sea_baseline...``; cosFormer has none);
 * with ``include_base_weights=True`` (the full-KD stage tunes the base): the base model without
@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from ...hf import patch, sea_state_dict
-from ...hf.io import base_description, check_save_target, load_base, read_json_object, read_weights, write_save
+from ...hf.io import (base_description, check_files, check_save_target, load_base, read_json_object, read_weights,
+                      write_save)
 from .trained import BaselineLayers, attach_baseline, baseline_layers, trained_method
 
 FORMAT_VERSION = 1
@@ -77,7 +78,8 @@ def load_baseline(path: str | os.PathLike) -> tuple[nn.Module, PreTrainedTokeniz
     except (TypeError, ValueError) as err:
         raise ValueError(f"{file}: method {meta['method']!r} with config {meta['method_config']!r} cannot be "
                          f"built ({err})") from err
-    weights = read_weights(folder / WEIGHTS_NAME, meta.get("weights_sha256"), CONFIG_NAME)
+    check_files(folder, meta, WEIGHTS_NAME, CONFIG_NAME)
+    weights = read_weights(folder / WEIGHTS_NAME)
     model, tokenizer = load_base(folder, meta, None, CONFIG_NAME)
     patch(model)
     _load_tensors(model, attach_baseline(model, method.name, config), weights, folder / WEIGHTS_NAME)

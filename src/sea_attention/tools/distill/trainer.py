@@ -40,7 +40,7 @@ from ...hf import LayerCall, dense_attention, layer_override, no_cache, sea_laye
 from ...core.ops.reference import reference_attention
 from .. import distributed
 from ..distributed import Group
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_resume, load_checkpoint, run_settings, save_checkpoint
 from .data import TokenWindows
 from .losses import (HIDDEN_LOSSES, LayerTargets, classification_loss, hidden_mse, language_model_loss, layer_losses,
                      layer_targets, logit_kl)
@@ -79,14 +79,20 @@ class DistillConfig:
     # model-level loss weights (stage full; the paper's OPT recipe)
     task_weight: float = 0.1
     hidden_weight: float = 5.0
-    hidden_loss: str = "relative"  # "mse": the paper's plain MSE, in the residual stream's units
+    hidden_loss: str | None = None  # stage full: "relative" (None), or "mse": the paper's plain MSE in the
+    # residual stream's units
     logit_weight: float = 0.2
     attention_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.hidden_loss not in HIDDEN_LOSSES:
+        if self.hidden_loss is not None and self.stage != "full":
+            raise ValueError(f"hidden_loss applies to stage 'full' only (stage {self.stage} trains layer-local "
+                             f"losses and compares no hidden states), got hidden_loss={self.hidden_loss!r}")
+        if self.stage == "full" and self.hidden_loss is None:
+            self.hidden_loss = "relative"
+        if self.stage == "full" and self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_loss must be one of {HIDDEN_LOSSES}, got {self.hidden_loss!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
@@ -138,8 +144,6 @@ class StepRecord:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-# what a checkpoint written before a setting existed ran with (its config has no such key)
-CHECKPOINT_DEFAULTS = {"hidden_loss": "mse", "query_rows": 0, "updates_per_pass": 1}
 CHECKPOINT_KEYS = ("step", "config", "trainable", "buffers", "optimizer", "scheduler", "history")  # state_dict()
 
 
@@ -245,23 +249,23 @@ class Distiller:
         return {"step": self.step, "config": asdict(self.config), "trainable": trainable, "buffers": buffers,
                 "optimizer": distributed.full_optimizer_state(self.optimizer.state_dict()),
                 "scheduler": self.scheduler.state_dict(), "history": [asdict(r) for r in self.history],
-                "method": self._method_name, "world_size": self.group.world_size}
+                "method": self._method_name, "world_size": self.group.world_size, "layers": self._layer_settings()}
 
     @property
     def _method_name(self) -> str:
         return self.method.name if self.method is not None else "sea"
 
+    def _layer_settings(self) -> dict[str, Any]:
+        """The trained layers' settings (a field that differs between layers: its list per layer)."""
+        if self.method is not None:
+            return self.method.config_dict() if hasattr(self.method, "config_dict") else {}
+        per_layer = [{**sea.config.to_dict(), "k_budget": getattr(sea, "k_budget", None)} for sea in self.layers]
+        return {name: values[0] if all(v == values[0] for v in values) else values
+                for name, values in ((n, [layer[n] for layer in per_layer]) for n in per_layer[0])}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = self._with_our_world_size(state)
-        ours, theirs = asdict(self.config), {**CHECKPOINT_DEFAULTS, **state["config"]}
-        ignored = {"checkpoint_every"} | ({"hidden_loss"} if self.config.stage != "full" else set())  # no effect
-        changed = sorted(name for name, value in theirs.items() if name not in ignored and ours.get(name) != value)
-        if changed:
-            details = ", ".join(f"{n}: checkpoint {theirs[n]!r}, now {ours.get(n)!r}" for n in changed)
-            raise ValueError(f"cannot resume: the run's settings differ from the checkpoint's ({details})")
-        if state.get("method", "sea") != self._method_name:
-            raise ValueError(f"cannot resume: the checkpoint trains {state.get('method', 'sea')}, this run "
-                             f"{self._method_name}")
+        check_resume(state, run_settings(asdict(self.config), self._method_name, self._layer_settings()))
         params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
         for name, value in [*state["trainable"].items(), *state["buffers"].items()]:
             ours_now = params.get(name, buffers.get(name))
