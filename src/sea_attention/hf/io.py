@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,7 +74,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model: st
     check_save_target(final)
     meta = {"format_version": FORMAT_VERSION, **base, "family": family_of(model).name, "sea_config": sea_config,
             "k_budget": k_budget}
-    return write_save(final, model, state, set(state), meta, tokenizer, CONFIG_NAME, WEIGHTS_NAME)
+    return write_save(final, model, state, set(state), meta, tokenizer, SaveFiles(CONFIG_NAME, WEIGHTS_NAME))
 
 
 def base_description(model: nn.Module, base_model: str | None, tokenizer: PreTrainedTokenizerBase | None,
@@ -88,23 +89,32 @@ def base_description(model: nn.Module, base_model: str | None, tokenizer: PreTra
             "include_tokenizer": tokenizer is not None}
 
 
+@dataclass(frozen=True)
+class SaveFiles:
+    """The file names of one kind of save: its JSON (written last: its presence marks a complete save)
+    and its own weights."""
+
+    config: str
+    weights: str
+
+
 def write_save(final: Path, model: nn.Module, tensors: dict[str, Tensor], not_base: Collection[str], meta: dict,
-               tokenizer: PreTrainedTokenizerBase | None, config_name: str, weights_name: str) -> Path:
-    """Write a save directory atomically: ``tensors`` as ``weights_name`` (checksummed in
-    ``meta``), the base model (``model``'s state without the names in ``not_base``) when
-    ``meta["include_base_weights"]``, the tokenizer, and ``meta`` as ``config_name``, last.
+               tokenizer: PreTrainedTokenizerBase | None, files: SaveFiles) -> Path:
+    """Write a save directory atomically: ``tensors`` as ``files.weights``, the base model
+    (``model``'s state without the names in ``not_base``) when ``meta["include_base_weights"]``,
+    the tokenizer, and ``meta`` (with the sha256 of every weight file) as ``files.config``, last.
     Shared by SEA saves and the trained baselines' saves (``baselines/saving.py``)."""
     remove_debris(final)  # what earlier, killed saves to the same place left
     tmp = temp_dir(final)
     try:
-        save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / files.weights), metadata={"format": "pt"})
         if meta["include_base_weights"]:
             base = {k: v for k, v in model.state_dict().items() if k not in not_base}
             model.save_pretrained(tmp, state_dict=base)
         meta = {**meta, "sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if _is_weights(p.name)}}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / config_name).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / files.config).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

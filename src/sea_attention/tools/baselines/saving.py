@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from ...hf import patch, sea_state_dict
-from ...hf.io import (base_description, check_files, check_save_target, load_base, read_json_object, read_weights,
-                      write_save)
+from ...hf.io import (SaveFiles, base_description, check_files, check_save_target, load_base, read_json_object,
+                      read_weights, write_save)
 from .trained import BaselineLayers, attach_baseline, baseline_layers, trained_method
 
 FORMAT_VERSION = 1
@@ -61,7 +61,7 @@ def save_baseline(model: nn.Module, path: str | os.PathLike, *, base_model: str 
     check_baseline_target(final)
     meta = {"format_version": FORMAT_VERSION, **base, "method": layers.name, "method_config": layers.config_dict()}
     not_base = set(tensors) | set(sea_state_dict(model))
-    return write_save(final, model, tensors, not_base, meta, tokenizer, CONFIG_NAME, WEIGHTS_NAME)
+    return write_save(final, model, tensors, not_base, meta, tokenizer, SaveFiles(CONFIG_NAME, WEIGHTS_NAME))
 
 
 def load_baseline(path: str | os.PathLike) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
