@@ -161,7 +161,7 @@ def test_an_impossible_method_and_budget_is_refused_before_the_first_forward(tin
         raise AssertionError("a forward ran before the impossible pair was refused")
 
     monkeypatch.setattr("sea_attention.tools.baselines.compare.perplexity", no_forward)
-    monkeypatch.setattr("sea_attention.tools.baselines.passkey.greedy_answer", no_forward)
+    monkeypatch.setattr("sea_attention.tools.baselines.retrieval.greedy_ids", no_forward)
     assert main(["compare", "--model", str(tiny_model_dir / "model"), "--data", str(tiny_model_dir / "text.txt"),
                  "--task", task, "--methods", "dense,sea,quest", "--k", "32,4", "--estimate-width", "8",
                  "--quiet"]) == 2
