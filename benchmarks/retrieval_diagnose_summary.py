@@ -1,9 +1,9 @@
 """EXPERIMENT (issue 25): summarise `sea diagnose --task` JSONs: where does SEA lose the dense top key?
 
 For every (answer step, layer, head) where the dense top-1 key is not a forced (sink / window) key
-and holds at least ``--mass`` of the dense top keys' probability, classify the top-1 key's bin:
+and the dense top keys hold at least ``--mass`` of the probability, classify the top-1 key:
 
-* ``estimate_ok``: the estimate ranks it inside the grouped budget (SEA selects it);
+* ``estimate_ok``: SEA selects it;
 * ``signal``: the estimate ranks it outside the budget, exact bin mass would rank it inside (c/e: the
   estimate's signal loses it);
 * ``budget``: even exact bin mass ranks it outside the grouped budget (d: the shared budget);
@@ -21,22 +21,24 @@ import json
 
 def classify(payload: dict, mass: float) -> dict[str, int]:
     counts = {"pairs": 0, "estimate_ok": 0, "signal": 0, "budget": 0, "head_budget": 0}
+    window = payload["length"] - 20  # top-1 keys past here (or among the first 8) sit in forced bins
     for layer in payload["layers"].values():
         for step in range(payload["steps"]):
             for head, top_mass in enumerate(layer["top_mass"][step]):
-                if top_mass < mass:
+                key = layer.get("top1_key", [[window // 2] * 9] * payload["steps"])[step][head]
+                if top_mass < mass or key < 8 or key >= window:
                     continue
                 budget = layer["budget"][step][head]
                 rank, exact = layer["group_rank"][step][head], layer["mass_group_rank"][step][head]
+                chosen = layer["top1_selected"][step][head] > 0 if "top1_selected" in layer else rank < budget
                 counts["pairs"] += 1
-                if rank < budget:
+                if chosen:
                     counts["estimate_ok"] += 1
                 elif exact < budget:
                     counts["signal"] += 1
                 else:
                     counts["budget"] += 1
-                    per_head = budget / 9  # 9 heads share the grouped budget
-                    counts["head_budget"] += int(layer["mass_head_rank"][step][head] < per_head)
+                    counts["head_budget"] += int(layer["mass_head_rank"][step][head] < budget / 9)  # 9 heads
     return counts
 
 
