@@ -11,7 +11,11 @@ Runs the suite's prompts (``tools/baselines/tasks.py``) through variants of SEA'
 * ``cells_mass_head``: ``cells_mass`` with a budget per head (d, with a perfect signal);
 * ``cells_max``: bins scored by the exact largest probability inside (an upper-bound signal, c);
 * ``cells_meankey``: bins scored by softmax(scale * q . mean(k) + log size) alone, the
-  undistilled estimator's mean-key signal computed exactly (c).
+  undistilled estimator's mean-key signal computed exactly (c);
+* ``sea_dense_context``: dense attention on every prompt row but the last; SEA on the answer rows
+  (the last prompt row and the decoding steps): is the retrieval step itself what fails?
+* ``sea_dense_answer``: SEA on the prompt rows, dense on the answer rows: does the sparse context
+  (hidden states built by SEA over the prompt) lose the needle before anyone asks for it?
 
 (a) cap: a selected bin emits min(size, k) keys; with K=256 bins hold <= ceil(L/256) keys, 33 at
 8,200 tokens, below k=64, so every selected bin emits all its keys up to 16k tokens: printed, not run.
@@ -38,7 +42,8 @@ from sea_attention.hf import layer_override, patch, sea_budget, set_runtime
 from sea_attention.hf.decoding import decode_state
 from sea_attention.tools.baselines.retrieval import RetrievalConfig, score_prompts, suite_prompts
 
-VARIANTS = ("sea", "sea_nogate", "sea_query_head", "cells_mass", "cells_mass_head", "cells_max", "cells_meankey")
+VARIANTS = ("sea", "sea_nogate", "sea_query_head", "cells_mass", "cells_mass_head", "cells_max", "cells_meankey",
+            "sea_dense_context", "sea_dense_answer")
 
 
 def bin_scores(kind: str, logits, probs, lengths, width: int):
@@ -102,6 +107,26 @@ class NoGateOverride:
         return context, None
 
 
+@dataclass
+class SplitOverride:
+    """SEA (its own state) on one part of the rows, dense attention on the other."""
+
+    k: int
+    sea_answers: bool  # True: SEA on the answer rows, dense on the context rows; False: the reverse
+
+    def __call__(self, call):
+        heads, tq, tk = call.query.shape[1], call.query.shape[2], call.key.shape[2]
+        prefill = tq == tk
+        if not prefill and not self.sea_answers:
+            return call.dense()[0], None  # decoding rows, dense
+        out = call.run_sea(k_budget=self.k, state=decode_state(call.module, call.layer_idx, tq, tk))
+        if not prefill:
+            return out.context, None
+        dense = call.dense()[0]
+        context, last = (dense, out.context) if self.sea_answers else (out.context, dense)
+        return torch.cat([context[:, :, :-1], last[:, :, -1:]], 2), None  # the last prompt row is an answer row
+
+
 @contextmanager
 def variant(model, name: str, k: int):
     """Run ``model`` as ``name`` inside the block."""
@@ -115,6 +140,9 @@ def variant(model, name: str, k: int):
                 yield
         finally:
             set_runtime(model, grouping="query")
+    elif name in ("sea_dense_context", "sea_dense_answer"):
+        with layer_override(model, SplitOverride(k, sea_answers=name == "sea_dense_context")):
+            yield
     elif name == "sea_nogate":
         with layer_override(model, NoGateOverride(k)):
             yield

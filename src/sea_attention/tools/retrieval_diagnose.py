@@ -4,11 +4,12 @@ For one prompt of the retrieval suite: the dense model's greedy answer and SEA's
 forward over the prompt and the dense answer (teacher forcing: every layer sees the dense inputs).
 At each answer step (the query rows that predict the answer tokens), layer and head it records:
 
-* ``selected``: the fraction of the dense attention's ``top`` keys that SEA's selection holds, and
-  ``selected_mass``: the same weighted by their dense probability;
+* ``selected``: the fraction of the dense attention's ``top`` keys that SEA's selection holds,
+  ``selected_mass``: the same weighted by their dense probability, ``top1_selected`` / ``top1_key``:
+  whether SEA holds the dense top-1 key, and its position;
 * ``head_rank`` / ``group_rank``: the rank (0 = best) of the bin holding the dense top-1 key in
   the estimate, among the head's K bins and among all H*K bins the ``query`` grouping compares,
-  beside ``budget`` (the bins the grouped top-k takes); ``mass_head_rank`` / ``mass_group_rank``:
+  beside ``budget`` (the bins the grouped top-k takes, ``forced`` of them sink / window bins); ``mass_head_rank`` / ``mass_group_rank``:
   the same ranks if the bins were scored by their exact attention mass (an oracle estimate).
 
     report = diagnose_prompt(model, tokenizer, prompt, RetrievalDiagnoseConfig(k=64))
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import write_file, write_text
-from ..core.cells import KeySlots, key_bins
+from ..core.cells import KeySlots, forced_cells, key_bins
 from ..core.selection import cell_budget
 from ..hf import LayerCall, layer_override, no_cache, sea_budget, sea_layers
 from .baselines.chunks import query_chunks
@@ -85,7 +86,11 @@ class TopKeyProbe:
         head_rank, group_rank = _ranks(out.estimate[:, :, rows].float(), top_bin)
         mass_head, mass_group = _ranks(mass, top_bin)
         budget = cell_budget(lengths, self.config.k, width, heads)[:, None, :].expand_as(head_rank)
+        cfg = call.sea.config
+        forced = forced_cells(lengths, width, min(cfg.sinks, self.config.k // 4), min(cfg.local_window, self.config.k // 4))
         measured = {"selected": hit.mean(-1), "selected_mass": (hit * values).sum(-1) / values.sum(-1),
+                    "top1_selected": hit[..., 0], "top1_key": keys[..., 0],
+                    "forced": (forced.sum(-1) * heads)[:, None, :].expand_as(head_rank),
                     "top_mass": values.sum(-1), "head_rank": head_rank, "group_rank": group_rank,
                     "mass_head_rank": mass_head, "mass_group_rank": mass_group, "budget": budget}
         self.layers[call.layer_idx] = {name: x[0].transpose(0, 1).tolist() for name, x in measured.items()}
