@@ -41,13 +41,13 @@ def test_reference_is_skipped_when_it_cannot_fit():
 
 def test_cli_attention_writes_json_and_plot(tmp_path, capsys):
     report, png = tmp_path / "out" / "attention.json", tmp_path / "attention.png"
-    assert main(["bench", "attention", "--lengths", "64,128", "--methods", "sdpa,eager,sea,sea_block", *TINY,
-                 "--json", str(report), "--plot", str(png)]) == 0
+    assert main(["bench", "attention", "--lengths", "64,128", "--methods", "sdpa,eager,sea,sea_chunked,sea_block",
+                 *TINY, "--json", str(report), "--plot", str(png)]) == 0
     data = json.loads(report.read_text())
     assert data["setup"]["heads"] == 2 and data["machine"]["torch"] == torch.__version__
     assert data["machine"]["cpu_model"] and data["machine"]["cpu_capability"]
     points = {(p["method"], p["length"]): p for p in data["points"]}
-    assert set(points) == {(m, t) for m in ("sdpa", "eager", "sea", "sea_block") for t in (64, 128)}
+    assert set(points) == {(m, t) for m in ("sdpa", "eager", "sea", "sea_chunked", "sea_block") for t in (64, 128)}
     assert all(p["seconds"] > 0 and p["peak_mb"] is not None and p["note"] == "" for p in points.values())
     for (method, length), p in points.items():  # speed-up = SDPA's time / the method's time
         assert p["speedup_vs_sdpa"] == pytest.approx(points[("sdpa", length)]["seconds"] / p["seconds"])
@@ -64,7 +64,7 @@ def test_cli_rejects_bad_lengths_and_unknown_methods(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "attention", "--methods", "sdpa,flash"])
     err = capsys.readouterr().err
-    assert "unknown method 'flash'" in err and "sdpa,eager,sea,sea_block,sea_reference,sea_flex" in err
+    assert "unknown method 'flash'" in err and "sdpa,eager,sea,sea_chunked,sea_block,sea_reference,sea_flex" in err
 
 
 def test_stage_flops_against_hand_computed_values():

@@ -6,7 +6,7 @@ from transformers import (
     DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
 )
 
-from sea_attention.hf import patch, sea_attention_forward, sea_layers
+from sea_attention.hf import patch, sea_attention_forward, sea_layers, set_runtime
 from sea_attention.hf.decoding import DecodingStateError, find_cache
 
 VOCAB = 101
@@ -52,6 +52,31 @@ def test_chunked_prefill_and_steps_equal_full_forward(family):
         stepped = torch.cat([torch.nn.functional.pad(m[layer], (0, 60 - m[layer].shape[-1])) for m in maps], 2)
         assert torch.equal(stepped[real.unsqueeze(1).expand_as(stepped[..., 0])] > 0,
                            dense[real.unsqueeze(1).expand_as(dense[..., 0])] > 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_row_chunked_prefill_then_steps_equal_the_full_forward(family, monkeypatch):
+    from sea_attention.core import chunked
+
+    model = build(family)
+    set_runtime(model, query_chunk=7)  # several row chunks in the prefill
+    spans = []
+    monkeypatch.setattr(chunked, "_span_context", lambda *a, f=chunked._span_context: spans.append(a[-2:]) or f(*a))
+    ids = torch.randint(1, VOCAB, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)  # the full forward
+        assert not spans
+        cache = DynamicCache()
+        logits = [model(input_ids=ids[:, :30], attention_mask=mask[:, :30], past_key_values=cache, use_cache=True).logits]
+        assert len(spans) == 2 * 5  # two layers, rows 0..29 in spans of 7
+        for end in range(31, 41):
+            logits.append(model(input_ids=ids[:, end - 1:end], attention_mask=mask[:, :end], past_key_values=cache,
+                                use_cache=True).logits)
+    assert len(spans) == 2 * 5  # decoding steps run the full forward
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(logits, 1)[real], full.logits[real], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family, mode", [("llama", "greedy"), ("opt", "greedy"), ("gpt2", "greedy"),

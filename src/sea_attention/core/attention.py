@@ -121,29 +121,55 @@ class SEAAttention(nn.Module):
             lengths=call.asked_lengths, estimate_rows=None if call.query_rows is not None else estimate.rows,
         )
 
+    def context_only(self, q: Tensor, k: Tensor, v: Tensor, **options: Unpack[CallOptions]) -> Tensor:
+        """Only the layer's context (B, H, Tq, d): ``forward(q, k, v, **options).context``, computed
+        without the (B, H, Tq, K) fields of ``SEAOutput`` where that is defined.
+
+        A causal per-query layer on the ``sparse`` path in inference (no autograd, no
+        ``return_attention``, no ``query_rows``, no state or an empty one being prefilled) runs
+        the row-chunked path (``chunked.py``): the per-position work once, then the estimate,
+        selection and attention ``query_chunk`` rows at a time, so no stage holds a Tq x K
+        tensor. Every other call runs ``forward`` and returns its context. Both equal the full
+        forward's context to float rounding (``tests/test_chunked.py``).
+        """
+        from .chunked import chunked_context, chunked_runs  # chunked.py builds on this module
+
+        call = SEACall.build(self.config, (q, k, v), options, self.k_budget)
+        if not chunked_runs(self, call):
+            return self.forward(q, k, v, **options).context
+        return chunked_context(self, call)
+
     def compose(self, context: Tensor, estimate: Estimate, call: SEACall) -> tuple[Tensor, Tensor | None]:
         """The layer's output from the sparse context: gates, decoding state, norm, masks."""
         gates = None
         if self.config.gating:
             gates = torch.sigmoid(call.asked(estimate.gate_logits, 2)).to(context.dtype)
-            scaler, mix = gates[..., :1], gates[..., 1:]
-            average = call.asked(self._average_values(call), 2).to(context.dtype)
-            context = torch.lerp(average, scaler * context, mix)  # mix * scaler * context + (1 - mix) * average
+            context = self.gate(context, gates, call.asked(self.average_values(call), 2))
         if call.state is not None:
-            self._advance_state(call.state, call.v, call.key_valid)
+            self.advance_state(call.state, call.v, call.key_valid)
+        return self.finish(context, call), gates
+
+    @staticmethod
+    def gate(context: Tensor, gates: Tensor, average: Tensor) -> Tensor:
+        """Gated context: mix * scaler * context + (1 - mix) * average, gates (B, H, n, 2)."""
+        scaler, mix = gates[..., :1], gates[..., 1:]
+        return torch.lerp(average.to(context.dtype), scaler * context, mix)
+
+    def finish(self, context: Tensor, call: SEACall) -> Tensor:
+        """The output norm, then padding rows zeroed and poisoned rows NaN (the computed rows)."""
         if self.output_norm is not None:
             context = self._norm_output(context)
         context = context.masked_fill(~call.asked(call.query_valid, 1)[:, None, :, None], 0.0)  # after the norm
         if call.poisoned is not None:
             context = context.masked_fill(call.asked(call.poisoned, 1)[:, None, :, None], float("nan"))
-        return context, gates
+        return context
 
     def maybe_redraw_features(self, step: int) -> bool:
         """Redraw the Performer features if ``step`` is due (see ``feature_redraw_interval``)."""
         return self.estimator.maybe_redraw_features(step)
 
     # ------------------------------------------------------------------ helpers
-    def _average_values(self, call: SEACall) -> Tensor:
+    def average_values(self, call: SEACall) -> Tensor:
         """The average branch: mean of V over each query's valid keys, (B, H, Tq, d)."""
         v, key_valid, state, tq = call.v, call.key_valid, call.state, call.q.shape[2]
         past = state.seen if state is not None else 0  # the past is in the running sum
@@ -151,15 +177,15 @@ class SEAAttention(nn.Module):
         if not bool(key_valid[:, past:].all()):
             masked = masked * key_valid[:, None, past:, None]
         if past:
-            sums = state.value_sum.unsqueeze(2) + _running_sum(masked)
+            sums = state.value_sum.unsqueeze(2) + running_sum(masked)
         elif self.config.causal:
-            sums = _running_sum(masked)[:, :, v.shape[2] - tq:]  # running sums up to each query
+            sums = running_sum(masked)[:, :, v.shape[2] - tq:]  # running sums up to each query
         else:
             sums = masked.sum(2, keepdim=True).expand(-1, -1, tq, -1)
         mean = sums / call.lengths[:, None, :, None].clamp_min(1)
         return repeat_kv(mean, self.config.kv_groups)
 
-    def _advance_state(self, state: DecodeState, v: Tensor, key_valid: Tensor) -> None:
+    def advance_state(self, state: DecodeState, v: Tensor, key_valid: Tensor) -> None:
         """Fold this call's keys into the decoding state (the estimator did its part)."""
         new_valid = key_valid[:, state.seen:]
         added = (v[:, :, state.seen:].float() * new_valid[:, None, :, None]).sum(2)  # (B, H_kv, d)
@@ -177,7 +203,7 @@ class SEAAttention(nn.Module):
         return flat.view(bsz, tq, heads, d).transpose(1, 2)
 
 
-def _running_sum(x: Tensor) -> Tensor:
+def running_sum(x: Tensor) -> Tensor:
     """cumsum over T of (B, H, T, d): a scan along the last, contiguous axis is several times
     faster on CPU than along T, even with the two transposed copies."""
     return x.transpose(-1, -2).contiguous().cumsum(-1).transpose(-1, -2)

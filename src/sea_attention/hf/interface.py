@@ -77,6 +77,8 @@ def sea_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
                           **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """Attention function registered as "sea"; returns ((B, Tq, H, d), (B, H, Tq, Tk) or None).
 
+    Without ``output_attentions`` only the context is needed: ``SEAAttention.context_only`` runs,
+    whose prefill (and no-cache forward) in inference goes ``query_chunk`` rows at a time.
     A ``dropout`` keyword is accepted and ignored: SEA has no attention dropout (its estimator
     is trained by distillation, where the teacher runs without dropout too).
     """
@@ -106,8 +108,10 @@ def sea_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
             return context.to(query.dtype).transpose(1, 2), attention if want_attention else None
 
     state = decode_state(module, sea.layer_idx, tq, tk) if causal else None
-    out = sea(query, key, value, attention_mask=key_valid, scale=scaling, return_attention=want_attention,
-              state=state)
+    if not want_attention:  # only the context: row-chunked where defined (SEAAttention.context_only)
+        context = sea.context_only(query, key, value, attention_mask=key_valid, scale=scaling, state=state)
+        return context.transpose(1, 2), None
+    out = sea(query, key, value, attention_mask=key_valid, scale=scaling, return_attention=True, state=state)
     return out.context.transpose(1, 2), out.attention
 
 

@@ -34,6 +34,15 @@ class Estimate:
     rows: Tensor | None = None  # (n,) the query rows that logits and probs hold; None: all of them
 
 
+@dataclass
+class BinInputs:
+    """What the binned signals read for every row (``AttentionEstimator._bin_inputs``)."""
+
+    queries: list[Tensor]  # (B, H_kv, G, Tq, f_i): phi(q) (kernel_bins) and/or q (key_bins), float32
+    sums: Tensor  # (B, H_kv, Tk + 1, sum f_i) float64 prefix sums of [phi(k), k] over positions 0..Tk
+    counts: Tensor  # (B, Tk + 1) valid keys before each position
+
+
 class AttentionEstimator(nn.Module):
     """Performer features (+ positional code) -> per-token encoder -> CNN decoder (+ the kernel's
     own binned attention, ``kernel_bins``) -> softmax."""
@@ -100,14 +109,61 @@ class AttentionEstimator(nn.Module):
         """
         if rows is not None and (call.state is not None or not self.config.causal):
             raise ValueError("estimating some rows only needs a causal estimator and no decoding state")
-        phi_q, phi_k, performer = self._performer(call)
-        hidden = self.encoder.hidden(performer.to(self._param_dtype), call.v[:, :, call.first:].to(self._param_dtype))
+        performer, bins = self.per_position(call)
+        hidden = self.encoder.hidden(performer, self._own_values(call, 0, call.q.shape[2]))  # (B, H, Tq, 2d)
         gate_logits = self.encoder.gates(hidden)  # every row has gates, estimated or not: (B, H, Tq, 2)
         logits = self._cnn_logits(hidden, call, rows).float()  # (B, H, Tq or n, K)
-        lengths = call.lengths if rows is None else call.lengths.index_select(1, rows)
-        if self.config.binned:
-            logits = logits + self._binned_signals(call, phi_q, phi_k, lengths, rows)
-        live = live_cells(lengths, self.config.estimate_width).unsqueeze(1)  # (B, 1, Tq, K)
+        return self._estimate(logits, gate_logits, call, bins, rows)
+
+    def per_position(self, call: "SEACall") -> tuple[Tensor, BinInputs | None]:
+        """The work done once per position, whatever rows are estimated: the Performer output
+        (B, H, Tq, p) in the parameters' dtype and the binned signals' inputs (None when off).
+        A decoding state gets its Performer sums and prefix sums here."""
+        phi_q, phi_k, performer = self._performer(call)
+        bins = self._bin_inputs(call, phi_q, phi_k) if self.config.binned else None
+        return performer.to(self._param_dtype), bins
+
+    def estimate_span(self, performer: Tensor, bins: BinInputs | None, call: "SEACall", lo: int,
+                      hi: int) -> Estimate:
+        """The estimate of the consecutive query rows [lo, hi) only (causal, no state read), from
+        ``per_position``'s results: its ``logits``, ``probs`` and ``gate_logits`` hold those rows.
+
+        A causal row's logits depend on its decoder input row and the ``HISTORY_ROWS`` before it,
+        so the encoder and the CNN run on rows [lo - HISTORY_ROWS, hi) only (from row 0, the
+        convolutions' zero padding, as in the full forward). Nothing here is Tq x K wide.
+        """
+        first = max(0, lo - CausalDecoder.HISTORY_ROWS)
+        hidden = self.encoder.hidden(performer[:, :, first:hi], self._own_values(call, first, hi))  # (B, H, r, 2d)
+        row_mask = call.query_valid[:, None, first:hi, None].to(hidden.dtype)  # (B, 1, r, 1)
+        logits = self.decoder(self.encoder.image(hidden), row_mask)[:, :, lo - first:].float()  # (B, H, n, K)
+        gate_logits = self.encoder.gates(hidden[:, :, lo - first:])  # (B, H, n, 2)
+        rows = torch.arange(lo, hi, device=logits.device)
+        return self._estimate(logits, gate_logits, call, bins, rows)
+
+    def remember_cnn_rows(self, performer: Tensor, call: "SEACall") -> None:
+        """Fill an empty decoding state's CNN history (the last ``HISTORY_ROWS`` decoder input rows
+        and their masks, zero rows before the start) from ``per_position``'s Performer output:
+        what ``_decode`` leaves in the state, for a prefill that decoded its rows in spans."""
+        rows, tq = CausalDecoder.HISTORY_ROWS, call.q.shape[2]
+        first = max(0, tq - rows)
+        hidden = self.encoder.hidden(performer[:, :, first:], self._own_values(call, first, tq))
+        image = self.encoder.image(hidden)  # (B, H*c, r, K/4)
+        mask = call.query_valid[:, None, first:, None].to(image.dtype)  # (B, 1, r, 1)
+        short = rows - image.shape[2]  # a prompt shorter than the history: zero rows in front
+        call.state.cnn_rows = torch.nn.functional.pad(image, (0, 0, short, 0))
+        call.state.cnn_mask = torch.nn.functional.pad(mask, (0, 0, short, 0))
+
+    def _own_values(self, call: "SEACall", lo: int, hi: int) -> Tensor:
+        """The values of query rows [lo, hi) in the parameters' dtype: (B, H_kv, hi - lo, d)."""
+        return call.v[:, :, call.first + lo:call.first + hi].to(self._param_dtype)
+
+    def _estimate(self, logits: Tensor, gate_logits: Tensor, call: "SEACall", bins: BinInputs | None,
+                  rows: Tensor | None) -> Estimate:
+        """The CNN's logits (B, H, Tq or n, K) plus the binned signals, softmaxed over the live bins."""
+        lengths = call.lengths if rows is None else call.lengths.index_select(1, rows)  # (B, Tq or n)
+        if bins is not None:
+            logits = logits + self._bin_signal(bins, lengths, rows, call.scale)
+        live = live_cells(lengths, self.config.estimate_width).unsqueeze(1)  # (B, 1, Tq or n, K)
         # a finite fill keeps padding rows (no live bin) NaN-free, also in backward
         probs = torch.softmax(logits.masked_fill(~live, torch.finfo(logits.dtype).min), dim=-1)
         probs = probs.masked_fill(~live, 0.0)
@@ -153,18 +209,13 @@ class AttentionEstimator(nn.Module):
             return self._decode(self.encoder.image(hidden), row_mask, call.state)
         return self._decode_rows(hidden, row_mask, rows)
 
-    def _binned_signals(self, call: "SEACall", phi_q: Tensor, phi_k: Tensor, lengths: Tensor,
-                        rows: Tensor | None) -> Tensor:
-        """(B, H, Tq or n, K): the weighted binned signals added to the CNN's logits (``kernel_bins.py``).
-
-        ``kernel_bins``: log of the FAVOR+ kernel's attention share per bin; ``key_bins``: each
-        bin's logit through its mean key. Both come from prefix sums over positions of
-        [phi(k), k] (whichever are on), which decoding keeps in its state.
-        """
+    def _bin_inputs(self, call: "SEACall", phi_q: Tensor, phi_k: Tensor) -> BinInputs:
+        """What the binned signals read (``kernel_bins.py``): the queries and the prefix sums over
+        positions of [phi(k), k] (whichever are on), which decoding keeps in its state."""
         past = call.state.seen if call.state is not None else 0
-        q, new_k, scale = call.q, call.k[:, :, past:], call.scale
+        q, new_k = call.q, call.k[:, :, past:]
         bsz, kv_heads, groups, tq = phi_q.shape[:4]
-        root = math.sqrt(scale)
+        root = math.sqrt(call.scale)
         per_key, queries = [], []  # the prefix-summed key vectors and the queries read against them
         if self.config.kernel_bins:
             if self.kernel_features is not None:
@@ -177,9 +228,16 @@ class AttentionEstimator(nn.Module):
             per_key.append(new_k.float())
             queries.append(q.float().view(bsz, kv_heads, groups, tq, -1))
         sums, counts = self._bin_sums(torch.cat(per_key, dim=-1), call.key_valid[:, past:], call.state)
-        if rows is not None:
-            queries = [x.index_select(3, rows) for x in queries]
-        dots, sizes = edge_dots(queries, sums, counts, lengths, self.config.estimate_width)  # one gather for both
+        return BinInputs(queries, sums, counts)
+
+    def _bin_signal(self, bins: BinInputs, lengths: Tensor, rows: Tensor | None, scale: float) -> Tensor:
+        """(B, H, Tq or n, K): the weighted binned signals added to the CNN's logits.
+
+        ``kernel_bins``: log of the FAVOR+ kernel's attention share per bin; ``key_bins``: each
+        bin's logit through its mean key. ``lengths`` are those of ``rows`` (all rows: None).
+        """
+        queries = bins.queries if rows is None else [x.index_select(3, rows) for x in bins.queries]
+        dots, sizes = edge_dots(queries, bins.sums, bins.counts, lengths, self.config.estimate_width)  # one gather
         signal = 0.0
         if self.config.kernel_bins:
             signal = self.kernel_scale * log_mass(dots[0]).flatten(1, 2)

@@ -3,7 +3,8 @@
 Each (method, length) point runs in a fresh process, so its peak resident memory is its
 own: peak RSS during one forward call minus RSS just before it (inputs and modules already
 built, warm-up done). Times are medians of repeated forward calls after one untimed warm-up
-call (which is also where ``sea_flex`` compiles).
+call (which is also where ``sea_flex`` compiles). ``sea`` is the full forward (every field of
+``SEAOutput``), ``sea_chunked`` the same layer's ``context_only`` (the row-chunked path).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from torch import Tensor
 from ..methods import check_methods as check_list
 from .runtime import in_fresh_process, median_seconds, peak_extra_mb
 
-METHODS = ("sdpa", "eager", "sea", "sea_block", "sea_reference", "sea_flex")
+METHODS = ("sdpa", "eager", "sea", "sea_chunked", "sea_block", "sea_reference", "sea_flex")
 DEFAULT_METHODS = METHODS
 SEA_METHODS = {  # method -> SEAConfig changes
     "sea": {"attention_path": "sparse"},
+    "sea_chunked": {"attention_path": "sparse"},  # the same layer through context_only: rows in chunks
     "sea_block": {"grouping": "block"},
     "sea_reference": {"attention_path": "reference"},
     "sea_flex": {"attention_path": "flex"},
@@ -100,6 +102,8 @@ def _forward_call(method: str, length: int, setup: AttentionBenchSetup) -> Calla
     from ...core.attention import SEAAttention
 
     module = SEAAttention(setup.sea_config(length, **SEA_METHODS[method])).eval()
+    if method == "sea_chunked":  # what a patched model runs when only the context is needed
+        return lambda: module.context_only(q, k, v)
     return lambda: module(q, k, v).context
 
 
