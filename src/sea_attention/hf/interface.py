@@ -95,17 +95,14 @@ def sea_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
     key_valid = key_padding_mask(attention_mask, batch, tq, tk, causal)  # (B, Tk) or None
     want_attention = _attentions_requested(kwargs)
 
-    override = getattr(module, OVERRIDE_ATTR, None)
-    if override is not None:
+    if getattr(module, OVERRIDE_ATTR, None) is not None:
         if key_valid is None:
             key_valid = torch.ones(batch, tk, dtype=torch.bool, device=key.device)
-        call = LayerCall(module=module, sea=sea, layer_idx=sea.layer_idx, query=query, key=key, value=value,
-                         key_valid=key_valid, scaling=scaling, causal=causal, output_attentions=want_attention)
-        result = override(call)
+        result = _run_override(LayerCall(module=module, sea=sea, layer_idx=sea.layer_idx, query=query, key=key,
+                                         value=value, key_valid=key_valid, scaling=scaling, causal=causal,
+                                         output_attentions=want_attention))
         if result is not None:
-            context, attention = result  # (B, H, Tq, d), (B, H, Tq, Tk) or None
-            # the output projection expects the model's dtype; overrides often compute in fp32
-            return context.to(query.dtype).transpose(1, 2), attention if want_attention else None
+            return result
 
     state = decode_state(module, sea.layer_idx, tq, tk) if causal else None
     if not want_attention:  # only the context: row-chunked where defined (SEAAttention.context_only)
@@ -113,6 +110,17 @@ def sea_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
         return context.transpose(1, 2), None
     out = sea(query, key, value, attention_mask=key_valid, scale=scaling, return_attention=True, state=state)
     return out.context.transpose(1, 2), out.attention
+
+
+def _run_override(call: LayerCall) -> tuple[Tensor, Tensor | None] | None:
+    """The layer override's output in the interface's layout ((B, Tq, H, d), attention or None), or None
+    when the override declines the call."""
+    result = getattr(call.module, OVERRIDE_ATTR)(call)
+    if result is None:
+        return None
+    context, attention = result  # (B, H, Tq, d), (B, H, Tq, Tk) or None
+    # the output projection expects the model's dtype; overrides often compute in fp32
+    return context.to(call.query.dtype).transpose(1, 2), attention if call.output_attentions else None
 
 
 def register() -> None:
