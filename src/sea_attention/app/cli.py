@@ -267,9 +267,13 @@ def cmd_eval(args) -> int:
         return 0
     print(format_table(rows))
     if args.json:
-        write_json(rows, args.json, model=args.model, data=args.data, split=args.split, seq_len=args.seq_len,
-                   stride=stride)
+        write_json(rows, args.json, **_eval_about(args, stride))
     return 0
+
+
+def _eval_about(args, stride: int) -> dict:
+    """What a `sea eval` JSON records of its run."""
+    return {"model": args.model, "data": args.data, "split": args.split, "seq_len": args.seq_len, "stride": stride}
 
 
 def _eval_task(args) -> int:
@@ -300,8 +304,7 @@ def _eval_baseline(args, model, tokens, method: str, stride: int) -> int:
     rows = compare_perplexity(model, tokens, config, progress=not args.quiet)
     print(format_compare_table(rows))
     if args.json:
-        write_bench_json(rows, args.json, model=args.model, data=args.data, split=args.split, seq_len=args.seq_len,
-                         stride=stride)
+        write_bench_json(rows, args.json, **_eval_about(args, stride))
     return 0
 
 
