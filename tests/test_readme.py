@@ -26,7 +26,8 @@ TINY_VALUES = {
     "--batch-size": "4",
 }
 # per command, where the generic tiny value does not fit (quest selects pages of 16 keys)
-TINY_OVERRIDES = {"compare": {"--k": "16,32", "--seq-len": "64", "--lengths": "96"}, "diagnose": {"--k": "4"}}
+TINY_OVERRIDES = {"compare": {"--k": "16,32", "--seq-len": "64", "--lengths": "96"},
+                  "diagnose": {"--k": "4", "--length": "96"}}
 # options a command's defaults would make too big for the tiny model, added where a README line omits them
 TINY_DEFAULTS = {"eval": {"--seq-len": "32", "--max-tokens": "256", "--max-examples": "24"},
                  "plot": {"--seq-len": "32"}, "finetune": {"--max-len": "32", "--max-examples": "24"},
