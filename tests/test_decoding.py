@@ -59,3 +59,34 @@ def test_state_reorders_like_the_batch():
     step = module(q[order, :, 10:11], k[order, :, :11], v[order, :, :11], state=state)
     full = module(q[order, :, :11], k[order, :, :11], v[order, :, :11])
     torch.testing.assert_close(step.context, full.context[:, :, 10:], atol=1e-5, rtol=1e-5)
+
+
+def test_growing_rows_equal_concatenation_and_keep_their_storage_between_growths():
+    from sea_attention.core.decoding import GrowingRows
+
+    first = torch.randn(2, 3, 5, 4)
+    rows, expected = GrowingRows.of(first, 2), first
+    storages = set()
+    for size in [1, 1, 3, 300, 1, 1]:
+        new = torch.randn(2, 3, size, 4)
+        rows.append(new)
+        expected = torch.cat([expected, new], 2)
+        torch.testing.assert_close(rows.rows, expected, atol=0, rtol=0)
+        storages.add(rows.data.data_ptr())
+    assert len(storages) < 6  # appends into spare capacity reuse the storage
+    picked = rows.map_batch(lambda t: t.index_select(0, torch.tensor([1, 1, 0])))
+    torch.testing.assert_close(picked.rows, expected[[1, 1, 0]], atol=0, rtol=0)
+
+
+def test_a_decoding_step_appends_to_the_prefix_sums_without_copying_the_past():
+    module = layer()
+    q, k, v = make_qkv(2, 4, 2, 30, 30, 16)
+    state = DecodeState()
+    module(q[:, :, :20], k[:, :, :20], v[:, :, :20], state=state)
+    module(q[:, :, 20:21], k[:, :, :21], v[:, :, :21], state=state)  # the first append makes spare room
+    sums = state.bin_sums[0]
+    where = sums.data.data_ptr()
+    for end in range(22, 31):
+        module(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end], state=state)
+        assert sums.data.data_ptr() == where and sums.rows.shape[2] == end + 1
+    assert not sums.rows.is_contiguous()  # the estimator reads the rows where they lie (kernel_bins._row_table)

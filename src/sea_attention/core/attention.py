@@ -110,7 +110,10 @@ class SEAAttention(nn.Module):
                 no state): compute only these; every Tq-long field of the output then holds these
                 n rows, each equal to the full forward's row. Trains on a subset of rows.
         """
-        call = SEACall.build(self.config, (q, k, v), options, self.k_budget)
+        return self.run(SEACall.build(self.config, (q, k, v), options, self.k_budget))
+
+    def run(self, call: SEACall) -> SEAOutput:
+        """``forward`` on a call already built from its arguments."""
         grouping = grouping_for(self.config)
         estimate = self.estimator(call, grouping.estimate_rows(call))
         attended = grouping.run(estimate, call)
@@ -136,7 +139,7 @@ class SEAAttention(nn.Module):
 
         call = SEACall.build(self.config, (q, k, v), options, self.k_budget)
         if not chunked_runs(self, call):
-            return self.forward(q, k, v, **options).context
+            return self.run(call).context
         return chunked_context(self, call)
 
     def compose(self, context: Tensor, estimate: Estimate, call: SEACall) -> tuple[Tensor, Tensor | None]:
@@ -146,7 +149,7 @@ class SEAAttention(nn.Module):
             gates = torch.sigmoid(call.asked(estimate.gate_logits, 2)).to(context.dtype)
             context = self.gate(context, gates, call.asked(self.average_values(call), 2))
         if call.state is not None:
-            self.advance_state(call.state, call.v, call.key_valid)
+            self.advance_state(call)
         return self.finish(context, call), gates
 
     @staticmethod
@@ -185,14 +188,16 @@ class SEAAttention(nn.Module):
         mean = sums / call.lengths[:, None, :, None].clamp_min(1)
         return repeat_kv(mean, self.config.kv_groups)
 
-    def advance_state(self, state: DecodeState, v: Tensor, key_valid: Tensor) -> None:
-        """Fold this call's keys into the decoding state (the estimator did its part)."""
+    def advance_state(self, call: SEACall) -> None:
+        """Fold this call's keys into its decoding state (the estimator did its part)."""
+        state, key_valid = call.state, call.key_valid
         new_valid = key_valid[:, state.seen:]
-        added = (v[:, :, state.seen:].float() * new_valid[:, None, :, None]).sum(2)  # (B, H_kv, d)
+        added = (call.v[:, :, state.seen:].float() * new_valid[:, None, :, None]).sum(2)  # (B, H_kv, d)
         count = new_valid.long().sum(-1)
         first = not state.seen
         state.value_sum = added if first else state.value_sum + added
         state.valid_keys = count if first else state.valid_keys + count
+        state.finite_past = state.finite_past and call.poisoned is None
         state.seen = key_valid.shape[-1]
 
     def _norm_output(self, context: Tensor) -> Tensor:

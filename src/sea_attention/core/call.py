@@ -61,8 +61,9 @@ class SEACall:
         key_valid = validate_call(config, q, k, v, options)
         tq, tk = q.shape[2], k.shape[2]
         query_valid = key_valid[:, tk - tq:]
-        q, k, v, poisoned = _finite_inputs(q, k, v, key_valid, config.causal)
         state = options.get("state")
+        checked_from = state.seen if state is not None and state.finite_past else 0  # the rest was checked
+        q, k, v, poisoned = _finite_inputs(q, k, v, key_valid, config.causal, checked_from)
         if state is not None and state.seen:  # lengths from the running count: no pass over the past
             lengths = (state.valid_keys.unsqueeze(-1) + query_valid.long().cumsum(-1)) * query_valid
         else:
@@ -89,8 +90,8 @@ class SEACall:
         return self.asked(self.lengths, 1)
 
 
-def _finite_inputs(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor,
-                   causal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def _finite_inputs(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, causal: bool,
+                   checked_from: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Keep non-finite inputs from reaching rows that do not attend to them.
 
     Products such as ``probs @ v`` or a masked intra-chunk scan multiply every key by a weight,
@@ -99,8 +100,11 @@ def _finite_inputs(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor,
     zeroed, and the rows that may attend to a non-finite key or value (causal: from its
     position on; bidirectional: the sample's valid rows), or whose own query is not finite,
     are returned as ``poisoned`` (B, Tq): their outputs become NaN. None when all is finite.
+    Keys and values before ``checked_from`` are known to be finite (a decoding state's past), so
+    a decoding step reads only its new ones.
     """
-    if bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
+    new_k, new_v = k[:, :, checked_from:], v[:, :, checked_from:]
+    if bool(torch.isfinite(q).all() & torch.isfinite(new_k).all() & torch.isfinite(new_v).all()):
         return q, k, v, None
     tk, tq = k.shape[2], q.shape[2]
     query_valid = key_valid[:, tk - tq:]

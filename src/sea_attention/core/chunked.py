@@ -94,7 +94,7 @@ def chunked_context(sea: "SEAAttention", call: SEACall) -> Tensor:
         out[:, :, lo:hi] = context
     if call.state is not None:  # a prefill: the state as the full forward leaves it
         sea.estimator.remember_cnn_rows(performer, call)
-        sea.advance_state(call.state, call.v, call.key_valid)
+        sea.advance_state(call)
     return out
 
 

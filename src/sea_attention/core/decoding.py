@@ -9,7 +9,11 @@ context length (apart from reading its selected keys and values):
 * the last 8 rows of the CNN decoder's input (its causal receptive field) and their masks;
 * the running sum of V over valid keys and the number of valid keys (the average branch,
   key ranks and row lengths all follow from it);
-* with the ``block`` grouping, the selection of the block that is still open.
+* with the ``block`` grouping, the selection of the block that is still open;
+* whether every key and value seen so far was finite (then a step checks only its new ones).
+
+What grows with the context (the prefix sums) lives in ``GrowingRows``: spare capacity that
+doubles when full, so a decoding step writes its new rows instead of copying the whole past.
 
 A state is filled by the first call (prefill, no past keys) and continued by calls whose
 queries are exactly the keys added since; ``SEAAttention`` checks this.
@@ -17,11 +21,51 @@ queries are exactly the keys added since; ``SEAAttention`` checks this.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from .blocks import BlockSelection
+
+
+@dataclass
+class GrowingRows:
+    """A tensor that grows along ``dim`` by appending into spare capacity (a quarter more, at least
+    ``SPARE`` rows, when full): appending n rows costs O(n) amortised, not a copy of every earlier
+    row as ``torch.cat`` does."""
+
+    SPARE = 256
+
+    data: Tensor  # the storage; rows [0, length) along dim are in use
+    dim: int
+    length: int
+
+    @classmethod
+    def of(cls, rows: Tensor, dim: int) -> "GrowingRows":
+        """Rows that are already there (no spare capacity yet: the first append makes it)."""
+        return cls(rows.detach(), dim, rows.shape[dim])
+
+    @property
+    def rows(self) -> Tensor:
+        """The rows in use: a view of ``data``."""
+        return self.data.narrow(self.dim, 0, self.length)
+
+    def append(self, new: Tensor) -> None:
+        """Add ``new`` after the rows in use (its other dimensions match ``data``'s)."""
+        end = self.length + new.shape[self.dim]
+        if end > self.data.shape[self.dim]:
+            shape = list(self.data.shape)
+            shape[self.dim] = max(end, shape[self.dim] + max(self.SPARE, shape[self.dim] // 4))
+            grown = self.data.new_empty(shape)
+            grown.narrow(self.dim, 0, self.length).copy_(self.rows)
+            self.data = grown
+        self.data.narrow(self.dim, self.length, new.shape[self.dim]).copy_(new.detach())
+        self.length = end
+
+    def map_batch(self, fn: Callable[[Tensor], Tensor]) -> "GrowingRows":
+        """The rows in use with ``fn`` applied to them (a new batch dimension 0)."""
+        return GrowingRows.of(fn(self.rows), self.dim)
 
 
 @dataclass
@@ -35,7 +79,8 @@ class DecodeState:
     block: BlockSelection | None = None  # grouping "block": the selection of the open block
     # kernel_bins / key_bins: sums of [phi(k), k] over the keys before each position 0..seen,
     # float64 (B, H_kv, seen + 1, m and/or d), and the valid-key counts (B, seen + 1)
-    bin_sums: tuple[Tensor, Tensor] | None = None
+    bin_sums: tuple[GrowingRows, GrowingRows] | None = None
+    finite_past: bool = True  # every key and value before ``seen`` was finite
 
     def select(self, index: Tensor) -> None:
         """Keep / reorder batch rows (beam search), in place."""
@@ -43,9 +88,10 @@ class DecodeState:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index.to(value.device)))
-        for name in ("performer", "bin_sums"):
-            if getattr(self, name) is not None:
-                setattr(self, name, tuple(x.index_select(0, index.to(x.device)) for x in getattr(self, name)))
+        if self.performer is not None:
+            self.performer = tuple(x.index_select(0, index.to(x.device)) for x in self.performer)
+        if self.bin_sums is not None:
+            self.bin_sums = tuple(x.map_batch(lambda t: t.index_select(0, index.to(t.device))) for x in self.bin_sums)
         if self.block is not None:
             self.block = self.block.map_batch(lambda x: x.index_select(0, index.to(x.device)))
 
@@ -55,8 +101,9 @@ class DecodeState:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.repeat_interleave(repeats, dim=0))
-        for name in ("performer", "bin_sums"):
-            if getattr(self, name) is not None:
-                setattr(self, name, tuple(x.repeat_interleave(repeats, dim=0) for x in getattr(self, name)))
+        if self.performer is not None:
+            self.performer = tuple(x.repeat_interleave(repeats, dim=0) for x in self.performer)
+        if self.bin_sums is not None:
+            self.bin_sums = tuple(x.map_batch(lambda t: t.repeat_interleave(repeats, dim=0)) for x in self.bin_sums)
         if self.block is not None:
             self.block = self.block.map_batch(lambda x: x.repeat_interleave(repeats, dim=0))

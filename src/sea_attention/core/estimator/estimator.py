@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..cells import key_ranks, live_cells, valid_key_positions
 from ..config import SEAConfig
-from ..decoding import DecodeState
+from ..decoding import DecodeState, GrowingRows
 from ..ops.reference import repeat_kv
 from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
 from .features import RandomFeatures, causal_linear_attention, layer_seed, linear_attention
@@ -246,14 +246,19 @@ class AttentionEstimator(nn.Module):
         return signal  # query head h = kv head h // G, group h % G
 
     def _bin_sums(self, per_key: Tensor, new_valid: Tensor, state: DecodeState | None) -> tuple[Tensor, Tensor]:
-        """Prefix sums of the per-key vectors over positions 0..Tk (continued from a decoding state)."""
-        start = state.bin_sums if state is not None and state.seen else None
-        sums, counts = prefix_sums(per_key, new_valid, start=None if start is None else (start[0][:, :, -1], start[1][:, -1]))
-        if start is not None:  # the state's rows cover positions 0..seen, the new ones continue them
-            sums, counts = torch.cat([start[0], sums[:, :, 1:]], dim=2), torch.cat([start[1], counts[:, 1:]], dim=1)
-        if state is not None:
-            state.bin_sums = (sums, counts)
-        return sums, counts
+        """Prefix sums of the per-key vectors over positions 0..Tk (continued from a decoding state,
+        whose ``GrowingRows`` take the new rows without copying the past)."""
+        if state is None or state.bin_sums is None:
+            sums, counts = prefix_sums(per_key, new_valid)
+            if state is not None:
+                state.bin_sums = (GrowingRows.of(sums, 2), GrowingRows.of(counts, 1))
+            return sums, counts
+        past_sums, past_counts = state.bin_sums
+        last = (past_sums.rows[:, :, -1], past_counts.rows[:, -1])
+        sums, counts = prefix_sums(per_key, new_valid, start=last)  # its row 0 is the state's last row
+        past_sums.append(sums[:, :, 1:])
+        past_counts.append(counts[:, 1:])
+        return past_sums.rows, past_counts.rows
 
     def _decode_rows(self, hidden: Tensor, row_mask: Tensor, rows: Tensor) -> Tensor:
         """Logits (B, H, n, K) of some query rows only (causal).

@@ -72,9 +72,7 @@ def edge_dots(queries: list[Tensor], sums: Tensor, counts: Tensor, lengths: Tens
     edges = cell_edges(lengths, width)  # (B, Tq, K + 1) ranks
     positions = torch.searchsorted(counts, edges.flatten(1)).view_as(edges)  # first position with that count
     out: list[list[Tensor]] = [[] for _ in queries]
-    # whole rows of the sums by index_select: an index per row, not per element as gather needs
-    flat = sums.reshape(-1, f)  # (B * H_kv * (Tk + 1), f)
-    first_row = torch.arange(bsz * kv_heads, device=sums.device).view(bsz, kv_heads, 1) * sums.shape[2]
+    flat, first_row = _row_table(sums)  # whole rows by index_select: an index per row, not per element
     for c0 in range(0, tq, chunk):
         rows = positions[:, c0:c0 + chunk]  # (B, c, K + 1)
         picked = flat.index_select(0, (first_row + rows.flatten(1)[:, None, :]).flatten())
@@ -86,6 +84,21 @@ def edge_dots(queries: list[Tensor], sums: Tensor, counts: Tensor, lengths: Tens
             offset += query.shape[-1]
     sizes = (edges[..., 1:] - edges[..., :-1])[:, None, None]  # (B, 1, 1, Tq, K)
     return [torch.cat(parts, dim=3) for parts in out], sizes
+
+
+def _row_table(sums: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows of ``sums`` (B, H_kv, n, f) as a (N, f) table and the table row of each (b, h)'s
+    position 0, (B, H_kv, 1). A decoding state's sums are a view into spare capacity
+    (``GrowingRows``): their rows are read where they lie instead of being copied together."""
+    bsz, kv_heads, _, f = sums.shape
+    if sums.stride(-1) != 1 or sums.stride(2) != f or sums.stride(1) % f or sums.stride(0) % f:
+        sums = sums.contiguous()
+    step_b, step_h = sums.stride(0) // f, sums.stride(1) // f
+    rows = (bsz - 1) * step_b + (kv_heads - 1) * step_h + sums.shape[2]
+    table = sums.as_strided((rows, f), (f, 1))
+    first_row = (torch.arange(bsz, device=sums.device).view(bsz, 1, 1) * step_b
+                 + torch.arange(kv_heads, device=sums.device).view(1, kv_heads, 1) * step_h)
+    return table, first_row
 
 
 def log_mass(cumulative: Tensor) -> Tensor:
