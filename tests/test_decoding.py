@@ -90,3 +90,17 @@ def test_a_decoding_step_appends_to_the_prefix_sums_without_copying_the_past():
         module(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end], state=state)
         assert sums.data.data_ptr() == where and sums.rows.shape[2] == end + 1
     assert not sums.rows.is_contiguous()  # the estimator reads the rows where they lie (kernel_bins._row_table)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_the_decoders_tail_equals_the_rows_of_its_full_forward(rows):
+    from sea_attention.core.estimator.decoder import CausalDecoder
+
+    torch.manual_seed(rows)
+    decoder = CausalDecoder(heads=3, channels=2, width=32)
+    torch.nn.init.normal_(decoder.norm_out.weight)  # not the zero start: every term counts
+    history = CausalDecoder.HISTORY_ROWS
+    image = torch.randn(2, 6, history + rows, 8)
+    mask = (torch.rand(2, 1, history + rows, 1) > 0.3).float()
+    full = decoder(image, mask)[:, :, history:]
+    torch.testing.assert_close(decoder.tail(image, mask), full, atol=1e-5, rtol=1e-5)

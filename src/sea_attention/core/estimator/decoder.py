@@ -83,6 +83,11 @@ class CausalConv(nn.Module):
         out = F.conv2d(x, self.conv.weight, self.conv.bias, padding=(self.RECEPTIVE_ROWS, 2), dilation=2)
         return out[:, :, :rows]
 
+    def tail(self, x: Tensor) -> Tensor:  # (B, C, T, W) -> (B, C, T - RECEPTIVE_ROWS, W)
+        """The rows whose whole history is in ``x``: ``forward(x)[:, :, RECEPTIVE_ROWS:]``, without
+        computing the first rows (a decoding step needs its own row only)."""
+        return F.conv2d(x, self.conv.weight, self.conv.bias, padding=(0, 2), dilation=2)
+
 
 class CausalDecoder(nn.Module):
     """LN -> causal conv -> ReLU -> causal conv -> ReLU -> x4 wider -> 1x1 conv -> LN.
@@ -111,7 +116,18 @@ class CausalDecoder(nn.Module):
         """image (B, H*c, T, K/4), row_mask (B, 1, T, 1) -> logits (B, H, T, K), one sample at a time."""
         x = self.norm_in(image) * row_mask
         x = torch.relu(self.conv_a(x)) * row_mask
-        x = self.to_heads(torch.relu(self.conv_b(x)))  # (B, H, T, K/4)
+        return self._logits(self.to_heads(torch.relu(self.conv_b(x))))  # from (B, H, T, K/4)
+
+    @sample_wise
+    def tail(self, image: Tensor, row_mask: Tensor) -> Tensor:
+        """``forward(image, row_mask)[:, :, HISTORY_ROWS:]``: the logits of the rows after the first
+        ``HISTORY_ROWS``, which hold their history (a decoding state's remembered rows)."""
+        x = self.norm_in(image) * row_mask
+        x = torch.relu(self.conv_a.tail(x)) * row_mask[:, :, CausalConv.RECEPTIVE_ROWS:]
+        return self._logits(self.to_heads(torch.relu(self.conv_b.tail(x))))
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """(B, H, T, K/4) after the 1x1 convolution -> logits (B, H, T, K)."""
         # nearest-neighbour x4 along the bins, then LayerNorm(K). The 1x1 convolution commutes
         # with the upsampling, and four copies of a row have that row's mean and variance, so
         # both run at K/4 and only the affine part runs at K.

@@ -301,7 +301,7 @@ class AttentionEstimator(nn.Module):
         image = torch.cat([state.cnn_rows.to(image.dtype), image], dim=2)
         row_mask = torch.cat([state.cnn_mask.to(row_mask.dtype), row_mask], dim=2)
         state.cnn_rows, state.cnn_mask = image[:, :, -rows:], row_mask[:, :, -rows:]
-        return self.decoder(image, row_mask)[:, :, rows:]
+        return self.decoder.tail(image, row_mask)
 
 
 def _packed_history(rows: Tensor, history: int) -> tuple[Tensor, Tensor]:
