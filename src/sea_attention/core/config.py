@@ -92,6 +92,13 @@ class SEAConfig:
             (dense T x T masked softmax, the oracle for tests) or ``"flex"`` (PyTorch's
             FlexAttention with a block-sparse mask; forward only on CPU, so calls that need
             gradients there, or the dense attention view, run the sparse path).
+        candidates: exact refinement (``refine.py``; per-query groupings, ``sparse`` or
+            ``reference`` path): the estimate selects cells for ``candidates`` times the budget,
+            every candidate key is scored exactly (scale * q . k), and each query and head keeps
+            the best ``ceil(n / candidates)`` of its ``n`` candidates, so the heads keep the
+            grouped budget's shares and the keys per query stay about ``k``. Costs
+            ``candidates * k`` exact dot products per query and head. 1 (the default) is off:
+            a selected cell's keys are all used (at most ``k`` of them, spread evenly).
         query_chunk: queries processed together by the sparse path; bounds peak memory.
         query_block: positions per block of the ``block`` grouping.
         seed: seed of the random features (the layer index is added per layer).
@@ -119,6 +126,7 @@ class SEAConfig:
     query_chunk: int = 256
     query_block: int = 64
     seed: int = 0
+    candidates: int = 1
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -143,7 +151,7 @@ class SEAConfig:
     def _validate_fields(self) -> None:
         """Each field on its own: type and range."""
         for name in ("num_heads", "head_dim", "num_kv_heads", "k", "estimate_width",
-                     "feature_factor", "max_positions", "query_chunk", "query_block"):
+                     "feature_factor", "max_positions", "query_chunk", "query_block", "candidates"):
             setattr(self, name, _integer(name, getattr(self, name), 1, "a positive integer"))
         for name in ("feature_redraw_interval", "sinks", "local_window"):
             setattr(self, name, _integer(name, getattr(self, name), 0, "a non-negative integer"))
@@ -172,6 +180,10 @@ class SEAConfig:
         if self.grouping == "block" and self.attention_path == "flex":
             raise ValueError("attention_path='flex' runs the per-query groupings; grouping='block' has its own "
                              "block-sparse kernel: use attention_path='sparse' (or 'reference') with it")
+        if self.candidates > 1 and (self.grouping == "block" or self.attention_path == "flex"):
+            raise ValueError(f"candidates={self.candidates} (exact refinement) runs with the per-query groupings "
+                             f"{tuple(g for g in GROUPINGS if g != 'block')} on attention_path 'sparse' or "
+                             f"'reference'; got grouping={self.grouping!r}, attention_path={self.attention_path!r}")
         if self.estimate_width % self.width_downsample:
             raise ValueError(f"estimate_width must be a multiple of {self.width_downsample} when causal={self.causal}, "
                              f"got {self.estimate_width}")

@@ -70,7 +70,7 @@ def edge_dots(queries: list[Tensor], sums: Tensor, counts: Tensor, lengths: Tens
     f = sums.shape[-1]
     chunk = chunk or rows_per_chunk(sums, width)
     edges = cell_edges(lengths, width)  # (B, Tq, K + 1) ranks
-    positions = torch.searchsorted(counts, edges.flatten(1)).view_as(edges)  # first position with that count
+    positions = torch.searchsorted(counts.contiguous(), edges.flatten(1)).view_as(edges)  # first position with that count
     out: list[list[Tensor]] = [[] for _ in queries]
     flat, first_row = _row_table(sums)  # whole rows by index_select: an index per row, not per element
     for c0 in range(0, tq, chunk):

@@ -13,6 +13,7 @@ from ..cells import KeySlots, cells_to_keys
 from ..config import SEAConfig
 from ..ops.reference import reference_attention
 from ..ops.sparse import sparse_attention
+from ..refine import refine_slots
 from ..selection import select_cells
 from .base import Attended, Grouping, Step
 
@@ -32,20 +33,34 @@ class PerQueryGrouping(Grouping):
     def __init__(self, config: SEAConfig, kind: str) -> None:
         super().__init__(config)
         self.kind = kind  # which cells share a budget: query, query_head, sample or head
+        if config.candidates > 1:  # the exact refinement (refine.py) between the keys and the attention
+            self.stages = ("selection", "cell_to_key", "refine", "sparse_attention")
 
     def steps(self) -> tuple[Step, ...]:
-        return tuple(zip(self.stages, (self.select, self.keys, self.attend)))
+        refine = (self.refine,) if "refine" in self.stages else ()
+        return tuple(zip(self.stages, (self.select, self.keys, *refine, self.attend)))
 
     def select(self, estimate: "Estimate", call: "SEACall") -> Tensor:
-        """(B, H, n, K) bool: the cells each computed row selects."""
+        """(B, H, n, K) bool: the cells each computed row selects (for ``candidates`` times the budget)."""
         cfg = self.config
-        return select_cells(estimate.probs, call.asked_lengths, call.budget, self.kind, cfg.query_chunk, cfg.sinks,
-                            cfg.local_window)
+        return select_cells(estimate.probs, call.asked_lengths, self._candidate_budget(call), self.kind,
+                            cfg.query_chunk, cfg.sinks, cfg.local_window)
 
     def keys(self, cells: Tensor, call: "SEACall") -> tuple[Tensor, KeySlots]:
         """The selected cells and their keys (``cells_to_keys``)."""
-        slots = cells_to_keys(cells, call.asked_lengths, call.key_valid, cap=call.budget, chunk=self.config.query_chunk)
+        slots = cells_to_keys(cells, call.asked_lengths, call.key_valid, cap=self._candidate_budget(call),
+                              chunk=self.config.query_chunk)
         return cells, slots
+
+    def refine(self, selected: tuple[Tensor, KeySlots], call: "SEACall") -> tuple[Tensor, KeySlots]:
+        """The candidates' exactly best keys, each head keeping its share (``refine.refine_slots``)."""
+        cells, slots = selected
+        q = call.asked(call.q, 2)
+        return cells, refine_slots(q, call.k, slots, self.config.candidates, call.scale)
+
+    def _candidate_budget(self, call: "SEACall") -> int:
+        """Keys per query per head the cells stand for: the budget, times ``candidates``."""
+        return min(call.budget * self.config.candidates, call.k.shape[2])
 
     def attend(self, selected: tuple[Tensor, KeySlots], call: "SEACall") -> Attended:
         """Attention of the computed rows on their keys, on the config's ``attention_path``."""

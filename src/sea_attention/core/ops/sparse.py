@@ -323,6 +323,24 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, slots: KeySlots, scale: fl
     return out.to(q.dtype), probs
 
 
+@torch.no_grad()
+def candidate_scores(q: Tensor, k: Tensor, slots: KeySlots, scale: float, chunk: int = 256) -> Tensor:
+    """scale * q . k of every used slot, (B, Tq, S) fp32, -inf on unused slots: the scores the
+    ``rows`` strategy computes (CSR ``sampled_dot``), ``chunk`` queries at a time."""
+    bsz, heads, tq, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    k_flat = k.to(compute).contiguous().view(-1, dim)
+    out = torch.full(slots.head.shape, float("-inf"), dtype=compute, device=q.device)
+    for lo in range(0, tq, chunk):
+        sl = slice(lo, lo + chunk)
+        rows = _rows(slots.head[:, sl], slots.key[:, sl], slots.valid[:, sl], heads, heads // kv_heads, kv_heads, keys)
+        scores = rows.sampled_dot(_head_rows(q[:, :, sl].to(compute)).contiguous(), k_flat, scale)
+        part = out[:, sl]
+        out[:, sl] = part.reshape(-1).scatter(0, rows.slot, scores).view_as(part)
+    return out
+
+
 def naive_sparse_attention(q: Tensor, k: Tensor, v: Tensor, slots: KeySlots, scale: float) -> tuple[Tensor, Tensor]:
     """The same as ``sparse_attention`` with plain autograd and a per-slot segment softmax:
     readable, one chunk, more memory."""
