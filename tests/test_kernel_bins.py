@@ -107,7 +107,7 @@ def test_one_gather_for_both_signals_equals_each_alone():
 
 @pytest.mark.parametrize("chunk", [1, 4, 30, None])
 def test_edge_dots_do_not_depend_on_the_chunk(chunk):
-    """Rows gathered one at a time, a few at a time, all at once or by the cache-sized default
+    """Rows read one at a time, a few at a time, all at once or by the default
     (``rows_per_chunk``) give the same dots."""
     from sea_attention.core.estimator.kernel_bins import edge_dots, rows_per_chunk
 
@@ -118,4 +118,39 @@ def test_edge_dots_do_not_depend_on_the_chunk(chunk):
     (expected,), _ = edge_dots([phi_q], sums, counts, lengths, 8, chunk=30)
     (got,), _ = edge_dots([phi_q], sums, counts, lengths, 8, chunk=chunk)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert rows_per_chunk(sums, 8) >= 1 and rows_per_chunk(torch.empty(1, 64, 1, 10**6, dtype=torch.float64), 8) == 1
+    assert rows_per_chunk(sums, 8) >= 1 and rows_per_chunk(torch.empty(1, 2**20, 1, 1), 8) == 1
+
+
+@pytest.mark.parametrize("pad, chunk", [(0, None), (4, 3), (7, 11)])
+def test_edge_dots_equal_their_gathering_reference(pad, chunk):
+    """The sampled product reads the same prefix-sum rows as the gather (also from a decoding
+    state's non-contiguous rows): the same float64 dots."""
+    from sea_attention.core.decoding import GrowingRows
+    from sea_attention.core.estimator.kernel_bins import edge_dots, naive_edge_dots
+
+    phi_q, q = torch.rand(2, 2, 3, 30, 5), torch.randn(2, 2, 3, 30, 8)
+    key_valid = padding_mask(2, 30, pad)
+    lengths = query_lengths(key_valid, key_valid, True)
+    sums, counts = prefix_sums(torch.cat([torch.rand(2, 2, 30, 5), torch.randn(2, 2, 30, 8)], -1), key_valid)
+    grown = GrowingRows.of(sums[:, :, :20], 2)
+    grown.append(sums[:, :, 20:])  # the same rows, inside spare capacity
+    expected, expected_sizes = naive_edge_dots([phi_q, q], sums, counts, lengths, 8, chunk=4)
+    for table in (sums, grown.rows):
+        got, sizes = edge_dots([phi_q, q], table, counts, lengths, 8, chunk=chunk)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert torch.equal(sizes, expected_sizes)
+
+
+@pytest.mark.parametrize("length", [1, 2, 5])
+def test_edge_dots_of_tables_shorter_than_the_edges_equal_the_reference(length):
+    """A table with fewer rows than K + 1 edges (a few tokens) takes the gathering path."""
+    from sea_attention.core.estimator.kernel_bins import edge_dots, naive_edge_dots
+
+    q = torch.randn(1, 1, 2, length, 4)
+    key_valid = torch.ones(1, length, dtype=torch.bool)
+    sums, counts = prefix_sums(torch.randn(1, 1, length, 4), key_valid)
+    lengths = query_lengths(key_valid, key_valid, True)
+    (got,), _ = edge_dots([q], sums, counts, lengths, 8)
+    (expected,), _ = naive_edge_dots([q], sums, counts, lengths, 8)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

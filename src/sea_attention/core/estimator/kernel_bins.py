@@ -16,22 +16,25 @@ an input of the estimator, like the teacher's q and k in distillation.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from ..cells import cell_edges
 
 LOG_FLOOR = 1e-6  # log(mass fraction) of an empty bin
-# edge_dots gathers whole rows of prefix sums into a (B, H_kv, rows, K + 1, f) float64 block and
-# contracts it at once: a block that stays in cache is 2.3-3.4x faster than 256 rows at a time
-# (a SmolLM2 layer, T = 1024 and 4096, K = 128 and 256, AVX2; benchmarks/results/edge_dots_chunk.json)
-GATHER_BYTES = 4 * 2**20
+# edge_dots reads each row's K + 1 prefix sums in place (``torch.sparse.sampled_addmm``: one dot per
+# (row, edge), no gathered copy); a call covers rows for at most this many (row, edge) entries, which
+# bounds its index and output memory. The gathering version, ``naive_edge_dots``, wrote a (rows, K + 1, f)
+# float64 copy first: 4.8x slower for one 4,096-row kv head (K = 256, f = 97, 1 thread).
+ENTRIES_PER_CALL = 2**21
 
 
 def rows_per_chunk(sums: Tensor, width: int) -> int:
-    """Query rows whose gathered prefix sums fit in ``GATHER_BYTES``: at least one."""
-    row_bytes = sums.shape[0] * sums.shape[1] * (width + 1) * sums.shape[-1] * sums.element_size()
-    return max(1, GATHER_BYTES // row_bytes)
+    """Query rows per call (per query head group) whose K + 1 entries for every (sample, kv head)
+    fit in ``ENTRIES_PER_CALL``: at least one."""
+    return max(1, ENTRIES_PER_CALL // (sums.shape[0] * sums.shape[1] * (width + 1)))
 
 
 def prefix_sums(phi_k: Tensor, key_valid: Tensor, start: tuple[Tensor, Tensor] | None = None
@@ -62,27 +65,67 @@ def edge_dots(queries: list[Tensor], sums: Tensor, counts: Tensor, lengths: Tens
 
     queries: (B, H_kv, G, Tq, f_i) whose widths f_i split the last axis of ``sums``
     (B, H_kv, Tk + 1, sum f_i) in order; ``sums`` and ``counts`` from ``prefix_sums``; lengths
-    (B, Tq). The prefix sums are gathered once for all queries. Returns one (B, H_kv, G, Tq, K + 1)
-    float64 tensor per query and (B, 1, 1, Tq, K) long: bin b of row i sums to
-    dots[..., b + 1] - dots[..., b]. ``chunk``: query rows per gather (default ``rows_per_chunk``).
+    (B, Tq). Returns one (B, H_kv, G, Tq, K + 1) float64 tensor per query and (B, 1, 1, Tq, K)
+    long: bin b of row i sums to dots[..., b + 1] - dots[..., b]. Each dot reads its prefix-sum
+    row where it lies (a sampled product over the (row, edge) pattern); ``chunk``: query rows
+    per call (default ``rows_per_chunk``). ``naive_edge_dots`` gathers the rows first.
     """
     bsz, kv_heads, groups, tq, _ = queries[0].shape
-    f = sums.shape[-1]
     chunk = chunk or rows_per_chunk(sums, width)
-    edges = cell_edges(lengths, width)  # (B, Tq, K + 1) ranks
-    positions = torch.searchsorted(counts.contiguous(), edges.flatten(1)).view_as(edges)  # first position with that count
+    positions, sizes = _edge_positions(counts, lengths, width)  # (B, Tq, K + 1)
+    table, first_row = _row_table(sums)  # (N, f), (B, H_kv, 1)
     out: list[list[Tensor]] = [[] for _ in queries]
-    flat, first_row = _row_table(sums)  # whole rows by index_select: an index per row, not per element
+    for c0 in range(0, tq, chunk):
+        rows = positions[:, c0:c0 + chunk]  # (B, c, K + 1)
+        columns = (first_row[:, :, None, :, None] + rows[:, None, None]).expand(-1, -1, groups, -1, -1)
+        offset = 0
+        for i, query in enumerate(queries):
+            part = query[:, :, :, c0:c0 + chunk].double()  # (B, H_kv, G, c, f_i)
+            dots = _sampled_dots(part.reshape(-1, part.shape[-1]), table[:, offset:offset + part.shape[-1]],
+                                 columns.reshape(-1, width + 1))
+            out[i].append(dots.view(*part.shape[:-1], width + 1))
+            offset += query.shape[-1]
+    return [torch.cat(parts, dim=3) for parts in out], sizes
+
+
+def _sampled_dots(rows: Tensor, table: Tensor, columns: Tensor) -> Tensor:
+    """rows (R, f) . table[columns[r, e]] (table (N, f)) for every entry: (R, E), without a gathered copy."""
+    count, entries = columns.shape
+    if entries > table.shape[0]:  # more entries per row than table rows (tiny inputs): the sampled product refuses
+        return torch.einsum("ref,rf->re", table.index_select(0, columns.flatten()).view(count, entries, -1), rows)
+    crow = torch.arange(0, count * entries + 1, entries, device=rows.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is stable
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, columns.flatten(), rows.new_zeros(count * entries),
+                                          (count, table.shape[0]), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0).values().view(count, entries)
+
+
+def _edge_positions(counts: Tensor, lengths: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """The prefix-sum row of each bin edge of each row (B, Tq, K + 1), and the bins' sizes (B, 1, 1, Tq, K)."""
+    edges = cell_edges(lengths, width)  # (B, Tq, K + 1) ranks
+    positions = torch.searchsorted(counts.contiguous(), edges.flatten(1)).view_as(edges)  # first with that count
+    return positions, (edges[..., 1:] - edges[..., :-1])[:, None, None]
+
+
+@torch.no_grad()
+def naive_edge_dots(queries: list[Tensor], sums: Tensor, counts: Tensor, lengths: Tensor, width: int,
+                    chunk: int = 64) -> tuple[list[Tensor], Tensor]:
+    """``edge_dots`` by gathering each row's K + 1 prefix-sum rows into a (B, H_kv, c, K + 1, f) copy
+    and contracting it: the reference it is tested against."""
+    bsz, kv_heads, groups, tq, _ = queries[0].shape
+    positions, sizes = _edge_positions(counts, lengths, width)
+    flat, first_row = _row_table(sums)
+    out: list[list[Tensor]] = [[] for _ in queries]
     for c0 in range(0, tq, chunk):
         rows = positions[:, c0:c0 + chunk]  # (B, c, K + 1)
         picked = flat.index_select(0, (first_row + rows.flatten(1)[:, None, :]).flatten())
-        picked = picked.view(bsz, kv_heads, rows.shape[1], width + 1, f)  # (B, H_kv, c, K + 1, f)
+        picked = picked.view(bsz, kv_heads, rows.shape[1], width + 1, -1)  # (B, H_kv, c, K + 1, f)
         offset = 0
         for i, query in enumerate(queries):
             part = picked[..., offset:offset + query.shape[-1]]
             out[i].append(torch.einsum("bhckf,bhgcf->bhgck", part, query[:, :, :, c0:c0 + chunk].double()))
             offset += query.shape[-1]
-    sizes = (edges[..., 1:] - edges[..., :-1])[:, None, None]  # (B, 1, 1, Tq, K)
     return [torch.cat(parts, dim=3) for parts in out], sizes
 
 

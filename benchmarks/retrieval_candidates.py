@@ -1,0 +1,76 @@
+"""EXPERIMENT (issue 25): does exact refinement (SEAConfig.candidates) keep the needle and the copy?
+
+The default ``patch(model)`` (undistilled) with ``candidates = c``: the estimate selects cells for
+c times the budget and each head keeps its exactly best share (``core/refine.py``). Runs the suite's
+own code path (``score_prompts``, as ``sea compare --task``) for SEA at k, optionally beside dense,
+on the suite's test haystacks or, with ``--validation``, on a haystack of wiki validation prose (the
+text a default may be chosen on). Writes the JSON after every row, so a stopped run keeps its rows.
+
+    PYTHONPATH=src python benchmarks/retrieval_candidates.py --candidates 4 --tasks needle copy \
+        --lengths 1024 2048 --json benchmarks/results/retrieval_candidates4.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from sea_attention.app import assets
+from sea_attention.atomic import write_text
+from sea_attention.hf import patch
+from sea_attention.tools.baselines.compare import method_attention
+from sea_attention.tools.baselines.retrieval import RetrievalConfig, format_retrieval_table, score_prompts, suite_prompts
+
+
+def haystacks(validation: bool, folder: Path) -> tuple[str, ...]:
+    """The suite's own corpora (test splits), or one file of wiki validation text."""
+    if not validation:
+        return RetrievalConfig().haystacks
+    path = folder / "wiki_validation.txt"
+    path.write_text(assets.load_text("wiki", "validation"))
+    return (str(path),)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--candidates", type=int, default=1)
+    parser.add_argument("--tasks", nargs="+", default=["needle"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024])
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--methods", nargs="+", default=["sea"], choices=("dense", "sea"))
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--validation", action="store_true", help="hide the needles in wiki validation prose")
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = assets.load_model("smollm2-135m")
+    patch(model, candidates=args.candidates)
+    model.eval()
+    out = {"model": "smollm2-135m (undistilled patch)", "k": args.k, "candidates": args.candidates,
+           "threads": torch.get_num_threads(), "machine": "2-core AMD EPYC AVX-512, shared (loaded)"}
+    start = time.time()
+    with tempfile.TemporaryDirectory() as folder:
+        config = RetrievalConfig(tuple(args.tasks), tuple(args.lengths), args.prompts,
+                                 haystacks=haystacks(args.validation, Path(folder)))
+        out["setup"] = {**asdict(config), "haystacks": ["wiki validation"] if args.validation else config.haystacks}
+        prompts, rows = suite_prompts(tokenizer, config), []
+        for method in args.methods:
+            k = None if method == "dense" else args.k
+            with method_attention(model, method, k):
+                for (task, length), batch in prompts.items():
+                    rows.append(score_prompts(model, tokenizer, batch, config.new_tokens(task), method, k))
+                    print(f"{task} {method} {length}: {rows[-1].correct}/{rows[-1].prompts} "
+                          f"{time.time() - start:.0f}s", flush=True)
+                    out["rows"], out["seconds"] = [asdict(r) for r in rows], round(time.time() - start)
+                    write_text(args.json, json.dumps(out, indent=1))
+    print(format_retrieval_table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
