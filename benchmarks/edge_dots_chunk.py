@@ -1,13 +1,15 @@
-"""How many query rows `kernel_bins.edge_dots` should gather at once.
+"""How many query rows `kernel_bins.edge_dots` should read per call.
 
     python benchmarks/edge_dots_chunk.py --json benchmarks/results/edge_dots_chunk.json
 
-edge_dots gathers, for a chunk of query rows, the prefix sums at every bin edge into one
-(B, H_kv, rows, K + 1, f) float64 block and contracts it with the queries. The shapes are one
+edge_dots reads, for a chunk of query rows, the prefix sums at every bin edge in place (a sampled
+product; until 2026-12 it gathered them into one (B, H_kv, rows, K + 1, f) float64 block first, which
+the committed JSON measured). The shapes are one
 SmolLM2-135M layer (3 kv heads of 3 query heads each, d = 64, m = 33 FAVOR+ features beside
 the 64 raw key coordinates), random inputs, a causal prefix of T rows. Prints seconds per call
 for fixed chunks and for the default (``rows_per_chunk``: a ``GATHER_BYTES`` block) and writes
 a JSON with the machine.
+
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ def seconds_per_call(length: int, width: int, chunk: int | None, repeats: int) -
     generator = torch.Generator().manual_seed(0)
     phi_k = torch.rand(1, KV_HEADS, length, FEATURES, generator=generator)
     keys = torch.randn(1, KV_HEADS, length, DIM, generator=generator)
-    sums, counts = prefix_sums(torch.cat([phi_k, keys], -1), torch.ones(1, length, dtype=torch.bool))
+    valid = torch.ones(1, length, dtype=torch.bool)
+    (kernel_sums, counts), (key_sums, _) = prefix_sums(phi_k, valid), prefix_sums(keys, valid)
+    sums = [kernel_sums, key_sums]
     queries = [torch.rand(1, KV_HEADS, GROUPS, length, FEATURES, generator=generator),
                torch.randn(1, KV_HEADS, GROUPS, length, DIM, generator=generator)]
     lengths = torch.arange(1, length + 1)[None]

@@ -84,7 +84,7 @@ def test_a_decoding_step_appends_to_the_prefix_sums_without_copying_the_past():
     state = DecodeState()
     module(q[:, :, :20], k[:, :, :20], v[:, :, :20], state=state)
     module(q[:, :, 20:21], k[:, :, :21], v[:, :, :21], state=state)  # the first append makes spare room
-    sums = state.bin_sums[0]
+    sums = state.bin_sums[0][-1]  # the keys' prefix sums
     where = sums.data.data_ptr()
     for end in range(22, 31):
         module(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end], state=state)

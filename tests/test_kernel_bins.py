@@ -89,17 +89,17 @@ def test_mean_key_logits_equal_a_bin_by_bin_reference(causal, pad, left, tk, wid
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_one_gather_for_both_signals_equals_each_alone():
-    """The estimator reads [phi(q), q] against one concatenated prefix sum: the same numbers."""
+def test_one_call_for_both_signals_equals_each_alone():
+    """The estimator reads phi(q) and q against their prefix sums in one call: the same numbers."""
     from sea_attention.core.estimator.kernel_bins import edge_dots, key_logits, log_mass
 
     phi_q, q = torch.rand(2, 2, 3, 30, 5), torch.randn(2, 2, 3, 30, 8)
     phi_k, k = torch.rand(2, 2, 30, 5), torch.randn(2, 2, 30, 8)
     key_valid = padding_mask(2, 30, 4)
     lengths = query_lengths(key_valid, key_valid, True)
-    sums, counts = prefix_sums(torch.cat([phi_k, k], -1), key_valid)
-    (kernel, keys), sizes = edge_dots([phi_q, q], sums, counts, lengths, 8, chunk=7)
-    alone_sums, _ = prefix_sums(phi_k, key_valid)
+    alone_sums, counts = prefix_sums(phi_k, key_valid)
+    (kernel, keys), sizes = edge_dots([phi_q, q], [alone_sums, prefix_sums(k, key_valid)[0]], counts, lengths, 8,
+                                      chunk=7)
     torch.testing.assert_close(log_mass(kernel), binned_log_mass(phi_q, alone_sums, counts, lengths, 8))
     key_sums, _ = prefix_sums(k, key_valid)
     torch.testing.assert_close(key_logits(keys, sizes, 0.3), binned_key_logits(q, key_sums, counts, lengths, 8, 0.3))
@@ -115,8 +115,8 @@ def test_edge_dots_do_not_depend_on_the_chunk(chunk):
     key_valid = padding_mask(2, 30, 4)
     lengths = query_lengths(key_valid, key_valid, True)
     sums, counts = prefix_sums(phi_k, key_valid)
-    (expected,), _ = edge_dots([phi_q], sums, counts, lengths, 8, chunk=30)
-    (got,), _ = edge_dots([phi_q], sums, counts, lengths, 8, chunk=chunk)
+    (expected,), _ = edge_dots([phi_q], [sums], counts, lengths, 8, chunk=30)
+    (got,), _ = edge_dots([phi_q], [sums], counts, lengths, 8, chunk=chunk)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert rows_per_chunk(sums, 8) >= 1 and rows_per_chunk(torch.empty(1, 2**20, 1, 1), 8) == 1
 
@@ -131,12 +131,13 @@ def test_edge_dots_equal_their_gathering_reference(pad, chunk):
     phi_q, q = torch.rand(2, 2, 3, 30, 5), torch.randn(2, 2, 3, 30, 8)
     key_valid = padding_mask(2, 30, pad)
     lengths = query_lengths(key_valid, key_valid, True)
-    sums, counts = prefix_sums(torch.cat([torch.rand(2, 2, 30, 5), torch.randn(2, 2, 30, 8)], -1), key_valid)
-    grown = GrowingRows.of(sums[:, :, :20], 2)
-    grown.append(sums[:, :, 20:])  # the same rows, inside spare capacity
-    expected, expected_sizes = naive_edge_dots([phi_q, q], sums, counts, lengths, 8, chunk=4)
-    for table in (sums, grown.rows):
-        got, sizes = edge_dots([phi_q, q], table, counts, lengths, 8, chunk=chunk)
+    kernel_sums, counts = prefix_sums(torch.rand(2, 2, 30, 5), key_valid)
+    key_sums, _ = prefix_sums(torch.randn(2, 2, 30, 8), key_valid)
+    grown = GrowingRows.of(key_sums[:, :, :20], 2)
+    grown.append(key_sums[:, :, 20:])  # the same rows, inside spare capacity
+    expected, expected_sizes = naive_edge_dots([phi_q, q], [kernel_sums, key_sums], counts, lengths, 8, chunk=4)
+    for table in (key_sums, grown.rows):
+        got, sizes = edge_dots([phi_q, q], [kernel_sums, table], counts, lengths, 8, chunk=chunk)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         assert torch.equal(sizes, expected_sizes)
@@ -151,6 +152,6 @@ def test_edge_dots_of_tables_shorter_than_the_edges_equal_the_reference(length):
     key_valid = torch.ones(1, length, dtype=torch.bool)
     sums, counts = prefix_sums(torch.randn(1, 1, length, 4), key_valid)
     lengths = query_lengths(key_valid, key_valid, True)
-    (got,), _ = edge_dots([q], sums, counts, lengths, 8)
-    (expected,), _ = naive_edge_dots([q], sums, counts, lengths, 8)
+    (got,), _ = edge_dots([q], [sums], counts, lengths, 8)
+    (expected,), _ = naive_edge_dots([q], [sums], counts, lengths, 8)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -77,9 +77,9 @@ class DecodeState:
     value_sum: Tensor | None = None  # (B, H_kv, d) sum of V over valid keys
     valid_keys: Tensor | None = None  # (B,) number of valid keys
     block: BlockSelection | None = None  # grouping "block": the selection of the open block
-    # kernel_bins / key_bins: sums of [phi(k), k] over the keys before each position 0..seen,
-    # float64 (B, H_kv, seen + 1, m and/or d), and the valid-key counts (B, seen + 1)
-    bin_sums: tuple[GrowingRows, GrowingRows] | None = None
+    # kernel_bins / key_bins: sums of phi(k) and/or k over the keys before each position 0..seen,
+    # float64 (B, H_kv, seen + 1, m or d) each, and the valid-key counts (B, seen + 1)
+    bin_sums: tuple[list[GrowingRows], GrowingRows] | None = None
     finite_past: bool = True  # every key and value before ``seen`` was finite
 
     def select(self, index: Tensor) -> None:
@@ -91,7 +91,7 @@ class DecodeState:
         if self.performer is not None:
             self.performer = tuple(x.index_select(0, index.to(x.device)) for x in self.performer)
         if self.bin_sums is not None:
-            self.bin_sums = tuple(x.map_batch(lambda t: t.index_select(0, index.to(t.device))) for x in self.bin_sums)
+            self._map_bin_sums(lambda t: t.index_select(0, index.to(t.device)))
         if self.block is not None:
             self.block = self.block.map_batch(lambda x: x.index_select(0, index.to(x.device)))
 
@@ -104,6 +104,10 @@ class DecodeState:
         if self.performer is not None:
             self.performer = tuple(x.repeat_interleave(repeats, dim=0) for x in self.performer)
         if self.bin_sums is not None:
-            self.bin_sums = tuple(x.map_batch(lambda t: t.repeat_interleave(repeats, dim=0)) for x in self.bin_sums)
+            self._map_bin_sums(lambda t: t.repeat_interleave(repeats, dim=0))
         if self.block is not None:
             self.block = self.block.map_batch(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def _map_bin_sums(self, fn: Callable[[Tensor], Tensor]) -> None:
+        sums, counts = self.bin_sums
+        self.bin_sums = ([x.map_batch(fn) for x in sums], counts.map_batch(fn))

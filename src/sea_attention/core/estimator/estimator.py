@@ -39,7 +39,7 @@ class BinInputs:
     """What the binned signals read for every row (``AttentionEstimator._bin_inputs``)."""
 
     queries: list[Tensor]  # (B, H_kv, G, Tq, f_i): phi(q) (kernel_bins) and/or q (key_bins), float32
-    sums: Tensor  # (B, H_kv, Tk + 1, sum f_i) float64 prefix sums of [phi(k), k] over positions 0..Tk
+    sums: list[Tensor]  # (B, H_kv, Tk + 1, f_i) float64 prefix sums of phi(k) and/or k over positions 0..Tk
     counts: Tensor  # (B, Tk + 1) valid keys before each position
 
 
@@ -227,7 +227,7 @@ class AttentionEstimator(nn.Module):
         if self.config.key_bins:
             per_key.append(new_k.float())
             queries.append(q.float().view(bsz, kv_heads, groups, tq, -1))
-        sums, counts = self._bin_sums(torch.cat(per_key, dim=-1), call.key_valid[:, past:], call.state)
+        sums, counts = self._bin_sums(per_key, call.key_valid[:, past:], call.state)
         return BinInputs(queries, sums, counts)
 
     def _bin_signal(self, bins: BinInputs, lengths: Tensor, rows: Tensor | None, scale: float) -> Tensor:
@@ -237,7 +237,7 @@ class AttentionEstimator(nn.Module):
         bin's logit through its mean key. ``lengths`` are those of ``rows`` (all rows: None).
         """
         queries = bins.queries if rows is None else [x.index_select(3, rows) for x in bins.queries]
-        dots, sizes = edge_dots(queries, bins.sums, bins.counts, lengths, self.config.estimate_width)  # one gather
+        dots, sizes = edge_dots(queries, bins.sums, bins.counts, lengths, self.config.estimate_width)
         signal = 0.0
         if self.config.kernel_bins:
             signal = self.kernel_scale * log_mass(dots[0]).flatten(1, 2)
@@ -245,20 +245,23 @@ class AttentionEstimator(nn.Module):
             signal = signal + self.key_scale * key_logits(dots[-1], sizes, scale).flatten(1, 2)
         return signal  # query head h = kv head h // G, group h % G
 
-    def _bin_sums(self, per_key: Tensor, new_valid: Tensor, state: DecodeState | None) -> tuple[Tensor, Tensor]:
-        """Prefix sums of the per-key vectors over positions 0..Tk (continued from a decoding state,
-        whose ``GrowingRows`` take the new rows without copying the past)."""
+    def _bin_sums(self, per_key: list[Tensor], new_valid: Tensor,
+                  state: DecodeState | None) -> tuple[list[Tensor], Tensor]:
+        """Prefix sums of each per-key signal over positions 0..Tk, and the valid-key counts (continued
+        from a decoding state, whose ``GrowingRows`` take the new rows without copying the past)."""
         if state is None or state.bin_sums is None:
-            sums, counts = prefix_sums(per_key, new_valid)
+            parts = [prefix_sums(x, new_valid) for x in per_key]
+            sums, counts = [part[0] for part in parts], parts[0][1]
             if state is not None:
-                state.bin_sums = (GrowingRows.of(sums, 2), GrowingRows.of(counts, 1))
+                state.bin_sums = ([GrowingRows.of(x, 2) for x in sums], GrowingRows.of(counts, 1))
             return sums, counts
         past_sums, past_counts = state.bin_sums
-        last = (past_sums.rows[:, :, -1], past_counts.rows[:, -1])
-        sums, counts = prefix_sums(per_key, new_valid, start=last)  # its row 0 is the state's last row
-        past_sums.append(sums[:, :, 1:])
+        last_count = past_counts.rows[:, -1]
+        for grown, x in zip(past_sums, per_key):  # each continues from the state's last row
+            new, counts = prefix_sums(x, new_valid, start=(grown.rows[:, :, -1], last_count))
+            grown.append(new[:, :, 1:])
         past_counts.append(counts[:, 1:])
-        return past_sums.rows, past_counts.rows
+        return [grown.rows for grown in past_sums], past_counts.rows
 
     def _decode_rows(self, hidden: Tensor, row_mask: Tensor, rows: Tensor) -> Tensor:
         """Logits (B, H, n, K) of some query rows only (causal).

@@ -32,8 +32,8 @@ ENTRIES_PER_CALL = 2**21
 
 
 def rows_per_chunk(sums: Tensor, width: int) -> int:
-    """Query rows per call (per query head group) whose K + 1 entries for every (sample, kv head)
-    fit in ``ENTRIES_PER_CALL``: at least one."""
+    """Query rows per call whose K + 1 entries for every (sample, kv head) fit in
+    ``ENTRIES_PER_CALL``: at least one. ``sums`` (B, H_kv, ...) is one of the prefix sums."""
     return max(1, ENTRIES_PER_CALL // (sums.shape[0] * sums.shape[1] * (width + 1)))
 
 
@@ -59,32 +59,29 @@ def prefix_sums(phi_k: Tensor, key_valid: Tensor, start: tuple[Tensor, Tensor] |
 
 
 @torch.no_grad()  # the signals are inputs of the estimator, like the teacher's q and k
-def edge_dots(queries: list[Tensor], sums: Tensor, counts: Tensor, lengths: Tensor, width: int,
+def edge_dots(queries: list[Tensor], sums: list[Tensor], counts: Tensor, lengths: Tensor, width: int,
               chunk: int | None = None) -> tuple[list[Tensor], Tensor]:
-    """Each query . (its slice of the prefix sums at every bin edge) of each row, and the bins' key counts.
+    """Each query . its prefix sums at every bin edge of each row, and the bins' key counts.
 
-    queries: (B, H_kv, G, Tq, f_i) whose widths f_i split the last axis of ``sums``
-    (B, H_kv, Tk + 1, sum f_i) in order; ``sums`` and ``counts`` from ``prefix_sums``; lengths
-    (B, Tq). Returns one (B, H_kv, G, Tq, K + 1) float64 tensor per query and (B, 1, 1, Tq, K)
-    long: bin b of row i sums to dots[..., b + 1] - dots[..., b]. Each dot reads its prefix-sum
-    row where it lies (a sampled product over the (row, edge) pattern); ``chunk``: query rows
-    per call (default ``rows_per_chunk``). ``naive_edge_dots`` gathers the rows first.
+    queries[i]: (B, H_kv, G, Tq, f_i) against sums[i] (B, H_kv, Tk + 1, f_i), both from
+    ``prefix_sums`` with the valid-key ``counts`` (B, Tk + 1); lengths (B, Tq). Returns one
+    (B, H_kv, G, Tq, K + 1) float64 tensor per query and (B, 1, 1, Tq, K) long: bin b of row i
+    sums to dots[..., b + 1] - dots[..., b]. Each dot reads its prefix-sum row where it lies (a
+    sampled product over the (row, edge) pattern); ``chunk``: query rows per call (default
+    ``rows_per_chunk``). ``naive_edge_dots`` gathers the rows first.
     """
-    bsz, kv_heads, groups, tq, _ = queries[0].shape
-    chunk = chunk or rows_per_chunk(sums, width)
+    groups, tq = queries[0].shape[2:4]
+    chunk = chunk or rows_per_chunk(sums[0], width)
     positions, sizes = _edge_positions(counts, lengths, width)  # (B, Tq, K + 1)
-    table, first_row = _row_table(sums)  # (N, f), (B, H_kv, 1)
+    tables = [_row_table(x) for x in sums]  # (N, f_i), (B, H_kv, 1)
     out: list[list[Tensor]] = [[] for _ in queries]
     for c0 in range(0, tq, chunk):
         rows = positions[:, c0:c0 + chunk]  # (B, c, K + 1)
-        columns = (first_row[:, :, None, :, None] + rows[:, None, None]).expand(-1, -1, groups, -1, -1)
-        offset = 0
-        for i, query in enumerate(queries):
+        for i, (query, (table, first_row)) in enumerate(zip(queries, tables)):
+            columns = (first_row[:, :, None, :, None] + rows[:, None, None]).expand(-1, -1, groups, -1, -1)
             part = query[:, :, :, c0:c0 + chunk].double()  # (B, H_kv, G, c, f_i)
-            dots = _sampled_dots(part.reshape(-1, part.shape[-1]), table[:, offset:offset + part.shape[-1]],
-                                 columns.reshape(-1, width + 1))
+            dots = _sampled_dots(part.reshape(-1, part.shape[-1]), table, columns.reshape(-1, width + 1))
             out[i].append(dots.view(*part.shape[:-1], width + 1))
-            offset += query.shape[-1]
     return [torch.cat(parts, dim=3) for parts in out], sizes
 
 
@@ -109,23 +106,20 @@ def _edge_positions(counts: Tensor, lengths: Tensor, width: int) -> tuple[Tensor
 
 
 @torch.no_grad()
-def naive_edge_dots(queries: list[Tensor], sums: Tensor, counts: Tensor, lengths: Tensor, width: int,
+def naive_edge_dots(queries: list[Tensor], sums: list[Tensor], counts: Tensor, lengths: Tensor, width: int,
                     chunk: int = 64) -> tuple[list[Tensor], Tensor]:
     """``edge_dots`` by gathering each row's K + 1 prefix-sum rows into a (B, H_kv, c, K + 1, f) copy
     and contracting it: the reference it is tested against."""
-    bsz, kv_heads, groups, tq, _ = queries[0].shape
+    bsz, kv_heads, _, tq, _ = queries[0].shape
     positions, sizes = _edge_positions(counts, lengths, width)
-    flat, first_row = _row_table(sums)
     out: list[list[Tensor]] = [[] for _ in queries]
-    for c0 in range(0, tq, chunk):
-        rows = positions[:, c0:c0 + chunk]  # (B, c, K + 1)
-        picked = flat.index_select(0, (first_row + rows.flatten(1)[:, None, :]).flatten())
-        picked = picked.view(bsz, kv_heads, rows.shape[1], width + 1, -1)  # (B, H_kv, c, K + 1, f)
-        offset = 0
-        for i, query in enumerate(queries):
-            part = picked[..., offset:offset + query.shape[-1]]
-            out[i].append(torch.einsum("bhckf,bhgcf->bhgck", part, query[:, :, :, c0:c0 + chunk].double()))
-            offset += query.shape[-1]
+    for i, (query, table) in enumerate(zip(queries, sums)):
+        flat, first_row = _row_table(table)
+        for c0 in range(0, tq, chunk):
+            rows = positions[:, c0:c0 + chunk]  # (B, c, K + 1)
+            picked = flat.index_select(0, (first_row + rows.flatten(1)[:, None, :]).flatten())
+            picked = picked.view(bsz, kv_heads, rows.shape[1], width + 1, -1)  # (B, H_kv, c, K + 1, f)
+            out[i].append(torch.einsum("bhckf,bhgcf->bhgck", picked, query[:, :, :, c0:c0 + chunk].double()))
     return [torch.cat(parts, dim=3) for parts in out], sizes
 
 
@@ -173,7 +167,7 @@ def binned_log_mass(phi_q: Tensor, sums: Tensor, counts: Tensor, lengths: Tensor
     phi_q (B, H_kv, G, Tq, m); ``sums``, ``counts`` from ``prefix_sums`` of phi(k) over every
     key up to the last query (positions 0..Tk); lengths (B, Tq) valid keys of each row.
     """
-    (cumulative,), _ = edge_dots([phi_q], sums, counts, lengths, width, chunk)
+    (cumulative,), _ = edge_dots([phi_q], [sums], counts, lengths, width, chunk)
     return log_mass(cumulative)
 
 
@@ -185,5 +179,5 @@ def binned_key_logits(q: Tensor, sums: Tensor, counts: Tensor, lengths: Tensor, 
     Exact and linear in T through prefix sums of the raw keys. q (B, H_kv, G, Tq, d);
     ``sums``, ``counts`` from ``prefix_sums`` of k.
     """
-    (cumulative,), sizes = edge_dots([q], sums, counts, lengths, width, chunk)
+    (cumulative,), sizes = edge_dots([q], [sums], counts, lengths, width, chunk)
     return key_logits(cumulative, sizes, scale)
