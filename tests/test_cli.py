@@ -80,6 +80,10 @@ def test_generate_streams_text(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(out), "--prompt", "the cat sat", "--max-new-tokens", "8",
                  "--grouping", "block", "--query-block", "4"]) == 0
     assert capsys.readouterr().out.startswith("the cat sat")
+    # nor does the exact refinement
+    assert main(["generate", "--model", str(out), "--prompt", "the cat sat", "--max-new-tokens", "8",
+                 "--candidates", "3"]) == 0
+    assert capsys.readouterr().out.startswith("the cat sat")
 
 
 def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):

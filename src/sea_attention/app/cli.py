@@ -49,7 +49,8 @@ def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: di
 
 
 def _runtime_options(args) -> dict:
-    return {name: getattr(args, name) for name in ("grouping", "query_block") if getattr(args, name, None) is not None}
+    names = ("grouping", "query_block", "candidates")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def _sea_overrides(args) -> dict:
@@ -69,6 +70,9 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
                          help="which cells share one top-k: per query (default), per query and head, or per "
                               "block of positions (fastest on long inputs)")
     runtime.add_argument("--query-block", type=positive_int, help="positions per block of --grouping block (default 64)")
+    runtime.add_argument("--candidates", type=positive_int,
+                         help="exact refinement: select cells for this many times the budget, keep each head's "
+                              "exactly best share of their keys (default 1: off; per-query groupings)")
 
 
 # ---------------------------------------------------------------------------------------- texts
