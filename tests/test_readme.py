@@ -111,6 +111,7 @@ def test_readme_demo_command_runs_small(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert ["demo"] in [argv[:1] for argv in sea_commands()]
     assert main(["demo", "--steps", "2", "--seq-len", "64", "--eval-len", "64", "--eval-tokens", "128", "--k", "32",
+                 "--needle-prompts", "1", "--needle-lengths", "128",
                  "--quiet"]) == 0
-    for name in ("attention.png", "coverage.png", "diagnosis.json", "results.json"):
+    for name in ("attention.png", "coverage.png", "diagnosis.json", "results.json", "retrieval.json"):
         assert (tmp_path / "sea-demo" / name).exists(), name
