@@ -20,38 +20,57 @@ from .ops.sparse import candidate_scores
 
 
 @torch.no_grad()  # a selection: no gradient flows through which keys are kept
-def refine_slots(q: Tensor, k: Tensor, slots: KeySlots, candidates: int, scale: float, chunk: int = 64) -> KeySlots:
+def refine_slots(q: Tensor, k: Tensor, slots: KeySlots, candidates: int, scale: float, chunk: int = 256) -> KeySlots:
     """Keep the exactly best ``ceil(n_h / candidates)`` slots of each query's ``n_h`` slots of head h.
 
-    q (B, H, Tq, d), k (B, H_kv, Tk, d), slots (B, Tq, S) ordered by head. Returns slots
-    (B, Tq, S') ordered by head, S' the most slots any query keeps.
+    q (B, H, Tq, d), k (B, H_kv, Tk, d), slots (B, Tq, S) ordered by head (``cells_to_keys``).
+    Returns slots (B, Tq, S') ordered by head, the kept ones first, S' the most any query keeps.
+    ``chunk`` queries at a time.
     """
     scores = candidate_scores(q, k, slots, scale, chunk)  # (B, Tq, S), -inf on unused slots
-    heads = q.shape[1]
-    owner = torch.where(slots.valid, slots.head, heads)  # (B, Tq, S); unused slots: an extra head H
-    # best first inside each head's run: sort by score, then (stably) by head
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    order = order.gather(-1, torch.sort(owner.gather(-1, order), dim=-1, stable=True).indices)
-    owner_sorted = owner.gather(-1, order)
+    parts = [_keep_best(scores[:, lo:lo + chunk], _part(slots, lo, chunk), q.shape[1], candidates)
+             for lo in range(0, scores.shape[1], chunk)]
+    width = max(part.width for part in parts)
+    return KeySlots(*(torch.cat([_pad(getattr(p, name), width) for p in parts], 1) for name in ("head", "key", "valid")))
+
+
+def _keep_best(scores: Tensor, slots: KeySlots, heads: int, candidates: int) -> KeySlots:
+    """``refine_slots`` for one chunk: each head's run of slots padded to one width, one top-k."""
+    owner = torch.where(slots.valid, slots.head, heads)  # (B, c, S); unused slots: an extra head H
     per_head = torch.zeros(*owner.shape[:2], heads + 1, dtype=torch.long, device=owner.device)
-    per_head.scatter_add_(-1, owner, torch.ones_like(owner))  # (B, Tq, H + 1) candidates per head
-    run_start = per_head.cumsum(-1) - per_head
-    rank = torch.arange(owner.shape[-1], device=owner.device) - run_start.gather(-1, owner_sorted)
-    keep_count = (per_head + candidates - 1) // candidates  # ceil(n_h / c)
-    keep = (rank < keep_count.gather(-1, owner_sorted)) & (owner_sorted < heads)
-    return _compact(slots, order, keep, owner_sorted, heads)
+    per_head = per_head.scatter_add_(-1, owner, torch.ones_like(owner))[..., :heads]  # (B, c, H) candidates
+    run_start = per_head.cumsum(-1) - per_head  # each head's first slot (slots are ordered by head)
+    offsets = torch.arange(max(int(per_head.max()) if per_head.numel() else 0, 1), device=owner.device)
+    inside = offsets < per_head.unsqueeze(-1)  # (B, c, H, W)
+    index = (run_start.unsqueeze(-1) + offsets).clamp_max(owner.shape[-1] - 1)
+    padded = scores.gather(-1, index.flatten(2)).view(index.shape).masked_fill(~inside, float("-inf"))
+    keep = (per_head + candidates - 1) // candidates  # (B, c, H): ceil(n_h / c)
+    best = padded.topk(max(int(keep.max()) if keep.numel() else 0, 1), dim=-1).indices  # (B, c, H, kmax)
+    kept = (torch.arange(best.shape[-1], device=owner.device) < keep.unsqueeze(-1)).flatten(2)  # (B, c, H*kmax)
+    picked = index.gather(-1, best).flatten(2)  # the kept slots, head-major
+    return _compact(slots, picked, kept)
 
 
-def _compact(slots: KeySlots, order: Tensor, keep: Tensor, owner: Tensor, heads: int) -> KeySlots:
-    """The kept slots (in ``order``), moved to the front and still ordered by head."""
-    owner = torch.where(keep, owner, heads)
-    front = torch.sort(owner, dim=-1, stable=True).indices  # kept slots first, by head
-    width = max(int(keep.sum(-1).max()) if keep.numel() else 0, 1)
-    picked = order.gather(-1, front)[..., :width]
-    valid = keep.gather(-1, front)[..., :width]
-    head = torch.where(valid, slots.head.gather(-1, picked), 0)
-    key = torch.where(valid, slots.key.gather(-1, picked), 0)
+def _compact(slots: KeySlots, picked: Tensor, kept: Tensor) -> KeySlots:
+    """The slots ``picked[kept]`` moved to the front of each query's row, in order (no sort)."""
+    count = kept.sum(-1, keepdim=True)  # (B, c, 1)
+    width = max(int(count.max()) if count.numel() else 0, 1)
+    place = torch.where(kept, kept.long().cumsum(-1) - 1, width)  # unused: a dump column
+    rows = torch.zeros(*kept.shape[:2], width + 1, dtype=torch.long, device=kept.device)
+    rows = rows.scatter_(-1, place, picked)[..., :width]  # (B, c, width) slot of each kept entry
+    valid = torch.arange(width, device=kept.device) < count
+    head = torch.where(valid, slots.head.gather(-1, rows), 0)
+    key = torch.where(valid, slots.key.gather(-1, rows), 0)
     return KeySlots(head, key, valid)
+
+
+def _part(slots: KeySlots, lo: int, chunk: int) -> KeySlots:
+    return KeySlots(slots.head[:, lo:lo + chunk], slots.key[:, lo:lo + chunk], slots.valid[:, lo:lo + chunk])
+
+
+def _pad(x: Tensor, width: int) -> Tensor:
+    """(B, c, w) -> (B, c, width), zeros (False) on the right."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
 
 
 def naive_refine(q: Tensor, k: Tensor, slots: KeySlots, candidates: int, scale: float) -> Tensor:
