@@ -27,6 +27,12 @@ DIAG = {"undistilled, K=256": "diagnose_smollm2_undistilled_K256_{}.json",
         "K=256, 300 steps": "diagnose_smollm2_K256_rows128x4_300x1024_{}.json",
         "K=512, 500 steps": "diagnose_smollm2_K512_rows128x4_500x1024_{}.json"}
 NOT_MEASURED = text("not measured")
+MODEL_COST_TINY, MODEL_COST_SMOLLM2 = "model_cost_tiny.json", "model_cost_smollm2.json"
+RETRIEVAL_CANDIDATES = [("dense (not SEA)", "retrieval_needle_smollm2_undistilled_1k.json"),
+                        ("dense (not SEA)", "retrieval_kernel_dense_needle2k.json"),
+                        ("dense (not SEA)", "retrieval_kernel_dense_copy1k.json"),
+                        ("candidates=1 (default)", "retrieval_kernel_default_k64.json"),
+                        ("candidates=4", "retrieval_candidates4_k64.json")]
 
 
 def compare_row(results: Results, label: str, names: str | tuple[str, ...], method: str) -> list[str]:
@@ -64,6 +70,33 @@ def model_bench(results: Results) -> str:
             rows.append([p["mode"] if p["mode"] == "dense" else f"sea ({grouping})", f"{p['length']:,}",
                          num(p["prefill_tok_s"], 1), num(p["decode_tok_s"], 2)])
     return table(["attention", "prompt tokens", "prefill tokens/s", "decode tokens/s"], rows)
+
+
+def model_cost(results: Results) -> str:
+    """`sea bench model` after the cost work: prefill and decode tokens/s, dense vs SEA, and SEA / dense."""
+    rows = []
+    for name in (MODEL_COST_TINY, MODEL_COST_SMOLLM2):
+        result = results.load(name)
+        by = {(p["mode"], p["length"]): p for p in result["points"]}
+        for length in sorted({p["length"] for p in result["points"]}):
+            dense, sea = by["dense", length], by["sea", length]
+            rows.append([result["setup"]["model"], f"{length:,}", num(dense["prefill_tok_s"], 0), num(sea["prefill_tok_s"], 0),
+                         num(sea["prefill_tok_s"] / dense["prefill_tok_s"]), num(dense["decode_tok_s"], 1),
+                         num(sea["decode_tok_s"], 1), num(sea["decode_tok_s"] / dense["decode_tok_s"])])
+    return table(["model", "prompt tokens", "prefill dense tok/s", "prefill SEA tok/s", "SEA / dense",
+                  "decode dense tok/s", "decode SEA tok/s", "SEA / dense"], rows)
+
+
+def retrieval_candidates(results: Results) -> str:
+    """The suite's needle and copy rows of the undistilled patch, with and without exact refinement."""
+    rows = []
+    for label, name in RETRIEVAL_CANDIDATES:
+        result = results.load(name)
+        for r in result.get("rows") or result["points"]:
+            cell = num(r["accuracy"]) if r["task"] == "copy" else f"{r['correct']}/{r['prompts']}"
+            rows.append([label, r["task"], f"{r['length']:,}", cell])
+    return table(["method (SmolLM2-135M, undistilled patch, k=64)", "task", "prompt tokens",
+                  "correct / prompts (copy: exact-token accuracy)"], rows)
 
 
 def decode_latency(results: Results) -> str:
@@ -301,6 +334,9 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "attention-default-estimator": bench_table(["attention_default_estimator.json"], ["sdpa", "sea", "sea_block"]),
     "attention-K": bench_table([f"attention_K{w}.json" for w in (128, 256, 512)], ["sdpa", "sea", "sea_block"]),
     "attention-flex": bench_table(["attention_flex.json"], ["sdpa", "sea", "sea_flex"]),
+    "attention-cost": bench_table(["attention_cost.json"], ["sdpa", "sea", "sea_chunked", "sea_block"]),
+    "model-cost": model_cost,
+    "retrieval-candidates": retrieval_candidates,
     "model-bench": model_bench,
     "decode-latency": decode_latency,
     "distill-throughput": distill_throughput,

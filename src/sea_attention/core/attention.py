@@ -35,7 +35,8 @@ class SEAOutput:
     estimated_logits: Tensor  # (B, H, n, K) the estimator's raw logits for the same rows
     gates: Tensor | None  # (B, H, Tq, 2) sigmoid gates (scale, mix), None when gating is off
     cells: Tensor  # (B, H, Tq, K) bool, the selected cells (block grouping: the block's, in the bins of
-    # its selecting row, whose length is not this row's: map them with blocks.block_dense_mask)
+    # its selecting row, whose length is not this row's: map them with blocks.block_dense_mask;
+    # with candidates > 1: the candidates' cells, of which slots keeps the exactly best keys)
     slots: KeySlots | None  # the selected keys, flattened over heads (None with the block grouping)
     lengths: Tensor  # (B, Tq) valid keys of each query's row
     # None: every query row was estimated. Otherwise the (n,) rows that were: with
