@@ -32,7 +32,8 @@ RETRIEVAL_CANDIDATES = [("dense (not SEA)", "retrieval_needle_smollm2_undistille
                         ("dense (not SEA)", "retrieval_kernel_dense_needle2k.json"),
                         ("dense (not SEA)", "retrieval_kernel_dense_copy1k.json"),
                         ("candidates=1 (default)", "retrieval_kernel_default_k64.json"),
-                        ("candidates=4", "retrieval_candidates4_k64.json")]
+                        ("candidates=4", "retrieval_candidates4_k64.json"),
+                        ("candidates=8", "retrieval_candidates8_k64.json")]
 
 
 def compare_row(results: Results, label: str, names: str | tuple[str, ...], method: str) -> list[str]:
@@ -97,6 +98,17 @@ def retrieval_candidates(results: Results) -> str:
             rows.append([label, r["task"], f"{r['length']:,}", cell])
     return table(["method (SmolLM2-135M, undistilled patch, k=64)", "task", "prompt tokens",
                   "correct / prompts (copy: exact-token accuracy)"], rows)
+
+
+def refine_perplexity(results: Results) -> str:
+    """Wiki validation perplexity of the undistilled patch at k=64, without and with exact refinement."""
+    rows = []
+    for label, name in (("candidates=1 (default)", "retrieval_kernel_default_k64.json"),
+                        ("candidates=4", "ppl_candidates4_k64.json")):
+        result = results.load(name)["perplexity"]
+        by = {r["name"]: r["perplexity"] for r in result["rows"]}
+        rows.append([label, f"{result['tokens']:,}", num(by["dense"]), num(by["sea"]), num(by["sea"] / by["dense"], 3)])
+    return table(["SEA@64, undistilled patch", "wiki validation tokens", "dense", "SEA", "x dense"], rows)
 
 
 def decode_latency(results: Results) -> str:
@@ -337,6 +349,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "attention-cost": bench_table(["attention_cost.json"], ["sdpa", "sea", "sea_chunked", "sea_block"]),
     "model-cost": model_cost,
     "retrieval-candidates": retrieval_candidates,
+    "refine-perplexity": refine_perplexity,
     "model-bench": model_bench,
     "decode-latency": decode_latency,
     "distill-throughput": distill_throughput,

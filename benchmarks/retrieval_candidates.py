@@ -4,7 +4,8 @@ The default ``patch(model)`` (undistilled) with ``candidates = c``: the estimate
 c times the budget and each head keeps its exactly best share (``core/refine.py``). Runs the suite's
 own code path (``score_prompts``, as ``sea compare --task``) for SEA at k, optionally beside dense,
 on the suite's test haystacks or, with ``--validation``, on a haystack of wiki validation prose (the
-text a default may be chosen on). Writes the JSON after every row, so a stopped run keeps its rows.
+text a default may be chosen on), and with ``--perplexity N`` the perplexity of ``sea eval`` on N wiki
+validation windows (SEA at k beside dense). Writes the JSON after every row, so a stopped run keeps them.
 
     PYTHONPATH=src python benchmarks/retrieval_candidates.py --candidates 4 --tasks needle copy \
         --lengths 1024 2048 --json benchmarks/results/retrieval_candidates4.json
@@ -26,6 +27,8 @@ from sea_attention.atomic import write_text
 from sea_attention.hf import patch
 from sea_attention.tools.baselines.compare import method_attention
 from sea_attention.tools.baselines.retrieval import RetrievalConfig, format_retrieval_table, score_prompts, suite_prompts
+from sea_attention.tools.distill.data import tokenize
+from sea_attention.tools.evaluate import BudgetSweep, evaluate_budgets, format_table
 
 
 def haystacks(validation: bool, folder: Path) -> tuple[str, ...]:
@@ -40,7 +43,8 @@ def haystacks(validation: bool, folder: Path) -> tuple[str, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--candidates", type=int, default=1)
-    parser.add_argument("--tasks", nargs="+", default=["needle"])
+    parser.add_argument("--tasks", nargs="*", default=["needle"], help="suite tasks (none: skip retrieval)")
+    parser.add_argument("--perplexity", type=int, default=0, help="wiki validation windows of 1,024 tokens (0: skip)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024])
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=["sea"], choices=("dense", "sea"))
@@ -55,6 +59,16 @@ def main() -> None:
     out = {"model": "smollm2-135m (undistilled patch)", "k": args.k, "candidates": args.candidates,
            "threads": torch.get_num_threads(), "machine": "2-core AMD EPYC AVX-512, shared (loaded)"}
     start = time.time()
+    if args.perplexity:
+        tokens = tokenize(tokenizer, assets.load_text("wiki", "validation"))[: args.perplexity * 1024]
+        rows = evaluate_budgets(model, tokens, BudgetSweep(1024, 1024, [args.k], oracle=False, progress=False))
+        out["perplexity"] = {"data": "wiki", "split": "validation", "seq_len": 1024, "tokens": int(tokens.numel()),
+                             "rows": [asdict(r) for r in rows]}
+        out["seconds"] = round(time.time() - start)
+        write_text(args.json, json.dumps(out, indent=1))
+        print(format_table(rows), flush=True)
+    if not args.tasks:
+        return
     with tempfile.TemporaryDirectory() as folder:
         config = RetrievalConfig(tuple(args.tasks), tuple(args.lengths), args.prompts,
                                  haystacks=haystacks(args.validation, Path(folder)))
