@@ -95,3 +95,15 @@ def test_decoding_and_row_chunks_equal_the_full_forward(schedule):
 def test_the_config_refuses_what_cannot_run(bad):
     with pytest.raises(ValueError, match="candidates"):
         SEAConfig(num_heads=4, head_dim=16, **bad)
+
+
+def test_candidate_scores_are_the_dense_scores_at_the_slots():
+    from sea_attention.core.ops.sparse import candidate_scores
+
+    q, k, _ = make_qkv(2, 4, 2, 12, 12, 8)
+    slots, _ = _random_slots(2, 4, 12, 12, 4, padding_mask(2, 12, 3))
+    dense = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.7  # (B, H, Tq, Tk)
+    expected = dense.transpose(1, 2)[torch.arange(2)[:, None, None], torch.arange(12)[None, :, None],
+                                     slots.head, slots.key]  # (B, Tq, S)
+    expected = expected.masked_fill(~slots.valid, float("-inf"))
+    torch.testing.assert_close(candidate_scores(q, k, slots, 0.7, chunk=5), expected, atol=1e-5, rtol=1e-5)
