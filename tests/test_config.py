@@ -15,7 +15,8 @@ def test_defaults_and_derived_values():
     assert cfg.estimate_width == 256  # a binned causal estimator; the paper's K elsewhere
     assert cfg.num_features == 33  # floor(64 ln 64 / 8)
     encoder = SEAConfig(num_heads=12, head_dim=64, causal=False)
-    assert encoder.position_code == "tent" and not encoder.binned and (encoder.sinks, encoder.local_window) == (0, 0)
+    assert encoder.position_code == "tent" and (encoder.sinks, encoder.local_window) == (0, 0)
+    assert encoder.key_bins and not encoder.kernel_bins and encoder.feature_kind == "favor"  # mean-key bins only
     paper = SEAConfig(num_heads=12, head_dim=64, kernel_bins=False, key_bins=False, sinks=0, local_window=0)
     assert paper.feature_kind == "relu" and paper.position_code == "learned"  # the paper's causal estimator
     assert paper.estimate_width == encoder.estimate_width == 128
@@ -80,3 +81,14 @@ def test_a_config_saved_before_kernel_bins_loads_as_it_was():
     restored = SEAConfig.from_dict(saved)
     assert not restored.binned and restored.position_code == "learned"
     assert (restored.sinks, restored.local_window) == (0, 0)
+
+
+def test_a_bidirectional_config_saved_before_its_key_bins_default_loads_as_it_was():
+    """Bidirectional saves made when key_bins defaulted to off (written resolved, or older ones without
+    the field) keep the paper's estimator; a fresh bidirectional config gets the mean-key bins."""
+    fresh = SEAConfig(num_heads=4, head_dim=16, causal=False)
+    saved = fresh.replace(key_bins=False).to_dict()
+    assert not SEAConfig.from_dict(saved).binned
+    del saved["key_bins"], saved["kernel_bins"]
+    assert not SEAConfig.from_dict(saved).binned
+    assert SEAConfig.from_dict(fresh.to_dict()) == fresh and fresh.binned
