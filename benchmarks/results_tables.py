@@ -33,7 +33,9 @@ RETRIEVAL_CANDIDATES = [("dense (not SEA)", "retrieval_needle_smollm2_undistille
                         ("dense (not SEA)", "retrieval_kernel_dense_copy1k.json"),
                         ("candidates=1 (default)", "retrieval_kernel_default_k64.json"),
                         ("candidates=4", "retrieval_candidates4_k64.json"),
-                        ("candidates=8", "retrieval_candidates8_k64.json")]
+                        ("candidates=8", "retrieval_candidates8_k64.json"),
+                        ("candidates=1 (default)", "retrieval_needle4k_candidates1.json"),  # and its dense row
+                        ("candidates=4", "retrieval_needle4k_candidates4.json")]
 
 
 def compare_row(results: Results, label: str, names: str | tuple[str, ...], method: str) -> list[str]:
@@ -95,7 +97,7 @@ def retrieval_candidates(results: Results) -> str:
         result = results.load(name)
         for r in result.get("rows") or result["points"]:
             cell = num(r["accuracy"]) if r["task"] == "copy" else f"{r['correct']}/{r['prompts']}"
-            rows.append([label, r["task"], f"{r['length']:,}", cell])
+            rows.append(["dense (not SEA)" if r["method"] == "dense" else label, r["task"], f"{r['length']:,}", cell])
     return table(["method (SmolLM2-135M, undistilled patch, k=64)", "task", "prompt tokens",
                   "correct / prompts (copy: exact-token accuracy)"], rows)
 
@@ -104,7 +106,7 @@ def refine_perplexity(results: Results) -> str:
     """Wiki validation perplexity of the undistilled patch at k=64, without and with exact refinement."""
     rows = []
     for label, name in (("candidates=1 (default)", "retrieval_kernel_default_k64.json"),
-                        ("candidates=4", "ppl_candidates4_k64.json")):
+                        ("candidates=4", "ppl_candidates4_k64.json"), ("candidates=8", "ppl_candidates8_k64.json")):
         result = results.load(name)["perplexity"]
         by = {r["name"]: r["perplexity"] for r in result["rows"]}
         rows.append([label, f"{result['tokens']:,}", num(by["dense"]), num(by["sea"]), num(by["sea"] / by["dense"], 3)])
