@@ -33,7 +33,8 @@ from .blocks import BlockSelection
 class GrowingRows:
     """A tensor that grows along ``dim`` by appending into spare capacity (a quarter more, at least
     ``SPARE`` rows, when full): appending n rows costs O(n) amortised, not a copy of every earlier
-    row as ``torch.cat`` does."""
+    row as ``torch.cat`` does. It belongs to one decoding state: two states must not share it (their
+    appends would write into the same spare rows); ``map_batch`` makes an independent copy."""
 
     SPARE = 256
 
