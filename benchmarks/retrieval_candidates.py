@@ -2,7 +2,7 @@
 
 The default ``patch(model)`` (undistilled) with ``candidates = c``: the estimate selects cells for
 c times the budget and each head keeps its exactly best share (``core/refine.py``). Runs the suite's
-own code path (``score_prompts``, as ``sea compare --task``) for SEA at k, optionally beside dense,
+own code path (``score_runs``, as ``sea compare --task``) for SEA at k, optionally beside dense,
 on the suite's test haystacks or, with ``--validation``, on a haystack of wiki validation prose (the
 text a default may be chosen on), and with ``--perplexity N`` the perplexity of ``sea eval`` on N wiki
 validation windows (SEA at k beside dense). Writes the JSON after every row, so a stopped run keeps them.
@@ -25,8 +25,7 @@ import torch
 from sea_attention.app import assets
 from sea_attention.atomic import write_text
 from sea_attention.hf import patch
-from sea_attention.tools.baselines.compare import method_attention
-from sea_attention.tools.baselines.retrieval import RetrievalConfig, format_retrieval_table, score_prompts, suite_prompts
+from sea_attention.tools.baselines.retrieval import RetrievalConfig, format_retrieval_table, score_runs
 from sea_attention.tools.distill.data import tokenize
 from sea_attention.tools.evaluate import BudgetSweep, evaluate_budgets, format_table
 
@@ -73,16 +72,13 @@ def main() -> None:
         config = RetrievalConfig(tuple(args.tasks), tuple(args.lengths), args.prompts,
                                  haystacks=haystacks(args.validation, Path(folder)))
         out["setup"] = {**asdict(config), "haystacks": ["wiki validation"] if args.validation else config.haystacks}
-        prompts, rows = suite_prompts(tokenizer, config), []
-        for method in args.methods:
-            k = None if method == "dense" else args.k
-            with method_attention(model, method, k):
-                for (task, length), batch in prompts.items():
-                    rows.append(score_prompts(model, tokenizer, batch, config.new_tokens(task), method, k))
-                    print(f"{task} {method} {length}: {rows[-1].correct}/{rows[-1].prompts} "
-                          f"{time.time() - start:.0f}s", flush=True)
-                    out["rows"], out["seconds"] = [asdict(r) for r in rows], round(time.time() - start)
-                    write_text(args.json, json.dumps(out, indent=1))
+        runs = [(method, None if method == "dense" else args.k) for method in args.methods]
+
+        def save(rows: list) -> None:
+            out["rows"], out["seconds"] = [asdict(r) for r in rows], round(time.time() - start)
+            write_text(args.json, json.dumps(out, indent=1))
+
+        rows = score_runs(model, tokenizer, runs, config, on_row=save)
     print(format_retrieval_table(rows), flush=True)
 
 

@@ -25,8 +25,7 @@ import torch
 from sea_attention.app import assets
 from sea_attention.atomic import write_text
 from sea_attention.hf import patch, sea_layers
-from sea_attention.tools.baselines.compare import method_attention
-from sea_attention.tools.baselines.retrieval import RetrievalConfig, format_retrieval_table, score_prompts, suite_prompts
+from sea_attention.tools.baselines.retrieval import RetrievalConfig, format_retrieval_table, score_runs
 from sea_attention.tools.distill.data import tokenize
 from sea_attention.tools.evaluate import evaluate_budgets, format_table
 
@@ -75,16 +74,13 @@ def main() -> None:
     if args.tasks:
         config = RetrievalConfig(tuple(args.tasks), tuple(args.lengths), args.prompts)
         out["setup"] = asdict(config)
-        prompts, rows = suite_prompts(tokenizer, config), []
-        for method in args.methods:  # retrieval_rows' loop, without its forced dense row
-            k = None if method == "dense" else args.k
-            with method_attention(model, method, k):
-                for (task, length), batch in prompts.items():
-                    rows.append(score_prompts(model, tokenizer, batch, config.new_tokens(task), method, k))
-                    print(f"{task} {method} {length}: {rows[-1].correct}/{rows[-1].prompts} "
-                          f"({rows[-1].accuracy:.2f}) {time.time() - start:.0f}s", flush=True)
-                    out["rows"], out["seconds"] = [asdict(r) for r in rows], round(time.time() - start)
-                    save()
+        runs = [(method, None if method == "dense" else args.k) for method in args.methods]  # no forced dense row
+
+        def save_rows(rows: list) -> None:
+            out["rows"], out["seconds"] = [asdict(r) for r in rows], round(time.time() - start)
+            save()
+
+        rows = score_runs(model, tokenizer, runs, config, on_row=save_rows)
         print(format_retrieval_table(rows), flush=True)
 
 

@@ -125,9 +125,17 @@ def retrieval_rows(model: nn.Module, tokenizer, methods: tuple[str, ...], budget
     config.check_fits(getattr(getattr(model, "config", None), "max_position_embeddings", None))
     methods = check_methods(methods)
     check_budgets(methods, budgets)  # every (method, k) before the first forward
+    return score_runs(model, tokenizer, method_runs(methods, budgets), config, progress, on_row)
+
+
+def score_runs(model: nn.Module, tokenizer, runs: list[tuple[str, int | None]], config: RetrievalConfig,
+               progress: bool = True, on_row: Callable[[list[RetrievalRow]], None] | None = None
+               ) -> list[RetrievalRow]:
+    """A row per (method, k) of ``runs`` and (task, length) of ``config``, in that order (no checks:
+    ``retrieval_rows`` is the checked entry point). ``on_row(rows so far)`` runs after each row."""
     prompts = suite_prompts(tokenizer, config)
     rows: list[RetrievalRow] = []
-    for method, k in method_runs(methods, budgets):
+    for method, k in runs:
         with method_attention(model, method, k):
             for (task, length), batch in prompts.items():
                 rows.append(score_prompts(model, tokenizer, batch, config.new_tokens(task), method, k))
