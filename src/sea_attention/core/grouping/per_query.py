@@ -56,7 +56,7 @@ class PerQueryGrouping(Grouping):
         """The candidates' exactly best keys, each head keeping its share (``refine.refine_slots``)."""
         cells, slots = selected
         q = call.asked(call.q, 2)
-        return cells, refine_slots(q, call.k, slots, self.config.candidates, call.scale)
+        return cells, refine_slots(q, call.k, slots, self.config.candidates, call.scale, self.config.query_chunk)
 
     def _candidate_budget(self, call: "SEACall") -> int:
         """Keys per query per head the cells stand for: the budget, times ``candidates``."""
