@@ -101,5 +101,17 @@ def test_cli_model_dense_vs_sea(tiny_model_dir, tmp_path, capsys):  # noqa: F811
     assert all(p["prefill_tok_s"] > 0 and p["decode_tok_s"] > 0 for p in points)
     assert "decode SEA" in capsys.readouterr().out
 
+    assert json.loads(report.read_text())["setup"]["cache"] == "growing"  # both modes on the same cache class
+
     assert main(["bench", "model", "--model", model, "--lengths", "300", "--decode-tokens", "4"]) == 2
     assert "at most 256 positions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "model", "--model", model, "--cache", "static"])
+    assert "--cache: invalid choice: 'static'" in capsys.readouterr().err
+
+
+def test_the_model_bench_names_the_caches_it_accepts():
+    from sea_attention.tools.bench import ModelBenchSetup
+
+    with pytest.raises(ValueError, match="cache must be one of growing, dynamic; got 'static'"):
+        ModelBenchSetup("tiny", [64], cache="static")

@@ -155,3 +155,21 @@ def test_edge_dots_of_tables_shorter_than_the_edges_equal_the_reference(length):
     (got,), _ = edge_dots([q], [sums], counts, lengths, 8)
     (expected,), _ = naive_edge_dots([q], [sums], counts, lengths, 8)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_decoding_row_gathers_its_edges_instead_of_walking_the_whole_table(monkeypatch):
+    """One row's K + 1 edges against a long context: the gather (O(K f)), not the sampled product,
+    whose cost grows with the table; the same dots as the reference."""
+    from sea_attention.core.estimator.kernel_bins import edge_dots, naive_edge_dots
+
+    key_valid = torch.ones(1, 200, dtype=torch.bool)
+    sums, counts = prefix_sums(torch.randn(1, 2, 200, 4), key_valid)
+    q, lengths = torch.randn(1, 2, 3, 1, 4), torch.tensor([[200]])
+    (expected,), _ = naive_edge_dots([q], [sums], counts, lengths, 8)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a decoding row must not walk the whole table")
+
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", refuse)
+    (got,), _ = edge_dots([q], [sums], counts, lengths, 8)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -141,3 +141,27 @@ def test_slots_in_any_order(mode):
     torch.testing.assert_close(probs1, probs0.gather(-1, order))
     for g1, g0 in zip(grads1, grads0):
         torch.testing.assert_close(g1, g0)
+
+
+@pytest.mark.parametrize("mode, tq", [("auto", 1), ("auto", 3), ("slots", 9), ("dense", 9)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_keys_in_a_cache_with_spare_rows_are_read_in_place(mode, tq, batch):
+    """K/V as views of storage with room to grow (hf.GrowingCache): the same attention as on
+    contiguous copies, and the key table is the storage itself, not a copy."""
+    from sea_attention.core.rows import row_table, same_layout
+
+    slots = random_slots(batch, 4, tq, 9, 4, True, 3)
+    q, k, v = make_qkv(batch, 4, 2, tq, 9, 8)
+    spare_k, spare_v = torch.randn(batch, 2, 20, 8), torch.randn(batch, 2, 20, 8)
+    spare_k[:, :, :9], spare_v[:, :, :9] = k, v
+    view_k, view_v = spare_k[:, :, :9], spare_v[:, :, :9]
+    assert row_table(view_k).rows.data_ptr() == spare_k.data_ptr()
+    out, probs = sparse_attention(q, view_k, view_v, slots, 0.3, mode=mode)
+    ref, ref_probs = sparse_attention(q, k, v, slots, 0.3, mode=mode)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=0)
+    # keys and values laid out differently: both are read through one layout
+    k_table, v_table = same_layout(view_k, v)
+    assert (k_table.batch, k_table.head) == (v_table.batch, v_table.head)
+    mixed, _ = sparse_attention(q, view_k, v, slots, 0.3, mode=mode)
+    torch.testing.assert_close(mixed, ref, atol=1e-6, rtol=0)

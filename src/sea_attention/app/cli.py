@@ -521,6 +521,8 @@ def cmd_plot(args) -> int:
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
+    from ..hf import GrowingCache
+
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer to turn the prompt into tokens")
@@ -537,9 +539,10 @@ def cmd_generate(args) -> int:
     streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else \
         dict(do_sample=False)
-    with attention_mode(model):
+    with attention_mode(model):  # the cache appends in place (both modes): no copy of the past per token
         model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+                       past_key_values=GrowingCache(), pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                       **sampling)
     return 0
 
 
@@ -551,7 +554,7 @@ def cmd_bench(args) -> int:
 
     if args.bench_command == "model":
         setup = bench.ModelBenchSetup(args.model, args.lengths, args.decode_tokens, args.data,
-                                      args.dense_implementation, args.threads)
+                                      args.dense_implementation, args.threads, args.cache)
         if args.model == "tiny":  # a random narrow Llama, no tokenizer: random prompt ids
             from ..hf import patch
 
@@ -560,7 +563,7 @@ def cmd_bench(args) -> int:
         else:
             model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
         print(f"{args.model}: prefill T tokens, then {args.decode_tokens} greedy decode steps; dense = "
-              f"{args.dense_implementation}")
+              f"{args.dense_implementation}; the {args.cache} KV cache for both")
         points = bench.bench_model(model, tokenizer, setup)
         print(f"\n{bench.format_model_table(args.model, points)}")
         sections = {"setup": asdict(setup)}
@@ -586,7 +589,7 @@ def cmd_bench(args) -> int:
 
 
 def _add_bench_parser(commands) -> None:
-    from ..tools.bench import METHODS, check_methods
+    from ..tools.bench import CACHES, METHODS, check_methods
 
     bench = commands.add_parser("bench", help="speed and memory: the attention alone, or a whole model")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
@@ -611,6 +614,9 @@ def _add_bench_parser(commands) -> None:
     model.add_argument("--decode-tokens", type=positive_int, default=32)
     model.add_argument("--data", default="wiki", help="text of the prompts: 'wiki', 'bbc' or a text file")
     model.add_argument("--dense-implementation", default="sdpa", choices=("sdpa", "eager"))
+    model.add_argument("--cache", default="growing", choices=CACHES,
+                       help="KV cache of both modes: growing (appends in place) or dynamic (transformers' "
+                            "DynamicCache, which copies the whole cache every step)")
     _add_sea_options(model)
     for parser in (attention, model):
         parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")

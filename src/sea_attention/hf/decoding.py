@@ -73,7 +73,7 @@ def decode_state(module: nn.Module, layer_idx: int, tq: int, tk: int) -> DecodeS
             raise DecodingStateError(
                 f"{type(module).__name__} was called with {tk - tq} past keys but SEA found no transformers Cache "
                 f"among its arguments (transformers {transformers.__version__}), so it has no decoding state for "
-                "them; decode through model(..., past_key_values=DynamicCache()) / generate(), or report this "
+                "them; decode through model(..., past_key_values=GrowingCache()) (or DynamicCache()) / generate(), or report this "
                 "transformers version as unsupported")
         return None
     cache = getattr(cache, "self_attention_cache", cache)  # encoder-decoder caches
@@ -90,7 +90,7 @@ def decode_state(module: nn.Module, layer_idx: int, tq: int, tk: int) -> DecodeS
     elif state is None or state.seen != past:
         seen = "no SEA state" if state is None else f"SEA state for {state.seen} keys"
         raise DecodingStateError(f"the KV cache holds {past} past keys but {seen}: SEA decoding supports caches that "
-                                 "only grow (DynamicCache); sliding-window, static and cropped caches are not supported")
+                                 "only grow (GrowingCache, DynamicCache); sliding-window, static and cropped caches are not supported")
     return state
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..cells import cell_edges
+from ..rows import row_table
 
 LOG_FLOOR = 1e-6  # log(mass fraction) of an empty bin
 # edge_dots reads each row's K + 1 prefix sums in place (``torch.sparse.sampled_addmm``: one dot per
@@ -86,9 +87,15 @@ def edge_dots(queries: list[Tensor], sums: list[Tensor], counts: Tensor, lengths
 
 
 def _sampled_dots(rows: Tensor, table: Tensor, columns: Tensor) -> Tensor:
-    """rows (R, f) . table[columns[r, e]] (table (N, f)) for every entry: (R, E), without a gathered copy."""
+    """rows (R, f) . table[columns[r, e]] (table (N, f)) for every entry: (R, E).
+
+    The sampled product reads the entries in place but costs O(N) besides (it walks the whole
+    table): it pays when the entries outnumber the table's rows (a prefill). Fewer entries (a
+    decoding step: one row's K + 1 edges against the whole context) are gathered, O(R E f).
+    The sampled product also refuses more entries per row than table rows (tiny inputs).
+    """
     count, entries = columns.shape
-    if entries > table.shape[0]:  # more entries per row than table rows (tiny inputs): the sampled product refuses
+    if count * entries <= table.shape[0] or entries > table.shape[0]:
         return torch.einsum("ref,rf->re", table.index_select(0, columns.flatten()).view(count, entries, -1), rows)
     crow = torch.arange(0, count * entries + 1, entries, device=rows.device)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is stable
@@ -126,16 +133,9 @@ def naive_edge_dots(queries: list[Tensor], sums: list[Tensor], counts: Tensor, l
 def _row_table(sums: Tensor) -> tuple[Tensor, Tensor]:
     """The rows of ``sums`` (B, H_kv, n, f) as a (N, f) table and the table row of each (b, h)'s
     position 0, (B, H_kv, 1). A decoding state's sums are a view into spare capacity
-    (``GrowingRows``): their rows are read where they lie instead of being copied together."""
-    bsz, kv_heads, _, f = sums.shape
-    if sums.stride(-1) != 1 or sums.stride(2) != f or sums.stride(1) % f or sums.stride(0) % f:
-        sums = sums.contiguous()
-    step_b, step_h = sums.stride(0) // f, sums.stride(1) // f
-    rows = (bsz - 1) * step_b + (kv_heads - 1) * step_h + sums.shape[2]
-    table = sums.as_strided((rows, f), (f, 1))
-    first_row = (torch.arange(bsz, device=sums.device).view(bsz, 1, 1) * step_b
-                 + torch.arange(kv_heads, device=sums.device).view(1, kv_heads, 1) * step_h)
-    return table, first_row
+    (``GrowingRows``): their rows are read where they lie (``rows.row_table``)."""
+    table = row_table(sums)
+    return table.rows, table.starts(sums.shape[0], sums.shape[1], sums.device)
 
 
 def log_mass(cumulative: Tensor) -> Tensor:

@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cells import KeySlots
+from ..rows import RowTable, row_table, same_layout
 from .reference import repeat_kv
 
 
-def _flat_rows(head: Tensor, key: Tensor, groups: int, kv_heads: int, keys: int) -> Tensor:
-    """Row of each slot in k.reshape(B * H_kv * Tk, d): (B, c, S) long."""
+def _flat_rows(head: Tensor, key: Tensor, groups: int, table: RowTable) -> Tensor:
+    """Row of each slot in ``table``: (B, c, S) long."""
     batch = torch.arange(head.shape[0], device=head.device).view(-1, 1, 1)
-    return (batch * kv_heads + head // groups) * keys + key
+    return table.row(batch, head // groups, key)
 
 
 def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
@@ -104,8 +105,8 @@ class _Rows:
                                          mode="sum", include_last_offset=True) for table, weights in pairs]
 
 
-def _rows(head: Tensor, key: Tensor, valid: Tensor, heads: int, groups: int, kv_heads: int, keys: int) -> _Rows:
-    """The CSR rows of a chunk's slots (B, c, S); see ``_Rows``."""
+def _rows(head: Tensor, key: Tensor, valid: Tensor, heads: int, groups: int, table: RowTable) -> _Rows:
+    """The CSR rows of a chunk's slots (B, c, S), columns in ``table``; see ``_Rows``."""
     bsz, rows, width = head.shape
     device = head.device
     owner = torch.where(valid, head, heads)  # unused slots go to an extra head H, left out below
@@ -127,9 +128,9 @@ def _rows(head: Tensor, key: Tensor, valid: Tensor, heads: int, groups: int, kv_
     first = (torch.arange(bsz * rows, device=device).view(bsz, rows, 1) * width + run_start).permute(2, 0, 1)
     slot = torch.repeat_interleave(first.flatten()[:used_rows] - crow[:-1], counts, output_size=nnz)
     slot += torch.arange(nnz, device=device)  # first slot of the run + place inside the run
-    col = torch.add(key, head if groups == 1 else torch.div(head, groups, rounding_mode="floor"), alpha=keys)
+    col = torch.add(key, head if groups == 1 else torch.div(head, groups, rounding_mode="floor"), alpha=table.head)
     if bsz > 1:
-        col = col + torch.arange(bsz, device=device).view(bsz, 1, 1) * (kv_heads * keys)
+        col = col + torch.arange(bsz, device=device).view(bsz, 1, 1) * table.batch
     col = col.flatten().index_select(0, slot)
     if place is not None:
         slot = place.index_select(0, slot)
@@ -188,13 +189,13 @@ class _SparseAttention(torch.autograd.Function):
         head, key, valid = slots.head, slots.key, slots.valid
         scale, chunk, mode = plan.scale, plan.chunk, plan.mode
         bsz, heads, tq, dim = q.shape
-        kv_heads, keys = k.shape[1], k.shape[2]
+        kv_heads = k.shape[1]
         groups = heads // kv_heads
         compute = torch.promote_types(q.dtype, torch.float32)
         dtypes = (q.dtype, k.dtype, v.dtype)
-        # contiguous: transformers hands over (B, T, H, d)-strided views when it has no cache
-        q, k, v = (x.to(compute).contiguous() for x in (q, k, v))
-        k_flat, v_flat = k.view(-1, dim), v.view(-1, dim)
+        q, k, v = q.to(compute).contiguous(), k.to(compute), v.to(compute)
+        k_table, v_table = same_layout(k, v)  # in place; copies only uneven layouts (transformers' no-cache views)
+        k_flat, v_flat = k_table.rows, v_table.rows
         out = q.new_empty(bsz, heads, tq, dim)
         probs = q.new_empty(head.shape)  # (B, Tq, S): each slot's probability in its own head
         for sl, span, strategy in _chunks(key, valid, chunk, mode, heads):
@@ -209,14 +210,14 @@ class _SparseAttention(torch.autograd.Function):
                 flat = (h * span + kk) * ok
                 probs[:, sl] = p.transpose(1, 2).reshape(bsz, h.shape[1], -1).gather(-1, flat) * ok
             elif strategy == "few":  # decoding: gather the slots once, score all heads
-                rows = _flat_rows(h, kk, groups, kv_heads, keys)
+                rows = _flat_rows(h, kk, groups, k_table)
                 own = _own_slots(h, ok, heads)
                 q_c = q[:, :, sl].transpose(1, 2)  # (B, c, H, d)
                 p = _masked_softmax((q_c @ _gather_rows(k_flat, rows).transpose(-1, -2)) * scale, own)
                 out[:, :, sl] = (p @ _gather_rows(v_flat, rows)).transpose(1, 2)
                 probs[:, sl] = p.sum(2)  # one non-zero per slot column
             else:
-                rows = _rows(h, kk, ok, heads, groups, kv_heads, keys)
+                rows = _rows(h, kk, ok, heads, groups, k_table)
                 p = rows.softmax(rows.sampled_dot(_head_rows(q[:, :, sl]), k_flat, scale))
                 out[:, :, sl] = rows.weighted_sum(v_flat, p).view(heads, bsz, -1, dim).transpose(0, 1)
                 probs[:, sl] = _scatter_slots(p, rows.slot, h.shape)
@@ -234,8 +235,9 @@ class _SparseAttention(torch.autograd.Function):
         groups = heads // kv_heads
         grad_out = grad_out.to(q.dtype)
         delta = (grad_out * out).sum(-1, keepdim=True)  # (B, H, Tq, 1): sum_s p_s dp_s per head
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dq, dk, dv = torch.zeros_like(q), k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous, like k_flat
         k_flat, v_flat = k.reshape(-1, dim), v.reshape(-1, dim)
+        table = RowTable(k_flat, kv_heads * keys, keys)  # the layout of dk and dv, and of these reshaped copies
         dk_flat, dv_flat = dk.view(-1, dim), dv.view(-1, dim)
         for sl, span, strategy in _chunks(key, valid, chunk, ctx.plan.mode, heads):
             h, kk, ok = head[:, sl], key[:, sl], valid[:, sl]
@@ -253,7 +255,7 @@ class _SparseAttention(torch.autograd.Function):
                 dk[:, :, :span] += (dscore.transpose(-1, -2) @ q[:, :, sl]).view(shape).sum(2)
                 dv[:, :, :span] += (p.transpose(-1, -2) @ g).view(shape).sum(2)
             else:
-                rows = _rows(h, kk, ok, heads, groups, kv_heads, keys)
+                rows = _rows(h, kk, ok, heads, groups, table)
                 p = p_slots.reshape(-1).index_select(0, rows.slot)
                 g_rows, q_rows = _head_rows(g), _head_rows(q[:, :, sl])
                 dp = rows.sampled_dot(g_rows, v_flat, 1.0)  # dL/dp of every entry
@@ -328,14 +330,14 @@ def candidate_scores(q: Tensor, k: Tensor, slots: KeySlots, scale: float, chunk:
     """scale * q . k of every used slot, (B, Tq, S) fp32, -inf on unused slots: the scores the
     ``rows`` strategy computes (CSR ``sampled_dot``), ``chunk`` queries at a time."""
     bsz, heads, tq, dim = q.shape
-    kv_heads, keys = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     compute = torch.promote_types(q.dtype, torch.float32)
-    k_flat = k.to(compute).contiguous().view(-1, dim)
+    table = row_table(k.to(compute))
     out = torch.full(slots.head.shape, float("-inf"), dtype=compute, device=q.device)
     for lo in range(0, tq, chunk):
         sl = slice(lo, lo + chunk)
-        rows = _rows(slots.head[:, sl], slots.key[:, sl], slots.valid[:, sl], heads, heads // kv_heads, kv_heads, keys)
-        scores = rows.sampled_dot(_head_rows(q[:, :, sl].to(compute)).contiguous(), k_flat, scale)
+        rows = _rows(slots.head[:, sl], slots.key[:, sl], slots.valid[:, sl], heads, heads // kv_heads, table)
+        scores = rows.sampled_dot(_head_rows(q[:, :, sl].to(compute)).contiguous(), table.rows, scale)
         part = out[:, sl]
         out[:, sl] = part.reshape(-1).scatter(0, rows.slot, scores).view_as(part)
     return out
@@ -346,7 +348,7 @@ def naive_sparse_attention(q: Tensor, k: Tensor, v: Tensor, slots: KeySlots, sca
     readable, one chunk, more memory."""
     bsz, heads, tq, dim = q.shape
     compute = torch.promote_types(q.dtype, torch.float32)
-    rows = _flat_rows(slots.head, slots.key, heads // k.shape[1], k.shape[1], k.shape[2])
+    rows = _flat_rows(slots.head, slots.key, heads // k.shape[1], row_table(k.contiguous()))
     index = slots.head.unsqueeze(-1).expand(-1, -1, -1, dim)
     q_s = q.transpose(1, 2).to(compute).gather(2, index)  # (B, Tq, S, d): each slot's own query head
     k_s = _gather_rows(k.reshape(-1, dim).to(compute), rows)

@@ -10,12 +10,12 @@ from .attention import (
     format_attention_table,
 )
 from .breakdown import STAGES, StageBreakdown, StageTime, bench_breakdown, format_breakdown, stage_flops
-from .model import ModelBenchPoint, ModelBenchSetup, bench_model, format_model_table, prompt_tokens, tiny_model
+from .model import CACHES, ModelBenchPoint, ModelBenchSetup, bench_model, format_model_table, prompt_tokens, tiny_model
 from .plot import plot_attention_bench
 from .runtime import machine_info, write_bench_json
 
 __all__ = [
-    "METHODS", "STAGES", "AttentionBenchPoint", "AttentionBenchSetup", "ModelBenchPoint", "ModelBenchSetup",
+    "CACHES", "METHODS", "STAGES", "AttentionBenchPoint", "AttentionBenchSetup", "ModelBenchPoint", "ModelBenchSetup",
     "StageBreakdown", "StageTime", "add_speedups", "bench_attention", "bench_breakdown", "bench_model",
     "check_methods", "estimated_gb", "format_attention_table", "format_breakdown", "format_model_table",
     "machine_info", "plot_attention_bench", "prompt_tokens", "stage_flops", "tiny_model", "write_bench_json",

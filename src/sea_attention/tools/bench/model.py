@@ -2,9 +2,11 @@
 
 For each prompt length T: one forward over T tokens of real text with the KV cache on
 (prefill), then ``decode_tokens`` greedy steps, one token each, through that cache (decode;
-only these steps are timed). Both modes get an untimed warm-up first. SEA keeps a small
-per-layer decoding state, so its step cost stays almost flat in T; dense attention reads
-every cached key at every step.
+only these steps are timed). Both modes get an untimed warm-up first and the same cache class
+(``CACHES``: ``GrowingCache`` by default, which appends in place; ``DynamicCache``, transformers'
+default, copies every cached key and value per step and layer). SEA keeps a small per-layer
+decoding state, so its step cost stays almost flat in T; dense attention reads every cached key
+at every step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 MODES = ("dense", "sea")
+CACHES = ("growing", "dynamic")  # hf.GrowingCache (appends in place), transformers' DynamicCache (torch.cat)
 
 
 @dataclass
@@ -27,6 +30,11 @@ class ModelBenchSetup:
     data: str = "wiki"  # text of the prompts ('random' for models without a tokenizer)
     dense_implementation: str = "sdpa"
     threads: int | None = None
+    cache: str = "growing"  # one of CACHES, the same for both modes
+
+    def __post_init__(self) -> None:
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {', '.join(CACHES)}; got {self.cache!r}")
 
 
 @dataclass
@@ -87,11 +95,20 @@ def prompt_tokens(tokenizer, data: str, count: int, vocab_size: int) -> Tensor:
     return ids[:count].unsqueeze(0)
 
 
+def new_cache(kind: str):
+    """An empty KV cache of the kind named (one of ``CACHES``)."""
+    from transformers import DynamicCache
+
+    from ...hf import GrowingCache
+
+    return GrowingCache() if kind == "growing" else DynamicCache()
+
+
 @torch.no_grad()
-def prefill_and_decode(model: nn.Module, ids: Tensor, decode_tokens: int) -> tuple[float, float]:
-    """Seconds of the prefill forward and of ``decode_tokens`` greedy steps after it."""
+def prefill_and_decode(model: nn.Module, ids: Tensor, decode_tokens: int, cache: str = "growing") -> tuple[float, float]:
+    """Seconds of the prefill forward and of ``decode_tokens`` greedy steps after it, on a new ``cache``."""
     start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
+    out = model(input_ids=ids, past_key_values=new_cache(cache), use_cache=True)
     prefill = time.perf_counter() - start
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
@@ -118,9 +135,9 @@ def bench_model(model: nn.Module, tokenizer, setup: ModelBenchSetup, progress: b
     for mode in MODES:
         # SEA is the patched model's own attention; dense_attention switches the same weights back
         with dense_attention(model, setup.dense_implementation) if mode == "dense" else nullcontext():
-            prefill_and_decode(model, tokens[:, :min(setup.lengths)], 2)  # warm-up, untimed
+            prefill_and_decode(model, tokens[:, :min(setup.lengths)], 2, setup.cache)  # warm-up, untimed
             for length in setup.lengths:
-                prefill, decode = prefill_and_decode(model, tokens[:, :length], setup.decode_tokens)
+                prefill, decode = prefill_and_decode(model, tokens[:, :length], setup.decode_tokens, setup.cache)
                 points.append(ModelBenchPoint(mode, length, prefill, decode, length / prefill,
                                               setup.decode_tokens / decode))
                 if progress:

@@ -1,0 +1,54 @@
+"""THE rule for reading a (B, H, n, f) tensor's rows as one (N, f) table, in place.
+
+Keys and values (``ops/sparse.py``) and the estimator's prefix sums (``estimator/kernel_bins.py``)
+are read by row index: row t of head h in sample b. When they are views of storage with spare
+rows (a decoding state's ``GrowingRows``, ``hf.GrowingCache``), copying them together would cost
+a whole context per decoding step; ``row_table`` addresses the storage itself instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RowTable:
+    """Row t of head h in sample b is ``rows[b * batch + h * head + t]``."""
+
+    rows: Tensor  # (N, f)
+    batch: int
+    head: int
+
+    def row(self, batch: Tensor, head: Tensor, index: Tensor) -> Tensor:
+        """The table row of each (sample, head, row) triple (broadcast), long."""
+        return torch.add(index, head, alpha=self.head) + batch * self.batch
+
+    def starts(self, bsz: int, heads: int, device: torch.device) -> Tensor:
+        """(B, H, 1): the table row of each (sample, head)'s row 0."""
+        batch = torch.arange(bsz, device=device).view(bsz, 1, 1)
+        return self.row(batch, torch.arange(heads, device=device).view(1, heads, 1), torch.zeros((), dtype=torch.long,
+                                                                                                  device=device))
+
+
+def row_table(x: Tensor) -> RowTable:
+    """``x`` (B, H, n, f) as a ``RowTable``: in place when its rows lie evenly in memory (each row
+    contiguous, every head and sample a whole number of rows apart), else a contiguous copy."""
+    bsz, heads, count, f = x.shape
+    strides = [0 if size == 1 else stride for size, stride in zip(x.shape, x.stride())]
+    if x.stride(-1) == 1 and strides[2] in (0, f) and all(s >= 0 and s % f == 0 for s in strides[:2]):
+        batch, head = strides[0] // f, strides[1] // f
+        rows = (bsz - 1) * batch + (heads - 1) * head + count
+        return RowTable(x.as_strided((rows, f), (f, 1)), batch, head)
+    return RowTable(x.reshape(-1, f), heads * count, count)  # a copy, laid out like a contiguous x
+
+
+def same_layout(a: Tensor, b: Tensor) -> tuple[RowTable, RowTable]:
+    """Tables of ``a`` and ``b`` (same shape) whose rows share one index (contiguous copies when the
+    two lie differently in memory)."""
+    table_a, table_b = row_table(a), row_table(b)
+    if (table_a.batch, table_a.head) != (table_b.batch, table_b.head):
+        table_a, table_b = row_table(a.contiguous()), row_table(b.contiguous())
+    return table_a, table_b
