@@ -35,6 +35,23 @@ def test_causal_state_continues_a_sequence():
     torch.testing.assert_close(torch.cat([first, second], -2), full)
 
 
+def test_one_key_at_a_time_continues_a_sequence_like_the_full_forward():
+    """Decoding steps (one new key, the only query) take the one-product path: the same outputs
+    and final state as one call over every key, from a state or from nothing."""
+    phi_q = torch.rand(2, 2, 3, 6, 4) + 0.01
+    phi_k = torch.rand(2, 2, 6, 4) + 0.01
+    values = torch.randn(2, 2, 6, 3)
+    full, full_state = causal_linear_attention(phi_q, phi_k, values, chunk=4)
+    outs, state = [], None
+    for t in range(6):
+        out, state = causal_linear_attention(phi_q[..., t:t + 1, :], phi_k[:, :, t:t + 1], values[:, :, t:t + 1],
+                                             state=state)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, -2), full)
+    for a, b in zip(state, full_state):
+        torch.testing.assert_close(a, b)
+
+
 def test_bidirectional_equals_unmasked_quadratic():
     phi_q = torch.rand(1, 2, 2, 6, 4) + 0.01
     phi_k = torch.rand(1, 2, 9, 4) + 0.01

@@ -259,8 +259,8 @@ class AttentionEstimator(nn.Module):
         last_count = past_counts.rows[:, -1]
         for grown, x in zip(past_sums, per_key):  # each continues from the state's last row
             new, counts = prefix_sums(x, new_valid, start=(grown.rows[:, :, -1], last_count))
-            grown.append(new[:, :, 1:])
-        past_counts.append(counts[:, 1:])
+            grown.append(new)
+        past_counts.append(counts)
         return [grown.rows for grown in past_sums], past_counts.rows
 
     def _decode_rows(self, hidden: Tensor, row_mask: Tensor, rows: Tensor) -> Tensor:

@@ -103,6 +103,16 @@ def _prefix_state(phi_k: Tensor, values: Tensor, prefix: int,
     return kv, normaliser
 
 
+def _one_step(phi_q: Tensor, phi_k: Tensor, values: Tensor,
+              state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """``causal_linear_attention`` of one new key that is also the only query: the state takes the
+    key, then the query reads the state. phi_q (B, H_kv, G, 1, m), phi_k (B, H_kv, 1, m), values (B, H_kv, 1, e)."""
+    kv, normaliser = _prefix_state(phi_k, values, 1, state)  # (B, H_kv, m, e), (B, H_kv, m)
+    numerator = phi_q @ kv.unsqueeze(2)  # (B, H_kv, G, 1, e)
+    denominator = phi_q @ normaliser[:, :, None, :, None]  # (B, H_kv, G, 1, 1)
+    return numerator / (denominator + DENOM_EPS), (kv, normaliser)
+
+
 @sample_wise  # batched matrix products round differently by batch size (per_sample.py)
 def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk: int = 64,
                             state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -117,6 +127,8 @@ def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk:
     earlier calls; the updated state is returned (used by decoding).
     """
     tq, tk = phi_q.shape[-2], phi_k.shape[-2]
+    if tq == tk == 1:  # a decoding step: the chunked scan below would be two dozen ops for one product
+        return _one_step(phi_q, phi_k, values, state)
     prefix = tk - tq
     kv, normaliser = _prefix_state(phi_k, values, prefix, state)
     chunk = max(1, min(chunk, tq))

@@ -44,19 +44,15 @@ def prefix_sums(phi_k: Tensor, key_valid: Tensor, start: tuple[Tensor, Tensor] |
     valid-key counts (B, n + 1).
 
     phi_k (B, H_kv, n, m), key_valid (B, n). ``start`` = the last rows of an earlier call's
-    sums (decoding), which the new ones continue; the result then covers the new keys only
-    and its first row is ``start``.
+    sums (decoding), which the new ones continue: the result then holds the n rows after
+    ``start`` only, (B, H_kv, n, m) and (B, n), ready to append.
     """
     features = torch.where(key_valid[:, None, :, None], phi_k.double(), 0.0).cumsum(2)  # padding never read
     counts = key_valid.long().cumsum(-1)
     if start is None:
-        features = torch.nn.functional.pad(features, (0, 0, 1, 0))
-        counts = torch.nn.functional.pad(counts, (1, 0))
-    else:
-        first_features, first_counts = start  # (B, H_kv, m), (B,)
-        features = torch.cat([first_features.unsqueeze(2), features + first_features.unsqueeze(2)], dim=2)
-        counts = torch.cat([first_counts.unsqueeze(1), counts + first_counts.unsqueeze(1)], dim=1)
-    return features, counts
+        return torch.nn.functional.pad(features, (0, 0, 1, 0)), torch.nn.functional.pad(counts, (1, 0))
+    first_features, first_count = start  # (B, H_kv, m), (B,)
+    return features.add_(first_features.unsqueeze(2)), counts.add_(first_count.unsqueeze(1))
 
 
 @torch.no_grad()  # the signals are inputs of the estimator, like the teacher's q and k
@@ -96,7 +92,8 @@ def _sampled_dots(rows: Tensor, table: Tensor, columns: Tensor) -> Tensor:
     """
     count, entries = columns.shape
     if count * entries <= table.shape[0] or entries > table.shape[0]:
-        return torch.einsum("ref,rf->re", table.index_select(0, columns.flatten()).view(count, entries, -1), rows)
+        picked = table.index_select(0, columns.flatten()).view(count, entries, -1)  # (R, E, f)
+        return torch.bmm(picked, rows.unsqueeze(-1)).view(count, entries)
     crow = torch.arange(0, count * entries + 1, entries, device=rows.device)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is stable
         warnings.simplefilter("ignore", UserWarning)
