@@ -115,3 +115,39 @@ def test_the_model_bench_names_the_caches_it_accepts():
 
     with pytest.raises(ValueError, match="cache must be one of growing, dynamic; got 'static'"):
         ModelBenchSetup("tiny", [64], cache="static")
+
+
+@pytest.mark.parametrize("method", ["sdpa", "sea", "sea_block"])
+def test_the_decode_bench_times_real_decoding_steps(method):
+    """Each timed call decodes one more token of the same sequence: its output is that row of one
+    full causal forward over every token."""
+    from sea_attention.core.attention import SEAAttention
+    from sea_attention.tools.bench.attention import AttentionBenchSetup
+    from sea_attention.tools.bench.decode import SEA_DECODE, _step_calls
+
+    setup = AttentionBenchSetup(heads=2, head_dim=16, k=4, estimate_width=8)
+    steps = _step_calls(method, 40, 5, setup)
+    q, k, v = setup.inputs(45)
+    with torch.no_grad():
+        got = torch.cat([call() for call in steps], dim=2)
+        if method == "sdpa":
+            full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            full = SEAAttention(setup.sea_config(45, **SEA_DECODE[method])).eval().context_only(q, k, v)
+    torch.testing.assert_close(got, full[:, :, 40:], atol=1e-5, rtol=1e-4)
+
+
+def test_cli_decode_bench_writes_points_and_refuses_what_cannot_decode(tmp_path, capsys):
+    from sea_attention.tools.bench import bench_decode
+
+    report = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--lengths", "48", "--steps", "4", "--heads", "2", "--head-dim", "16", "--k", "4",
+                 "--estimate-width", "8", "--methods", "sdpa,sea", "--json", str(report)]) == 0
+    points = json.loads(report.read_text())["points"]
+    assert [p["method"] for p in points] == ["sdpa", "sea"] and all(p["seconds"] > 0 for p in points)
+    assert points[0]["speedup_vs_sdpa"] == 1.0 and "ms/token" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--steps must be at least 4"):
+        bench_decode([48], steps=2)
+    with pytest.raises(SystemExit):
+        main(["bench", "decode", "--methods", "eager"])
+    assert "eager" in capsys.readouterr().err

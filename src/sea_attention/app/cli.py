@@ -567,6 +567,13 @@ def cmd_bench(args) -> int:
         points = bench.bench_model(model, tokenizer, setup)
         print(f"\n{bench.format_model_table(args.model, points)}")
         sections = {"setup": asdict(setup)}
+    elif args.bench_command == "decode":
+        setup = bench.AttentionBenchSetup(args.heads, args.head_dim, args.k, args.estimate_width, True, 1, args.threads)
+        print(f"one attention layer decoding, B=1, H={setup.heads}, d={setup.head_dim}, fp32: ms per token after a "
+              f"prompt of T tokens ({args.steps} steps, median of the last three quarters); one fresh process per point")
+        points = bench.bench_decode(args.lengths, args.methods, setup, args.steps, args.timeout)
+        print(f"\n{bench.format_decode_table(points)}")
+        sections = {"setup": asdict(setup), "steps": args.steps}
     else:
         setup = bench.AttentionBenchSetup(args.heads, args.head_dim, args.k, args.estimate_width,
                                           not args.bidirectional, args.repeats, args.threads)
@@ -588,8 +595,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_layer_shape(parser) -> None:
+    """The benchmarked attention layer's shape and SEA's budget (bench attention / decode)."""
+    parser.add_argument("--heads", type=positive_int, default=12)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
+    parser.add_argument("--k", type=positive_int, default=64, help="SEA keys per query per head")
+    parser.add_argument("--estimate-width", type=positive_int, help="SEA's K (default: SEAConfig's)")
+
+
 def _add_bench_parser(commands) -> None:
-    from ..tools.bench import CACHES, METHODS, check_methods
+    from ..tools.bench import CACHES, DECODE_METHODS, METHODS, check_decode_methods, check_methods
 
     bench = commands.add_parser("bench", help="speed and memory: the attention alone, or a whole model")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
@@ -597,10 +612,7 @@ def _add_bench_parser(commands) -> None:
     attention.add_argument("--lengths", type=int_list, default=[1024, 4096, 16384, 32768], help="e.g. 1024,4096")
     attention.add_argument("--methods", type=name_list(check_methods), default=METHODS,
                            help=f"some of {','.join(METHODS)}")
-    attention.add_argument("--heads", type=positive_int, default=12)
-    attention.add_argument("--head-dim", type=positive_int, default=64)
-    attention.add_argument("--k", type=positive_int, default=64, help="SEA keys per query per head")
-    attention.add_argument("--estimate-width", type=positive_int, help="SEA's K (default: SEAConfig's)")
+    _add_layer_shape(attention)
     attention.add_argument("--repeats", type=positive_int, default=3, help="timed calls per point (median)")
     attention.add_argument("--bidirectional", action="store_true", help="no causal mask")
     attention.add_argument("--memory-limit-gb", type=positive_float, default=16.0,
@@ -608,6 +620,13 @@ def _add_bench_parser(commands) -> None:
     attention.add_argument("--timeout", type=positive_float, default=1800, help="seconds per point")
     attention.add_argument("--breakdown", action="store_true", help="also time each stage of SEA against its FLOP floor")
     attention.add_argument("--plot", type=output_file, help="write a log-log PNG of time and memory vs T")
+    decode = kinds.add_parser("decode", help="ms per decoded token of one attention layer vs the prompt length")
+    decode.add_argument("--lengths", type=int_list, default=[1024, 8192, 32768], help="prompt lengths, e.g. 1024,8192")
+    decode.add_argument("--methods", type=name_list(check_decode_methods), default=DECODE_METHODS,
+                        help=f"some of {','.join(DECODE_METHODS)}")
+    _add_layer_shape(decode)
+    decode.add_argument("--steps", type=positive_int, default=32, help="decoded tokens per point (at least 4)")
+    decode.add_argument("--timeout", type=positive_float, default=1800, help="seconds per point")
     model = kinds.add_parser("model", help="prefill and decode tokens/s, dense vs SEA")
     model.add_argument("--model", required=True, help="bundled name, local dir, SEA dir, hub id, or 'tiny' (random)")
     model.add_argument("--lengths", type=int_list, default=[512, 1024, 2048], help="prompt lengths")
@@ -618,7 +637,7 @@ def _add_bench_parser(commands) -> None:
                        help="KV cache of both modes: growing (appends in place) or dynamic (transformers' "
                             "DynamicCache, which copies the whole cache every step)")
     _add_sea_options(model)
-    for parser in (attention, model):
+    for parser in (attention, decode, model):
         parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
         parser.add_argument("--json", type=output_file, help="write the setup, machine and results to this JSON file")
         parser.set_defaults(func=cmd_bench)
