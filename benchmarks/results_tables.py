@@ -28,7 +28,9 @@ DIAG = {"undistilled, K=256": "diagnose_smollm2_undistilled_K256_{}.json",
         "K=512, 500 steps": "diagnose_smollm2_K512_rows128x4_500x1024_{}.json"}
 NOT_MEASURED = text("not measured")
 COST = "attention_cost.json"  # `sea bench attention` after the cost work, idle machine
-MODEL_COST_TINY, MODEL_COST_SMOLLM2 = "model_cost_tiny.json", "model_cost_smollm2.json"
+MODEL_COST_TINY, MODEL_COST_SMOLLM2 = "model_cost_tiny.json", "model_cost_smollm2.json"  # DynamicCache, before
+MODEL_COST_GROWING = ("model_cost_tiny_growing.json", "model_cost_tiny_dynamic.json", "model_cost_smollm2_growing.json")
+DECODE_STEP = "decode_step.json"  # `sea bench decode`: one layer's ms per token
 RETRIEVAL_CANDIDATES = [("dense (not SEA)", "retrieval_needle_smollm2_undistilled_1k.json"),
                         ("dense (not SEA)", "retrieval_kernel_dense_needle2k.json"),
                         ("dense (not SEA)", "retrieval_kernel_dense_copy1k.json"),
@@ -76,19 +78,40 @@ def model_bench(results: Results) -> str:
     return table(["attention", "prompt tokens", "prefill tokens/s", "decode tokens/s"], rows)
 
 
-def model_cost(results: Results) -> str:
-    """`sea bench model` after the cost work: prefill and decode tokens/s, dense vs SEA, and SEA / dense."""
+def model_cost_table(names: tuple[str, ...]) -> Callable[[Results], str]:
+    """`sea bench model`: prefill and decode tokens/s, dense vs SEA, and SEA / dense, with the KV cache
+    both modes used (files written before ``--cache`` existed ran transformers' DynamicCache)."""
+    def render(results: Results) -> str:
+        rows = []
+        for name in names:
+            result = results.load(name)
+            by = {(p["mode"], p["length"]): p for p in result["points"]}
+            cache = result["setup"].get("cache", "dynamic")
+            for length in sorted({p["length"] for p in result["points"]}):
+                dense, sea = by["dense", length], by["sea", length]
+                rows.append([result["setup"]["model"], cache, f"{length:,}", num(dense["prefill_tok_s"], 0),
+                             num(sea["prefill_tok_s"], 0), num(sea["prefill_tok_s"] / dense["prefill_tok_s"]),
+                             num(dense["decode_tok_s"], 1), num(sea["decode_tok_s"], 1),
+                             num(sea["decode_tok_s"] / dense["decode_tok_s"])])
+        return table(["model", "KV cache", "prompt tokens", "prefill dense tok/s", "prefill SEA tok/s", "SEA / dense",
+                      "decode dense tok/s", "decode SEA tok/s", "SEA / dense"], rows)
+    return render
+
+
+def decode_step(results: Results) -> str:
+    """`sea bench decode`: one layer's ms per decoded token per method and prompt length, and SDPA / SEA."""
+    points = results.load(DECODE_STEP)["points"]
+    methods = [m for m in ("sdpa", "sea", "sea_block") if any(p["method"] == m for p in points)]
+    by = {(p["method"], p["length"]): p for p in points}
     rows = []
-    for name in (MODEL_COST_TINY, MODEL_COST_SMOLLM2):
-        result = results.load(name)
-        by = {(p["mode"], p["length"]): p for p in result["points"]}
-        for length in sorted({p["length"] for p in result["points"]}):
-            dense, sea = by["dense", length], by["sea", length]
-            rows.append([result["setup"]["model"], f"{length:,}", num(dense["prefill_tok_s"], 0), num(sea["prefill_tok_s"], 0),
-                         num(sea["prefill_tok_s"] / dense["prefill_tok_s"]), num(dense["decode_tok_s"], 1),
-                         num(sea["decode_tok_s"], 1), num(sea["decode_tok_s"] / dense["decode_tok_s"])])
-    return table(["model", "prompt tokens", "prefill dense tok/s", "prefill SEA tok/s", "SEA / dense",
-                  "decode dense tok/s", "decode SEA tok/s", "SEA / dense"], rows)
+    for length in sorted({p["length"] for p in points}):
+        cells = [num(by[m, length]["seconds"] * 1e3, 2) if by.get((m, length), {}).get("seconds") else "-"
+                 for m in methods]
+        speedups = [num(by[m, length]["speedup_vs_sdpa"]) if by.get((m, length), {}).get("speedup_vs_sdpa") else "-"
+                    for m in methods if m != "sdpa"]
+        rows.append([f"{length:,}"] + cells + speedups)
+    return table(["prompt tokens"] + [f"{m} ms/token" for m in methods]
+                 + [f"SDPA / {m}" for m in methods if m != "sdpa"], rows)
 
 
 def retrieval_candidates(results: Results) -> str:
@@ -353,7 +376,9 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "attention-K": bench_table([f"attention_K{w}.json" for w in (128, 256, 512)], ["sdpa", "sea", "sea_block"]),
     "attention-flex": bench_table(["attention_flex.json"], ["sdpa", "sea", "sea_flex"]),
     "attention-cost": bench_table(["attention_cost.json"], ["sdpa", "sea", "sea_chunked", "sea_block"]),
-    "model-cost": model_cost,
+    "model-cost": model_cost_table((MODEL_COST_TINY, MODEL_COST_SMOLLM2)),
+    "model-cost-growing": model_cost_table(MODEL_COST_GROWING),
+    "decode-step": decode_step,
     "retrieval-candidates": retrieval_candidates,
     "refine-perplexity": refine_perplexity,
     "model-bench": model_bench,

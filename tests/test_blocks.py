@@ -1,5 +1,7 @@
 """The query-block grouping: selection semantics, the block op against the reference, decoding."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -174,18 +176,25 @@ def test_keys_per_query_are_about_k_plus_the_tile():
 
 
 @pytest.mark.parametrize("schedule", [[40], [1] * 30, [13, 1, 9, 7], [8, 8, 3]])
-def test_decoding_steps_equal_full_forward(schedule):
+@pytest.mark.parametrize("inference", [False, True])
+def test_decoding_steps_equal_full_forward(schedule, inference):
+    """Also in inference, where a call estimates only the rows that select: a step inside a block
+    that a carried selection covers estimates none (but its state still takes its keys and CNN row)."""
     module = block_layer().eval()
     t = sum(schedule)
     q, k, v = make_qkv(2, 4, 2, t, t, 16)
     mask = padding_mask(2, t, 5, left=True)
     full = module(q, k, v, attention_mask=mask)
     state, start, contexts = DecodeState(), 0, []
-    for size in schedule:
-        end = start + size
-        out = module(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attention_mask=mask[:, :end], state=state)
-        contexts.append(out.context)
-        start = end
+    with torch.no_grad() if inference else nullcontext():
+        for size in schedule:
+            end = start + size
+            out = module(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attention_mask=mask[:, :end], state=state)
+            contexts.append(out.context)
+            if inference:  # block starts only, and row 0 when no carried selection covers it
+                starts = [r for r in range(size) if (start + r) % 8 == 0 or (r == 0 and start == 0)]
+                assert out.estimate_rows.tolist() == starts
+            start = end
     torch.testing.assert_close(torch.cat(contexts, 2), full.context, atol=1e-5, rtol=1e-5)
 
 

@@ -73,10 +73,19 @@ class BlockSelection:
         return self.cells.index_select(2, self.query_blocks(tq))
 
 
-def selecting_rows(first: int, tq: int, block: int, device: torch.device | None = None) -> Tensor:
-    """(n,) the query rows a causal call selects with: each block's first row in the call, and row 0."""
+def reuses_carried(carried: "BlockSelection | None", first: int, block: int) -> bool:
+    """Whether a causal call whose first query is at key position ``first`` starts inside the block
+    that ``carried`` (the previous decoding call's open block, ``carry``) selected for: it then
+    reuses that selection instead of selecting from its own first query."""
+    return carried is not None and first % block != 0 and int(carried.tile_start[0]) // block == first // block
+
+
+def selecting_rows(first: int, tq: int, block: int, device: torch.device | None = None,
+                   reuse: bool = False) -> Tensor:
+    """(n,) the query rows a causal call selects with: each block's first row in the call, and row 0
+    when the call starts mid-block, unless it ``reuse``s a carried selection (``reuses_carried``)."""
     starts = torch.arange(-(first % block), tq, block, device=device)
-    return starts.clamp_min(0)
+    return starts[starts >= 0] if reuse else starts.clamp_min(0)
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,7 @@ def select_blocks(estimate: Tensor, request: BlockRequest, carried: BlockSelecti
         return _select_bidirectional(estimate, request, block_pos)
     rows = block_pos - first  # each block's selecting row; negative: it started before this call
     tile_start = block_pos.clone()
-    reuse = carried is not None and rows[0] < 0 and int(carried.tile_start[0]) // block == first_block
+    reuse = reuses_carried(carried, first, block)
     if rows[0] < 0 and not reuse:  # a mid-block start without the past: select from the first query
         rows[0], tile_start[0] = 0, first
     own = rows[1:] if reuse else rows

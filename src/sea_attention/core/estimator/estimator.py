@@ -104,11 +104,12 @@ class AttentionEstimator(nn.Module):
         """The estimate of a call's queries (``call.q`` (B, H, Tq, d) against its keys).
 
         With a decoding state (causal only), keys before ``state.seen`` are taken from the
-        state instead of being recomputed, and the state is updated. ``rows`` (causal, no
-        state): estimate only these sorted query rows (the gates still cover every row).
+        state instead of being recomputed, and the state is updated. ``rows`` (causal): estimate
+        only these sorted query rows, possibly none (the gates still cover every row, and a
+        decoding state still takes every row).
         """
-        if rows is not None and (call.state is not None or not self.config.causal):
-            raise ValueError("estimating some rows only needs a causal estimator and no decoding state")
+        if rows is not None and not self.config.causal:
+            raise ValueError("estimating some rows only needs a causal estimator")
         performer, bins = self.per_position(call)
         hidden = self.encoder.hidden(performer, self._own_values(call, 0, call.q.shape[2]))  # (B, H, Tq, 2d)
         gate_logits = self.encoder.gates(hidden)  # every row has gates, estimated or not: (B, H, Tq, 2)
@@ -161,7 +162,7 @@ class AttentionEstimator(nn.Module):
                   rows: Tensor | None) -> Estimate:
         """The CNN's logits (B, H, Tq or n, K) plus the binned signals, softmaxed over the live bins."""
         lengths = call.lengths if rows is None else call.lengths.index_select(1, rows)  # (B, Tq or n)
-        if bins is not None:
+        if bins is not None and logits.shape[2]:
             logits = logits + self._bin_signal(bins, lengths, rows, call.scale)
         live = live_cells(lengths, self.config.estimate_width).unsqueeze(1)  # (B, 1, Tq or n, K)
         # a finite fill keeps padding rows (no live bin) NaN-free, also in backward
@@ -205,8 +206,8 @@ class AttentionEstimator(nn.Module):
         row_mask = call.query_valid[:, None, :, None].to(hidden.dtype)
         if not self.config.causal:
             return self._decode_packed(self.encoder.image(hidden), call.query_valid)
-        if rows is None:
-            return self._decode(self.encoder.image(hidden), row_mask, call.state)
+        if rows is None or call.state is not None:
+            return self._decode(self.encoder.image(hidden), row_mask, call.state, rows)
         return self._decode_rows(hidden, row_mask, rows)
 
     def _bin_inputs(self, call: "SEACall", phi_q: Tensor, phi_k: Tensor) -> BinInputs:
@@ -293,18 +294,25 @@ class AttentionEstimator(nn.Module):
         logits = self.decoder(packed, row_mask.gather(2, order))
         return torch.empty_like(logits).scatter_(2, order.expand(-1, logits.shape[1], -1, logits.shape[-1]), logits)
 
-    def _decode(self, image: Tensor, row_mask: Tensor, state: DecodeState | None) -> Tensor:
-        """Run the CNN decoder; with a state, on the remembered rows + the new ones."""
+    def _decode(self, image: Tensor, row_mask: Tensor, state: DecodeState | None,
+                rows: Tensor | None = None) -> Tensor:
+        """Run the CNN decoder; with a state, on the remembered rows + the new ones, which the state
+        keeps. ``rows`` (with a state): the logits of these rows only, (B, H, n, K); none at all
+        skips the decoder (a block decoding step that does not select)."""
         if state is None:
             return self.decoder(image, row_mask)
-        rows = CausalDecoder.HISTORY_ROWS
+        history = CausalDecoder.HISTORY_ROWS
         if state.cnn_rows is None:  # zero rows with mask 0 act exactly like the convolutions' zero padding
-            state.cnn_rows = image.new_zeros(*image.shape[:2], rows, image.shape[-1])
-            state.cnn_mask = row_mask.new_zeros(row_mask.shape[0], 1, rows, 1)
+            state.cnn_rows = image.new_zeros(*image.shape[:2], history, image.shape[-1])
+            state.cnn_mask = row_mask.new_zeros(row_mask.shape[0], 1, history, 1)
         image = torch.cat([state.cnn_rows.to(image.dtype), image], dim=2)
         row_mask = torch.cat([state.cnn_mask.to(row_mask.dtype), row_mask], dim=2)
-        state.cnn_rows, state.cnn_mask = image[:, :, -rows:], row_mask[:, :, -rows:]
-        return self.decoder.tail(image, row_mask)
+        state.cnn_rows, state.cnn_mask = image[:, :, -history:], row_mask[:, :, -history:]
+        if rows is not None and not rows.numel():
+            heads, width = self.config.num_heads, self.config.estimate_width
+            return image.new_zeros(image.shape[0], heads, 0, width)
+        logits = self.decoder.tail(image, row_mask)
+        return logits if rows is None else logits.index_select(2, rows)
 
 
 def _packed_history(rows: Tensor, history: int) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..blocks import BlockRequest, BlockSelection, block_dense_mask, block_slots, carry, select_blocks, selecting_rows
+from ..blocks import (
+    BlockRequest, BlockSelection, block_dense_mask, block_slots, carry, reuses_carried, select_blocks, selecting_rows,
+)
 from ..ops.block_sparse import block_sparse_attention
 from ..ops.reference import reference_attention
 from ..ops.sparse import sparse_attention
@@ -28,11 +30,15 @@ class BlockGrouping(Grouping):
         return tuple(zip(self.stages, (self.select, self.attend)))
 
     def estimate_rows(self, call: "SEACall") -> Tensor | None:
-        """Causal inference (no autograd, no decoding state, no attention view): only the rows
-        that select need an estimate, which saves most of the CNN."""
-        if self.config.causal and call.state is None and not call.return_attention and not torch.is_grad_enabled():
-            return selecting_rows(call.first, call.q.shape[2], self.config.query_block, call.q.device)
-        return None
+        """Causal inference (no autograd, no attention view): only the rows that select need an
+        estimate, which saves most of the CNN, and a decoding step inside an open block (63 of 64
+        steps) needs none: its state still takes the step's keys and CNN row."""
+        cfg = self.config
+        if not cfg.causal or call.return_attention or torch.is_grad_enabled():
+            return None
+        state = call.state
+        reuse = reuses_carried(state.block if state is not None and state.seen else None, call.first, cfg.query_block)
+        return selecting_rows(call.first, call.q.shape[2], cfg.query_block, call.q.device, reuse)
 
     def select(self, estimate: "Estimate", call: "SEACall") -> BlockSelection:
         cfg = self.config
