@@ -29,7 +29,8 @@ DIAG = {"undistilled, K=256": "diagnose_smollm2_undistilled_K256_{}.json",
 NOT_MEASURED = text("not measured")
 COST = "attention_cost.json"  # `sea bench attention` after the cost work, idle machine
 MODEL_COST_TINY, MODEL_COST_SMOLLM2 = "model_cost_tiny.json", "model_cost_smollm2.json"  # DynamicCache, before
-MODEL_COST_GROWING = ("model_cost_tiny_growing.json", "model_cost_tiny_dynamic.json", "model_cost_smollm2_growing.json")
+MODEL_COST_GROWING = ("model_cost_tiny_growing.json", "model_cost_tiny_dynamic.json", "model_cost_tiny_growing_block.json",
+                      "model_cost_smollm2_growing.json", "model_cost_smollm2_growing_block.json")
 DECODE_STEP = "decode_step.json"  # `sea bench decode`: one layer's ms per token
 RETRIEVAL_CANDIDATES = [("dense (not SEA)", "retrieval_needle_smollm2_undistilled_1k.json"),
                         ("dense (not SEA)", "retrieval_kernel_dense_needle2k.json"),
@@ -87,13 +88,14 @@ def model_cost_table(names: tuple[str, ...]) -> Callable[[Results], str]:
             result = results.load(name)
             by = {(p["mode"], p["length"]): p for p in result["points"]}
             cache = result["setup"].get("cache", "dynamic")
+            grouping = result.get("sea_options", {}).get("grouping", "query")
             for length in sorted({p["length"] for p in result["points"]}):
                 dense, sea = by["dense", length], by["sea", length]
-                rows.append([result["setup"]["model"], cache, f"{length:,}", num(dense["prefill_tok_s"], 0),
+                rows.append([result["setup"]["model"], cache, grouping, f"{length:,}", num(dense["prefill_tok_s"], 0),
                              num(sea["prefill_tok_s"], 0), num(sea["prefill_tok_s"] / dense["prefill_tok_s"]),
                              num(dense["decode_tok_s"], 1), num(sea["decode_tok_s"], 1),
                              num(sea["decode_tok_s"] / dense["decode_tok_s"])])
-        return table(["model", "KV cache", "prompt tokens", "prefill dense tok/s", "prefill SEA tok/s", "SEA / dense",
+        return table(["model", "KV cache", "SEA grouping", "prompt tokens", "prefill dense tok/s", "prefill SEA tok/s", "SEA / dense",
                       "decode dense tok/s", "decode SEA tok/s", "SEA / dense"], rows)
     return render
 

@@ -101,7 +101,9 @@ def test_cli_model_dense_vs_sea(tiny_model_dir, tmp_path, capsys):  # noqa: F811
     assert all(p["prefill_tok_s"] > 0 and p["decode_tok_s"] > 0 for p in points)
     assert "decode SEA" in capsys.readouterr().out
 
-    assert json.loads(report.read_text())["setup"]["cache"] == "growing"  # both modes on the same cache class
+    written = json.loads(report.read_text())
+    assert written["setup"]["cache"] == "growing"  # both modes on the same cache class
+    assert written["sea_options"] == {"k": 4, "estimate_width": 8}  # what SEA ran with
 
     assert main(["bench", "model", "--model", model, "--lengths", "300", "--decode-tokens", "4"]) == 2
     assert "at most 256 positions" in capsys.readouterr().err

@@ -566,7 +566,7 @@ def cmd_bench(args) -> int:
               f"{args.dense_implementation}; the {args.cache} KV cache for both")
         points = bench.bench_model(model, tokenizer, setup)
         print(f"\n{bench.format_model_table(args.model, points)}")
-        sections = {"setup": asdict(setup)}
+        sections = {"setup": asdict(setup), "sea_options": {**_sea_overrides(args), **_runtime_options(args)}}
     elif args.bench_command == "decode":
         setup = bench.AttentionBenchSetup(args.heads, args.head_dim, args.k, args.estimate_width, True, 1, args.threads)
         print(f"one attention layer decoding, B=1, H={setup.heads}, d={setup.head_dim}, fp32: ms per token after a "
