@@ -22,6 +22,9 @@ Runs the suite's prompts (``tools/baselines/tasks.py``) through variants of SEA'
 
     PYTHONPATH=src python benchmarks/retrieval_suspects.py --task needle --length 1024 --prompts 10 \
         --json benchmarks/results/retrieval_suspects_needle_1k.json
+    # 4,096 tokens, the 5 prompts of retrieval_needle4k_candidates1.json; finer bins with --width 512 / 1024
+    PYTHONPATH=src python benchmarks/retrieval_suspects.py --length 4096 --prompts 5 \
+        --variants cells_mass,cells_max --json benchmarks/results/retrieval_suspects_needle_4k.json
 """
 
 from __future__ import annotations
