@@ -22,6 +22,9 @@ Runs the suite's prompts (``tools/baselines/tasks.py``) through variants of SEA'
 
     PYTHONPATH=src python benchmarks/retrieval_suspects.py --task needle --length 1024 --prompts 10 \
         --json benchmarks/results/retrieval_suspects_needle_1k.json
+    # 4,096 tokens, the 5 prompts of retrieval_needle4k_candidates1.json; finer bins with --width 512 / 1024
+    PYTHONPATH=src python benchmarks/retrieval_suspects.py --length 4096 --prompts 5 \
+        --variants cells_mass,cells_max --json benchmarks/results/retrieval_suspects_needle_4k.json
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from sea_attention.app import assets
+from sea_attention.atomic import write_text
 from sea_attention.core.cells import cell_lengths, cells_to_keys, key_bins
 from sea_attention.core.ops.reference import reference_attention, repeat_kv
 from sea_attention.core.selection import select_cells
@@ -46,10 +51,9 @@ VARIANTS = ("sea", "sea_nogate", "sea_query_head", "cells_mass", "cells_mass_hea
             "sea_dense_context", "sea_dense_answer")
 
 
-def bin_scores(kind: str, logits, probs, lengths, width: int):
-    """(B, H, C, K) scores of each row's bins from its exact logits / probs (B, H, C, Tk)."""
-    tk = logits.shape[-1]
-    bins = key_bins(torch.arange(tk)[None, :], lengths[0][:, None], width).clamp(0, width - 1)  # (C, Tk)
+def bin_scores(kind: str, logits, probs, bins, lengths, width: int):
+    """(B, H, C, K) scores of each row's bins from its exact logits / probs (B, H, C, Tk); ``bins``
+    (C, Tk) is each key's bin in each row (``key_bins``, clamped)."""
     index = bins[None, None].expand_as(probs)
     empty = probs.new_zeros(*probs.shape[:-1], width)
     if kind == "mass":
@@ -63,34 +67,64 @@ def bin_scores(kind: str, logits, probs, lengths, width: int):
     return mean.softmax(-1)
 
 
+def selected_keys(cells, bins, lengths, key_valid, cap: int):
+    """(B, H, C, Tk) bool: the keys the selected cells (B, H, C, K) emit. When no bin holds more
+    than ``cap`` keys every selected bin emits all of them (a gather of the cells by each key's bin);
+    otherwise ``cells_to_keys`` (even spacing), the rule SEA follows."""
+    heads, tk = cells.shape[1], bins.shape[-1]
+    if int(cell_lengths(lengths, cells.shape[-1]).max()) > cap:
+        return cells_to_keys(cells, lengths, key_valid, cap=cap).dense_mask(heads, tk)
+    inside = torch.arange(tk)[None, :] < lengths[0][:, None]  # (C, Tk)
+    return cells.gather(-1, bins[None, None].expand(*cells.shape[:3], tk)) & inside
+
+
 @dataclass
 class CellOverride:
-    """SEA's bins, forced bins, grouped budget and stretching, with bins scored exactly by ``kind``."""
+    """SEA's bins, forced bins, grouped budget and stretching, with bins scored exactly by ``kind``.
+
+    ``width``: the bins per row (None: the layer's ``estimate_width``). Each chunk of rows scores
+    only the keys its rows can see (the causal prefix); ``reference=True`` scores every key of
+    every row and stretches through ``cells_to_keys`` (the plain path the test compares with).
+    """
 
     kind: str  # mass, max, meankey
     k: int
     grouping: str = "query"
     chunk: int = 256
+    width: int | None = None
+    reference: bool = False
 
     def __call__(self, call):
-        cfg = call.sea.config
         if not bool(call.key_valid.all()):
             raise ValueError("the experiment takes unpadded single prompts")
-        heads, tq, tk = call.query.shape[1], call.query.shape[2], call.key.shape[2]
-        keys = repeat_kv(call.key, cfg.kv_groups).float()
-        values = repeat_kv(call.value, cfg.kv_groups).float()
+        tq, tk = call.query.shape[2], call.key.shape[2]
+        keys = repeat_kv(call.key, call.sea.config.kv_groups).float()  # (1, H, Tk, d)
+        values = repeat_kv(call.value, call.sea.config.kv_groups).float()
         pieces = []
         for lo in range(0, tq, self.chunk):
-            q = call.query[:, :, lo:lo + self.chunk].float()  # (1, H, C, d)
-            positions = torch.arange(tk - tq + lo, tk - tq + lo + q.shape[2])
-            logits = (q @ keys.transpose(-1, -2)) * call.scaling  # (1, H, C, Tk)
-            logits = logits.masked_fill(torch.arange(tk)[None, :] > positions[:, None], float("-inf"))
-            lengths = (positions + 1)[None]  # (1, C)
-            scores = bin_scores(self.kind, logits, logits.softmax(-1), lengths, cfg.estimate_width)
-            cells = select_cells(scores, lengths, self.k, self.grouping, self.chunk, cfg.sinks, cfg.local_window)
-            mask = cells_to_keys(cells, lengths, call.key_valid, cap=self.k).dense_mask(heads, tk)
-            pieces.append(logits.masked_fill(~mask, float("-inf")).softmax(-1) @ values)
+            rows = min(self.chunk, tq - lo)
+            seen = tk if self.reference else tk - tq + lo + rows  # keys any row of the chunk can see
+            positions = torch.arange(tk - tq + lo, tk - tq + lo + rows)  # (C,) the rows' own key positions
+            pieces.append(self._rows(call, call.query[:, :, lo:lo + rows].float(), keys[:, :, :seen],
+                                     values[:, :, :seen], positions))
         return torch.cat(pieces, 2), None
+
+    def _rows(self, call, q, keys, values, positions):
+        """Attention of the rows q (1, H, C, d) at ``positions`` (C,) over keys/values (1, H, S, d)."""
+        cfg, seen = call.sea.config, keys.shape[2]
+        width = self.width or cfg.estimate_width
+        logits = (q @ keys.transpose(-1, -2)) * call.scaling  # (1, H, C, S)
+        logits = logits.masked_fill(torch.arange(seen)[None, :] > positions[:, None], float("-inf"))
+        lengths = (positions + 1)[None]  # (1, C)
+        bins = key_bins(torch.arange(seen)[None, :], lengths[0][:, None], width).clamp(0, width - 1)  # (C, S)
+        scores = bin_scores(self.kind, logits, logits.softmax(-1), bins, lengths, width)
+        cells = select_cells(scores, lengths, self.k, self.grouping, self.chunk, cfg.sinks, cfg.local_window)
+        key_valid = call.key_valid[:, :seen]
+        if self.reference:
+            mask = cells_to_keys(cells, lengths, key_valid, cap=self.k).dense_mask(q.shape[1], seen)
+        else:
+            mask = selected_keys(cells, bins, lengths, key_valid, self.k)
+        return logits.masked_fill(~mask, float("-inf")).softmax(-1) @ values
 
 
 @dataclass
@@ -128,8 +162,8 @@ class SplitOverride:
 
 
 @contextmanager
-def variant(model, name: str, k: int):
-    """Run ``model`` as ``name`` inside the block."""
+def variant(model, name: str, k: int, width: int | None = None):
+    """Run ``model`` as ``name`` inside the block (``width``: the bins of the cells_* variants)."""
     if name == "sea":
         with sea_budget(model, k):
             yield
@@ -146,10 +180,25 @@ def variant(model, name: str, k: int):
     elif name == "sea_nogate":
         with layer_override(model, NoGateOverride(k)):
             yield
-    else:
+    elif name.startswith("cells_"):
         kind, _, head = name.removeprefix("cells_").partition("_")
-        with layer_override(model, CellOverride(kind, k, "query_head" if head else "query")):
+        with layer_override(model, CellOverride(kind, k, "query_head" if head else "query", width=width)):
             yield
+    else:
+        raise ValueError(f"variants must be some of {','.join(VARIANTS)}, got {name!r}")
+
+
+def kept_rows(path: Path, setup: dict, names: list[str]) -> list[dict]:
+    """The rows of an earlier run of the same setup (task, length, prompts, k) at ``path``, less those
+    of the variants rerun now; [] when there is none."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    same = all(earlier["setup"].get(key) == setup[key] for key in ("task", "length", "prompts", "k"))
+    if not same:
+        raise ValueError(f"{path} holds another setup ({earlier['setup']}): --keep needs the same task, length, "
+                         "prompts and k")
+    return [row for row in earlier["rows"] if row["method"] not in names]
 
 
 def main() -> None:
@@ -159,26 +208,31 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--width", type=int, default=None, help="bins per row of the cells_* variants "
+                        "(default: the layer's estimate_width); their rows are then named cells_*@K<width>")
+    parser.add_argument("--keep", action="store_true", help="keep the other variants' rows of an existing --json")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants must be some of {','.join(VARIANTS)}, got {','.join(unknown)}")
     model, tokenizer = assets.load_model("smollm2-135m")
     patch(model)
     config = RetrievalConfig((args.task,), (args.length,), args.prompts)
     prompts = suite_prompts(tokenizer, config)[(args.task, args.length)]
-    width = 256
+    width = args.width or 256  # SmolLM2 patch default estimate_width
     print(f"(a) cap: at L={args.length + 8} bins hold <= {-(-(args.length + 8) // width)} keys, cap k={args.k}")
-    rows = []
-    for name in args.variants.split(","):
+    labels = [f"{n}@K{args.width}" if args.width and n.startswith("cells_") else n for n in names]
+    rows = kept_rows(Path(args.json), vars(args), labels) if args.keep else []
+    for name, label in zip(names, labels):
         started = time.perf_counter()
-        with variant(model, name, args.k) if name != "dense" else nullcontext():
-            row = score_prompts(model, tokenizer, prompts, config.new_tokens(args.task), name, args.k)
+        with variant(model, name, args.k, args.width):
+            row = score_prompts(model, tokenizer, prompts, config.new_tokens(args.task), label, args.k)
         rows.append({**asdict(row), "seconds": time.perf_counter() - started})
-        print(f"{name:<16} {row.correct}/{row.prompts} acc {row.accuracy:.2f} {row.answers}", flush=True)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"setup": vars(args), "machine": "2-core AMD EPYC, shared/loaded", "rows": rows}, f, indent=1)
-        import os
-
-        os.replace(args.json + ".tmp", args.json)
+        print(f"{label:<16} {row.correct}/{row.prompts} acc {row.accuracy:.2f} {row.answers}", flush=True)
+        out = {"setup": vars(args), "machine": "2-core AMD EPYC, shared/loaded", "rows": rows}
+        write_text(args.json, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
