@@ -32,8 +32,8 @@ rt)
 bbc)
   stage bbc-finetune $SEA finetune --task bbc-topics --max-examples 160 --batch-size 8 --max-len 512 --lr 1.5e-4 --checkpoint-every 5 --out runs/bbc-dense
   stage bbc-teacher-eval $SEA eval --model runs/bbc-dense --task bbc-topics --split test --max-examples 200 --seq-len 512 --k 64 --no-oracle --batch-size 4 --gate-form sigmoid --json benchmarks/results/task_minilm_bbc_topics_512_keybins_teacher.json
-  for k in 8,16 32 64; do  # the budgets split over three files (the committed ones ran side by side)
-    stage bbc-eval-identity-k$k $SEA eval --model runs/bbc-dense --task bbc-topics --split test --max-examples 200 --seq-len 512 --k $k --batch-size 4 --json benchmarks/results/task_minilm_bbc_topics_512_identity_k${k/,/_}.json
+  for k in 8 16 32 64; do  # one file per budget (the committed ones ran side by side)
+    stage bbc-eval-identity-k$k $SEA eval --model runs/bbc-dense --task bbc-topics --split test --max-examples 200 --seq-len 512 --k $k --batch-size 4 --json benchmarks/results/task_minilm_bbc_topics_512_identity_k$k.json
   done
   ;;
 bbc-validation)  # needs runs/bbc-dense (the bbc mode's first stage)

@@ -218,18 +218,18 @@ ENCODER_VALIDATION = [
 
 def encoder_tests(results: Results) -> str:
     """Per task: accuracy (%) of the teacher, the evaluated model's dense, oracle and SEA at k = 8 / 16 / 32 / 64,
-    keys per query actually used."""
+    keys per query actually used ('-': a budget not evaluated)."""
     rows = []
     for label, names, teacher_name in ENCODER_TEST:
         result = merge_results([results.load(name) for name in names])
         teacher = results.load(teacher_name)["rows"][0]
         by = {(r["method"], r["k"]): r for r in result["rows"]}
-        pct = lambda rs: joined(num(100 * r["accuracy"], 1) for r in rs)  # noqa: E731
-        keys = lambda rs: joined(num(r["keys_per_query"], 1) for r in rs)  # noqa: E731
+        pct = lambda rs: joined("-" if r is None else num(100 * r["accuracy"], 1) for r in rs)  # noqa: E731
+        keys = lambda rs: joined("-" if r is None else num(r["keys_per_query"], 1) for r in rs)  # noqa: E731
         rows.append([label, str(result["examples"]), num(100 * teacher["accuracy"], 1),
                      num(100 * by["dense", None]["accuracy"], 1)]
-                    + [f"{pct(rs)} ({keys(rs)})" for rs in ([by["oracle", k] for k in ENCODER_KS],
-                                                           [by["sea", k] for k in ENCODER_KS])])
+                    + [f"{pct(rs)} ({keys(rs)})" for rs in ([by.get(("oracle", k)) for k in ENCODER_KS],
+                                                           [by.get(("sea", k)) for k in ENCODER_KS])])
     return table(["task and model (test split)", "texts", "teacher", "dense", "oracle k=8/16/32/64 (keys/query)",
                   "SEA k=8/16/32/64 (keys/query)"], rows)
 
