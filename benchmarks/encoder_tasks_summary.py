@@ -14,8 +14,11 @@ from pathlib import Path
 from sea_attention.atomic import write_text
 
 RESULTS = Path("benchmarks/results")
-TASKS = {"rt": "task_minilm_rt_polarity.json", "bbc": "task_minilm_bbc_topics_512_keybins.json"}
-TEACHERS = {task: name.replace(".json", "_teacher.json") for task, name in TASKS.items()}  # the fine-tuned dense
+# each task's test evaluation: one file, or several that split the budgets between them (run side by side)
+TASKS = {"rt": ("task_minilm_rt_polarity_identity.json",),
+         "bbc": tuple(f"task_minilm_bbc_topics_512_identity_k{k}.json" for k in (8, 16, 32, 64))}
+# the fine-tuned dense models evaluated alone (the teachers the results above patched or distilled)
+TEACHERS = {"rt": "task_minilm_rt_polarity_teacher.json", "bbc": "task_minilm_bbc_topics_512_keybins_teacher.json"}
 DEFAULT_K = 64  # SEAConfig's default budget: the "default k" of the RT target
 TOLERANCE = 0.005  # within 0.5 accuracy point of dense
 
@@ -28,6 +31,19 @@ def stage_times(log: Path) -> dict[str, int]:
         if match:
             times[match.group(1)] = int(match.group(2))
     return times
+
+
+def merge_results(results: list[dict]) -> dict:
+    """`sea eval --task` results of one model on the same texts, the budgets split between them: one result
+    with the first one's dense row, then every oracle and SEA row by k."""
+    first = results[0]
+    same = ("model", "task", "split", "examples")
+    if any(tuple(r[f] for f in same) != tuple(first[f] for f in same) for r in results):
+        raise ValueError(f"results to merge must share {same}: got {[tuple(r[f] for f in same) for r in results]}")
+    rows = sorted((row for r in results for row in r["rows"] if row["method"] != "dense"),
+                  key=lambda row: (row["k"], row["method"]))
+    budgets = sorted(k for r in results for k in r["setup"]["budgets"])
+    return {**first, "setup": {**first["setup"], "budgets": budgets}, "rows": [first["rows"][0], *rows]}
 
 
 def targets(task: str, rows: list[dict], dense: float) -> dict:
@@ -50,12 +66,12 @@ def targets(task: str, rows: list[dict], dense: float) -> dict:
 def main() -> None:
     times = stage_times(Path("runs/times.log"))
     summary = {"stage_seconds": times, "tasks": {}}
-    for task, name in TASKS.items():
-        path = RESULTS / name
-        if not path.exists():
-            print(f"{task}: {path} not written (the run did not finish)")
+    for task, names in TASKS.items():
+        missing = [name for name in names if not (RESULTS / name).exists()]
+        if missing:
+            print(f"{task}: {missing} not written (the run did not finish)")
             continue
-        result = json.loads(path.read_text())
+        result = merge_results([json.loads((RESULTS / name).read_text()) for name in names])
         print(f"\n{task}: {result['examples']} test examples, max_len {result['setup']['max_len']}")
         print("| method | k | accuracy | macro-F1 | keys/query | coverage |\n|---|---|---|---|---|---|")
         for r in result["rows"]:
@@ -68,7 +84,7 @@ def main() -> None:
             print(f"| fine-tuned dense (teacher) | - | {100 * teacher['accuracy']:.2f} | "
                   f"{100 * teacher['macro_f1']:.2f} | {teacher['keys_per_query']:.1f} | - |")
         reference = teacher or next(r for r in result["rows"] if r["method"] == "dense")
-        summary["tasks"][task] = {"result": name, "teacher": teacher,
+        summary["tasks"][task] = {"result": list(names), "teacher": teacher,
                                   "target": targets(task, result["rows"], reference["accuracy"])}
         print(summary["tasks"][task]["target"])
     print("\nstage wall times (s):", times)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from encoder_tasks_summary import TASKS, merge_results
 from results_doc import KS, Cell, Results, grid, joined, num, passkey, ppl, recall, speed, table, text
 
 # the files of the main SmolLM2-135M runs (4 x 1024 test tokens unless the name says a length)
@@ -218,6 +219,59 @@ def validation_k(results: Results) -> str:
     return table(["K", "dense", "SEA@64", "coverage@64"], rows)
 
 
+# ---- encoders: a fine-tuned MiniLM classifier (issue 23, benchmarks/encoder_tasks.sh) ---------------
+
+ENCODER_KS = (8, 16, 32, 64)
+# (task label, eval file, teacher eval file: the fine-tuned dense model, evaluated alone)
+ENCODER_TEST = [("BBC topics, 512 tokens: undistilled, identity gates", TASKS["bbc"],
+                 "task_minilm_bbc_topics_512_keybins_teacher.json"),
+                ("BBC topics, 512 tokens: estimator 10 + full KD 8 steps, sigmoid gates",
+                 ("task_minilm_bbc_topics_512_keybins.json",), "task_minilm_bbc_topics_512_keybins_teacher.json"),
+                ("RT polarity, 64 tokens: undistilled, identity gates", TASKS["rt"],
+                 "task_minilm_rt_polarity_teacher.json")]
+# (task, model, k, file): the validation runs that chose the tested models
+ENCODER_VALIDATION = [
+    ("BBC", "undistilled, sigmoid gates", 64, "task_minilm_bbc_512_val_undistilled_sigmoid.json"),
+    ("BBC", "undistilled, no gates (= identity gates, untrained)", 64, "task_minilm_bbc_512_val_undistilled_nogates.json"),
+    ("BBC", "estimator 10 steps, identity gates", 64, "task_minilm_bbc_512_val_est10_identity.json"),
+    ("BBC", "estimator 10 + full KD 8 steps, sigmoid gates", 64, "task_minilm_bbc_512_val_full8_sigmoid.json"),
+    ("BBC", "estimator 10 + full KD 8 steps, identity gates", 64, "task_minilm_bbc_512_val_full8_identity.json"),
+    ("BBC", "estimator 10 + full KD 24 steps, identity gates", 64, "task_minilm_bbc_512_val_full24_identity.json"),
+    ("RT", "undistilled, identity gates", 16, "task_minilm_rt_val_undistilled_identity.json"),
+    ("RT", "estimator 15 + full KD 10 steps, identity gates", 16, "task_minilm_rt_val_est15_full10_identity.json")]
+
+
+def encoder_tests(results: Results) -> str:
+    """Per task: accuracy (%) of the teacher, the evaluated model's dense, oracle and SEA at k = 8 / 16 / 32 / 64,
+    keys per query actually used ('-': a budget not evaluated)."""
+    rows = []
+    for label, names, teacher_name in ENCODER_TEST:
+        result = merge_results([results.load(name) for name in names])
+        teacher = results.load(teacher_name)["rows"][0]
+        by = {(r["method"], r["k"]): r for r in result["rows"]}
+        pct = lambda rs: joined("-" if r is None else num(100 * r["accuracy"], 1) for r in rs)  # noqa: E731
+        keys = lambda rs: joined("-" if r is None else num(r["keys_per_query"], 1) for r in rs)  # noqa: E731
+        rows.append([label, str(result["examples"]), num(100 * teacher["accuracy"], 1),
+                     num(100 * by["dense", None]["accuracy"], 1)]
+                    + [f"{pct(rs)} ({keys(rs)})" for rs in ([by.get(("oracle", k)) for k in ENCODER_KS],
+                                                           [by.get(("sea", k)) for k in ENCODER_KS])])
+    return table(["task and model (test split)", "texts", "teacher", "dense", "oracle k=8/16/32/64 (keys/query)",
+                  "SEA k=8/16/32/64 (keys/query)"], rows)
+
+
+def encoder_validation(results: Results) -> str:
+    """Validation: texts right with the model's dense attention and with SEA at k, keys per query, coverage."""
+    rows = []
+    for task, label, k, name in ENCODER_VALIDATION:
+        result = results.load(name)
+        by = {(r["method"], r["k"]): r for r in result["rows"]}
+        right = lambda r: f"{round(r['accuracy'] * result['examples'])}/{result['examples']}"  # noqa: E731
+        sea = by["sea", k]
+        rows.append([task, label, right(by["dense", None]), str(k), right(sea), num(sea["keys_per_query"], 1),
+                     num(sea["coverage"], 3)])
+    return table(["task", "MiniLM model (validation split)", "dense", "k", "SEA", "keys/query", "coverage"], rows)
+
+
 # ---- long inputs, passkey, full KD and the README's summary --------------------------------------
 
 LONG_COLUMNS = ("dense", "window_sinks", "K=128", "K=256", "K=256, 300 steps", "K=512", "K=512, 500 steps")
@@ -387,4 +441,6 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "decode-latency": decode_latency,
     "distill-throughput": distill_throughput,
     "grouping-quality": grouping_quality,
+    "encoder-tests": encoder_tests,
+    "encoder-validation": encoder_validation,
 }

@@ -210,10 +210,27 @@ def test_integer_mask_is_accepted():
 
 
 def test_gates_start_almost_open():
-    module = sea()
+    module = sea(gate_form="sigmoid")
     q, k, v = make_qkv(1, 4, 2, 16, 16, 16)
     gates = module(q, k, v).gates
     torch.testing.assert_close(gates, torch.full_like(gates, torch.sigmoid(torch.tensor(4.0)).item()))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_identity_gates_start_as_the_ungated_layer_and_train(causal):
+    """gate_form="identity": scale and mix start at exactly 1, so an untrained layer returns what the same
+    layer without gates returns (bit for bit, at a full budget exact attention); both gates get gradients."""
+    torch.manual_seed(0)
+    gated = sea(causal=causal, gate_form="identity", k=16, query_chunk=5)
+    plain = sea(causal=causal, gating=False, k=16, query_chunk=5)
+    plain.load_state_dict(gated.state_dict())
+    q, k, v = make_qkv(2, 4, 2, 16, 16, 16)
+    out = gated(q, k, v)
+    assert torch.equal(out.gates, torch.ones_like(out.gates))
+    assert torch.equal(out.context, plain(q, k, v).context)
+    (out.context * torch.randn_like(out.context)).sum().backward()
+    bias_grad = gated.estimator.encoder.to_gates.bias.grad
+    assert bias_grad is not None and bool((bias_grad != 0).all())
 
 
 def test_norm_mode_keeps_padding_queries_at_zero():

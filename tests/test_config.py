@@ -92,3 +92,16 @@ def test_a_bidirectional_config_saved_before_its_key_bins_default_loads_as_it_wa
     del saved["key_bins"], saved["kernel_bins"]
     assert not SEAConfig.from_dict(saved).binned
     assert SEAConfig.from_dict(fresh.to_dict()) == fresh and fresh.binned
+
+
+def test_a_config_saved_before_gate_form_keeps_the_sigmoid_gates():
+    """Fresh configs: identity gates when bidirectional, the paper's sigmoid ones when causal; saves
+    without the field (all made with sigmoid gates) keep them."""
+    assert SEAConfig(num_heads=4, head_dim=16, causal=False).gate_form == "identity"
+    assert SEAConfig(num_heads=4, head_dim=16).gate_form == "sigmoid"
+    for causal in (True, False):
+        saved = SEAConfig(num_heads=4, head_dim=16, causal=causal, gate_form="sigmoid").to_dict()
+        del saved["gate_form"]
+        assert SEAConfig.from_dict(saved).gate_form == "sigmoid"
+    with pytest.raises(ValueError, match="gate_form must be one of"):
+        SEAConfig(num_heads=4, head_dim=16, gate_form="tanh")

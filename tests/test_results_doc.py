@@ -71,3 +71,18 @@ def test_machine_lines(rd):
     line = rd.machine({"machine": {"cpus": 2, "cpu_model": "AMD EPYC", "cpu_capability": "AVX2", "threads": 2,
                                    "matmul_gflops": 108.5}})
     assert line == "2-core AMD EPYC, AVX2, 2 threads, 108 GFLOP/s fp32 matmul"
+
+
+def test_encoder_results_split_over_budgets_merge(rd):
+    """encoder_tasks_summary.merge_results: budgets evaluated in separate files read as one evaluation."""
+    summary = importlib.import_module("encoder_tasks_summary")
+    row = lambda method, k: {"method": method, "k": k, "accuracy": 0.5}  # noqa: E731
+    about = {"model": "m", "task": "t", "split": "test", "examples": 4}
+    parts = [{**about, "setup": {"budgets": [k]}, "rows": [row("dense", None), row("oracle", k), row("sea", k)]}
+             for k in (64, 8)]
+    merged = summary.merge_results(parts)
+    assert [(r["method"], r["k"]) for r in merged["rows"]] == [("dense", None), ("oracle", 8), ("sea", 8),
+                                                                ("oracle", 64), ("sea", 64)]
+    assert merged["setup"]["budgets"] == [8, 64]
+    with pytest.raises(ValueError, match="must share"):
+        summary.merge_results([parts[0], {**parts[1], "examples": 5}])

@@ -88,8 +88,9 @@ def test_pipeline_end_to_end(task_dir, tmp_path, capsys):
     small = ["--steps", "3", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "0", "--quiet"]
     assert main(["finetune", "--model", str(task_dir / "bert"), *task, "--batch-size", "16", "--max-len", "32",
                  "--out", str(tmp_path / "dense"), "--quiet"]) == 0
-    assert main(["distill", "--model", str(tmp_path / "dense"), *task, *sea, *small,
+    assert main(["distill", "--model", str(tmp_path / "dense"), *task, *sea, *small, "--gate-form", "sigmoid",
                  "--out", str(tmp_path / "est")]) == 0
+    assert json.loads((tmp_path / "est" / "sea_config.json").read_text())["sea_config"]["gate_form"] == "sigmoid"
     assert main(["distill", "--model", str(tmp_path / "est"), *task, *small, "--stage", "full",
                  "--out", str(tmp_path / "full")]) == 0
     out = tmp_path / "eval.json"

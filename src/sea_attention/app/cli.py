@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.config import GATE_FORMS
 from . import assets
 from .corpora import DATA_FORMS, DatasetText, load_dataset_text
 from .cli_tasks import TEXT_COLUMN_HELP, add_task_options, require_classifier, task_split
@@ -55,7 +56,7 @@ def _runtime_options(args) -> dict:
 
 def _sea_overrides(args) -> dict:
     with_k = args.command not in ("eval", "compare", "diagnose")  # their --k is the budget(s) measured
-    names = ("k", "estimate_width", "feature_factor") if with_k else ("estimate_width", "feature_factor")
+    names = ("estimate_width", "feature_factor", "gate_form") + (("k",) if with_k else ())
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -65,6 +66,9 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
         group.add_argument("--k", type=positive_int, help="keys per query per head (default 64)")
     group.add_argument("--estimate-width", type=positive_int, help="K, width of the compressed estimate (default 256 for causal layers, 128 bidirectional)")
     group.add_argument("--feature-factor", type=positive_int, help="nbf: m = d ln d / nbf random features (default 8)")
+    group.add_argument("--gate-form", choices=GATE_FORMS,
+                       help="output gates: the paper's sigmoid ones (the causal default) or identity (started at "
+                            "exactly 1: an untrained layer returns the sparse context; the bidirectional default)")
     runtime = parser.add_argument_group("selection (also for saved SEA models)")
     runtime.add_argument("--grouping", choices=("query", "query_head", "block"),
                          help="which cells share one top-k: per query (default), per query and head, or per "

@@ -13,6 +13,7 @@ from .cells import KeySlots
 from .config import SEAConfig
 from .decoding import DecodeState
 from .estimator import AttentionEstimator, Estimate
+from .gates import gate_values
 from .grouping import grouping_for
 from .ops.reference import repeat_kv
 
@@ -33,7 +34,7 @@ class SEAOutput:
     nnz: Tensor  # (B, H, Tq) keys each query attended to, per head
     attention: Tensor | None  # (B, H, Tq, Tk) sparse probabilities, only with return_attention=True
     estimated_logits: Tensor  # (B, H, n, K) the estimator's raw logits for the same rows
-    gates: Tensor | None  # (B, H, Tq, 2) sigmoid gates (scale, mix), None when gating is off
+    gates: Tensor | None  # (B, H, Tq, 2) gates (scale, mix) (core/gates.py), None when gating is off
     cells: Tensor  # (B, H, Tq, K) bool, the selected cells (block grouping: the block's, in the bins of
     # its selecting row, whose length is not this row's: map them with blocks.block_dense_mask;
     # with candidates > 1: the candidates' cells, of which slots keeps the exactly best keys)
@@ -147,7 +148,7 @@ class SEAAttention(nn.Module):
         """The layer's output from the sparse context: gates, decoding state, norm, masks."""
         gates = None
         if self.config.gating:
-            gates = torch.sigmoid(call.asked(estimate.gate_logits, 2)).to(context.dtype)
+            gates = gate_values(call.asked(estimate.gate_logits, 2), self.config.gate_form).to(context.dtype)
             context = self.gate(context, gates, call.asked(self.average_values(call), 2))
         if call.state is not None:
             self.advance_state(call)

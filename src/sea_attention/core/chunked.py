@@ -30,6 +30,7 @@ from torch import Tensor
 from .attention import running_sum
 from .call import SEACall
 from .estimator.estimator import BinInputs
+from .gates import gate_values
 from .grouping import Grouping, grouping_for
 from .ops.reference import repeat_kv
 
@@ -104,6 +105,6 @@ def _span_context(sea: "SEAAttention", shared: PerPosition, call: SEACall, lo: i
     estimate = sea.estimator.estimate_span(shared.performer, shared.bins, call, lo, hi)
     context = shared.grouping.run(estimate, part).context  # (B, H, n, d)
     if shared.mean is not None:
-        gates = torch.sigmoid(estimate.gate_logits).to(context.dtype)  # (B, H, n, 2)
+        gates = gate_values(estimate.gate_logits, sea.config.gate_form).to(context.dtype)  # (B, H, n, 2)
         context = sea.gate(context, gates, shared.mean.span(lo, hi))
     return sea.finish(context, part)

@@ -14,26 +14,23 @@ from torch import Tensor, nn
 from .per_sample import sample_wise
 
 
-GATE_INIT = 4.0
-
-
 class TokenEncoder(nn.Module):
     """(Performer output, V) of one token and head -> a narrow CNN input row and two gate logits.
 
     The Performer output is ``performer_width`` wide: 2d with a positional code beside V, d without.
     """
 
-    def __init__(self, head_dim: int, row_width: int, channels: int, performer_width: int) -> None:
+    def __init__(self, head_dim: int, row_width: int, channels: int, performer_width: int,
+                 gate_bias: float = 4.0) -> None:
         super().__init__()
         self.channels = channels
         self.encode = nn.Sequential(nn.Linear(performer_width + head_dim, 2 * head_dim), nn.LayerNorm(2 * head_dim),
                                     nn.GELU())
         self.to_row = nn.Linear(2 * head_dim, row_width * channels)
         self.to_gates = nn.Linear(2 * head_dim, 2)
-        # gates start almost open (sigmoid(4) = 0.98): an untrained layer is plain sparse
-        # attention, not half of it mixed with the mean of V
+        # every token's gate logits start at gate_bias (core/gates.py: where each form starts open)
         nn.init.zeros_(self.to_gates.weight)
-        nn.init.constant_(self.to_gates.bias, GATE_INIT)
+        nn.init.constant_(self.to_gates.bias, gate_bias)
 
     @sample_wise  # matrix products over flattened rows round differently by batch size (per_sample.py)
     def hidden(self, performer: Tensor, own_value: Tensor) -> Tensor:

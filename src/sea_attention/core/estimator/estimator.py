@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..cells import key_ranks, live_cells, valid_key_positions
 from ..config import SEAConfig
 from ..decoding import DecodeState, GrowingRows
+from ..gates import GATE_BIAS
 from ..ops.reference import repeat_kv
 from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
 from .features import RandomFeatures, causal_linear_attention, layer_seed, linear_attention
@@ -56,7 +57,8 @@ class AttentionEstimator(nn.Module):
         learned = config.position_code == "learned"
         self.positions = LearnedPositionCode(config.max_positions, d) if learned else None
         performer_width = d if config.position_code == "none" else 2 * d
-        self.encoder = TokenEncoder(d, width // config.width_downsample, config.cnn_channels, performer_width)
+        self.encoder = TokenEncoder(d, width // config.width_downsample, config.cnn_channels, performer_width,
+                                    GATE_BIAS[config.gate_form])
         # weights per head of the binned signals in the logits, started where the two signals together
         # covered the most teacher attention without training (SmolLM2, benchmarks/estimator_signals.py)
         self.kernel_scale = nn.Parameter(torch.full((heads, 1, 1), KERNEL_SCALE_INIT)) if config.kernel_bins else None
