@@ -129,6 +129,35 @@ def retrieval_candidates(results: Results) -> str:
                   "correct / prompts (copy: exact-token accuracy)"], rows)
 
 
+NEEDLE_4K = [  # (what selects, file, method): the same 5 needle prompts at 4,096 tokens, k=64 unless named
+    ("dense attention (every key)", "retrieval_oracle_needle4k.json", "dense"),
+    ("oracle: the exact top keys of the query, budget shared by its heads", "retrieval_oracle_needle4k.json", "oracle"),
+    ("oracle_head: the exact top 64 keys of each head", "retrieval_oracle_needle4k.json", "oracle_head"),
+    ("SEA, `sea.patch` defaults (undistilled)", "retrieval_needle4k_candidates1.json", "sea"),
+    ("SEA, candidates=4 (exact refinement)", "retrieval_needle4k_candidates4.json", "sea"),
+    ("SEA's bins and budget, each bin scored by the mean-key logit alone", "retrieval_suspects_needle_4k_b.json",
+     "cells_meankey"),
+    ("SEA's bins and budget, each bin scored by its exact attention mass", "retrieval_suspects_needle_4k.json",
+     "cells_mass"),
+    ("the same, scored by the largest exact probability inside", "retrieval_suspects_needle_4k.json", "cells_max"),
+    ("the same exact mass, a budget per head", "retrieval_suspects_needle_4k.json", "cells_mass_head"),
+    ("the same exact mass, K=512 (8 keys per bin)", "retrieval_suspects_needle_4k_K512.json", "cells_mass@K512"),
+    ("the same exact mass, K=1024 (4 keys per bin)", "retrieval_suspects_needle_4k_K1024.json", "cells_mass@K1024"),
+    ("the same exact mass, k=128", "retrieval_suspects_needle_4k_k128.json", "cells_mass"),
+]
+
+
+def needle_4k(results: Results) -> str:
+    """Which selections find the needle at 4k: dense, the oracles, SEA and SEA's bins with exact scores."""
+    rows = []
+    for label, name, method in NEEDLE_4K:
+        result = results.load(name)
+        row = next(r for r in result.get("rows") or result["points"] if r["method"] == method)
+        rows.append([label, str(row["k"] or "-"), f"{row['correct']}/{row['prompts']}"])
+    return table(["selection (SmolLM2-135M, needle in wiki/BBC test prose, 4,096 tokens)", "k", "correct / prompts"],
+                 rows)
+
+
 def refine_perplexity(results: Results) -> str:
     """Wiki validation perplexity of the undistilled patch at k=64, without and with exact refinement."""
     rows = []
@@ -437,6 +466,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "decode-step": decode_step,
     "retrieval-candidates": retrieval_candidates,
     "refine-perplexity": refine_perplexity,
+    "needle-4k": needle_4k,
     "model-bench": model_bench,
     "decode-latency": decode_latency,
     "distill-throughput": distill_throughput,
