@@ -29,8 +29,8 @@ class RowTable:
     def starts(self, bsz: int, heads: int, device: torch.device) -> Tensor:
         """(B, H, 1): the table row of each (sample, head)'s row 0."""
         batch = torch.arange(bsz, device=device).view(bsz, 1, 1)
-        return self.row(batch, torch.arange(heads, device=device).view(1, heads, 1), torch.zeros((), dtype=torch.long,
-                                                                                                  device=device))
+        head = torch.arange(heads, device=device).view(1, heads, 1)
+        return self.row(batch, head, torch.zeros_like(head))
 
 
 def row_table(x: Tensor) -> RowTable:

@@ -128,10 +128,7 @@ def _rows(head: Tensor, key: Tensor, valid: Tensor, heads: int, groups: int, tab
     first = (torch.arange(bsz * rows, device=device).view(bsz, rows, 1) * width + run_start).permute(2, 0, 1)
     slot = torch.repeat_interleave(first.flatten()[:used_rows] - crow[:-1], counts, output_size=nnz)
     slot += torch.arange(nnz, device=device)  # first slot of the run + place inside the run
-    col = torch.add(key, head if groups == 1 else torch.div(head, groups, rounding_mode="floor"), alpha=table.head)
-    if bsz > 1:
-        col = col + torch.arange(bsz, device=device).view(bsz, 1, 1) * table.batch
-    col = col.flatten().index_select(0, slot)
+    col = _flat_rows(head, key, groups, table).flatten().index_select(0, slot)
     if place is not None:
         slot = place.index_select(0, slot)
     return _Rows(crow, counts, col, slot)
@@ -231,14 +228,13 @@ class _SparseAttention(torch.autograd.Function):
         q, k, v, head, key, valid, probs, out = ctx.saved_tensors
         scale, chunk = ctx.plan.scale, ctx.plan.chunk
         bsz, heads, tq, dim = q.shape
-        kv_heads, keys = k.shape[1], k.shape[2]
+        kv_heads = k.shape[1]
         groups = heads // kv_heads
         grad_out = grad_out.to(q.dtype)
         delta = (grad_out * out).sum(-1, keepdim=True)  # (B, H, Tq, 1): sum_s p_s dp_s per head
-        dq, dk, dv = torch.zeros_like(q), k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous, like k_flat
-        k_flat, v_flat = k.reshape(-1, dim), v.reshape(-1, dim)
-        table = RowTable(k_flat, kv_heads * keys, keys)  # the layout of dk and dv, and of these reshaped copies
-        dk_flat, dv_flat = dk.view(-1, dim), dv.view(-1, dim)
+        dq, dk, dv = torch.zeros_like(q), k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous
+        table = row_table(k.contiguous())  # the layout of dk and dv
+        k_flat, v_flat, dk_flat, dv_flat = table.rows, v.reshape(-1, dim), dk.view(-1, dim), dv.view(-1, dim)
         for sl, span, strategy in _chunks(key, valid, chunk, ctx.plan.mode, heads):
             h, kk, ok = head[:, sl], key[:, sl], valid[:, sl]
             g, p_slots = grad_out[:, :, sl], probs[:, sl]
