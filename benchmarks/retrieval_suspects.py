@@ -43,7 +43,7 @@ from sea_attention.atomic import write_text
 from sea_attention.core.cells import cell_lengths, cells_to_keys, key_bins
 from sea_attention.core.ops.reference import reference_attention, repeat_kv
 from sea_attention.core.selection import select_cells
-from sea_attention.hf import layer_override, patch, sea_budget, set_runtime
+from sea_attention.hf import layer_override, patch, sea_budget, sea_layers, set_runtime
 from sea_attention.hf.decoding import decode_state
 from sea_attention.tools.baselines.retrieval import RetrievalConfig, score_prompts, suite_prompts
 
@@ -221,7 +221,7 @@ def main() -> None:
     patch(model)
     config = RetrievalConfig((args.task,), (args.length,), args.prompts)
     prompts = suite_prompts(tokenizer, config)[(args.task, args.length)]
-    width = args.width or 256  # SmolLM2 patch default estimate_width
+    width = args.width or sea_layers(model)[0][2].config.estimate_width  # the patch's own K by default
     print(f"(a) cap: at L={args.length + 8} bins hold <= {-(-(args.length + 8) // width)} keys, cap k={args.k}")
     labels = [f"{n}@K{args.width}" if args.width and n.startswith("cells_") else n for n in names]
     rows = kept_rows(Path(args.json), vars(args), labels) if args.keep else []
