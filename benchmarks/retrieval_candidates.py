@@ -1,14 +1,18 @@
-"""EXPERIMENT (issue 25): does exact refinement (SEAConfig.candidates) keep the needle and the copy?
+"""EXPERIMENT (issue 25): do exact refinement (SEAConfig.candidates) or the key bounds keep the needle and the copy?
 
 The default ``patch(model)`` (undistilled) with ``candidates = c``: the estimate selects cells for
 c times the budget and each head keeps its exactly best share (``core/refine.py``). Runs the suite's
 own code path (``score_runs``, as ``sea compare --task``) for SEA at k, optionally beside dense,
 on the suite's test haystacks or, with ``--validation``, on a haystack of wiki validation prose (the
 text a default may be chosen on), and with ``--perplexity N`` the perplexity of ``sea eval`` on N wiki
-validation windows (SEA at k beside dense). Writes the JSON after every row, so a stopped run keeps them.
+validation windows (SEA at k beside dense). ``--key-bounds`` patches with ``key_bounds=True`` (the
+upper-bound bin signal) and ``--mean-key-weight w`` starts every layer's mean-key weight at w (0: the
+bounds replace the mean key). Writes the JSON after every row, so a stopped run keeps them.
 
     PYTHONPATH=src python benchmarks/retrieval_candidates.py --candidates 4 --tasks needle copy \
         --lengths 1024 2048 --json benchmarks/results/retrieval_candidates4.json
+    PYTHONPATH=src python benchmarks/retrieval_candidates.py --key-bounds --validation --lengths 1024 2048 \
+        --json benchmarks/results/retrieval_bounds_validation.json
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from sea_attention.app import assets
 from sea_attention.atomic import write_text
-from sea_attention.hf import patch
+from sea_attention.hf import patch, sea_layers
 from sea_attention.tools.baselines.retrieval import RetrievalConfig, format_retrieval_table, score_runs
 from sea_attention.tools.distill.data import tokenize
 from sea_attention.tools.evaluate import BudgetSweep, evaluate_budgets, format_table
@@ -49,13 +53,18 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["sea"], choices=("dense", "sea"))
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--validation", action="store_true", help="hide the needles in wiki validation prose")
+    parser.add_argument("--key-bounds", action="store_true", help="patch with key_bounds=True")
+    parser.add_argument("--mean-key-weight", type=float, default=1.0, help="initial mean-key weight of every layer")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = assets.load_model("smollm2-135m")
-    patch(model, candidates=args.candidates)
+    patch(model, candidates=args.candidates, key_bounds=args.key_bounds)
+    for _, _, layer in sea_layers(model):
+        layer.estimator.key_scale.data.fill_(args.mean_key_weight)
     model.eval()
     out = {"model": "smollm2-135m (undistilled patch)", "k": args.k, "candidates": args.candidates,
+           "key_bounds": args.key_bounds, "mean_key_weight": args.mean_key_weight,
            "threads": torch.get_num_threads(), "machine": "2-core AMD EPYC AVX-512, shared (loaded)"}
     start = time.time()
     if args.perplexity:

@@ -17,6 +17,7 @@ GRID = [  # heads, kv_heads, tokens, pad, left, config options
     (6, 3, 50, 4, True, dict(kernel_bins=True, key_bins=False, estimate_width=8, k=3, output_mode="norm")),
     (4, 1, 29, 3, False, dict(kernel_bins=False, key_bins=True, sinks=2, local_window=5, gating=False)),
     (4, 2, 40, 0, True, dict(k=64)),  # budget above the length: every key
+    (4, 2, 45, 5, True, dict(key_bounds=True)),  # the upper-bound signal beside the defaults
 ]
 
 

@@ -86,6 +86,17 @@ def test_generate_streams_text(tiny_model_dir, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("the cat sat")
 
 
+def test_key_bounds_are_distilled_saved_and_decoded(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "sea"
+    assert main(["distill", "--model", str(tiny_model_dir / "model"), "--data", str(tiny_model_dir / "text.txt"),
+                 "--steps", "2", "--seq-len", "32", "--k", "4", "--estimate-width", "8", "--key-bounds",
+                 "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "sea_config.json").read_text())["sea_config"]["key_bounds"] is True
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "the cat sat", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("the cat sat")
+
+
 def test_bad_arguments_give_clear_errors(tiny_model_dir, capsys):
     assert main(["eval", "--model", str(tiny_model_dir / "model"), "--data", "no-such-corpus.txt", "--quiet"]) == 2
     assert "expected one of" in capsys.readouterr().err

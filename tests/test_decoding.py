@@ -18,6 +18,7 @@ def layer(**kw):
     ("mix", {}), ("norm", {}), ("mix", dict(kernel_bins=False)), ("mix", dict(key_bins=False, sinks=0)),
     ("mix", dict(kernel_bins=True, key_bins=False, feature_kind="relu", position_code="learned")),
     ("mix", dict(kernel_bins=False, key_bins=False, sinks=0, local_window=0)),  # the paper's estimator
+    ("mix", dict(key_bounds=True)),
 ])
 def test_steps_equal_full_forward(schedule, pad, output_mode, estimator):
     module = layer(output_mode=output_mode, **estimator)

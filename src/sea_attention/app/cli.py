@@ -56,7 +56,7 @@ def _runtime_options(args) -> dict:
 
 def _sea_overrides(args) -> dict:
     with_k = args.command not in ("eval", "compare", "diagnose")  # their --k is the budget(s) measured
-    names = ("estimate_width", "feature_factor", "gate_form") + (("k",) if with_k else ())
+    names = ("estimate_width", "feature_factor", "gate_form", "key_bounds") + (("k",) if with_k else ())
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -69,6 +69,9 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
     group.add_argument("--gate-form", choices=GATE_FORMS,
                        help="output gates: the paper's sigmoid ones (the causal default) or identity (started at "
                             "exactly 1: an untrained layer returns the sparse context; the bidirectional default)")
+    group.add_argument("--key-bounds", action="store_true", default=None,
+                       help="add an upper bound of each bin's largest logit (max/min keys per block) to the "
+                            "estimate's signals: finds lone outstanding keys (retrieval); off by default")
     runtime = parser.add_argument_group("selection (also for saved SEA models)")
     runtime.add_argument("--grouping", choices=("query", "query_head", "block"),
                          help="which cells share one top-k: per query (default), per query and head, or per "

@@ -10,7 +10,7 @@ from typing import Any
 FEATURE_KINDS = ("favor", "relu")
 POSITION_CODES = ("learned", "tent", "none")
 # fields added after the first release, with the value that reproduces a config saved without them
-LEGACY_DEFAULTS = {"kernel_bins": False, "key_bins": False, "sinks": 0, "local_window": 0, "gate_form": "sigmoid"}
+LEGACY_DEFAULTS = {"kernel_bins": False, "key_bins": False, "key_bounds": False, "sinks": 0, "local_window": 0, "gate_form": "sigmoid"}
 # (causal, bidirectional) value of the fields whose default depends on ``causal`` (see SEAConfig)
 CONTEXT_DEFAULTS = {"kernel_bins": (True, False), "key_bins": (True, True), "sinks": (4, 0), "local_window": (16, 0),
                     "gate_form": ("sigmoid", "identity")}
@@ -63,6 +63,12 @@ class SEAConfig:
             teacher's attention, against 0.16 for the paper's estimator and 0.29 for
             ``kernel_bins`` alone (``benchmarks/encoder_tasks.sh``). Both off, with
             ``sinks = local_window = 0``, is the paper's estimator (causal or bidirectional).
+        key_bounds: add, beside ``kernel_bins`` / ``key_bins``, an upper bound of each bin's
+            largest logit, scale * (q+ . max(k) + q- . min(k)) + log(size) over blocks of keys
+            covering the bin (``estimator/key_bounds.py``), times a learned weight per head:
+            a mean key hides one outstanding key among many, the bound does not (retrieval,
+            docs/results.md). Costs 2K dots of 2d per query and a table of about
+            (levels) x T / 4 rows of 2d per kv head. Off by default.
         position_code: what the Performer averages beside V to tell where attention goes:
             ``"learned"`` (a (max_positions, d) table, causal only: rows past the distillation
             length stay untrained), ``"tent"`` (the fixed code of the bidirectional models)
@@ -133,6 +139,7 @@ class SEAConfig:
     feature_kind: str | None = None
     kernel_bins: bool | None = None
     key_bins: bool | None = None
+    key_bounds: bool = False
     position_code: str | None = None
     sinks: int | None = None
     local_window: int | None = None
@@ -181,7 +188,7 @@ class SEAConfig:
                               ("gate_form", GATE_FORMS),
                               ("attention_path", ATTENTION_PATHS), ("position_code", POSITION_CODES)):
             _choice(name, getattr(self, name), allowed)
-        for name in ("causal", "gating", "kernel_bins", "key_bins"):
+        for name in ("causal", "gating", "kernel_bins", "key_bins", "key_bounds"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -205,6 +212,9 @@ class SEAConfig:
             raise ValueError(f"candidates={self.candidates} (exact refinement) runs with the per-query groupings "
                              f"{tuple(g for g in GROUPINGS if g != 'block')} on attention_path 'sparse' or "
                              f"'reference'; got grouping={self.grouping!r}, attention_path={self.attention_path!r}")
+        if self.key_bounds and not (self.kernel_bins or self.key_bins):
+            raise ValueError("key_bounds adds to the binned signals: it needs kernel_bins=True or key_bins=True, got "
+                             "both False")
         if self.estimate_width % self.width_downsample:
             raise ValueError(f"estimate_width must be a multiple of {self.width_downsample} when causal={self.causal}, "
                              f"got {self.estimate_width}")

@@ -5,7 +5,8 @@ context length (apart from reading its selected keys and values):
 
 * the Performer's running sums, sum phi(k) v'^T and sum phi(k), computed with the feature map;
 * with ``kernel_bins`` / ``key_bins``, the sums of phi(k) / k before every position (they grow
-  by one row per key, like the KV cache beside them);
+  by one row per key, like the KV cache beside them); with ``key_bounds``, the keys' block
+  extremes (a row per block of keys, the last one rewritten);
 * the last 8 rows of the CNN decoder's input (its causal receptive field) and their masks;
 * the running sum of V over valid keys and the number of valid keys (the average branch,
   key ranks and row lengths all follow from it);
@@ -23,10 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from .blocks import BlockSelection
+
+if TYPE_CHECKING:
+    from .estimator.key_bounds import BoundTable
 
 
 @dataclass
@@ -54,15 +59,20 @@ class GrowingRows:
 
     def append(self, new: Tensor) -> None:
         """Add ``new`` after the rows in use (its other dimensions match ``data``'s)."""
-        end = self.length + new.shape[self.dim]
-        if end > self.data.shape[self.dim]:
+        start = self.length
+        self.grow_to(start + new.shape[self.dim])
+        self.data.narrow(self.dim, start, new.shape[self.dim]).copy_(new.detach())
+
+    def grow_to(self, length: int) -> None:
+        """Use the rows before ``length`` (at least those in use); rows new to use hold garbage
+        until written (``data`` is then at least ``length`` long)."""
+        if length > self.data.shape[self.dim]:
             shape = list(self.data.shape)
-            shape[self.dim] = max(end, shape[self.dim] + max(self.SPARE, shape[self.dim] // 4))
+            shape[self.dim] = max(length, shape[self.dim] + max(self.SPARE, shape[self.dim] // 4))
             grown = self.data.new_empty(shape)
             grown.narrow(self.dim, 0, self.length).copy_(self.rows)
             self.data = grown
-        self.data.narrow(self.dim, self.length, new.shape[self.dim]).copy_(new.detach())
-        self.length = end
+        self.length = max(self.length, length)
 
     def map_batch(self, fn: Callable[[Tensor], Tensor]) -> "GrowingRows":
         """The rows in use with ``fn`` applied to them (a new batch dimension 0)."""
@@ -81,6 +91,7 @@ class DecodeState:
     # kernel_bins / key_bins: sums of phi(k) and/or k over the keys before each position 0..seen,
     # float64 (B, H_kv, seen + 1, m or d) each, and the valid-key counts (B, seen + 1)
     bin_sums: tuple[list[GrowingRows], GrowingRows] | None = None
+    key_bounds: "BoundTable | None" = None  # key_bounds: the keys' block extremes, growing by blocks
     finite_past: bool = True  # every key and value before ``seen`` was finite
 
     def select(self, index: Tensor) -> None:
@@ -93,6 +104,8 @@ class DecodeState:
             self.performer = tuple(x.index_select(0, index.to(x.device)) for x in self.performer)
         if self.bin_sums is not None:
             self._map_bin_sums(lambda t: t.index_select(0, index.to(t.device)))
+        if self.key_bounds is not None:
+            self.key_bounds = self.key_bounds.map_batch(lambda t: t.index_select(0, index.to(t.device)))
         if self.block is not None:
             self.block = self.block.map_batch(lambda x: x.index_select(0, index.to(x.device)))
 
@@ -106,6 +119,8 @@ class DecodeState:
             self.performer = tuple(x.repeat_interleave(repeats, dim=0) for x in self.performer)
         if self.bin_sums is not None:
             self._map_bin_sums(lambda t: t.repeat_interleave(repeats, dim=0))
+        if self.key_bounds is not None:
+            self.key_bounds = self.key_bounds.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
         if self.block is not None:
             self.block = self.block.map_batch(lambda x: x.repeat_interleave(repeats, dim=0))
 

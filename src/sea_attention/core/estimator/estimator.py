@@ -17,6 +17,7 @@ from ..ops.reference import repeat_kv
 from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
 from .features import RandomFeatures, causal_linear_attention, layer_seed, linear_attention
 from .kernel_bins import edge_dots, key_logits, log_mass, prefix_sums
+from .key_bounds import BoundTable, bin_bound_logits, bound_table
 from .positions import LearnedPositionCode, tent_code
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ class BinInputs:
     queries: list[Tensor]  # (B, H_kv, G, Tq, f_i): phi(q) (kernel_bins) and/or q (key_bins), float32
     sums: list[Tensor]  # (B, H_kv, Tk + 1, f_i) float64 prefix sums of phi(k) and/or k over positions 0..Tk
     counts: Tensor  # (B, Tk + 1) valid keys before each position
+    bounds: BoundTable | None = None  # key_bounds: the keys' block extremes (``key_bounds.py``)
+    q: Tensor | None = None  # key_bounds: (B, H_kv, G, Tq, d) the queries read against them
 
 
 class AttentionEstimator(nn.Module):
@@ -63,6 +66,7 @@ class AttentionEstimator(nn.Module):
         # covered the most teacher attention without training (SmolLM2, benchmarks/estimator_signals.py)
         self.kernel_scale = nn.Parameter(torch.full((heads, 1, 1), KERNEL_SCALE_INIT)) if config.kernel_bins else None
         self.key_scale = nn.Parameter(torch.ones(heads, 1, 1)) if config.key_bins else None
+        self.bound_scale = nn.Parameter(torch.ones(heads, 1, 1)) if config.key_bounds else None
         # the binned kernel needs softmax-kernel (FAVOR+) features; ReLU ones recall little of the attention
         self.kernel_features = None
         if config.kernel_bins and config.feature_kind != "favor":
@@ -231,13 +235,19 @@ class AttentionEstimator(nn.Module):
             per_key.append(new_k.float())
             queries.append(q.float().view(bsz, kv_heads, groups, tq, -1))
         sums, counts = self._bin_sums(per_key, call.key_valid[:, past:], call.state)
-        return BinInputs(queries, sums, counts)
+        if not self.config.key_bounds:
+            return BinInputs(queries, sums, counts)
+        table = bound_table(new_k, call.key_valid[:, past:], self.config.estimate_width,
+                            call.state.key_bounds if call.state is not None else None)
+        if call.state is not None:
+            call.state.key_bounds = table
+        return BinInputs(queries, sums, counts, table, q.view(bsz, kv_heads, groups, tq, -1))
 
     def _bin_signal(self, bins: BinInputs, lengths: Tensor, rows: Tensor | None, scale: float) -> Tensor:
         """(B, H, Tq or n, K): the weighted binned signals added to the CNN's logits.
 
         ``kernel_bins``: log of the FAVOR+ kernel's attention share per bin; ``key_bins``: each
-        bin's logit through its mean key. ``lengths`` are those of ``rows`` (all rows: None).
+        bin's logit through its mean key; ``key_bounds``: an upper bound of its largest logit. ``lengths`` are those of ``rows`` (all rows: None).
         """
         queries = bins.queries if rows is None else [x.index_select(3, rows) for x in bins.queries]
         dots, sizes = edge_dots(queries, bins.sums, bins.counts, lengths, self.config.estimate_width)
@@ -246,6 +256,10 @@ class AttentionEstimator(nn.Module):
             signal = self.kernel_scale * log_mass(dots[0]).flatten(1, 2)
         if self.config.key_bins:
             signal = signal + self.key_scale * key_logits(dots[-1], sizes, scale).flatten(1, 2)
+        if self.config.key_bounds:
+            q = bins.q if rows is None else bins.q.index_select(3, rows)
+            bounds = bin_bound_logits(q, bins.bounds, lengths, self.config.estimate_width, scale)
+            signal = signal + self.bound_scale * bounds.flatten(1, 2)
         return signal  # query head h = kv head h // G, group h % G
 
     def _bin_sums(self, per_key: list[Tensor], new_valid: Tensor,

@@ -34,7 +34,7 @@ ENTRIES_PER_CALL = 2**21
 
 def rows_per_chunk(sums: Tensor, width: int) -> int:
     """Query rows per call whose K + 1 entries for every (sample, kv head) fit in
-    ``ENTRIES_PER_CALL``: at least one. ``sums`` (B, H_kv, ...) is one of the prefix sums."""
+    ``ENTRIES_PER_CALL``: at least one. ``sums`` (B, H_kv, ...) is the table they read."""
     return max(1, ENTRIES_PER_CALL // (sums.shape[0] * sums.shape[1] * (width + 1)))
 
 
@@ -63,23 +63,31 @@ def edge_dots(queries: list[Tensor], sums: list[Tensor], counts: Tensor, lengths
     queries[i]: (B, H_kv, G, Tq, f_i) against sums[i] (B, H_kv, Tk + 1, f_i), both from
     ``prefix_sums`` with the valid-key ``counts`` (B, Tk + 1); lengths (B, Tq). Returns one
     (B, H_kv, G, Tq, K + 1) float64 tensor per query and (B, 1, 1, Tq, K) long: bin b of row i
-    sums to dots[..., b + 1] - dots[..., b]. Each dot reads its prefix-sum row where it lies (a
-    sampled product over the (row, edge) pattern); ``chunk``: query rows per call (default
-    ``rows_per_chunk``). ``naive_edge_dots`` gathers the rows first.
+    sums to dots[..., b + 1] - dots[..., b]. Each dot reads its prefix-sum row where it lies
+    (``row_dots``); ``chunk``: query rows per call. ``naive_edge_dots`` gathers the rows first.
     """
-    groups, tq = queries[0].shape[2:4]
-    chunk = chunk or rows_per_chunk(sums[0], width)
     positions, sizes = _edge_positions(counts, lengths, width)  # (B, Tq, K + 1)
-    tables = [_row_table(x) for x in sums]  # (N, f_i), (B, H_kv, 1)
-    out: list[list[Tensor]] = [[] for _ in queries]
+    return [row_dots(query, table, positions, chunk) for query, table in zip(queries, sums)], sizes
+
+
+@torch.no_grad()
+def row_dots(query: Tensor, sums: Tensor, rows: Tensor, chunk: int | None = None) -> Tensor:
+    """query . sums[b, h, rows[b, i, e]] for every entry, in the table's dtype: (B, H_kv, G, Tq, E).
+
+    query (B, H_kv, G, Tq, f); sums (B, H_kv, N, f), read in place (a decoding state's growing
+    rows too); rows (B, Tq, E) row indices shared by the heads. ``chunk``: query rows per call
+    (default ``rows_per_chunk``), which bounds the index and output memory.
+    """
+    groups, tq, entries = query.shape[2], query.shape[3], rows.shape[-1]
+    chunk = chunk or rows_per_chunk(sums, entries - 1)  # entries = K + 1 edges or 2K windows
+    table, first_row = _row_table(sums)  # (N, f), (B, H_kv, 1)
+    out = []
     for c0 in range(0, tq, chunk):
-        rows = positions[:, c0:c0 + chunk]  # (B, c, K + 1)
-        for i, (query, (table, first_row)) in enumerate(zip(queries, tables)):
-            columns = (first_row[:, :, None, :, None] + rows[:, None, None]).expand(-1, -1, groups, -1, -1)
-            part = query[:, :, :, c0:c0 + chunk].double()  # (B, H_kv, G, c, f_i)
-            dots = _sampled_dots(part.reshape(-1, part.shape[-1]), table, columns.reshape(-1, width + 1))
-            out[i].append(dots.view(*part.shape[:-1], width + 1))
-    return [torch.cat(parts, dim=3) for parts in out], sizes
+        part = query[:, :, :, c0:c0 + chunk].to(table.dtype)  # (B, H_kv, G, c, f)
+        columns = (first_row[:, :, None, :, None] + rows[:, None, None, c0:c0 + chunk]).expand(-1, -1, groups, -1, -1)
+        dots = _sampled_dots(part.reshape(-1, part.shape[-1]), table, columns.reshape(-1, entries))
+        out.append(dots.view(*part.shape[:-1], entries))
+    return torch.cat(out, dim=3)
 
 
 def _sampled_dots(rows: Tensor, table: Tensor, columns: Tensor) -> Tensor:
