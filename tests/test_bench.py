@@ -64,7 +64,7 @@ def test_cli_rejects_bad_lengths_and_unknown_methods(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "attention", "--methods", "sdpa,flash"])
     err = capsys.readouterr().err
-    assert "unknown method 'flash'" in err and "sdpa,eager,sea,sea_chunked,sea_block,sea_reference,sea_flex" in err
+    assert "unknown method 'flash'" in err and "sdpa,eager,sea,sea_chunked,sea_block,sea_reference,sea_flex,sea_bounds" in err
 
 
 def test_stage_flops_against_hand_computed_values():
@@ -119,7 +119,7 @@ def test_the_model_bench_names_the_caches_it_accepts():
         ModelBenchSetup("tiny", [64], cache="static")
 
 
-@pytest.mark.parametrize("method", ["sdpa", "sea", "sea_block"])
+@pytest.mark.parametrize("method", ["sdpa", "sea", "sea_block", "sea_bounds"])
 def test_the_decode_bench_times_real_decoding_steps(method):
     """Each timed call decodes one more token of the same sequence: its output is that row of one
     full causal forward over every token."""

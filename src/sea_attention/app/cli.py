@@ -611,14 +611,16 @@ def _add_layer_shape(parser) -> None:
 
 
 def _add_bench_parser(commands) -> None:
-    from ..tools.bench import CACHES, DECODE_METHODS, METHODS, check_decode_methods, check_methods
+    from ..tools.bench import (
+        CACHES, DECODE_METHODS, DEFAULT_DECODE_METHODS, DEFAULT_METHODS, METHODS, check_decode_methods, check_methods,
+    )
 
     bench = commands.add_parser("bench", help="speed and memory: the attention alone, or a whole model")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     attention = kinds.add_parser("attention", help="time and peak memory of one attention forward vs T")
     attention.add_argument("--lengths", type=int_list, default=[1024, 4096, 16384, 32768], help="e.g. 1024,4096")
-    attention.add_argument("--methods", type=name_list(check_methods), default=METHODS,
-                           help=f"some of {','.join(METHODS)}")
+    attention.add_argument("--methods", type=name_list(check_methods), default=DEFAULT_METHODS,
+                           help=f"some of {','.join(METHODS)} (default: all but sea_bounds, the opt-in key bounds)")
     _add_layer_shape(attention)
     attention.add_argument("--repeats", type=positive_int, default=3, help="timed calls per point (median)")
     attention.add_argument("--bidirectional", action="store_true", help="no causal mask")
@@ -629,8 +631,8 @@ def _add_bench_parser(commands) -> None:
     attention.add_argument("--plot", type=output_file, help="write a log-log PNG of time and memory vs T")
     decode = kinds.add_parser("decode", help="ms per decoded token of one attention layer vs the prompt length")
     decode.add_argument("--lengths", type=int_list, default=[1024, 8192, 32768], help="prompt lengths, e.g. 1024,8192")
-    decode.add_argument("--methods", type=name_list(check_decode_methods), default=DECODE_METHODS,
-                        help=f"some of {','.join(DECODE_METHODS)}")
+    decode.add_argument("--methods", type=name_list(check_decode_methods), default=DEFAULT_DECODE_METHODS,
+                        help=f"some of {','.join(DECODE_METHODS)} (default: all but sea_bounds)")
     _add_layer_shape(decode)
     decode.add_argument("--steps", type=positive_int, default=32, help="decoded tokens per point (at least 4)")
     decode.add_argument("--timeout", type=positive_float, default=1800, help="seconds per point")

@@ -6,18 +6,20 @@ layer's decoding latency, and whole models (prefill and decode speed, dense agai
 """
 
 from .attention import (
-    METHODS, AttentionBenchPoint, AttentionBenchSetup, add_speedups, bench_attention, check_methods, estimated_gb,
+    DEFAULT_METHODS, METHODS, AttentionBenchPoint, AttentionBenchSetup, add_speedups, bench_attention, check_methods, estimated_gb,
     format_attention_table,
 )
-from .decode import DECODE_METHODS, DecodeBenchPoint, bench_decode, check_decode_methods, format_decode_table
+from .decode import (
+    DECODE_METHODS, DEFAULT_DECODE_METHODS, DecodeBenchPoint, bench_decode, check_decode_methods, format_decode_table,
+)
 from .breakdown import STAGES, StageBreakdown, StageTime, bench_breakdown, format_breakdown, stage_flops
 from .model import CACHES, ModelBenchPoint, ModelBenchSetup, bench_model, format_model_table, prompt_tokens, tiny_model
 from .plot import plot_attention_bench
 from .runtime import machine_info, write_bench_json
 
 __all__ = [
-    "CACHES", "DECODE_METHODS", "METHODS", "STAGES", "DecodeBenchPoint", "bench_decode", "check_decode_methods",
-    "format_decode_table", "AttentionBenchPoint", "AttentionBenchSetup", "ModelBenchPoint", "ModelBenchSetup",
+    "CACHES", "DECODE_METHODS", "DEFAULT_DECODE_METHODS", "DEFAULT_METHODS", "METHODS", "STAGES", "DecodeBenchPoint",
+    "bench_decode", "check_decode_methods", "format_decode_table", "AttentionBenchPoint", "AttentionBenchSetup", "ModelBenchPoint", "ModelBenchSetup",
     "StageBreakdown", "StageTime", "add_speedups", "bench_attention", "bench_breakdown", "bench_model",
     "check_methods", "estimated_gb", "format_attention_table", "format_breakdown", "format_model_table",
     "machine_info", "plot_attention_bench", "prompt_tokens", "stage_flops", "tiny_model", "write_bench_json",

@@ -18,14 +18,15 @@ from torch import Tensor
 from ..methods import check_methods as check_list
 from .runtime import in_fresh_process, median_seconds, peak_extra_mb
 
-METHODS = ("sdpa", "eager", "sea", "sea_chunked", "sea_block", "sea_reference", "sea_flex")
-DEFAULT_METHODS = METHODS
+METHODS = ("sdpa", "eager", "sea", "sea_chunked", "sea_block", "sea_reference", "sea_flex", "sea_bounds")
+DEFAULT_METHODS = METHODS[:-1]  # sea_bounds (the opt-in key bounds) when asked for
 SEA_METHODS = {  # method -> SEAConfig changes
     "sea": {"attention_path": "sparse"},
     "sea_chunked": {"attention_path": "sparse"},  # the same layer through context_only: rows in chunks
     "sea_block": {"grouping": "block"},
     "sea_reference": {"attention_path": "reference"},
     "sea_flex": {"attention_path": "flex"},
+    "sea_bounds": {"key_bounds": True},
 }
 
 

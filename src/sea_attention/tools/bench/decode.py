@@ -21,8 +21,9 @@ from ..methods import check_methods as check_list
 from .attention import AttentionBenchSetup, add_speedups
 from .runtime import in_fresh_process
 
-DECODE_METHODS = ("sdpa", "sea", "sea_block")
-SEA_DECODE = {"sea": {}, "sea_block": {"grouping": "block"}}  # method -> SEAConfig changes
+DECODE_METHODS = ("sdpa", "sea", "sea_block", "sea_bounds")
+DEFAULT_DECODE_METHODS = DECODE_METHODS[:-1]  # sea_bounds (the opt-in key bounds) when asked for
+SEA_DECODE = {"sea": {}, "sea_block": {"grouping": "block"}, "sea_bounds": {"key_bounds": True}}  # SEAConfig changes
 
 
 @dataclass
@@ -70,7 +71,7 @@ def measure_decode_point(method: str, length: int, steps: int, setup: AttentionB
     return DecodeBenchPoint(method, length, statistics.median(times[steps // 4:]))
 
 
-def bench_decode(lengths: list[int], methods: tuple[str, ...] = DECODE_METHODS,
+def bench_decode(lengths: list[int], methods: tuple[str, ...] = DEFAULT_DECODE_METHODS,
                  setup: AttentionBenchSetup | None = None, steps: int = 32, timeout_s: float = 1800,
                  progress: bool = True) -> list[DecodeBenchPoint]:
     """Per-token decoding latency of every method after a prompt of every length."""
