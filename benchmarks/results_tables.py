@@ -169,6 +169,53 @@ def refine_perplexity(results: Results) -> str:
     return table(["SEA@64, undistilled patch", "wiki validation tokens", "dense", "SEA", "x dense"], rows)
 
 
+KEY_BOUNDS = [  # (label, needle files at 1k/2k and 4k or None, perplexity file or None, diagnosis at 4k or None)
+    ("dense (not SEA)", ("retrieval_validation_default.json", "retrieval_validation_default_4k.json"), None, None),
+    ("SEA, `sea.patch` defaults (undistilled)", ("retrieval_validation_default.json",
+     "retrieval_validation_default_4k.json"), "retrieval_kernel_default_k64.json", "diagnose_validation_default_4k.json"),
+    ("SEA, `key_bounds=True` (undistilled)", ("retrieval_validation_bounds.json", "retrieval_validation_bounds_4k.json"),
+     "ppl_validation_bounds.json", "diagnose_validation_bounds_4k.json"),
+    ("SEA, key bounds instead of the mean key (undistilled)", ("retrieval_validation_bounds_only_1k.json",), None, None),
+    ("SEA, the demo's 40 distillation steps", ("retrieval_validation_demo_plain.json",),
+     "retrieval_validation_demo_plain.json", None),
+    ("SEA, `key_bounds=True`, the demo's 40 steps", ("retrieval_validation_demo_bounds.json",),
+     "retrieval_validation_demo_bounds.json", None),
+]
+
+
+def key_bounds(results: Results) -> str:
+    """Needles in wiki validation prose, perplexity and coverage on wiki validation, with and without key bounds."""
+    rows = []
+    for label, needles, perplexity, diagnosis in KEY_BOUNDS:
+        method = "dense" if label.startswith("dense") else "sea"
+        found = {r["length"]: f"{r['correct']}/{r['prompts']}" for name in needles
+                 for r in results.load(name)["rows"] if r["method"] == method and r["task"] == "needle"}
+        cells = [found.get(n, "not run") for n in (1024, 2048, 4096)]
+        if perplexity is None:
+            cells.append("-" if method == "dense" else "not measured")
+        else:
+            by = {r["name"]: r["perplexity"] for r in results.load(perplexity)["perplexity"]["rows"]}
+            cells.append(f"{num(by['sea'])} (x{num(by['sea'] / by['dense'], 3)})")
+        summary = results.load(diagnosis)["summary"] if diagnosis else None
+        cells.append(f"{num(summary['coverage_sea'], 3)} / {num(summary['recall'], 3)}" if summary else "-")
+        rows.append([label] + cells)
+    return table(["SmolLM2-135M, k=64 (wiki validation prose)", "needle 1,024", "needle 2,048", "needle 4,096",
+                  "perplexity, 4 x 1,024 tokens", "coverage / recall at 4,096"], rows)
+
+
+def needle_bin_ranks(results: Results) -> str:
+    """Where the bin of the key a retrieval step needs ranks, by signal (``needle_bin_ranks.py``)."""
+    rows = []
+    for name in ("needle_bin_ranks_1k.json", "needle_bin_ranks_2k.json", "needle_bin_ranks_4k.json"):
+        result = results.load(name)
+        for signal, label in (("mean", "mean key"), ("bound", "key bound"), ("sum", "both (key_bounds=True)")):
+            r = result["signals"][signal]
+            rows.append([f"{result['length']:,}", label, f"{r['steps']:,}", num(r["median_rank"], 0),
+                         num(r["below_4"], 3), num(r["below_16"], 3)])
+    return table(["prompt tokens", "bin signal", "(row, layer, head) steps", "median rank", "share ranked < 4",
+                  "share ranked < 16"], rows)
+
+
 def decode_latency(results: Results) -> str:
     rows = [[f"{r['context']:,}", num(r["dense_ms"], 1), num(r["sea_ms"], 1)]
             for r in results.load("decode_latency_smollm2-135m.json")["rows"]]
@@ -467,6 +514,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "retrieval-candidates": retrieval_candidates,
     "refine-perplexity": refine_perplexity,
     "needle-4k": needle_4k,
+    "key-bounds": key_bounds,
+    "needle-bin-ranks": needle_bin_ranks,
     "model-bench": model_bench,
     "decode-latency": decode_latency,
     "distill-throughput": distill_throughput,

@@ -28,7 +28,7 @@ import torch
 
 from sea_attention.app import assets
 from sea_attention.atomic import write_text
-from sea_attention.hf import patch, sea_layers
+from sea_attention.hf import from_pretrained, patch, sea_layers, set_runtime
 from sea_attention.tools.baselines.retrieval import RetrievalConfig, format_retrieval_table, score_runs
 from sea_attention.tools.distill.data import tokenize
 from sea_attention.tools.evaluate import BudgetSweep, evaluate_budgets, format_table
@@ -53,17 +53,22 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["sea"], choices=("dense", "sea"))
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--validation", action="store_true", help="hide the needles in wiki validation prose")
+    parser.add_argument("--model", help="a saved SEA model (sea distill --out) instead of the undistilled patch")
     parser.add_argument("--key-bounds", action="store_true", help="patch with key_bounds=True")
     parser.add_argument("--mean-key-weight", type=float, default=1.0, help="initial mean-key weight of every layer")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, tokenizer = assets.load_model("smollm2-135m")
-    patch(model, candidates=args.candidates, key_bounds=args.key_bounds)
-    for _, _, layer in sea_layers(model):
-        layer.estimator.key_scale.data.fill_(args.mean_key_weight)
+    if args.model:
+        model, tokenizer = from_pretrained(args.model)
+        set_runtime(model, candidates=args.candidates)
+    else:
+        model, tokenizer = assets.load_model("smollm2-135m")
+        patch(model, candidates=args.candidates, key_bounds=args.key_bounds)
+        for _, _, layer in sea_layers(model):
+            layer.estimator.key_scale.data.fill_(args.mean_key_weight)
     model.eval()
-    out = {"model": "smollm2-135m (undistilled patch)", "k": args.k, "candidates": args.candidates,
+    out = {"model": args.model or "smollm2-135m (undistilled patch)", "k": args.k, "candidates": args.candidates,
            "key_bounds": args.key_bounds, "mean_key_weight": args.mean_key_weight,
            "threads": torch.get_num_threads(), "machine": "2-core AMD EPYC AVX-512, shared (loaded)"}
     start = time.time()

@@ -145,6 +145,7 @@ def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
     payload = json.loads(report.read_text())
     assert (payload["windows"], payload["tokens"], payload["setup"]["coverage_skip"]) == (3, 96, 0.25)
     assert payload["model"] == str(saved) and payload["machine"]["cpu_model"]
+    assert payload["sea_config"]["estimate_width"] == 8 and payload["sea_config"]["key_bounds"] is False
     assert [len(layer["head_coverage"]["sea"]) for layer in payload["layers"]] == [4, 4]
     recalls = [layer["recall"] for layer in payload["layers"]]
     assert payload["summary"]["recall"] == pytest.approx(sum(recalls) / 2)

@@ -426,6 +426,7 @@ def _add_compare_parser(commands) -> None:
 def cmd_diagnose(args) -> int:
     from dataclasses import asdict
 
+    from ..hf import sea_layers
     from ..tools.diagnose import DiagnoseConfig, diagnose, format_diagnosis_table, plot_diagnosis, write_diagnosis_json
     from ..tools.distill import tokenize
 
@@ -437,7 +438,8 @@ def cmd_diagnose(args) -> int:
     diagnosis = diagnose(model, tokens, config, progress=not args.quiet)
     print(format_diagnosis_table(diagnosis))
     if args.json:
-        about = dict(model=args.model, data=args.data, split=args.split, setup=asdict(config))
+        about = dict(model=args.model, data=args.data, split=args.split, setup=asdict(config),
+                     sea_config=sea_layers(model)[0][2].config.to_dict())  # what the SEA rows ran with
         print(f"wrote {write_diagnosis_json(diagnosis, args.json, **about)}")
     if args.plot:
         rows = f"rows past {args.coverage_skip:g} of each" if args.coverage_skip else "all rows"
