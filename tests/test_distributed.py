@@ -138,15 +138,17 @@ def test_torchrun_kill_one_rank_resume_then_eval_on_two_processes(tiny_model_dir
     run = subprocess.run(torchrun(*distill_argv(tiny_model_dir, straight)), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 processes (gloo), global batch 2 windows" in run.stdout
-    launcher = subprocess.Popen(torchrun(*distill_argv(tiny_model_dir, killed)), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.log"  # the launcher's output, quoted when an assertion fails
+    with log.open("w") as sink:
+        launcher = subprocess.Popen(torchrun(*distill_argv(tiny_model_dir, killed)), stdout=sink, stderr=subprocess.STDOUT)
     checkpoint = tmp_path / "killed-checkpoints" / "checkpoint.pt"
     deadline = time.monotonic() + 180
     while not checkpoint.exists():
-        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        assert launcher.poll() is None and time.monotonic() < deadline, \
+            f"no checkpoint before the run ended:\n{log.read_text()[-3000:]}"
         time.sleep(0.05)
     kill_rank(launcher, 1)
-    assert launcher.wait(timeout=120) != 0
+    assert launcher.wait(timeout=120) != 0, f"the run survived its killed rank:\n{log.read_text()[-3000:]}"
     reached = torch.load(checkpoint, weights_only=False)["step"]
     assert 1 <= reached < 12 and not killed.exists()
     run = subprocess.run(torchrun(*distill_argv(tiny_model_dir, killed, "--resume")), capture_output=True, text=True)
