@@ -36,6 +36,7 @@ from sea_attention.core.estimator.kernel_bins import binned_key_logits, prefix_s
 from sea_attention.core.estimator.key_bounds import bin_bound_logits, bound_table
 from sea_attention.core.ops.reference import repeat_kv
 from sea_attention.hf import layer_override, patch
+from sea_attention.tools.bench import machine_info
 from sea_attention.tools.baselines.retrieval import RetrievalConfig, suite_prompts
 
 WIDTH, SINKS, WINDOW = 256, 4, 16  # the causal defaults (SEAConfig)
@@ -91,7 +92,7 @@ def main() -> None:
         with torch.no_grad(), layer_override(model, probe):
             model(torch.cat([prompt.ids, answer])[None])
     out = {"model": "smollm2-135m", "haystack": "wiki validation", "length": args.length, "prompts": args.prompts,
-           "width": WIDTH, "signals": {}}
+           "width": WIDTH, "machine": machine_info(), "signals": {}}
     for name, parts in probe.ranks.items():
         ranks = torch.cat(parts).float()
         out["signals"][name] = {"steps": ranks.numel(), "median_rank": float(ranks.median()),
