@@ -86,7 +86,8 @@ def test_a_padded_sample_gets_the_bounds_it_gets_alone(causal):
     q, k, v = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)
     alone = layer(q, k, v).context
     for left in (True, False):
-        pad = lambda x: torch.cat([torch.randn(*x.shape[:2], 7, 16), x] if left else [x, torch.randn(*x.shape[:2], 7, 16)], 2)
+        noise = lambda x: torch.randn(*x.shape[:2], 7, 16)
+        pad = lambda x: torch.cat([noise(x), x] if left else [x, noise(x)], 2)
         mask = torch.ones(1, 37, dtype=torch.bool)
         mask[:, (slice(0, 7) if left else slice(30, 37))] = False
         padded = layer(pad(q), pad(k), pad(v), attention_mask=mask).context

@@ -62,10 +62,11 @@ def running_extremes(rows: Tensor, offsets: Tensor, block: int = BLOCK) -> Tenso
     block (rank % block). The first row may stand for the ranks before it in its block.
     """
     out, step = rows, 1
+    index = torch.arange(rows.shape[2], device=rows.device)
     while step < block:
         earlier = torch.nn.functional.pad(out, (0, 0, step, 0))[:, :, :out.shape[2]]  # row i - step (0 before)
-        out = torch.where((offsets >= step)[:, None, :, None] & (torch.arange(out.shape[2]) >= step)[:, None],
-                          _combine(out, earlier), out)
+        same_block = (offsets >= step) & (index >= step)  # (B, n): row i - step exists and is in i's block
+        out = torch.where(same_block[:, None, :, None], _combine(out, earlier), out)
         step *= 2
     return out
 
