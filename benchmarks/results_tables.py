@@ -180,6 +180,10 @@ KEY_BOUNDS = [  # (label, needle files at 1k/2k and 4k or None, perplexity file 
      "retrieval_validation_demo_plain.json", None),
     ("SEA, `key_bounds=True`, the demo's 40 steps", ("retrieval_validation_demo_bounds.json",),
      "retrieval_validation_demo_bounds.json", None),
+    ("SEA, candidates=4 (exact refinement, undistilled)", ("retrieval_validation_candidates4.json",),
+     "ppl_candidates4_k64.json", None),
+    ("SEA, candidates=4 and `key_bounds=True` (undistilled)", ("retrieval_validation_candidates4_bounds.json",),
+     "retrieval_validation_candidates4_bounds.json", None),
 ]
 
 
