@@ -313,6 +313,7 @@ ENCODER_TEST = [("BBC topics, 512 tokens: undistilled, identity gates", TASKS["b
 ENCODER_VALIDATION = [
     ("BBC", "undistilled, sigmoid gates", 64, "task_minilm_bbc_512_val_undistilled_sigmoid.json"),
     ("BBC", "undistilled, no gates (= identity gates, untrained)", 64, "task_minilm_bbc_512_val_undistilled_nogates.json"),
+    ("BBC", "undistilled, identity gates, `key_bounds=True`", 64, "task_minilm_bbc_512_val_undistilled_bounds.json"),
     ("BBC", "estimator 10 steps, identity gates", 64, "task_minilm_bbc_512_val_est10_identity.json"),
     ("BBC", "estimator 10 + full KD 8 steps, sigmoid gates", 64, "task_minilm_bbc_512_val_full8_sigmoid.json"),
     ("BBC", "estimator 10 + full KD 8 steps, identity gates", 64, "task_minilm_bbc_512_val_full8_identity.json"),

@@ -100,6 +100,7 @@ def test_pipeline_end_to_end(task_dir, tmp_path, capsys):
     rows = {(r["method"], r["k"]): r for r in result["rows"]}
     assert set(rows) == {("dense", None), ("oracle", 2), ("sea", 2), ("oracle", 4), ("sea", 4)}
     assert result["label_names"] == ["bad", "good"] and result["split"] == "test"
+    assert result["sea_config"]["gate_form"] == "sigmoid" and result["machine"]["cpu_model"]  # what the SEA rows ran
     for (method, k), row in rows.items():
         assert sum(map(sum, row["confusion"])) == result["examples"] == row["examples"]
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1

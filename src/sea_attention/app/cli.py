@@ -301,7 +301,11 @@ def _eval_task(args) -> int:
     rows = evaluate_task(model, tokenizer, data, setup, progress=not args.quiet)
     print(format_task_table(rows))
     if args.json:
-        print(f"wrote {write_task_json(rows, args.json, data, setup, model=args.model)}")
+        from ..hf import sea_layers
+        from ..tools.bench import machine_info
+
+        about = dict(model=args.model, machine=machine_info(), sea_config=sea_layers(model)[0][2].config.to_dict())
+        print(f"wrote {write_task_json(rows, args.json, data, setup, **about)}")
     return 0
 
 
