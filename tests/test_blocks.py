@@ -177,10 +177,12 @@ def test_keys_per_query_are_about_k_plus_the_tile():
 
 @pytest.mark.parametrize("schedule", [[40], [1] * 30, [13, 1, 9, 7], [8, 8, 3]])
 @pytest.mark.parametrize("inference", [False, True])
-def test_decoding_steps_equal_full_forward(schedule, inference):
+@pytest.mark.parametrize("key_bounds", [False, True])
+def test_decoding_steps_equal_full_forward(schedule, inference, key_bounds):
     """Also in inference, where a call estimates only the rows that select: a step inside a block
-    that a carried selection covers estimates none (but its state still takes its keys and CNN row)."""
-    module = block_layer().eval()
+    that a carried selection covers estimates none (but its state still takes its keys and CNN row,
+    and its key bounds)."""
+    module = block_layer(key_bounds=key_bounds).eval()
     t = sum(schedule)
     q, k, v = make_qkv(2, 4, 2, t, t, 16)
     mask = padding_mask(2, t, 5, left=True)

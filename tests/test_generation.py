@@ -12,7 +12,7 @@ from sea_attention.hf.decoding import DecodingStateError, find_cache
 VOCAB = 101
 
 
-def build(family):
+def build(family, **sea):
     torch.manual_seed(0)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -24,7 +24,7 @@ def build(family):
     else:
         model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=256))
     model.config.pad_token_id = 0
-    return patch(model.eval(), k=3, estimate_width=8)
+    return patch(model.eval(), k=3, estimate_width=8, **sea)
 
 
 FAMILIES = ["llama", "opt", "gpt2"]
@@ -79,10 +79,11 @@ def test_a_row_chunked_prefill_then_steps_equal_the_full_forward(family, monkeyp
     torch.testing.assert_close(torch.cat(logits, 1)[real], full.logits[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family, mode", [("llama", "greedy"), ("opt", "greedy"), ("gpt2", "greedy"),
-                                          ("llama", "sample"), ("llama", "beam"), ("opt", "beam")])
-def test_generate_matches_generation_without_cache(family, mode):
-    model = build(family)
+@pytest.mark.parametrize("family, mode, sea", [
+    ("llama", "greedy", {}), ("opt", "greedy", {}), ("gpt2", "greedy", {}), ("llama", "sample", {}),
+    ("llama", "beam", {}), ("opt", "beam", {}), ("llama", "beam", {"key_bounds": True})])
+def test_generate_matches_generation_without_cache(family, mode, sea):
+    model = build(family, **sea)
     ids = torch.randint(1, VOCAB, (2, 12))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
