@@ -49,6 +49,13 @@ def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: di
     return model, tokenizer, name_or_path
 
 
+def _sea_config_of(model) -> dict:
+    """The SEA config a patched model's layers run with (for a result's JSON: what its SEA rows ran)."""
+    from ..hf import sea_layers
+
+    return sea_layers(model)[0][2].config.to_dict()
+
+
 def _runtime_options(args) -> dict:
     names = ("grouping", "query_block", "candidates")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
@@ -301,10 +308,9 @@ def _eval_task(args) -> int:
     rows = evaluate_task(model, tokenizer, data, setup, progress=not args.quiet)
     print(format_task_table(rows))
     if args.json:
-        from ..hf import sea_layers
         from ..tools.bench import machine_info
 
-        about = dict(model=args.model, machine=machine_info(), sea_config=sea_layers(model)[0][2].config.to_dict())
+        about = dict(model=args.model, machine=machine_info(), sea_config=_sea_config_of(model))
         print(f"wrote {write_task_json(rows, args.json, data, setup, **about)}")
     return 0
 
@@ -331,7 +337,6 @@ def cmd_compare(args) -> int:
     from ..tools.baselines.compare import check_budgets, check_model_runs
     from ..tools.baselines.trained import baseline_layers
     from ..tools.bench import write_bench_json
-    from ..hf import sea_layers
 
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args), baselines=True)
     trained = baseline_layers(model)
@@ -341,7 +346,7 @@ def cmd_compare(args) -> int:
         check_model_runs(model, method)
     check_budgets(args.methods, tuple(args.k_list))  # every (method, k) before the first forward
     about = {"model": args.model, "task": args.task, "methods": list(args.methods), "budgets": args.k_list,
-             "sea_config": sea_layers(model)[0][2].config.to_dict()}  # what the sea rows ran with
+             "sea_config": _sea_config_of(model)}
     if args.task != "perplexity":
         rows = _compare_retrieval(args, model, tokenizer, about)
     else:
@@ -430,7 +435,6 @@ def _add_compare_parser(commands) -> None:
 def cmd_diagnose(args) -> int:
     from dataclasses import asdict
 
-    from ..hf import sea_layers
     from ..tools.diagnose import DiagnoseConfig, diagnose, format_diagnosis_table, plot_diagnosis, write_diagnosis_json
     from ..tools.distill import tokenize
 
@@ -443,7 +447,7 @@ def cmd_diagnose(args) -> int:
     print(format_diagnosis_table(diagnosis))
     if args.json:
         about = dict(model=args.model, data=args.data, split=args.split, setup=asdict(config),
-                     sea_config=sea_layers(model)[0][2].config.to_dict())  # what the SEA rows ran with
+                     sea_config=_sea_config_of(model))
         print(f"wrote {write_diagnosis_json(diagnosis, args.json, **about)}")
     if args.plot:
         rows = f"rows past {args.coverage_skip:g} of each" if args.coverage_skip else "all rows"

@@ -67,8 +67,9 @@ class SEAConfig:
             largest logit, scale * (q+ . max(k) + q- . min(k)) + log(size) over blocks of keys
             covering the bin (``estimator/key_bounds.py``), times a learned weight per head:
             a mean key hides one outstanding key among many, the bound does not (retrieval,
-            docs/results.md). Costs 2K dots of 2d per query and a table of about
-            (levels) x T / 4 rows of 2d per kv head. Off by default.
+            docs/results.md). Costs 3K dots of 2d per query and tables of T + (levels) x T / 4
+            rows of 2d per kv head. Off by default: on validation text it ranks needed keys
+            higher but answers no more needles.
         position_code: what the Performer averages beside V to tell where attention goes:
             ``"learned"`` (a (max_positions, d) table, causal only: rows past the distillation
             length stay untrained), ``"tent"`` (the fixed code of the bidirectional models)

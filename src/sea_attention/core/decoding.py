@@ -5,8 +5,8 @@ context length (apart from reading its selected keys and values):
 
 * the Performer's running sums, sum phi(k) v'^T and sum phi(k), computed with the feature map;
 * with ``kernel_bins`` / ``key_bins``, the sums of phi(k) / k before every position (they grow
-  by one row per key, like the KV cache beside them); with ``key_bounds``, the keys' block
-  extremes (a row per block of keys, the last one rewritten);
+  by one row per key, like the KV cache beside them); with ``key_bounds``, the keys' running
+  extremes by rank and a window table that gains a row per completed block of keys;
 * the last 8 rows of the CNN decoder's input (its causal receptive field) and their masks;
 * the running sum of V over valid keys and the number of valid keys (the average branch,
   key ranks and row lengths all follow from it);
@@ -91,39 +91,29 @@ class DecodeState:
     # kernel_bins / key_bins: sums of phi(k) and/or k over the keys before each position 0..seen,
     # float64 (B, H_kv, seen + 1, m or d) each, and the valid-key counts (B, seen + 1)
     bin_sums: tuple[list[GrowingRows], GrowingRows] | None = None
-    key_bounds: "BoundTable | None" = None  # key_bounds: the keys' block extremes, growing by blocks
+    key_bounds: "BoundTable | None" = None  # key_bounds: the keys' extremes by rank and block windows
     finite_past: bool = True  # every key and value before ``seen`` was finite
 
     def select(self, index: Tensor) -> None:
         """Keep / reorder batch rows (beam search), in place."""
-        for name in ("cnn_rows", "cnn_mask", "value_sum", "valid_keys"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.index_select(0, index.to(value.device)))
-        if self.performer is not None:
-            self.performer = tuple(x.index_select(0, index.to(x.device)) for x in self.performer)
-        if self.bin_sums is not None:
-            self._map_bin_sums(lambda t: t.index_select(0, index.to(t.device)))
-        if self.key_bounds is not None:
-            self.key_bounds = self.key_bounds.map_batch(lambda t: t.index_select(0, index.to(t.device)))
-        if self.block is not None:
-            self.block = self.block.map_batch(lambda x: x.index_select(0, index.to(x.device)))
+        self.map_batch(lambda t: t.index_select(0, index.to(t.device)))
 
     def repeat_interleave(self, repeats: int) -> None:
         """Expand every batch row ``repeats`` times, in place."""
+        self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Apply ``fn`` (a new batch dimension 0) to every per-sample tensor of the state, in place."""
         for name in ("cnn_rows", "cnn_mask", "value_sum", "valid_keys"):
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, value.repeat_interleave(repeats, dim=0))
+                setattr(self, name, fn(value))
         if self.performer is not None:
-            self.performer = tuple(x.repeat_interleave(repeats, dim=0) for x in self.performer)
+            self.performer = tuple(fn(x) for x in self.performer)
         if self.bin_sums is not None:
-            self._map_bin_sums(lambda t: t.repeat_interleave(repeats, dim=0))
-        if self.key_bounds is not None:
-            self.key_bounds = self.key_bounds.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-        if self.block is not None:
-            self.block = self.block.map_batch(lambda x: x.repeat_interleave(repeats, dim=0))
-
-    def _map_bin_sums(self, fn: Callable[[Tensor], Tensor]) -> None:
-        sums, counts = self.bin_sums
-        self.bin_sums = ([x.map_batch(fn) for x in sums], counts.map_batch(fn))
+            sums, counts = self.bin_sums
+            self.bin_sums = ([x.map_batch(fn) for x in sums], counts.map_batch(fn))
+        for name in ("key_bounds", "block"):  # objects with their own map_batch
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.map_batch(fn))

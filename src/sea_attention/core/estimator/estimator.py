@@ -231,9 +231,10 @@ class AttentionEstimator(nn.Module):
             else:  # the estimator's own features are FAVOR+ already
                 per_key.append(phi_k)
             queries.append(phi_q)
+        grouped = q.float().view(bsz, kv_heads, groups, tq, -1)  # (B, H_kv, G, Tq, d)
         if self.config.key_bins:
             per_key.append(new_k.float())
-            queries.append(q.float().view(bsz, kv_heads, groups, tq, -1))
+            queries.append(grouped)
         sums, counts = self._bin_sums(per_key, call.key_valid[:, past:], call.state)
         if not self.config.key_bounds:
             return BinInputs(queries, sums, counts)
@@ -241,13 +242,14 @@ class AttentionEstimator(nn.Module):
                             call.state.key_bounds if call.state is not None else None)
         if call.state is not None:
             call.state.key_bounds = table
-        return BinInputs(queries, sums, counts, table, q.view(bsz, kv_heads, groups, tq, -1))
+        return BinInputs(queries, sums, counts, table, grouped)
 
     def _bin_signal(self, bins: BinInputs, lengths: Tensor, rows: Tensor | None, scale: float) -> Tensor:
         """(B, H, Tq or n, K): the weighted binned signals added to the CNN's logits.
 
         ``kernel_bins``: log of the FAVOR+ kernel's attention share per bin; ``key_bins``: each
-        bin's logit through its mean key; ``key_bounds``: an upper bound of its largest logit. ``lengths`` are those of ``rows`` (all rows: None).
+        bin's logit through its mean key; ``key_bounds``: an upper bound of its largest logit.
+        ``lengths`` are those of ``rows`` (all rows: None).
         """
         queries = bins.queries if rows is None else [x.index_select(3, rows) for x in bins.queries]
         dots, sizes = edge_dots(queries, bins.sums, bins.counts, lengths, self.config.estimate_width)

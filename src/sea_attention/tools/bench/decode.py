@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 
 from ..methods import check_methods as check_list
-from .attention import AttentionBenchSetup, add_speedups
+from .attention import SEA_METHODS, AttentionBenchSetup, add_speedups
 from .runtime import in_fresh_process
 
 DECODE_METHODS = ("sdpa", "sea", "sea_block", "sea_bounds")
 DEFAULT_DECODE_METHODS = DECODE_METHODS[:-1]  # sea_bounds (the opt-in key bounds) when asked for
-SEA_DECODE = {"sea": {}, "sea_block": {"grouping": "block"}, "sea_bounds": {"key_bounds": True}}  # SEAConfig changes
+SEA_DECODE = {method: SEA_METHODS[method] for method in DECODE_METHODS[1:]}  # SEAConfig changes, as bench attention
 
 
 @dataclass
