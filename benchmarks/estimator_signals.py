@@ -92,10 +92,9 @@ class Coverage:
         q5 = q.view(bsz, kv_heads, heads // kv_heads, tq, d)
         root = math.sqrt(scale)
         phi_q = self.features(q5, is_query=True, root=root)
-        sums, counts = prefix_sums(self.features(key, is_query=False, root=root), valid)
-        kernel = binned_log_mass(phi_q, sums, counts, lengths, self.width).flatten(1, 2)
-        key_sums, key_counts = prefix_sums(key, valid)
-        mean_key = binned_key_logits(q5, key_sums, key_counts, lengths, self.width, scale).flatten(1, 2)
+        sums = prefix_sums(self.features(key, is_query=False, root=root), valid)
+        kernel = binned_log_mass(phi_q, sums, lengths, self.width).flatten(1, 2)
+        mean_key = binned_key_logits(q5, prefix_sums(key, valid), lengths, self.width, scale).flatten(1, 2)
         return kernel, mean_key
 
 

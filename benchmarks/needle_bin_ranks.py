@@ -57,10 +57,9 @@ class RankProbe:
         logits = (q[:, :, rows] @ repeat_kv(k, heads // kv_heads).transpose(-1, -2)) * call.scaling
         top = logits.masked_fill(torch.arange(tokens)[None, :] > rows[:, None], -torch.inf).argmax(-1)[0]  # (H, R)
         valid = torch.ones(1, tokens, dtype=torch.bool)
-        sums, counts = prefix_sums(k, valid)
         lengths = (rows + 1)[None]
         grouped = q[:, :, rows].view(1, kv_heads, heads // kv_heads, len(rows), -1)
-        mean = binned_key_logits(grouped, sums, counts, lengths, WIDTH, call.scaling).flatten(1, 2)[0]
+        mean = binned_key_logits(grouped, prefix_sums(k, valid), lengths, WIDTH, call.scaling).flatten(1, 2)[0]
         bound = bin_bound_logits(grouped, bound_table(k, valid, WIDTH), lengths, WIDTH, call.scaling).flatten(1, 2)[0]
         edges = cell_edges(lengths, WIDTH)[0]  # (R, K + 1)
         bins = (torch.searchsorted(edges.contiguous(), top.T.contiguous(), right=True) - 1).T  # (H, R)

@@ -18,6 +18,7 @@ GRID = [  # heads, kv_heads, tokens, pad, left, config options
     (4, 1, 29, 3, False, dict(kernel_bins=False, key_bins=True, sinks=2, local_window=5, gating=False)),
     (4, 2, 40, 0, True, dict(k=64)),  # budget above the length: every key
     (4, 2, 45, 5, True, dict(key_bounds=True)),  # the upper-bound signal beside the defaults
+    (4, 2, 45, 5, False, dict(bin_sums_dtype="float32")),  # float32 prefix sums
 ]
 
 

@@ -80,9 +80,12 @@ def test_generate_streams_text(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(out), "--prompt", "the cat sat", "--max-new-tokens", "8",
                  "--grouping", "block", "--query-block", "4"]) == 0
     assert capsys.readouterr().out.startswith("the cat sat")
-    # nor does the exact refinement
+    # nor does the exact refinement, nor the prefix sums' dtype
     assert main(["generate", "--model", str(out), "--prompt", "the cat sat", "--max-new-tokens", "8",
                  "--candidates", "3"]) == 0
+    assert capsys.readouterr().out.startswith("the cat sat")
+    assert main(["generate", "--model", str(out), "--prompt", "the cat sat", "--max-new-tokens", "8",
+                 "--bin-sums-dtype", "float32"]) == 0
     assert capsys.readouterr().out.startswith("the cat sat")
 
 

@@ -51,6 +51,8 @@ def test_defaults_and_derived_values():
     (dict(sinks=-1), "sinks must be a non-negative integer"),
     (dict(local_window=2.5), "local_window must be a non-negative integer"),
     (dict(causal=False, local_window=8), "apply to causal layers only"),
+    (dict(bin_sums_dtype="float16"), "bin_sums_dtype must be one of ('float64', 'float32')"),
+    (dict(bin_sums_dtype="float32", kernel_bins=False, key_bins=False), "it needs kernel_bins=True or key_bins=True"),
 ])
 def test_bad_values_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

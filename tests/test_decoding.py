@@ -18,7 +18,7 @@ def layer(**kw):
     ("mix", {}), ("norm", {}), ("mix", dict(kernel_bins=False)), ("mix", dict(key_bins=False, sinks=0)),
     ("mix", dict(kernel_bins=True, key_bins=False, feature_kind="relu", position_code="learned")),
     ("mix", dict(kernel_bins=False, key_bins=False, sinks=0, local_window=0)),  # the paper's estimator
-    ("mix", dict(key_bounds=True)),
+    ("mix", dict(key_bounds=True)), ("mix", dict(bin_sums_dtype="float32")),
 ])
 def test_steps_equal_full_forward(schedule, pad, output_mode, estimator):
     module = layer(output_mode=output_mode, **estimator)
@@ -79,13 +79,26 @@ def test_growing_rows_equal_concatenation_and_keep_their_storage_between_growths
     torch.testing.assert_close(picked.rows, expected[[1, 1, 0]], atol=0, rtol=0)
 
 
+def test_each_samples_growing_rows_start_aligned_so_per_sample_reads_them_in_place():
+    """Capacity is a multiple of GrowingRows.ALIGN rows: every sample's rows of a float32 table start on
+    a 64-byte boundary, which ``per_sample`` needs to read them without a copy."""
+    from sea_attention.core.decoding import GrowingRows
+    from sea_attention.core.estimator.per_sample import ALIGNMENT, _split
+
+    rows = GrowingRows.of(torch.randn(3, 2, 7, 5), 2)
+    rows.append(torch.randn(3, 2, 1, 5))
+    assert rows.data.shape[2] % GrowingRows.ALIGN == 0
+    for part, sample in zip(_split(rows.rows, 3), rows.rows.chunk(3)):
+        assert part.data_ptr() % ALIGNMENT == 0 and part.data_ptr() == sample.data_ptr()  # no copy
+
+
 def test_a_decoding_step_appends_to_the_prefix_sums_without_copying_the_past():
     module = layer()
     q, k, v = make_qkv(2, 4, 2, 30, 30, 16)
     state = DecodeState()
     module(q[:, :, :20], k[:, :, :20], v[:, :, :20], state=state)
     module(q[:, :, 20:21], k[:, :, :21], v[:, :, :21], state=state)  # the first append makes spare room
-    sums = state.bin_sums[0][-1]  # the keys' prefix sums
+    sums = state.bin_sums.sums[-1]  # the keys' prefix sums
     where = sums.data.data_ptr()
     for end in range(22, 31):
         module(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end], state=state)

@@ -27,7 +27,8 @@ from sea_attention.core.config import CAUSAL_GROUPINGS, GROUPINGS
 ESTIMATOR_TOL = 1e-6
 CAUSAL_ESTIMATORS = [  # the defaults (binned signals, forced sink and window bins), one signal, the paper's
     {}, dict(kernel_bins=False, sinks=1, local_window=3), dict(key_bins=False, sinks=0),
-    dict(kernel_bins=False, key_bins=False, sinks=0, local_window=0), dict(key_bounds=True)]
+    dict(kernel_bins=False, key_bins=False, sinks=0, local_window=0), dict(key_bounds=True),
+    dict(bin_sums_dtype="float32")]
 
 
 @dataclass

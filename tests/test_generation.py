@@ -157,3 +157,17 @@ def test_decoding_without_a_state_is_refused():
     q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     with pytest.raises(DecodingStateError, match=r"4 past keys .* no transformers Cache .*transformers \d"):
         sea_attention_forward(module, q, k, v, None, scaling=0.25)
+
+
+def test_float32_prefix_sums_are_a_runtime_choice_that_generates_like_its_full_forward():
+    """``set_runtime(bin_sums_dtype="float32")`` changes no weight: its layers store float32 sums, and greedy
+    generation with the cache gives the tokens its own full forwards pick."""
+    model = build("llama")
+    set_runtime(model, bin_sums_dtype="float32")
+    assert all(sea.config.bin_sums_dtype == "float32" for *_, sea in sea_layers(model))
+    ids = torch.randint(1, VOCAB, (1, 30))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+        for end in range(30, out.shape[1]):
+            assert model(input_ids=out[:, :end], use_cache=False).logits[0, -1].argmax() == out[0, end]
+

@@ -6,7 +6,8 @@ import torch
 from sea_attention.core.cells import compress_attention, query_lengths
 from sea_attention.core.estimator.features import RandomFeatures
 from sea_attention.core.cells import cell_edges
-from sea_attention.core.estimator.kernel_bins import LOG_FLOOR, binned_key_logits, binned_log_mass, prefix_sums
+from sea_attention.core.estimator.kernel_bins import (LOG_FLOOR, PrefixSums, binned_key_logits, binned_log_mass,
+                                                     prefix_sums)
 
 from conftest import padding_mask
 
@@ -35,27 +36,70 @@ def test_binned_mass_equals_the_dense_kernel_attention(causal, pad, left, tk, wi
     key_valid = padding_mask(bsz, tk, pad, left)
     lengths = query_lengths(key_valid, key_valid, causal)
     phi_q, phi_k = features(q, is_query=True, root=0.5), features(k, is_query=False, root=0.5)
-    sums, counts = prefix_sums(phi_k, key_valid)
-    got = binned_log_mass(phi_q, sums, counts, lengths, width, chunk=7)
+    got = binned_log_mass(phi_q, prefix_sums(phi_k, key_valid), lengths, width, chunk=7)
     expected = dense_reference(phi_q, phi_k, key_valid, lengths, width, causal)
     rows = (lengths > 0)[:, None, None, :, None].expand_as(got)
-    torch.testing.assert_close(got[rows], expected[rows].float(), atol=1e-4, rtol=1e-4)
+    # float32 sums (accumulated in float64): each bin's share of its row's mass is off by a few 1e-7
+    torch.testing.assert_close(got[rows].double().exp(), expected[rows].exp(), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_sink_holding_most_of_the_mass_leaves_the_other_bins_shares_precise(dtype):
+    """Stored in float32 or float64 after a float64 scan: with a key holding 99.9 % of the kernel
+    mass, every bin's share is still within 1e-6 of the dense float64 reference's."""
+    torch.manual_seed(0)
+    features = RandomFeatures(8, 16, "favor", seed=0)
+    q, k = torch.randn(1, 1, 1, 3000, 8), torch.randn(1, 1, 3000, 8)
+    phi_q, phi_k = features(q, is_query=True, root=0.5), features(k, is_query=False, root=0.5)
+    phi_k[:, :, 0] *= 1e3 * phi_k.sum(2) / phi_k[:, :, 0]  # the sink: 1e3 times all other keys together
+    key_valid, lengths = torch.ones(1, 3000, dtype=torch.bool), torch.full((1, 1), 3000)
+    got = binned_log_mass(phi_q[:, :, :, -1:], prefix_sums(phi_k, key_valid, dtype=dtype), lengths, 64).double().exp()
+    expected = dense_reference(phi_q[:, :, :, -1:], phi_k, key_valid, lengths, 64, False).exp()
+    assert expected[..., 1:].min() > 5e-6  # every other bin holds a share this test can tell apart
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
 def test_prefix_sums_continue_across_calls():
-    phi_k, key_valid = torch.rand(2, 3, 20, 5), padding_mask(2, 20, 3)
+    phi_k, key_valid = torch.rand(2, 3, 30, 5), padding_mask(2, 30, 3)
     whole = prefix_sums(phi_k, key_valid)
-    first = prefix_sums(phi_k[:, :, :12], key_valid[:, :12])
-    rest = prefix_sums(phi_k[:, :, 12:], key_valid[:, 12:], start=(first[0][:, :, -1], first[1][:, -1]))
-    torch.testing.assert_close(torch.cat([first[0], rest[0]], 2), whole[0])
-    assert torch.equal(torch.cat([first[1], rest[1]], 1), whole[1])
+    first = prefix_sums(phi_k[:, :, :20], key_valid[:, :20])  # at least CENTER_KEYS valid keys
+    rest = prefix_sums(phi_k[:, :, 20:], key_valid[:, 20:], start=first)
+    assert torch.equal(torch.cat([first.rows, rest.rows], 2), whole.rows)  # the scan continues in one scan's order
+    assert torch.equal(torch.cat([first.counts, rest.counts], 1), whole.counts)
+    assert torch.equal(rest.last, whole.last) and torch.equal(rest.center, whole.center)
+
+
+def test_a_short_first_call_keeps_its_center_and_the_sums_stay_exact():
+    """A first call with fewer than CENTER_KEYS valid keys centres on those: later calls keep that
+    center, so the rows differ from one scan's by count * (the difference of the centers) only."""
+    phi_k, key_valid = torch.rand(1, 2, 30, 4), torch.ones(1, 30, dtype=torch.bool)
+    whole = prefix_sums(phi_k, key_valid)
+    first = prefix_sums(phi_k[:, :, :5], key_valid[:, :5])
+    rest = prefix_sums(phi_k[:, :, 5:], key_valid[:, 5:], start=first)
+    assert torch.equal(rest.center, first.center) and not torch.equal(first.center, whole.center)
+    uncentred = [x.rows.double() + x.counts[:, None, :, None] * x.center.double()[:, :, None] for x in (first, rest)]
+    torch.testing.assert_close(torch.cat(uncentred, 2), whole.rows.double() + whole.counts[:, None, :, None]
+                               * whole.center.double()[:, :, None], atol=1e-5, rtol=1e-6)
+
+
+def test_the_center_is_the_median_of_the_first_valid_keys_whatever_the_padding():
+    from sea_attention.core.estimator.kernel_bins import CENTER_KEYS
+
+    keys = torch.randn(1, 2, 40, 3)
+    keys[:, :, 0] = 1e4  # a sink among them does not move a median
+    alone = prefix_sums(keys, torch.ones(1, 40, dtype=torch.bool))
+    expected = keys[:, :, :CENTER_KEYS].double().median(2).values
+    torch.testing.assert_close(alone.center, expected, atol=0, rtol=0)
+    padded = torch.cat([torch.full((1, 2, 5, 3), float("nan")), keys], 2)
+    valid = torch.cat([torch.zeros(1, 5, dtype=torch.bool), torch.ones(1, 40, dtype=torch.bool)], 1)
+    assert torch.equal(prefix_sums(padded, valid).center, alone.center)
 
 
 def test_padding_keys_are_never_read():
     phi_k, key_valid = torch.rand(1, 1, 10, 4), padding_mask(2, 10, 3)[1:]
     phi_k[0, 0, 0] = float("nan")  # a padding key
-    sums, _ = prefix_sums(phi_k, key_valid)
-    assert sums.isfinite().all()
+    sums = prefix_sums(phi_k, key_valid)
+    assert sums.rows.isfinite().all() and sums.center.isfinite().all()
 
 
 def mean_key_reference(q, k, key_valid, lengths, width, scale):
@@ -83,8 +127,7 @@ def test_mean_key_logits_equal_a_bin_by_bin_reference(causal, pad, left, tk, wid
     q, k = torch.randn(bsz, kv_heads, groups, tk, d), torch.randn(bsz, kv_heads, tk, d)
     key_valid = padding_mask(bsz, tk, pad, left)
     lengths = query_lengths(key_valid, key_valid, causal)
-    sums, counts = prefix_sums(k, key_valid)
-    got = binned_key_logits(q, sums, counts, lengths, width, scale=0.3, chunk=5)
+    got = binned_key_logits(q, prefix_sums(k, key_valid), lengths, width, scale=0.3, chunk=5)
     expected = mean_key_reference(q, k, key_valid, lengths, width, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -97,12 +140,11 @@ def test_one_call_for_both_signals_equals_each_alone():
     phi_k, k = torch.rand(2, 2, 30, 5), torch.randn(2, 2, 30, 8)
     key_valid = padding_mask(2, 30, 4)
     lengths = query_lengths(key_valid, key_valid, True)
-    alone_sums, counts = prefix_sums(phi_k, key_valid)
-    (kernel, keys), sizes = edge_dots([phi_q, q], [alone_sums, prefix_sums(k, key_valid)[0]], counts, lengths, 8,
+    alone_sums, key_sums = prefix_sums(phi_k, key_valid), prefix_sums(k, key_valid)
+    (kernel, keys), sizes = edge_dots([phi_q, q], [alone_sums, key_sums], lengths, 8,
                                       chunk=7)
-    torch.testing.assert_close(log_mass(kernel), binned_log_mass(phi_q, alone_sums, counts, lengths, 8))
-    key_sums, _ = prefix_sums(k, key_valid)
-    torch.testing.assert_close(key_logits(keys, sizes, 0.3), binned_key_logits(q, key_sums, counts, lengths, 8, 0.3))
+    torch.testing.assert_close(log_mass(kernel, sizes), binned_log_mass(phi_q, alone_sums, lengths, 8))
+    torch.testing.assert_close(key_logits(keys, sizes, 0.3), binned_key_logits(q, key_sums, lengths, 8, 0.3))
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 30, None])
@@ -114,32 +156,34 @@ def test_edge_dots_do_not_depend_on_the_chunk(chunk):
     phi_q, phi_k = torch.rand(2, 2, 3, 30, 5), torch.rand(2, 2, 30, 5)
     key_valid = padding_mask(2, 30, 4)
     lengths = query_lengths(key_valid, key_valid, True)
-    sums, counts = prefix_sums(phi_k, key_valid)
-    (expected,), _ = edge_dots([phi_q], [sums], counts, lengths, 8, chunk=30)
-    (got,), _ = edge_dots([phi_q], [sums], counts, lengths, 8, chunk=chunk)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert rows_per_chunk(sums, 8) >= 1 and rows_per_chunk(torch.empty(1, 2**20, 1, 1), 8) == 1
+    sums = prefix_sums(phi_k, key_valid)
+    (expected,), _ = edge_dots([phi_q], [sums], lengths, 8, chunk=30)
+    (got,), _ = edge_dots([phi_q], [sums], lengths, 8, chunk=chunk)
+    assert torch.equal(got.edges, expected.edges) and torch.equal(got.offset, expected.offset)
+    assert rows_per_chunk(sums.rows, 8) >= 1 and rows_per_chunk(torch.empty(1, 2**20, 1, 1), 8) == 1
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("pad, chunk", [(0, None), (4, 3), (7, 11)])
-def test_edge_dots_equal_their_gathering_reference(pad, chunk):
+def test_edge_dots_equal_their_gathering_reference(pad, chunk, dtype, tolerance):
     """The sampled product reads the same prefix-sum rows as the gather (also from a decoding
-    state's non-contiguous rows): the same float64 dots."""
+    state's non-contiguous rows): the same dots, to the sums' rounding."""
     from sea_attention.core.decoding import GrowingRows
     from sea_attention.core.estimator.kernel_bins import edge_dots, naive_edge_dots
 
     phi_q, q = torch.rand(2, 2, 3, 30, 5), torch.randn(2, 2, 3, 30, 8)
     key_valid = padding_mask(2, 30, pad)
     lengths = query_lengths(key_valid, key_valid, True)
-    kernel_sums, counts = prefix_sums(torch.rand(2, 2, 30, 5), key_valid)
-    key_sums, _ = prefix_sums(torch.randn(2, 2, 30, 8), key_valid)
-    grown = GrowingRows.of(key_sums[:, :, :20], 2)
-    grown.append(key_sums[:, :, 20:])  # the same rows, inside spare capacity
-    expected, expected_sizes = naive_edge_dots([phi_q, q], [kernel_sums, key_sums], counts, lengths, 8, chunk=4)
-    for table in (key_sums, grown.rows):
-        got, sizes = edge_dots([phi_q, q], [kernel_sums, table], counts, lengths, 8, chunk=chunk)
-        for a, b in zip(got, expected):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    kernel_sums = prefix_sums(torch.rand(2, 2, 30, 5), key_valid, dtype=dtype)
+    key_sums = prefix_sums(torch.randn(2, 2, 30, 8) + 3, key_valid, dtype=dtype)
+    grown = GrowingRows.of(key_sums.rows[:, :, :20], 2)
+    grown.append(key_sums.rows[:, :, 20:])  # the same rows, inside spare capacity
+    expected, expected_sizes = naive_edge_dots([phi_q, q], [kernel_sums, key_sums], lengths, 8, chunk=4)
+    for table in (key_sums, key_sums._replace(rows=grown.rows)):
+        got, sizes = edge_dots([phi_q, q], [kernel_sums, table], lengths, 8, chunk=chunk)
+        for a, b in zip(got, expected):  # the sums' dtype against float64 dots rounded to it
+            torch.testing.assert_close(a.edges, b.edges, rtol=tolerance, atol=tolerance)
+            assert torch.equal(a.offset, b.offset)
         assert torch.equal(sizes, expected_sizes)
 
 
@@ -150,26 +194,31 @@ def test_edge_dots_of_tables_shorter_than_the_edges_equal_the_reference(length):
 
     q = torch.randn(1, 1, 2, length, 4)
     key_valid = torch.ones(1, length, dtype=torch.bool)
-    sums, counts = prefix_sums(torch.randn(1, 1, length, 4), key_valid)
+    sums = prefix_sums(torch.randn(1, 1, length, 4), key_valid)
     lengths = query_lengths(key_valid, key_valid, True)
-    (got,), _ = edge_dots([q], [sums], counts, lengths, 8)
-    (expected,), _ = naive_edge_dots([q], [sums], counts, lengths, 8)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    (got,), _ = edge_dots([q], [sums], lengths, 8)
+    (expected,), _ = naive_edge_dots([q], [sums], lengths, 8)
+    torch.testing.assert_close(got.edges, expected.edges, rtol=1e-12, atol=1e-12)
 
 
-def test_a_decoding_row_gathers_its_edges_instead_of_walking_the_whole_table(monkeypatch):
-    """One row's K + 1 edges against a long context: the gather (O(K f)), not the sampled product,
-    whose cost grows with the table; the same dots as the reference."""
-    from sea_attention.core.estimator.kernel_bins import edge_dots, naive_edge_dots
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length", [20, 200])  # a first call of at least CENTER_KEYS keys
+def test_a_rows_dots_are_bitwise_alike_alone_in_any_batch_and_after_decoding(length, dtype):
+    """Each dot rounds alike whatever rows come with it: one row alone (a decoding step), all rows
+    (a full forward), a sample inside a batch, and sums continued call by call equal one scan."""
+    from sea_attention.core.estimator.kernel_bins import edge_dots
 
-    key_valid = torch.ones(1, 200, dtype=torch.bool)
-    sums, counts = prefix_sums(torch.randn(1, 2, 200, 4), key_valid)
-    q, lengths = torch.randn(1, 2, 3, 1, 4), torch.tensor([[200]])
-    (expected,), _ = naive_edge_dots([q], [sums], counts, lengths, 8)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a decoding row must not walk the whole table")
-
-    monkeypatch.setattr(torch.sparse, "sampled_addmm", refuse)
-    (got,), _ = edge_dots([q], [sums], counts, lengths, 8)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(length)
+    keys, key_valid = torch.randn(3, 2, length, 4) * 30 + 50, torch.ones(3, length, dtype=torch.bool)
+    q, lengths = torch.randn(3, 2, 3, length, 4), torch.arange(1, length + 1).expand(3, -1)
+    sums = prefix_sums(keys, key_valid, dtype=dtype)
+    (whole,), _ = edge_dots([q], [sums], lengths, 8)
+    (last,), _ = edge_dots([q[:, :, :, -1:]], [sums], lengths[:, -1:], 8)
+    assert all(torch.equal(a, b[:, :, :, -1:]) for a, b in zip(last, whole))
+    alone_sums = PrefixSums(*(x[1:2] for x in sums))
+    (alone,), _ = edge_dots([q[1:2]], [alone_sums], lengths[1:2], 8)
+    assert all(torch.equal(a, b[1:2]) for a, b in zip(alone, whole))
+    first = prefix_sums(keys[:, :, :length - 3], key_valid[:, :length - 3], dtype=dtype)
+    step = prefix_sums(keys[:, :, length - 3:-1], key_valid[:, length - 3:-1], start=first)
+    last_step = prefix_sums(keys[:, :, -1:], key_valid[:, -1:], start=step)
+    assert torch.equal(torch.cat([first.rows, step.rows, last_step.rows], 2), sums.rows)

@@ -17,7 +17,7 @@ def _inputs(length=70, pad=9, seed=0):
     q, keys = torch.randn(2, 2, 3, length, 8), torch.randn(2, 2, length, 8)
     valid = torch.ones(2, length, dtype=torch.bool)
     valid[1, :pad] = False  # left padding
-    counts = prefix_sums(keys, valid)[1]
+    counts = prefix_sums(keys, valid).counts
     return q, keys, valid, counts, counts[:, 1:]  # causal rows: the keys up to each query
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import GATE_FORMS
+from ..core.config import BIN_SUMS_DTYPES, GATE_FORMS
 from . import assets
 from .corpora import DATA_FORMS, DatasetText, load_dataset_text
 from .cli_tasks import TEXT_COLUMN_HELP, add_task_options, require_classifier, task_split
@@ -57,7 +57,7 @@ def _sea_config_of(model) -> dict:
 
 
 def _runtime_options(args) -> dict:
-    names = ("grouping", "query_block", "candidates")
+    names = ("grouping", "query_block", "candidates", "bin_sums_dtype")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -87,6 +87,9 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
     runtime.add_argument("--candidates", type=positive_int,
                          help="exact refinement: select cells for this many times the budget, keep each head's "
                               "exactly best share of their keys (default 1: off; per-query groupings)")
+    runtime.add_argument("--bin-sums-dtype", choices=BIN_SUMS_DTYPES,
+                         help="how the binned signals store their prefix sums: float64 (default; decoding selects "
+                              "exactly what a full forward does) or float32 (faster prefill, half the memory)")
 
 
 # ---------------------------------------------------------------------------------------- texts
@@ -630,7 +633,7 @@ def _add_bench_parser(commands) -> None:
     attention = kinds.add_parser("attention", help="time and peak memory of one attention forward vs T")
     attention.add_argument("--lengths", type=int_list, default=[1024, 4096, 16384, 32768], help="e.g. 1024,4096")
     attention.add_argument("--methods", type=name_list(check_methods), default=DEFAULT_METHODS,
-                           help=f"some of {','.join(METHODS)} (default: all but sea_bounds, the opt-in key bounds)")
+                           help=f"some of {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; the rest are opt-in settings)")
     _add_layer_shape(attention)
     attention.add_argument("--repeats", type=positive_int, default=3, help="timed calls per point (median)")
     attention.add_argument("--bidirectional", action="store_true", help="no causal mask")
@@ -642,7 +645,7 @@ def _add_bench_parser(commands) -> None:
     decode = kinds.add_parser("decode", help="ms per decoded token of one attention layer vs the prompt length")
     decode.add_argument("--lengths", type=int_list, default=[1024, 8192, 32768], help="prompt lengths, e.g. 1024,8192")
     decode.add_argument("--methods", type=name_list(check_decode_methods), default=DEFAULT_DECODE_METHODS,
-                        help=f"some of {','.join(DECODE_METHODS)} (default: all but sea_bounds)")
+                        help=f"some of {','.join(DECODE_METHODS)} (default: {','.join(DEFAULT_DECODE_METHODS)})")
     _add_layer_shape(decode)
     decode.add_argument("--steps", type=positive_int, default=32, help="decoded tokens per point (at least 4)")
     decode.add_argument("--timeout", type=positive_float, default=1800, help="seconds per point")

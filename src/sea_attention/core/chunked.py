@@ -1,7 +1,7 @@
 """Row-chunked inference: a per-query SEA layer's context without any Tq x K tensor.
 
 The full forward (``SEAAttention.forward``) estimates every row at once: the CNN's image and
-logits, the binned signals' float64 gathers of Tq x (K + 1) x (m + d), the probabilities and
+logits, the binned signals' Tq x (K + 1) dots per kv head and signal, the probabilities and
 the selected cells are all Tq x K (x channels) wide, so its peak memory grows by hundreds of
 kilobytes per token. ``SEAAttention.context_only`` runs this path instead where it is defined
 (``chunked_runs``):

@@ -19,6 +19,7 @@ CAUSAL_GROUPINGS = ("query", "query_head", "block")  # the others let later quer
 OUTPUT_MODES = ("mix", "norm")
 GATE_FORMS = ("sigmoid", "identity")  # core/gates.py
 ATTENTION_PATHS = ("sparse", "reference", "flex")
+BIN_SUMS_DTYPES = ("float64", "float32")
 
 
 def performer_features(head_dim: int, feature_factor: int) -> int:
@@ -70,6 +71,14 @@ class SEAConfig:
             docs/results.md). Costs 3K dots of 2d per query and tables of T + (levels) x T / 4
             rows of 2d per kv head. Off by default: on validation text it ranks needed keys
             higher but answers no more needles.
+        bin_sums_dtype: how ``kernel_bins`` / ``key_bins`` store their prefix sums (accumulated in
+            float64 either way; ``estimator/kernel_bins.py``). ``"float64"`` (the default): each bin's
+            sum is exact to float64 rounding, and a decoding step selects what a full forward
+            selects. ``"float32"``: half the tables' memory and of the bytes each of the T x (K + 1)
+            dots reads, a faster per-query prefill (docs/results.md), at the price of float32
+            rounding in each bin's sum, which can decide near-ties between decoding and a full
+            forward differently (SmolLM2, 48 tokens decoded against one forward: logits within 4e-3,
+            against 1e-4 with float64). No weight depends on it (``sea.set_runtime``).
         position_code: what the Performer averages beside V to tell where attention goes:
             ``"learned"`` (a (max_positions, d) table, causal only: rows past the distillation
             length stay untrained), ``"tent"`` (the fixed code of the bidirectional models)
@@ -141,6 +150,7 @@ class SEAConfig:
     kernel_bins: bool | None = None
     key_bins: bool | None = None
     key_bounds: bool = False
+    bin_sums_dtype: str = "float64"
     position_code: str | None = None
     sinks: int | None = None
     local_window: int | None = None
@@ -186,7 +196,7 @@ class SEAConfig:
         if self.head_dim < 2:
             raise ValueError(f"head_dim must be >= 2, got {self.head_dim}")
         for name, allowed in (("feature_kind", FEATURE_KINDS), ("grouping", GROUPINGS), ("output_mode", OUTPUT_MODES),
-                              ("gate_form", GATE_FORMS),
+                              ("gate_form", GATE_FORMS), ("bin_sums_dtype", BIN_SUMS_DTYPES),
                               ("attention_path", ATTENTION_PATHS), ("position_code", POSITION_CODES)):
             _choice(name, getattr(self, name), allowed)
         for name in ("causal", "gating", "kernel_bins", "key_bins", "key_bounds"):
@@ -213,6 +223,9 @@ class SEAConfig:
             raise ValueError(f"candidates={self.candidates} (exact refinement) runs with the per-query groupings "
                              f"{tuple(g for g in GROUPINGS if g != 'block')} on attention_path 'sparse' or "
                              f"'reference'; got grouping={self.grouping!r}, attention_path={self.attention_path!r}")
+        if self.bin_sums_dtype != "float64" and not self.binned:
+            raise ValueError(f"bin_sums_dtype={self.bin_sums_dtype!r} sets how the binned signals store their prefix "
+                             "sums: it needs kernel_bins=True or key_bins=True, got both False")
         if self.key_bounds and not (self.kernel_bins or self.key_bins):
             raise ValueError("key_bounds adds to the binned signals: it needs kernel_bins=True or key_bins=True, got "
                              "both False")

@@ -31,6 +31,7 @@ from torch import Tensor
 from .blocks import BlockSelection
 
 if TYPE_CHECKING:
+    from .estimator.kernel_bins import BinSums
     from .estimator.key_bounds import BoundTable
 
 
@@ -42,6 +43,8 @@ class GrowingRows:
     appends would write into the same spare rows); ``map_batch`` makes an independent copy."""
 
     SPARE = 256
+    ALIGN = 16  # capacity is a multiple of this many rows, so that each sample's rows of a (B, ..., rows, ...)
+    # storage start on a 64-byte boundary and ``per_sample`` reads them in place (it copies a sample that does not)
 
     data: Tensor  # the storage; rows [0, length) along dim are in use
     dim: int
@@ -68,7 +71,8 @@ class GrowingRows:
         until written (``data`` is then at least ``length`` long)."""
         if length > self.data.shape[self.dim]:
             shape = list(self.data.shape)
-            shape[self.dim] = max(length, shape[self.dim] + max(self.SPARE, shape[self.dim] // 4))
+            wanted = max(length, shape[self.dim] + max(self.SPARE, shape[self.dim] // 4))
+            shape[self.dim] = -(-wanted // self.ALIGN) * self.ALIGN
             grown = self.data.new_empty(shape)
             grown.narrow(self.dim, 0, self.length).copy_(self.rows)
             self.data = grown
@@ -88,9 +92,7 @@ class DecodeState:
     value_sum: Tensor | None = None  # (B, H_kv, d) sum of V over valid keys
     valid_keys: Tensor | None = None  # (B,) number of valid keys
     block: BlockSelection | None = None  # grouping "block": the selection of the open block
-    # kernel_bins / key_bins: sums of phi(k) and/or k over the keys before each position 0..seen,
-    # float64 (B, H_kv, seen + 1, m or d) each, and the valid-key counts (B, seen + 1)
-    bin_sums: tuple[list[GrowingRows], GrowingRows] | None = None
+    bin_sums: "BinSums | None" = None  # kernel_bins / key_bins: the prefix sums over positions
     key_bounds: "BoundTable | None" = None  # key_bounds: the keys' extremes by rank and block windows
     finite_past: bool = True  # every key and value before ``seen`` was finite
 
@@ -110,10 +112,7 @@ class DecodeState:
                 setattr(self, name, fn(value))
         if self.performer is not None:
             self.performer = tuple(fn(x) for x in self.performer)
-        if self.bin_sums is not None:
-            sums, counts = self.bin_sums
-            self.bin_sums = ([x.map_batch(fn) for x in sums], counts.map_batch(fn))
-        for name in ("key_bounds", "block"):  # objects with their own map_batch
+        for name in ("bin_sums", "key_bounds", "block"):  # objects with their own map_batch
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.map_batch(fn))

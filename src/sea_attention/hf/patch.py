@@ -178,14 +178,16 @@ def no_cache(model: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
-RUNTIME_FIELDS = ("grouping", "query_block", "attention_path", "query_chunk", "candidates")  # no weight depends on them
+RUNTIME_FIELDS = ("grouping", "query_block", "attention_path", "query_chunk", "candidates",
+                  "bin_sums_dtype")  # no weight depends on them
 
 
 def set_runtime(model: nn.Module, **changes: Any) -> None:
     """Change how every patched layer selects and attends, without touching its weights:
-    ``grouping``, ``query_block``, ``attention_path``, ``query_chunk``, ``candidates``. A distilled
-    model can, for example, be run with ``grouping="block"`` for speed on long inputs, or with
-    ``candidates=4`` to choose its keys by their exact scores among four times as many."""
+    ``grouping``, ``query_block``, ``attention_path``, ``query_chunk``, ``candidates``,
+    ``bin_sums_dtype``. A distilled model can, for example, be run with ``grouping="block"`` for
+    speed on long inputs, ``candidates=4`` to choose its keys by their exact scores among four
+    times as many, or ``bin_sums_dtype="float32"`` for a faster prefill."""
     unknown = set(changes) - set(RUNTIME_FIELDS)
     if unknown:
         raise ValueError(f"set_runtime changes only {RUNTIME_FIELDS} (the rest changes the weights), "

@@ -11,12 +11,12 @@ from torch import Tensor, nn
 
 from ..cells import key_ranks, live_cells, valid_key_positions
 from ..config import SEAConfig
-from ..decoding import DecodeState, GrowingRows
+from ..decoding import DecodeState
 from ..gates import GATE_BIAS
 from ..ops.reference import repeat_kv
 from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
 from .features import RandomFeatures, causal_linear_attention, layer_seed, linear_attention
-from .kernel_bins import edge_dots, key_logits, log_mass, prefix_sums
+from .kernel_bins import BinSums, PrefixSums, edge_dots, key_logits, log_mass, prefix_sums
 from .key_bounds import BoundTable, bin_bound_logits, bound_table
 from .positions import LearnedPositionCode, tent_code
 
@@ -41,8 +41,7 @@ class BinInputs:
     """What the binned signals read for every row (``AttentionEstimator._bin_inputs``)."""
 
     queries: list[Tensor]  # (B, H_kv, G, Tq, f_i): phi(q) (kernel_bins) and/or q (key_bins), float32
-    sums: list[Tensor]  # (B, H_kv, Tk + 1, f_i) float64 prefix sums of phi(k) and/or k over positions 0..Tk
-    counts: Tensor  # (B, Tk + 1) valid keys before each position
+    sums: list[PrefixSums]  # of phi(k) and/or k over positions 0..Tk (``kernel_bins.prefix_sums``)
     bounds: BoundTable | None = None  # key_bounds: the keys' block extremes (``key_bounds.py``)
     q: Tensor | None = None  # key_bounds: (B, H_kv, G, Tq, d) the queries read against them
 
@@ -235,14 +234,14 @@ class AttentionEstimator(nn.Module):
         if self.config.key_bins:
             per_key.append(new_k.float())
             queries.append(grouped)
-        sums, counts = self._bin_sums(per_key, call.key_valid[:, past:], call.state)
+        sums = self._bin_sums(per_key, call.key_valid[:, past:], call.state)
         if not self.config.key_bounds:
-            return BinInputs(queries, sums, counts)
+            return BinInputs(queries, sums)
         table = bound_table(new_k, call.key_valid[:, past:], self.config.estimate_width,
                             call.state.key_bounds if call.state is not None else None)
         if call.state is not None:
             call.state.key_bounds = table
-        return BinInputs(queries, sums, counts, table, grouped)
+        return BinInputs(queries, sums, table, grouped)
 
     def _bin_signal(self, bins: BinInputs, lengths: Tensor, rows: Tensor | None, scale: float) -> Tensor:
         """(B, H, Tq or n, K): the weighted binned signals added to the CNN's logits.
@@ -252,10 +251,10 @@ class AttentionEstimator(nn.Module):
         ``lengths`` are those of ``rows`` (all rows: None).
         """
         queries = bins.queries if rows is None else [x.index_select(3, rows) for x in bins.queries]
-        dots, sizes = edge_dots(queries, bins.sums, bins.counts, lengths, self.config.estimate_width)
+        dots, sizes = edge_dots(queries, bins.sums, lengths, self.config.estimate_width)
         signal = 0.0
         if self.config.kernel_bins:
-            signal = self.kernel_scale * log_mass(dots[0]).flatten(1, 2)
+            signal = self.kernel_scale * log_mass(dots[0], sizes).flatten(1, 2)
         if self.config.key_bins:
             signal = signal + self.key_scale * key_logits(dots[-1], sizes, scale).flatten(1, 2)
         if self.config.key_bounds:
@@ -264,23 +263,18 @@ class AttentionEstimator(nn.Module):
             signal = signal + self.bound_scale * bounds.flatten(1, 2)
         return signal  # query head h = kv head h // G, group h % G
 
-    def _bin_sums(self, per_key: list[Tensor], new_valid: Tensor,
-                  state: DecodeState | None) -> tuple[list[Tensor], Tensor]:
-        """Prefix sums of each per-key signal over positions 0..Tk, and the valid-key counts (continued
-        from a decoding state, whose ``GrowingRows`` take the new rows without copying the past)."""
+    def _bin_sums(self, per_key: list[Tensor], new_valid: Tensor, state: DecodeState | None) -> list[PrefixSums]:
+        """Prefix sums of each per-key signal over positions 0..Tk (continued from a decoding state,
+        whose ``GrowingRows`` take the new rows without copying the past)."""
         if state is None or state.bin_sums is None:
-            parts = [prefix_sums(x, new_valid) for x in per_key]
-            sums, counts = [part[0] for part in parts], parts[0][1]
+            dtype = getattr(torch, self.config.bin_sums_dtype)
+            sums = [prefix_sums(x, new_valid, dtype=dtype) for x in per_key]
             if state is not None:
-                state.bin_sums = ([GrowingRows.of(x, 2) for x in sums], GrowingRows.of(counts, 1))
-            return sums, counts
-        past_sums, past_counts = state.bin_sums
-        last_count = past_counts.rows[:, -1]
-        for grown, x in zip(past_sums, per_key):  # each continues from the state's last row
-            new, counts = prefix_sums(x, new_valid, start=(grown.rows[:, :, -1], last_count))
-            grown.append(new)
-        past_counts.append(counts)
-        return [grown.rows for grown in past_sums], past_counts.rows
+                state.bin_sums = BinSums.of(sums)
+            return sums
+        past = state.bin_sums.tables()  # each continues from the state's last row
+        state.bin_sums.append([prefix_sums(x, new_valid, start=start) for x, start in zip(per_key, past)])
+        return state.bin_sums.tables()
 
     def _decode_rows(self, hidden: Tensor, row_mask: Tensor, rows: Tensor) -> Tensor:
         """Logits (B, H, n, K) of some query rows only (causal).

@@ -8,8 +8,18 @@ coordinates, for every row length: no positional table, nothing to extrapolate.
 With prefix sums P[p] = sum of phi(k) over the valid keys before position p, bin b of row i
 holds phi(q_i) . (P[p(e_{b+1})] - P[p(e_b)]), where p(e) is the position after the key of
 rank e - 1: O(T K m) time, linear in T. Prefix sums over positions (padding adds zero) grow
-by appending, so decoding keeps them in its state. They are float64 because a bin's mass is
-a difference of two large running sums (a sink key can hold most of a row's kernel mass).
+by appending, so decoding keeps them in its state.
+
+A bin's sum is a difference of two running sums that grow with the position, and a model's keys
+share a large common part (so do the positive kernel features), so rounding noise the size of
+the whole prefix enters every bin. The sums are therefore *centred*: they sum x - c, where c
+(``center``) is the elementwise median of a sample's first ``CENTER_KEYS`` valid keys (of the
+first call: a decoding state keeps it), so the common part is not summed; a bin's sum is
+q . (S'[e1] - S'[e0]) + size * (q . c), each part rounded at its own size. They are accumulated
+in float64 and stored in ``SEAConfig.bin_sums_dtype`` (float64 by default; float32 halves the
+tables and the bytes every dot reads, but its rounding can decide near-ties), and a decoding
+state continues the unrounded running sum in the order one scan adds, so a decoding step reads
+bitwise the table a full forward reads.
 No gradient flows through it: the features are a fixed random projection and the result is
 an input of the estimator, like the teacher's q and k in distillation.
 """
@@ -17,18 +27,79 @@ an input of the estimator, like the teacher's q and k in distillation.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..cells import cell_edges
+from ..decoding import GrowingRows
 from ..rows import row_table
 
 LOG_FLOOR = 1e-6  # log(mass fraction) of an empty bin
+CENTER_KEYS = 16  # the sums are centred on the median of a sample's first this many valid keys
+
+
+class PrefixSums(NamedTuple):
+    """``prefix_sums``' result: what ``edge_dots`` reads, and what a later call continues from."""
+
+    rows: Tensor  # (B, H_kv, n + 1, f): sums of x - center over the valid keys before each position
+    center: Tensor  # (B, H_kv, f), in the rows' dtype
+    counts: Tensor  # (B, n + 1) the valid keys before each position
+    last: Tensor  # (B, H_kv, f) float64: the uncentred running sum at the last position, unrounded
+
+
+@dataclass
+class BinSums:
+    """kernel_bins / key_bins: the prefix sums a decoding state keeps (``kernel_bins.prefix_sums``), one
+    entry per signal: rows that grow in spare capacity, each signal's center and its unrounded last sum."""
+
+    sums: list[GrowingRows]  # centred sums of phi(k) and/or k before each position 0..seen, (B, H_kv, seen + 1, f)
+    counts: GrowingRows  # the valid keys before each position, (B, seen + 1)
+    centers: list[Tensor]  # (B, H_kv, f) what the sums are centred on
+    last: list[Tensor]  # (B, H_kv, f) float64: the uncentred running sums at position seen, unrounded
+
+    @classmethod
+    def of(cls, sums: list[PrefixSums]) -> "BinSums":
+        """A first call's sums, kept to be continued."""
+        return cls([GrowingRows.of(x.rows, 2) for x in sums], GrowingRows.of(sums[0].counts, 1),
+                   [x.center for x in sums], [x.last for x in sums])
+
+    def tables(self) -> list[PrefixSums]:
+        """Each signal's sums over positions 0..seen, read where they lie (what ``edge_dots`` reads and
+        a later call's ``prefix_sums`` continues)."""
+        return [PrefixSums(rows.rows, center, self.counts.rows, last)
+                for rows, center, last in zip(self.sums, self.centers, self.last)]
+
+    def append(self, new: list[PrefixSums]) -> None:
+        """Take a later call's sums (``prefix_sums`` started from ``tables()``)."""
+        for rows, x in zip(self.sums, new):
+            rows.append(x.rows)
+        self.counts.append(new[0].counts)
+        self.last = [x.last for x in new]
+
+    def map_batch(self, fn: Callable[[Tensor], Tensor]) -> "BinSums":
+        return BinSums([x.map_batch(fn) for x in self.sums], self.counts.map_batch(fn),
+                       [fn(x) for x in self.centers], [fn(x) for x in self.last])
+
+
+class EdgeDots(NamedTuple):
+    """``edge_dots``' result for one query: its dots with the centred sums at every bin edge."""
+
+    edges: Tensor  # (B, H_kv, G, Tq, K + 1) query . centred prefix sum at each edge
+    offset: Tensor  # (B, H_kv, G, Tq, 1) query . center
+
+    def bins(self, sizes: Tensor) -> Tensor:
+        """(..., K) query . the sum of x over each bin of ``sizes`` keys (B, 1, 1, Tq, K)."""
+        return self.edges[..., 1:] - self.edges[..., :-1] + sizes * self.offset
+
+
 # edge_dots reads each row's K + 1 prefix sums in place (``torch.sparse.sampled_addmm``: one dot per
 # (row, edge), no gathered copy); a call covers rows for at most this many (row, edge) entries, which
 # bounds its index and output memory. The gathering version, ``naive_edge_dots``, wrote a (rows, K + 1, f)
-# float64 copy first: 4.8x slower for one 4,096-row kv head (K = 256, f = 97, 1 thread).
+# float64 copy first: 4.8x slower for one 4,096-row kv head (K = 256, f = 97, 1 thread, float64 sums).
 ENTRIES_PER_CALL = 2**21
 
 
@@ -38,36 +109,65 @@ def rows_per_chunk(sums: Tensor, width: int) -> int:
     return max(1, ENTRIES_PER_CALL // (sums.shape[0] * sums.shape[1] * (width + 1)))
 
 
-def prefix_sums(phi_k: Tensor, key_valid: Tensor, start: tuple[Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, Tensor]:
-    """Sums over the keys before each position: features (B, H_kv, n + 1, m) float64 and
-    valid-key counts (B, n + 1).
+def prefix_sums(x: Tensor, key_valid: Tensor, start: PrefixSums | None = None,
+                dtype: torch.dtype = torch.float64) -> PrefixSums:
+    """The centred sums of ``x`` (B, H_kv, n, f) over the valid keys (key_valid (B, n)) before each
+    position 0..n, accumulated in float64 and stored in ``dtype``.
 
-    phi_k (B, H_kv, n, m), key_valid (B, n). ``start`` = the last rows of an earlier call's
-    sums (decoding), which the new ones continue: the result then holds the n rows after
-    ``start`` only, (B, H_kv, n, m) and (B, n), ready to append.
+    ``start``: an earlier call's result (decoding): the scan continues its unrounded last sum in the
+    order one scan over both calls adds, with its center and dtype, and the result holds the n rows
+    after it only, (B, H_kv, n, f) and (B, n), ready to append.
     """
-    features = torch.where(key_valid[:, None, :, None], phi_k.double(), 0.0).cumsum(2)  # padding never read
+    bsz, heads, n, f = x.shape
+    running = x.new_empty(bsz, heads, n + 1, f, dtype=torch.float64)  # the one float64 buffer
+    values = running[:, :, 1:]
+    values.copy_(x).masked_fill_(~key_valid[:, None, :, None], 0.0)  # padding never read
     counts = key_valid.long().cumsum(-1)
     if start is None:
-        return torch.nn.functional.pad(features, (0, 0, 1, 0)), torch.nn.functional.pad(counts, (1, 0))
-    first_features, first_count = start  # (B, H_kv, m), (B,)
-    return features.add_(first_features.unsqueeze(2)), counts.add_(first_count.unsqueeze(1))
+        running[:, :, 0] = 0.0
+        counts = torch.nn.functional.pad(counts, (1, 0))
+        center = _center(values, counts).to(dtype)
+    else:
+        running[:, :, 0] = start.last
+        counts, center = counts.add_(start.counts[:, -1:]), start.center
+    running.cumsum_(2)  # one scan, in the order one scan over all calls adds
+    last = running[:, :, -1].clone()
+    rows = running if start is None else running[:, :, 1:]  # a continuation holds the rows after start
+    rows.addcmul_(counts[:, None, :, None].double(), center.double()[:, :, None], value=-1.0)
+    return PrefixSums(rows.to(center.dtype), center, counts, last)
+
+
+def _center(x: Tensor, counts: Tensor) -> Tensor:
+    """(B, H_kv, f) float64: the elementwise median of each sample's first ``CENTER_KEYS`` valid keys
+    of ``x`` (B, H_kv, n, f) (0 without any); a median, so that a sink key among them does not move it."""
+    ranks = torch.arange(1, CENTER_KEYS + 1, device=x.device).repeat(counts.shape[0], 1)  # (B, C)
+    positions = torch.searchsorted(counts.contiguous(), ranks).clamp_max(x.shape[2]) - 1  # the key of each rank
+    picked = x.gather(2, positions.clamp_min(0)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+    present = (ranks <= counts[:, -1:])[:, None, :, None]  # (B, 1, C, 1)
+    center = torch.where(present, picked, float("nan")).nanmedian(2).values  # (B, H_kv, f)
+    return center.nan_to_num(0.0)
 
 
 @torch.no_grad()  # the signals are inputs of the estimator, like the teacher's q and k
-def edge_dots(queries: list[Tensor], sums: list[Tensor], counts: Tensor, lengths: Tensor, width: int,
-              chunk: int | None = None) -> tuple[list[Tensor], Tensor]:
-    """Each query . its prefix sums at every bin edge of each row, and the bins' key counts.
+def edge_dots(queries: list[Tensor], sums: list[PrefixSums], lengths: Tensor, width: int,
+              chunk: int | None = None) -> tuple[list[EdgeDots], Tensor]:
+    """Each query against its prefix sums at every bin edge of each row, and the bins' key counts.
 
-    queries[i]: (B, H_kv, G, Tq, f_i) against sums[i] (B, H_kv, Tk + 1, f_i), both from
-    ``prefix_sums`` with the valid-key ``counts`` (B, Tk + 1); lengths (B, Tq). Returns one
-    (B, H_kv, G, Tq, K + 1) float64 tensor per query and (B, 1, 1, Tq, K) long: bin b of row i
-    sums to dots[..., b + 1] - dots[..., b]. Each dot reads its prefix-sum row where it lies
-    (``row_dots``); ``chunk``: query rows per call. ``naive_edge_dots`` gathers the rows first.
+    queries[i]: (B, H_kv, G, Tq, f_i) against sums[i] (rows (B, H_kv, Tk + 1, f_i), all with the
+    same counts); lengths (B, Tq). Returns one ``EdgeDots`` per query and the sizes (B, 1, 1, Tq, K)
+    long: ``dots.bins(sizes)`` is q . each bin's sum. Each dot reads its prefix-sum row where it
+    lies (``row_dots``); ``chunk``: query rows per call. ``naive_edge_dots`` gathers the rows first.
     """
-    positions, sizes = _edge_positions(counts, lengths, width)  # (B, Tq, K + 1)
-    return [row_dots(query, table, positions, chunk) for query, table in zip(queries, sums)], sizes
+    positions, sizes = _edge_positions(sums[0].counts, lengths, width)  # (B, Tq, K + 1)
+    return [EdgeDots(row_dots(query, table.rows, positions, chunk), _offset(query, table.center))
+            for query, table in zip(queries, sums)], sizes
+
+
+def _offset(query: Tensor, center: Tensor) -> Tensor:
+    """query (B, H_kv, G, Tq, f) . center (B, H_kv, f): (B, H_kv, G, Tq, 1) in the center's dtype,
+    summed in float64 row by row (no batched product, whose rounding follows the batch's shape)."""
+    products = query.double() * center.double()[:, :, None, None]
+    return products.sum(-1, keepdim=True).to(center.dtype)
 
 
 @torch.no_grad()
@@ -93,15 +193,16 @@ def row_dots(query: Tensor, sums: Tensor, rows: Tensor, chunk: int | None = None
 def _sampled_dots(rows: Tensor, table: Tensor, columns: Tensor) -> Tensor:
     """rows (R, f) . table[columns[r, e]] (table (N, f)) for every entry: (R, E).
 
-    The sampled product reads the entries in place but costs O(N) besides (it walks the whole
-    table): it pays when the entries outnumber the table's rows (a prefill). Fewer entries (a
-    decoding step: one row's K + 1 edges against the whole context) are gathered, O(R E f).
-    The sampled product also refuses more entries per row than table rows (tiny inputs).
+    One sampled product reads the entries in place, for a prefill's rows and a decoding step's
+    alike: each entry is one dot whose rounding depends on neither the other entries nor the
+    rows given with it (measured, 1 and 2 threads), so a row's dots are bitwise the same in a
+    full forward, a decoding step and any batch. (A gather and ``bmm``, which the decoding step
+    used, round by the batch's shape.) The product refuses more entries per row than table rows:
+    a table shorter than that (a few tokens) gets zero rows appended, which no entry reads.
     """
     count, entries = columns.shape
-    if count * entries <= table.shape[0] or entries > table.shape[0]:
-        picked = table.index_select(0, columns.flatten()).view(count, entries, -1)  # (R, E, f)
-        return torch.bmm(picked, rows.unsqueeze(-1)).view(count, entries)
+    if entries > table.shape[0]:
+        table = torch.cat([table, table.new_zeros(entries - table.shape[0], table.shape[1])])
     crow = torch.arange(0, count * entries + 1, entries, device=rows.device)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is stable
         warnings.simplefilter("ignore", UserWarning)
@@ -118,21 +219,23 @@ def _edge_positions(counts: Tensor, lengths: Tensor, width: int) -> tuple[Tensor
 
 
 @torch.no_grad()
-def naive_edge_dots(queries: list[Tensor], sums: list[Tensor], counts: Tensor, lengths: Tensor, width: int,
-                    chunk: int = 64) -> tuple[list[Tensor], Tensor]:
+def naive_edge_dots(queries: list[Tensor], sums: list[PrefixSums], lengths: Tensor, width: int,
+                    chunk: int = 64) -> tuple[list[EdgeDots], Tensor]:
     """``edge_dots`` by gathering each row's K + 1 prefix-sum rows into a (B, H_kv, c, K + 1, f) copy
-    and contracting it: the reference it is tested against."""
+    and contracting it in float64 (rounded to the sums' dtype at the end): the reference it is tested against."""
     bsz, kv_heads, _, tq, _ = queries[0].shape
-    positions, sizes = _edge_positions(counts, lengths, width)
-    out: list[list[Tensor]] = [[] for _ in queries]
-    for i, (query, table) in enumerate(zip(queries, sums)):
-        flat, first_row = _row_table(table)
+    positions, sizes = _edge_positions(sums[0].counts, lengths, width)
+    out = []
+    for query, table in zip(queries, sums):
+        flat, first_row = _row_table(table.rows)
+        parts = []
         for c0 in range(0, tq, chunk):
             rows = positions[:, c0:c0 + chunk]  # (B, c, K + 1)
             picked = flat.index_select(0, (first_row + rows.flatten(1)[:, None, :]).flatten())
             picked = picked.view(bsz, kv_heads, rows.shape[1], width + 1, -1)  # (B, H_kv, c, K + 1, f)
-            out[i].append(torch.einsum("bhckf,bhgcf->bhgck", picked, query[:, :, :, c0:c0 + chunk].double()))
-    return [torch.cat(parts, dim=3) for parts in out], sizes
+            parts.append(torch.einsum("bhckf,bhgcf->bhgck", picked.double(), query[:, :, :, c0:c0 + chunk].double()))
+        out.append(EdgeDots(torch.cat(parts, dim=3).to(table.rows.dtype), _offset(query, table.center)))
+    return out, sizes
 
 
 def _row_table(sums: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,46 +246,45 @@ def _row_table(sums: Tensor) -> tuple[Tensor, Tensor]:
     return table.rows, table.starts(sums.shape[0], sums.shape[1], sums.device)
 
 
-def log_mass(cumulative: Tensor) -> Tensor:
+def log_mass(dots: EdgeDots, sizes: Tensor) -> Tensor:
     """log of each bin's share of the kernel mass from the kernel's ``edge_dots``: (..., K) float32.
 
     Dead bins and padding rows get log(LOG_FLOOR); the estimator masks them anyway.
     """
-    mass = (cumulative[..., 1:] - cumulative[..., :-1]).clamp_min(0)
-    share = mass / (cumulative[..., -1:] - cumulative[..., :1]).clamp_min(1e-300)
+    masses = dots.bins(sizes)
+    total = dots.edges[..., -1:] - dots.edges[..., :1] + sizes.sum(-1, keepdim=True) * dots.offset
+    share = masses.clamp_min(0) / total.clamp_min(torch.finfo(masses.dtype).tiny)
     return share.clamp_min(LOG_FLOOR).log().float()
 
 
-def key_logits(cumulative: Tensor, sizes: Tensor, scale: float) -> Tensor:
+def key_logits(dots: EdgeDots, sizes: Tensor, scale: float) -> Tensor:
     """scale * q . mean(k over the bin) + log(size) from the keys' ``edge_dots``: (..., K) float32.
 
     The log of the bin's softmax mass if its keys were all equal to their mean (a lower bound of
     the true log-mass, Jensen). Dead bins and padding rows get 0.
     """
-    totals = cumulative[..., 1:] - cumulative[..., :-1]  # q . sum of the bin's keys
-    logits = scale * totals / sizes.clamp_min(1) + sizes.clamp_min(1).log()
+    logits = scale * dots.bins(sizes) / sizes.clamp_min(1) + sizes.clamp_min(1).log()
     return torch.where(sizes > 0, logits, 0.0).float()
 
 
 @torch.no_grad()
-def binned_log_mass(phi_q: Tensor, sums: Tensor, counts: Tensor, lengths: Tensor, width: int,
-                    chunk: int | None = None) -> Tensor:
+def binned_log_mass(phi_q: Tensor, sums: PrefixSums, lengths: Tensor, width: int, chunk: int | None = None) -> Tensor:
     """log of each bin's share of the kernel mass: (B, H_kv, G, Tq, K) float32.
 
-    phi_q (B, H_kv, G, Tq, m); ``sums``, ``counts`` from ``prefix_sums`` of phi(k) over every
-    key up to the last query (positions 0..Tk); lengths (B, Tq) valid keys of each row.
+    phi_q (B, H_kv, G, Tq, m); ``sums`` = ``prefix_sums`` of phi(k) over every key up to the last
+    query (positions 0..Tk); lengths (B, Tq) valid keys of each row.
     """
-    (cumulative,), _ = edge_dots([phi_q], [sums], counts, lengths, width, chunk)
-    return log_mass(cumulative)
+    (dots,), sizes = edge_dots([phi_q], [sums], lengths, width, chunk)
+    return log_mass(dots, sizes)
 
 
 @torch.no_grad()
-def binned_key_logits(q: Tensor, sums: Tensor, counts: Tensor, lengths: Tensor, width: int, scale: float,
+def binned_key_logits(q: Tensor, sums: PrefixSums, lengths: Tensor, width: int, scale: float,
                       chunk: int | None = None) -> Tensor:
     """Each bin's attention logit through its mean key (``key_logits``): (B, H_kv, G, Tq, K) float32.
 
-    Exact and linear in T through prefix sums of the raw keys. q (B, H_kv, G, Tq, d);
-    ``sums``, ``counts`` from ``prefix_sums`` of k.
+    Exact and linear in T through prefix sums of the raw keys. q (B, H_kv, G, Tq, d); ``sums`` =
+    ``prefix_sums`` of k.
     """
-    (cumulative,), sizes = edge_dots([q], [sums], counts, lengths, width, chunk)
-    return key_logits(cumulative, sizes, scale)
+    (dots,), sizes = edge_dots([q], [sums], lengths, width, chunk)
+    return key_logits(dots, sizes, scale)

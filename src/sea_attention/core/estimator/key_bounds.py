@@ -37,7 +37,6 @@ from torch import Tensor
 from ..cells import cell_edges, valid_key_positions
 from ..decoding import GrowingRows
 from .kernel_bins import row_dots
-from .per_sample import sample_wise
 
 BLOCK = 4  # keys per block; at K = 256 a bin holds 4 keys at 1k tokens and 32 at 8k
 
@@ -163,7 +162,6 @@ def bin_bound_logits(q: Tensor, table: BoundTable, lengths: Tensor, width: int, 
     return torch.where((sizes > 0)[:, None, None], logits, 0.0).float()
 
 
-@sample_wise  # float32 products over the batch's rows round differently by batch size (per_sample.py)
 def _bounds(signed: Tensor, within: Tensor, windows: Tensor | None, last: Tensor, columns: Tensor,
             spans: Tensor) -> Tensor:
     """The largest of each bin's three bounds (B, H_kv, G, Tq, K) from ``_bin_reads``' rows."""

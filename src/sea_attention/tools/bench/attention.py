@@ -18,15 +18,19 @@ from torch import Tensor
 from ..methods import check_methods as check_list
 from .runtime import in_fresh_process, median_seconds, peak_extra_mb
 
-METHODS = ("sdpa", "eager", "sea", "sea_chunked", "sea_block", "sea_reference", "sea_flex", "sea_bounds")
-DEFAULT_METHODS = METHODS[:-1]  # sea_bounds (the opt-in key bounds) when asked for
+METHODS = ("sdpa", "eager", "sea", "sea_chunked", "sea_block", "sea_reference", "sea_flex", "sea_bounds",
+           "sea_f32", "sea_chunked_f32")
+DEFAULT_METHODS = METHODS[:-3]  # the opt-in key bounds and float32 prefix sums when asked for
+CHUNKED = ("sea_chunked", "sea_chunked_f32")  # the layer through context_only: rows in chunks
 SEA_METHODS = {  # method -> SEAConfig changes
     "sea": {"attention_path": "sparse"},
-    "sea_chunked": {"attention_path": "sparse"},  # the same layer through context_only: rows in chunks
+    "sea_chunked": {"attention_path": "sparse"},
     "sea_block": {"grouping": "block"},
     "sea_reference": {"attention_path": "reference"},
     "sea_flex": {"attention_path": "flex"},
     "sea_bounds": {"key_bounds": True},
+    "sea_f32": {"bin_sums_dtype": "float32"},
+    "sea_chunked_f32": {"bin_sums_dtype": "float32"},
 }
 
 
@@ -103,7 +107,7 @@ def _forward_call(method: str, length: int, setup: AttentionBenchSetup) -> Calla
     from ...core.attention import SEAAttention
 
     module = SEAAttention(setup.sea_config(length, **SEA_METHODS[method])).eval()
-    if method == "sea_chunked":  # what a patched model runs when only the context is needed
+    if method in CHUNKED:  # what a patched model runs when only the context is needed
         return lambda: module.context_only(q, k, v)
     return lambda: module(q, k, v).context
 
