@@ -89,32 +89,35 @@ def model_cost_table(names: tuple[str, ...]) -> Callable[[Results], str]:
             result = results.load(name)
             by = {(p["mode"], p["length"]): p for p in result["points"]}
             cache = result["setup"].get("cache", "dynamic")
-            grouping = result.get("sea_options", {}).get("grouping", "query")
+            options = {"grouping": "query", **result.get("sea_options", {})}
+            grouping = ", ".join([options.pop("grouping")] + [f"{k}={v}" for k, v in options.items()])
             for length in sorted({p["length"] for p in result["points"]}):
                 dense, sea = by["dense", length], by["sea", length]
                 rows.append([result["setup"]["model"], cache, grouping, f"{length:,}", num(dense["prefill_tok_s"], 0),
                              num(sea["prefill_tok_s"], 0), num(sea["prefill_tok_s"] / dense["prefill_tok_s"]),
                              num(dense["decode_tok_s"], 1), num(sea["decode_tok_s"], 1),
                              num(sea["decode_tok_s"] / dense["decode_tok_s"])])
-        return table(["model", "KV cache", "SEA grouping", "prompt tokens", "prefill dense tok/s", "prefill SEA tok/s", "SEA / dense",
+        return table(["model", "KV cache", "SEA grouping (options)", "prompt tokens", "prefill dense tok/s", "prefill SEA tok/s", "SEA / dense",
                       "decode dense tok/s", "decode SEA tok/s", "SEA / dense"], rows)
     return render
 
 
-def decode_step(results: Results) -> str:
-    """`sea bench decode`: one layer's ms per decoded token per method and prompt length, and SDPA / SEA."""
-    points = results.load(DECODE_STEP)["points"]
-    methods = [m for m in ("sdpa", "sea", "sea_block") if any(p["method"] == m for p in points)]
-    by = {(p["method"], p["length"]): p for p in points}
-    rows = []
-    for length in sorted({p["length"] for p in points}):
-        cells = [num(by[m, length]["seconds"] * 1e3, 2) if by.get((m, length), {}).get("seconds") else "-"
-                 for m in methods]
-        speedups = [num(by[m, length]["speedup_vs_sdpa"]) if by.get((m, length), {}).get("speedup_vs_sdpa") else "-"
-                    for m in methods if m != "sdpa"]
-        rows.append([f"{length:,}"] + cells + speedups)
-    return table(["prompt tokens"] + [f"{m} ms/token" for m in methods]
-                 + [f"SDPA / {m}" for m in methods if m != "sdpa"], rows)
+def decode_step_table(name: str, methods: tuple[str, ...]) -> Callable[[Results], str]:
+    """`sea bench decode`: one layer's ms per decoded token per method and prompt length, and SDPA / each."""
+    def render(results: Results) -> str:
+        points = results.load(name)["points"]
+        present = [m for m in methods if any(p["method"] == m for p in points)]
+        by = {(p["method"], p["length"]): p for p in points}
+        rows = []
+        for length in sorted({p["length"] for p in points}):
+            cells = [num(by[m, length]["seconds"] * 1e3, 2) if by.get((m, length), {}).get("seconds") else "-"
+                     for m in present]
+            speedups = [num(by[m, length]["speedup_vs_sdpa"]) if by.get((m, length), {}).get("speedup_vs_sdpa")
+                        else "-" for m in present if m != "sdpa"]
+            rows.append([f"{length:,}"] + cells + speedups)
+        return table(["prompt tokens"] + [f"{m} ms/token" for m in present]
+                     + [f"SDPA / {m}" for m in present if m != "sdpa"], rows)
+    return render
 
 
 def retrieval_candidates(results: Results) -> str:
@@ -303,7 +306,9 @@ def validation_k(results: Results) -> str:
 
 ENCODER_KS = (8, 16, 32, 64)
 # (task label, eval file, teacher eval file: the fine-tuned dense model, evaluated alone)
-ENCODER_TEST = [("BBC topics, 512 tokens: undistilled, identity gates", TASKS["bbc"],
+T1000 = ("task_minilm_bbc_topics_512_t1000_k8_16.json", "task_minilm_bbc_topics_512_t1000_k32_64.json")
+ENCODER_TEST = [("BBC topics, 512 tokens: teacher of 1,000 articles, undistilled, identity gates", T1000, T1000[0]),
+                ("BBC topics, 512 tokens: teacher of 160 articles, undistilled, identity gates", TASKS["bbc"],
                  "task_minilm_bbc_topics_512_keybins_teacher.json"),
                 ("BBC topics, 512 tokens: estimator 10 + full KD 8 steps, sigmoid gates",
                  ("task_minilm_bbc_topics_512_keybins.json",), "task_minilm_bbc_topics_512_keybins_teacher.json"),
@@ -311,6 +316,7 @@ ENCODER_TEST = [("BBC topics, 512 tokens: undistilled, identity gates", TASKS["b
                  "task_minilm_rt_polarity_teacher.json")]
 # (task, model, k, file): the validation runs that chose the tested models
 ENCODER_VALIDATION = [
+    ("BBC", "teacher of 1,000 articles: undistilled, identity gates", 64, "task_minilm_bbc_512_val_t1000.json"),
     ("BBC", "undistilled, sigmoid gates", 64, "task_minilm_bbc_512_val_undistilled_sigmoid.json"),
     ("BBC", "undistilled, no gates (= identity gates, untrained)", 64, "task_minilm_bbc_512_val_undistilled_nogates.json"),
     ("BBC", "undistilled, identity gates, `key_bounds=True`", 64, "task_minilm_bbc_512_val_undistilled_bounds.json"),
@@ -515,7 +521,10 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "attention-cost": bench_table(["attention_cost.json"], ["sdpa", "sea", "sea_chunked", "sea_block"]),
     "model-cost": model_cost_table((MODEL_COST_TINY, MODEL_COST_SMOLLM2)),
     "model-cost-growing": model_cost_table(MODEL_COST_GROWING),
-    "decode-step": decode_step,
+    "decode-step": decode_step_table(DECODE_STEP, ("sdpa", "sea", "sea_block")),
+    "attention-bin-sums": bench_table(["attention_bin_sums_dtype.json"], ["sdpa", "sea_chunked", "sea_chunked_f32"]),
+    "decode-step-bin-sums": decode_step_table("decode_step_bin_sums_dtype.json", ("sdpa", "sea", "sea_f32")),
+    "model-bin-sums": model_cost_table(("model_smollm2_bin_sums_float64.json", "model_smollm2_bin_sums_float32.json")),
     "retrieval-candidates": retrieval_candidates,
     "refine-perplexity": refine_perplexity,
     "needle-4k": needle_4k,
