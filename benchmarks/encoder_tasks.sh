@@ -4,7 +4,7 @@
 # subset of the train split, 1 epoch, a few distillation steps, a subset of the test split). Each stage's wall
 # time goes to runs/times.log; benchmarks/encoder_tasks_summary.py turns the results into one table and JSON.
 #   bash benchmarks/encoder_tasks.sh rt|bbc    the pipeline and its test evaluations
-#   bash benchmarks/encoder_tasks.sh bbc-t1000    the BBC teacher trained on 1,000 articles, validation and test
+#   bash benchmarks/encoder_tasks.sh bbc-t1000|rt-t4000    better-trained teachers (1,000 articles, 4,000 snippets)
 #   bash benchmarks/encoder_tasks.sh bbc-validation    the validation runs that chose the tested BBC model
 # Bidirectional SEA's defaults now: mean-key bins (key_bins) and identity gates (gate_form). On BBC validation
 # (all 235 texts, k=64) the undistilled patch with identity gates was best; the bounded distillation stages
@@ -39,6 +39,11 @@ bbc)
     stage bbc-eval-identity-k$k $SEA eval --model runs/bbc-dense --task bbc-topics --split test --max-examples 200 --seq-len 512 --k $k --batch-size 4 --json benchmarks/results/task_minilm_bbc_topics_512_identity_k$k.json
   done
   ;;
+rt-t4000)  # the better-trained RT teacher (4,000 snippets, 1 epoch, 4 minutes on 1 thread): validation, then test
+  stage rt-t4000-finetune $SEA finetune --task rt-polarity --max-examples 4000 --batch-size 32 --max-len 64 --lr 5e-5 --checkpoint-every 25 --out runs/rt-dense-t4000
+  stage rt-t4000-val $SEA eval --model runs/rt-dense-t4000 --task rt-polarity --split validation --max-examples 400 --seq-len 64 --k 16 --no-oracle --batch-size 25 --json benchmarks/results/task_minilm_rt_val_t4000.json
+  stage rt-t4000-test $SEA eval --model runs/rt-dense-t4000 --task rt-polarity --split test --max-examples 200 --seq-len 64 --k 8,16,32,64 --batch-size 25 --json benchmarks/results/task_minilm_rt_polarity_t4000.json
+  ;;
 bbc-t1000)  # the better-trained teacher: validation (dense, undistilled SEA@64), then the test budgets in two lanes
   stage bbc-t1000-finetune $SEA finetune --task bbc-topics --max-examples 1000 --batch-size 8 --max-len 512 --lr 1e-4 --checkpoint-every 10 --out runs/bbc-dense-t1000
   stage bbc-t1000-val $SEA eval --model runs/bbc-dense-t1000 $BBC_VAL --json benchmarks/results/task_minilm_bbc_512_val_t1000.json
@@ -59,5 +64,5 @@ bbc-validation)  # needs runs/bbc-dense (the bbc mode's first stage)
   stage bbc-full24-identity $SEA distill --model runs/bbc-sea-est-identity --task bbc-topics --stage full --seq-len 512 --steps 24 --batch-size 2 --warmup-steps 2 --checkpoint-every 12 --out runs/bbc-sea-full24-identity
   stage val-bbc-full24-identity $SEA eval --model runs/bbc-sea-full24-identity $BBC_VAL --json runs/val-bbc-full24-identity.json
   ;;
-*) echo "usage: bash benchmarks/encoder_tasks.sh rt|bbc|bbc-t1000|bbc-validation" >&2; exit 2 ;;
+*) echo "usage: bash benchmarks/encoder_tasks.sh rt|rt-t4000|bbc|bbc-t1000|bbc-validation" >&2; exit 2 ;;
 esac

@@ -312,7 +312,9 @@ ENCODER_TEST = [("BBC topics, 512 tokens: teacher of 1,000 articles, undistilled
                  "task_minilm_bbc_topics_512_keybins_teacher.json"),
                 ("BBC topics, 512 tokens: estimator 10 + full KD 8 steps, sigmoid gates",
                  ("task_minilm_bbc_topics_512_keybins.json",), "task_minilm_bbc_topics_512_keybins_teacher.json"),
-                ("RT polarity, 64 tokens: undistilled, identity gates", TASKS["rt"],
+                ("RT polarity, 64 tokens: teacher of 4,000 snippets, undistilled, identity gates",
+                 ("task_minilm_rt_polarity_t4000.json",), "task_minilm_rt_polarity_t4000.json"),
+                ("RT polarity, 64 tokens: teacher of 1,600 snippets, undistilled, identity gates", TASKS["rt"],
                  "task_minilm_rt_polarity_teacher.json")]
 # (task, model, k, file): the validation runs that chose the tested models
 ENCODER_VALIDATION = [
@@ -324,6 +326,7 @@ ENCODER_VALIDATION = [
     ("BBC", "estimator 10 + full KD 8 steps, sigmoid gates", 64, "task_minilm_bbc_512_val_full8_sigmoid.json"),
     ("BBC", "estimator 10 + full KD 8 steps, identity gates", 64, "task_minilm_bbc_512_val_full8_identity.json"),
     ("BBC", "estimator 10 + full KD 24 steps, identity gates", 64, "task_minilm_bbc_512_val_full24_identity.json"),
+    ("RT", "teacher of 4,000 snippets: undistilled, identity gates", 16, "task_minilm_rt_val_t4000.json"),
     ("RT", "undistilled, identity gates", 16, "task_minilm_rt_val_undistilled_identity.json"),
     ("RT", "estimator 15 + full KD 10 steps, identity gates", 16, "task_minilm_rt_val_est15_full10_identity.json")]
 
