@@ -7,7 +7,7 @@ product; until 2026-12 it gathered them into one (B, H_kv, rows, K + 1, f) float
 the committed JSON measured). The shapes are one
 SmolLM2-135M layer (3 kv heads of 3 query heads each, d = 64, m = 33 FAVOR+ features beside
 the 64 raw key coordinates), random inputs, a causal prefix of T rows. Prints seconds per call
-for fixed chunks and for the default (``rows_per_chunk``: a ``GATHER_BYTES`` block) and writes
+for fixed chunks and for the default (``rows_per_chunk``: ``ENTRIES_PER_CALL`` entries) and writes
 a JSON with the machine.
 
 """

@@ -57,6 +57,18 @@ def test_cli_attention_writes_json_and_plot(tmp_path, capsys):
     assert "x SDPA" in printed and "eager" in printed
 
 
+def test_the_float32_prefix_sum_methods_run_with_their_setting(tmp_path):
+    from sea_attention.tools.bench.attention import SEA_METHODS
+
+    assert SEA_METHODS["sea_f32"] == SEA_METHODS["sea_chunked_f32"] == {"bin_sums_dtype": "float32"}
+    report = tmp_path / "f32.json"
+    assert main(["bench", "attention", "--lengths", "64", "--methods", "sdpa,sea_f32,sea_chunked_f32", *TINY,
+                 "--json", str(report)]) == 0
+    points = json.loads(report.read_text())["points"]
+    assert [p["method"] for p in points] == ["sdpa", "sea_f32", "sea_chunked_f32"]
+    assert all(p["seconds"] > 0 and p["note"] == "" for p in points)
+
+
 def test_cli_rejects_bad_lengths_and_unknown_methods(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "attention", "--lengths", "64,abc"])
@@ -119,7 +131,7 @@ def test_the_model_bench_names_the_caches_it_accepts():
         ModelBenchSetup("tiny", [64], cache="static")
 
 
-@pytest.mark.parametrize("method", ["sdpa", "sea", "sea_block", "sea_bounds"])
+@pytest.mark.parametrize("method", ["sdpa", "sea", "sea_block", "sea_bounds", "sea_f32"])
 def test_the_decode_bench_times_real_decoding_steps(method):
     """Each timed call decodes one more token of the same sequence: its output is that row of one
     full causal forward over every token."""

@@ -79,19 +79,6 @@ def test_growing_rows_equal_concatenation_and_keep_their_storage_between_growths
     torch.testing.assert_close(picked.rows, expected[[1, 1, 0]], atol=0, rtol=0)
 
 
-def test_each_samples_growing_rows_start_aligned_so_per_sample_reads_them_in_place():
-    """Capacity is a multiple of GrowingRows.ALIGN rows: every sample's rows of a float32 table start on
-    a 64-byte boundary, which ``per_sample`` needs to read them without a copy."""
-    from sea_attention.core.decoding import GrowingRows
-    from sea_attention.core.estimator.per_sample import ALIGNMENT, _split
-
-    rows = GrowingRows.of(torch.randn(3, 2, 7, 5), 2)
-    rows.append(torch.randn(3, 2, 1, 5))
-    assert rows.data.shape[2] % GrowingRows.ALIGN == 0
-    for part, sample in zip(_split(rows.rows, 3), rows.rows.chunk(3)):
-        assert part.data_ptr() % ALIGNMENT == 0 and part.data_ptr() == sample.data_ptr()  # no copy
-
-
 def test_a_decoding_step_appends_to_the_prefix_sums_without_copying_the_past():
     module = layer()
     q, k, v = make_qkv(2, 4, 2, 30, 30, 16)

@@ -89,7 +89,7 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
                               "exactly best share of their keys (default 1: off; per-query groupings)")
     runtime.add_argument("--bin-sums-dtype", choices=BIN_SUMS_DTYPES,
                          help="how the binned signals store their prefix sums: float64 (default; decoding selects "
-                              "exactly what a full forward does) or float32 (faster prefill, half the memory)")
+                              "exactly what a full forward does) or float32 (faster prefill, half the decoding state's tables)")
 
 
 # ---------------------------------------------------------------------------------------- texts

@@ -43,8 +43,6 @@ class GrowingRows:
     appends would write into the same spare rows); ``map_batch`` makes an independent copy."""
 
     SPARE = 256
-    ALIGN = 16  # capacity is a multiple of this many rows, so that each sample's rows of a (B, ..., rows, ...)
-    # storage start on a 64-byte boundary and ``per_sample`` reads them in place (it copies a sample that does not)
 
     data: Tensor  # the storage; rows [0, length) along dim are in use
     dim: int
@@ -71,8 +69,7 @@ class GrowingRows:
         until written (``data`` is then at least ``length`` long)."""
         if length > self.data.shape[self.dim]:
             shape = list(self.data.shape)
-            wanted = max(length, shape[self.dim] + max(self.SPARE, shape[self.dim] // 4))
-            shape[self.dim] = -(-wanted // self.ALIGN) * self.ALIGN
+            shape[self.dim] = max(length, shape[self.dim] + max(self.SPARE, shape[self.dim] // 4))
             grown = self.data.new_empty(shape)
             grown.narrow(self.dim, 0, self.length).copy_(self.rows)
             self.data = grown

@@ -14,12 +14,13 @@ A bin's sum is a difference of two running sums that grow with the position, and
 share a large common part (so do the positive kernel features), so rounding noise the size of
 the whole prefix enters every bin. The sums are therefore *centred*: they sum x - c, where c
 (``center``) is the elementwise median of a sample's first ``CENTER_KEYS`` valid keys (of the
-first call: a decoding state keeps it), so the common part is not summed; a bin's sum is
+first call: a decoding state keeps it, so a first call with fewer keys centres on those), so most
+of the common part is not summed; a bin's sum is
 q . (S'[e1] - S'[e0]) + size * (q . c), each part rounded at its own size. They are accumulated
 in float64 and stored in ``SEAConfig.bin_sums_dtype`` (float64 by default; float32 halves the
 tables and the bytes every dot reads, but its rounding can decide near-ties), and a decoding
 state continues the unrounded running sum in the order one scan adds, so a decoding step reads
-bitwise the table a full forward reads.
+bitwise the table a full forward reads (when its first call held at least ``CENTER_KEYS`` keys).
 No gradient flows through it: the features are a fixed random projection and the result is
 an input of the estimator, like the teacher's q and k in distillation.
 """
@@ -45,9 +46,9 @@ CENTER_KEYS = 16  # the sums are centred on the median of a sample's first this 
 class PrefixSums(NamedTuple):
     """``prefix_sums``' result: what ``edge_dots`` reads, and what a later call continues from."""
 
-    rows: Tensor  # (B, H_kv, n + 1, f): sums of x - center over the valid keys before each position
+    rows: Tensor  # (B, H_kv, n + 1, f) (a continuation: n): sums of x - center over the valid keys before each position
     center: Tensor  # (B, H_kv, f), in the rows' dtype
-    counts: Tensor  # (B, n + 1) the valid keys before each position
+    counts: Tensor  # (B, n + 1) (a continuation: n) the valid keys before each position
     last: Tensor  # (B, H_kv, f) float64: the uncentred running sum at the last position, unrounded
 
 
@@ -81,6 +82,7 @@ class BinSums:
         self.last = [x.last for x in new]
 
     def map_batch(self, fn: Callable[[Tensor], Tensor]) -> "BinSums":
+        """An independent copy with ``fn`` (a new batch dimension 0) applied to every tensor."""
         return BinSums([x.map_batch(fn) for x in self.sums], self.counts.map_batch(fn),
                        [fn(x) for x in self.centers], [fn(x) for x in self.last])
 
@@ -93,7 +95,16 @@ class EdgeDots(NamedTuple):
 
     def bins(self, sizes: Tensor) -> Tensor:
         """(..., K) query . the sum of x over each bin of ``sizes`` keys (B, 1, 1, Tq, K)."""
-        return self.edges[..., 1:] - self.edges[..., :-1] + sizes * self.offset
+        return self.span(self.edges[..., :-1], self.edges[..., 1:], sizes)
+
+    def total(self, sizes: Tensor) -> Tensor:
+        """(..., 1) query . the sum of x over all the row's bins."""
+        return self.span(self.edges[..., :1], self.edges[..., -1:], sizes.sum(-1, keepdim=True))
+
+    def span(self, first: Tensor, last: Tensor, sizes: Tensor) -> Tensor:
+        """query . the sum of x between two edges holding ``sizes`` keys: the centred difference plus
+        what the center adds, each rounded at its own size."""
+        return last - first + sizes * self.offset
 
 
 # edge_dots reads each row's K + 1 prefix sums in place (``torch.sparse.sampled_addmm``: one dot per
@@ -122,7 +133,7 @@ def prefix_sums(x: Tensor, key_valid: Tensor, start: PrefixSums | None = None,
     running = x.new_empty(bsz, heads, n + 1, f, dtype=torch.float64)  # the one float64 buffer
     values = running[:, :, 1:]
     values.copy_(x).masked_fill_(~key_valid[:, None, :, None], 0.0)  # padding never read
-    counts = key_valid.long().cumsum(-1)
+    counts = key_valid.long().cumsum(-1)  # (B, n)
     if start is None:
         running[:, :, 0] = 0.0
         counts = torch.nn.functional.pad(counts, (1, 0))
@@ -142,7 +153,7 @@ def _center(x: Tensor, counts: Tensor) -> Tensor:
     of ``x`` (B, H_kv, n, f) (0 without any); a median, so that a sink key among them does not move it."""
     ranks = torch.arange(1, CENTER_KEYS + 1, device=x.device).repeat(counts.shape[0], 1)  # (B, C)
     positions = torch.searchsorted(counts.contiguous(), ranks).clamp_max(x.shape[2]) - 1  # the key of each rank
-    picked = x.gather(2, positions.clamp_min(0)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+    picked = x.gather(2, positions[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))  # (B, H_kv, C, f)
     present = (ranks <= counts[:, -1:])[:, None, :, None]  # (B, 1, C, 1)
     center = torch.where(present, picked, float("nan")).nanmedian(2).values  # (B, H_kv, f)
     return center.nan_to_num(0.0)
@@ -252,8 +263,7 @@ def log_mass(dots: EdgeDots, sizes: Tensor) -> Tensor:
     Dead bins and padding rows get log(LOG_FLOOR); the estimator masks them anyway.
     """
     masses = dots.bins(sizes)
-    total = dots.edges[..., -1:] - dots.edges[..., :1] + sizes.sum(-1, keepdim=True) * dots.offset
-    share = masses.clamp_min(0) / total.clamp_min(torch.finfo(masses.dtype).tiny)
+    share = masses.clamp_min(0) / dots.total(sizes).clamp_min(torch.finfo(masses.dtype).tiny)
     return share.clamp_min(LOG_FLOOR).log().float()
 
 

@@ -20,7 +20,8 @@ from .runtime import in_fresh_process, median_seconds, peak_extra_mb
 
 METHODS = ("sdpa", "eager", "sea", "sea_chunked", "sea_block", "sea_reference", "sea_flex", "sea_bounds",
            "sea_f32", "sea_chunked_f32")
-DEFAULT_METHODS = METHODS[:-3]  # the opt-in key bounds and float32 prefix sums when asked for
+OPT_IN = ("sea_bounds", "sea_f32", "sea_chunked_f32")  # opt-in settings, benchmarked when asked for
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in OPT_IN)
 CHUNKED = ("sea_chunked", "sea_chunked_f32")  # the layer through context_only: rows in chunks
 SEA_METHODS = {  # method -> SEAConfig changes
     "sea": {"attention_path": "sparse"},

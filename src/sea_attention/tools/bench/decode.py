@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from ..methods import check_methods as check_list
-from .attention import SEA_METHODS, AttentionBenchSetup, add_speedups
+from .attention import OPT_IN, SEA_METHODS, AttentionBenchSetup, add_speedups
 from .runtime import in_fresh_process
 
 DECODE_METHODS = ("sdpa", "sea", "sea_block", "sea_bounds", "sea_f32")
-DEFAULT_DECODE_METHODS = DECODE_METHODS[:-2]  # the opt-in key bounds and float32 prefix sums when asked for
+DEFAULT_DECODE_METHODS = tuple(m for m in DECODE_METHODS if m not in OPT_IN)  # opt-in settings when asked for
 SEA_DECODE = {method: SEA_METHODS[method] for method in DECODE_METHODS[1:]}  # SEAConfig changes, as bench attention
 
 
