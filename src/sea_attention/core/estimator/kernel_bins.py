@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..cells import cell_edges
+from ..cells import cell_edges, valid_key_positions
 from ..decoding import GrowingRows
 from ..rows import row_table
 
@@ -137,7 +137,7 @@ def prefix_sums(x: Tensor, key_valid: Tensor, start: PrefixSums | None = None,
     if start is None:
         running[:, :, 0] = 0.0
         counts = torch.nn.functional.pad(counts, (1, 0))
-        center = _center(values, counts).to(dtype)
+        center = _center(values, key_valid).to(dtype)
     else:
         running[:, :, 0] = start.last
         counts, center = counts.add_(start.counts[:, -1:]), start.center
@@ -148,13 +148,13 @@ def prefix_sums(x: Tensor, key_valid: Tensor, start: PrefixSums | None = None,
     return PrefixSums(rows.to(center.dtype), center, counts, last)
 
 
-def _center(x: Tensor, counts: Tensor) -> Tensor:
+def _center(x: Tensor, key_valid: Tensor) -> Tensor:
     """(B, H_kv, f) float64: the elementwise median of each sample's first ``CENTER_KEYS`` valid keys
     of ``x`` (B, H_kv, n, f) (0 without any); a median, so that a sink key among them does not move it."""
-    ranks = torch.arange(1, CENTER_KEYS + 1, device=x.device).repeat(counts.shape[0], 1)  # (B, C)
-    positions = torch.searchsorted(counts.contiguous(), ranks).clamp_max(x.shape[2]) - 1  # the key of each rank
+    positions = valid_key_positions(key_valid)[:, :CENTER_KEYS]  # (B, C): the key of each rank
     picked = x.gather(2, positions[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))  # (B, H_kv, C, f)
-    present = (ranks <= counts[:, -1:])[:, None, :, None]  # (B, 1, C, 1)
+    ranks = torch.arange(positions.shape[1], device=x.device)
+    present = (ranks < key_valid.sum(-1, keepdim=True))[:, None, :, None]  # (B, 1, C, 1)
     center = torch.where(present, picked, float("nan")).nanmedian(2).values  # (B, H_kv, f)
     return center.nan_to_num(0.0)
 

@@ -23,7 +23,7 @@ from .runtime import in_fresh_process
 
 DECODE_METHODS = ("sdpa", "sea", "sea_block", "sea_bounds", "sea_f32")
 DEFAULT_DECODE_METHODS = tuple(m for m in DECODE_METHODS if m not in OPT_IN)  # opt-in settings when asked for
-SEA_DECODE = {method: SEA_METHODS[method] for method in DECODE_METHODS[1:]}  # SEAConfig changes, as bench attention
+SEA_DECODE = {m: SEA_METHODS[m] for m in DECODE_METHODS if m in SEA_METHODS}  # SEAConfig changes, as bench attention
 
 
 @dataclass
