@@ -7,7 +7,7 @@ from transformers import (
 )
 
 from sea_attention.hf import patch, sea_attention_forward, sea_layers, set_runtime
-from sea_attention.hf.decoding import DecodingStateError, find_cache
+from sea_attention.hf.decoding import STATE_ATTR, DecodingStateError, find_cache
 
 VOCAB = 101
 
@@ -171,3 +171,32 @@ def test_float32_prefix_sums_are_a_runtime_choice_that_generates_like_its_full_f
         for end in range(30, out.shape[1]):
             assert model(input_ids=out[:, :end], use_cache=False).logits[0, -1].argmax() == out[0, end]
 
+
+
+@pytest.mark.parametrize("family, mode", [("llama", "greedy"), ("opt", "beam"), ("gpt2", "greedy"), ("llama", "beam")])
+def test_the_length_policy_generates_like_its_full_forward_across_the_length(family, mode):
+    """``dense_until=20``: a 12-token prompt is prefilled densely (the states keep the queries), generation
+    passes 20 tokens and SEA takes over; the tokens equal generation without a cache, and the logits
+    of each step equal one full forward's."""
+    model = build(family, dense_until=20)
+    ids = torch.randint(1, VOCAB, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, pad_token_id=0,
+                  do_sample=False, num_beams=3 if mode == "beam" else 1)
+    cached = model.generate(**kwargs, use_cache=True)
+    assert torch.equal(cached, model.generate(**kwargs, use_cache=False))
+    full_mask = torch.cat([mask, torch.ones(2, 24, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        full = model(input_ids=cached, attention_mask=full_mask, use_cache=False).logits
+        cache, logits = DynamicCache(), []
+        logits.append(model(input_ids=cached[:, :12], attention_mask=full_mask[:, :12], past_key_values=cache,
+                            use_cache=True).logits)
+        states = [getattr(layer, STATE_ATTR) for layer in cache.layers]
+        assert all(state.queries is not None for state in states)  # dense so far: queries kept
+        for end in range(13, 37):
+            logits.append(model(input_ids=cached[:, end - 1:end], attention_mask=full_mask[:, :end],
+                                past_key_values=cache, use_cache=True).logits)
+        assert all(state.holds_sea for state in states)
+    real = full_mask.bool()
+    torch.testing.assert_close(torch.cat(logits, 1)[real], full[real], atol=1e-4, rtol=0)

@@ -57,7 +57,7 @@ def _sea_config_of(model) -> dict:
 
 
 def _runtime_options(args) -> dict:
-    names = ("grouping", "query_block", "candidates", "bin_sums_dtype")
+    names = ("grouping", "query_block", "candidates", "bin_sums_dtype", "dense_until")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -90,6 +90,9 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
     runtime.add_argument("--bin-sums-dtype", choices=BIN_SUMS_DTYPES,
                          help="how the binned signals store their prefix sums: float64 (default; decoding selects "
                               "exactly what a full forward does) or float32 (faster prefill, half the decoding state's tables)")
+    runtime.add_argument("--dense-until", type=non_negative_int,
+                         help="the length policy: query rows with at most this many keys attend to all of them "
+                              "(exact, as the dense model), longer rows run SEA (default 0: every row runs SEA)")
 
 
 # ---------------------------------------------------------------------------------------- texts

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .call import CallOptions, SEACall
 from .cells import KeySlots
 from .config import SEAConfig
-from .decoding import DecodeState
+from .decoding import DecodeState, GrowingRows
+from .dense_rows import all_dense, dense_context, dense_probs, dense_rows
 from .estimator import AttentionEstimator, Estimate
 from .gates import gate_values
 from .grouping import grouping_for
@@ -116,6 +118,11 @@ class SEAAttention(nn.Module):
 
     def run(self, call: SEACall) -> SEAOutput:
         """``forward`` on a call already built from its arguments."""
+        self.start_sea(call)
+        return self.with_dense_rows(self.sea_output(call), call)
+
+    def sea_output(self, call: SEACall) -> SEAOutput:
+        """SEA on every computed row (the length policy not applied)."""
         grouping = grouping_for(self.config)
         estimate = self.estimator(call, grouping.estimate_rows(call))
         attended = grouping.run(estimate, call)
@@ -130,19 +137,81 @@ class SEAAttention(nn.Module):
         """Only the layer's context (B, H, Tq, d): ``forward(q, k, v, **options).context``, computed
         without the (B, H, Tq, K) fields of ``SEAOutput`` where that is defined.
 
-        A causal per-query layer on the ``sparse`` path in inference (no autograd, no
-        ``return_attention``, no ``query_rows``, no state or an empty one being prefilled) runs
-        the row-chunked path (``chunked.py``): the per-position work once, then the estimate,
-        selection and attention ``query_chunk`` rows at a time, so no stage holds a Tq x K
-        tensor. Every other call runs ``forward`` and returns its context. Both equal the full
-        forward's context to float rounding (``tests/test_chunked.py``).
+        A call whose rows all attend densely (``config.dense_until``) runs SDPA alone; a state it
+        fills keeps the queries instead of SEA's state. A causal per-query layer on the ``sparse``
+        path in inference (no autograd, no ``return_attention``, no ``query_rows``, no state or an
+        empty one being prefilled) runs the row-chunked path (``chunked.py``): the per-position work
+        once, then the estimate, selection and attention ``query_chunk`` rows at a time, so no stage
+        holds a Tq x K tensor. Every other call runs ``forward`` and returns its context. All equal
+        the full forward's context to float rounding (``tests/test_chunked.py``, ``test_dense_rows.py``).
         """
         from .chunked import chunked_context, chunked_runs  # chunked.py builds on this module
 
         call = SEACall.build(self.config, (q, k, v), options, self.k_budget)
+        if all_dense(call, self.config.dense_until) and (call.state is None or not call.state.holds_sea):
+            return self.dense_call(call)
+        self.start_sea(call)
         if not chunked_runs(self, call):
-            return self.run(call).context
+            return self.with_dense_rows(self.sea_output(call), call).context
         return chunked_context(self, call)
+
+    # ------------------------------------------------------------------ the length policy
+    def dense_call(self, call: SEACall) -> Tensor:
+        """The context of a call whose rows all attend densely; a decoding state keeps its queries."""
+        if call.state is not None:
+            queries = call.state.queries
+            if queries is None:
+                call.state.queries = GrowingRows.of(call.q, dim=2)
+            else:
+                queries.append(call.q)
+            self.advance_state(call)
+        return self.mask_rows(dense_context(call, self.config.causal), call)
+
+    def start_sea(self, call: SEACall) -> None:
+        """Turn a state that kept queries (every earlier row was dense) into SEA's own: one SEA
+        prefill of the kept queries over the past keys fills it as a SEA prefill would have."""
+        state = call.state
+        if state is None or state.queries is None:
+            return
+        past, fresh = state.seen, DecodeState()
+        options = {"attention_mask": call.key_valid[:, :past], "scale": call.scale, "k_budget": call.budget,
+                   "state": fresh, "positions": None if call.positions is None else call.positions[:, :past]}
+        prefill = SEACall.build(self.config, (state.queries.rows, call.k[:, :, :past], call.v[:, :, :past]), options)
+        self.sea_output(prefill)  # the output is discarded: only the state is wanted
+        for field in fields(DecodeState):
+            setattr(state, field.name, getattr(fresh, field.name))
+
+    def with_dense_rows(self, out: SEAOutput, call: SEACall) -> SEAOutput:
+        """``out`` with the rows the length policy picks replaced by exact attention (context, nnz
+        and the attention view; the estimate and the cells still hold SEA's for them)."""
+        rows = dense_rows(call, self.config.dense_until)  # (B, n)
+        if rows is None:
+            return out
+        nnz = torch.where(rows[:, None, :], call.asked_lengths[:, None, :].to(out.nnz.dtype), out.nnz)
+        attention = out.attention
+        if attention is not None:
+            attention = torch.where(rows[:, None, :, None], dense_probs(call, self.config.causal).to(attention.dtype),
+                                    attention)
+        return replace(out, context=self.put_dense_rows(out.context, call, rows), nnz=nnz, attention=attention)
+
+    def put_dense_rows(self, context: Tensor, call: SEACall, rows: Tensor | None = None) -> Tensor:
+        """``context`` (B, H, n, d) with the rows the length policy picks (``rows`` (B, n), by default
+        ``dense_rows``) replaced by their masked exact context."""
+        rows = dense_rows(call, self.config.dense_until) if rows is None else rows
+        if rows is None:
+            return context
+        return torch.where(rows[:, None, :, None], self.dense_rows_context(call, rows).to(context.dtype), context)
+
+    def dense_rows_context(self, call: SEACall, rows: Tensor) -> Tensor:
+        """(B, H, n, d) the masked exact context of the computed rows, computed up to the last row
+        in ``rows`` (B, n) only (the rest is zero: SEA's rows replace it)."""
+        last = int(rows.any(0).nonzero().max()) + 1
+        if last == rows.shape[1]:
+            return self.mask_rows(dense_context(call, self.config.causal), call)
+        head = call.query_rows[:last] if call.query_rows is not None else torch.arange(last, device=rows.device)
+        part = replace(call, query_rows=head)
+        context = self.mask_rows(dense_context(part, self.config.causal), part)
+        return F.pad(context, (0, 0, 0, rows.shape[1] - last))
 
     def compose(self, context: Tensor, estimate: Estimate, call: SEACall) -> tuple[Tensor, Tensor | None]:
         """The layer's output from the sparse context: gates, decoding state, norm, masks."""
@@ -164,7 +233,12 @@ class SEAAttention(nn.Module):
         """The output norm, then padding rows zeroed and poisoned rows NaN (the computed rows)."""
         if self.output_norm is not None:
             context = self._norm_output(context)
-        context = context.masked_fill(~call.asked(call.query_valid, 1)[:, None, :, None], 0.0)  # after the norm
+        return self.mask_rows(context, call)  # after the norm
+
+    @staticmethod
+    def mask_rows(context: Tensor, call: SEACall) -> Tensor:
+        """Padding rows zeroed and poisoned rows NaN, of the computed rows."""
+        context = context.masked_fill(~call.asked(call.query_valid, 1)[:, None, :, None], 0.0)
         if call.poisoned is not None:
             context = context.masked_fill(call.asked(call.poisoned, 1)[:, None, :, None], float("nan"))
         return context

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .attention import running_sum
 from .call import SEACall
+from .dense_rows import all_dense, dense_context
 from .estimator.estimator import BinInputs
 from .gates import gate_values
 from .grouping import Grouping, grouping_for
@@ -100,11 +101,17 @@ def chunked_context(sea: "SEAAttention", call: SEACall) -> Tensor:
 
 
 def _span_context(sea: "SEAAttention", shared: PerPosition, call: SEACall, lo: int, hi: int) -> Tensor:
-    """The finished context (B, H, hi - lo, d) of query rows [lo, hi): estimate, select, attend, gate."""
+    """The finished context (B, H, hi - lo, d) of query rows [lo, hi): estimate, select, attend, gate;
+    rows the length policy picks (``config.dense_until``) attend densely, and a span of only such
+    rows estimates nothing."""
     part = replace(call, query_rows=torch.arange(lo, hi, device=call.q.device), state=None)
+    if all_dense(part, sea.config.dense_until):
+        if shared.mean is not None:
+            shared.mean.span(lo, hi)  # carries the running sum to the next span
+        return sea.mask_rows(dense_context(part, sea.config.causal), part)
     estimate = sea.estimator.estimate_span(shared.performer, shared.bins, call, lo, hi)
     context = shared.grouping.run(estimate, part).context  # (B, H, n, d)
     if shared.mean is not None:
         gates = gate_values(estimate.gate_logits, sea.config.gate_form).to(context.dtype)  # (B, H, n, 2)
         context = sea.gate(context, gates, shared.mean.span(lo, hi))
-    return sea.finish(context, part)
+    return sea.put_dense_rows(sea.finish(context, part), part)

@@ -136,6 +136,12 @@ class SEAConfig:
             a selected cell's keys are all used (at most ``k`` of them, spread evenly). On the
             undistilled SmolLM2 patch at k=64, 4 finds a needle in prose and copies far better
             but raises wiki-validation perplexity (x1.062 of dense against x1.038; docs/results.md).
+        dense_until: the length policy (``dense_rows.py``): a valid query row with at most this many
+            keys attends to all of them with exact softmax attention, as the dense model does (its
+            output is the dense model's: no gates, no output norm), and only longer rows run SEA.
+            Per row, so a decoding step and a full forward agree; a decoding state stays dense (it
+            keeps the queries) until a row passes the length, then becomes SEA's from one prefill
+            of the kept queries. 0 (the default): every row runs SEA. No weight depends on it.
         query_chunk: queries processed together by the sparse path; bounds peak memory.
         query_block: positions per block of the ``block`` grouping.
         seed: seed of the random features (the layer index is added per layer).
@@ -163,6 +169,7 @@ class SEAConfig:
     max_positions: int = 8192
     feature_redraw_interval: int = 0
     attention_path: str = "sparse"
+    dense_until: int = 0
     query_chunk: int = 256
     query_block: int = 64
     seed: int = 0
@@ -193,7 +200,7 @@ class SEAConfig:
         for name in ("num_heads", "head_dim", "num_kv_heads", "k", "estimate_width",
                      "feature_factor", "max_positions", "query_chunk", "query_block", "candidates"):
             setattr(self, name, _integer(name, getattr(self, name), 1, "a positive integer"))
-        for name in ("feature_redraw_interval", "sinks", "local_window"):
+        for name in ("feature_redraw_interval", "sinks", "local_window", "dense_until"):
             setattr(self, name, _integer(name, getattr(self, name), 0, "a non-negative integer"))
         if self.head_dim < 2:
             raise ValueError(f"head_dim must be >= 2, got {self.head_dim}")

@@ -13,6 +13,10 @@ context length (apart from reading its selected keys and values):
 * with the ``block`` grouping, the selection of the block that is still open;
 * whether every key and value seen so far was finite (then a step checks only its new ones).
 
+With the length policy (``SEAConfig.dense_until``) a state whose rows were all dense so far keeps
+only the queries (``queries``), the counts and the value sum; the first longer row turns it into
+SEA's own state by one SEA prefill of those queries (``SEAAttention.start_sea``).
+
 What grows with the context (the prefix sums) lives in ``GrowingRows``: spare capacity that
 doubles when full, so a decoding step writes its new rows instead of copying the whole past.
 
@@ -92,6 +96,12 @@ class DecodeState:
     bin_sums: "BinSums | None" = None  # kernel_bins / key_bins: the prefix sums over positions
     key_bounds: "BoundTable | None" = None  # key_bounds: the keys' extremes by rank and block windows
     finite_past: bool = True  # every key and value before ``seen`` was finite
+    queries: GrowingRows | None = None  # (B, H, seen, d) while every row was dense (dense_until)
+
+    @property
+    def holds_sea(self) -> bool:
+        """Whether SEA's own state was started (not empty, not only the dense rows' queries)."""
+        return self.seen > 0 and self.queries is None
 
     def select(self, index: Tensor) -> None:
         """Keep / reorder batch rows (beam search), in place."""
@@ -109,7 +119,7 @@ class DecodeState:
                 setattr(self, name, fn(value))
         if self.performer is not None:
             self.performer = tuple(fn(x) for x in self.performer)
-        for name in ("bin_sums", "key_bounds", "block"):  # objects with their own map_batch
+        for name in ("bin_sums", "key_bounds", "block", "queries"):  # objects with their own map_batch
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.map_batch(fn))
