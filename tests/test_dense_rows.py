@@ -26,12 +26,9 @@ def _call(config, q, k, v, mask, **options) -> SEACall:
     return SEACall.build(config, (q, k, v), {"attention_mask": mask, **options})
 
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal, tq", [(True, 21), (True, 5), (True, 1), (False, 21)])  # a suffix is causal
 @pytest.mark.parametrize("pad, left", [(0, True), (3, True), (4, False)])
-@pytest.mark.parametrize("tq", [21, 5, 1])
 def test_the_dense_rows_context_equals_the_reference(causal, pad, left, tq):
-    if not causal and tq < 21:
-        pytest.skip("a bidirectional call has every query")
     config = SEAConfig(num_heads=4, num_kv_heads=2, head_dim=16, causal=causal, estimate_width=8)
     q, k, v = make_qkv(2, 4, 2, tq, 21, 16, dtype=torch.float64, requires_grad=True)
     mask = padding_mask(2, 21, pad, left=left)
@@ -134,3 +131,29 @@ def test_a_state_that_keeps_queries_reorders_like_the_batch():
 def test_dense_until_is_validated():
     with pytest.raises(ValueError, match="dense_until must be a non-negative integer"):
         SEAConfig(num_heads=4, head_dim=16, dense_until=-1)
+
+
+def test_a_row_subset_gets_the_full_forwards_rows():
+    module = layer(dense_until=10)
+    q, k, v = make_qkv(2, 4, 2, 30, 30, 16)
+    mask = padding_mask(2, 30, 3)
+    rows = torch.tensor([2, 8, 9, 12, 13, 25])
+    with torch.no_grad():
+        full = module(q, k, v, attention_mask=mask)
+        part = module(q, k, v, attention_mask=mask, query_rows=rows)
+    torch.testing.assert_close(part.context, full.context[:, :, rows], atol=2e-5, rtol=1e-5)
+    assert torch.equal(part.nnz, full.nnz[:, :, rows])
+
+
+@pytest.mark.parametrize("runner", ["context_only", "forward"])
+def test_a_non_finite_key_poisons_only_the_rows_that_see_it(runner):
+    module = layer(dense_until=10)
+    q, k, v = make_qkv(1, 4, 2, 20, 20, 16)
+    k[0, 1, 5, 3] = float("nan")
+    with torch.no_grad():
+        out = module.context_only(q, k, v) if runner == "context_only" else module(q, k, v).context
+    assert bool(out[:, :, 5:].isnan().all()) and bool(out[:, :, :5].isfinite().all())
+    clean = k.clone()
+    clean[0, 1, 5, 3] = 0.0
+    torch.testing.assert_close(out[:, :, :5], exact_attention(q, clean, v, torch.ones(1, 20, dtype=torch.bool),
+                                                              True)[:, :, :5])
