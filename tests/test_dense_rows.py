@@ -157,3 +157,18 @@ def test_a_non_finite_key_poisons_only_the_rows_that_see_it(runner):
     clean[0, 1, 5, 3] = 0.0
     torch.testing.assert_close(out[:, :, :5], exact_attention(q, clean, v, torch.ones(1, 20, dtype=torch.bool),
                                                               True)[:, :, :5])
+
+
+@pytest.mark.parametrize("grouping, kept", [("query", 8), ("query_head", 8), ("block", 12)])
+def test_a_dense_state_keeps_only_what_seas_state_needs(grouping, kept):
+    """A per-query grouping's SEA state is rebuilt from the keys and the CNN's 8 history rows; the block
+    grouping's needs its open block's selection, so it keeps every query."""
+    module = layer(dense_until=20, grouping=grouping, query_block=4)
+    q, k, v = make_qkv(1, 4, 2, 12, 12, 16)
+    state = DecodeState()
+    with torch.no_grad():
+        module.context_only(q[:, :, :5], k[:, :, :5], v[:, :, :5], state=state)
+        for t in range(6, 13):
+            module.context_only(q[:, :, t - 1:t], k[:, :, :t], v[:, :, :t], state=state)
+    assert state.queries.rows.shape[2] == kept and not state.holds_sea
+    torch.testing.assert_close(state.queries.rows, q[:, :, 12 - kept:])

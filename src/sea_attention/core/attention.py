@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from .call import CallOptions, SEACall
 from .cells import KeySlots
 from .config import SEAConfig
-from .decoding import DecodeState, GrowingRows
-from .dense_rows import all_dense, dense_context, dense_probs, dense_rows
+from .decoding import DecodeState
+from .dense_rows import all_dense, dense_context, dense_probs, dense_rows, keep_queries, kept_query_rows, start_sea
 from .estimator import AttentionEstimator, Estimate
 from .gates import gate_values
 from .grouping import grouping_for
@@ -118,7 +118,7 @@ class SEAAttention(nn.Module):
 
     def run(self, call: SEACall) -> SEAOutput:
         """``forward`` on a call already built from its arguments."""
-        self.start_sea(call)
+        start_sea(self, call)
         return self.with_dense_rows(self.sea_output(call), call)
 
     def sea_output(self, call: SEACall) -> SEAOutput:
@@ -150,7 +150,7 @@ class SEAAttention(nn.Module):
         call = SEACall.build(self.config, (q, k, v), options, self.k_budget)
         if all_dense(call, self.config.dense_until) and (call.state is None or not call.state.holds_sea):
             return self.dense_call(call)
-        self.start_sea(call)
+        start_sea(self, call)
         if not chunked_runs(self, call):
             return self.with_dense_rows(self.sea_output(call), call).context
         return chunked_context(self, call)
@@ -159,27 +159,9 @@ class SEAAttention(nn.Module):
     def dense_call(self, call: SEACall) -> Tensor:
         """The context of a call whose rows all attend densely; a decoding state keeps its queries."""
         if call.state is not None:
-            queries = call.state.queries
-            if queries is None:
-                call.state.queries = GrowingRows.of(call.q, dim=2)
-            else:
-                queries.append(call.q)
+            keep_queries(call.state, call.q, kept_query_rows(self.config))
             self.advance_state(call)
         return self.mask_rows(dense_context(call, self.config.causal), call)
-
-    def start_sea(self, call: SEACall) -> None:
-        """Turn a state that kept queries (every earlier row was dense) into SEA's own: one SEA
-        prefill of the kept queries over the past keys fills it as a SEA prefill would have."""
-        state = call.state
-        if state is None or state.queries is None:
-            return
-        past, fresh = state.seen, DecodeState()
-        options = {"attention_mask": call.key_valid[:, :past], "scale": call.scale, "k_budget": call.budget,
-                   "state": fresh, "positions": None if call.positions is None else call.positions[:, :past]}
-        prefill = SEACall.build(self.config, (state.queries.rows, call.k[:, :, :past], call.v[:, :, :past]), options)
-        self.sea_output(prefill)  # the output is discarded: only the state is wanted
-        for field in fields(DecodeState):
-            setattr(state, field.name, getattr(fresh, field.name))
 
     def with_dense_rows(self, out: SEAOutput, call: SEACall) -> SEAOutput:
         """``out`` with the rows the length policy picks replaced by exact attention (context, nnz

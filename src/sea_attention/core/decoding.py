@@ -14,8 +14,9 @@ context length (apart from reading its selected keys and values):
 * whether every key and value seen so far was finite (then a step checks only its new ones).
 
 With the length policy (``SEAConfig.dense_until``) a state whose rows were all dense so far keeps
-only the queries (``queries``), the counts and the value sum; the first longer row turns it into
-SEA's own state by one SEA prefill of those queries (``SEAAttention.start_sea``).
+only its last queries (``queries``: the CNN's 8 history rows, or every query with the block
+grouping), the counts and the value sum; the first longer row turns it into SEA's own state
+(``dense_rows.start_sea``).
 
 What grows with the context (the prefix sums) lives in ``GrowingRows``: spare capacity that
 doubles when full, so a decoding step writes its new rows instead of copying the whole past.
@@ -96,7 +97,7 @@ class DecodeState:
     bin_sums: "BinSums | None" = None  # kernel_bins / key_bins: the prefix sums over positions
     key_bounds: "BoundTable | None" = None  # key_bounds: the keys' extremes by rank and block windows
     finite_past: bool = True  # every key and value before ``seen`` was finite
-    queries: GrowingRows | None = None  # (B, H, seen, d) while every row was dense (dense_until)
+    queries: GrowingRows | None = None  # (B, H, r, d) the last queries while every row was dense (dense_until)
 
     @property
     def holds_sea(self) -> bool:

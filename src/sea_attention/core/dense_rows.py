@@ -8,19 +8,29 @@ row, not per call, so a decoding step and a full forward agree on every row.
 
 Here: which rows the rule picks (``dense_rows``), their context through torch's SDPA
 (``dense_context``; ``ops/reference.py`` is its reference in the tests) and their probabilities
-for the attention view (``dense_probs``). ``SEAAttention`` applies the rule; ``DecodeState.queries``
-keeps a sequence's queries while every row so far was dense, so that SEA's own state can be
-built from them when the first longer row comes (``SEAAttention.start_sea``).
+for the attention view (``dense_probs``); and the decoding state of a sequence whose rows were all
+dense so far: it keeps queries (``keep_queries``) instead of SEA's state, which ``start_sea`` builds
+when the first longer row comes. ``SEAAttention`` applies the rule.
 """
 
 from __future__ import annotations
+
+from dataclasses import fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .call import SEACall
+from .config import SEAConfig
+from .decoding import DecodeState, GrowingRows
+from .estimator.decoder import CausalDecoder
+from .grouping import grouping_for
 from .ops.reference import reference_attention
+
+if TYPE_CHECKING:
+    from .attention import SEAAttention
 
 
 def dense_rows(call: SEACall, until: int) -> Tensor | None:
@@ -73,3 +83,46 @@ def dense_probs(call: SEACall, causal: bool) -> Tensor:
         allowed = call.key_valid.new_ones(1, 1, q.shape[2], call.k.shape[2])
     allowed = allowed & call.asked(call.query_valid, 1)[:, None, :, None]
     return reference_attention(q, call.k, call.v, allowed.expand(-1, q.shape[1], -1, -1), call.scale)[1]
+
+
+def kept_query_rows(config: SEAConfig) -> int | None:
+    """How many of its last queries a dense-so-far state keeps: a per-query grouping's SEA state needs
+    only the CNN's history rows (the rest of it comes from the keys and values); the block grouping's
+    needs the selection of its open block, so it keeps every query (None)."""
+    return CausalDecoder.HISTORY_ROWS if grouping_for(config).computes_row_subsets else None
+
+
+def keep_queries(state: DecodeState, q: Tensor, limit: int | None) -> None:
+    """Add a dense call's queries (B, H, Tq, d) to the state's, keeping the last ``limit`` (None: all)."""
+    if state.queries is None:
+        state.queries = GrowingRows.of(q if limit is None else q[:, :, -limit:], dim=2)
+    elif limit is None:
+        state.queries.append(q)
+    else:
+        state.queries = GrowingRows.of(torch.cat([state.queries.rows, q], dim=2)[:, :, -limit:], dim=2)
+
+
+def start_sea(sea: "SEAAttention", call: SEACall) -> None:
+    """Turn a state that kept queries (every earlier row was dense) into SEA's own, as a SEA prefill of
+    the past would have left it. With only the last queries kept, the per-position work over the past
+    keys (Performer and prefix sums), the CNN history of those rows and the counts fill it; with every
+    query kept, one SEA prefill of them does."""
+    state = call.state
+    if state is None or state.queries is None:
+        return
+    past, kept = state.seen, state.queries.rows  # kept: (B, H, r, d)
+    queries = kept
+    if kept.shape[2] < past:  # the rows before the kept ones read nothing the state keeps: zeros
+        queries = F.pad(kept, (0, 0, past - kept.shape[2], 0))
+    fresh = DecodeState()
+    options = {"attention_mask": call.key_valid[:, :past], "scale": call.scale, "k_budget": call.budget,
+               "state": fresh, "positions": None if call.positions is None else call.positions[:, :past]}
+    prefill = SEACall.build(sea.config, (queries, call.k[:, :, :past], call.v[:, :, :past]), options)
+    if kept.shape[2] < past:
+        performer, _ = sea.estimator.per_position(prefill)
+        sea.estimator.remember_cnn_rows(performer, prefill)
+        sea.advance_state(prefill)
+    else:
+        sea.sea_output(prefill)  # the output is discarded: only the state is wanted
+    for field in fields(DecodeState):
+        setattr(state, field.name, getattr(fresh, field.name))
