@@ -93,12 +93,15 @@ def model_cost_table(names: tuple[str, ...]) -> Callable[[Results], str]:
             grouping = ", ".join([options.pop("grouping")] + [f"{k}={v}" for k, v in options.items()])
             for length in sorted({p["length"] for p in result["points"]}):
                 dense, sea = by["dense", length], by["sea", length]
+                peaks = [num(p["prefill_peak_mb"], 0) if p.get("prefill_peak_mb") is not None else "not measured"
+                         for p in (dense, sea)]
                 rows.append([result["setup"]["model"], cache, grouping, f"{length:,}", num(dense["prefill_tok_s"], 0),
                              num(sea["prefill_tok_s"], 0), num(sea["prefill_tok_s"] / dense["prefill_tok_s"]),
                              num(dense["decode_tok_s"], 1), num(sea["decode_tok_s"], 1),
-                             num(sea["decode_tok_s"] / dense["decode_tok_s"])])
+                             num(sea["decode_tok_s"] / dense["decode_tok_s"]), *peaks])
         return table(["model", "KV cache", "SEA grouping (options)", "prompt tokens", "prefill dense tok/s", "prefill SEA tok/s", "SEA / dense",
-                      "decode dense tok/s", "decode SEA tok/s", "SEA / dense"], rows)
+                      "decode dense tok/s", "decode SEA tok/s", "SEA / dense", "prefill peak MB dense",
+                      "prefill peak MB SEA"], rows)
     return render
 
 

@@ -110,7 +110,7 @@ def test_cli_model_dense_vs_sea(tiny_model_dir, tmp_path, capsys):  # noqa: F811
                  "--k", "4", "--estimate-width", "8", "--json", str(report)]) == 0
     points = json.loads(report.read_text())["points"]
     assert [(p["mode"], p["length"]) for p in points] == [("dense", 32), ("dense", 64), ("sea", 32), ("sea", 64)]
-    assert all(p["prefill_tok_s"] > 0 and p["decode_tok_s"] > 0 for p in points)
+    assert all(p["prefill_tok_s"] > 0 and p["decode_tok_s"] > 0 and p["prefill_peak_mb"] >= 0 for p in points)
     assert "decode SEA" in capsys.readouterr().out
 
     written = json.loads(report.read_text())
@@ -122,6 +122,27 @@ def test_cli_model_dense_vs_sea(tiny_model_dir, tmp_path, capsys):  # noqa: F811
     with pytest.raises(SystemExit):
         main(["bench", "model", "--model", model, "--cache", "static"])
     assert "--cache: invalid choice: 'static'" in capsys.readouterr().err
+
+
+def test_the_model_bench_measures_the_prefills_memory_and_keeps_the_last_logits_only():
+    """The prefill's peak counts what it allocates (a 30 MB tensor shows), and it asks for the last
+    position's logits only, as generate does."""
+    from sea_attention.tools.bench.model import prefill_and_decode
+    from sea_attention.tools.bench.runtime import PeakMemory
+
+    with PeakMemory() as peak:
+        torch.ones(30 * 2**20 // 4).add_(1)
+    assert 25 < peak.mb < 60
+    seen = []
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+            seen.append(logits_to_keep)
+            logits = torch.zeros(1, 1 if logits_to_keep else input_ids.shape[1], 5)
+            return type("Out", (), {"logits": logits, "past_key_values": past_key_values})()
+
+    prefill, decode, mb = prefill_and_decode(Model(), torch.zeros(1, 7, dtype=torch.long), 2, "dynamic")
+    assert seen == [1, 0, 0] and prefill > 0 and decode > 0 and mb >= 0
 
 
 def test_the_model_bench_names_the_caches_it_accepts():

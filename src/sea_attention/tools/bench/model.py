@@ -1,7 +1,8 @@
 """Prefill and decode speed of a whole model: its dense attention against SEA, same weights.
 
 For each prompt length T: one forward over T tokens of real text with the KV cache on
-(prefill), then ``decode_tokens`` greedy steps, one token each, through that cache (decode;
+(prefill: the last position's logits only, as ``generate`` asks; its time and its peak extra
+resident memory), then ``decode_tokens`` greedy steps, one token each, through that cache (decode;
 only these steps are timed). Both modes get an untimed warm-up first and the same cache class
 (``CACHES``: ``GrowingCache`` by default, which appends in place; ``DynamicCache``, transformers'
 default, copies every cached key and value per step and layer). SEA keeps a small per-layer
@@ -11,12 +12,15 @@ at every step.
 
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from .runtime import PeakMemory
 
 MODES = ("dense", "sea")
 CACHES = ("growing", "dynamic")  # hf.GrowingCache (appends in place), transformers' DynamicCache (torch.cat)
@@ -45,6 +49,7 @@ class ModelBenchPoint:
     decode_seconds: float  # all decode steps together
     prefill_tok_s: float
     decode_tok_s: float
+    prefill_peak_mb: float | None = None  # the prefill's peak extra resident memory (None: not measured)
 
 
 def tiny_model(max_positions: int = 2048) -> nn.Module:
@@ -105,17 +110,22 @@ def new_cache(kind: str):
 
 
 @torch.no_grad()
-def prefill_and_decode(model: nn.Module, ids: Tensor, decode_tokens: int, cache: str = "growing") -> tuple[float, float]:
-    """Seconds of the prefill forward and of ``decode_tokens`` greedy steps after it, on a new ``cache``."""
-    start = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=new_cache(cache), use_cache=True)
-    prefill = time.perf_counter() - start
+def prefill_and_decode(model: nn.Module, ids: Tensor, decode_tokens: int,
+                       cache: str = "growing") -> tuple[float, float, float]:
+    """Seconds of the prefill forward and of ``decode_tokens`` greedy steps after it, on a new ``cache``,
+    and the prefill's peak extra resident memory in MB. The prefill computes the last position's
+    logits only, as ``generate`` does (a model whose forward takes ``logits_to_keep``)."""
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    with PeakMemory() as peak:
+        start = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=new_cache(cache), use_cache=True, **keep)
+        prefill = time.perf_counter() - start
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(decode_tokens):
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return prefill, time.perf_counter() - start
+    return prefill, time.perf_counter() - start, peak.mb
 
 
 def bench_model(model: nn.Module, tokenizer, setup: ModelBenchSetup, progress: bool = True) -> list[ModelBenchPoint]:
@@ -137,24 +147,27 @@ def bench_model(model: nn.Module, tokenizer, setup: ModelBenchSetup, progress: b
         with dense_attention(model, setup.dense_implementation) if mode == "dense" else nullcontext():
             prefill_and_decode(model, tokens[:, :min(setup.lengths)], 2, setup.cache)  # warm-up, untimed
             for length in setup.lengths:
-                prefill, decode = prefill_and_decode(model, tokens[:, :length], setup.decode_tokens, setup.cache)
+                prefill, decode, peak = prefill_and_decode(model, tokens[:, :length], setup.decode_tokens,
+                                                           setup.cache)
                 points.append(ModelBenchPoint(mode, length, prefill, decode, length / prefill,
-                                              setup.decode_tokens / decode))
+                                              setup.decode_tokens / decode, round(peak, 1)))
                 if progress:
-                    print(f"  {mode:<5} T={length:<6} prefill {points[-1].prefill_tok_s:8.0f} tok/s   "
-                          f"decode {points[-1].decode_tok_s:7.1f} tok/s", flush=True)
+                    print(f"  {mode:<5} T={length:<6} prefill {points[-1].prefill_tok_s:8.0f} tok/s "
+                          f"({peak:.0f} MB)   decode {points[-1].decode_tok_s:7.1f} tok/s", flush=True)
     return points
 
 
 def format_model_table(name: str, points: list[ModelBenchPoint]) -> str:
-    """Per length: prefill and decode tokens/s of dense and SEA, and SEA / dense."""
+    """Per length: prefill and decode tokens/s of dense and SEA, and SEA / dense; the prefill's peak MB."""
     by = {(p.mode, p.length): p for p in points}
     lengths = sorted({p.length for p in points})
     lines = [f"{'model':<16} {'T':>6} {'prefill dense':>14} {'prefill SEA':>12} {'SEA/dense':>10} "
-             f"{'decode dense':>13} {'decode SEA':>11} {'SEA/dense':>10}   (tokens/s)"]
+             f"{'decode dense':>13} {'decode SEA':>11} {'SEA/dense':>10} {'peak MB dense':>14} {'peak MB SEA':>12}"
+             "   (tokens/s)"]
     for t in lengths:
         dense, sea = by[("dense", t)], by[("sea", t)]
         lines.append(f"{name[-16:]:<16} {t:>6} {dense.prefill_tok_s:>14.0f} {sea.prefill_tok_s:>12.0f} "
                      f"{sea.prefill_tok_s / dense.prefill_tok_s:>10.2f} {dense.decode_tok_s:>13.1f} "
-                     f"{sea.decode_tok_s:>11.1f} {sea.decode_tok_s / dense.decode_tok_s:>10.2f}")
+                     f"{sea.decode_tok_s:>11.1f} {sea.decode_tok_s / dense.decode_tok_s:>10.2f} "
+                     f"{dense.prefill_peak_mb:>14.0f} {sea.prefill_peak_mb:>12.0f}")
     return "\n".join(lines)

@@ -106,17 +106,27 @@ def _release_free_memory() -> None:
         pass
 
 
-def peak_extra_mb(call: Callable[[], Any]) -> float:
-    """Peak resident memory one call adds on top of what is resident before it, in MB.
+class PeakMemory:
+    """``with PeakMemory() as peak: ...`` then ``peak.mb``: the peak resident memory the block adds on
+    top of what is resident before it, in MB (Linux; the heap is trimmed first, so that reused free
+    memory does not hide the block's allocations). Enter it after the warm-up: compilation and
+    one-off caches then stay out of the number."""
 
-    Call after the warm-up: compilation and one-off caches stay out of the number, and
-    trimming the heap first keeps reused free memory from hiding the call's allocations.
-    """
-    _release_free_memory()
-    _reset_peak()
-    before = _rss_mb("VmRSS")
-    call()
-    return _rss_mb("VmHWM") - before
+    def __enter__(self) -> "PeakMemory":
+        _release_free_memory()
+        _reset_peak()
+        self.before, self.mb = _rss_mb("VmRSS"), float("nan")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.mb = _rss_mb("VmHWM") - self.before
+
+
+def peak_extra_mb(call: Callable[[], Any]) -> float:
+    """Peak resident memory one call adds on top of what is resident before it, in MB (``PeakMemory``)."""
+    with PeakMemory() as peak:
+        call()
+    return peak.mb
 
 
 # ---------------------------------------------------------------------------------------- reports
