@@ -38,8 +38,9 @@ def test_distill_eval_plot_resume(tiny_model_dir, tmp_path, capsys):
 
     report = tmp_path / "eval.json"
     assert main(["eval", "--model", str(out), "--data", text, "--split", "test", "--seq-len", "32",
-                 "--k", "2,4", "--json", str(report), "--quiet"]) == 0
+                 "--k", "2,4", "--dense-until", "8", "--json", str(report), "--quiet"]) == 0
     rows = json.loads(report.read_text())["rows"]
+    assert json.loads(report.read_text())["sea_config"]["dense_until"] == 8  # what SEA ran with
     assert [(r["name"], r["k"]) for r in rows] == [("dense", None), ("oracle", 2), ("sea", 2), ("oracle", 4), ("sea", 4)]
     assert all(r["perplexity"] > 1 and r["tokens"] > 0 for r in rows)
     printed = capsys.readouterr().out

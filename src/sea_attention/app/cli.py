@@ -291,7 +291,7 @@ def cmd_eval(args) -> int:
         return 0
     print(format_table(rows))
     if args.json:
-        write_json(rows, args.json, **_eval_about(args, stride))
+        write_json(rows, args.json, **_eval_about(args, stride), sea_config=_sea_config_of(model))
     return 0
 
 
