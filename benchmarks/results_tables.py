@@ -175,6 +175,18 @@ def refine_perplexity(results: Results) -> str:
     return table(["SEA@64, undistilled patch", "wiki validation tokens", "dense", "SEA", "x dense"], rows)
 
 
+def dense_until_perplexity(results: Results) -> str:
+    """Wiki validation perplexity of the undistilled patch at k=64 on 4,096-token windows, by ``dense_until``."""
+    rows = []
+    for until in (0, 2048):
+        result = results.load(f"eval_dense_until_{until}_4k.json")
+        by = {r["name"]: r for r in result["rows"]}
+        label = "0 (off: every row runs SEA)" if not until else f"{until:,} (rows with at most {until:,} keys: dense)"
+        rows.append([label, f"{result['seq_len']:,}", f"{by['sea']['tokens']:,}", num(by["dense"]["perplexity"]),
+                     num(by["sea"]["perplexity"]), num(by["sea"]["perplexity"] / by["dense"]["perplexity"], 3)])
+    return table(["dense_until (SEA@64, undistilled)", "window", "tokens", "dense", "SEA", "x dense"], rows)
+
+
 KEY_BOUNDS = [  # (label, needle files at 1k/2k and 4k or None, perplexity file or None, diagnosis at 4k or None)
     ("dense (not SEA)", ("retrieval_validation_default.json", "retrieval_validation_default_4k.json"), None, None),
     ("SEA, `sea.patch` defaults (undistilled)", ("retrieval_validation_default.json",
@@ -535,6 +547,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "refine-perplexity": refine_perplexity,
     "needle-4k": needle_4k,
     "key-bounds": key_bounds,
+    "dense-until-perplexity": dense_until_perplexity,
     "needle-bin-ranks": needle_bin_ranks,
     "model-bench": model_bench,
     "decode-latency": decode_latency,
