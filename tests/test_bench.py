@@ -107,7 +107,8 @@ def test_cli_model_dense_vs_sea(tiny_model_dir, tmp_path, capsys):  # noqa: F811
     model, text = str(tiny_model_dir / "model"), str(tiny_model_dir / "text.txt")
     report = tmp_path / "model.json"
     assert main(["bench", "model", "--model", model, "--data", text, "--lengths", "32,64", "--decode-tokens", "4",
-                 "--k", "4", "--estimate-width", "8", "--json", str(report)]) == 0
+                 "--k", "4", "--estimate-width", "8", "--json", str(report), "--plot", str(tmp_path / "model.png")]) == 0
+    assert (tmp_path / "model.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     points = json.loads(report.read_text())["points"]
     assert [(p["mode"], p["length"]) for p in points] == [("dense", 32), ("dense", 64), ("sea", 32), ("sea", 64)]
     assert all(p["prefill_tok_s"] > 0 and p["decode_tok_s"] > 0 and p["prefill_peak_mb"] >= 0 for p in points)

@@ -590,6 +590,8 @@ def cmd_bench(args) -> int:
         points = bench.bench_model(model, tokenizer, setup)
         print(f"\n{bench.format_model_table(args.model, points)}")
         sections = {"setup": asdict(setup), "sea_options": {**_sea_overrides(args), **_runtime_options(args)}}
+        if args.plot:
+            print(f"wrote {bench.plot_model_bench(points, args.plot, f'{args.model}: dense vs SEA, same weights')}")
     elif args.bench_command == "decode":
         setup = bench.AttentionBenchSetup(args.heads, args.head_dim, args.k, args.estimate_width, True, 1, args.threads)
         print(f"one attention layer decoding, B=1, H={setup.heads}, d={setup.head_dim}, fp32: ms per token after a "
@@ -661,6 +663,7 @@ def _add_bench_parser(commands) -> None:
     model.add_argument("--cache", default="growing", choices=CACHES,
                        help="KV cache of both modes: growing (appends in place) or dynamic (transformers' "
                             "DynamicCache, which copies the whole cache every step)")
+    model.add_argument("--plot", type=output_file, help="write a PNG: prefill and decode tokens/s and prefill memory vs T")
     _add_sea_options(model)
     for parser in (attention, decode, model):
         parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")

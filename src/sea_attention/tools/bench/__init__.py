@@ -14,7 +14,7 @@ from .decode import (
 )
 from .breakdown import STAGES, StageBreakdown, StageTime, bench_breakdown, format_breakdown, stage_flops
 from .model import CACHES, ModelBenchPoint, ModelBenchSetup, bench_model, format_model_table, prompt_tokens, tiny_model
-from .plot import plot_attention_bench
+from .plot import plot_attention_bench, plot_model_bench
 from .runtime import machine_info, write_bench_json
 
 __all__ = [
@@ -22,5 +22,5 @@ __all__ = [
     "bench_decode", "check_decode_methods", "format_decode_table", "AttentionBenchPoint", "AttentionBenchSetup", "ModelBenchPoint", "ModelBenchSetup",
     "StageBreakdown", "StageTime", "add_speedups", "bench_attention", "bench_breakdown", "bench_model",
     "check_methods", "estimated_gb", "format_attention_table", "format_breakdown", "format_model_table",
-    "machine_info", "plot_attention_bench", "prompt_tokens", "stage_flops", "tiny_model", "write_bench_json",
+    "machine_info", "plot_attention_bench", "plot_model_bench", "prompt_tokens", "stage_flops", "tiny_model", "write_bench_json",
 ]
