@@ -8,6 +8,7 @@ import torch
 from conftest import exact_attention, make_qkv, padding_mask
 from sea_attention import DecodeState, SEAAttention, SEAConfig
 from sea_attention.core.call import SEACall
+from sea_attention.core.cells import query_lengths
 from sea_attention.core.dense_rows import dense_context, dense_rows
 from sea_attention.core.ops.reference import exact_attention as reference_exact
 
@@ -33,7 +34,8 @@ def test_the_dense_rows_context_equals_the_reference(causal, pad, left, tq):
     q, k, v = make_qkv(2, 4, 2, tq, 21, 16, dtype=torch.float64, requires_grad=True)
     mask = padding_mask(2, 21, pad, left=left)
     state = DecodeState(seen=21 - tq) if tq < 21 else None  # a suffix needs a state; dense rows read none of it
-    call = SEACall(q, k, v, mask, mask[:, 21 - tq:], mask[:, 21 - tq:].long(), 3, 0.3, state=state)
+    lengths = query_lengths(mask, mask[:, 21 - tq:], causal)
+    call = SEACall(q, k, v, mask, mask[:, 21 - tq:], lengths, 3, 0.3, state=state)
     got = dense_context(call, causal)
     want = exact_attention(q, k, v, mask, causal, scale=0.3)
     valid = mask[:, 21 - tq:][:, None, :, None]
@@ -121,7 +123,7 @@ def test_a_state_that_keeps_queries_reorders_like_the_batch():
         module.context_only(q[:, :, :10], k[:, :, :10], v[:, :, :10], state=state)
         order = torch.tensor([2, 0, 0])
         state.select(order)
-        assert state.queries.rows.shape[0] == 3
+        assert state.queries.shape[0] == 3
         steps = [module.context_only(q[order, :, t - 1:t], k[order, :, :t], v[order, :, :t], state=state)
                  for t in range(11, 17)]
         full = module(q[order], k[order], v[order]).context
@@ -162,13 +164,27 @@ def test_a_non_finite_key_poisons_only_the_rows_that_see_it(runner):
 @pytest.mark.parametrize("grouping, kept", [("query", 8), ("query_head", 8), ("block", 12)])
 def test_a_dense_state_keeps_only_what_seas_state_needs(grouping, kept):
     """A per-query grouping's SEA state is rebuilt from the keys and the CNN's 8 history rows; the block
-    grouping's needs its open block's selection, so it keeps every query."""
-    module = layer(dense_until=20, grouping=grouping, query_block=4)
-    q, k, v = make_qkv(1, 4, 2, 12, 12, 16)
+    grouping's also needs the rows back to its open block's first (query_block = 4 more)."""
+    module = layer(dense_until=30, grouping=grouping, query_block=4)
+    q, k, v = make_qkv(1, 4, 2, 20, 20, 16)
     state = DecodeState()
     with torch.no_grad():
-        module.context_only(q[:, :, :5], k[:, :, :5], v[:, :, :5], state=state)
-        for t in range(6, 13):
+        module.context_only(q[:, :, :15], k[:, :, :15], v[:, :, :15], state=state)
+        for t in range(16, 21):
             module.context_only(q[:, :, t - 1:t], k[:, :, :t], v[:, :, :t], state=state)
-    assert state.queries.rows.shape[2] == kept and not state.holds_sea
-    torch.testing.assert_close(state.queries.rows, q[:, :, 12 - kept:])
+    assert state.queries.shape[2] == kept and not state.holds_sea
+    assert state.queries.untyped_storage().nbytes() == state.queries.nbytes  # a copy, not a view of q
+    torch.testing.assert_close(state.queries, q[:, :, 20 - kept:])
+
+
+def test_the_dense_rows_read_no_key_after_the_last_row():
+    """A causal span's dense rows are computed on the keys up to its last row only (the cost of a
+    prefill's short spans does not grow with the prompt): poisoning later keys changes nothing."""
+    module = layer(dense_until=12)
+    q, k, v = make_qkv(1, 4, 2, 30, 30, 16)
+    call = _call(module.config, q, k, v, torch.ones(1, 30, dtype=torch.bool), query_rows=torch.arange(0, 10))
+    late = SEACall(q, k.clone(), v.clone(), call.key_valid, call.query_valid, call.lengths, 3, call.scale,
+                   query_rows=call.query_rows)
+    late.k[:, :, 10:] = float("nan")
+    late.v[:, :, 10:] = float("nan")
+    assert torch.equal(dense_context(late, True), dense_context(call, True))

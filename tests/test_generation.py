@@ -172,7 +172,6 @@ def test_float32_prefix_sums_are_a_runtime_choice_that_generates_like_its_full_f
             assert model(input_ids=out[:, :end], use_cache=False).logits[0, -1].argmax() == out[0, end]
 
 
-
 @pytest.mark.parametrize("family, mode", [("llama", "greedy"), ("opt", "beam"), ("gpt2", "greedy"), ("llama", "beam")])
 def test_the_length_policy_generates_like_its_full_forward_across_the_length(family, mode):
     """``dense_until=20``: a 12-token prompt is prefilled densely (the states keep the queries), generation

@@ -92,7 +92,8 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
                               "exactly what a full forward does) or float32 (faster prefill, half the decoding state's tables)")
     runtime.add_argument("--dense-until", type=non_negative_int,
                          help="the length policy: query rows with at most this many keys attend to all of them "
-                              "(exact, as the dense model), longer rows run SEA (default 0: every row runs SEA)")
+                              "(exact, as the dense model), longer rows run SEA (default 0: every row runs SEA). "
+                              "Only SEA's rows follow it: oracle and competitor rows select as before")
 
 
 # ---------------------------------------------------------------------------------------- texts

@@ -137,8 +137,10 @@ class SEAAttention(nn.Module):
         """Only the layer's context (B, H, Tq, d): ``forward(q, k, v, **options).context``, computed
         without the (B, H, Tq, K) fields of ``SEAOutput`` where that is defined.
 
-        A call whose rows all attend densely (``config.dense_until``) runs SDPA alone; a state it
-        fills keeps the queries instead of SEA's state. A causal per-query layer on the ``sparse``
+        A call whose rows all attend densely (``config.dense_until``) and whose state, if any, is
+        empty or still dense runs SDPA alone, and such a state keeps its last queries instead of SEA's
+        state (``dense_rows.py``); once the state holds SEA's, SEA runs and the short rows (a batch's
+        padded samples) are replaced. ``forward`` always runs SEA (a state it fills is SEA's). A causal per-query layer on the ``sparse``
         path in inference (no autograd, no ``return_attention``, no ``query_rows``, no state or an
         empty one being prefilled) runs the row-chunked path (``chunked.py``): the per-position work
         once, then the estimate, selection and attention ``query_chunk`` rows at a time, so no stage
@@ -245,6 +247,12 @@ class SEAAttention(nn.Module):
             sums = masked.sum(2, keepdim=True).expand(-1, -1, tq, -1)
         mean = sums / call.lengths[:, None, :, None].clamp_min(1)
         return repeat_kv(mean, self.config.kv_groups)
+
+    def fill_prefill_state(self, performer: Tensor, call: SEACall) -> None:
+        """What a prefill leaves in its empty state besides ``estimator.per_position``'s sums (which
+        gave ``performer``, (B, H, Tq, p)): the CNN's history rows and the counts."""
+        self.estimator.remember_cnn_rows(performer, call)
+        self.advance_state(call)
 
     def advance_state(self, call: SEACall) -> None:
         """Fold this call's keys into its decoding state (the estimator did its part)."""

@@ -95,8 +95,7 @@ def chunked_context(sea: "SEAAttention", call: SEACall) -> Tensor:
             out = context.new_empty(*context.shape[:2], tq, context.shape[-1])
         out[:, :, lo:hi] = context
     if call.state is not None:  # a prefill: the state as the full forward leaves it
-        sea.estimator.remember_cnn_rows(performer, call)
-        sea.advance_state(call)
+        sea.fill_prefill_state(performer, call)
     return out
 
 

@@ -140,9 +140,9 @@ class SEAConfig:
             keys attends to all of them with exact softmax attention, as the dense model does (its
             output is the dense model's: no gates, no output norm), and only longer rows run SEA.
             Per row, so a decoding step and a full forward agree. A decoding state stays dense (it
-            keeps the last 8 queries, the CNN's history; every query with ``grouping="block"``) until
-            a row passes the length, then becomes SEA's, built from the cached keys and the kept
-            queries. 0 (the default): every row runs SEA. No weight depends on it.
+            keeps the last 8 queries, the CNN's history, and ``query_block`` more with
+            ``grouping="block"``) until a row passes the length, then becomes SEA's, built from the
+            cached keys and the kept queries. 0 (the default): every row runs SEA. No weight depends on it.
         query_chunk: queries processed together by the sparse path; bounds peak memory.
         query_block: positions per block of the ``block`` grouping.
         seed: seed of the random features (the layer index is added per layer).

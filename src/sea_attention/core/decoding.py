@@ -14,9 +14,9 @@ context length (apart from reading its selected keys and values):
 * whether every key and value seen so far was finite (then a step checks only its new ones).
 
 With the length policy (``SEAConfig.dense_until``) a state whose rows were all dense so far keeps
-only its last queries (``queries``: the CNN's 8 history rows, or every query with the block
-grouping), the counts and the value sum; the first longer row turns it into SEA's own state
-(``dense_rows.start_sea``).
+only its last queries (``queries``: the CNN's 8 history rows, and with the block grouping the rows
+back to its open block's first), the counts and the value sum; the first longer row turns it into
+SEA's own state (``dense_rows.start_sea``).
 
 What grows with the context (the prefix sums) lives in ``GrowingRows``: spare capacity that
 doubles when full, so a decoding step writes its new rows instead of copying the whole past.
@@ -97,7 +97,7 @@ class DecodeState:
     bin_sums: "BinSums | None" = None  # kernel_bins / key_bins: the prefix sums over positions
     key_bounds: "BoundTable | None" = None  # key_bounds: the keys' extremes by rank and block windows
     finite_past: bool = True  # every key and value before ``seen`` was finite
-    queries: GrowingRows | None = None  # (B, H, r, d) the last queries while every row was dense (dense_until)
+    queries: Tensor | None = None  # (B, H, r, d) the last queries while every row was dense (dense_until)
 
     @property
     def holds_sea(self) -> bool:
@@ -114,13 +114,13 @@ class DecodeState:
 
     def map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
         """Apply ``fn`` (a new batch dimension 0) to every per-sample tensor of the state, in place."""
-        for name in ("cnn_rows", "cnn_mask", "value_sum", "valid_keys"):
+        for name in ("cnn_rows", "cnn_mask", "value_sum", "valid_keys", "queries"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, fn(value))
         if self.performer is not None:
             self.performer = tuple(fn(x) for x in self.performer)
-        for name in ("bin_sums", "key_bounds", "block", "queries"):  # objects with their own map_batch
+        for name in ("bin_sums", "key_bounds", "block"):  # objects with their own map_batch
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.map_batch(fn))

@@ -15,7 +15,7 @@ when the first longer row comes. ``SEAAttention`` applies the rule.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .call import SEACall
+from .cells import row_keys
 from .config import SEAConfig
-from .decoding import DecodeState, GrowingRows
+from .decoding import DecodeState
 from .estimator.decoder import CausalDecoder
 from .grouping import grouping_for
 from .ops.reference import reference_attention
@@ -47,81 +48,82 @@ def all_dense(call: SEACall, until: int) -> bool:
     return bool(until) and bool((call.asked_lengths <= until).all())
 
 
-def _row_positions(call: SEACall) -> Tensor:
-    """(n,) the key position of each computed query row."""
-    if call.query_rows is not None:
-        return call.first + call.query_rows
-    return torch.arange(call.first, call.k.shape[2], device=call.q.device)
+@dataclass
+class Visible:
+    """The keys the computed rows read, cut after the last one any of them sees (causal), and how."""
 
+    k: Tensor  # (B, H_kv, end, d)
+    v: Tensor  # (B, H_kv, end, d)
+    mask: Tensor | None  # (B, 1, n, end) bool; None: every row sees every key (or is_causal)
+    is_causal: bool  # the rows are every position [0, end) and no key is padding
 
-def _allowed(call: SEACall, causal: bool) -> Tensor | None:
-    """(B, 1, n, Tk) bool, the keys each computed row may see; padding rows see every key (their
-    output is zeroed later, and a row with no key would be NaN in SDPA's backward). None when
-    every row sees every key."""
-    positions = _row_positions(call)
-    if bool(call.key_valid.all()) and (not causal or positions.numel() == 1 and call.query_rows is None):
-        return None
-    keys = torch.arange(call.k.shape[2], device=call.k.device)
-    allowed = call.key_valid[:, None, None, :] & (keys <= positions[:, None] if causal else True)
-    return allowed | ~call.asked(call.query_valid, 1)[:, None, :, None]
+    @classmethod
+    def of(cls, call: SEACall, causal: bool) -> "Visible":
+        """Padding rows see every key: their output is zeroed later, and a row with no key would be
+        NaN in SDPA's backward. A row's keys are ``cells.row_keys``'s, the one rule."""
+        rows = call.query_rows
+        end = call.k.shape[2]
+        if causal:  # no computed row sees a key after the last computed row
+            end = call.first + (int(rows[-1]) if rows is not None else call.q.shape[2] - 1) + 1
+        k, v, key_valid = call.k[:, :, :end], call.v[:, :, :end], call.key_valid[:, :end]
+        count = call.asked_lengths.shape[1]
+        if bool(key_valid.all()) and (not causal or count in (1, end)):  # one last row, or every row
+            return cls(k, v, None, causal and count > 1)
+        seen = row_keys(key_valid, call.asked_lengths) | ~call.asked(call.query_valid, 1)[:, :, None]
+        return cls(k, v, seen[:, None], False)
 
 
 def dense_context(call: SEACall, causal: bool) -> Tensor:
     """(B, H, n, d) exact softmax attention of the computed rows over their allowed keys (SDPA)."""
     q = call.asked(call.q, 2)
-    whole = causal and call.query_rows is None and q.shape[2] == call.k.shape[2] and bool(call.key_valid.all())
-    mask = None if whole else _allowed(call, causal)
-    return F.scaled_dot_product_attention(q, call.k.to(q.dtype), call.v.to(q.dtype), attn_mask=mask,
-                                          is_causal=whole, scale=call.scale, enable_gqa=True)
+    seen = Visible.of(call, causal)
+    return F.scaled_dot_product_attention(q, seen.k.to(q.dtype), seen.v.to(q.dtype), attn_mask=seen.mask,
+                                          is_causal=seen.is_causal, scale=call.scale, enable_gqa=True)
 
 
 def dense_probs(call: SEACall, causal: bool) -> Tensor:
     """(B, H, n, Tk) the computed rows' exact probabilities (the attention view; zero off their keys)."""
     q = call.asked(call.q, 2)
-    allowed = _allowed(call, causal)
-    if allowed is None:
-        allowed = call.key_valid.new_ones(1, 1, q.shape[2], call.k.shape[2])
-    allowed = allowed & call.asked(call.query_valid, 1)[:, None, :, None]
-    return reference_attention(q, call.k, call.v, allowed.expand(-1, q.shape[1], -1, -1), call.scale)[1]
+    seen = Visible.of(call, causal)
+    allowed = row_keys(call.key_valid[:, :seen.k.shape[2]], call.asked_lengths)[:, None]  # padding rows: none
+    probs = reference_attention(q, seen.k, seen.v, allowed.expand(-1, q.shape[1], -1, -1), call.scale)[1]
+    return F.pad(probs, (0, call.k.shape[2] - seen.k.shape[2]))
 
 
-def kept_query_rows(config: SEAConfig) -> int | None:
-    """How many of its last queries a dense-so-far state keeps: a per-query grouping's SEA state needs
-    only the CNN's history rows (the rest of it comes from the keys and values); the block grouping's
-    needs the selection of its open block, so it keeps every query (None)."""
-    return CausalDecoder.HISTORY_ROWS if grouping_for(config).computes_row_subsets else None
+def kept_query_rows(config: SEAConfig) -> int:
+    """How many of its last queries a dense-so-far state keeps: SEA's state needs the CNN's history
+    rows (the rest comes from the keys and values) and, with the block grouping, the rows back to its
+    open block's selecting row."""
+    return CausalDecoder.HISTORY_ROWS + (0 if grouping_for(config).computes_row_subsets else config.query_block)
 
 
-def keep_queries(state: DecodeState, q: Tensor, limit: int | None) -> None:
-    """Add a dense call's queries (B, H, Tq, d) to the state's, keeping the last ``limit`` (None: all)."""
-    if state.queries is None:
-        state.queries = GrowingRows.of(q if limit is None else q[:, :, -limit:], dim=2)
-    elif limit is None:
-        state.queries.append(q)
-    else:
-        state.queries = GrowingRows.of(torch.cat([state.queries.rows, q], dim=2)[:, :, -limit:], dim=2)
+def keep_queries(state: DecodeState, q: Tensor, limit: int) -> None:
+    """Add a dense call's queries (B, H, Tq, d) to the state's, keeping the last ``limit`` (a copy:
+    not a view that would hold the whole call's queries)."""
+    kept = q if state.queries is None else torch.cat([state.queries, q], dim=2)
+    state.queries = kept[:, :, -limit:].clone()
 
 
 def start_sea(sea: "SEAAttention", call: SEACall) -> None:
     """Turn a state that kept queries (every earlier row was dense) into SEA's own, as a SEA prefill of
-    the past would have left it. With only the last queries kept, the per-position work over the past
-    keys (Performer and prefix sums), the CNN history of those rows and the counts fill it; with every
-    query kept, one SEA prefill of them does."""
+    the past would have left it, from the cached keys and values and the kept queries (the rows
+    before them read nothing the state keeps: zeros stand in for them).
+
+    A per-query grouping's state is the per-position work over the past (Performer features and
+    sums, the binned signals' prefix sums: one pass, no estimate) plus the CNN history of the kept
+    rows; the block grouping's also holds its open block's selection, so it runs SEA over the past."""
     state = call.state
     if state is None or state.queries is None:
         return
-    past, kept = state.seen, state.queries.rows  # kept: (B, H, r, d)
-    queries = kept
-    if kept.shape[2] < past:  # the rows before the kept ones read nothing the state keeps: zeros
-        queries = F.pad(kept, (0, 0, past - kept.shape[2], 0))
+    past, kept = state.seen, state.queries  # kept: (B, H, r, d)
+    queries = F.pad(kept, (0, 0, past - kept.shape[2], 0))
     fresh = DecodeState()
     options = {"attention_mask": call.key_valid[:, :past], "scale": call.scale, "k_budget": call.budget,
                "state": fresh, "positions": None if call.positions is None else call.positions[:, :past]}
     prefill = SEACall.build(sea.config, (queries, call.k[:, :, :past], call.v[:, :, :past]), options)
-    if kept.shape[2] < past:
+    if grouping_for(sea.config).computes_row_subsets:
         performer, _ = sea.estimator.per_position(prefill)
-        sea.estimator.remember_cnn_rows(performer, prefill)
-        sea.advance_state(prefill)
+        sea.fill_prefill_state(performer, prefill)
     else:
         sea.sea_output(prefill)  # the output is discarded: only the state is wanted
     for field in fields(DecodeState):

@@ -162,12 +162,16 @@ def format_model_table(name: str, points: list[ModelBenchPoint]) -> str:
     by = {(p.mode, p.length): p for p in points}
     lengths = sorted({p.length for p in points})
     lines = [f"{'model':<16} {'T':>6} {'prefill dense':>14} {'prefill SEA':>12} {'SEA/dense':>10} "
-             f"{'decode dense':>13} {'decode SEA':>11} {'SEA/dense':>10} {'peak MB dense':>14} {'peak MB SEA':>12}"
-             "   (tokens/s)"]
+             f"{'decode dense':>13} {'decode SEA':>11} {'SEA/dense':>10} {'peak MB dense':>14} {'peak MB SEA':>12}",
+             f"{'':<16} {'':>6} {'(tokens/s)':>14}"]
     for t in lengths:
         dense, sea = by[("dense", t)], by[("sea", t)]
         lines.append(f"{name[-16:]:<16} {t:>6} {dense.prefill_tok_s:>14.0f} {sea.prefill_tok_s:>12.0f} "
                      f"{sea.prefill_tok_s / dense.prefill_tok_s:>10.2f} {dense.decode_tok_s:>13.1f} "
                      f"{sea.decode_tok_s:>11.1f} {sea.decode_tok_s / dense.decode_tok_s:>10.2f} "
-                     f"{dense.prefill_peak_mb:>14.0f} {sea.prefill_peak_mb:>12.0f}")
+                     f"{_megabytes(dense.prefill_peak_mb):>14} {_megabytes(sea.prefill_peak_mb):>12}")
     return "\n".join(lines)
+
+
+def _megabytes(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
