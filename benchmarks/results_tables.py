@@ -187,6 +187,15 @@ def dense_until_perplexity(results: Results) -> str:
     return table(["dense_until (SEA@64, undistilled)", "window", "tokens", "dense", "SEA", "x dense"], rows)
 
 
+def needle_8k(results: Results) -> str:
+    """The suite's needle at 8,000 prompt tokens: dense (its run was stopped before SEA's row) and SEA."""
+    dense = next(p for p in results.load("retrieval_needle_8k.json")["points"] if p["method"] == "dense")
+    sea = results.load("retrieval_needle_8k_sea.json")["rows"][0]
+    rows = [["dense attention (every key)", "-", f"{dense['correct']}/{dense['prompts']}"],
+            ["SEA, `sea.patch` defaults (undistilled)", str(sea["k"]), f"{sea['correct']}/{sea['prompts']}"]]
+    return table(["SmolLM2-135M, needle in wiki/BBC test prose, 8,000 prompt tokens", "k", "correct / prompts"], rows)
+
+
 KEY_BOUNDS = [  # (label, needle files at 1k/2k and 4k or None, perplexity file or None, diagnosis at 4k or None)
     ("dense (not SEA)", ("retrieval_validation_default.json", "retrieval_validation_default_4k.json"), None, None),
     ("SEA, `sea.patch` defaults (undistilled)", ("retrieval_validation_default.json",
@@ -546,6 +555,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "retrieval-candidates": retrieval_candidates,
     "refine-perplexity": refine_perplexity,
     "needle-4k": needle_4k,
+    "needle-8k": needle_8k,
     "key-bounds": key_bounds,
     "dense-until-perplexity": dense_until_perplexity,
     "needle-bin-ranks": needle_bin_ranks,
