@@ -558,6 +558,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "needle-8k": needle_8k,
     "key-bounds": key_bounds,
     "dense-until-perplexity": dense_until_perplexity,
+    "model-dense-until": model_cost_table(("model_smollm2_policy_off.json", "model_smollm2_dense_until_2048.json",
+                                           "model_smollm2_dense_until_2048_decode64.json")),
     "needle-bin-ranks": needle_bin_ranks,
     "model-bench": model_bench,
     "decode-latency": decode_latency,
