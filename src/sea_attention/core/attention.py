@@ -160,9 +160,13 @@ class SEAAttention(nn.Module):
     # ------------------------------------------------------------------ the length policy
     def dense_call(self, call: SEACall) -> Tensor:
         """The context of a call whose rows all attend densely; a decoding state keeps its queries."""
-        if call.state is not None:
+        if call.state is not None:  # what start_sea needs: the last queries and the counts
             keep_queries(call.state, call.q, kept_query_rows(self.config))
-            self.advance_state(call)
+            call.state.count_keys(call.key_valid, finite=call.poisoned is None)
+        return self.exact_context(call)
+
+    def exact_context(self, call: SEACall) -> Tensor:
+        """(B, H, n, d) the computed rows' exact attention (SDPA), padding rows zeroed, poisoned rows NaN."""
         return self.mask_rows(dense_context(call, self.config.causal), call)
 
     def with_dense_rows(self, out: SEAOutput, call: SEACall) -> SEAOutput:
@@ -190,12 +194,10 @@ class SEAAttention(nn.Module):
         """(B, H, n, d) the masked exact context of the computed rows, computed up to the last row
         in ``rows`` (B, n) only (the rest is zero: SEA's rows replace it)."""
         last = int(rows.any(0).nonzero().max()) + 1
-        if last == rows.shape[1]:
-            return self.mask_rows(dense_context(call, self.config.causal), call)
-        head = call.query_rows[:last] if call.query_rows is not None else torch.arange(last, device=rows.device)
-        part = replace(call, query_rows=head)
-        context = self.mask_rows(dense_context(part, self.config.causal), part)
-        return F.pad(context, (0, 0, 0, rows.shape[1] - last))
+        if last < rows.shape[1]:
+            head = call.query_rows[:last] if call.query_rows is not None else torch.arange(last, device=rows.device)
+            call = replace(call, query_rows=head)
+        return F.pad(self.exact_context(call), (0, 0, 0, rows.shape[1] - last))
 
     def compose(self, context: Tensor, estimate: Estimate, call: SEACall) -> tuple[Tensor, Tensor | None]:
         """The layer's output from the sparse context: gates, decoding state, norm, masks."""
@@ -256,15 +258,10 @@ class SEAAttention(nn.Module):
 
     def advance_state(self, call: SEACall) -> None:
         """Fold this call's keys into its decoding state (the estimator did its part)."""
-        state, key_valid = call.state, call.key_valid
-        new_valid = key_valid[:, state.seen:]
+        state, new_valid = call.state, call.key_valid[:, call.state.seen:]
         added = (call.v[:, :, state.seen:].float() * new_valid[:, None, :, None]).sum(2)  # (B, H_kv, d)
-        count = new_valid.long().sum(-1)
-        first = not state.seen
-        state.value_sum = added if first else state.value_sum + added
-        state.valid_keys = count if first else state.valid_keys + count
-        state.finite_past = state.finite_past and call.poisoned is None
-        state.seen = key_valid.shape[-1]
+        state.value_sum = added if not state.seen else state.value_sum + added
+        state.count_keys(call.key_valid, finite=call.poisoned is None)
 
     def _norm_output(self, context: Tensor) -> Tensor:
         """'norm' output mode: LayerNorm over all heads, plus the context itself."""

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .attention import running_sum
 from .call import SEACall
-from .dense_rows import all_dense, dense_context
+from .dense_rows import all_dense
 from .estimator.estimator import BinInputs
 from .gates import gate_values
 from .grouping import Grouping, grouping_for
@@ -107,7 +107,7 @@ def _span_context(sea: "SEAAttention", shared: PerPosition, call: SEACall, lo: i
     if all_dense(part, sea.config.dense_until):
         if shared.mean is not None:
             shared.mean.span(lo, hi)  # carries the running sum to the next span
-        return sea.mask_rows(dense_context(part, sea.config.causal), part)
+        return sea.exact_context(part)
     estimate = sea.estimator.estimate_span(shared.performer, shared.bins, call, lo, hi)
     context = shared.grouping.run(estimate, part).context  # (B, H, n, d)
     if shared.mean is not None:

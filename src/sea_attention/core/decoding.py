@@ -15,7 +15,7 @@ context length (apart from reading its selected keys and values):
 
 With the length policy (``SEAConfig.dense_until``) a state whose rows were all dense so far keeps
 only its last queries (``queries``: the CNN's 8 history rows, and with the block grouping the rows
-back to its open block's first), the counts and the value sum; the first longer row turns it into
+back to its open block's first) and the counts; the first longer row turns it into
 SEA's own state (``dense_rows.start_sea``).
 
 What grows with the context (the prefix sums) lives in ``GrowingRows``: spare capacity that
@@ -98,6 +98,14 @@ class DecodeState:
     key_bounds: "BoundTable | None" = None  # key_bounds: the keys' extremes by rank and block windows
     finite_past: bool = True  # every key and value before ``seen`` was finite
     queries: Tensor | None = None  # (B, H, r, d) the last queries while every row was dense (dense_until)
+
+    def count_keys(self, key_valid: Tensor, finite: bool) -> None:
+        """Count a call's new valid keys (``key_valid`` (B, Tk), its keys after ``seen``) and whether
+        they were all finite; ``seen`` becomes Tk."""
+        count = key_valid[:, self.seen:].long().sum(-1)
+        self.valid_keys = count if not self.seen else self.valid_keys + count
+        self.finite_past = self.finite_past and finite
+        self.seen = key_valid.shape[-1]
 
     @property
     def holds_sea(self) -> bool:
