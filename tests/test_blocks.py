@@ -8,9 +8,11 @@ import torch
 from conftest import exact_attention, make_qkv, padding_mask
 from naive import naive_cells_to_keys
 from sea_attention import DecodeState, SEAAttention, SEAConfig
-from sea_attention.core.blocks import EXCLUDED, BlockRequest, block_dense_mask, block_slots, select_blocks
+from sea_attention.core.blocks import (
+    EXCLUDED, BlockKeys, BlockRequest, block_dense_mask, block_slots, select_blocks,
+)
 from sea_attention.core.cells import cell_starts, live_cells, query_lengths
-from sea_attention.core.ops.block_sparse import BlockSparseAttention
+from sea_attention.core.ops.block_sparse import BlockSparseAttention, head_lists
 from sea_attention.core.ops.reference import reference_attention
 from sea_attention.core.selection import select_cells
 
@@ -126,7 +128,7 @@ def test_block_op_matches_reference_with_gradients(batch, heads, kv_heads, tq, t
     assert fast.slots is None and fast.cells.shape == (batch, heads, tq, 8)
 
 
-@pytest.mark.parametrize("mode", ["cells", "dense", "auto"])
+@pytest.mark.parametrize("mode", ["lists", "dense", "auto"])
 @pytest.mark.parametrize("causal, kv_heads, tq, tk", [(True, 2, 70, 70), (True, 1, 21, 90), (False, 4, 60, 60)])
 def test_both_strategies_match_the_reference(mode, causal, kv_heads, tq, tk):
     torch.manual_seed(2)
@@ -248,3 +250,33 @@ def test_slots_of_a_few_queries_match_the_mask(tq, tk):
     mask = block_dense_mask(selection, key_valid, k, heads, tq)
     assert torch.equal(slots.dense_mask(heads, tk), mask)
     assert int(slots.valid.sum()) == int(mask.sum())  # no key twice
+
+
+def test_head_lists_hold_each_heads_keys_in_cell_order():
+    torch.manual_seed(4)
+    bsz, n, cells, emitted, heads = 2, 3, 5, 4, 3
+    keys = BlockKeys(torch.randint(0, heads, (bsz, n, cells)), torch.randint(0, 50, (bsz, n, cells, emitted)),
+                     torch.rand(bsz, n, cells, emitted) < 0.6)
+    keys.key = torch.where(keys.valid, keys.key, 0)
+    lists = head_lists(keys, heads)
+    for b in range(bsz):
+        for i in range(n):
+            for h in range(heads):
+                want = [int(keys.key[b, i, c, e]) for c in range(cells) for e in range(emitted)
+                        if keys.head[b, i, c] == h and keys.valid[b, i, c, e]]
+                got = lists.key[b, h, i][lists.valid[b, h, i]].tolist()
+                assert got == want
+    assert lists.key.shape[-1] == int(lists.valid.sum(-1).max())
+
+
+def test_a_run_without_selected_keys_attends_its_tile_only():
+    """Every block's first row: no cell before it, so each head's list is empty."""
+    torch.manual_seed(6)
+    bsz, heads, tq, k = 1, 2, 32, 4
+    key_valid, query_valid, selection = random_selection(bsz, heads, tq, tq, k, pad=0, causal=True)
+    selection.cells.zero_()
+    q, k_, v = make_qkv(bsz, heads, heads, tq, tq, 8, dtype=torch.float64)
+    out, nnz = BlockSparseAttention(chunk_blocks=1, mode="lists")(q, k_, v, selection, key_valid, 0.3, k)
+    expected, _ = reference_attention(q, k_, v, block_dense_mask(selection, key_valid, k, heads, tq), 0.3)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    assert torch.equal(nnz, (torch.arange(tq) % 16 + 1).expand(bsz, heads, -1))

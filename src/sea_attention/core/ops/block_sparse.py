@@ -1,11 +1,11 @@
 """Attention for the query-block grouping (``blocks.py``): dense block products.
 
-All queries of a block attend the same selected cells, so each cell's keys are gathered
-once per block and scored with one (block x d) @ (d x keys) product; causal blocks add
-their own keys as a dense (block x block) tile. One softmax per query and head runs over
-the tile and that head's cells together (max and sum combined across them with
-scatter-reduce). Plain autograd: the products are dense, so there is no per-query gather
-to avoid in backward. Blocks are processed a few at a time, so memory is linear in T.
+All queries of a block attend the same selected cells, so each head's selected keys are
+gathered once per block into one list (``head_lists``) and scored with one
+(block x d) @ (d x keys) product; causal blocks add their own keys as a dense
+(block x block) tile. One softmax per query and head runs over the list and the tile
+together. Plain autograd: the products are dense, so there is no per-query gather to
+avoid in backward. Blocks are processed a few at a time, so memory is linear in T.
 
 The reference is ``reference.reference_attention`` on ``blocks.block_dense_mask``.
 """
@@ -21,12 +21,12 @@ from torch import Tensor
 from ..blocks import BlockKeys, BlockSelection, block_keys, span_mask, tile_mask
 from ..cells import valid_key_positions
 
-MODES = ("auto", "cells", "dense")
+MODES = ("auto", "lists", "dense")
 
 
 def _use_dense(mode: str, dense_work: int, cell_work: int) -> bool:
-    """Work per query row: dense scores every key of the span for every head; the cell
-    path copies each cell's query (d) and scores its keys, at several times the cost per
+    """Work per query row: dense scores every key of the span for every head; the list path
+    gathers each selected key once per block and scores it, at several times the cost per
     element of a dense product."""
     return mode == "dense" or (mode == "auto" and dense_work <= 2 * cell_work)
 
@@ -87,38 +87,50 @@ class _BlockRun:
         allowed = span_mask(self.selection, keys, self.key_valid, lo, hi, span, self.q_blocks.shape[1])
         return _dense_chunk(self.q_blocks[:, :, lo:hi], self.k[:, :, :span], self.v[:, :, :span], allowed)
 
-    def cells(self, lo: int, hi: int, keys: BlockKeys) -> tuple[Tensor, Tensor]:
-        """Blocks lo:hi scored against their cells' keys (and their tiles): (B, n, H, Bq, d), (B, n, H, Bq).
+    def lists(self, lo: int, hi: int, keys: BlockKeys) -> tuple[Tensor, Tensor]:
+        """Blocks lo:hi scored against each head's list of selected keys (and their tiles):
+        (B, n, H, Bq, d), (B, n, H, Bq).
 
-        Scores become weights in place (masked, shifted by the per-head maximum,
-        exponentiated): every extra pass over them and every fresh allocation costs as much
-        as the products.
+        One (block x d) @ (d x keys) product per block and head, however many cells the head
+        picked. Scores become weights in place (masked, shifted by the row maximum,
+        exponentiated): every extra pass over them costs as much as the products.
         """
-        q_chunk = self.q_blocks[:, :, lo:hi]
-        w_cells, v_cells = self._cell_scores(q_chunk, keys)  # (B, n, C, Bq, E), (B, n, C, E, d)
-        w_tile, allowed = self._tile_scores(q_chunk, lo, hi) if self.selection.causal else (None, None)
-        parts = _CellParts(keys, q_chunk.shape[1], q_chunk.shape[3])
-        peak = parts.peak(w_cells, w_tile, self.lowest)  # (B, n, H, Bq)
-        numerator, denominator, count = parts.sums(w_cells, v_cells, peak)
-        if w_tile is not None:
-            numerator, denominator, count = self._add_tile(w_tile, allowed, peak, (numerator, denominator, count),
-                                                           self.tiles[1][:, :, lo:hi])
-        out = numerator / denominator.clamp_min(torch.finfo(q_chunk.dtype).tiny).unsqueeze(-1)
-        return torch.where((peak > self.lowest).unsqueeze(-1), out, 0.0), count
-
-    def _cell_scores(self, q_chunk: Tensor, keys: BlockKeys) -> tuple[Tensor, Tensor]:
-        """Each cell's query block against its keys, -inf where a key is unused; and the cells' values."""
-        bsz, heads, n, block, dim = q_chunk.shape
-        kv_heads, tk = self.k.shape[1], self.k.shape[2]
-        batch = torch.arange(bsz, device=q_chunk.device).view(-1, 1, 1)
-        rows = ((batch * kv_heads + keys.head // (heads // kv_heads)) * tk).unsqueeze(-1) + keys.key  # (B, n, C, E)
-        k_cells = self.k.reshape(-1, dim).index_select(0, rows.flatten()).view(*rows.shape, dim)
-        v_cells = self.v.reshape(-1, dim).index_select(0, rows.flatten()).view(*rows.shape, dim)
-        head_of = keys.head[..., None, None].expand(-1, -1, -1, block, dim)
-        q_cells = q_chunk.transpose(1, 2).gather(2, head_of)  # (B, n, C, Bq, d): each cell's own head
+        q_chunk = self.q_blocks[:, :, lo:hi]  # (B, H, n, Bq, d)
+        lists = head_lists(keys, q_chunk.shape[1])  # (B, H, n, L)
+        k_sel, v_sel = self._gather(lists)  # (B, H, n, L, d)
         # masked scores are -inf (exp() is slow on huge finite negatives); the shift stays finite
-        w_cells = (q_cells @ k_cells.transpose(-1, -2)).masked_fill_(~keys.valid.unsqueeze(-2), float("-inf"))
-        return w_cells, v_cells
+        w_sel = (q_chunk @ k_sel.transpose(-1, -2)).masked_fill_(~lists.valid.unsqueeze(-2), float("-inf"))
+        count = lists.valid.sum(-1, keepdim=True).expand(-1, -1, -1, q_chunk.shape[3])  # (B, H, n, Bq)
+        w_tile = allowed = None
+        if self.selection.causal:
+            w_tile, allowed = self._tile_scores(q_chunk, lo, hi)
+            count = count + allowed.sum(-1)
+        with torch.no_grad():  # softmax is shift-invariant: the maximum needs no gradient
+            peak = w_sel.amax(-1) if w_sel.shape[-1] else torch.full_like(count, self.lowest, dtype=w_sel.dtype)
+            peak = peak if w_tile is None else torch.maximum(peak, w_tile.amax(-1))
+            peak = peak.clamp_min(self.lowest).unsqueeze(-1)  # (B, H, n, Bq, 1); lowest: no key at all
+        w_sel = w_sel.sub_(peak).exp_()  # exp(-inf - peak) = 0 exactly
+        numerator, denominator = w_sel @ v_sel, w_sel.sum(-1)
+        if w_tile is not None:
+            w_tile = w_tile.sub_(peak).exp_()
+            kv_heads, heads = self.k.shape[1], q_chunk.shape[1]
+            v_tiles = self.tiles[1][:, :, lo:hi].unsqueeze(2)  # (B, H_kv, 1, n, Bq, d)
+            tile_out = w_tile.view(w_tile.shape[0], kv_heads, heads // kv_heads, *w_tile.shape[2:]) @ v_tiles
+            numerator = numerator + tile_out.view_as(numerator)
+            denominator = denominator + w_tile.sum(-1)
+        out = numerator / denominator.clamp_min(torch.finfo(q_chunk.dtype).tiny).unsqueeze(-1)
+        out = torch.where(peak > self.lowest, out, 0.0)
+        return out.transpose(1, 2), count.transpose(1, 2)
+
+    def _gather(self, lists: "HeadLists") -> tuple[Tensor, Tensor]:
+        """The listed keys and values of each head's kv head: (B, H, n, L, d) each."""
+        bsz, heads, n, length = lists.key.shape
+        kv_heads, tk, dim = self.k.shape[1], self.k.shape[2], self.k.shape[3]
+        kv_of = torch.arange(heads, device=lists.key.device) // (heads // kv_heads)
+        base = (torch.arange(bsz, device=lists.key.device)[:, None] * kv_heads + kv_of) * tk  # (B, H)
+        rows = (base[:, :, None, None] + lists.key).flatten()
+        return tuple(x.reshape(-1, dim).index_select(0, rows).view(bsz, heads, n, length, dim)
+                     for x in (self.k, self.v))
 
     def _tile_scores(self, q_chunk: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         """(B, H, n, Bq, Bq) each causal block's queries against its own keys, -inf where not allowed;
@@ -130,59 +142,38 @@ class _BlockRun:
         w_tile = (q_grouped @ self.tiles[0][:, :, lo:hi].unsqueeze(2).transpose(-1, -2))
         return w_tile.view(bsz, heads, n, block, block).masked_fill_(~allowed, float("-inf")), allowed
 
-    def _add_tile(self, w_tile: Tensor, allowed: Tensor, peak: Tensor,
-                  sums: tuple[Tensor, Tensor, Tensor], v_tiles: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The tile's share of the softmax sums (numerator, denominator, key count); v_tiles (B, H_kv, n, Bq, d)."""
-        numerator, denominator, count = sums
-        bsz, heads, n, block, _ = w_tile.shape
-        kv_heads = self.k.shape[1]
-        w_tile = w_tile.sub_(peak.transpose(1, 2).unsqueeze(-1)).exp_()
-        tile_out = w_tile.view(bsz, kv_heads, heads // kv_heads, n, block, block) @ v_tiles.unsqueeze(2)
-        numerator = numerator + tile_out.view(bsz, heads, n, block, -1).transpose(1, 2)
-        denominator = denominator + w_tile.sum(-1).transpose(1, 2)
-        return numerator, denominator, count + allowed.sum(-1).transpose(1, 2)
-
 
 @dataclass
-class _CellParts:
-    """Per-head reductions over a run's cells (each cell belongs to one head)."""
+class HeadLists:
+    """Each head's selected keys in a run of blocks, compacted to the front: head ``h`` of block
+    ``i`` attends the key positions ``key[b, h, i, valid[b, h, i]]``."""
 
-    keys: BlockKeys
-    heads: int
-    block: int
+    key: Tensor  # (B, H, n, L) key positions (0 where not valid)
+    valid: Tensor  # (B, H, n, L)
 
-    def peak(self, w_cells: Tensor, w_tile: Tensor | None, lowest: float) -> Tensor:
-        """(B, n, H, Bq) the per-head maximum score; ``lowest`` where a head has no key."""
-        bsz, n = self.keys.head.shape[:2]
-        with torch.no_grad():  # softmax is shift-invariant: the maximum needs no gradient
-            peak = torch.full((bsz, n, self.heads, self.block), lowest, dtype=w_cells.dtype, device=w_cells.device)
-            peak = peak.scatter_reduce_(2, self._head_rows(), w_cells.amax(-1), "amax")
-            if w_tile is not None:
-                peak = torch.maximum(peak, w_tile.amax(-1).transpose(1, 2))
-        return peak
 
-    def sums(self, w_cells: Tensor, v_cells: Tensor, peak: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Exponentiated cell weights summed per head: numerator (B, n, H, Bq, d), denominator, key count."""
-        head_rows = self._head_rows()
-        bsz, n, _, _, dim = v_cells.shape
-        # exp(-inf - peak) = 0 exactly; a head with no key keeps peak = lowest and is zeroed at the end
-        w_cells = w_cells.sub_(peak.gather(2, head_rows).unsqueeze(-1)).exp_()
-        head_of = self.keys.head[..., None, None].expand(-1, -1, -1, self.block, dim)
-        numerator = w_cells.new_zeros(bsz, n, self.heads, self.block, dim).scatter_add_(2, head_of, w_cells @ v_cells)
-        denominator = w_cells.new_zeros(bsz, n, self.heads, self.block).scatter_add_(2, head_rows, w_cells.sum(-1))
-        count = torch.zeros(bsz, n, self.heads, dtype=torch.long, device=w_cells.device)
-        count = count.scatter_add_(2, self.keys.head, self.keys.valid.sum(-1)).unsqueeze(-1)
-        return numerator, denominator, count.expand(-1, -1, -1, self.block)
-
-    def _head_rows(self) -> Tensor:
-        return self.keys.head.unsqueeze(-1).expand(-1, -1, -1, self.block)  # (B, n, C, Bq)
+def head_lists(keys: BlockKeys, heads: int) -> HeadLists:
+    """Regroup a run's cell keys (cells of any head, ``BlockKeys``) into one list per head, as long
+    as the longest head's; keys keep their cell order within a head."""
+    bsz, n = keys.head.shape[:2]
+    head = keys.head.unsqueeze(-1).expand_as(keys.key).reshape(bsz, n, -1)  # (B, n, C*E)
+    valid = keys.valid.reshape(bsz, n, -1)
+    mine = (head.unsqueeze(-1) == torch.arange(heads, device=head.device)) & valid.unsqueeze(-1)  # (B, n, C*E, H)
+    rank = (mine.long().cumsum(2) - 1).gather(-1, head.unsqueeze(-1)).squeeze(-1)  # (B, n, C*E) place in its list
+    count = mine.sum(2)  # (B, n, H)
+    length = int(count.max()) if count.numel() else 0
+    slot = torch.where(valid, head * length + rank, heads * length)  # invalid keys land in a dump column
+    key = keys.key.new_zeros(bsz, n, heads * length + 1).scatter_(-1, slot, keys.key.reshape(bsz, n, -1))
+    key = key[..., :-1].view(bsz, n, heads, length).transpose(1, 2)
+    valid = torch.arange(length, device=head.device) < count.transpose(1, 2).unsqueeze(-1)
+    return HeadLists(key.contiguous(), valid)
 
 
 @dataclass(frozen=True)
 class BlockSparseAttention:
     """Softmax attention of each query over its block's selected keys (plus its tile).
 
-    ``mode``: per run of ``chunk_blocks`` blocks, ``cells`` scores each selected cell's keys;
+    ``mode``: per run of ``chunk_blocks`` blocks, ``lists`` scores each head's list of selected keys;
     ``dense`` scores every key before the run's end and masks (cheaper while the prefix is
     short); ``auto`` picks the one with fewer scores (all give the same result).
     """
@@ -209,10 +200,10 @@ class BlockSparseAttention:
             # keys these blocks can reach: causal ones end at the run's last position
             span = min(k.shape[2], (selection.first_block + hi) * selection.block) if selection.causal else k.shape[2]
             cells, emitted = keys.key.shape[-2:]
-            if _use_dense(self.mode, heads * span, cells * (emitted + dim)):
+            if _use_dense(self.mode, heads * span, cells * emitted):
                 context[:, lo:hi], count = run.dense(lo, hi, keys, span)
             else:
-                context[:, lo:hi], count = run.cells(lo, hi, keys)
+                context[:, lo:hi], count = run.lists(lo, hi, keys)
             counts.append(count)
         rows = slice(selection.front, selection.front + tq)
         context = context.permute(0, 2, 1, 3, 4).reshape(bsz, heads, -1, dim)[:, :, rows]
