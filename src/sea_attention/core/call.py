@@ -90,6 +90,13 @@ class SEACall:
         return self.asked(self.lengths, 1)
 
 
+def _all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, screened by one sum: a sum is finite only if every
+    term is (an inf or NaN term makes it inf or NaN). A sum that overflows, though every entry is
+    finite, falls back to the elementwise check."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+
+
 def _finite_inputs(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, causal: bool,
                    checked_from: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Keep non-finite inputs from reaching rows that do not attend to them.
@@ -104,7 +111,7 @@ def _finite_inputs(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, causal: b
     a decoding step reads only its new ones.
     """
     new_k, new_v = k[:, :, checked_from:], v[:, :, checked_from:]
-    if bool(torch.isfinite(q).all() & torch.isfinite(new_k).all() & torch.isfinite(new_v).all()):
+    if all(_all_finite(x) for x in (q, new_k, new_v)):
         return q, k, v, None
     tk, tq = k.shape[2], q.shape[2]
     query_valid = key_valid[:, tk - tq:]

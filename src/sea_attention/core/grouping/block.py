@@ -69,4 +69,7 @@ class BlockGrouping(Grouping):
             context, nnz = block_sparse_attention(call.q, call.k, call.v, selection, call.key_valid, call.scale,
                                                   call.budget)
         valid = call.query_valid[:, None, :]  # padding queries report no keys, as with the other groupings
-        return Attended(context, selection.per_query_cells(tq) & valid.unsqueeze(-1), nnz * valid, attention)
+        cells = selection.per_query_cells(tq)
+        if not bool(call.query_valid.all()):  # a (B, H, Tq, K) pass saved when no row is padding
+            cells = cells & valid.unsqueeze(-1)
+        return Attended(context, cells, nnz * valid, attention)

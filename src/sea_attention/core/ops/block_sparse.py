@@ -2,9 +2,8 @@
 
 All queries of a block attend the same selected cells, so each head's selected keys are
 gathered once per block into one list (``head_lists``) and scored with one
-(block x d) @ (d x keys) product; causal blocks add their own keys as a dense
-(block x block) tile. One softmax per query and head runs over the list and the tile
-together. Plain autograd: the products are dense, so there is no per-query gather to
+(block x d) @ (d x keys) product; causal blocks append their own keys to the list, a tile
+masked causally. One softmax per query and head runs over the list. Plain autograd: the products are dense, so there is no per-query gather to
 avoid in backward. Blocks are processed a few at a time, so memory is linear in T.
 
 The reference is ``reference.reference_attention`` on ``blocks.block_dense_mask``.
@@ -59,7 +58,6 @@ class _BlockRun:
     q_blocks: Tensor  # (B, H, nb, Bq, d) scaled queries, padded to whole blocks
     k: Tensor  # (B, H_kv, Tk, d) in the compute dtype
     v: Tensor
-    tiles: tuple[Tensor, Tensor] | None  # causal: each block's own keys and values (B, H_kv, nb, Bq, d)
     selection: BlockSelection
     key_valid: Tensor  # (B, Tk)
     lowest: float  # the softmax shift's floor: finite, so rows without keys stay NaN-free
@@ -68,19 +66,11 @@ class _BlockRun:
     def prepare(cls, q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
                 scale: float) -> "_BlockRun":
         bsz, heads, tq, dim = q.shape
-        kv_heads, tk = k.shape[1], k.shape[2]
         compute = torch.promote_types(q.dtype, torch.float32)
         block, num_blocks, front = selection.block, selection.num_blocks, selection.front
         q_scaled = q.to(compute) * scale  # the scale folded into q once, not into every score
         q_blocks = _pad_rows(q_scaled, front, num_blocks * block - tq - front).view(bsz, heads, num_blocks, block, dim)
-        k_c, v_c = k.to(compute), v.to(compute)
-        tiles = None
-        if selection.causal:  # each block's own keys, padded past the end
-            start = selection.first_block * block
-            pad = start + num_blocks * block - tk
-            tiles = tuple(_pad_rows(x[:, :, start:], 0, pad).view(bsz, kv_heads, num_blocks, block, dim)
-                          for x in (k_c, v_c))
-        return cls(q_blocks, k_c, v_c, tiles, selection, key_valid, torch.finfo(compute).min)
+        return cls(q_blocks, k.to(compute), v.to(compute), selection, key_valid, torch.finfo(compute).min)
 
     def dense(self, lo: int, hi: int, keys: BlockKeys, span: int) -> tuple[Tensor, Tensor]:
         """Blocks lo:hi scored against every key before ``span``, masked to their keys."""
@@ -88,59 +78,43 @@ class _BlockRun:
         return _dense_chunk(self.q_blocks[:, :, lo:hi], self.k[:, :, :span], self.v[:, :, :span], allowed)
 
     def lists(self, lo: int, hi: int, keys: BlockKeys) -> tuple[Tensor, Tensor]:
-        """Blocks lo:hi scored against each head's list of selected keys (and their tiles):
-        (B, n, H, Bq, d), (B, n, H, Bq).
+        """Blocks lo:hi scored against each head's list of selected keys, followed (causal) by the
+        block's own keys, its tile: (B, n, H, Bq, d), (B, n, H, Bq).
 
         One (block x d) @ (d x keys) product per block and head, however many cells the head
         picked. Scores become weights in place (masked, shifted by the row maximum,
         exponentiated): every extra pass over them costs as much as the products.
         """
         q_chunk = self.q_blocks[:, :, lo:hi]  # (B, H, n, Bq, d)
-        lists = head_lists(keys, q_chunk.shape[1])  # (B, H, n, L)
-        k_sel, v_sel = self._gather(lists)  # (B, H, n, L, d)
+        bsz, heads, n, block, _ = q_chunk.shape
+        lists = head_lists(keys, heads)  # (B, H, n, L)
+        key, allowed = lists.key, lists.valid.unsqueeze(-2).expand(-1, -1, -1, block, -1)  # (B, H, n, Bq, L)
+        if self.selection.causal:  # the tile: key positions tile_start.. of each block, masked causally
+            base = (self.selection.first_block + torch.arange(lo, hi, device=key.device)) * block
+            tile = (base[:, None] + torch.arange(block, device=key.device)).clamp_max(self.k.shape[2] - 1)
+            key = torch.cat([key, tile.expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, n, L + Bq)
+            own = tile_mask(self.selection, self.key_valid, lo, hi).unsqueeze(1).expand(-1, heads, -1, -1, -1)
+            allowed = torch.cat([allowed, own], dim=-1)  # (B, H, n, Bq, L + Bq)
+        k_sel, v_sel = self._gather(key)  # (B, H, n, L + Bq, d)
         # masked scores are -inf (exp() is slow on huge finite negatives); the shift stays finite
-        w_sel = (q_chunk @ k_sel.transpose(-1, -2)).masked_fill_(~lists.valid.unsqueeze(-2), float("-inf"))
-        count = lists.valid.sum(-1, keepdim=True).expand(-1, -1, -1, q_chunk.shape[3])  # (B, H, n, Bq)
-        w_tile = allowed = None
-        if self.selection.causal:
-            w_tile, allowed = self._tile_scores(q_chunk, lo, hi)
-            count = count + allowed.sum(-1)
+        w = (q_chunk @ k_sel.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
         with torch.no_grad():  # softmax is shift-invariant: the maximum needs no gradient
-            peak = w_sel.amax(-1) if w_sel.shape[-1] else torch.full_like(count, self.lowest, dtype=w_sel.dtype)
-            peak = peak if w_tile is None else torch.maximum(peak, w_tile.amax(-1))
-            peak = peak.clamp_min(self.lowest).unsqueeze(-1)  # (B, H, n, Bq, 1); lowest: no key at all
-        w_sel = w_sel.sub_(peak).exp_()  # exp(-inf - peak) = 0 exactly
-        numerator, denominator = w_sel @ v_sel, w_sel.sum(-1)
-        if w_tile is not None:
-            w_tile = w_tile.sub_(peak).exp_()
-            kv_heads, heads = self.k.shape[1], q_chunk.shape[1]
-            v_tiles = self.tiles[1][:, :, lo:hi].unsqueeze(2)  # (B, H_kv, 1, n, Bq, d)
-            tile_out = w_tile.view(w_tile.shape[0], kv_heads, heads // kv_heads, *w_tile.shape[2:]) @ v_tiles
-            numerator = numerator + tile_out.view_as(numerator)
-            denominator = denominator + w_tile.sum(-1)
-        out = numerator / denominator.clamp_min(torch.finfo(q_chunk.dtype).tiny).unsqueeze(-1)
+            peak = w.amax(-1, keepdim=True) if w.shape[-1] else w.new_full((*w.shape[:-1], 1), self.lowest)
+            peak = peak.clamp_min(self.lowest)  # (B, H, n, Bq, 1); lowest: no key at all
+        w = w.sub_(peak).exp_()  # exp(-inf - peak) = 0 exactly
+        out = (w @ v_sel) / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         out = torch.where(peak > self.lowest, out, 0.0)
-        return out.transpose(1, 2), count.transpose(1, 2)
+        return out.transpose(1, 2), allowed.sum(-1).transpose(1, 2)
 
-    def _gather(self, lists: "HeadLists") -> tuple[Tensor, Tensor]:
-        """The listed keys and values of each head's kv head: (B, H, n, L, d) each."""
-        bsz, heads, n, length = lists.key.shape
+    def _gather(self, key: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values at ``key`` (B, H, n, L) positions of each head's kv head: (B, H, n, L, d) each."""
+        bsz, heads, n, length = key.shape
         kv_heads, tk, dim = self.k.shape[1], self.k.shape[2], self.k.shape[3]
-        kv_of = torch.arange(heads, device=lists.key.device) // (heads // kv_heads)
-        base = (torch.arange(bsz, device=lists.key.device)[:, None] * kv_heads + kv_of) * tk  # (B, H)
-        rows = (base[:, :, None, None] + lists.key).flatten()
+        kv_of = torch.arange(heads, device=key.device) // (heads // kv_heads)
+        base = (torch.arange(bsz, device=key.device)[:, None] * kv_heads + kv_of) * tk  # (B, H)
+        rows = (base[:, :, None, None] + key).flatten()
         return tuple(x.reshape(-1, dim).index_select(0, rows).view(bsz, heads, n, length, dim)
                      for x in (self.k, self.v))
-
-    def _tile_scores(self, q_chunk: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-        """(B, H, n, Bq, Bq) each causal block's queries against its own keys, -inf where not allowed;
-        and that mask (B, 1, n, Bq, Bq)."""
-        bsz, heads, n, block, dim = q_chunk.shape
-        kv_heads = self.k.shape[1]
-        allowed = tile_mask(self.selection, self.key_valid, lo, hi).unsqueeze(1)  # (B, 1, n, Bq, Bq)
-        q_grouped = q_chunk.reshape(bsz, kv_heads, heads // kv_heads, n, block, dim)
-        w_tile = (q_grouped @ self.tiles[0][:, :, lo:hi].unsqueeze(2).transpose(-1, -2))
-        return w_tile.view(bsz, heads, n, block, block).masked_fill_(~allowed, float("-inf")), allowed
 
 
 @dataclass
@@ -178,7 +152,7 @@ class BlockSparseAttention:
     short); ``auto`` picks the one with fewer scores (all give the same result).
     """
 
-    chunk_blocks: int = 8
+    chunk_blocks: int = 16
     mode: str = "auto"
 
     def __post_init__(self) -> None:
