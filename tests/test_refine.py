@@ -107,3 +107,49 @@ def test_candidate_scores_are_the_dense_scores_at_the_slots():
                                      slots.head, slots.key]  # (B, Tq, S)
     expected = expected.masked_fill(~slots.valid, float("-inf"))
     torch.testing.assert_close(candidate_scores(q, k, slots, 0.7, chunk=5), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("candidates", [2, 4])
+@pytest.mark.parametrize("pad", [0, 5])
+def test_anchored_refinement_equals_the_dense_reference(candidates, pad):
+    """The anchors' keys first (best first when a head has more than it keeps), then the best others."""
+    from sea_attention.core.cells import stretch_estimate
+    from sea_attention.core.refine import anchor_slots
+
+    torch.manual_seed(3)
+    bsz, heads, tk, width = 2, 4, 30, 8
+    q, k, _ = make_qkv(bsz, heads, 2, tk, tk, 8)
+    mask = padding_mask(bsz, tk, pad)
+    slots, lengths = _random_slots(bsz, heads, tk, tk, width, mask)
+    anchors = torch.rand(bsz, heads, tk, width) < 0.3
+    anchored = anchor_slots(slots, anchors, lengths, mask)
+    refined = refine_slots(q, k, slots, candidates, scale=0.3, chunk=7, anchored=anchored)
+    anchor_keys = stretch_estimate(anchors.double(), mask, lengths) > 0  # (B, H, Tq, Tk): keys of anchor cells
+    expected = naive_refine(q, k, slots, candidates, scale=0.3, anchored=anchor_keys)
+    assert torch.equal(refined.dense_mask(heads, tk), expected)
+    kept_anchors = (expected & anchor_keys).sum(-1)
+    offered = (slots.dense_mask(heads, tk) & anchor_keys).sum(-1)
+    keep = (slots.dense_mask(heads, tk).sum(-1) + candidates - 1) // candidates
+    assert torch.equal(kept_anchors, torch.minimum(offered, keep))  # anchors go first
+
+
+def test_estimate_share_keeps_the_estimates_cells_and_matches_the_reference_path():
+    shared = _layer(candidates=4, estimate_share=0.5)
+    reference = _layer(candidates=4, estimate_share=0.5, attention_path="reference")
+    reference.load_state_dict(shared.state_dict())
+    plain = _layer(candidates=4)
+    plain.load_state_dict(shared.state_dict())
+    q, k, v = make_qkv(2, 4, 2, 40, 40, 16)
+    mask = padding_mask(2, 40, 5)
+    a, b, c = (m(q, k, v, attention_mask=mask) for m in (shared, reference, plain))
+    torch.testing.assert_close(a.context, b.context, atol=1e-5, rtol=1e-5)
+    assert torch.equal(a.nnz, c.nnz)  # the same number of keys per query and head
+    assert not torch.equal(a.slots.dense_mask(4, 40), c.slots.dense_mask(4, 40))
+
+
+@pytest.mark.parametrize("bad, match", [(dict(estimate_share=0.5), "candidates > 1"),
+                                        (dict(candidates=2, estimate_share=1.5), "from 0 to 1"),
+                                        (dict(candidates=2, estimate_share="half"), "from 0 to 1")])
+def test_estimate_share_is_refused_where_it_cannot_run(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SEAConfig(num_heads=4, head_dim=16, **bad)
