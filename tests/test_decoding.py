@@ -105,3 +105,18 @@ def test_the_decoders_tail_equals_the_rows_of_its_full_forward(rows):
     mask = (torch.rand(2, 1, history + rows, 1) > 0.3).float()
     full = decoder(image, mask)[:, :, history:]
     torch.testing.assert_close(decoder.tail(image, mask), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grouping", ["query", "block"])
+@pytest.mark.parametrize("inference", [True, False])
+def test_a_prefills_state_keeps_no_view_of_its_whole_image(grouping, inference):
+    """The CNN history is the last 8 rows: a view of the prefill's (B, H*c, T, w) image would keep
+    every row alive as long as the state (a 30-layer model's 8k prefill: over 1 GB)."""
+    module = SEAAttention(SEAConfig(num_heads=4, num_kv_heads=2, head_dim=16, k=4, estimate_width=8,
+                                    grouping=grouping, query_block=8)).eval()
+    q, k, v = make_qkv(1, 4, 2, 64, 64, 16)
+    state = DecodeState()
+    with torch.no_grad():
+        (module.context_only if inference else module)(q, k, v, state=state)
+    for rows in (state.cnn_rows, state.cnn_mask):
+        assert rows.untyped_storage().nbytes() == rows.numel() * rows.element_size()

@@ -319,7 +319,8 @@ class AttentionEstimator(nn.Module):
             state.cnn_mask = row_mask.new_zeros(row_mask.shape[0], 1, history, 1)
         image = torch.cat([state.cnn_rows.to(image.dtype), image], dim=2)
         row_mask = torch.cat([state.cnn_mask.to(row_mask.dtype), row_mask], dim=2)
-        state.cnn_rows, state.cnn_mask = image[:, :, -history:], row_mask[:, :, -history:]
+        # copies, not views: a view of a prefill's image would keep all its rows alive with the state
+        state.cnn_rows, state.cnn_mask = image[:, :, -history:].clone(), row_mask[:, :, -history:].clone()
         if rows is not None and not rows.numel():
             heads, width = self.config.num_heads, self.config.estimate_width
             return image.new_zeros(image.shape[0], heads, 0, width)
