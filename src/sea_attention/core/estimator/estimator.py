@@ -321,11 +321,14 @@ class AttentionEstimator(nn.Module):
         row_mask = torch.cat([state.cnn_mask.to(row_mask.dtype), row_mask], dim=2)
         # copies, not views: a view of a prefill's image would keep all its rows alive with the state
         state.cnn_rows, state.cnn_mask = image[:, :, -history:].clone(), row_mask[:, :, -history:].clone()
-        if rows is not None and not rows.numel():
+        if rows is None:
+            return self.decoder.tail(image, row_mask)
+        if not rows.numel():
             heads, width = self.config.num_heads, self.config.estimate_width
             return image.new_zeros(image.shape[0], heads, 0, width)
-        logits = self.decoder.tail(image, row_mask)
-        return logits if rows is None else logits.index_select(2, rows)
+        # only the rows asked for, each with its history (``_packed_history``; the state's rows lead)
+        packed, own = _packed_history(rows + history, history)  # no row before the remembered ones
+        return self.decoder(image.index_select(2, packed), row_mask.index_select(2, packed)).index_select(2, own)
 
 
 def _packed_history(rows: Tensor, history: int) -> tuple[Tensor, Tensor]:
