@@ -280,3 +280,22 @@ def test_a_run_without_selected_keys_attends_its_tile_only():
     expected, _ = reference_attention(q, k_, v, block_dense_mask(selection, key_valid, k, heads, tq), 0.3)
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     assert torch.equal(nnz, (torch.arange(tq) % 16 + 1).expand(bsz, heads, -1))
+
+
+def test_steps_inside_the_open_block_reuse_its_keys_also_after_a_beam_reorder():
+    module = block_layer().eval()
+    q, k, v = make_qkv(3, 4, 2, 13, 13, 16)
+    state = DecodeState()
+    with torch.no_grad():
+        module(q[:, :, :9], k[:, :, :9], v[:, :, :9], state=state)  # block 8..15 opens at row 8
+        module(q[:, :, 9:10], k[:, :, :10], v[:, :, :10], state=state)  # a step with few queries: keys cached
+        cached = state.block.keys
+        assert cached is not None
+        module(q[:, :, 10:11], k[:, :, :11], v[:, :, :11], state=state)
+        assert state.block.keys is cached  # read, not recomputed
+        order = torch.tensor([2, 0, 2])
+        state.select(order)
+        steps = [module(q[order, :, t:t + 1], k[order, :, :t + 1], v[order, :, :t + 1], state=state).context
+                 for t in (11, 12)]
+        full = module(q[order], k[order], v[order]).context
+    torch.testing.assert_close(torch.cat(steps, 2), full[:, :, 11:], atol=1e-5, rtol=1e-5)

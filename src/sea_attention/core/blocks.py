@@ -44,6 +44,7 @@ class BlockSelection:
     first: int  # key position of the call's first query (Tk - Tq)
     block: int
     causal: bool
+    keys: "BlockKeys | None" = None  # decoding: the blocks' cell keys once computed (``cached_keys``)
 
     @property
     def first_block(self) -> int:
@@ -65,8 +66,9 @@ class BlockSelection:
 
     def map_batch(self, fn) -> "BlockSelection":
         """The same selection with ``fn`` applied to every per-sample tensor (beam search)."""
+        keys = None if self.keys is None else self.keys.map_batch(fn)
         return BlockSelection(fn(self.cells), fn(self.lengths), fn(self.limit), self.tile_start, self.first,
-                              self.block, self.causal)
+                              self.block, self.causal, keys)
 
     def per_query_cells(self, tq: int) -> Tensor:
         """(B, H, Tq, K) each query's block cells (for ``SEAOutput.cells``)."""
@@ -128,12 +130,14 @@ def select_blocks(estimate: Tensor, request: BlockRequest, carried: BlockSelecti
     own = rows[1:] if reuse else rows
     cells, row_lengths = _select_rows(estimate, request, own, estimate_rows)
     limit = (row_lengths - 1).clamp_min(0)
+    keys = None
     if reuse:
+        keys = carried.keys if not own.numel() else None  # a step inside the open block: its keys as they were
         cells = torch.cat([carried.cells, cells], dim=2)
         row_lengths = torch.cat([carried.lengths, row_lengths], dim=1)
         limit = torch.cat([carried.limit, limit], dim=1)
         tile_start[0] = carried.tile_start[0]
-    return BlockSelection(cells, row_lengths, limit, tile_start, first, block, causal=True)
+    return BlockSelection(cells, row_lengths, limit, tile_start, first, block, causal=True, keys=keys)
 
 
 def _select_rows(estimate: Tensor, request: BlockRequest, own: Tensor,
@@ -170,10 +174,11 @@ def _select_bidirectional(estimate: Tensor, request: BlockRequest, block_pos: Te
 
 
 def carry(selection: BlockSelection) -> BlockSelection:
-    """The last block's selection, for the next decoding call."""
+    """The last block's selection, for the next decoding call (with its keys when it is the only block)."""
     last = slice(selection.num_blocks - 1, selection.num_blocks)
+    keys = selection.keys if selection.num_blocks == 1 else None
     return BlockSelection(selection.cells[:, :, last], selection.lengths[:, last], selection.limit[:, last],
-                          selection.tile_start[last], selection.first, selection.block, selection.causal)
+                          selection.tile_start[last], selection.first, selection.block, selection.causal, keys)
 
 
 @dataclass
@@ -184,6 +189,10 @@ class BlockKeys:
     head: Tensor  # (B, n, C)
     key: Tensor  # (B, n, C, E) key positions
     valid: Tensor  # (B, n, C, E)
+    cap: int = 0  # the most keys a cell emits (``block_keys``' cap)
+
+    def map_batch(self, fn) -> "BlockKeys":
+        return BlockKeys(fn(self.head), fn(self.key), fn(self.valid), self.cap)
 
 
 def block_keys(selection: BlockSelection, key_valid: Tensor, cap: int, lo: int, hi: int,
@@ -215,7 +224,16 @@ def block_keys(selection: BlockSelection, key_valid: Tensor, cap: int, lo: int, 
     rank = start.unsqueeze(-1) + even_pick(offsets, size.unsqueeze(-1), emitted.clamp_min(1).unsqueeze(-1))
     valid = (offsets < emitted.unsqueeze(-1)) & used.unsqueeze(-1) & (rank < limit[:, :, None, None])
     key = positions.gather(-1, rank.clamp(0, positions.shape[-1] - 1).flatten(1)).view_as(rank)
-    return BlockKeys(torch.where(used, ids // width, 0), torch.where(valid, key, 0), valid)
+    return BlockKeys(torch.where(used, ids // width, 0), torch.where(valid, key, 0), valid, cap)
+
+
+def cached_keys(selection: BlockSelection, key_valid: Tensor, cap: int) -> BlockKeys:
+    """``block_keys`` of all the selection's blocks, computed once per selection and ``cap``: a decoding
+    step inside the open block reads the keys its first step found (its cells and their keys do not
+    change while the block is open; only the tile grows)."""
+    if selection.keys is None or selection.keys.cap != cap:
+        selection.keys = block_keys(selection, key_valid, cap, 0, selection.num_blocks)
+    return selection.keys
 
 
 def tile_mask(selection: BlockSelection, key_valid: Tensor, lo: int, hi: int) -> Tensor:
@@ -260,7 +278,7 @@ def block_slots(selection: BlockSelection, key_valid: Tensor, cap: int, num_head
     padding; S = the block's cell keys + H * block tile slots.
     """
     bsz, tk = key_valid.shape
-    keys = block_keys(selection, key_valid, cap, 0, selection.num_blocks)  # (B, nb, C, E)
+    keys = cached_keys(selection, key_valid, cap)  # (B, nb, C, E)
     blocks = selection.query_blocks(tq)  # (Tq,)
     cells = keys.key.shape[-2] * keys.key.shape[-1]
     head = keys.head.unsqueeze(-1).expand_as(keys.key).reshape(bsz, -1, cells).index_select(1, blocks)

@@ -48,7 +48,7 @@ class BlockGrouping(Grouping):
                                cfg.sinks, cfg.local_window)
         selection = select_blocks(estimate.probs, request, carried, estimate.rows)
         if state is not None:
-            state.block = carry(selection)
+            state.block = selection if selection.num_blocks == 1 else carry(selection)  # shares its cached keys
         return selection
 
     def attend(self, selection: BlockSelection, call: "SEACall") -> Attended:
