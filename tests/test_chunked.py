@@ -19,6 +19,8 @@ GRID = [  # heads, kv_heads, tokens, pad, left, config options
     (4, 2, 40, 0, True, dict(k=64)),  # budget above the length: every key
     (4, 2, 45, 5, True, dict(key_bounds=True)),  # the upper-bound signal beside the defaults
     (4, 2, 45, 5, False, dict(bin_sums_dtype="float32")),  # float32 prefix sums
+    (4, 2, 45, 5, True, dict(grouping="block", query_block=8)),  # spans from a block's first row
+    (4, 1, 50, 3, False, dict(grouping="block", query_block=4, key_bounds=True)),
 ]
 
 
@@ -54,16 +56,18 @@ def test_chunked_context_equals_the_full_forward(heads, kv_heads, tokens, pad, l
 
 
 @pytest.mark.parametrize("chunk", [1, 8, 64])
-def test_every_chunk_size_gives_the_same_context(chunk):
-    module = _module(4, 2, torch.float64, query_chunk=chunk)
+@pytest.mark.parametrize("grouping", ["query", "block"])
+def test_every_chunk_size_gives_the_same_context(chunk, grouping):
+    module = _module(4, 2, torch.float64, query_chunk=chunk, grouping=grouping, query_block=8)
     q, k, v, mask = _inputs(4, 2, 37, 3, True, torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(module.context_only(q, k, v, attention_mask=mask),
                                    module(q, k, v, attention_mask=mask).context, atol=1e-7, rtol=1e-5)
 
 
-def test_a_chunked_prefill_fills_the_state_for_decoding():
-    module = _module(4, 2)
+@pytest.mark.parametrize("grouping", ["query", "block"])
+def test_a_chunked_prefill_fills_the_state_for_decoding(grouping):
+    module = _module(4, 2, grouping=grouping, query_block=8)
     q, k, v, mask = _inputs(4, 2, 40, 4, True)
     with torch.no_grad():
         full = module(q, k, v, attention_mask=mask).context
@@ -75,6 +79,16 @@ def test_a_chunked_prefill_fills_the_state_for_decoding():
                 steps.append(module.context_only(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end],
                                                  attention_mask=mask[:, :end], state=state))
             torch.testing.assert_close(torch.cat(steps, 2), full, atol=2e-5, rtol=1e-5, msg=prefill)
+
+
+@pytest.mark.parametrize("first, tq, chunk, align", [(0, 37, 8, 1), (0, 37, 10, 4), (5, 30, 8, 8), (0, 3, 64, 8),
+                                                      (3, 20, 2, 8)])
+def test_spans_cover_the_rows_once_and_start_at_aligned_positions(first, tq, chunk, align):
+    from sea_attention.core.chunked import span_starts
+
+    starts = span_starts(first, tq, chunk, align)
+    assert starts[0] == 0 and starts == sorted(set(starts)) and starts[-1] < tq
+    assert all((first + lo) % align == 0 for lo in starts[1:])
 
 
 def test_a_state_shorter_than_the_cnn_history_is_filled_like_the_full_forward():
@@ -89,9 +103,9 @@ def test_a_state_shorter_than_the_cnn_history_is_filled_like_the_full_forward():
     assert states[1].seen == states[0].seen == 5
 
 
-@pytest.mark.parametrize("case", ["grad", "attention", "rows", "block", "bidirectional", "reference"])
+@pytest.mark.parametrize("case", ["grad", "attention", "rows", "bidirectional", "reference"])
 def test_calls_the_chunked_path_does_not_define_run_the_full_forward(case):
-    options = {"block": dict(grouping="block"), "reference": dict(attention_path="reference"),
+    options = {"reference": dict(attention_path="reference"),
                "bidirectional": dict(causal=False, estimate_width=16)}.get(case, {})
     module = _module(4, 2, **options)
     q, k, v, mask = _inputs(4, 2, 20, 2, case != "bidirectional")

@@ -44,7 +44,7 @@ def chunked_runs(sea: "SEAAttention", call: SEACall) -> bool:
     ``sparse`` path, no attention view or row subset asked for, no state or an empty one (a
     prefill), and no autograd graph to build (grad disabled, or nothing requires it)."""
     config = sea.config
-    if not (config.causal and grouping_for(config).computes_row_subsets and config.attention_path == "sparse"):
+    if not (config.causal and grouping_for(config).span_rows and config.attention_path == "sparse"):
         return False
     if call.return_attention or call.query_rows is not None or (call.state is not None and call.state.seen):
         return False
@@ -81,15 +81,23 @@ class PerPosition:
     mean: RunningMean | None  # the average branch, with gating
 
 
+def span_starts(first: int, tq: int, chunk: int, align: int) -> list[int]:
+    """The first rows of a prefill's spans: about ``chunk`` rows each, every one after the first
+    starting at a key position that is a multiple of ``align`` (the grouping's ``span_rows``)."""
+    size = max(align, chunk // align * align)
+    head = (-first) % align  # rows up to the first aligned position
+    return [0] + list(range(head if head else size, tq, size)) if tq else []
+
+
 def chunked_context(sea: "SEAAttention", call: SEACall) -> Tensor:
-    """The context (B, H, Tq, d) of a call that ``chunked_runs``, ``query_chunk`` rows at a time."""
+    """The context (B, H, Tq, d) of a call that ``chunked_runs``, about ``query_chunk`` rows at a time."""
     config, tq = sea.config, call.q.shape[2]
     performer, bins = sea.estimator.per_position(call)  # fills a state's Performer sums and prefix sums
     shared = PerPosition(performer, bins, grouping_for(config),
                          RunningMean(call, config.kv_groups) if config.gating else None)
     out: Tensor | None = None
-    for lo in range(0, tq, config.query_chunk):
-        hi = min(lo + config.query_chunk, tq)
+    starts = span_starts(call.first, tq, config.query_chunk, shared.grouping.span_rows)
+    for lo, hi in zip(starts, starts[1:] + [tq]):
         context = _span_context(sea, shared, call, lo, hi)  # (B, H, n, d)
         if out is None:
             out = context.new_empty(*context.shape[:2], tq, context.shape[-1])
@@ -103,12 +111,15 @@ def _span_context(sea: "SEAAttention", shared: PerPosition, call: SEACall, lo: i
     """The finished context (B, H, hi - lo, d) of query rows [lo, hi): estimate, select, attend, gate;
     rows the length policy picks (``config.dense_until``) attend densely, and a span of only such
     rows estimates nothing."""
-    part = replace(call, query_rows=torch.arange(lo, hi, device=call.q.device), state=None)
+    # the state goes along for a grouping that keeps its selection there (block: the open block's)
+    state = call.state if shared.grouping.span_rows > 1 else None
+    part = replace(call, query_rows=torch.arange(lo, hi, device=call.q.device), state=state)
     if all_dense(part, sea.config.dense_until):
         if shared.mean is not None:
             shared.mean.span(lo, hi)  # carries the running sum to the next span
         return sea.exact_context(part)
-    estimate = sea.estimator.estimate_span(shared.performer, shared.bins, call, lo, hi)
+    rows = shared.grouping.span_estimate_rows(call.first, lo, hi)
+    estimate = sea.estimator.estimate_span(shared.performer, shared.bins, call, lo, hi, rows)
     context = shared.grouping.run(estimate, part).context  # (B, H, n, d)
     if shared.mean is not None:
         gates = gate_values(estimate.gate_logits, sea.config.gate_form).to(context.dtype)  # (B, H, n, 2)

@@ -130,9 +130,10 @@ class AttentionEstimator(nn.Module):
         return performer.to(self._param_dtype), bins
 
     def estimate_span(self, performer: Tensor, bins: BinInputs | None, call: "SEACall", lo: int,
-                      hi: int) -> Estimate:
+                      hi: int, rows: Tensor | None = None) -> Estimate:
         """The estimate of the consecutive query rows [lo, hi) only (causal, no state read), from
-        ``per_position``'s results: its ``logits``, ``probs`` and ``gate_logits`` hold those rows.
+        ``per_position``'s results: its ``logits`` and ``probs`` hold those rows (or only ``rows``,
+        sorted absolute rows inside the span), its ``gate_logits`` every row of the span.
 
         A causal row's logits depend on its decoder input row and the ``HISTORY_ROWS`` before it,
         so the encoder and the CNN run on rows [lo - HISTORY_ROWS, hi) only (from row 0, the
@@ -141,10 +142,13 @@ class AttentionEstimator(nn.Module):
         first = max(0, lo - CausalDecoder.HISTORY_ROWS)
         hidden = self.encoder.hidden(performer[:, :, first:hi], self._own_values(call, first, hi))  # (B, H, r, 2d)
         row_mask = call.query_valid[:, None, first:hi, None].to(hidden.dtype)  # (B, 1, r, 1)
-        logits = self.decoder(self.encoder.image(hidden), row_mask)[:, :, lo - first:].float()  # (B, H, n, K)
         gate_logits = self.encoder.gates(hidden[:, :, lo - first:])  # (B, H, n, 2)
-        rows = torch.arange(lo, hi, device=logits.device)
-        return self._estimate(logits, gate_logits, call, bins, rows)
+        if rows is None:
+            logits = self.decoder(self.encoder.image(hidden), row_mask)[:, :, lo - first:]  # (B, H, n, K)
+            rows = torch.arange(lo, hi, device=hidden.device)
+        else:  # the span's rows are at [lo - first, hi - first) of hidden; a row's history lies inside
+            logits = self._decode_rows(hidden, row_mask, rows - first)
+        return self._estimate(logits.float(), gate_logits, call, bins, rows)
 
     def remember_cnn_rows(self, performer: Tensor, call: "SEACall") -> None:
         """Fill an empty decoding state's CNN history (the last ``HISTORY_ROWS`` decoder input rows

@@ -45,6 +45,7 @@ class Grouping(ABC):
 
     stages: tuple[str, ...] = ()  # the names of steps(), for the benchmark
     computes_row_subsets: bool = False  # whether query_rows (training on some rows) is defined
+    span_rows: int = 1  # the row-chunked prefill cuts its spans at multiples of this (chunked.py); 0: never
     reports_slots: bool = False  # whether Attended.slots lists the selected keys
 
     def __init__(self, config: SEAConfig) -> None:
@@ -53,6 +54,11 @@ class Grouping(ABC):
     def estimate_rows(self, call: "SEACall") -> Tensor | None:
         """The query rows the estimator must produce (sorted), or None for all of them."""
         return call.query_rows
+
+    def span_estimate_rows(self, first: int, lo: int, hi: int) -> Tensor | None:
+        """The rows of the span [lo, hi) of a row-chunked prefill whose queries start at key position
+        ``first`` that need an estimate (sorted, absolute rows), or None for all of them."""
+        return None
 
     @abstractmethod
     def steps(self) -> tuple[Step, ...]:

@@ -26,6 +26,14 @@ class BlockGrouping(Grouping):
 
     stages = ("selection", "sparse_attention")
 
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.span_rows = config.query_block  # a row-chunked prefill's spans start at a block's first row
+
+    def span_estimate_rows(self, first: int, lo: int, hi: int) -> Tensor:
+        """Each block's first row in the span (spans start at a block's first row)."""
+        return lo + selecting_rows(first + lo, hi - lo, self.config.query_block)
+
     def steps(self) -> tuple[Step, ...]:
         return tuple(zip(self.stages, (self.select, self.attend)))
 
@@ -41,12 +49,16 @@ class BlockGrouping(Grouping):
         return selecting_rows(call.first, call.q.shape[2], cfg.query_block, call.q.device, reuse)
 
     def select(self, estimate: "Estimate", call: "SEACall") -> BlockSelection:
+        """The blocks' cells. A call with ``query_rows`` (a span of a row-chunked prefill, from a
+        block's first row on) selects as a call whose queries start at the span's first row."""
         cfg = self.config
         state = call.state
         carried = state.block if state is not None and state.seen else None
-        request = BlockRequest(call.lengths, call.query_valid, call.first, call.budget, cfg.query_block, cfg.causal,
-                               cfg.sinks, cfg.local_window)
-        selection = select_blocks(estimate.probs, request, carried, estimate.rows)
+        lo = int(call.query_rows[0]) if call.query_rows is not None and call.query_rows.numel() else 0
+        rows = estimate.rows - lo if estimate.rows is not None else None
+        request = BlockRequest(call.asked_lengths, call.asked(call.query_valid, 1), call.first + lo, call.budget,
+                               cfg.query_block, cfg.causal, cfg.sinks, cfg.local_window)
+        selection = select_blocks(estimate.probs, request, carried, rows)
         if state is not None:
             state.block = selection if selection.num_blocks == 1 else carry(selection)  # shares its cached keys
         return selection
@@ -54,22 +66,23 @@ class BlockGrouping(Grouping):
     def attend(self, selection: BlockSelection, call: "SEACall") -> Attended:
         """Dense block products; the reference path (or an attention view) on the dense mask, and
         sparse slots for a few queries (decoding), where a block of rows would be mostly padding."""
-        cfg, tq = self.config, call.q.shape[2]
+        cfg, q = self.config, call.asked(call.q, 2)
+        tq = q.shape[2]
         attention = None
         if cfg.attention_path == "reference" or call.return_attention:
             mask = block_dense_mask(selection, call.key_valid, call.budget, cfg.num_heads, tq)
-            context, probs = reference_attention(call.q, call.k, call.v, mask, call.scale)
+            context, probs = reference_attention(q, call.k, call.v, mask, call.scale)
             attention = probs if call.return_attention else None
             nnz = mask.sum(-1)
         elif cfg.causal and tq * 4 <= cfg.query_block:
             slots = block_slots(selection, call.key_valid, call.budget, cfg.num_heads, tq)
-            context, _ = sparse_attention(call.q, call.k, call.v, slots, call.scale, cfg.query_chunk)
+            context, _ = sparse_attention(q, call.k, call.v, slots, call.scale, cfg.query_chunk)
             nnz = slots.nnz(cfg.num_heads)
         else:
-            context, nnz = block_sparse_attention(call.q, call.k, call.v, selection, call.key_valid, call.scale,
+            context, nnz = block_sparse_attention(q, call.k, call.v, selection, call.key_valid, call.scale,
                                                   call.budget)
-        valid = call.query_valid[:, None, :]  # padding queries report no keys, as with the other groupings
+        valid = call.asked(call.query_valid, 1)[:, None, :]  # padding queries report no keys, as elsewhere
         cells = selection.per_query_cells(tq)
-        if not bool(call.query_valid.all()):  # a (B, H, Tq, K) pass saved when no row is padding
+        if not bool(valid.all()):  # a (B, H, Tq, K) pass saved when no row is padding
             cells = cells & valid.unsqueeze(-1)
         return Attended(context, cells, nnz * valid, attention)
