@@ -76,7 +76,7 @@ def test_cli_rejects_bad_lengths_and_unknown_methods(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "attention", "--methods", "sdpa,flash"])
     err = capsys.readouterr().err
-    assert "unknown method 'flash'" in err and "sdpa,eager,sea,sea_chunked,sea_block,sea_reference,sea_flex,sea_bounds" in err
+    assert "unknown method 'flash'" in err and "sdpa,eager,sea,sea_chunked,sea_block,sea_block_chunked,sea_reference,sea_flex,sea_bounds" in err
 
 
 def test_stage_flops_against_hand_computed_values():

@@ -18,15 +18,16 @@ from torch import Tensor
 from ..methods import check_methods as check_list
 from .runtime import in_fresh_process, median_seconds, peak_extra_mb
 
-METHODS = ("sdpa", "eager", "sea", "sea_chunked", "sea_block", "sea_reference", "sea_flex", "sea_bounds",
-           "sea_f32", "sea_chunked_f32")
+METHODS = ("sdpa", "eager", "sea", "sea_chunked", "sea_block", "sea_block_chunked", "sea_reference", "sea_flex",
+           "sea_bounds", "sea_f32", "sea_chunked_f32")
 OPT_IN = ("sea_bounds", "sea_f32", "sea_chunked_f32")  # opt-in settings, benchmarked when asked for
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in OPT_IN)
-CHUNKED = ("sea_chunked", "sea_chunked_f32")  # the layer through context_only: rows in chunks
+CHUNKED = ("sea_chunked", "sea_block_chunked", "sea_chunked_f32")  # through context_only: rows in spans
 SEA_METHODS = {  # method -> SEAConfig changes
     "sea": {"attention_path": "sparse"},
     "sea_chunked": {"attention_path": "sparse"},
     "sea_block": {"grouping": "block"},
+    "sea_block_chunked": {"grouping": "block"},
     "sea_reference": {"attention_path": "reference"},
     "sea_flex": {"attention_path": "flex"},
     "sea_bounds": {"key_bounds": True},
