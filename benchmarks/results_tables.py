@@ -70,6 +70,21 @@ def bench_table(names: list[str], methods: list[str]) -> Callable[[Results], str
     return render
 
 
+def breakdown_table(name: str) -> Callable[[Results], str]:
+    """`sea bench attention --breakdown`: each stage's seconds and time / FLOP floor, per length."""
+    def render(results: Results) -> str:
+        recorded = results.load(name)["breakdown"]
+        rows = []
+        for point in recorded["lengths"]:
+            cells = [f"{s['seconds']:.3f}" + (f" ({s['seconds'] / s['floor_seconds']:.1f}x)" if s["floor_seconds"] else "")
+                     for s in point["stages"]]
+            rows.append([point["grouping"], f"{point['length']:,}", f"{point['total_seconds']:.3f}", *cells])
+        stages = [s["stage"] for s in recorded["lengths"][0]["stages"]]
+        return table(["grouping", "T", "forward s"] + [f"{s} s (x floor)" for s in stages], rows) + \
+            f"\n\nFloors at the recorded matmul rate, {recorded['matmul_gflops']:.0f} GFLOP/s."
+    return render
+
+
 def model_bench(results: Results) -> str:
     """`sea bench model`: prefill and decode tokens/s, dense vs SEA, per grouping."""
     rows = []
@@ -549,6 +564,11 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "model-cost": model_cost_table((MODEL_COST_TINY, MODEL_COST_SMOLLM2)),
     "model-cost-growing": model_cost_table(MODEL_COST_GROWING),
     "decode-step": decode_step_table(DECODE_STEP, ("sdpa", "sea", "sea_block")),
+    "attention-block-lists": bench_table(["attention_block_lists.json"],
+                                         ["sdpa", "sea_chunked", "sea_block", "sea_block_chunked"]),
+    "attention-block-breakdown": breakdown_table("attention_block_lists.json"),
+    "model-block-lists": model_cost_table(("model_cost_smollm2_growing_block.json", "model_smollm2_block_lists.json")),
+    "decode-step-block-keys": decode_step_table("decode_step_block_keys.json", ("sdpa", "sea", "sea_block")),
     "attention-bin-sums": bench_table(["attention_bin_sums_dtype.json"], ["sdpa", "sea_chunked", "sea_chunked_f32"]),
     "decode-step-bin-sums": decode_step_table("decode_step_bin_sums_dtype.json", ("sdpa", "sea", "sea_f32")),
     "model-bin-sums": model_cost_table(("model_smollm2_bin_sums_float64.json", "model_smollm2_bin_sums_float32.json")),
