@@ -1,5 +1,4 @@
-"""EXPERIMENT (issue 25): do exact refinement (SEAConfig.candidates, with or without estimate_share) or the key
-bounds keep the needle and the copy?
+"""EXPERIMENT (issue 25): do exact refinement (SEAConfig.candidates) or the key bounds keep the needle and the copy?
 
 The default ``patch(model)`` (undistilled) with ``candidates = c``: the estimate selects cells for
 c times the budget and each head keeps its exactly best share (``core/refine.py``). Runs the suite's
@@ -47,8 +46,6 @@ def haystacks(validation: bool, folder: Path) -> tuple[str, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--candidates", type=int, default=1)
-    parser.add_argument("--estimate-share", type=float, default=0.0,
-                        help="with --candidates: the budget share kept from the estimate's own cells")
     parser.add_argument("--tasks", nargs="*", default=["needle"], help="suite tasks (none: skip retrieval)")
     parser.add_argument("--perplexity", type=int, default=0, help="wiki validation windows of 1,024 tokens (0: skip)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024])
@@ -64,15 +61,14 @@ def main() -> None:
     torch.manual_seed(0)
     if args.model:
         model, tokenizer = from_pretrained(args.model)
-        set_runtime(model, candidates=args.candidates, estimate_share=args.estimate_share)
+        set_runtime(model, candidates=args.candidates)
     else:
         model, tokenizer = assets.load_model("smollm2-135m")
-        patch(model, candidates=args.candidates, estimate_share=args.estimate_share, key_bounds=args.key_bounds)
+        patch(model, candidates=args.candidates, key_bounds=args.key_bounds)
         for _, _, layer in sea_layers(model):
             layer.estimator.key_scale.data.fill_(args.mean_key_weight)
     model.eval()
     out = {"model": args.model or "smollm2-135m (undistilled patch)", "k": args.k, "candidates": args.candidates,
-           "estimate_share": args.estimate_share,
            "key_bounds": args.key_bounds, "mean_key_weight": args.mean_key_weight,
            "threads": torch.get_num_threads(), "machine": "2-core AMD EPYC AVX-512, shared (loaded)"}
     start = time.time()

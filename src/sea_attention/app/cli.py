@@ -57,7 +57,7 @@ def _sea_config_of(model) -> dict:
 
 
 def _runtime_options(args) -> dict:
-    names = ("grouping", "query_block", "candidates", "estimate_share", "bin_sums_dtype", "dense_until")
+    names = ("grouping", "query_block", "candidates", "bin_sums_dtype", "dense_until")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -87,9 +87,6 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
     runtime.add_argument("--candidates", type=positive_int,
                          help="exact refinement: select cells for this many times the budget, keep each head's "
                               "exactly best share of their keys (default 1: off; per-query groupings)")
-    runtime.add_argument("--estimate-share", type=unit_interval,
-                         help="with --candidates: the share of the budget still chosen by the estimate's top cells, "
-                              "kept before the exactly best candidates (default 0: all by exact score)")
     runtime.add_argument("--bin-sums-dtype", choices=BIN_SUMS_DTYPES,
                          help="how the binned signals store their prefix sums: float64 (default; decoding selects "
                               "exactly what a full forward does) or float32 (faster prefill, half the decoding state's tables)")

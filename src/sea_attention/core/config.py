@@ -136,10 +136,6 @@ class SEAConfig:
             a selected cell's keys are all used (at most ``k`` of them, spread evenly). On the
             undistilled SmolLM2 patch at k=64, 4 finds a needle in prose and copies far better
             but raises wiki-validation perplexity (x1.062 of dense against x1.038; docs/results.md).
-        estimate_share: with ``candidates`` > 1, the share of the budget the estimate keeps choosing:
-            the keys of the cells it selects for ``round(estimate_share * k)`` keys per query (the
-            anchors) are kept first, and each head fills the rest of its share with the candidates'
-            exactly best keys. 0 (the default): every kept key is chosen by its exact score.
         dense_until: the length policy (``dense_rows.py``): a valid query row with at most this many
             keys attends to all of them with exact softmax attention, as the dense model does (its
             output is the dense model's: no gates, no output norm), and only longer rows run SEA.
@@ -179,7 +175,6 @@ class SEAConfig:
     query_block: int = 64
     seed: int = 0
     candidates: int = 1
-    estimate_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -214,10 +209,6 @@ class SEAConfig:
                               ("gate_form", GATE_FORMS), ("bin_sums_dtype", BIN_SUMS_DTYPES),
                               ("attention_path", ATTENTION_PATHS), ("position_code", POSITION_CODES)):
             _choice(name, getattr(self, name), allowed)
-        share = self.estimate_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
-            raise ValueError(f"estimate_share must be a number from 0 to 1, got {share!r}")
-        self.estimate_share = float(share)
         for name in ("causal", "gating", "kernel_bins", "key_bins", "key_bounds"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -242,9 +233,6 @@ class SEAConfig:
             raise ValueError(f"candidates={self.candidates} (exact refinement) runs with the per-query groupings "
                              f"{tuple(g for g in GROUPINGS if g != 'block')} on attention_path 'sparse' or "
                              f"'reference'; got grouping={self.grouping!r}, attention_path={self.attention_path!r}")
-        if self.estimate_share and self.candidates == 1:
-            raise ValueError(f"estimate_share={self.estimate_share} splits the kept keys of the exact refinement: it "
-                             "needs candidates > 1, got candidates=1")
         if self.bin_sums_dtype != "float64" and not self.binned:
             raise ValueError(f"bin_sums_dtype={self.bin_sums_dtype!r} sets how the binned signals store their prefix "
                              "sums: it needs kernel_bins=True or key_bins=True, got both False")

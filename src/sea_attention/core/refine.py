@@ -15,26 +15,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cells import KeySlots, key_bins, key_ranks
+from .cells import KeySlots
 from .ops.sparse import candidate_scores
 
 
-ANCHOR = 1e12  # added to an anchor slot's exact score (in float64): ahead of every other slot, in score order
-
-
 @torch.no_grad()  # a selection: no gradient flows through which keys are kept
-def refine_slots(q: Tensor, k: Tensor, slots: KeySlots, candidates: int, scale: float, chunk: int = 256,
-                 anchored: Tensor | None = None) -> KeySlots:
+def refine_slots(q: Tensor, k: Tensor, slots: KeySlots, candidates: int, scale: float, chunk: int = 256) -> KeySlots:
     """Keep the exactly best ``ceil(n_h / candidates)`` slots of each query's ``n_h`` slots of head h.
 
     q (B, H, Tq, d), k (B, H_kv, Tk, d), slots (B, Tq, S) ordered by head (``cells_to_keys``).
-    ``anchored`` (B, Tq, S) bool: slots kept before any other (``anchor_slots``), best first when
-    a head has more anchors than it keeps. Returns slots (B, Tq, S') ordered by head, the kept ones
-    first, S' the most any query keeps. ``chunk`` queries at a time.
+    Returns slots (B, Tq, S') ordered by head, the kept ones first, S' the most any query keeps.
+    ``chunk`` queries at a time.
     """
     scores = candidate_scores(q, k, slots, scale, chunk)  # (B, Tq, S), -inf on unused slots
-    if anchored is not None:
-        scores = scores.double() + ANCHOR * (anchored & slots.valid)
     parts = [_keep_best(scores[:, lo:lo + chunk], _part(slots, lo, chunk), q.shape[1], candidates)
              for lo in range(0, scores.shape[1], chunk)]
     width = max(part.width for part in parts)
@@ -71,16 +64,6 @@ def _compact(slots: KeySlots, picked: Tensor, kept: Tensor) -> KeySlots:
     return KeySlots(head, key, valid)
 
 
-def anchor_slots(slots: KeySlots, anchors: Tensor, lengths: Tensor, key_valid: Tensor) -> Tensor:
-    """(B, Tq, S) bool: the slots whose key lies in one of its head's ``anchors`` cells (B, H, Tq, K),
-    the cells the estimate selects for ``estimate_share`` of the budget."""
-    width = anchors.shape[-1]
-    rank = key_ranks(key_valid).gather(-1, slots.key.flatten(1)).view_as(slots.key)  # (B, Tq, S)
-    cell = key_bins(rank, lengths.unsqueeze(-1), width).clamp(0, width - 1)  # (B, Tq, S); unused slots: any cell
-    per_row = anchors.permute(0, 2, 1, 3).flatten(2)  # (B, Tq, H * K)
-    return slots.valid & per_row.gather(-1, slots.head * width + cell)
-
-
 def _part(slots: KeySlots, lo: int, chunk: int) -> KeySlots:
     return KeySlots(slots.head[:, lo:lo + chunk], slots.key[:, lo:lo + chunk], slots.valid[:, lo:lo + chunk])
 
@@ -90,16 +73,12 @@ def _pad(x: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
 
 
-def naive_refine(q: Tensor, k: Tensor, slots: KeySlots, candidates: int, scale: float,
-                 anchored: Tensor | None = None) -> Tensor:
-    """The refinement as a dense (B, H, Tq, Tk) bool mask, from the dense scores: the reference.
-    ``anchored`` (B, H, Tq, Tk) bool: keys kept before the others (the anchors' keys)."""
+def naive_refine(q: Tensor, k: Tensor, slots: KeySlots, candidates: int, scale: float) -> Tensor:
+    """The refinement as a dense (B, H, Tq, Tk) bool mask, from the dense scores: the reference."""
     heads, keys = q.shape[1], k.shape[2]
     allowed = slots.dense_mask(heads, keys)  # (B, H, Tq, Tk)
     kv = k.repeat_interleave(heads // k.shape[1], dim=1)
     scores = (q.float() @ kv.float().transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-    if anchored is not None:
-        scores = scores.double() + ANCHOR * (anchored & allowed)
     count = allowed.sum(-1, keepdim=True)  # (B, H, Tq, 1)
     keep = (count + candidates - 1) // candidates
     rank = torch.argsort(torch.argsort(scores, dim=-1, descending=True, stable=True), dim=-1)  # place by score

@@ -13,7 +13,7 @@ from ..cells import KeySlots, cells_to_keys
 from ..config import SEAConfig
 from ..ops.reference import reference_attention
 from ..ops.sparse import sparse_attention
-from ..refine import anchor_slots, refine_slots
+from ..refine import refine_slots
 from ..selection import select_cells
 from .base import Attended, Grouping, Step
 
@@ -40,43 +40,31 @@ class PerQueryGrouping(Grouping):
         refine = (self.refine,) if "refine" in self.stages else ()
         return tuple(zip(self.stages, (self.select, self.keys, *refine, self.attend)))
 
-    def select(self, estimate: "Estimate", call: "SEACall") -> tuple[Tensor, Tensor | None]:
-        """(B, H, n, K) bool: the cells each computed row selects (for ``candidates`` times the budget);
-        with ``estimate_share``, also the cells it selects for that share of the budget (the anchors)."""
+    def select(self, estimate: "Estimate", call: "SEACall") -> Tensor:
+        """(B, H, n, K) bool: the cells each computed row selects (for ``candidates`` times the budget)."""
         cfg = self.config
-        cells = self._top_cells(estimate, call, self._candidate_budget(call))
-        share = round(call.budget * cfg.estimate_share) if "refine" in self.stages else 0
-        return cells, self._top_cells(estimate, call, share) if share else None
+        return select_cells(estimate.probs, call.asked_lengths, self._candidate_budget(call), self.kind,
+                            cfg.query_chunk, cfg.sinks, cfg.local_window)
 
-    def _top_cells(self, estimate: "Estimate", call: "SEACall", budget: int) -> Tensor:
-        cfg = self.config
-        return select_cells(estimate.probs, call.asked_lengths, budget, self.kind, cfg.query_chunk, cfg.sinks,
-                            cfg.local_window)
-
-    def keys(self, selected: tuple[Tensor, Tensor | None], call: "SEACall") -> tuple[Tensor, KeySlots, Tensor | None]:
-        """The selected cells and their keys (``cells_to_keys``), and the anchor cells if any."""
-        cells, anchors = selected
+    def keys(self, cells: Tensor, call: "SEACall") -> tuple[Tensor, KeySlots]:
+        """The selected cells and their keys (``cells_to_keys``)."""
         slots = cells_to_keys(cells, call.asked_lengths, call.key_valid, cap=self._candidate_budget(call),
                               chunk=self.config.query_chunk)
-        return cells, slots, anchors
+        return cells, slots
 
-    def refine(self, selected: tuple[Tensor, KeySlots, Tensor | None], call: "SEACall") -> tuple[Tensor, KeySlots]:
-        """The candidates' exactly best keys, each head keeping its share (``refine.refine_slots``);
-        the anchors' keys first."""
-        cells, slots, anchors = selected
+    def refine(self, selected: tuple[Tensor, KeySlots], call: "SEACall") -> tuple[Tensor, KeySlots]:
+        """The candidates' exactly best keys, each head keeping its share (``refine.refine_slots``)."""
+        cells, slots = selected
         q = call.asked(call.q, 2)
-        anchored = None if anchors is None else anchor_slots(slots, anchors, call.asked_lengths, call.key_valid)
-        return cells, refine_slots(q, call.k, slots, self.config.candidates, call.scale, self.config.query_chunk,
-                                   anchored)
+        return cells, refine_slots(q, call.k, slots, self.config.candidates, call.scale, self.config.query_chunk)
 
     def _candidate_budget(self, call: "SEACall") -> int:
         """Keys per query per head the cells stand for: the budget, times ``candidates``."""
         return min(call.budget * self.config.candidates, call.k.shape[2])
 
-    def attend(self, selected: tuple, call: "SEACall") -> Attended:
-        """Attention of the computed rows on their keys, on the config's ``attention_path``
-        (``selected``: ``(cells, slots)``, or ``keys``' result without refinement)."""
-        cells, slots = selected[:2]
+    def attend(self, selected: tuple[Tensor, KeySlots], call: "SEACall") -> Attended:
+        """Attention of the computed rows on their keys, on the config's ``attention_path``."""
+        cells, slots = selected
         q = call.asked(call.q, 2)
         path = self.config.attention_path
         if path == "flex" and _flex_runs(q, call):
