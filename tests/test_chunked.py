@@ -1,6 +1,8 @@
 """``SEAAttention.context_only``: the row-chunked inference path equals the full forward's context,
 fills a prefill's decoding state as the full forward does, and runs only where it is defined."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -8,6 +10,14 @@ from conftest import make_qkv, padding_mask
 from sea_attention import DecodeState, SEAAttention, SEAConfig
 from sea_attention.core.call import SEACall
 from sea_attention.core.chunked import chunked_runs
+from sea_attention.core.grouping import block as block_grouping
+from sea_attention.core.ops.block_sparse import BlockSparseAttention
+
+
+@pytest.fixture(autouse=True)
+def short_block_runs(monkeypatch):
+    """Block-grouping spans are runs of the block op: 2 blocks here, so these short inputs have several."""
+    monkeypatch.setattr(block_grouping, "block_sparse_attention", BlockSparseAttention(chunk_blocks=2))
 
 GRID = [  # heads, kv_heads, tokens, pad, left, config options
     (4, 2, 45, 5, True, {}),  # GQA, left padding, defaults (both binned signals, sinks, window)
@@ -57,7 +67,9 @@ def test_chunked_context_equals_the_full_forward(heads, kv_heads, tokens, pad, l
 
 @pytest.mark.parametrize("chunk", [1, 8, 64])
 @pytest.mark.parametrize("grouping", ["query", "block"])
-def test_every_chunk_size_gives_the_same_context(chunk, grouping):
+def test_every_chunk_size_gives_the_same_context(chunk, grouping, monkeypatch):
+    """Spans of ``chunk`` rows (per query) or ``chunk`` blocks of 8 (block: runs of the block op)."""
+    monkeypatch.setattr(block_grouping, "block_sparse_attention", BlockSparseAttention(chunk_blocks=chunk))
     module = _module(4, 2, torch.float64, query_chunk=chunk, grouping=grouping, query_block=8)
     q, k, v, mask = _inputs(4, 2, 37, 3, True, torch.float64)
     with torch.no_grad():
@@ -89,6 +101,15 @@ def test_spans_cover_the_rows_once_and_start_at_aligned_positions(first, tq, chu
     starts = span_starts(first, tq, chunk, align)
     assert starts[0] == 0 and starts == sorted(set(starts)) and starts[-1] < tq
     assert all((first + lo) % align == 0 for lo in starts[1:])
+
+
+@pytest.mark.parametrize("grouping, rows", [("query", 7), ("block", 16)])
+def test_a_span_is_query_chunk_rows_or_one_run_of_the_block_op(grouping, rows):
+    from sea_attention.core.grouping import grouping_for
+
+    config = _module(4, 2, grouping=grouping, query_block=8).config  # query_chunk 7; the op runs 2 blocks here
+    assert grouping_for(config).span_size() == rows
+    assert grouping_for(replace(config, query_chunk=3)).span_size() == (3 if grouping == "query" else 16)
 
 
 def test_a_state_shorter_than_the_cnn_history_is_filled_like_the_full_forward():

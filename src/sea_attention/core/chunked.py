@@ -8,7 +8,8 @@ kilobytes per token. ``SEAAttention.context_only`` runs this path instead where 
 
 1. once over all positions, O(Tq) memory: the Performer features and causal linear attention
    and the binned signals' prefix sums (``AttentionEstimator.per_position``);
-2. then ``config.query_chunk`` query rows at a time, end to end: the encoder and CNN on the
+2. then a span of query rows at a time (``Grouping.span_size``: ``config.query_chunk`` rows per
+   query, one run of the block op for the block grouping), end to end: the encoder and CNN on the
    span and its ``HISTORY_ROWS`` rows of history, the span's binned signals, softmax,
    ``select_cells``, ``cells_to_keys``, ``sparse_attention``, gating with a running mean of
    V carried from span to span, the output norm and masks; each span's context is written
@@ -90,13 +91,13 @@ def span_starts(first: int, tq: int, chunk: int, align: int) -> list[int]:
 
 
 def chunked_context(sea: "SEAAttention", call: SEACall) -> Tensor:
-    """The context (B, H, Tq, d) of a call that ``chunked_runs``, about ``query_chunk`` rows at a time."""
+    """The context (B, H, Tq, d) of a call that ``chunked_runs``, a span of rows (``span_size``) at a time."""
     config, tq = sea.config, call.q.shape[2]
     performer, bins = sea.estimator.per_position(call)  # fills a state's Performer sums and prefix sums
     shared = PerPosition(performer, bins, grouping_for(config),
                          RunningMean(call, config.kv_groups) if config.gating else None)
     out: Tensor | None = None
-    starts = span_starts(call.first, tq, config.query_chunk, shared.grouping.span_rows)
+    starts = span_starts(call.first, tq, shared.grouping.span_size(), shared.grouping.span_rows)
     for lo, hi in zip(starts, starts[1:] + [tq]):
         context = _span_context(sea, shared, call, lo, hi)  # (B, H, n, d)
         if out is None:

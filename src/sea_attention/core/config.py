@@ -143,7 +143,8 @@ class SEAConfig:
             keeps the last 8 queries, the CNN's history, and ``query_block`` more with
             ``grouping="block"``) until a row passes the length, then becomes SEA's, built from the
             cached keys and the kept queries. 0 (the default): every row runs SEA. No weight depends on it.
-        query_chunk: queries processed together by the sparse path; bounds peak memory.
+        query_chunk: queries processed together by the sparse path (and per span of a per-query
+            grouping's row-chunked prefill); bounds peak memory.
         query_block: positions per block of the ``block`` grouping.
         seed: seed of the random features (the layer index is added per layer).
     """

@@ -78,7 +78,7 @@ def sea_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
     """Attention function registered as "sea"; returns ((B, Tq, H, d), (B, H, Tq, Tk) or None).
 
     Without ``output_attentions`` only the context is needed: ``SEAAttention.context_only`` runs,
-    whose prefill (and no-cache forward) in inference goes ``query_chunk`` rows at a time.
+    whose prefill (and no-cache forward) in inference goes a span of rows at a time (``core/chunked.py``).
     A ``dropout`` keyword is accepted and ignored: SEA has no attention dropout (its estimator
     is trained by distillation, where the teacher runs without dropout too).
     """

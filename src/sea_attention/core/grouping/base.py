@@ -55,6 +55,10 @@ class Grouping(ABC):
         """The query rows the estimator must produce (sorted), or None for all of them."""
         return call.query_rows
 
+    def span_size(self) -> int:
+        """Rows per span of the row-chunked prefill (``chunked.py``): ``config.query_chunk``."""
+        return self.config.query_chunk
+
     def span_estimate_rows(self, first: int, lo: int, hi: int) -> Tensor | None:
         """The rows of the span [lo, hi) of a row-chunked prefill whose queries start at key position
         ``first`` that need an estimate (sorted, absolute rows), or None for all of them."""

@@ -30,6 +30,12 @@ class BlockGrouping(Grouping):
         super().__init__(config)
         self.span_rows = config.query_block  # a row-chunked prefill's spans start at a block's first row
 
+    def span_size(self) -> int:
+        """One run of the block op (``chunk_blocks`` blocks, 1,024 rows by default): a span holds
+        what the op's run holds anyway, and each span pays a fixed cost, so fewer spans are faster
+        (``docs/results.md``, the block grouping's fifth round)."""
+        return block_sparse_attention.chunk_blocks * self.config.query_block
+
     def span_estimate_rows(self, first: int, lo: int, hi: int) -> Tensor:
         """Each block's first row in the span (spans start at a block's first row)."""
         return lo + selecting_rows(first + lo, hi - lo, self.config.query_block)
