@@ -68,9 +68,10 @@ class RandomFeatures(nn.Module):
         projected = x @ (self.projection.float() * root).T
         if self.kind == "relu":
             return torch.relu(projected) + RELU_EPS
-        exponent = projected - (0.5 * root * root) * x.pow(2).sum(-1, keepdim=True)
+        # in place on the product's own output (the product's backward needs only its inputs)
+        exponent = projected.sub_((0.5 * root * root) * x.pow(2).sum(-1, keepdim=True))
         if is_query:
-            exponent = exponent - exponent.amax(-1, keepdim=True).detach()
+            exponent = exponent.sub_(exponent.amax(-1, keepdim=True).detach())
         return (torch.exp(exponent) + FAVOR_EPS) / math.sqrt(self.num_features)
 
 
@@ -148,8 +149,8 @@ def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk:
     # sums over all earlier chunks: an exclusive scan (cumsum - own would cancel, and NaN - NaN is NaN)
     earlier = torch.cat([torch.zeros_like(chunk_kv[:, :, :1]), chunk_kv[:, :, :-1].cumsum(2)], dim=2)
     before = start.unsqueeze(2) + earlier
-    local = (q_c @ k_c.unsqueeze(2).transpose(-1, -2)).tril()  # (B, H_kv, G, n, c, c)
-    out = q_c @ before.unsqueeze(2) + local @ v_c.unsqueeze(2)  # (B, H_kv, G, n, c, e + 1)
+    local = (q_c @ k_c.unsqueeze(2).transpose(-1, -2)).tril_()  # (B, H_kv, G, n, c, c), masked in place
+    out = (local @ v_c.unsqueeze(2)).add_(q_c @ before.unsqueeze(2))  # (B, H_kv, G, n, c, e + 1)
     out = out.flatten(-3, -2)[..., :tq, :]
     total = start + chunk_kv.sum(2)
     return out[..., :-1] / (out[..., -1:] + DENOM_EPS), (total[..., :-1], total[..., -1])
