@@ -202,6 +202,19 @@ def dense_until_perplexity(results: Results) -> str:
     return table(["dense_until (SEA@64, undistilled)", "window", "tokens", "dense", "SEA", "x dense"], rows)
 
 
+def grouping_quality_4k(results: Results) -> str:
+    """Wiki validation perplexity of the undistilled patch on 4,096-token windows: per query against block."""
+    rows = []
+    for label, name, k in (("query (default)", "eval_dense_until_0_4k.json", 64),
+                           ("block", "eval_block_4k.json", 32), ("block", "eval_block_4k.json", 64)):
+        result = results.load(name)
+        dense = next(r for r in result["rows"] if r["name"] == "dense")
+        sea = next(r for r in result["rows"] if r["name"] == "sea" and r["k"] == k)
+        rows.append([label, str(k), f"{sea['tokens']:,}", num(dense["perplexity"]), num(sea["perplexity"]),
+                     num(sea["perplexity"] / dense["perplexity"], 3)])
+    return table(["grouping (SEA, undistilled)", "k", "tokens", "dense", "SEA", "x dense"], rows)
+
+
 def needle_8k(results: Results) -> str:
     """The suite's needle at 8,000 prompt tokens: dense (its run was stopped before SEA's row) and SEA."""
     dense = next(p for p in results.load("retrieval_needle_8k.json")["points"] if p["method"] == "dense")
@@ -587,6 +600,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "decode-latency": decode_latency,
     "distill-throughput": distill_throughput,
     "grouping-quality": grouping_quality,
+    "grouping-quality-4k": grouping_quality_4k,
     "encoder-tests": encoder_tests,
     "encoder-validation": encoder_validation,
 }
