@@ -140,12 +140,15 @@ class SEAAttention(nn.Module):
         A call whose rows all attend densely (``config.dense_until``) and whose state, if any, is
         empty or still dense runs SDPA alone, and such a state keeps its last queries instead of SEA's
         state (``dense_rows.py``); once the state holds SEA's, SEA runs and the short rows (a batch's
-        padded samples) are replaced. ``forward`` always runs SEA (a state it fills is SEA's). A causal layer on the ``sparse``
-        path in inference (no autograd, no ``return_attention``, no ``query_rows``, no state or an
-        empty one being prefilled) runs the row-chunked path (``chunked.py``): the per-position work
-        once, then the estimate, selection and attention a span of rows at a time (``query_chunk``
-        rows per query, 16 blocks for the block grouping), so no stage holds a Tq x K tensor. Every other call runs ``forward`` and returns its context. All equal
-        the full forward's context to float rounding (``tests/test_chunked.py``, ``test_dense_rows.py``).
+        padded samples) are replaced. ``forward`` always runs SEA (a state it fills is SEA's).
+
+        A causal layer on the ``sparse`` path in inference (no autograd, no ``return_attention``,
+        no ``query_rows``, no state or an empty one being prefilled) runs the row-chunked path
+        (``chunked.py``): the per-position work once, then the estimate, selection and attention a
+        span of rows at a time (``query_chunk`` rows per query, 16 blocks for the block grouping),
+        so no stage holds a Tq x K tensor. Every other call runs ``forward`` and returns its
+        context. All equal the full forward's context to float rounding (``tests/test_chunked.py``,
+        ``test_dense_rows.py``).
         """
         from .chunked import chunked_context, chunked_runs  # chunked.py builds on this module
 
