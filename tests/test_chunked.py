@@ -103,6 +103,14 @@ def test_spans_cover_the_rows_once_and_start_at_aligned_positions(first, tq, chu
     assert all((first + lo) % align == 0 for lo in starts[1:])
 
 
+def test_a_spans_selecting_rows_are_on_the_inputs_device():
+    from sea_attention.core.grouping import grouping_for
+
+    grouping = grouping_for(_module(4, 2, grouping="block", query_block=8).config)
+    rows = grouping.span_estimate_rows(3, 5, 30, torch.device("meta"))  # built, never read: any device works
+    assert rows.device.type == "meta" and rows.shape == (4,)  # rows 5, 13, 21, 29: key positions 8, 16, 24, 32
+
+
 @pytest.mark.parametrize("grouping, rows", [("query", 7), ("block", 16)])
 def test_a_span_is_query_chunk_rows_or_one_run_of_the_block_op(grouping, rows):
     from sea_attention.core.grouping import grouping_for

@@ -1,4 +1,5 @@
-"""Row-chunked inference: a per-query SEA layer's context without any Tq x K tensor.
+"""Row-chunked inference: a causal SEA layer's context (per-query or block grouping) without any
+Tq x K tensor.
 
 The full forward (``SEAAttention.forward``) estimates every row at once: the CNN's image and
 logits, the binned signals' Tq x (K + 1) dots per kv head and signal, the probabilities and
@@ -10,10 +11,11 @@ kilobytes per token. ``SEAAttention.context_only`` runs this path instead where 
    and the binned signals' prefix sums (``AttentionEstimator.per_position``);
 2. then a span of query rows at a time (``Grouping.span_size``: ``config.query_chunk`` rows per
    query, one run of the block op for the block grouping), end to end: the encoder and CNN on the
-   span and its ``HISTORY_ROWS`` rows of history, the span's binned signals, softmax,
-   ``select_cells``, ``cells_to_keys``, ``sparse_attention``, gating with a running mean of
-   V carried from span to span, the output norm and masks; each span's context is written
-   into one (B, H, Tq, d) output.
+   span and its ``HISTORY_ROWS`` rows of history (the block grouping: only its selecting rows),
+   the span's binned signals, softmax, the grouping's selection and attention (per query:
+   ``select_cells``, ``cells_to_keys``, ``sparse_attention``; block: ``select_blocks`` and the
+   block op), gating with a running mean of V carried from span to span, the output norm and
+   masks; each span's context is written into one (B, H, Tq, d) output.
 
 Every row equals the full forward's row up to float rounding (the encoder and the CNN run on
 fewer rows, which oneDNN may block differently): ``tests/test_chunked.py``. A prefill's empty
@@ -41,8 +43,8 @@ if TYPE_CHECKING:
 
 
 def chunked_runs(sea: "SEAAttention", call: SEACall) -> bool:
-    """Whether ``call`` runs the row-chunked path: a causal layer with a per-query grouping on the
-    ``sparse`` path, no attention view or row subset asked for, no state or an empty one (a
+    """Whether ``call`` runs the row-chunked path: a causal layer whose grouping defines spans
+    (``span_rows``: the per-query and block groupings) on the ``sparse`` path, no attention view or row subset asked for, no state or an empty one (a
     prefill), and no autograd graph to build (grad disabled, or nothing requires it)."""
     config = sea.config
     if not (config.causal and grouping_for(config).span_rows and config.attention_path == "sparse"):
@@ -119,7 +121,7 @@ def _span_context(sea: "SEAAttention", shared: PerPosition, call: SEACall, lo: i
         if shared.mean is not None:
             shared.mean.span(lo, hi)  # carries the running sum to the next span
         return sea.exact_context(part)
-    rows = shared.grouping.span_estimate_rows(call.first, lo, hi)
+    rows = shared.grouping.span_estimate_rows(call.first, lo, hi, call.q.device)
     estimate = sea.estimator.estimate_span(shared.performer, shared.bins, call, lo, hi, rows)
     context = shared.grouping.run(estimate, part).context  # (B, H, n, d)
     if shared.mean is not None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from ..cells import KeySlots
@@ -59,9 +60,9 @@ class Grouping(ABC):
         """Rows per span of the row-chunked prefill (``chunked.py``): ``config.query_chunk``."""
         return self.config.query_chunk
 
-    def span_estimate_rows(self, first: int, lo: int, hi: int) -> Tensor | None:
+    def span_estimate_rows(self, first: int, lo: int, hi: int, device: torch.device) -> Tensor | None:
         """The rows of the span [lo, hi) of a row-chunked prefill whose queries start at key position
-        ``first`` that need an estimate (sorted, absolute rows), or None for all of them."""
+        ``first`` that need an estimate (sorted, absolute rows, on ``device``), or None for all of them."""
         return None
 
     @abstractmethod

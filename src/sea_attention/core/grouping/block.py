@@ -36,9 +36,9 @@ class BlockGrouping(Grouping):
         (``docs/results.md``, the block grouping's fifth round)."""
         return block_sparse_attention.chunk_blocks * self.config.query_block
 
-    def span_estimate_rows(self, first: int, lo: int, hi: int) -> Tensor:
-        """Each block's first row in the span (spans start at a block's first row)."""
-        return lo + selecting_rows(first + lo, hi - lo, self.config.query_block)
+    def span_estimate_rows(self, first: int, lo: int, hi: int, device: torch.device) -> Tensor:
+        """Each block's first row in the span (spans start at a block's first row), on ``device``."""
+        return lo + selecting_rows(first + lo, hi - lo, self.config.query_block, device)
 
     def steps(self) -> tuple[Step, ...]:
         return tuple(zip(self.stages, (self.select, self.attend)))
