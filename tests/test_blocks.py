@@ -9,10 +9,10 @@ from conftest import exact_attention, make_qkv, padding_mask
 from naive import naive_cells_to_keys
 from sea_attention import DecodeState, SEAAttention, SEAConfig
 from sea_attention.core.blocks import (
-    EXCLUDED, BlockKeys, BlockRequest, block_dense_mask, block_slots, select_blocks,
+    EXCLUDED, BlockKeys, BlockRequest, block_dense_mask, select_blocks,
 )
 from sea_attention.core.cells import cell_starts, live_cells, query_lengths
-from sea_attention.core.ops.block_sparse import BlockSparseAttention, head_lists
+from sea_attention.core.ops.block_sparse import BlockSparseAttention, few_rows_attention, head_lists
 from sea_attention.core.ops.reference import reference_attention
 from sea_attention.core.selection import select_cells
 
@@ -240,16 +240,22 @@ def test_inference_estimates_only_the_selecting_rows(tq, tk, kernel_bins):
     assert torch.equal(fast.nnz, full.nnz)
 
 
-@pytest.mark.parametrize("tq, tk", [(1, 37), (3, 70), (2, 2)])
-def test_slots_of_a_few_queries_match_the_mask(tq, tk):
-    """The decoding-sized path (per-query slots) attends exactly the block rule's keys."""
+@pytest.mark.parametrize("tq, tk, kv_heads", [(1, 37, 2), (3, 70, 4), (2, 2, 1), (9, 40, 2)])
+def test_a_few_queries_attend_the_masks_keys(tq, tk, kv_heads):
+    """The decoding-sized path (each row's head lists and tile) equals reference attention on the
+    block rule's dense mask: outputs, gradients and the keys per row."""
     torch.manual_seed(3)
     heads, k = 4, 3
     key_valid, _, selection = random_selection(2, heads, tq, tk, k, pad=5, causal=True)
-    slots = block_slots(selection, key_valid, k, heads, tq)
+    q, keys, values = (x.double().requires_grad_() for x in make_qkv(2, heads, kv_heads, tq, tk, 16))
     mask = block_dense_mask(selection, key_valid, k, heads, tq)
-    assert torch.equal(slots.dense_mask(heads, tk), mask)
-    assert int(slots.valid.sum()) == int(mask.sum())  # no key twice
+    out, nnz = few_rows_attention(q, keys, values, selection, key_valid, 0.25, k)
+    want, _ = reference_attention(q, keys, values, mask, 0.25)
+    torch.testing.assert_close(out, want)
+    assert torch.equal(nnz, mask.sum(-1))  # no key twice
+    grads = torch.autograd.grad(out.sum(), (q, keys, values))
+    for got, expected in zip(grads, torch.autograd.grad(want.sum(), (q, keys, values))):
+        torch.testing.assert_close(got, expected)
 
 
 def test_head_lists_hold_each_heads_keys_in_cell_order():

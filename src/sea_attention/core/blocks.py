@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cells import KeySlots, cell_lengths, cell_starts, even_pick, valid_key_positions
+from .cells import cell_lengths, cell_starts, even_pick, valid_key_positions
 from .selection import select_cells
 
 EXCLUDED = -0.5  # score of a live cell whose keys are all in the tile: below every real cell
@@ -269,31 +269,6 @@ def span_mask(selection: BlockSelection, keys: BlockKeys, key_valid: Tensor, lo:
         tile = (key_pos >= selection.tile_start[lo:hi, None, None]) & (key_pos <= row_pos[..., None])  # (n, block, span)
         mask = mask | (tile & key_valid[:, None, None, :span]).unsqueeze(1)
     return mask
-
-
-def block_slots(selection: BlockSelection, key_valid: Tensor, cap: int, num_heads: int, tq: int) -> KeySlots:
-    """The selection as per-query ``KeySlots`` (B, Tq, S): each query's block cells, then its tile.
-
-    For calls with a few queries (decoding), where a whole block of rows would be mostly
-    padding; S = the block's cell keys + H * block tile slots.
-    """
-    bsz, tk = key_valid.shape
-    keys = cached_keys(selection, key_valid, cap)  # (B, nb, C, E)
-    blocks = selection.query_blocks(tq)  # (Tq,)
-    cells = keys.key.shape[-2] * keys.key.shape[-1]
-    head = keys.head.unsqueeze(-1).expand_as(keys.key).reshape(bsz, -1, cells).index_select(1, blocks)
-    key = keys.key.reshape(bsz, -1, cells).index_select(1, blocks)
-    valid = keys.valid.reshape(bsz, -1, cells).index_select(1, blocks)  # (B, Tq, C*E)
-    if selection.causal:
-        offsets = torch.arange(selection.block, device=key_valid.device)
-        query_pos = torch.arange(selection.first, selection.first + tq, device=key_valid.device)
-        tile = selection.tile_start[blocks, None] + offsets  # (Tq, block) key positions
-        inside = (tile <= query_pos[:, None]) & key_valid[:, tile.clamp_max(tk - 1)]  # (B, Tq, block)
-        heads = torch.arange(num_heads, device=key_valid.device)
-        head = torch.cat([head, heads.repeat_interleave(selection.block).expand(bsz, tq, -1)], dim=-1)
-        key = torch.cat([key, tile.clamp_max(tk - 1).repeat(1, num_heads).expand(bsz, -1, -1)], dim=-1)
-        valid = torch.cat([valid, inside.repeat(1, 1, num_heads)], dim=-1)
-    return KeySlots(torch.where(valid, head, 0), torch.where(valid, key, 0), valid)
 
 
 def block_dense_mask(selection: BlockSelection, key_valid: Tensor, cap: int, num_heads: int, tq: int) -> Tensor:

@@ -9,11 +9,10 @@ import torch
 from torch import Tensor
 
 from ..blocks import (
-    BlockRequest, BlockSelection, block_dense_mask, block_slots, carry, reuses_carried, select_blocks, selecting_rows,
+    BlockRequest, BlockSelection, block_dense_mask, carry, reuses_carried, select_blocks, selecting_rows,
 )
-from ..ops.block_sparse import block_sparse_attention
+from ..ops.block_sparse import block_sparse_attention, few_rows_attention
 from ..ops.reference import reference_attention
-from ..ops.sparse import sparse_attention
 from .base import Attended, Grouping, Step
 
 if TYPE_CHECKING:
@@ -71,7 +70,7 @@ class BlockGrouping(Grouping):
 
     def attend(self, selection: BlockSelection, call: "SEACall") -> Attended:
         """Dense block products; the reference path (or an attention view) on the dense mask, and
-        sparse slots for a few queries (decoding), where a block of rows would be mostly padding."""
+        per-row lists for a few queries (decoding), where a block of rows would be mostly padding."""
         cfg, q = self.config, call.asked(call.q, 2)
         tq = q.shape[2]
         attention = None
@@ -81,9 +80,7 @@ class BlockGrouping(Grouping):
             attention = probs if call.return_attention else None
             nnz = mask.sum(-1)
         elif cfg.causal and tq * 4 <= cfg.query_block:
-            slots = block_slots(selection, call.key_valid, call.budget, cfg.num_heads, tq)
-            context, _ = sparse_attention(q, call.k, call.v, slots, call.scale, cfg.query_chunk)
-            nnz = slots.nnz(cfg.num_heads)
+            context, nnz = few_rows_attention(q, call.k, call.v, selection, call.key_valid, call.scale, call.budget)
         else:
             context, nnz = block_sparse_attention(q, call.k, call.v, selection, call.key_valid, call.scale,
                                                   call.budget)

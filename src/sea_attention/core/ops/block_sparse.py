@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..blocks import BlockKeys, BlockSelection, block_keys, span_mask, tile_mask
+from ..blocks import BlockKeys, BlockSelection, block_keys, cached_keys, span_mask, tile_mask
 from ..cells import valid_key_positions
+from ..rows import same_layout
 
 MODES = ("auto", "lists", "dense")
 
@@ -60,7 +61,6 @@ class _BlockRun:
     v: Tensor
     selection: BlockSelection
     key_valid: Tensor  # (B, Tk)
-    lowest: float  # the softmax shift's floor: finite, so rows without keys stay NaN-free
 
     @classmethod
     def prepare(cls, q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
@@ -70,7 +70,7 @@ class _BlockRun:
         block, num_blocks, front = selection.block, selection.num_blocks, selection.front
         q_scaled = q.to(compute) * scale  # the scale folded into q once, not into every score
         q_blocks = _pad_rows(q_scaled, front, num_blocks * block - tq - front).view(bsz, heads, num_blocks, block, dim)
-        return cls(q_blocks, k.to(compute), v.to(compute), selection, key_valid, torch.finfo(compute).min)
+        return cls(q_blocks, k.to(compute), v.to(compute), selection, key_valid)
 
     def dense(self, lo: int, hi: int, keys: BlockKeys, span: int) -> tuple[Tensor, Tensor]:
         """Blocks lo:hi scored against every key before ``span``, masked to their keys."""
@@ -82,8 +82,7 @@ class _BlockRun:
         block's own keys, its tile: (B, n, H, Bq, d), (B, n, H, Bq).
 
         One (block x d) @ (d x keys) product per block and head, however many cells the head
-        picked. Scores become weights in place (masked, shifted by the row maximum,
-        exponentiated): every extra pass over them costs as much as the products.
+        picked (``_attend_lists``).
         """
         q_chunk = self.q_blocks[:, :, lo:hi]  # (B, H, n, Bq, d)
         bsz, heads, n, block, _ = q_chunk.shape
@@ -95,26 +94,60 @@ class _BlockRun:
             key = torch.cat([key, tile.expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, n, L + Bq)
             own = tile_mask(self.selection, self.key_valid, lo, hi).unsqueeze(1).expand(-1, heads, -1, -1, -1)
             allowed = torch.cat([allowed, own], dim=-1)  # (B, H, n, Bq, L + Bq)
-        k_sel, v_sel = self._gather(key)  # (B, H, n, L + Bq, d)
-        # masked scores are -inf (exp() is slow on huge finite negatives); the shift stays finite
-        w = (q_chunk @ k_sel.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
-        with torch.no_grad():  # softmax is shift-invariant: the maximum needs no gradient
-            peak = w.amax(-1, keepdim=True) if w.shape[-1] else w.new_full((*w.shape[:-1], 1), self.lowest)
-            peak = peak.clamp_min(self.lowest)  # (B, H, n, Bq, 1); lowest: no key at all
-        w = w.sub_(peak).exp_()  # exp(-inf - peak) = 0 exactly
-        out = (w @ v_sel) / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        out = torch.where(peak > self.lowest, out, 0.0)
+        out = _attend_lists(q_chunk, *_gather_lists(self.k, self.v, key), allowed)  # (B, H, n, Bq, d)
         return out.transpose(1, 2), allowed.sum(-1).transpose(1, 2)
 
-    def _gather(self, key: Tensor) -> tuple[Tensor, Tensor]:
-        """The keys and values at ``key`` (B, H, n, L) positions of each head's kv head: (B, H, n, L, d) each."""
-        bsz, heads, n, length = key.shape
-        kv_heads, tk, dim = self.k.shape[1], self.k.shape[2], self.k.shape[3]
-        kv_of = torch.arange(heads, device=key.device) // (heads // kv_heads)
-        base = (torch.arange(bsz, device=key.device)[:, None] * kv_heads + kv_of) * tk  # (B, H)
-        rows = (base[:, :, None, None] + key).flatten()
-        return tuple(x.reshape(-1, dim).index_select(0, rows).view(bsz, heads, n, length, dim)
-                     for x in (self.k, self.v))
+
+def _gather_lists(k: Tensor, v: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """The keys and values (B, H_kv, Tk, d) at ``key`` (B, H, n, L) positions of each head's kv head:
+    (B, H, n, L, d) each."""
+    bsz, heads, n, length = key.shape
+    kv_heads, dim = k.shape[1], k.shape[3]
+    tables = same_layout(k, v)  # in place: a KV cache's view with spare rows is not copied
+    kv_of = torch.arange(heads, device=key.device) // (heads // kv_heads)
+    batch = torch.arange(bsz, device=key.device)[:, None, None, None]
+    rows = tables[0].row(batch, kv_of[None, :, None, None], key).flatten()
+    return tuple(t.rows.index_select(0, rows).view(bsz, heads, n, length, dim) for t in tables)
+
+
+def _attend_lists(q: Tensor, k_sel: Tensor, v_sel: Tensor, allowed: Tensor) -> Tensor:
+    """Softmax attention of scaled queries q (..., R, d) over their list k_sel, v_sel (..., L, d), masked
+    by ``allowed`` (..., R, L): (..., R, d), zero for a row without keys.
+
+    Scores become weights in place (masked, shifted by the row maximum, exponentiated): every
+    extra pass over them costs as much as the products.
+    """
+    lowest = torch.finfo(q.dtype).min  # the shift's floor: finite, so rows without keys stay NaN-free
+    # masked scores are -inf (exp() is slow on huge finite negatives); the shift stays finite
+    w = (q @ k_sel.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
+    with torch.no_grad():  # softmax is shift-invariant: the maximum needs no gradient
+        peak = w.amax(-1, keepdim=True) if w.shape[-1] else w.new_full((*w.shape[:-1], 1), lowest)
+        peak = peak.clamp_min(lowest)  # (..., R, 1); lowest: no key at all
+    w = w.sub_(peak).exp_()  # exp(-inf - peak) = 0 exactly
+    out = (w @ v_sel) / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    return torch.where(peak > lowest, out, 0.0)
+
+
+def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
+                       scale: float, cap: int) -> tuple[Tensor, Tensor]:
+    """A causal call of a few query rows (decoding), where a block of rows would be mostly padding:
+    each row scores its block's head lists (``head_lists`` of the cached cell keys) and its tile up
+    to itself. q (B, H, Tq, d); k, v (B, H_kv, Tk, d). Returns the context (B, H, Tq, d) in q's dtype
+    and the keys each row attended per head (B, H, Tq)."""
+    bsz, heads, tq, _ = q.shape
+    tk = key_valid.shape[-1]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    blocks = selection.query_blocks(tq)  # (Tq,) each row's block
+    lists = head_lists(cached_keys(selection, key_valid, cap), heads)  # (B, H, nb, L)
+    key, allowed = lists.key.index_select(2, blocks), lists.valid.index_select(2, blocks)  # (B, H, Tq, L)
+    tile = selection.tile_start[blocks, None] + torch.arange(selection.block, device=q.device)  # (Tq, block)
+    query_pos = torch.arange(selection.first, selection.first + tq, device=q.device)
+    inside = (tile <= query_pos[:, None]) & key_valid[:, tile.clamp_max(tk - 1)]  # (B, Tq, block)
+    key = torch.cat([key, tile.clamp_max(tk - 1).expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, Tq, L + block)
+    allowed = torch.cat([allowed, inside.unsqueeze(1).expand(-1, heads, -1, -1)], dim=-1)
+    k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key)  # (B, H, Tq, L + block, d)
+    out = _attend_lists((q.to(compute) * scale).unsqueeze(-2), k_sel, v_sel, allowed.unsqueeze(-2))
+    return out.squeeze(-2).to(q.dtype), allowed.sum(-1)
 
 
 @dataclass
