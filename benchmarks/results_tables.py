@@ -583,6 +583,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "attention-block-spans": bench_table(["attention_block_spans.json"], ["sdpa", "sea_block", "sea_block_chunked"]),
     "model-block-lists": model_cost_table(("model_cost_smollm2_growing_block.json", "model_smollm2_block_lists.json",
                                            "model_smollm2_block_spans.json")),
+    "model-block-policy": model_cost_table(("model_smollm2_block_spans.json", "model_smollm2_block_dense_until_2048.json",
+                                            "model_smollm2_block_dense_until_2048_f32.json")),
     "decode-step-block-keys": decode_step_table("decode_step_block_keys.json", ("sdpa", "sea", "sea_block")),
     "attention-bin-sums": bench_table(["attention_bin_sums_dtype.json"], ["sdpa", "sea_chunked", "sea_chunked_f32"]),
     "decode-step-bin-sums": decode_step_table("decode_step_bin_sums_dtype.json", ("sdpa", "sea", "sea_f32")),
