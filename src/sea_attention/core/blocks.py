@@ -174,11 +174,13 @@ def _select_bidirectional(estimate: Tensor, request: BlockRequest, block_pos: Te
 
 
 def carry(selection: BlockSelection) -> BlockSelection:
-    """The last block's selection, for the next decoding call (with its keys when it is the only block)."""
+    """The last block's selection, for the next decoding call: the selection itself when it is the
+    only block (so the keys its attention caches later are shared), else a copy without keys."""
+    if selection.num_blocks == 1:
+        return selection
     last = slice(selection.num_blocks - 1, selection.num_blocks)
-    keys = selection.keys if selection.num_blocks == 1 else None
     return BlockSelection(selection.cells[:, :, last], selection.lengths[:, last], selection.limit[:, last],
-                          selection.tile_start[last], selection.first, selection.block, selection.causal, keys)
+                          selection.tile_start[last], selection.first, selection.block, selection.causal)
 
 
 @dataclass
@@ -236,15 +238,19 @@ def cached_keys(selection: BlockSelection, key_valid: Tensor, cap: int) -> Block
     return selection.keys
 
 
-def tile_mask(selection: BlockSelection, key_valid: Tensor, lo: int, hi: int) -> Tensor:
-    """(B, n, block, block) bool: which keys of its own block each query row attends (causal).
+def tile_positions(selection: BlockSelection, blocks: Tensor) -> Tensor:
+    """(n, block) the key positions of the rows (and tile columns) of the call's blocks ``blocks`` (n,):
+    row or column c of block i is position ``(first_block + i) * block + c``."""
+    offsets = torch.arange(selection.block, device=blocks.device)
+    return (selection.first_block + blocks)[:, None] * selection.block + offsets
 
-    Row r, column c of block i are the key positions ``(first_block + i) * block + r`` and ``+ c``.
-    """
+
+def tile_mask(selection: BlockSelection, key_valid: Tensor, lo: int, hi: int) -> Tensor:
+    """(B, n, block, block) bool: which keys of its own block each query row of blocks ``lo:hi``
+    attends (causal; rows and columns at ``tile_positions``)."""
     block, tk = selection.block, key_valid.shape[-1]
-    base = (selection.first_block + torch.arange(lo, hi, device=key_valid.device)) * block  # (n,)
     offsets = torch.arange(block, device=key_valid.device)
-    key_pos = base[:, None] + offsets  # (n, block)
+    key_pos = tile_positions(selection, torch.arange(lo, hi, device=key_valid.device))  # (n, block)
     valid = torch.nn.functional.pad(key_valid, (0, max(0, int(key_pos.max()) + 1 - tk)))[:, key_pos]  # (B, n, block)
     causal = offsets[:, None] >= offsets[None, :]  # (block, block): key <= query
     after_start = key_pos >= selection.tile_start[lo:hi, None]  # (n, block)
@@ -264,8 +270,7 @@ def span_mask(selection: BlockSelection, keys: BlockKeys, key_valid: Tensor, lo:
     mask = cells.transpose(1, 2).expand(-1, -1, -1, selection.block, -1)
     if selection.causal:
         key_pos = torch.arange(span, device=key_valid.device)
-        row_pos = (selection.first_block + torch.arange(lo, hi, device=key_valid.device))[:, None] * selection.block \
-            + torch.arange(selection.block, device=key_valid.device)  # (n, block)
+        row_pos = tile_positions(selection, torch.arange(lo, hi, device=key_valid.device))  # (n, block)
         tile = (key_pos >= selection.tile_start[lo:hi, None, None]) & (key_pos <= row_pos[..., None])  # (n, block, span)
         mask = mask | (tile & key_valid[:, None, None, :span]).unsqueeze(1)
     return mask

@@ -43,11 +43,11 @@ if TYPE_CHECKING:
 
 
 def chunked_runs(sea: "SEAAttention", call: SEACall) -> bool:
-    """Whether ``call`` runs the row-chunked path: a causal layer whose grouping defines spans
-    (``span_rows``: the per-query and block groupings) on the ``sparse`` path, no attention view or row subset asked for, no state or an empty one (a
-    prefill), and no autograd graph to build (grad disabled, or nothing requires it)."""
+    """Whether ``call`` runs the row-chunked path: a causal layer (every causal grouping defines
+    spans) on the ``sparse`` path, no attention view or row subset asked for, no state or an empty
+    one (a prefill), and no autograd graph to build (grad disabled, or nothing requires it)."""
     config = sea.config
-    if not (config.causal and grouping_for(config).span_rows and config.attention_path == "sparse"):
+    if not (config.causal and config.attention_path == "sparse"):
         return False
     if call.return_attention or call.query_rows is not None or (call.state is not None and call.state.seen):
         return False
@@ -114,9 +114,8 @@ def _span_context(sea: "SEAAttention", shared: PerPosition, call: SEACall, lo: i
     """The finished context (B, H, hi - lo, d) of query rows [lo, hi): estimate, select, attend, gate;
     rows the length policy picks (``config.dense_until``) attend densely, and a span of only such
     rows estimates nothing."""
-    # the state goes along for a grouping that keeps its selection there (block: the open block's)
-    state = call.state if shared.grouping.span_rows > 1 else None
-    part = replace(call, query_rows=torch.arange(lo, hi, device=call.q.device), state=state)
+    # the state goes along: the block grouping keeps its open block's selection there
+    part = replace(call, query_rows=torch.arange(lo, hi, device=call.q.device))
     if all_dense(part, sea.config.dense_until):
         if shared.mean is not None:
             shared.mean.span(lo, hi)  # carries the running sum to the next span

@@ -46,7 +46,7 @@ class Grouping(ABC):
 
     stages: tuple[str, ...] = ()  # the names of steps(), for the benchmark
     computes_row_subsets: bool = False  # whether query_rows (training on some rows) is defined
-    span_rows: int = 1  # the row-chunked prefill cuts its spans at multiples of this (chunked.py); 0: never
+    span_rows: int = 1  # the row-chunked prefill starts its spans at key positions that are multiples of this
     reports_slots: bool = False  # whether Attended.slots lists the selected keys
 
     def __init__(self, config: SEAConfig) -> None:

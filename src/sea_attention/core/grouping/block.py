@@ -65,7 +65,7 @@ class BlockGrouping(Grouping):
                                cfg.query_block, cfg.causal, cfg.sinks, cfg.local_window)
         selection = select_blocks(estimate.probs, request, carried, rows)
         if state is not None:
-            state.block = selection if selection.num_blocks == 1 else carry(selection)  # shares its cached keys
+            state.block = carry(selection)
         return selection
 
     def attend(self, selection: BlockSelection, call: "SEACall") -> Attended:

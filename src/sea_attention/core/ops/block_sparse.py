@@ -3,8 +3,10 @@
 All queries of a block attend the same selected cells, so each head's selected keys are
 gathered once per block into one list (``head_lists``) and scored with one
 (block x d) @ (d x keys) product; causal blocks append their own keys to the list, a tile
-masked causally. One softmax per query and head runs over the list. Plain autograd: the products are dense, so there is no per-query gather to
-avoid in backward. Blocks are processed a few at a time, so memory is linear in T.
+masked causally. One softmax per query and head runs over the list (``_attend_lists``; a few rows
+of a decoding step take the same lists: ``few_rows_attention``). Plain autograd: the products are
+dense, so there is no per-query gather to avoid in backward. Blocks are processed a few at a time,
+so memory is linear in T.
 
 The reference is ``reference.reference_attention`` on ``blocks.block_dense_mask``.
 """
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..blocks import BlockKeys, BlockSelection, block_keys, cached_keys, span_mask, tile_mask
+from ..blocks import BlockKeys, BlockSelection, block_keys, cached_keys, span_mask, tile_mask, tile_positions
 from ..cells import valid_key_positions
 from ..rows import same_layout
 
@@ -89,8 +91,8 @@ class _BlockRun:
         lists = head_lists(keys, heads)  # (B, H, n, L)
         key, allowed = lists.key, lists.valid.unsqueeze(-2).expand(-1, -1, -1, block, -1)  # (B, H, n, Bq, L)
         if self.selection.causal:  # the tile: key positions tile_start.. of each block, masked causally
-            base = (self.selection.first_block + torch.arange(lo, hi, device=key.device)) * block
-            tile = (base[:, None] + torch.arange(block, device=key.device)).clamp_max(self.k.shape[2] - 1)
+            tile = tile_positions(self.selection, torch.arange(lo, hi, device=key.device))
+            tile = tile.clamp_max(self.k.shape[2] - 1)  # (n, Bq); keys past the end are masked
             key = torch.cat([key, tile.expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, n, L + Bq)
             own = tile_mask(self.selection, self.key_valid, lo, hi).unsqueeze(1).expand(-1, heads, -1, -1, -1)
             allowed = torch.cat([allowed, own], dim=-1)  # (B, H, n, Bq, L + Bq)
@@ -140,9 +142,9 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelectio
     blocks = selection.query_blocks(tq)  # (Tq,) each row's block
     lists = head_lists(cached_keys(selection, key_valid, cap), heads)  # (B, H, nb, L)
     key, allowed = lists.key.index_select(2, blocks), lists.valid.index_select(2, blocks)  # (B, H, Tq, L)
-    tile = selection.tile_start[blocks, None] + torch.arange(selection.block, device=q.device)  # (Tq, block)
-    query_pos = torch.arange(selection.first, selection.first + tq, device=q.device)
-    inside = (tile <= query_pos[:, None]) & key_valid[:, tile.clamp_max(tk - 1)]  # (B, Tq, block)
+    tile = tile_positions(selection, blocks)  # (Tq, block) each row's block
+    row = torch.arange(selection.first, selection.first + tq, device=q.device) - tile[:, 0]  # place in its block
+    inside = tile_mask(selection, key_valid, 0, selection.num_blocks)[:, blocks, row]  # (B, Tq, block)
     key = torch.cat([key, tile.clamp_max(tk - 1).expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, Tq, L + block)
     allowed = torch.cat([allowed, inside.unsqueeze(1).expand(-1, heads, -1, -1)], dim=-1)
     k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key)  # (B, H, Tq, L + block, d)
