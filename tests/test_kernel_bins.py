@@ -222,3 +222,18 @@ def test_a_rows_dots_are_bitwise_alike_alone_in_any_batch_and_after_decoding(len
     step = prefix_sums(keys[:, :, length - 3:-1], key_valid[:, length - 3:-1], start=first)
     last_step = prefix_sums(keys[:, :, -1:], key_valid[:, -1:], start=step)
     assert torch.equal(torch.cat([first.rows, step.rows, last_step.rows], 2), sums.rows)
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_edge_positions_are_the_first_position_holding_each_edge_rank(pad):
+    """Without padding a row's edges are read at their own positions (no search); with it, at the
+    first position that many valid keys precede: both the searched answer."""
+    from sea_attention.core.estimator.kernel_bins import _edge_positions
+
+    key_valid = padding_mask(2, 30, pad)
+    lengths = query_lengths(key_valid, key_valid, True)
+    counts = torch.nn.functional.pad(key_valid.long().cumsum(-1), (1, 0))  # (B, 31)
+    positions, sizes = _edge_positions(counts, lengths, 8)
+    edges = cell_edges(lengths, 8)
+    searched = torch.searchsorted(counts, edges.flatten(1)).view_as(edges)
+    assert torch.equal(positions, searched) and torch.equal(sizes, (edges[..., 1:] - edges[..., :-1])[:, None, None])
