@@ -111,7 +111,7 @@ class CausalDecoder(nn.Module):
     @sample_wise  # oneDNN convolutions round differently by batch size (per_sample.py)
     def forward(self, image: Tensor, row_mask: Tensor) -> Tensor:
         """image (B, H*c, T, K/4), row_mask (B, 1, T, 1) -> logits (B, H, T, K), one sample at a time."""
-        x = self.norm_in(image) * row_mask
+        x = self._normed(image, row_mask)
         x = torch.relu(self.conv_a(x)) * row_mask
         return self._logits(self.to_heads(torch.relu(self.conv_b(x))))  # from (B, H, T, K/4)
 
@@ -119,16 +119,22 @@ class CausalDecoder(nn.Module):
     def tail(self, image: Tensor, row_mask: Tensor) -> Tensor:
         """``forward(image, row_mask)[:, :, HISTORY_ROWS:]``: the logits of the rows after the first
         ``HISTORY_ROWS``, which hold their history (a decoding state's remembered rows)."""
-        x = self.norm_in(image) * row_mask
+        x = self._normed(image, row_mask)
         x = torch.relu(self.conv_a.tail(x)) * row_mask[:, :, CausalConv.RECEPTIVE_ROWS:]
         return self._logits(self.to_heads(torch.relu(self.conv_b.tail(x))))
+
+    def _normed(self, image: Tensor, row_mask: Tensor) -> Tensor:
+        """The convolutions' input: normalised, padding rows zeroed, channels innermost in memory
+        (oneDNN's own layout: a 264-row prefill span's three convolutions 11.0 -> 7.8 ms, 2 threads;
+        a decoding step's no different), which the convolutions and the ReLUs keep."""
+        return (self.norm_in(image) * row_mask).contiguous(memory_format=torch.channels_last)
 
     def _logits(self, x: Tensor) -> Tensor:
         """(B, H, T, K/4) after the 1x1 convolution -> logits (B, H, T, K)."""
         # nearest-neighbour x4 along the bins, then LayerNorm(K). The 1x1 convolution commutes
         # with the upsampling, and four copies of a row have that row's mean and variance, so
         # both run at K/4 and only the affine part runs at K.
-        x = F.layer_norm(x, x.shape[-1:], eps=self.norm_out.eps).repeat_interleave(4, dim=-1)
+        x = F.layer_norm(x.contiguous(), x.shape[-1:], eps=self.norm_out.eps).repeat_interleave(4, dim=-1)
         return torch.addcmul(self.norm_out.bias, x, self.norm_out.weight)
 
 
