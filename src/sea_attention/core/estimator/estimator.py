@@ -173,7 +173,10 @@ class AttentionEstimator(nn.Module):
         lengths = call.lengths if rows is None else call.lengths.index_select(1, rows)  # (B, Tq or n)
         if bins is not None and logits.shape[2]:
             logits = logits + self._bin_signal(bins, lengths, rows, call.scale)
-        live = live_cells(lengths, self.config.estimate_width).unsqueeze(1)  # (B, 1, Tq or n, K)
+        width = self.config.estimate_width
+        if bool((lengths >= width).all()):  # no dead bin and no padding row: nothing to mask
+            return Estimate(logits, torch.softmax(logits, dim=-1), gate_logits.float(), rows)
+        live = live_cells(lengths, width).unsqueeze(1)  # (B, 1, Tq or n, K)
         # a finite fill keeps padding rows (no live bin) NaN-free, also in backward
         probs = torch.softmax(logits.masked_fill(~live, torch.finfo(logits.dtype).min), dim=-1)
         probs = probs.masked_fill(~live, 0.0)
