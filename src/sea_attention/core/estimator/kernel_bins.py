@@ -233,7 +233,9 @@ def _sampled_dots(rows: Tensor, table: Tensor, columns: Tensor) -> Tensor:
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(crow, columns.flatten(), rows.new_zeros(count * entries),
                                           (count, table.shape[0]), check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0).values().view(count, entries)
+        # written into the pattern itself: a new result would first copy the pattern's indices and values
+        torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0, out=pattern)
+        return pattern.values().view(count, entries)
 
 
 def _edge_positions(counts: Tensor, lengths: Tensor, width: int) -> tuple[Tensor, Tensor]:

@@ -70,7 +70,9 @@ class _Rows:
     def sampled_dot(self, rows: Tensor, table: Tensor, scale: float) -> Tensor:
         """scale * <rows[r], table[col]> for every entry (nnz,): rows (R, d), table (N, d)."""
         pattern = self.matrix(rows.new_zeros(self.col.shape), table.shape[0])
-        return torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0, alpha=scale).values()
+        # written into the pattern itself: a new result would first copy the pattern's indices and values
+        torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0, alpha=scale, out=pattern)
+        return pattern.values()
 
     def weighted_sum(self, table: Tensor, weights: Tensor) -> Tensor:
         """sum over a row's entries of weights * table[col]: (R, d)."""
