@@ -85,6 +85,30 @@ def breakdown_table(name: str) -> Callable[[Results], str]:
     return render
 
 
+def attention_ab_table(name: str) -> Callable[[Results], str]:
+    """``attention_ab.py``: one layer's prefill, two source trees in one process (best of the turns), and SDPA."""
+    def render(results: Results) -> str:
+        rows = []
+        for run in results.load(name)["runs"]:
+            setup = run["setup"]
+            for p in run["points"]:
+                old, new, sdpa = (min(p[f"{key}_seconds"]) for key in ("old", "new", "sdpa"))
+                rows.append([f"{setup['heads']} / {setup['kv_heads']}", f"{p['length']:,}", str(setup["repeats"]),
+                             f"{old:.3f}", f"{new:.3f}", f"{new / old:.2f}", f"{sdpa:.3f}", f"{sdpa / new:.2f}",
+                             "bitwise" if p["max_abs_diff"] == 0 else f"{p['max_abs_diff']:.1e}"])
+        return table(["heads / kv heads", "T", "turns", "before s", "after s", "after / before", "SDPA s",
+                      "SEA speed x SDPA", "outputs"], rows)
+    return render
+
+
+def edge_dots_ways(results: Results) -> str:
+    """``edge_dots_ways.py``: milliseconds per span call and nanoseconds per dot of each way, by row width."""
+    points = results.load("edge_dots_ways.json")["points"]
+    return table(["way", "row width", "dots per call", "ms per call", "ns per dot"],
+                 [[p["way"], str(p["features"]), f"{p['dots']:,}", f"{p['ms']:.2f}", f"{p['ns_per_dot']:.1f}"]
+                  for p in points])
+
+
 def model_bench(results: Results) -> str:
     """`sea bench model`: prefill and decode tokens/s, dense vs SEA, per grouping."""
     rows = []
@@ -603,6 +627,11 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "distill-throughput": distill_throughput,
     "grouping-quality": grouping_quality,
     "grouping-quality-4k": grouping_quality_4k,
+    "edge-dots-ways": edge_dots_ways,
+    "attention-default-trimmed-ab": attention_ab_table("attention_default_trimmed_ab.json"),
+    "attention-default-trimmed": bench_table(["attention_default_trimmed.json"],
+                                             ["sdpa", "sea_chunked", "sea_block_chunked"]),
+    "model-default-trimmed": model_cost_table(("model_smollm2_policy_off.json", "model_smollm2_default_trimmed.json")),
     "encoder-tests": encoder_tests,
     "encoder-validation": encoder_validation,
 }
