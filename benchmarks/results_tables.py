@@ -632,6 +632,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "attention-default-trimmed": bench_table(["attention_default_trimmed.json"],
                                              ["sdpa", "sea_chunked", "sea_block_chunked"]),
     "model-default-trimmed": model_cost_table(("model_smollm2_policy_off.json", "model_smollm2_default_trimmed.json")),
+    "model-tiny-trimmed": model_cost_table(("model_tiny_default_trimmed.json", "model_tiny_block_trimmed.json")),
     "model-block-policy-trimmed": model_cost_table(("model_smollm2_block_policy_trimmed.json",
                                                     "model_smollm2_block_policy_trimmed_8k_b.json")),
     "encoder-tests": encoder_tests,
