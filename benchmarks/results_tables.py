@@ -180,6 +180,8 @@ NEEDLE_4K = [  # (what selects, file, method): the same 5 needle prompts at 4,09
     ("oracle_head: the exact top 64 keys of each head", "retrieval_oracle_needle4k.json", "oracle_head"),
     ("SEA, `sea.patch` defaults (undistilled)", "retrieval_needle4k_candidates1.json", "sea"),
     ("SEA, candidates=4 (exact refinement)", "retrieval_needle4k_candidates4.json", "sea"),
+    ("SEA, `grouping=\"block\"` (undistilled)", "retrieval_needle4k_block.json", "sea"),
+    ("SEA, block grouping and `dense_until=2048` (undistilled)", "retrieval_needle4k_block_du2048.json", "sea"),
     ("SEA's bins and budget, each bin scored by the mean-key logit alone", "retrieval_suspects_needle_4k_b.json",
      "cells_meankey"),
     ("SEA's bins and budget, each bin scored by its exact attention mass", "retrieval_suspects_needle_4k.json",
