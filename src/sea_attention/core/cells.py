@@ -54,6 +54,12 @@ def live_cells(lengths: Tensor, width: int) -> Tensor:
     return cell_lengths(lengths, width) > 0
 
 
+def every_cell_live(lengths: Tensor, width: int) -> bool:
+    """Whether every bin of every row holds a key (``live_cells`` all True): rows of at least K keys
+    (a padding row, 0 keys, has none live)."""
+    return bool((lengths >= width).all())
+
+
 def forced_cells(lengths: Tensor, width: int, sinks: int, window: int) -> Tensor:
     """Bins every head of a row always selects: (...,) lengths -> (..., K) bool.
 

@@ -8,6 +8,7 @@ a whole context per decoding step; ``row_table`` addresses the storage itself in
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,3 +53,20 @@ def same_layout(a: Tensor, b: Tensor) -> tuple[RowTable, RowTable]:
     if (table_a.batch, table_a.head) != (table_b.batch, table_b.head):
         table_a, table_b = row_table(a.contiguous()), row_table(b.contiguous())
     return table_a, table_b
+
+
+def sampled_dots(crow: Tensor, col: Tensor, rows: Tensor, table: Tensor, scale: float = 1.0) -> Tensor:
+    """scale * rows[r] . table[col[e]] for every entry e of CSR row r (crow (R + 1,), col (nnz,), one
+    index dtype): (nnz,). rows (R, f); table (N, f), read in place.
+
+    One sampled product, written into its own pattern (a new result would first copy the pattern's
+    indices and values). Each entry is one dot whose rounding depends on neither the other entries
+    nor the rows given with it (measured, 1 and 2 threads). The pattern's values start at zero:
+    ``beta=0`` does not ignore them (NaN stays NaN).
+    """
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is stable
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, col, rows.new_zeros(col.shape), (rows.shape[0], table.shape[0]),
+                                          check_invariants=False)
+        torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0, alpha=scale, out=pattern)
+    return pattern.values()

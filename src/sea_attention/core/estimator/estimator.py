@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..cells import key_ranks, live_cells, valid_key_positions
+from ..cells import every_cell_live, key_ranks, live_cells, valid_key_positions
 from ..config import SEAConfig
 from ..decoding import DecodeState
 from ..gates import GATE_BIAS
@@ -174,7 +174,7 @@ class AttentionEstimator(nn.Module):
         if bins is not None and logits.shape[2]:
             logits = logits + self._bin_signal(bins, lengths, rows, call.scale)
         width = self.config.estimate_width
-        if bool((lengths >= width).all()):  # no dead bin and no padding row: nothing to mask
+        if every_cell_live(lengths, width):  # no dead bin and no padding row: nothing to mask
             return Estimate(logits, torch.softmax(logits, dim=-1), gate_logits.float(), rows)
         live = live_cells(lengths, width).unsqueeze(1)  # (B, 1, Tq or n, K)
         # a finite fill keeps padding rows (no live bin) NaN-free, also in backward

@@ -27,7 +27,6 @@ an input of the estimator, like the teacher's q and k in distillation.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,7 +36,7 @@ from torch import Tensor
 
 from ..cells import cell_edges, valid_key_positions
 from ..decoding import GrowingRows
-from ..rows import row_table
+from ..rows import row_table, sampled_dots
 
 LOG_FLOOR = 1e-6  # log(mass fraction) of an empty bin
 CENTER_KEYS = 16  # the sums are centred on the median of a sample's first this many valid keys
@@ -206,22 +205,28 @@ def shared_row_dots(queries: list[Tensor], tables: list[Tensor], rows: Tensor, c
         part, columns, layout = rows[:, c0:c0 + chunk], None, None  # (B, c, E)
         for i, (query, (table, first_row)) in enumerate(zip(queries, reads)):
             if layout is None or not torch.equal(first_row, layout):
-                layout = first_row  # (B, H_kv, 1) -> entries' table rows (B * H_kv * G * c, E)
-                largest = max(table.shape[0], first_row.numel() * groups * part[0].numel())  # rows, entries
-                index = torch.int32 if largest < 2**31 else torch.int64  # int32: a 7x faster sum
-                starts = first_row.to(index)[:, :, None, :, None].expand(-1, -1, groups, -1, -1)  # (B, H_kv, G, 1, 1)
-                columns = torch.add(starts, part.to(index)[:, None, None]).view(-1, entries)  # one pass, laid out
+                layout, columns = first_row, _entry_rows(first_row, part, groups, table.shape[0])
             own = query[:, :, :, c0:c0 + chunk].to(table.dtype)  # (B, H_kv, G, c, f)
             dots = _sampled_dots(own.reshape(-1, own.shape[-1]), table, columns)
             out[i].append(dots.view(*own.shape[:-1], entries))
     return [parts[0] if len(parts) == 1 else torch.cat(parts, dim=3) for parts in out]
 
 
+def _entry_rows(first_row: Tensor, rows: Tensor, groups: int, table_rows: int) -> Tensor:
+    """The table row of every entry, (B * H_kv * G * c, E): each (sample, kv head)'s row 0
+    ``first_row`` (B, H_kv, 1) plus ``rows`` (B, c, E), the same for the G query heads of a kv head.
+    One broadcast sum, in int32 where int32 numbers every table row and entry (7x faster than int64)."""
+    largest = max(table_rows, first_row.numel() * groups * rows[0].numel())
+    index = torch.int32 if largest < 2**31 else torch.int64
+    starts = first_row.to(index)[:, :, None, :, None].expand(-1, -1, groups, -1, -1)  # (B, H_kv, G, 1, 1)
+    return torch.add(starts, rows.to(index)[:, None, None]).view(-1, rows.shape[-1])
+
+
 def _sampled_dots(rows: Tensor, table: Tensor, columns: Tensor) -> Tensor:
     """rows (R, f) . table[columns[r, e]] (table (N, f)) for every entry: (R, E).
 
-    One sampled product reads the entries in place, for a prefill's rows and a decoding step's
-    alike: each entry is one dot whose rounding depends on neither the other entries nor the
+    One sampled product (``rows.sampled_dots``) reads the entries in place, for a prefill's rows and
+    a decoding step's alike: each entry is one dot whose rounding depends on neither the other entries nor the
     rows given with it (measured, 1 and 2 threads), so a row's dots are bitwise the same in a
     full forward, a decoding step and any batch. (A gather and ``bmm``, which the decoding step
     used, round by the batch's shape.) The product refuses more entries per row than table rows:
@@ -231,13 +236,7 @@ def _sampled_dots(rows: Tensor, table: Tensor, columns: Tensor) -> Tensor:
     if entries > table.shape[0]:
         table = torch.cat([table, table.new_zeros(entries - table.shape[0], table.shape[1])])
     crow = torch.arange(0, count * entries + 1, entries, device=rows.device, dtype=columns.dtype)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is stable
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, columns.flatten(), rows.new_zeros(count * entries),
-                                          (count, table.shape[0]), check_invariants=False)
-        # written into the pattern itself: a new result would first copy the pattern's indices and values
-        torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0, out=pattern)
-        return pattern.values().view(count, entries)
+    return sampled_dots(crow, columns.flatten(), rows, table).view(count, entries)
 
 
 def _edge_positions(counts: Tensor, lengths: Tensor, width: int) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,6 @@ as a readable fallback; both are tested against ``reference.reference_attention`
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cells import KeySlots
-from ..rows import RowTable, row_table, same_layout
+from ..rows import RowTable, row_table, same_layout, sampled_dots
 from .reference import repeat_kv
 
 
@@ -60,19 +59,9 @@ class _Rows:
     col: Tensor
     slot: Tensor
 
-    def matrix(self, values: Tensor, columns: int) -> Tensor:
-        """The pattern with ``values`` as a sparse CSR tensor (R, columns)."""
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are stable
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.crow, self.col, values, (self.counts.numel(), columns),
-                                           check_invariants=False)
-
     def sampled_dot(self, rows: Tensor, table: Tensor, scale: float) -> Tensor:
         """scale * <rows[r], table[col]> for every entry (nnz,): rows (R, d), table (N, d)."""
-        pattern = self.matrix(rows.new_zeros(self.col.shape), table.shape[0])
-        # written into the pattern itself: a new result would first copy the pattern's indices and values
-        torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0, alpha=scale, out=pattern)
-        return pattern.values()
+        return sampled_dots(self.crow, self.col, rows, table, scale)
 
     def weighted_sum(self, table: Tensor, weights: Tensor) -> Tensor:
         """sum over a row's entries of weights * table[col]: (R, d)."""
