@@ -551,6 +551,65 @@ SUMMARY = grid(
       passkey_or(PASSKEY_512), attention_cell("attention_K512.json")]])
 
 
+
+FORCED_RULES = (("forced bins (until 2026-12-05)", "before"), ("forced keys", "after"))
+
+
+def forced_budget(results: Results) -> str:
+    """``forced_budget.py``: a head's keys at k=64 split into forced and estimated, per rule and row length."""
+    rows = []
+    for label, name in (("forced bins (until 2026-12-05)", "forced_budget_before.json"), ("forced keys", "forced_budget.json")):
+        for r in results.load(name)["rows"]:
+            rows.append([label, f"{r['length']:,}", num(r["keys_per_head"], 1), num(r["forced_keys_per_head"], 1),
+                         num(r["estimate_keys_per_head"], 1)])
+    return table(["rule (9 heads, K=256, k=64, sinks 4, window 16)", "row keys", "keys per head", "forced",
+                  "chosen by the estimate"], rows)
+
+
+def forced_keys_quality(results: Results) -> str:
+    """The undistilled patch under both rules: wiki validation perplexity on long windows and needles."""
+    def perplexity(rule: str, length: int) -> tuple[str, str]:
+        rows = {r["name"]: r for r in results.load(f"eval_forced_{rule}_validation_{length}.json")["rows"]}
+        return num(rows["dense"]["perplexity"]), f"{num(rows['sea']['perplexity'])} (x{num(rows['sea']['perplexity'] / rows['dense']['perplexity'], 3)})"
+
+    def needles(name: str, method: str) -> list[str]:
+        found = {r["length"]: f"{r['correct']}/{r['prompts']}" for r in results.load(name)["rows"] if r["method"] == method}
+        return [found.get(n, "not run") for n in (4096, 8000)]
+
+    dense = [perplexity("before", n)[0] for n in (4096, 8192)]
+    rows = [["dense (not SEA)"] + dense + needles("retrieval_validation_default_4k.json", "dense")]
+    for label, rule in FORCED_RULES:
+        rows.append([f"SEA@64, {label}"] + [perplexity(rule, n)[1] for n in (4096, 8192)]
+                    + needles(f"retrieval_forced_{rule}_validation.json", "sea"))
+    return table(["SmolLM2-135M, undistilled patch (wiki validation)", "perplexity, 2 x 4,096 tokens",
+                  "perplexity, 1 x 8,192 tokens", "needle 4,096 (5 prompts)", "needle 8,000 (5 prompts)"], rows)
+
+
+
+def forced_sinks(results: Results) -> str:
+    """SEA@64 (forced keys, undistilled) on wiki validation by the number of sink keys."""
+    dense = {n: next(r for r in results.load(f"eval_forced_after_validation_{n}.json")["rows"]
+                     if r["name"] == "dense")["perplexity"] for n in (4096, 8192)}
+    rows = [[str(r["sinks"]), f"{r['seq_len']:,}", num(r["perplexity"]), num(r["perplexity"] / dense[r["seq_len"]], 3)]
+            for r in results.load("forced_sinks_validation.json")["rows"]]
+    return table(["sinks (local window 16, forced keys)", "window tokens", "SEA@64", "x dense"], rows)
+
+
+
+def retrieval_mix(results: Results) -> str:
+    """``distill_retrieval_mix.py``: the demo's estimator recipe with and without task windows mixed in."""
+    rows = []
+    for label, name in (("the demo's recipe (wiki train windows)", "retrieval_mix_0.json"),
+                        ("half the windows: needle, multi-needle and copy prompts", "retrieval_mix_05.json")):
+        result = results.load(name)
+        found = {(r["task"], r["length"]): r for r in result["rows"]}
+        by = {r["name"]: r["perplexity"] for r in result["perplexity"]["rows"]}
+        rows.append([label, *(f"{found[('needle', n)]['correct']}/{found[('needle', n)]['prompts']}" for n in (1024, 2048)),
+                     num(found[("copy", 1024)]["accuracy"], 3), f"{num(by['sea'])} (x{num(by['sea'] / by['dense'], 3)})"])
+    return table(["SEA@64 after 40 estimator steps on", "needle 1,024", "needle 2,048", "copy 1,024 (token accuracy)",
+                  "perplexity, 4 x 1,024 tokens"], rows)
+
+
 TABLES: dict[str, Callable[[Results], str]] = {
     "summary": SUMMARY,
     "training-free-wiki": compare_table([
@@ -619,6 +678,10 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "refine-perplexity": refine_perplexity,
     "needle-4k": needle_4k,
     "needle-8k": needle_8k,
+    "forced-budget": forced_budget,
+    "forced-keys-validation": forced_keys_quality,
+    "forced-sinks": forced_sinks,
+    "retrieval-mix": retrieval_mix,
     "key-bounds": key_bounds,
     "dense-until-perplexity": dense_until_perplexity,
     "model-dense-until": model_cost_table(("model_smollm2_policy_off.json", "model_smollm2_dense_until_2048.json",

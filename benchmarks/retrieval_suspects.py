@@ -40,7 +40,7 @@ import torch
 
 from sea_attention.app import assets
 from sea_attention.atomic import write_text
-from sea_attention.core.cells import cell_lengths, cells_to_keys, key_bins
+from sea_attention.core.cells import cell_lengths, cells_to_keys, forced_keys, key_bins
 from sea_attention.core.ops.reference import reference_attention, repeat_kv
 from sea_attention.core.selection import select_cells
 from sea_attention.hf import layer_override, patch, sea_budget, sea_layers, set_runtime
@@ -67,24 +67,14 @@ def bin_scores(kind: str, logits, probs, bins, lengths, width: int):
     return mean.softmax(-1)
 
 
-def selected_keys(cells, bins, lengths, key_valid, cap: int):
-    """(B, H, C, Tk) bool: the keys the selected cells (B, H, C, K) emit. When no bin holds more
-    than ``cap`` keys every selected bin emits all of them (a gather of the cells by each key's bin);
-    otherwise ``cells_to_keys`` (even spacing), the rule SEA follows."""
-    heads, tk = cells.shape[1], bins.shape[-1]
-    if int(cell_lengths(lengths, cells.shape[-1]).max()) > cap:
-        return cells_to_keys(cells, lengths, key_valid, cap=cap).dense_mask(heads, tk)
-    inside = torch.arange(tk)[None, :] < lengths[0][:, None]  # (C, Tk)
-    return cells.gather(-1, bins[None, None].expand(*cells.shape[:3], tk)) & inside
-
-
 @dataclass
 class CellOverride:
     """SEA's bins, forced bins, grouped budget and stretching, with bins scored exactly by ``kind``.
 
     ``width``: the bins per row (None: the layer's ``estimate_width``). Each chunk of rows scores
     only the keys its rows can see (the causal prefix); ``reference=True`` scores every key of
-    every row and stretches through ``cells_to_keys`` (the plain path the test compares with).
+    every row (the plain path the test compares with). Cells stretch to keys by SEA's own rule
+    (``cells_to_keys`` with the forced sink and window keys).
     """
 
     kind: str  # mass, max, meankey
@@ -119,12 +109,9 @@ class CellOverride:
         bins = key_bins(torch.arange(seen)[None, :], lengths[0][:, None], width).clamp(0, width - 1)  # (C, S)
         scores = bin_scores(self.kind, logits, logits.softmax(-1), bins, lengths, width)
         cells = select_cells(scores, lengths, self.k, self.grouping, self.chunk, cfg.sinks, cfg.local_window)
-        key_valid = call.key_valid[:, :seen]
-        if self.reference:
-            mask = cells_to_keys(cells, lengths, key_valid, cap=self.k).dense_mask(q.shape[1], seen)
-        else:
-            mask = selected_keys(cells, bins, lengths, key_valid, self.k)
-        return logits.masked_fill(~mask, float("-inf")).softmax(-1) @ values
+        forced = forced_keys(self.k, cfg.sinks, cfg.local_window) if self.grouping.startswith("query") else (0, 0)
+        mask = cells_to_keys(cells, lengths, call.key_valid[:, :seen], cap=self.k, forced=forced)
+        return logits.masked_fill(~mask.dense_mask(q.shape[1], seen), float("-inf")).softmax(-1) @ values
 
 
 @dataclass

@@ -3,16 +3,27 @@
 import torch
 
 
-def naive_cell_keys(length, width, cell, cap):
-    """Key ranks that cell `cell` of a row with `length` valid keys emits."""
+def naive_cell_keys(length, width, cell, cap, forced=(0, 0)):
+    """Key ranks that cell `cell` of a row with `length` valid keys emits. With ``forced`` (sinks,
+    window), in a row of more than ``cap`` keys: a bin holding any of the first ``sinks`` or last
+    ``window`` ranks emits those ranks (the whole bin if it holds both kinds), another bin at most
+    cap - sinks - window keys."""
     start = cell * length // width
     end = (cell + 1) * length // width
+    sinks, window = forced
+    if length > cap and (sinks or window):
+        heads = [r for r in range(start, end) if r < sinks]
+        tails = [r for r in range(start, end) if r >= length - window]
+        if heads and not tails or tails and not heads:
+            return heads or tails
+        if not heads:  # not forced: the estimate's cell
+            cap = cap - sinks - window
     size = end - start
     n = min(size, cap)
     return [start + ((2 * o + 1) * size) // (2 * n) for o in range(n)]
 
 
-def naive_cells_to_keys(cells, lengths, key_valid, cap):
+def naive_cells_to_keys(cells, lengths, key_valid, cap, forced=(0, 0)):
     """cells (B, H, Tq, K) bool -> set of (b, h, i, key) selected."""
     out = set()
     bsz, heads, tq, width = cells.shape
@@ -23,7 +34,7 @@ def naive_cells_to_keys(cells, lengths, key_valid, cap):
             for h in range(heads):
                 for c in range(width):
                     if cells[b, h, i, c]:
-                        for r in naive_cell_keys(length, width, c, cap):
+                        for r in naive_cell_keys(length, width, c, cap, forced):
                             out.add((b, h, i, positions[r]))
     return out
 

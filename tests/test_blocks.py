@@ -128,6 +128,27 @@ def test_block_op_matches_reference_with_gradients(batch, heads, kv_heads, tq, t
     assert fast.slots is None and fast.cells.shape == (batch, heads, tq, 8)
 
 
+def test_wide_forced_bins_attend_only_their_sink_and_window_keys():
+    """Bins of ~25 keys, k = 8: each block's forced cells emit the 2 sink and 2 window keys of its
+    selecting row (``cells.cell_range``), the op matches the reference on that mask."""
+    heads, k, tq = 4, 8, 200
+    key_valid, query_valid = torch.ones(1, tq, dtype=torch.bool), torch.ones(1, tq, dtype=torch.bool)
+    lengths = query_lengths(key_valid, query_valid, True)
+    estimate = random_estimate(1, heads, tq, 8, lengths)
+    selection = select_blocks(estimate, BlockRequest(lengths, query_valid, 0, k, 16, True, sinks=4, window=16))
+    assert selection.forced == (2, 2)
+    mask = block_dense_mask(selection, key_valid, k, heads, tq)  # (1, H, Tq, Tk)
+    for i in range(64, tq):  # rows whose block starts past 2 bins: the selecting row's window is before the tile
+        row_len = i // 16 * 16 + 1  # the selecting row's keys
+        assert bool(mask[0, :, i, :2].all())  # the sinks
+        assert bool(mask[0, :, i, row_len - 2:row_len].all())  # its window (its own key is the tile's)
+        assert not bool(mask[0, :, i, 2:8].any())  # the sink bin's other keys: not forced, and taken
+    q, k_, v = make_qkv(1, heads, 2, tq, tq, 8, dtype=torch.float64)
+    out, _ = BlockSparseAttention(chunk_blocks=2)(q, k_, v, selection, key_valid, 0.3, k)
+    expected, _ = reference_attention(q, k_, v, mask, 0.3)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("mode", ["lists", "dense", "auto"])
 @pytest.mark.parametrize("causal, kv_heads, tq, tk", [(True, 2, 70, 70), (True, 1, 21, 90), (False, 4, 60, 60)])
 def test_both_strategies_match_the_reference(mode, causal, kv_heads, tq, tk):

@@ -3,8 +3,10 @@ import torch
 
 from naive import naive_cell_keys, naive_cells_to_keys, slot_cells_to_keys
 from sea_attention.core.cells import (
-    even_pick, cell_lengths, cells_to_keys, compress_attention, key_bins, live_cells, query_lengths, stretch_estimate,
+    even_pick, cell_lengths, cell_range, cells_to_keys, compress_attention, forced_keys, key_bins, live_cells,
+    query_lengths, stretch_estimate,
 )
+from sea_attention.core.selection import select_cells
 
 
 @pytest.mark.parametrize("length", [1, 3, 7, 8, 9, 16, 31, 100, 257])
@@ -101,3 +103,38 @@ def test_compress_and_stretch_preserve_mass():
     stretched = stretch_estimate(compressed, key_valid, lengths)
     torch.testing.assert_close(stretched.sum(-1)[rows], torch.ones(int(rows.sum())))
     assert bool((stretched.masked_fill(allowed, 0) == 0).all())  # nothing outside the valid prefix
+
+
+@pytest.mark.parametrize("width", [4, 16])
+@pytest.mark.parametrize("cap, forced", [(8, (2, 2)), (16, (4, 4)), (64, (4, 16)), (5, (1, 1)), (12, (0, 3))])
+def test_cell_range_emits_the_forced_keys_of_long_rows(width, cap, forced):
+    lengths = torch.arange(0, 700)
+    bins = torch.arange(width)
+    start, size, emitted = cell_range(bins, lengths[:, None], width, cap, forced)
+    for length in lengths.tolist():
+        for b in range(width):
+            want = naive_cell_keys(length, width, b, cap, forced)
+            n = int(emitted[length, b])
+            got = [int(start[length, b]) + int(p) for p in
+                   even_pick(torch.arange(n), size[length, b], torch.tensor(max(n, 1)))] if n else []
+            assert got == want, (length, b)
+
+
+@pytest.mark.parametrize("length", [30, 64, 200, 1000, 4096])
+def test_every_head_attends_its_sinks_and_window_key_by_key(length):
+    """At every length, however wide the bins: the first sinks and last window keys of every head,
+    each once, and about k keys per head in all (the estimate gets k - sinks - window of them)."""
+    heads, width, k = 3, 16, 16
+    sinks, window = forced_keys(k, 4, 16)  # (4, 4)
+    lengths = torch.tensor([[length]])
+    estimate = torch.rand(1, heads, 1, width).softmax(-1)
+    cells = select_cells(estimate, lengths, k, "query", sinks=4, window=16)
+    slots = cells_to_keys(cells, lengths, torch.ones(1, length, dtype=torch.bool), cap=k, forced=(sinks, window))
+    for h in range(heads):
+        keys = slots.key[0, 0][slots.valid[0, 0] & (slots.head[0, 0] == h)].tolist()
+        assert len(keys) == len(set(keys))
+        assert set(range(sinks)) | set(range(length - window, length)) <= set(keys)
+    per_head = slots.nnz(heads)[0, :, 0].float()
+    assert abs(float(per_head.mean()) - min(k, length)) <= 0.25 * k, per_head
+    got = {(0, int(h), 0, int(key)) for h, key, v in zip(slots.head[0, 0], slots.key[0, 0], slots.valid[0, 0]) if v}
+    assert got == naive_cells_to_keys(cells, lengths, torch.ones(1, length, dtype=torch.bool), k, (sinks, window))

@@ -57,6 +57,21 @@ def test_flex_matches_reference(causal, tq, tk, width, cap, pad):
     assert bool((out[padded] == 0).all())
 
 
+@pytest.mark.parametrize("forced", [(4, 4), (1, 3)])
+def test_flex_matches_reference_with_forced_keys(forced):
+    """Bins of ~125 keys emitting 16: the forced cells emit only their sink and window keys."""
+    causal, tq, tk, width, cap, pad = CASES[0]
+    q, k, v = make_qkv(BATCH, HEADS, KV_HEADS, tq, tk, DIM)
+    key_valid = padding_mask(BATCH, tk, pad, left=True)
+    lengths = query_lengths(key_valid, key_valid[:, tk - tq:], causal)
+    estimate = torch.rand(BATCH, HEADS, tq, width).softmax(-1)
+    cells = select_cells(estimate, lengths, cap, "query", sinks=forced[0], window=forced[1])
+    out = flex_sea_attention(q, k, v, cells, CellMap(lengths, key_valid, cap, forced), scale=DIM ** -0.5)
+    slots = cells_to_keys(cells, lengths, key_valid, cap, forced=forced)
+    expected = reference_attention(q, k, v, slots.dense_mask(HEADS, tk), DIM ** -0.5)[0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_sea_attention_flex_path_matches_reference_path():
     config = dict(num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=DIM, k=4, estimate_width=8, max_positions=256)
     flex = SEAAttention(SEAConfig(**config, attention_path="flex"))

@@ -35,8 +35,8 @@ def _call(tq: int, tk: int, width: int, heads: int = 4, kv_heads: int = 2, dim: 
 
 
 @pytest.mark.parametrize("kind", ["mass", "max", "meankey"])
-@pytest.mark.parametrize("tq,tk,width,k", [(300, 300, 16, 16),   # bins of 18-19 keys > cap 16: cells_to_keys
-                                           (300, 300, 32, 16),   # bins <= 10 keys: the gather
+@pytest.mark.parametrize("tq,tk,width,k", [(300, 300, 16, 16),   # bins of 18-19 keys > cap 16
+                                           (300, 300, 32, 16),   # bins <= 10 keys
                                            (1, 301, 32, 16),     # a decoding row
                                            (40, 340, 64, 8)])    # rows appended to a cache, chunks of 16
 def test_prefix_path_matches_reference(rs, kind, tq, tk, width, k):
@@ -46,15 +46,6 @@ def test_prefix_path_matches_reference(rs, kind, tq, tk, width, k):
     reference, _ = rs.CellOverride(kind, k, chunk=chunk, reference=True)(call)
     assert fast.shape == (1, 4, tq, 8)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
-
-
-def test_selected_keys_gather_equals_cells_to_keys(rs):
-    lengths = torch.arange(1, 201)[None]  # (1, C): rows of 1..200 keys, bins of <= 7 keys
-    bins = rs.key_bins(torch.arange(200)[None, :], lengths[0][:, None], 32).clamp(0, 31)
-    cells = torch.rand(1, 3, 200, 32, generator=torch.Generator().manual_seed(0)) < 0.3
-    valid = torch.ones(1, 200, dtype=torch.bool)
-    expected = rs.cells_to_keys(cells, lengths, valid, cap=8).dense_mask(3, 200)
-    assert torch.equal(rs.selected_keys(cells, bins, lengths, valid, cap=8), expected)
 
 
 def test_kept_rows(rs, tmp_path):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from sea_attention.core.cells import cell_edges, cell_key_counts, cells_to_keys, forced_cells, live_cells, query_lengths
+from sea_attention.core.cells import (cell_edges, cell_key_counts, cells_to_keys, forced_cells, forced_keys, live_cells,
+                                     query_lengths)
 from sea_attention.core.selection import cell_budget, max_keys_per_query, select_cells
 
 
@@ -27,15 +28,17 @@ def test_budget_regimes(k, width):
 
 @pytest.mark.parametrize("grouping", ["query", "query_head"])
 @pytest.mark.parametrize("k", [4, 16])
-def test_keys_per_query_close_to_k_and_bounded(grouping, k):
+@pytest.mark.parametrize("sinks, window", [(0, 0), (4, 16)])
+def test_keys_per_query_close_to_k_and_bounded(grouping, k, sinks, window):
     heads, width, t = 4, 16, 600
     key_valid = torch.ones(1, t, dtype=torch.bool)
     lengths = query_lengths(key_valid, key_valid, causal=True)
-    cells = select_cells(estimate_for(lengths, heads, width), lengths, k, grouping)
-    slots = cells_to_keys(cells, lengths, key_valid, cap=k)
+    cells = select_cells(estimate_for(lengths, heads, width), lengths, k, grouping, sinks=sinks, window=window)
+    forced = forced_keys(k, sinks, window)
+    slots = cells_to_keys(cells, lengths, key_valid, cap=k, forced=forced)
     per_query = slots.nnz(heads).sum(1)[0]  # (Tq,)
     assert bool((per_query >= 1).all())
-    bound = max_keys_per_query(lengths, k, width, heads, grouping)[0]
+    bound = max_keys_per_query(lengths, k, width, heads, grouping, forced)[0]
     assert bool((per_query <= bound).all())
     assert bool((per_query <= 2 * heads * k).all())
     assert bool((cell_key_counts(cells, lengths, k) <= k).all())  # the per-cell cap
@@ -154,9 +157,11 @@ def test_forced_cells_come_first_and_the_estimate_fills_the_rest(grouping, k, si
     sinks, window = min(sinks, k // 4), min(window, k // 4)  # small budgets stay sparse
     forced = forced_cells(lengths, width, sinks, window).unsqueeze(1).expand(-1, heads, -1, -1)
     assert bool(picked[forced].all())  # every head takes the sink and window bins
-    # the rest is the plain top-k of the estimate with the budget the forced cells left
+    # the rest is the plain top-k of the estimate, its budget for the keys the forced ones leave
     group = heads if grouping == "query" else 1
-    budget = torch.maximum(cell_budget(lengths, k, width, group), forced[:, 0].sum(-1) * group)
+    budget = cell_budget(lengths, k - sinks - window, width, group) + forced[:, 0].sum(-1) * group
+    everything = group * lengths.clamp_max(width)  # rows of at most k keys take every cell
+    budget = torch.where(lengths > k, torch.minimum(budget, everything), everything)
     boosted = torch.where(forced, 2.0, estimate)
     flat = boosted.permute(0, 2, 1, 3).reshape(2, 90, -1) if grouping == "query" else boosted
     expected_budget = budget if grouping == "query" else budget[:, None].expand(-1, heads, -1)

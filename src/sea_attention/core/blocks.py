@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cells import cell_lengths, cell_starts, even_pick, valid_key_positions
+from .cells import cell_range, cell_starts, even_pick, forced_keys, valid_key_positions
 from .selection import select_cells
 
 EXCLUDED = -0.5  # score of a live cell whose keys are all in the tile: below every real cell
@@ -45,6 +45,7 @@ class BlockSelection:
     block: int
     causal: bool
     keys: "BlockKeys | None" = None  # decoding: the blocks' cell keys once computed (``cached_keys``)
+    forced: tuple[int, int] = (0, 0)  # the sink and window keys of a forced cell (``cells.cell_range``)
 
     @property
     def first_block(self) -> int:
@@ -68,7 +69,7 @@ class BlockSelection:
         """The same selection with ``fn`` applied to every per-sample tensor (beam search)."""
         keys = None if self.keys is None else self.keys.map_batch(fn)
         return BlockSelection(fn(self.cells), fn(self.lengths), fn(self.limit), self.tile_start, self.first,
-                              self.block, self.causal, keys)
+                              self.block, self.causal, keys, self.forced)
 
     def per_query_cells(self, tq: int) -> Tensor:
         """(B, H, Tq, K) each query's block cells (for ``SEAOutput.cells``)."""
@@ -137,7 +138,8 @@ def select_blocks(estimate: Tensor, request: BlockRequest, carried: BlockSelecti
         row_lengths = torch.cat([carried.lengths, row_lengths], dim=1)
         limit = torch.cat([carried.limit, limit], dim=1)
         tile_start[0] = carried.tile_start[0]
-    return BlockSelection(cells, row_lengths, limit, tile_start, first, block, causal=True, keys=keys)
+    forced = forced_keys(request.k, request.sinks, request.window)
+    return BlockSelection(cells, row_lengths, limit, tile_start, first, block, causal=True, keys=keys, forced=forced)
 
 
 def _select_rows(estimate: Tensor, request: BlockRequest, own: Tensor,
@@ -180,7 +182,8 @@ def carry(selection: BlockSelection) -> BlockSelection:
         return selection
     last = slice(selection.num_blocks - 1, selection.num_blocks)
     return BlockSelection(selection.cells[:, :, last], selection.lengths[:, last], selection.limit[:, last],
-                          selection.tile_start[last], selection.first, selection.block, selection.causal)
+                          selection.tile_start[last], selection.first, selection.block, selection.causal,
+                          forced=selection.forced)
 
 
 @dataclass
@@ -199,8 +202,8 @@ class BlockKeys:
 
 def block_keys(selection: BlockSelection, key_valid: Tensor, cap: int, lo: int, hi: int,
                positions: Tensor | None = None) -> BlockKeys:
-    """Keys of the selected cells of blocks ``lo:hi`` (the cell -> key rule of ``cells.py``:
-    a cell emits ``min(size, cap)`` evenly spread keys; here also only ranks < limit).
+    """Keys of the selected cells of blocks ``lo:hi`` (the cell -> key rule of ``cells.py``,
+    ``cell_range``: a cell emits evenly spread keys of its range; here also only ranks < limit).
 
     ``positions`` is ``valid_key_positions(key_valid)``, passed in when called in a loop.
     """
@@ -218,10 +221,7 @@ def block_keys(selection: BlockSelection, key_valid: Tensor, cap: int, lo: int, 
     ids.scatter_(-1, slot, torch.arange(heads * width, device=cells.device).expand(bsz, n, -1))
     ids = ids[..., :most]  # (B, n, C)
     used = torch.arange(most, device=cells.device) < count.unsqueeze(-1)
-    bins = ids % width
-    size = cell_lengths(lengths, width).gather(-1, bins)  # (B, n, C)
-    start = cell_starts(lengths, width).gather(-1, bins)
-    emitted = size.clamp_max(cap)
+    start, size, emitted = cell_range(ids % width, lengths.unsqueeze(-1), width, cap, selection.forced)  # (B, n, C)
     offsets = torch.arange(max(int(emitted.max()) if emitted.numel() else 0, 1), device=cells.device)
     rank = start.unsqueeze(-1) + even_pick(offsets, size.unsqueeze(-1), emitted.clamp_min(1).unsqueeze(-1))
     valid = (offsets < emitted.unsqueeze(-1)) & used.unsqueeze(-1) & (rank < limit[:, :, None, None])

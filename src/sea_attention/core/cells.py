@@ -7,7 +7,10 @@ floor(L/K) or ceil(L/K) keys; when L < K exactly L bins hold one key each and th
 are *dead* (empty): they get no probability and can never be selected.
 
 A selected cell emits at most ``cap`` keys, spread evenly over its range, which keeps
-keys per query bounded when rows are longer than ``cap * K``.
+keys per query bounded when rows are longer than ``cap * K``. A *forced* cell (a bin holding
+any of the row's first ``sinks`` or last ``window`` keys, ``forced_keys``) covers only those
+keys (``cell_range``): the sinks and the local window are attended key by key, at every
+length, and the rest of the budget goes to the estimate.
 
 Training (KD targets), the reference path, the sparse path and decoding all call these
 functions, so what is trained is what runs.
@@ -60,17 +63,53 @@ def every_cell_live(lengths: Tensor, width: int) -> bool:
     return bool((lengths >= width).all())
 
 
+def forced_keys(k: int, sinks: int, window: int) -> tuple[int, int]:
+    """The sink and window keys every head of a row attends at a budget of ``k`` keys per head:
+    ``sinks`` and ``window``, each capped at k // 4 so that small budgets stay sparse."""
+    return min(sinks, k // 4), min(window, k // 4)
+
+
 def forced_cells(lengths: Tensor, width: int, sinks: int, window: int) -> Tensor:
     """Bins every head of a row always selects: (...,) lengths -> (..., K) bool.
 
     The live bins holding any of the first ``sinks`` keys (attention sinks) or any of the
-    last ``window`` keys (the local window) of the row's L valid keys. The estimator's
-    budget then goes to the keys these cannot reach.
+    last ``window`` keys (the local window) of the row's L valid keys. Such a bin emits only
+    those keys (``cell_range``); the estimator's budget goes to the keys they cannot reach.
     """
     edges = cell_edges(lengths, width)  # (..., K + 1)
     start, end = edges[..., :-1], edges[..., 1:]
     live = end > start
     return live & ((start < sinks) | (end > (lengths.unsqueeze(-1) - window)))
+
+
+def cell_range(bins: Tensor, lengths: Tensor, width: int, cap: int,
+               forced: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor, Tensor]:
+    """What selected cell ``bins`` stands for in rows of ``lengths`` valid keys (broadcast): the first
+    key rank and the number of keys of its range, and how many of them it emits.
+
+    The one rule of what a selected cell stands for (``cells_to_keys``, the block grouping and the
+    FlexAttention mask all call it). ``forced`` = ``forced_keys(cap, sinks, window)``. A cell covers its
+    bin and emits ``min(size, cap)`` keys spread evenly (``even_pick``). In a row of more than ``cap``
+    keys it emits at most ``cap - sinks - window``, and a forced cell (its bin holds any of the row's first ``sinks`` or last
+    ``window`` keys) covers only those keys and
+    emits them all: its sink part [start, sinks), its window part [L - window, end), or, in a bin
+    holding both (rows of fewer than 2 (sinks + window + 1) keys), the whole bin (at most ``cap``
+    keys). So a head attends its forced keys plus about ``cap - sinks - window`` the estimate chose.
+    """
+    start = bin_start(bins, lengths, width)
+    end = bin_start(bins + 1, lengths, width)
+    sinks, window = forced
+    if not (sinks or window):
+        return start, end - start, (end - start).clamp_max(cap)
+    tail = lengths - window  # first rank of the window
+    in_sinks, in_window = (start < sinks) & (end > start), end > torch.maximum(start, tail)
+    is_forced = (in_sinks | in_window) & (lengths > cap)  # rows of at most cap keys attend every key
+    first = torch.where(in_sinks, start, torch.maximum(start, tail))
+    last = torch.where(in_window, end, end.clamp_max(sinks))
+    size = torch.where(is_forced, last - first, end - start)
+    rest = torch.where(lengths > cap, cap - sinks - window, cap)  # what the estimate's cells emit at most
+    emitted = torch.where(is_forced, size.clamp_max(cap), torch.minimum(size, rest))
+    return torch.where(is_forced, first, start), size, emitted
 
 
 def key_bins(ranks: Tensor, lengths: Tensor, width: int) -> Tensor:
@@ -153,9 +192,10 @@ class KeySlots:
         return self.to_dense(self.valid.float(), num_heads, num_keys) > 0
 
 
-def cell_key_counts(cells: Tensor, lengths: Tensor, cap: int) -> Tensor:
-    """Keys each selected cell emits: cells (B, H, Tq, K) bool -> (B, H, Tq, K) long."""
-    per_cell = cell_lengths(lengths, cells.shape[-1]).clamp_max(cap)  # (B, Tq, K)
+def cell_key_counts(cells: Tensor, lengths: Tensor, cap: int, forced: tuple[int, int] = (0, 0)) -> Tensor:
+    """Keys each selected cell emits (``cell_range``): cells (B, H, Tq, K) bool -> (B, H, Tq, K) long."""
+    bins = torch.arange(cells.shape[-1], device=cells.device)
+    per_cell = cell_range(bins, lengths.unsqueeze(-1), cells.shape[-1], cap, forced)[2]  # (B, Tq, K)
     return per_cell.unsqueeze(1) * cells
 
 
@@ -201,12 +241,14 @@ def is_even_pick(offset: Tensor, size: Tensor, emitted: Tensor) -> Tensor:
     return (pick < emitted) & (even_pick(pick, size, n) == offset)
 
 
-def cells_to_keys(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, chunk: int = 256) -> KeySlots:
+def cells_to_keys(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, chunk: int = 256,
+                  forced: tuple[int, int] = (0, 0)) -> KeySlots:
     """Stretch selected cells (B, H, Tq, K) into key slots without any Tq x Tk tensor.
 
     ``lengths`` (B, Tq) are the rows' valid key counts, ``key_valid`` (B, Tk) the key
     padding mask. Each selected cell (h, b) emits ``min(len, cap)`` keys spread evenly
-    over its rank range; ranks are turned into key positions through the padding mask.
+    over its rank range (``cell_range``: a forced cell's range holds only its ``forced`` sink
+    and window keys); ranks are turned into key positions through the padding mask.
     A query's slots hold its cells' keys in (head, bin) order, then the unused slots.
 
     Only the selected cells are visited: their list (row-major, so already in slot order)
@@ -214,7 +256,7 @@ def cells_to_keys(cells: Tensor, lengths: Tensor, key_valid: Tensor, cap: int, c
     cell) grid of ranks straight into the slots.
     """
     bsz, heads, tq, width = cells.shape
-    listed = _list_cells(cells, lengths, cap)
+    listed = _list_cells(cells, lengths, cap, forced)
     totals = torch.zeros(bsz * tq, dtype=torch.long, device=cells.device).index_add_(0, listed.row, listed.emitted)
     slots = max(int(totals.max()) if totals.numel() else 0, 1)
     # flat position in (B, Tq, S) of each cell's first key: its row, plus the keys of the
@@ -250,14 +292,12 @@ class _ListedCells:
         return _ListedCells(*(x[c0:c1] for x in (self.row, self.head, self.start, self.size, self.emitted)), self.tq)
 
 
-def _list_cells(cells: Tensor, lengths: Tensor, cap: int) -> _ListedCells:
+def _list_cells(cells: Tensor, lengths: Tensor, cap: int, forced: tuple[int, int]) -> _ListedCells:
     bsz, heads, tq, width = cells.shape
     row, cell = _selected_cells(cells.permute(0, 2, 1, 3).reshape(bsz * tq, heads * width))  # row = b * Tq + i
     head, bin_ = torch.div(cell, width, rounding_mode="floor"), cell % width
     length = lengths.reshape(-1).index_select(0, row)
-    start = bin_start(bin_, length, width)  # cell_starts, for the selected cells only
-    size = bin_start(bin_ + 1, length, width) - start  # cell_lengths
-    emitted = size.clamp_max(cap)  # cell_key_counts; 0 for a dead cell
+    start, size, emitted = cell_range(bin_, length, width, cap, forced)  # the selected cells only; 0: dead
     live = emitted > 0
     if not bool(live.all()):
         row, head, start, size, emitted = (x[live] for x in (row, head, start, size, emitted))

@@ -87,14 +87,15 @@ class SEAConfig:
             or ``"none"``; ``None`` picks ``"tent"`` when bidirectional, ``"none"`` when
             causal with a binned signal (the bins already locate the mass), else ``"learned"``.
             ``"none"`` leaves a causal estimator without any length limit.
-        sinks: causal only: every head of every query always attends the bins that hold the
-            row's first ``sinks`` keys (attention sinks), before the estimate picks the rest.
+        sinks: causal only: every head of every query always attends the row's first
+            ``sinks`` keys (attention sinks), before the estimate picks the rest.
             ``None``: 4 when causal, else 0.
-        local_window: causal only: every head of every query always attends the bins that
-            hold the row's last ``local_window`` keys. Forced bins count against the budget
-            (which grows to hold them when it is smaller), so the estimator's budget goes to
-            the keys a window cannot reach (``cells.forced_cells``). ``None``: 16 when
-            causal, else 0.
+        local_window: causal only: every head of every query always attends the row's last
+            ``local_window`` keys. Both are capped at k // 4 keys each and count against the
+            budget of k keys per head: the bins that hold them are forced and, in a row longer
+            than k keys, stand for those keys only (``cells.cell_range``), so the estimate
+            chooses the other k - sinks - window keys, among those a window cannot reach.
+            ``None``: 16 when causal, else 0.
         grouping: which cells compete for one top-k budget: ``"query"`` (one query
             across all heads; the default), ``"query_head"`` (one query and head),
             ``"sample"`` (a whole sample) or ``"head"`` (a whole sample and head). The

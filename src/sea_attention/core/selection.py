@@ -6,7 +6,9 @@ Budgets are counted in cells and chosen so that, once cells are stretched to key
 * ``K_eff = min(K, L)`` live cells per head, each holding about ``L / K_eff`` keys, of
   which at most ``cap = k`` are used;
 * a group of ``h`` heads gets ``round(h * k * K_eff / min(L, k * K_eff))`` cells, at least
-  1 and at most all ``h * K_eff`` live cells.
+  1 and at most all ``h * K_eff`` live cells;
+* with forced sink and window keys (``query_budget``), rows longer than k take the forced cells
+  first and the estimate gets that many cells for the other ``k - sinks - window`` keys.
 
 So rows with L <= k are exact (every key), and every valid query gets at least one key.
 Ties are broken by position (a stable sort), so a larger budget selects a superset. Scores
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cells import forced_cells, live_cells
+from .cells import forced_cells, forced_keys, live_cells
 
 FORCED = 2.0  # score of a forced cell: above every probability, so the top-k takes it first
 
@@ -34,13 +36,30 @@ def cell_budget(lengths: Tensor, k: int, width: int, heads: int) -> Tensor:
     return torch.where(lengths > 0, budget, 0)
 
 
-def max_keys_per_query(lengths: Tensor, k: int, width: int, heads: int, grouping: str = "query") -> Tensor:
-    """Upper bound on the keys one query selects over all heads (groupings ``query``, ``query_head``)."""
+def query_budget(lengths: Tensor, k: int, width: int, heads: int,
+                 forced: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor | None]:
+    """Cells a group of ``heads`` heads of one query selects, (...,) long, and its forced cells
+    (..., K) bool (None without ``forced``, ``cells.forced_keys``): in a row of more than k keys, the
+    forced cells (they cover the sink and window keys only, ``cells.cell_range``) on top of the
+    estimate's ``cell_budget`` for the other k - sinks - window keys; a shorter row selects every cell."""
+    if not any(forced):
+        return cell_budget(lengths, k, width, heads), None
+    must = forced_cells(lengths, width, *forced)
+    budget = cell_budget(lengths, k - sum(forced), width, heads) + must.sum(-1) * heads
+    everything = heads * lengths.clamp_max(width)
+    return torch.where(lengths > k, torch.minimum(budget, everything), everything), must
+
+
+def max_keys_per_query(lengths: Tensor, k: int, width: int, heads: int, grouping: str = "query",
+                       forced: tuple[int, int] = (0, 0)) -> Tensor:
+    """Upper bound on the keys one query selects over all heads (groupings ``query``, ``query_head``):
+    the estimate's cells, each at most k - sinks - window keys, and every head's forced keys."""
+    rest = k - sum(forced)
     k_eff = lengths.clamp_max(width).clamp_min(1)
-    longest_cell = ((lengths + k_eff - 1) // k_eff).clamp_max(k)
+    longest_cell = ((lengths + k_eff - 1) // k_eff).clamp_max(rest)
     if grouping == "query_head":
-        return heads * cell_budget(lengths, k, width, 1) * longest_cell
-    return cell_budget(lengths, k, width, heads) * longest_cell
+        return heads * (cell_budget(lengths, rest, width, 1) * longest_cell + sum(forced))
+    return cell_budget(lengths, rest, width, heads) * longest_cell + heads * sum(forced)
 
 
 def _ranked(scores: Tensor) -> Tensor:
@@ -90,12 +109,12 @@ def select_cells(estimate: Tensor, lengths: Tensor, k: int, grouping: str, chunk
     Groupings: ``query`` (one query over all heads), ``query_head`` (one query and head),
     ``sample`` (one sample), ``head`` (one sample and head). With ``sinks`` or ``window``
     (``query`` and ``query_head`` only), every head first takes the bins of the row's first
-    ``sinks`` and last ``window`` keys (``cells.forced_cells``), each capped at k // 4 keys so
-    that small budgets stay sparse; they count against the budget, which grows to hold them
-    if it is smaller (rows whose bins are wider than k / 4 keys).
+    ``sinks`` and last ``window`` keys, each capped at k // 4 keys so that small budgets stay
+    sparse (``cells.forced_keys``); such a cell stands for those keys only (``cells.cell_range``),
+    and the estimate selects cells for the remaining k - sinks - window keys per head.
     """
     if grouping in ("query", "query_head"):
-        forced = (min(sinks, k // 4), min(window, k // 4))
+        forced = forced_keys(k, sinks, window)
         out = torch.empty(estimate.shape, dtype=torch.bool, device=estimate.device)
         for lo in range(0, estimate.shape[2], chunk):
             out[:, :, lo:lo + chunk] = _select_rows(estimate[:, :, lo:lo + chunk].detach(), lengths[:, lo:lo + chunk],
@@ -110,13 +129,11 @@ def _select_rows(part: Tensor, lengths: Tensor, k: int, across_heads: bool, forc
     """``query`` / ``query_head`` selection of a chunk of rows (B, H, c, K), forced bins first."""
     bsz, heads, rows, width = part.shape
     group_heads = heads if across_heads else 1
-    budget = cell_budget(lengths, k, width, group_heads)  # (B, c)
+    budget, must = query_budget(lengths, k, width, group_heads, forced)  # (B, c), (B, c, K) or None
     # only rows with 0 < L < K have dead bins; padding rows (L = 0) get no budget at all
     part = _masked_scores(part, lengths) if bool(((lengths > 0) & (lengths < width)).any()) else part.float()
-    if any(forced):
-        must = forced_cells(lengths, width, *forced)  # (B, c, K)
+    if must is not None:  # the forced cells first
         part = part.masked_fill(must.unsqueeze(1), FORCED)
-        budget = torch.maximum(budget, must.sum(-1) * group_heads)
     if not across_heads:
         return _top_budget(part, budget[:, None].expand(-1, heads, -1))
     flat = part.permute(0, 2, 1, 3).reshape(bsz, rows, heads * width)

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import write_file, write_text
-from ..core.cells import KeySlots, forced_cells, key_bins
-from ..core.selection import cell_budget
+from ..core.cells import KeySlots, forced_keys, key_bins
+from ..core.selection import query_budget
 from ..hf import LayerCall, layer_override, no_cache, sea_budget, sea_layers
 from .baselines.chunks import query_chunks
 from .baselines.compare import method_attention
@@ -85,9 +85,11 @@ class TopKeyProbe:
         mass = probs.new_zeros(*probs.shape[:-1], width).scatter_add_(-1, bins[:, None].expand_as(probs), probs)
         head_rank, group_rank = _ranks(out.estimate[:, :, rows].float(), top_bin)
         mass_head, mass_group = _ranks(mass, top_bin)
-        budget = cell_budget(lengths, self.config.k, width, heads)[:, None, :].expand_as(head_rank)
         cfg = call.sea.config
-        forced = forced_cells(lengths, width, min(cfg.sinks, self.config.k // 4), min(cfg.local_window, self.config.k // 4))
+        budget, forced = query_budget(lengths, self.config.k, width, heads,
+                                      forced_keys(self.config.k, cfg.sinks, cfg.local_window))
+        budget = budget[:, None, :].expand_as(head_rank)
+        forced = forced if forced is not None else torch.zeros_like(lengths)[..., None]
         measured = {"selected": hit.mean(-1), "selected_mass": (hit * values).sum(-1) / values.sum(-1),
                     "top1_selected": hit[..., 0], "top1_key": keys[..., 0],
                     "forced": (forced.sum(-1) * heads)[:, None, :].expand_as(head_rank),

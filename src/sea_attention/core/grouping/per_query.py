@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..cells import KeySlots, cells_to_keys
+from ..cells import KeySlots, cells_to_keys, forced_keys
 from ..config import SEAConfig
 from ..ops.reference import reference_attention
 from ..ops.sparse import sparse_attention
@@ -48,8 +48,9 @@ class PerQueryGrouping(Grouping):
 
     def keys(self, cells: Tensor, call: "SEACall") -> tuple[Tensor, KeySlots]:
         """The selected cells and their keys (``cells_to_keys``)."""
-        slots = cells_to_keys(cells, call.asked_lengths, call.key_valid, cap=self._candidate_budget(call),
-                              chunk=self.config.query_chunk)
+        cap = self._candidate_budget(call)
+        slots = cells_to_keys(cells, call.asked_lengths, call.key_valid, cap=cap, chunk=self.config.query_chunk,
+                              forced=self._forced(cap))
         return cells, slots
 
     def refine(self, selected: tuple[Tensor, KeySlots], call: "SEACall") -> tuple[Tensor, KeySlots]:
@@ -57,6 +58,13 @@ class PerQueryGrouping(Grouping):
         cells, slots = selected
         q = call.asked(call.q, 2)
         return cells, refine_slots(q, call.k, slots, self.config.candidates, call.scale, self.config.query_chunk)
+
+    def _forced(self, cap: int) -> tuple[int, int]:
+        """The sink and window keys each head attends at ``cap`` keys per head (``cells.forced_keys``);
+        none for the budget-wide groupings, which force no cells."""
+        if self.kind not in ("query", "query_head"):
+            return 0, 0
+        return forced_keys(cap, self.config.sinks, self.config.local_window)
 
     def _candidate_budget(self, call: "SEACall") -> int:
         """Keys per query per head the cells stand for: the budget, times ``candidates``."""
@@ -82,7 +90,7 @@ class PerQueryGrouping(Grouping):
     def _flex(self, q: Tensor, cells: Tensor, call: "SEACall") -> Tensor:
         from ..ops.flex import CellMap, flex_sea_attention  # imported on use: it pulls in torch.compile
 
-        cell_map = CellMap(call.asked_lengths, call.key_valid, call.budget)
+        cell_map = CellMap(call.asked_lengths, call.key_valid, call.budget, self._forced(call.budget))
         return flex_sea_attention(q, call.k, call.v, cells, cell_map, scale=call.scale)
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ..cells import (cell_key_counts, cell_lengths, cell_starts, even_pick, is_even_pick, key_bins, key_ranks,
+from ..cells import (cell_key_counts, cell_range, even_pick, is_even_pick, key_bins, key_ranks,
                      valid_key_positions)
 
 _FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,7 +70,13 @@ class CellMap:
 
     lengths: Tensor  # (B, Tq) long, each row's valid key count
     key_valid: Tensor  # (B, Tk) bool, the key padding mask
-    cap: int  # the most keys one cell emits
+    cap: int  # the keys per query per head the cells stand for (the budget)
+    forced: tuple[int, int] = (0, 0)  # the sink and window keys of a forced cell (``cells.forced_keys``)
+
+    def ranges(self, width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, Tq, K) each cell's first key rank, its number of keys and how many it emits (``cell_range``)."""
+        bins = torch.arange(width, device=self.lengths.device)
+        return cell_range(bins, self.lengths.unsqueeze(-1), width, self.cap, self.forced)
 
 
 def _validate_block_mask(cells: Tensor, cell_map: CellMap, block_size: int) -> None:
@@ -97,8 +103,8 @@ def _touched_blocks(counts: Tensor, cell_map: CellMap, block_size: int) -> tuple
     tk = cell_map.key_valid.shape[-1]
     sel_b, sel_h, sel_q, sel_bin = torch.nonzero(counts, as_tuple=True)  # (N,) each
     emit = counts[sel_b, sel_h, sel_q, sel_bin]
-    start = cell_starts(cell_map.lengths, width)[sel_b, sel_q, sel_bin]
-    size = cell_lengths(cell_map.lengths, width)[sel_b, sel_q, sel_bin]
+    starts, sizes, _ = cell_map.ranges(width)
+    start, size = starts[sel_b, sel_q, sel_bin], sizes[sel_b, sel_q, sel_bin]
     rank_block = valid_key_positions(cell_map.key_valid) // block_size  # (B, Tk) key block of each rank
     first_block = rank_block[sel_b, start + even_pick(torch.zeros_like(emit), size, emit)]  # (N,)
     last_block = rank_block[sel_b, start + even_pick(emit - 1, size, emit)]
@@ -120,7 +126,7 @@ def _exact_mask_mod(counts: Tensor, cell_map: CellMap) -> Callable[..., Tensor]:
     lengths, key_valid = cell_map.lengths, cell_map.key_valid
     tk = key_valid.shape[-1]
     key_rank = torch.where(key_valid, key_ranks(key_valid), -1)  # (B, Tk), -1 for padding keys
-    starts, sizes = cell_starts(lengths, width), cell_lengths(lengths, width)  # (B, Tq, K)
+    starts, sizes, _ = cell_map.ranges(width)  # (B, Tq, K)
     table, (_, at_rank, at_count, at_start, at_size) = _static_table([lengths, key_rank, counts, starts, sizes])
     # sizes and offsets as data, not Python ints: ints would become symbolic sizes
     dims = torch.tensor([tq, tk, heads, width, at_rank, at_count, at_start, at_size], device=counts.device)
@@ -139,7 +145,7 @@ def _exact_mask_mod(counts: Tensor, cell_map: CellMap) -> Callable[..., Tensor]:
         emitted = read(at_count + ((b * n_h + h) * n_q + q_idx) * n_w + bin_)  # 0 unless selected
         start = read(at_start + row * n_w + bin_)
         size = read(at_size + row * n_w + bin_).clamp_min(1)
-        hit = is_even_pick(rank - start, size, emitted)
+        hit = is_even_pick(rank - start, size, emitted) & (rank >= start) & (rank < start + size)
         return (rank >= 0) & (rank < length) & (emitted > 0) & hit
 
     return mask_mod
@@ -153,8 +159,8 @@ def sea_block_mask(cells: Tensor, cell_map: CellMap, block_size: int = 128, *, b
     reads are built with ``backward``.
     """
     _validate_block_mask(cells, cell_map, block_size)
-    cell_map = CellMap(cell_map.lengths.long(), cell_map.key_valid, cell_map.cap)
-    counts = cell_key_counts(cells, cell_map.lengths, cell_map.cap)  # (B, H, Tq, K) keys per cell, 0 if unselected
+    cell_map = CellMap(cell_map.lengths.long(), cell_map.key_valid, cell_map.cap, cell_map.forced)
+    counts = cell_key_counts(cells, cell_map.lengths, cell_map.cap, cell_map.forced)  # (B, H, Tq, K), 0 if unselected
     kv_num_blocks, kv_indices = _touched_blocks(counts, cell_map, block_size)
     return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block_size,
                                     mask_mod=_exact_mask_mod(counts, cell_map),
@@ -186,7 +192,7 @@ def flex_sea_attention(q: Tensor, k: Tensor, v: Tensor, cells: Tensor, cell_map:
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if k.shape[2] <= block_size:
         k, v, key_valid = _two_key_blocks(k, v, cell_map.key_valid, block_size)
-        cell_map = CellMap(cell_map.lengths, key_valid, cell_map.cap)
+        cell_map = CellMap(cell_map.lengths, key_valid, cell_map.cap, cell_map.forced)
     block_mask = sea_block_mask(cells, cell_map, block_size, backward=needs_grad)
     # grad mode is part of the compiled graph's guards: running inference as no_grad lets
     # calls with and without torch.no_grad() share one kernel
@@ -194,7 +200,7 @@ def flex_sea_attention(q: Tensor, k: Tensor, v: Tensor, cells: Tensor, cell_map:
         out = _compiled_flex()(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask,
                                scale=float(scale), enable_gqa=k.shape[1] != q.shape[1])
     # rows without any selected key: what flex leaves there is kernel-dependent (0 or NaN)
-    has_keys = cell_key_counts(cells, cell_map.lengths.long(), cell_map.cap).sum(-1) > 0  # (B, H, Tq)
+    has_keys = cell_key_counts(cells, cell_map.lengths.long(), cell_map.cap, cell_map.forced).sum(-1) > 0  # (B, H, Tq)
     return torch.where(has_keys.unsqueeze(-1), out, 0.0).to(q.dtype)
 
 
