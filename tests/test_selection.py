@@ -176,3 +176,20 @@ def test_forced_cells_are_refused_by_the_sample_groupings():
     lengths = torch.full((1, 5), 5)
     with pytest.raises(ValueError, match="sinks and window apply to the groupings"):
         select_cells(estimate_for(lengths, 2, 4), lengths, 2, "sample", sinks=1)
+
+
+@pytest.mark.parametrize("width, k, sinks, window, grouping", [(2, 16, 1, 1, "query"), (3, 16, 0, 3, "query_head"),
+                                                               (8, 32, 5, 0, "query"), (16, 64, 4, 16, "query")])
+def test_max_keys_per_query_bounds_forced_selections(width, k, sinks, window, grouping):
+    """Also rows of k - sinks - window < L <= k keys, which attend every key."""
+    heads = 3
+    forced = forced_keys(k, sinks, window)
+    for length in range(1, 3 * k):
+        lengths = torch.tensor([[length]])
+        estimate = torch.rand(1, heads, 1, width, generator=torch.Generator().manual_seed(length)).softmax(-1)
+        cells = select_cells(estimate * live_cells(lengths, width).unsqueeze(1), lengths, k, grouping,
+                             sinks=sinks, window=window)
+        slots = cells_to_keys(cells, lengths, torch.ones(1, length, dtype=torch.bool), cap=k, forced=forced)
+        assert int(slots.nnz(heads).sum()) <= int(max_keys_per_query(lengths, k, width, heads, grouping, forced)[0, 0])
+        if length <= k:
+            assert int(slots.nnz(heads).sum()) == heads * length  # every key

@@ -101,7 +101,7 @@ class BlockRequest:
     k: int  # keys per query per head
     block: int  # positions per block
     causal: bool
-    sinks: int = 0  # forced bins, as in ``selection.select_cells``
+    sinks: int = 0  # forced sink and window keys, as in ``selection.select_cells``
     window: int = 0
 
 

@@ -93,12 +93,18 @@ def cell_range(bins: Tensor, lengths: Tensor, width: int, cap: int,
     keys it emits at most ``cap - sinks - window``, and a forced cell (its bin holds any of the row's first ``sinks`` or last
     ``window`` keys) covers only those keys and
     emits them all: its sink part [start, sinks), its window part [L - window, end), or, in a bin
-    holding both (rows of fewer than 2 (sinks + window + 1) keys), the whole bin (at most ``cap``
-    keys). So a head attends its forced keys plus about ``cap - sinks - window`` the estimate chose.
+    holding both (with K >= 2, rows of fewer than 2 (sinks + window + 1) keys), the whole bin (at
+    most ``cap`` keys, evenly spread). So a head attends its forced keys plus about
+    ``cap - sinks - window`` the estimate chose. The other keys of a forced bin are attended by no
+    head: the estimate cannot select a forced bin again (at k=64, K=256 and 8,192 keys, ranks 4-31
+    after the sinks and the 16 keys before the window).
     """
     start = bin_start(bins, lengths, width)
     end = bin_start(bins + 1, lengths, width)
     sinks, window = forced
+    if sinks + window > cap // 2:  # forced_keys caps each at cap // 4
+        raise ValueError(f"forced sink and window keys must be forced_keys(cap, ...), each at most cap // 4; "
+                         f"got forced={forced} with cap={cap}")
     if not (sinks or window):
         return start, end - start, (end - start).clamp_max(cap)
     tail = lengths - window  # first rank of the window
@@ -285,7 +291,7 @@ class _ListedCells:
     head: Tensor
     start: Tensor  # first key rank of the cell
     size: Tensor  # keys in the cell
-    emitted: Tensor  # min(size, cap)
+    emitted: Tensor  # keys it emits (``cell_range``)
     tq: int
 
     def part(self, c0: int, c1: int) -> "_ListedCells":

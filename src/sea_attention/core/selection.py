@@ -58,8 +58,10 @@ def max_keys_per_query(lengths: Tensor, k: int, width: int, heads: int, grouping
     k_eff = lengths.clamp_max(width).clamp_min(1)
     longest_cell = ((lengths + k_eff - 1) // k_eff).clamp_max(rest)
     if grouping == "query_head":
-        return heads * (cell_budget(lengths, rest, width, 1) * longest_cell + sum(forced))
-    return cell_budget(lengths, rest, width, heads) * longest_cell + heads * sum(forced)
+        bound = heads * (cell_budget(lengths, rest, width, 1) * longest_cell + sum(forced))
+    else:
+        bound = cell_budget(lengths, rest, width, heads) * longest_cell + heads * sum(forced)
+    return torch.where(lengths > k, bound, heads * lengths) if any(forced) else bound  # rows of <= k keys: all
 
 
 def _ranked(scores: Tensor) -> Tensor:

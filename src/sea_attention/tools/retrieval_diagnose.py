@@ -89,7 +89,7 @@ class TopKeyProbe:
         budget, forced = query_budget(lengths, self.config.k, width, heads,
                                       forced_keys(self.config.k, cfg.sinks, cfg.local_window))
         budget = budget[:, None, :].expand_as(head_rank)
-        forced = forced if forced is not None else torch.zeros_like(lengths)[..., None]
+        forced = forced & (lengths > self.config.k)[..., None] if forced is not None else torch.zeros_like(lengths)[..., None]
         measured = {"selected": hit.mean(-1), "selected_mass": (hit * values).sum(-1) / values.sum(-1),
                     "top1_selected": hit[..., 0], "top1_key": keys[..., 0],
                     "forced": (forced.sum(-1) * heads)[:, None, :].expand_as(head_rank),

@@ -10,8 +10,9 @@ SEA's selection gives both without any Tq x Tk tensor:
   key blocks of each query block, a (B, H, nQB, nKB) tensor, fed to
   ``BlockMask.from_kv_blocks``.
 * **Mask.** ``mask_mod`` redoes the mapping of ``cells.py`` for one (query, key): the
-  key's rank, its bin, the bin's start and size, and whether the key's offset in the bin
-  is one of the ``min(size, cap)`` evenly spread offsets that ``cells_to_keys`` emits.
+  key's rank, its bin, the range that bin's cell stands for (``cells.cell_range``: the bin, or
+  a forced cell's sink and window keys), and whether the key lies in it at one of the evenly
+  spread offsets that ``cells_to_keys`` emits.
 
 The result equals ``reference_attention`` on ``cells_to_keys(...).dense_mask(...)``.
 
