@@ -26,21 +26,45 @@ import torch
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def load_tree(src: str):
-    """``sea_attention`` imported from ``src`` (a tree's ``src`` folder), forgetting any other copy first."""
+def _forget_trees() -> None:
     for name in [name for name in sys.modules if name == "sea_attention" or name.startswith("sea_attention.")]:
         del sys.modules[name]
+
+
+def load_tree(src: str) -> dict:
+    """Every module of ``sea_attention`` imported from ``src`` (a tree's ``src`` folder), forgetting any
+    other copy first: a snapshot of them, to put back in ``sys.modules`` while this tree runs
+    (``Tree.run``), since a function-level import (``context_only``'s of ``chunked``) reads ``sys.modules``
+    at call time and would otherwise run the tree loaded last."""
+    _forget_trees()
     sys.path.insert(0, str(Path(src).resolve()))
     try:
-        return importlib.import_module("sea_attention.core.attention"), importlib.import_module("sea_attention.core.config")
+        for name in ("sea_attention.core.attention", "sea_attention.core.config", "sea_attention.core.chunked",
+                     "sea_attention.core.grouping"):
+            importlib.import_module(name)
     finally:
         sys.path.pop(0)
+    return {name: module for name, module in sys.modules.items()
+            if name == "sea_attention" or name.startswith("sea_attention.")}
 
 
-def layer(src: str, heads: int, kv_heads: int, length: int, seed: int) -> torch.nn.Module:
+class Tree:
+    """One source tree's layer, run with that tree's modules in ``sys.modules``."""
+
+    def __init__(self, src: str, heads: int, kv_heads: int, length: int, seed: int) -> None:
+        self.modules = load_tree(src)
+        self.module = layer(self.modules, heads, kv_heads, length, seed)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        _forget_trees()
+        sys.modules.update(self.modules)
+        return self.module.context_only(q, k, v)
+
+
+def layer(modules: dict, heads: int, kv_heads: int, length: int, seed: int) -> torch.nn.Module:
     """The tree's default SEAAttention for these shapes, its weights drawn from ``seed`` (the CNN's
     output weight too, which starts at zero: a distilled CNN's rounding then counts in the selection)."""
-    attention, config = load_tree(src)
+    attention, config = modules["sea_attention.core.attention"], modules["sea_attention.core.config"]
     torch.manual_seed(seed)
     module = attention.SEAAttention(config.SEAConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=64, k=64,
                                                      max_positions=max(length, 2048))).eval()
@@ -50,19 +74,19 @@ def layer(src: str, heads: int, kv_heads: int, length: int, seed: int) -> torch.
 
 def measure(args: argparse.Namespace, length: int) -> dict:
     """Best-of-``repeats`` seconds of each tree and of SDPA at one length, and the outputs' difference."""
-    trees = {"old": layer(args.old, args.heads, args.kv_heads, length, 1),
-             "new": layer(args.new, args.heads, args.kv_heads, length, 1)}
+    trees = {"old": Tree(args.old, args.heads, args.kv_heads, length, 1),
+             "new": Tree(args.new, args.heads, args.kv_heads, length, 1)}
     torch.manual_seed(0)
     q = torch.randn(1, args.heads, length, 64)
     k, v = (torch.randn(1, args.kv_heads, length, 64) for _ in range(2))
     groups = args.heads // args.kv_heads
     seconds = {"old": [], "new": [], "sdpa": []}
     with torch.no_grad():
-        outputs = {name: module.context_only(q, k, v) for name, module in trees.items()}  # also the warm-up
+        outputs = {name: tree.run(q, k, v) for name, tree in trees.items()}  # also the warm-up
         for turn in range(args.repeats):
             for name in ("old", "new") if turn % 2 == 0 else ("new", "old"):
                 start = time.perf_counter()
-                trees[name].context_only(q, k, v)
+                trees[name].run(q, k, v)
                 seconds[name].append(time.perf_counter() - start)
             start = time.perf_counter()
             torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1),

@@ -587,12 +587,12 @@ def forced_keys_quality(results: Results) -> str:
 
 
 def forced_sinks(results: Results) -> str:
-    """SEA@64 (forced keys, undistilled) on wiki validation by the number of sink keys."""
+    """SEA@64 (forced keys, undistilled) on wiki validation by the number of sink and window keys."""
     dense = {n: next(r for r in results.load(f"eval_forced_after_validation_{n}.json")["rows"]
                      if r["name"] == "dense")["perplexity"] for n in (4096, 8192)}
-    rows = [[str(r["sinks"]), f"{r['seq_len']:,}", num(r["perplexity"]), num(r["perplexity"] / dense[r["seq_len"]], 3)]
-            for r in results.load("forced_sinks_validation.json")["rows"]]
-    return table(["sinks (local window 16, forced keys)", "window tokens", "SEA@64", "x dense"], rows)
+    rows = [[str(r["sinks"]), str(r["local_window"]), f"{r['seq_len']:,}", num(r["perplexity"]),
+             num(r["perplexity"] / dense[r["seq_len"]], 3)] for r in results.load("forced_sinks_validation.json")["rows"]]
+    return table(["sinks (forced keys)", "local window", "window tokens", "SEA@64", "x dense"], rows)
 
 
 
@@ -608,6 +608,33 @@ def retrieval_mix(results: Results) -> str:
                      num(found[("copy", 1024)]["accuracy"], 3), f"{num(by['sea'])} (x{num(by['sea'] / by['dense'], 3)})"])
     return table(["SEA@64 after 40 estimator steps on", "needle 1,024", "needle 2,048", "copy 1,024 (token accuracy)",
                   "perplexity, 4 x 1,024 tokens"], rows)
+
+
+
+def forced_keys_test(results: Results) -> str:
+    """The undistilled patch under both rules on the reported text: wiki and BBC test perplexity on long
+    windows (one run of each rule per cell, the dense of the after-run) and the suite's needles."""
+    rows = []
+    for text_name in ("wiki", "bbc"):
+        for length in (4096, 8192):
+            after = {r["name"]: r["perplexity"] for r in
+                     results.load(f"eval_forced_after_test_{text_name}_{length}.json")["rows"]}
+            before = results.load(f"ppl_forced_before_test_{text_name}_{length}.json")["perplexity"]
+            rows.append([f"{text_name} test, {8192 // length} x {length:,} tokens", num(after["dense"]),
+                         f"{num(before)} (x{num(before / after['dense'], 3)})",
+                         f"{num(after['sea'])} (x{num(after['sea'] / after['dense'], 3)})"])
+    for length, dense_file, before_file, after_file in (
+            (4096, "retrieval_needle4k_candidates1.json", "retrieval_needle4k_candidates1.json",
+             "retrieval_forced_after_test_needle4k.json"),
+            (8000, "retrieval_needle_8k.json", "retrieval_needle_8k_sea.json", "retrieval_forced_after_test_needle8k.json")):
+        def found(name: str, method: str) -> str:
+            result = results.load(name)
+            row = next(r for r in result.get("rows") or result["points"] if r["method"] == method)
+            return f"{row['correct']}/{row['prompts']}"
+        rows.append([f"needle in wiki/BBC test prose, {length:,} tokens", found(dense_file, "dense"),
+                     found(before_file, "sea"), found(after_file, "sea")])
+    return table(["SmolLM2-135M, undistilled patch, k=64", "dense", "SEA, forced bins (until 2026-12-05)",
+                  "SEA, forced keys"], rows)
 
 
 TABLES: dict[str, Callable[[Results], str]] = {
@@ -681,6 +708,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "forced-budget": forced_budget,
     "forced-keys-validation": forced_keys_quality,
     "forced-sinks": forced_sinks,
+    "forced-keys-test": forced_keys_test,
+    "attention-forced-ab": attention_ab_table("attention_forced_ab.json"),
     "retrieval-mix": retrieval_mix,
     "key-bounds": key_bounds,
     "dense-until-perplexity": dense_until_perplexity,
