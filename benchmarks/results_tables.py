@@ -552,16 +552,14 @@ SUMMARY = grid(
 
 
 
-FORCED_RULES = (("forced bins (until 2026-12-05)", "before"), ("forced keys", "after"))
+FORCED_RULES = (("forced bins (the default)", "before"), ("forced_keys=True", "after"))
 
 
 def forced_budget(results: Results) -> str:
     """``forced_budget.py``: a head's keys at k=64 split into forced and estimated, per rule and row length."""
-    rows = []
-    for label, name in (("forced bins (until 2026-12-05)", "forced_budget_before.json"), ("forced keys", "forced_budget.json")):
-        for r in results.load(name)["rows"]:
-            rows.append([label, f"{r['length']:,}", num(r["keys_per_head"], 1), num(r["forced_keys_per_head"], 1),
-                         num(r["estimate_keys_per_head"], 1)])
+    rows = [["forced_keys=True" if r["forced_keys"] else "forced bins (the default)", f"{r['length']:,}",
+             num(r["keys_per_head"], 1), num(r["forced_keys_per_head"], 1), num(r["estimate_keys_per_head"], 1)]
+            for r in results.load("forced_budget.json")["rows"]]
     return table(["rule (9 heads, K=256, k=64, sinks 4, window 16)", "row keys", "keys per head", "forced",
                   "chosen by the estimate"], rows)
 
@@ -633,8 +631,8 @@ def forced_keys_test(results: Results) -> str:
             return f"{row['correct']}/{row['prompts']}"
         rows.append([f"needle in wiki/BBC test prose, {length:,} tokens", found(dense_file, "dense"),
                      found(before_file, "sea"), found(after_file, "sea")])
-    return table(["SmolLM2-135M, undistilled patch, k=64", "dense", "SEA, forced bins (until 2026-12-05)",
-                  "SEA, forced keys"], rows)
+    return table(["SmolLM2-135M, undistilled patch, k=64", "dense", "SEA, forced bins (the default)",
+                  "SEA, forced_keys=True"], rows)
 
 
 TABLES: dict[str, Callable[[Results], str]] = {

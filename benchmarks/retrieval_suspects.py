@@ -40,7 +40,7 @@ import torch
 
 from sea_attention.app import assets
 from sea_attention.atomic import write_text
-from sea_attention.core.cells import cell_lengths, cells_to_keys, forced_keys, key_bins
+from sea_attention.core.cells import cell_lengths, cells_to_keys, forced_counts, key_bins
 from sea_attention.core.ops.reference import reference_attention, repeat_kv
 from sea_attention.core.selection import select_cells
 from sea_attention.hf import layer_override, patch, sea_budget, sea_layers, set_runtime
@@ -74,7 +74,7 @@ class CellOverride:
     ``width``: the bins per row (None: the layer's ``estimate_width``). Each chunk of rows scores
     only the keys its rows can see (the causal prefix); ``reference=True`` scores every key of
     every row (the plain path the test compares with). Cells stretch to keys by SEA's own rule
-    (``cells_to_keys`` with the forced sink and window keys).
+    (``cells_to_keys``; with the layer's ``forced_keys``, forced cells stand for their keys only).
     """
 
     kind: str  # mass, max, meankey
@@ -108,8 +108,9 @@ class CellOverride:
         lengths = (positions + 1)[None]  # (1, C)
         bins = key_bins(torch.arange(seen)[None, :], lengths[0][:, None], width).clamp(0, width - 1)  # (C, S)
         scores = bin_scores(self.kind, logits, logits.softmax(-1), bins, lengths, width)
-        cells = select_cells(scores, lengths, self.k, self.grouping, self.chunk, cfg.sinks, cfg.local_window)
-        forced = forced_keys(self.k, cfg.sinks, cfg.local_window) if self.grouping.startswith("query") else (0, 0)
+        exact = getattr(cfg, "forced_keys", False) and self.grouping.startswith("query")
+        cells = select_cells(scores, lengths, self.k, self.grouping, self.chunk, cfg.sinks, cfg.local_window, exact)
+        forced = forced_counts(self.k, cfg.sinks, cfg.local_window) if exact else (0, 0)
         mask = cells_to_keys(cells, lengths, call.key_valid[:, :seen], cap=self.k, forced=forced)
         return logits.masked_fill(~mask.dense_mask(q.shape[1], seen), float("-inf")).softmax(-1) @ values
 

@@ -129,13 +129,14 @@ def test_block_op_matches_reference_with_gradients(batch, heads, kv_heads, tq, t
 
 
 def test_wide_forced_bins_attend_only_their_sink_and_window_keys():
-    """Bins of ~25 keys, k = 8: each block's forced cells emit the 2 sink and 2 window keys of its
-    selecting row (``cells.cell_range``), the op matches the reference on that mask."""
+    """``forced_keys``, bins of ~25 keys, k = 8: each block's forced cells emit the 2 sink and 2 window
+    keys of its selecting row (``cells.cell_range``), the op matches the reference on that mask."""
     heads, k, tq = 4, 8, 200
     key_valid, query_valid = torch.ones(1, tq, dtype=torch.bool), torch.ones(1, tq, dtype=torch.bool)
     lengths = query_lengths(key_valid, query_valid, True)
     estimate = random_estimate(1, heads, tq, 8, lengths)
-    selection = select_blocks(estimate, BlockRequest(lengths, query_valid, 0, k, 16, True, sinks=4, window=16))
+    selection = select_blocks(estimate, BlockRequest(lengths, query_valid, 0, k, 16, True, sinks=4, window=16,
+                                                     forced_keys=True))
     assert selection.forced == (2, 2)
     mask = block_dense_mask(selection, key_valid, k, heads, tq)  # (1, H, Tq, Tk)
     for i in range(64, tq):  # rows whose block starts past 2 bins: the selecting row's window is before the tile
@@ -200,12 +201,13 @@ def test_keys_per_query_are_about_k_plus_the_tile():
 
 @pytest.mark.parametrize("schedule", [[40], [1] * 30, [13, 1, 9, 7], [8, 8, 3]])
 @pytest.mark.parametrize("inference", [False, True])
-@pytest.mark.parametrize("key_bounds", [False, True])
-def test_decoding_steps_equal_full_forward(schedule, inference, key_bounds):
+@pytest.mark.parametrize("key_bounds, options", [(False, {}), (True, {}),
+                                                  (False, dict(k=8, estimate_width=4, forced_keys=True))])
+def test_decoding_steps_equal_full_forward(schedule, inference, key_bounds, options):
     """Also in inference, where a call estimates only the rows that select: a step inside a block
     that a carried selection covers estimates none (but its state still takes its keys and CNN row,
-    and its key bounds)."""
-    module = block_layer(key_bounds=key_bounds).eval()
+    and its key bounds). The last case's forced keys (2, 2) lie inside wider bins."""
+    module = block_layer(key_bounds=key_bounds, **options).eval()
     t = sum(schedule)
     q, k, v = make_qkv(2, 4, 2, t, t, 16)
     mask = padding_mask(2, t, 5, left=True)

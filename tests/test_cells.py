@@ -3,7 +3,7 @@ import torch
 
 from naive import naive_cell_keys, naive_cells_to_keys, slot_cells_to_keys
 from sea_attention.core.cells import (
-    even_pick, cell_lengths, cell_range, cells_to_keys, compress_attention, forced_keys, key_bins, live_cells,
+    even_pick, cell_lengths, cell_range, cells_to_keys, compress_attention, forced_counts, key_bins, live_cells,
     query_lengths, stretch_estimate,
 )
 from sea_attention.core.selection import select_cells
@@ -125,10 +125,10 @@ def test_every_head_attends_its_sinks_and_window_key_by_key(length):
     """At every length, however wide the bins: the first sinks and last window keys of every head,
     each once, and about k keys per head in all (the estimate gets k - sinks - window of them)."""
     heads, width, k = 3, 16, 16
-    sinks, window = forced_keys(k, 4, 16)  # (4, 4)
+    sinks, window = forced_counts(k, 4, 16)  # (4, 4)
     lengths = torch.tensor([[length]])
     estimate = torch.rand(1, heads, 1, width).softmax(-1)
-    cells = select_cells(estimate, lengths, k, "query", sinks=4, window=16)
+    cells = select_cells(estimate, lengths, k, "query", sinks=4, window=16, forced_keys=True)
     slots = cells_to_keys(cells, lengths, torch.ones(1, length, dtype=torch.bool), cap=k, forced=(sinks, window))
     for h in range(heads):
         keys = slots.key[0, 0][slots.valid[0, 0] & (slots.head[0, 0] == h)].tolist()

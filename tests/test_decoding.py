@@ -19,7 +19,8 @@ def layer(**kw):
     ("mix", dict(kernel_bins=True, key_bins=False, feature_kind="relu", position_code="learned")),
     ("mix", dict(kernel_bins=False, key_bins=False, sinks=0, local_window=0)),  # the paper's estimator
     ("mix", dict(key_bounds=True)), ("mix", dict(bin_sums_dtype="float32")),
-    ("mix", dict(k=8, estimate_width=4)),  # forced keys (2, 2) inside bins of up to 10 keys: cells_to_keys' forced rule
+    ("mix", dict(k=8, estimate_width=4)),  # forced bins of up to 10 keys, wider than k / 4
+    ("mix", dict(k=8, estimate_width=4, forced_keys=True)),  # forced keys (2, 2) inside those bins
 ])
 def test_steps_equal_full_forward(schedule, pad, output_mode, estimator):
     module = layer(output_mode=output_mode, **estimator)

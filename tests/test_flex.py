@@ -65,7 +65,7 @@ def test_flex_matches_reference_with_forced_keys(forced):
     key_valid = padding_mask(BATCH, tk, pad, left=True)
     lengths = query_lengths(key_valid, key_valid[:, tk - tq:], causal)
     estimate = torch.rand(BATCH, HEADS, tq, width).softmax(-1)
-    cells = select_cells(estimate, lengths, cap, "query", sinks=forced[0], window=forced[1])
+    cells = select_cells(estimate, lengths, cap, "query", sinks=forced[0], window=forced[1], forced_keys=True)
     out = flex_sea_attention(q, k, v, cells, CellMap(lengths, key_valid, cap, forced), scale=DIM ** -0.5)
     slots = cells_to_keys(cells, lengths, key_valid, cap, forced=forced)
     expected = reference_attention(q, k, v, slots.dense_mask(HEADS, tk), DIM ** -0.5)[0]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sea_attention.core.cells import (cell_edges, cell_key_counts, cells_to_keys, forced_cells, forced_keys, live_cells,
+from sea_attention.core.cells import (cell_edges, cell_key_counts, cells_to_keys, forced_cells, forced_counts, live_cells,
                                      query_lengths)
 from sea_attention.core.selection import cell_budget, max_keys_per_query, select_cells
 
@@ -33,8 +33,9 @@ def test_keys_per_query_close_to_k_and_bounded(grouping, k, sinks, window):
     heads, width, t = 4, 16, 600
     key_valid = torch.ones(1, t, dtype=torch.bool)
     lengths = query_lengths(key_valid, key_valid, causal=True)
-    cells = select_cells(estimate_for(lengths, heads, width), lengths, k, grouping, sinks=sinks, window=window)
-    forced = forced_keys(k, sinks, window)
+    cells = select_cells(estimate_for(lengths, heads, width), lengths, k, grouping, sinks=sinks, window=window,
+                         forced_keys=True)
+    forced = forced_counts(k, sinks, window)
     slots = cells_to_keys(cells, lengths, key_valid, cap=k, forced=forced)
     per_query = slots.nnz(heads).sum(1)[0]  # (Tq,)
     assert bool((per_query >= 1).all())
@@ -149,19 +150,24 @@ def test_forced_cells_hold_the_sinks_and_the_window(sinks, window):
 
 @pytest.mark.parametrize("grouping", ["query", "query_head"])
 @pytest.mark.parametrize("k, sinks, window", [(4, 4, 16), (16, 4, 16), (16, 1, 2)])
-def test_forced_cells_come_first_and_the_estimate_fills_the_rest(grouping, k, sinks, window):
+@pytest.mark.parametrize("forced_keys", [False, True])
+def test_forced_cells_come_first_and_the_estimate_fills_the_rest(grouping, k, sinks, window, forced_keys):
     heads, width = 3, 8
     lengths = query_lengths(torch.ones(2, 90, dtype=torch.bool), torch.ones(2, 90, dtype=torch.bool), True)
     estimate = estimate_for(lengths, heads, width)
-    picked = select_cells(estimate, lengths, k, grouping, chunk=17, sinks=sinks, window=window)
+    picked = select_cells(estimate, lengths, k, grouping, chunk=17, sinks=sinks, window=window, forced_keys=forced_keys)
     sinks, window = min(sinks, k // 4), min(window, k // 4)  # small budgets stay sparse
     forced = forced_cells(lengths, width, sinks, window).unsqueeze(1).expand(-1, heads, -1, -1)
     assert bool(picked[forced].all())  # every head takes the sink and window bins
-    # the rest is the plain top-k of the estimate, its budget for the keys the forced ones leave
+    # the rest is the plain top-k of the estimate: the budget grown to hold the forced bins, or with
+    # forced_keys its budget for the keys the forced ones leave
     group = heads if grouping == "query" else 1
-    budget = cell_budget(lengths, k - sinks - window, width, group) + forced[:, 0].sum(-1) * group
-    everything = group * lengths.clamp_max(width)  # rows of at most k keys take every cell
-    budget = torch.where(lengths > k, torch.minimum(budget, everything), everything)
+    if forced_keys:
+        budget = cell_budget(lengths, k - sinks - window, width, group) + forced[:, 0].sum(-1) * group
+        everything = group * lengths.clamp_max(width)  # rows of at most k keys take every cell
+        budget = torch.where(lengths > k, torch.minimum(budget, everything), everything)
+    else:
+        budget = torch.maximum(cell_budget(lengths, k, width, group), forced[:, 0].sum(-1) * group)
     boosted = torch.where(forced, 2.0, estimate)
     flat = boosted.permute(0, 2, 1, 3).reshape(2, 90, -1) if grouping == "query" else boosted
     expected_budget = budget if grouping == "query" else budget[:, None].expand(-1, heads, -1)
@@ -183,12 +189,12 @@ def test_forced_cells_are_refused_by_the_sample_groupings():
 def test_max_keys_per_query_bounds_forced_selections(width, k, sinks, window, grouping):
     """Also rows of k - sinks - window < L <= k keys, which attend every key."""
     heads = 3
-    forced = forced_keys(k, sinks, window)
+    forced = forced_counts(k, sinks, window)
     for length in range(1, 3 * k):
         lengths = torch.tensor([[length]])
         estimate = torch.rand(1, heads, 1, width, generator=torch.Generator().manual_seed(length)).softmax(-1)
         cells = select_cells(estimate * live_cells(lengths, width).unsqueeze(1), lengths, k, grouping,
-                             sinks=sinks, window=window)
+                             sinks=sinks, window=window, forced_keys=True)
         slots = cells_to_keys(cells, lengths, torch.ones(1, length, dtype=torch.bool), cap=k, forced=forced)
         assert int(slots.nnz(heads).sum()) <= int(max_keys_per_query(lengths, k, width, heads, grouping, forced)[0, 0])
         if length <= k:

@@ -57,7 +57,7 @@ def _sea_config_of(model) -> dict:
 
 
 def _runtime_options(args) -> dict:
-    names = ("grouping", "query_block", "candidates", "bin_sums_dtype", "dense_until")
+    names = ("grouping", "query_block", "candidates", "bin_sums_dtype", "dense_until", "forced_keys")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -94,6 +94,10 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
                          help="the length policy: query rows with at most this many keys attend to all of them "
                               "(exact, as the dense model), longer rows run SEA (default 0: every row runs SEA). "
                               "Only SEA's rows follow it: oracle and competitor rows select as before")
+    runtime.add_argument("--forced-keys", action="store_true", default=None,
+                         help="the sinks and the local window count key by key, not as whole bins: the estimate "
+                              "chooses k - sinks - window keys at every length (better at 8k tokens, a little "
+                              "worse at 1k-4k; off by default)")
 
 
 # ---------------------------------------------------------------------------------------- texts

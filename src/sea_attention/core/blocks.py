@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cells import cell_range, cell_starts, even_pick, forced_keys, valid_key_positions
+from .cells import cell_range, cell_starts, even_pick, forced_counts, valid_key_positions
 from .selection import select_cells
 
 EXCLUDED = -0.5  # score of a live cell whose keys are all in the tile: below every real cell
@@ -101,8 +101,9 @@ class BlockRequest:
     k: int  # keys per query per head
     block: int  # positions per block
     causal: bool
-    sinks: int = 0  # forced sink and window keys, as in ``selection.select_cells``
+    sinks: int = 0  # forced sink and window bins, as in ``selection.select_cells``
     window: int = 0
+    forced_keys: bool = False  # they stand for their forced keys only (``cells.cell_range``)
 
 
 def select_blocks(estimate: Tensor, request: BlockRequest, carried: BlockSelection | None = None,
@@ -138,7 +139,7 @@ def select_blocks(estimate: Tensor, request: BlockRequest, carried: BlockSelecti
         row_lengths = torch.cat([carried.lengths, row_lengths], dim=1)
         limit = torch.cat([carried.limit, limit], dim=1)
         tile_start[0] = carried.tile_start[0]
-    forced = forced_keys(request.k, request.sinks, request.window)
+    forced = forced_counts(request.k, request.sinks, request.window) if request.forced_keys else (0, 0)
     return BlockSelection(cells, row_lengths, limit, tile_start, first, block, causal=True, keys=keys, forced=forced)
 
 
@@ -154,7 +155,7 @@ def _select_rows(estimate: Tensor, request: BlockRequest, own: Tensor,
     # cells that hold only the selecting row's own key (or later) are the tile's business
     excluded = cell_starts(row_lengths, estimate.shape[-1]) >= (row_lengths - 1).unsqueeze(-1)  # (B, n, K)
     cells = select_cells(picked.masked_fill(excluded.unsqueeze(1), EXCLUDED), row_lengths, request.k, "query",
-                         sinks=request.sinks, window=request.window)
+                         sinks=request.sinks, window=request.window, forced_keys=request.forced_keys)
     return cells, row_lengths
 
 

@@ -8,7 +8,7 @@ are *dead* (empty): they get no probability and can never be selected.
 
 A selected cell emits at most ``cap`` keys, spread evenly over its range, which keeps
 keys per query bounded when rows are longer than ``cap * K``. A *forced* cell (a bin holding
-any of the row's first ``sinks`` or last ``window`` keys, ``forced_keys``) covers only those
+any of the row's first ``sinks`` or last ``window`` keys, ``forced_counts``) covers only those
 keys (``cell_range``): the sinks and the local window are attended key by key, at every
 length, and the rest of the budget goes to the estimate.
 
@@ -63,7 +63,7 @@ def every_cell_live(lengths: Tensor, width: int) -> bool:
     return bool((lengths >= width).all())
 
 
-def forced_keys(k: int, sinks: int, window: int) -> tuple[int, int]:
+def forced_counts(k: int, sinks: int, window: int) -> tuple[int, int]:
     """The sink and window keys every head of a row attends at a budget of ``k`` keys per head:
     ``sinks`` and ``window``, each capped at k // 4 so that small budgets stay sparse."""
     return min(sinks, k // 4), min(window, k // 4)
@@ -88,7 +88,7 @@ def cell_range(bins: Tensor, lengths: Tensor, width: int, cap: int,
     key rank and the number of keys of its range, and how many of them it emits.
 
     The one rule of what a selected cell stands for (``cells_to_keys``, the block grouping and the
-    FlexAttention mask all call it). ``forced`` = ``forced_keys(cap, sinks, window)``. A cell covers its
+    FlexAttention mask all call it). ``forced`` = ``forced_counts(cap, sinks, window)``. A cell covers its
     bin and emits ``min(size, cap)`` keys spread evenly (``even_pick``). In a row of more than ``cap``
     keys it emits at most ``cap - sinks - window``, and a forced cell (its bin holds any of the row's first ``sinks`` or last
     ``window`` keys) covers only those keys and
@@ -102,8 +102,8 @@ def cell_range(bins: Tensor, lengths: Tensor, width: int, cap: int,
     start = bin_start(bins, lengths, width)
     end = bin_start(bins + 1, lengths, width)
     sinks, window = forced
-    if sinks + window > cap // 2:  # forced_keys caps each at cap // 4
-        raise ValueError(f"forced sink and window keys must be forced_keys(cap, ...), each at most cap // 4; "
+    if sinks + window > cap // 2:  # forced_counts caps each at cap // 4
+        raise ValueError(f"forced sink and window keys must be forced_counts(cap, ...), each at most cap // 4; "
                          f"got forced={forced} with cap={cap}")
     if not (sinks or window):
         return start, end - start, (end - start).clamp_max(cap)

@@ -90,12 +90,17 @@ class SEAConfig:
         sinks: causal only: every head of every query always attends the row's first
             ``sinks`` keys (attention sinks), before the estimate picks the rest.
             ``None``: 4 when causal, else 0.
-        local_window: causal only: every head of every query always attends the row's last
-            ``local_window`` keys. Both are capped at k // 4 keys each and count against the
-            budget of k keys per head: the bins that hold them are forced and, in a row longer
-            than k keys, stand for those keys only (``cells.cell_range``), so the estimate
-            chooses the other k - sinks - window keys, among those a window cannot reach.
-            ``None``: 16 when causal, else 0.
+        local_window: causal only: every head of every query always attends the bins that
+            hold the row's last ``local_window`` keys. Both are capped at k // 4 keys each; the
+            forced bins count against the budget with all their keys (which grows to hold them
+            when it is smaller), so at k=64, K=256 they take half of a head's keys at 4,096 tokens
+            and all of them from 8,192 on. ``None``: 16 when causal, else 0.
+        forced_keys: how the sinks and the window count (a run-time choice, same weights). False
+            (the default): their bins, whole. True: in a row longer than k keys a forced bin stands
+            for its sink and window keys only (``cells.cell_range``) and the estimate chooses the
+            other k - sinks - window keys at every length; undistilled SmolLM2 at 8,192 tokens
+            x1.288 dense instead of x1.522 (wiki validation), at 4,096 and 1,024 a little worse
+            (docs/results.md, "Forced keys").
         grouping: which cells compete for one top-k budget: ``"query"`` (one query
             across all heads; the default), ``"query_head"`` (one query and head),
             ``"sample"`` (a whole sample) or ``"head"`` (a whole sample and head). The
@@ -165,6 +170,7 @@ class SEAConfig:
     position_code: str | None = None
     sinks: int | None = None
     local_window: int | None = None
+    forced_keys: bool = False
     grouping: str = "query"
     gating: bool = True
     gate_form: str | None = None
@@ -211,7 +217,7 @@ class SEAConfig:
                               ("gate_form", GATE_FORMS), ("bin_sums_dtype", BIN_SUMS_DTYPES),
                               ("attention_path", ATTENTION_PATHS), ("position_code", POSITION_CODES)):
             _choice(name, getattr(self, name), allowed)
-        for name in ("causal", "gating", "kernel_bins", "key_bins", "key_bounds"):
+        for name in ("causal", "gating", "kernel_bins", "key_bins", "key_bounds", "forced_keys"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -7,8 +7,9 @@ Budgets are counted in cells and chosen so that, once cells are stretched to key
   which at most ``cap = k`` are used;
 * a group of ``h`` heads gets ``round(h * k * K_eff / min(L, k * K_eff))`` cells, at least
   1 and at most all ``h * K_eff`` live cells;
-* with forced sink and window keys (``query_budget``), rows longer than k take the forced cells
-  first and the estimate gets that many cells for the other ``k - sinks - window`` keys.
+* forced sink and window bins are taken first and count whole, the budget grown to hold them;
+  with ``forced_keys`` (``query_budget``) rows longer than k take the forced cells on top of the
+  estimate's cells for the other ``k - sinks - window`` keys.
 
 So rows with L <= k are exact (every key), and every valid query gets at least one key.
 Ties are broken by position (a stable sort), so a larger budget selects a superset. Scores
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cells import forced_cells, forced_keys, live_cells
+from .cells import forced_cells, forced_counts, live_cells
 
 FORCED = 2.0  # score of a forced cell: above every probability, so the top-k takes it first
 
@@ -36,15 +37,18 @@ def cell_budget(lengths: Tensor, k: int, width: int, heads: int) -> Tensor:
     return torch.where(lengths > 0, budget, 0)
 
 
-def query_budget(lengths: Tensor, k: int, width: int, heads: int,
-                 forced: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor | None]:
+def query_budget(lengths: Tensor, k: int, width: int, heads: int, forced: tuple[int, int] = (0, 0),
+                 forced_keys: bool = False) -> tuple[Tensor, Tensor | None]:
     """Cells a group of ``heads`` heads of one query selects, (...,) long, and its forced cells
-    (..., K) bool (None without ``forced``, ``cells.forced_keys``): in a row of more than k keys, the
+    (..., K) bool (None without ``forced``, ``cells.forced_counts``). By default the forced cells count
+    whole: ``cell_budget``, grown to hold them. With ``forced_keys``, in a row of more than k keys, the
     forced cells (they cover the sink and window keys only, ``cells.cell_range``) on top of the
     estimate's ``cell_budget`` for the other k - sinks - window keys; a shorter row selects every cell."""
     if not any(forced):
         return cell_budget(lengths, k, width, heads), None
     must = forced_cells(lengths, width, *forced)
+    if not forced_keys:
+        return torch.maximum(cell_budget(lengths, k, width, heads), must.sum(-1) * heads), must
     budget = cell_budget(lengths, k - sum(forced), width, heads) + must.sum(-1) * heads
     everything = heads * lengths.clamp_max(width)
     return torch.where(lengths > k, torch.minimum(budget, everything), everything), must
@@ -104,7 +108,7 @@ def _masked_scores(estimate: Tensor, lengths: Tensor) -> Tensor:
 
 
 def select_cells(estimate: Tensor, lengths: Tensor, k: int, grouping: str, chunk: int = 256,
-                 sinks: int = 0, window: int = 0) -> Tensor:
+                 sinks: int = 0, window: int = 0, forced_keys: bool = False) -> Tensor:
     """Grouped top-k on the estimate (B, H, Tq, K): the selected cells as a bool tensor.
 
     ``lengths`` (B, Tq) holds each query's valid key count (0 for padding queries).
@@ -112,26 +116,28 @@ def select_cells(estimate: Tensor, lengths: Tensor, k: int, grouping: str, chunk
     ``sample`` (one sample), ``head`` (one sample and head). With ``sinks`` or ``window``
     (``query`` and ``query_head`` only), every head first takes the bins of the row's first
     ``sinks`` and last ``window`` keys, each capped at k // 4 keys so that small budgets stay
-    sparse (``cells.forced_keys``); such a cell stands for those keys only (``cells.cell_range``),
-    and the estimate selects cells for the remaining k - sinks - window keys per head.
+    sparse (``cells.forced_counts``). They count whole against the budget, which grows to hold them
+    (``query_budget``); with ``forced_keys`` such a cell stands for its forced keys only
+    (``cells.cell_range``) and the estimate selects cells for the other k - sinks - window keys.
     """
     if grouping in ("query", "query_head"):
-        forced = forced_keys(k, sinks, window)
+        forced = forced_counts(k, sinks, window)
         out = torch.empty(estimate.shape, dtype=torch.bool, device=estimate.device)
         for lo in range(0, estimate.shape[2], chunk):
             out[:, :, lo:lo + chunk] = _select_rows(estimate[:, :, lo:lo + chunk].detach(), lengths[:, lo:lo + chunk],
-                                                    k, grouping == "query", forced)
+                                                    k, grouping == "query", forced, forced_keys)
         return out
     if sinks or window:
         raise ValueError(f"sinks and window apply to the groupings 'query' and 'query_head', not {grouping!r}")
     return _select_whole(estimate, lengths, k, grouping)
 
 
-def _select_rows(part: Tensor, lengths: Tensor, k: int, across_heads: bool, forced: tuple[int, int]) -> Tensor:
+def _select_rows(part: Tensor, lengths: Tensor, k: int, across_heads: bool, forced: tuple[int, int],
+                 forced_keys: bool) -> Tensor:
     """``query`` / ``query_head`` selection of a chunk of rows (B, H, c, K), forced bins first."""
     bsz, heads, rows, width = part.shape
     group_heads = heads if across_heads else 1
-    budget, must = query_budget(lengths, k, width, group_heads, forced)  # (B, c), (B, c, K) or None
+    budget, must = query_budget(lengths, k, width, group_heads, forced, forced_keys)  # (B, c), (B, c, K) or None
     # only rows with 0 < L < K have dead bins; padding rows (L = 0) get no budget at all
     part = _masked_scores(part, lengths) if bool(((lengths > 0) & (lengths < width)).any()) else part.float()
     if must is not None:  # the forced cells first

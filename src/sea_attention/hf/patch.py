@@ -179,13 +179,13 @@ def no_cache(model: nn.Module) -> dict[str, Any]:
 
 
 RUNTIME_FIELDS = ("grouping", "query_block", "attention_path", "query_chunk", "candidates",
-                  "bin_sums_dtype", "dense_until")  # no weight depends on them
+                  "bin_sums_dtype", "dense_until", "forced_keys")  # no weight depends on them
 
 
 def set_runtime(model: nn.Module, **changes: Any) -> None:
     """Change how every patched layer selects and attends, without touching its weights:
     ``grouping``, ``query_block``, ``attention_path``, ``query_chunk``, ``candidates``,
-    ``bin_sums_dtype``, ``dense_until``. A distilled model can, for example, be run with
+    ``bin_sums_dtype``, ``dense_until``, ``forced_keys``. A distilled model can, for example, be run with
     ``grouping="block"`` for speed on long inputs, ``candidates=4`` to choose its keys by their exact
     scores among four times as many, ``bin_sums_dtype="float32"`` for a faster prefill, or
     ``dense_until=2048`` to attend densely wherever a row has at most 2,048 keys."""

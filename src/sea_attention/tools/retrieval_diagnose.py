@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import write_file, write_text
-from ..core.cells import KeySlots, forced_keys, key_bins
+from ..core.cells import KeySlots, forced_counts, key_bins
 from ..core.selection import query_budget
 from ..hf import LayerCall, layer_override, no_cache, sea_budget, sea_layers
 from .baselines.chunks import query_chunks
@@ -87,9 +87,12 @@ class TopKeyProbe:
         mass_head, mass_group = _ranks(mass, top_bin)
         cfg = call.sea.config
         budget, forced = query_budget(lengths, self.config.k, width, heads,
-                                      forced_keys(self.config.k, cfg.sinks, cfg.local_window))
+                                      forced_counts(self.config.k, cfg.sinks, cfg.local_window), cfg.forced_keys)
         budget = budget[:, None, :].expand_as(head_rank)
-        forced = forced & (lengths > self.config.k)[..., None] if forced is not None else torch.zeros_like(lengths)[..., None]
+        if forced is None:
+            forced = torch.zeros_like(lengths)[..., None]
+        elif cfg.forced_keys:  # rows of at most k keys attend every key: nothing is forced there
+            forced = forced & (lengths > self.config.k)[..., None]
         measured = {"selected": hit.mean(-1), "selected_mass": (hit * values).sum(-1) / values.sum(-1),
                     "top1_selected": hit[..., 0], "top1_key": keys[..., 0],
                     "forced": (forced.sum(-1) * heads)[:, None, :].expand_as(head_rank),

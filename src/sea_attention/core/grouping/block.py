@@ -62,7 +62,7 @@ class BlockGrouping(Grouping):
         lo = int(call.query_rows[0]) if call.query_rows is not None and call.query_rows.numel() else 0
         rows = estimate.rows - lo if estimate.rows is not None else None
         request = BlockRequest(call.asked_lengths, call.asked(call.query_valid, 1), call.first + lo, call.budget,
-                               cfg.query_block, cfg.causal, cfg.sinks, cfg.local_window)
+                               cfg.query_block, cfg.causal, cfg.sinks, cfg.local_window, cfg.forced_keys)
         selection = select_blocks(estimate.probs, request, carried, rows)
         if state is not None:
             state.block = carry(selection)

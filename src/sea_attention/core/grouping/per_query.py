@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..cells import KeySlots, cells_to_keys, forced_keys
+from ..cells import KeySlots, cells_to_keys, forced_counts
 from ..config import SEAConfig
 from ..ops.reference import reference_attention
 from ..ops.sparse import sparse_attention
@@ -44,7 +44,7 @@ class PerQueryGrouping(Grouping):
         """(B, H, n, K) bool: the cells each computed row selects (for ``candidates`` times the budget)."""
         cfg = self.config
         return select_cells(estimate.probs, call.asked_lengths, self._candidate_budget(call), self.kind,
-                            cfg.query_chunk, cfg.sinks, cfg.local_window)
+                            cfg.query_chunk, cfg.sinks, cfg.local_window, cfg.forced_keys)
 
     def keys(self, cells: Tensor, call: "SEACall") -> tuple[Tensor, KeySlots]:
         """The selected cells and their keys (``cells_to_keys``)."""
@@ -60,11 +60,12 @@ class PerQueryGrouping(Grouping):
         return cells, refine_slots(q, call.k, slots, self.config.candidates, call.scale, self.config.query_chunk)
 
     def _forced(self, cap: int) -> tuple[int, int]:
-        """The sink and window keys each head attends at ``cap`` keys per head (``cells.forced_keys``);
-        none for the budget-wide groupings, which force no cells."""
-        if self.kind not in ("query", "query_head"):
+        """What a forced cell stands for (``cells.cell_range``): its sink and window keys at ``cap`` keys
+        per head with ``forced_keys`` (``cells.forced_counts``), else its whole bin (0, 0); the
+        budget-wide groupings force no cells."""
+        if self.kind not in ("query", "query_head") or not self.config.forced_keys:
             return 0, 0
-        return forced_keys(cap, self.config.sinks, self.config.local_window)
+        return forced_counts(cap, self.config.sinks, self.config.local_window)
 
     def _candidate_budget(self, call: "SEACall") -> int:
         """Keys per query per head the cells stand for: the budget, times ``candidates``."""

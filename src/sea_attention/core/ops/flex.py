@@ -72,7 +72,7 @@ class CellMap:
     lengths: Tensor  # (B, Tq) long, each row's valid key count
     key_valid: Tensor  # (B, Tk) bool, the key padding mask
     cap: int  # the keys per query per head the cells stand for (the budget)
-    forced: tuple[int, int] = (0, 0)  # the sink and window keys of a forced cell (``cells.forced_keys``)
+    forced: tuple[int, int] = (0, 0)  # the sink and window keys of a forced cell (``cells.forced_counts``)
 
     def ranges(self, width: int) -> tuple[Tensor, Tensor, Tensor]:
         """(B, Tq, K) each cell's first key rank, its number of keys and how many it emits (``cell_range``)."""
