@@ -17,7 +17,7 @@ import json
 import torch
 
 from sea_attention.atomic import write_text
-from sea_attention.core.cells import cells_to_keys, forced_cells, forced_counts
+from sea_attention.core.cells import cells_to_keys, forced_cells, forced_counts, forced_ranges
 from sea_attention.core.selection import select_cells
 
 HEADS, WIDTH, K, SINKS, WINDOW = 9, 256, 64, 4, 16
@@ -31,7 +31,7 @@ def split(length: int, forced_keys: bool) -> dict:
     cells = select_cells(estimate, lengths, K, "query", sinks=SINKS, window=WINDOW, forced_keys=forced_keys)
     counts = forced_counts(K, SINKS, WINDOW)
     forced = forced_cells(lengths, WIDTH, *counts)[:, None]  # (1, 1, 1, K)
-    valid, rule = torch.ones(1, length, dtype=torch.bool), counts if forced_keys else (0, 0)
+    valid, rule = torch.ones(1, length, dtype=torch.bool), forced_ranges(K, SINKS, WINDOW, forced_keys)
     every = cells_to_keys(cells, lengths, valid, cap=K, forced=rule).nnz(HEADS).float().mean().item()
     chosen = cells_to_keys(cells & ~forced, lengths, valid, cap=K, forced=rule).nnz(HEADS).float().mean().item()
     return {"forced_keys": forced_keys, "length": length, "keys_per_head": every, "forced_keys_per_head": every - chosen,

@@ -40,7 +40,7 @@ import torch
 
 from sea_attention.app import assets
 from sea_attention.atomic import write_text
-from sea_attention.core.cells import cell_lengths, cells_to_keys, forced_counts, key_bins
+from sea_attention.core.cells import cell_lengths, cells_to_keys, forced_ranges, key_bins
 from sea_attention.core.ops.reference import reference_attention, repeat_kv
 from sea_attention.core.selection import select_cells
 from sea_attention.hf import layer_override, patch, sea_budget, sea_layers, set_runtime
@@ -110,7 +110,7 @@ class CellOverride:
         scores = bin_scores(self.kind, logits, logits.softmax(-1), bins, lengths, width)
         exact = getattr(cfg, "forced_keys", False) and self.grouping.startswith("query")
         cells = select_cells(scores, lengths, self.k, self.grouping, self.chunk, cfg.sinks, cfg.local_window, exact)
-        forced = forced_counts(self.k, cfg.sinks, cfg.local_window) if exact else (0, 0)
+        forced = forced_ranges(self.k, cfg.sinks, cfg.local_window, exact)
         mask = cells_to_keys(cells, lengths, call.key_valid[:, :seen], cap=self.k, forced=forced)
         return logits.masked_fill(~mask.dense_mask(q.shape[1], seen), float("-inf")).softmax(-1) @ values
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sea_attention.core.cells import (cell_edges, cell_key_counts, cells_to_keys, forced_cells, forced_counts, live_cells,
+from sea_attention.core.cells import (cell_key_counts, cells_to_keys, forced_cells, forced_counts, live_cells,
                                      query_lengths)
 from sea_attention.core.selection import cell_budget, max_keys_per_query, select_cells
 

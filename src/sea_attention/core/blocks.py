@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cells import cell_range, cell_starts, even_pick, forced_counts, valid_key_positions
+from .cells import cell_range, cell_starts, even_pick, forced_ranges, valid_key_positions
 from .selection import select_cells
 
 EXCLUDED = -0.5  # score of a live cell whose keys are all in the tile: below every real cell
@@ -139,7 +139,7 @@ def select_blocks(estimate: Tensor, request: BlockRequest, carried: BlockSelecti
         row_lengths = torch.cat([carried.lengths, row_lengths], dim=1)
         limit = torch.cat([carried.limit, limit], dim=1)
         tile_start[0] = carried.tile_start[0]
-    forced = forced_counts(request.k, request.sinks, request.window) if request.forced_keys else (0, 0)
+    forced = forced_ranges(request.k, request.sinks, request.window, request.forced_keys)
     return BlockSelection(cells, row_lengths, limit, tile_start, first, block, causal=True, keys=keys, forced=forced)
 
 

@@ -69,6 +69,12 @@ def forced_counts(k: int, sinks: int, window: int) -> tuple[int, int]:
     return min(sinks, k // 4), min(window, k // 4)
 
 
+def forced_ranges(k: int, sinks: int, window: int, forced_keys: bool) -> tuple[int, int]:
+    """The ``forced`` argument of ``cell_range`` (and of what calls it): the forced counts when forced
+    cells stand for their keys only (``SEAConfig.forced_keys``), else (0, 0), whole bins."""
+    return forced_counts(k, sinks, window) if forced_keys else (0, 0)
+
+
 def forced_cells(lengths: Tensor, width: int, sinks: int, window: int) -> Tensor:
     """Bins every head of a row always selects: (...,) lengths -> (..., K) bool.
 
@@ -109,11 +115,12 @@ def cell_range(bins: Tensor, lengths: Tensor, width: int, cap: int,
         return start, end - start, (end - start).clamp_max(cap)
     tail = lengths - window  # first rank of the window
     in_sinks, in_window = (start < sinks) & (end > start), end > torch.maximum(start, tail)
-    is_forced = (in_sinks | in_window) & (lengths > cap)  # rows of at most cap keys attend every key
+    long = lengths > cap  # rows of at most cap keys attend every key
+    is_forced = (in_sinks | in_window) & long
     first = torch.where(in_sinks, start, torch.maximum(start, tail))
     last = torch.where(in_window, end, end.clamp_max(sinks))
     size = torch.where(is_forced, last - first, end - start)
-    rest = torch.where(lengths > cap, cap - sinks - window, cap)  # what the estimate's cells emit at most
+    rest = torch.where(long, cap - sinks - window, cap)  # what the estimate's cells emit at most
     emitted = torch.where(is_forced, size.clamp_max(cap), torch.minimum(size, rest))
     return torch.where(is_forced, first, start), size, emitted
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..cells import KeySlots, cells_to_keys, forced_counts
+from ..cells import KeySlots, cells_to_keys, forced_ranges
 from ..config import SEAConfig
 from ..ops.reference import reference_attention
 from ..ops.sparse import sparse_attention
@@ -60,12 +60,10 @@ class PerQueryGrouping(Grouping):
         return cells, refine_slots(q, call.k, slots, self.config.candidates, call.scale, self.config.query_chunk)
 
     def _forced(self, cap: int) -> tuple[int, int]:
-        """What a forced cell stands for (``cells.cell_range``): its sink and window keys at ``cap`` keys
-        per head with ``forced_keys`` (``cells.forced_counts``), else its whole bin (0, 0); the
+        """What a forced cell stands for at ``cap`` keys per head (``cells.forced_ranges``); the
         budget-wide groupings force no cells."""
-        if self.kind not in ("query", "query_head") or not self.config.forced_keys:
-            return 0, 0
-        return forced_counts(cap, self.config.sinks, self.config.local_window)
+        cfg = self.config
+        return forced_ranges(cap, cfg.sinks, cfg.local_window, cfg.forced_keys and self.kind in ("query", "query_head"))
 
     def _candidate_budget(self, call: "SEACall") -> int:
         """Keys per query per head the cells stand for: the budget, times ``candidates``."""

@@ -94,7 +94,8 @@ def _validate_block_mask(cells: Tensor, cell_map: CellMap, block_size: int) -> N
                          f"{tuple(lengths.shape)} and {tuple(key_valid.shape)} {key_valid.dtype}")
 
 
-def _touched_blocks(counts: Tensor, cell_map: CellMap, block_size: int) -> tuple[Tensor, Tensor]:
+def _touched_blocks(counts: Tensor, starts: Tensor, sizes: Tensor, cell_map: CellMap,
+                    block_size: int) -> tuple[Tensor, Tensor]:
     """Key blocks each (batch, head, query block) visits: kv_num_blocks (B, H, nQB), kv_indices (B, H, nQB, nKB).
 
     Only the selected cells (a few percent of all) are visited: the key blocks of a cell's
@@ -104,7 +105,6 @@ def _touched_blocks(counts: Tensor, cell_map: CellMap, block_size: int) -> tuple
     tk = cell_map.key_valid.shape[-1]
     sel_b, sel_h, sel_q, sel_bin = torch.nonzero(counts, as_tuple=True)  # (N,) each
     emit = counts[sel_b, sel_h, sel_q, sel_bin]
-    starts, sizes, _ = cell_map.ranges(width)
     start, size = starts[sel_b, sel_q, sel_bin], sizes[sel_b, sel_q, sel_bin]
     rank_block = valid_key_positions(cell_map.key_valid) // block_size  # (B, Tk) key block of each rank
     first_block = rank_block[sel_b, start + even_pick(torch.zeros_like(emit), size, emit)]  # (N,)
@@ -120,14 +120,13 @@ def _touched_blocks(counts: Tensor, cell_map: CellMap, block_size: int) -> tuple
     return touched.sum(-1, dtype=torch.int32), kv_indices
 
 
-def _exact_mask_mod(counts: Tensor, cell_map: CellMap) -> Callable[..., Tensor]:
+def _exact_mask_mod(counts: Tensor, starts: Tensor, sizes: Tensor, cell_map: CellMap) -> Callable[..., Tensor]:
     """``mask_mod(b, h, q_idx, kv_idx)``: the mapping of ``cells.py`` for one (query, key), read
     from one static flat table (see the module docstring)."""
     bsz, heads, tq, width = counts.shape
     lengths, key_valid = cell_map.lengths, cell_map.key_valid
     tk = key_valid.shape[-1]
     key_rank = torch.where(key_valid, key_ranks(key_valid), -1)  # (B, Tk), -1 for padding keys
-    starts, sizes, _ = cell_map.ranges(width)  # (B, Tq, K)
     table, (_, at_rank, at_count, at_start, at_size) = _static_table([lengths, key_rank, counts, starts, sizes])
     # sizes and offsets as data, not Python ints: ints would become symbolic sizes
     dims = torch.tensor([tq, tk, heads, width, at_rank, at_count, at_start, at_size], device=counts.device)
@@ -161,10 +160,11 @@ def sea_block_mask(cells: Tensor, cell_map: CellMap, block_size: int = 128, *, b
     """
     _validate_block_mask(cells, cell_map, block_size)
     cell_map = CellMap(cell_map.lengths.long(), cell_map.key_valid, cell_map.cap, cell_map.forced)
-    counts = cell_key_counts(cells, cell_map.lengths, cell_map.cap, cell_map.forced)  # (B, H, Tq, K), 0 if unselected
-    kv_num_blocks, kv_indices = _touched_blocks(counts, cell_map, block_size)
+    starts, sizes, emitted = cell_map.ranges(cells.shape[-1])  # (B, Tq, K) each
+    counts = emitted.unsqueeze(1) * cells  # (B, H, Tq, K) keys per cell, 0 if unselected (cell_key_counts)
+    kv_num_blocks, kv_indices = _touched_blocks(counts, starts, sizes, cell_map, block_size)
     return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block_size,
-                                    mask_mod=_exact_mask_mod(counts, cell_map),
+                                    mask_mod=_exact_mask_mod(counts, starts, sizes, cell_map),
                                     seq_lengths=(cells.shape[2], cell_map.key_valid.shape[-1]),
                                     compute_q_blocks=backward)
 
