@@ -609,6 +609,35 @@ def retrieval_mix(results: Results) -> str:
 
 
 
+STATE_RUNS = (("the whole table (before)", "before"), ("the running sums at the bin edges (after)", "after"))
+
+
+def decoding_state_steps(results: Results) -> str:
+    """`sea bench decode`, the state keeping the whole prefix-sum table (before) and its edges' sums (after)."""
+    runs = [{(p["method"], p["length"]): p["seconds"] * 1e3 for p in results.load(f"decode_step_state_{tag}.json")["points"]}
+            for _, tag in STATE_RUNS]
+    rows = [[f"{length:,}", *(num(run["sdpa", length], 2) for run in runs), *(num(run["sea", length], 2) for run in runs),
+             num(runs[1]["sea", length] / runs[0]["sea", length])]
+            for length in sorted({n for _, n in runs[0]})]
+    return table(["prompt tokens", "SDPA ms/token (before run)", "SDPA ms/token (after run)", "SEA ms/token, before",
+                  "SEA ms/token, after", "after / before"], rows)
+
+
+def decoding_state_model(results: Results) -> str:
+    """`sea bench model` on SmolLM2 with each decoding state: the prefill's peak memory and both speeds."""
+    rows = []
+    for label, tag in STATE_RUNS:
+        by = {(p["mode"], p["length"]): p for p in results.load(f"model_smollm2_state_{tag}.json")["points"]}
+        for length in sorted({n for _, n in by}):
+            dense, sea = by["dense", length], by["sea", length]
+            rows.append([label, f"{length:,}", num(dense["prefill_peak_mb"], 0), num(sea["prefill_peak_mb"], 0),
+                         num(sea["prefill_peak_mb"] / dense["prefill_peak_mb"]),
+                         num(sea["prefill_tok_s"] / dense["prefill_tok_s"]), num(dense["decode_tok_s"], 1),
+                         num(sea["decode_tok_s"], 1), num(sea["decode_tok_s"] / dense["decode_tok_s"])])
+    return table(["SEA's decoding state keeps", "prompt tokens", "prefill peak MB dense", "prefill peak MB SEA",
+                  "SEA / dense", "prefill SEA / dense", "decode dense tok/s", "decode SEA tok/s", "SEA / dense"], rows)
+
+
 def forced_keys_test(results: Results) -> str:
     """The undistilled patch under both rules on the reported text: wiki and BBC test perplexity on long
     windows (one run of each rule per cell, the dense of the after-run) and the suite's needles."""
@@ -709,6 +738,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "forced-keys-test": forced_keys_test,
     "attention-forced-ab": attention_ab_table("attention_forced_ab.json"),
     "retrieval-mix": retrieval_mix,
+    "decoding-state-steps": decoding_state_steps,
+    "decoding-state-model": decoding_state_model,
     "key-bounds": key_bounds,
     "dense-until-perplexity": dense_until_perplexity,
     "model-dense-until": model_cost_table(("model_smollm2_policy_off.json", "model_smollm2_dense_until_2048.json",

@@ -81,18 +81,44 @@ def test_growing_rows_equal_concatenation_and_keep_their_storage_between_growths
     torch.testing.assert_close(picked.rows, expected[[1, 1, 0]], atol=0, rtol=0)
 
 
-def test_a_decoding_step_appends_to_the_prefix_sums_without_copying_the_past():
-    module = layer()
-    q, k, v = make_qkv(2, 4, 2, 30, 30, 16)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_decoding_state_keeps_the_running_sums_at_its_last_rows_edges_and_reads_the_full_tables_rows(dtype):
+    from sea_attention.core.estimator.kernel_bins import _edge_positions, prefix_sums
+
+    module = layer(bin_sums_dtype=dtype)
+    q, k, v = make_qkv(2, 4, 2, 300, 300, 16)
+    mask = padding_mask(2, 300, 5, left=True)
     state = DecodeState()
-    module(q[:, :, :20], k[:, :, :20], v[:, :, :20], state=state)
-    module(q[:, :, 20:21], k[:, :, :21], v[:, :, :21], state=state)  # the first append makes spare room
-    sums = state.bin_sums.sums[-1]  # the keys' prefix sums
-    where = sums.data.data_ptr()
-    for end in range(22, 31):
-        module(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end], state=state)
-        assert sums.data.data_ptr() == where and sums.rows.shape[2] == end + 1
-    assert not sums.rows.is_contiguous()  # the estimator reads the rows where they lie (kernel_bins._row_table)
+    module(q[:, :, :24], k[:, :, :24], v[:, :, :24], attention_mask=mask[:, :24], state=state)  # >= CENTER_KEYS valid
+    for end in range(25, 301):
+        module(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end], attention_mask=mask[:, :end], state=state)
+        assert [tuple(x.shape) for x in state.bin_sums.edges] == [(2, 2, 9, 5), (2, 2, 9, 16)]  # K + 1 rows, always
+    phi_k = state.bin_sums.stored[0].rows  # phi(k) of every key, as the calls computed it
+    whole = [prefix_sums(x, mask, dtype=getattr(torch, dtype)) for x in (phi_k, k)]
+    edges = _edge_positions(whole[0].counts, mask.sum(-1, keepdim=True), 8)[0][:, 0]  # (B, K + 1): the last row's
+    assert torch.equal(state.bin_sums.positions, edges)
+    for rows, table in zip(state.bin_sums.rows(), whole, strict=True):  # the full table's rows, bit for bit
+        assert torch.equal(rows, table.rows.gather(2, edges[:, None, :, None].expand(-1, 2, -1, rows.shape[-1])))
+
+
+@pytest.mark.parametrize("pad", [0, 7])
+@pytest.mark.parametrize("grouping", ["query", "block"])
+def test_long_decoding_moves_the_states_edges_and_equals_the_full_forward(pad, grouping, monkeypatch):
+    """A long context: each step moves the state's edges (``kernel_bins.StateSums``; the block grouping's
+    steps that estimate nothing too), never rebuilding the table, and selects what the full forward does."""
+    module = layer(estimate_width=4, k=4, grouping=grouping, query_block=8)
+    q, k, v = make_qkv(2, 4, 2, 160, 160, 16)
+    mask = padding_mask(2, 160, pad, left=True)
+    full = module(q, k, v, attention_mask=mask)
+    state = DecodeState()
+    out = [module(q[:, :, :120], k[:, :, :120], v[:, :, :120], attention_mask=mask[:, :120], state=state)]
+    from sea_attention.core.estimator.kernel_bins import StateSums
+
+    monkeypatch.setattr(StateSums, "_tables", lambda *args: pytest.fail("a decoding step rebuilt the table"))
+    for end in range(121, 161):
+        out.append(module(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end], attention_mask=mask[:, :end], state=state))
+    torch.testing.assert_close(torch.cat([o.context for o in out], 2), full.context, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.cat([o.cells for o in out], 2), full.cells)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 12])

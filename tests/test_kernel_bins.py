@@ -215,7 +215,7 @@ def test_a_rows_dots_are_bitwise_alike_alone_in_any_batch_and_after_decoding(len
     (whole,), _ = edge_dots([q], [sums], lengths, 8)
     (last,), _ = edge_dots([q[:, :, :, -1:]], [sums], lengths[:, -1:], 8)
     assert all(torch.equal(a, b[:, :, :, -1:]) for a, b in zip(last, whole))
-    alone_sums = PrefixSums(*(x[1:2] for x in sums))
+    alone_sums = PrefixSums(*(x[1:2] for x in sums[:4]))
     (alone,), _ = edge_dots([q[1:2]], [alone_sums], lengths[1:2], 8)
     assert all(torch.equal(a, b[1:2]) for a, b in zip(alone, whole))
     first = prefix_sums(keys[:, :, :length - 3], key_valid[:, :length - 3], dtype=dtype)

@@ -74,13 +74,15 @@ class SEAConfig:
         bin_sums_dtype: how ``kernel_bins`` / ``key_bins`` store their prefix sums (accumulated in
             float64 either way; ``estimator/kernel_bins.py``). ``"float64"`` (the default): each bin's
             sum is exact to float64 rounding, and a decoding step selects what a full forward
-            selects. ``"float32"``: half the tables' memory and of the bytes each of the T x (K + 1)
+            selects. ``"float32"``: half a call's tables and of the bytes each of the T x (K + 1)
             dots reads, a faster per-query prefill (docs/results.md), at the price of float32
             rounding in each bin's sum, which can decide near-ties between decoding and a full
             forward differently (``tests/test_smollm2.py``'s 48 tokens, prefilled 40 + 5 then decoded:
             logits 3.8e-3 apart, over its 1e-4 tolerance, which float64 meets). The sums are centred
             on the first call's first 16 valid keys: a first call with fewer keys centres on those,
-            which makes float32 less precise. No weight depends on it (``sea.set_runtime``).
+            which makes float32 less precise. A decoding state keeps neither table, only the float64
+            running sums at its last row's bin edges (``kernel_bins.BinSums``). No weight depends on it
+            (``sea.set_runtime``).
         position_code: what the Performer averages beside V to tell where attention goes:
             ``"learned"`` (a (max_positions, d) table, causal only: rows past the distillation
             length stay untrained), ``"tent"`` (the fixed code of the bidirectional models)

@@ -4,8 +4,9 @@ Everything SEA needs from earlier tokens, so that a new token costs the same wha
 context length (apart from reading its selected keys and values):
 
 * the Performer's running sums, sum phi(k) v'^T and sum phi(k), computed with the feature map;
-* with ``kernel_bins`` / ``key_bins``, the sums of phi(k) / k before every position (they grow
-  by one row per key, like the KV cache beside them); with ``key_bounds``, the keys' running
+* with ``kernel_bins`` / ``key_bins``, the running sums of phi(k) / k at the last row's K + 1 bin
+  edges, which a call moves forward over the keys it passes, and phi(k) of every key (the keys are
+  the KV cache's): ``kernel_bins.BinSums``; with ``key_bounds``, the keys' running
   extremes by rank and a window table that gains a row per completed block of keys;
 * the last 8 rows of the CNN decoder's input (its causal receptive field) and their masks;
 * the running sum of V over valid keys and the number of valid keys (the average branch,
@@ -18,8 +19,8 @@ only its last queries (``queries``: the CNN's 8 history rows, and with the block
 back to its open block's first) and the counts; the first longer row turns it into
 SEA's own state (``dense_rows.start_sea``).
 
-What grows with the context (the prefix sums) lives in ``GrowingRows``: spare capacity that
-doubles when full, so a decoding step writes its new rows instead of copying the whole past.
+What grows with the context (the counts, phi(k)) lives in ``GrowingRows``: spare capacity that
+grows when full, so a decoding step writes its new rows instead of copying the whole past.
 
 A state is filled by the first call (prefill, no past keys) and continued by calls whose
 queries are exactly the keys added since; ``SEAAttention`` checks this.
@@ -94,7 +95,7 @@ class DecodeState:
     value_sum: Tensor | None = None  # (B, H_kv, d) sum of V over valid keys
     valid_keys: Tensor | None = None  # (B,) number of valid keys
     block: BlockSelection | None = None  # grouping "block": the selection of the open block
-    bin_sums: "BinSums | None" = None  # kernel_bins / key_bins: the prefix sums over positions
+    bin_sums: "BinSums | None" = None  # kernel_bins / key_bins: the running sums at the last row's bin edges
     key_bounds: "BoundTable | None" = None  # key_bounds: the keys' extremes by rank and block windows
     finite_past: bool = True  # every key and value before ``seen`` was finite
     queries: Tensor | None = None  # (B, H, r, d) the last queries while every row was dense (dense_until)

@@ -13,10 +13,9 @@ from ..cells import every_cell_live, key_ranks, live_cells, valid_key_positions
 from ..config import SEAConfig
 from ..decoding import DecodeState
 from ..gates import GATE_BIAS
-from ..ops.reference import repeat_kv
 from .decoder import BidirectionalDecoder, CausalDecoder, TokenEncoder
 from .features import RandomFeatures, causal_linear_attention, layer_seed, linear_attention
-from .kernel_bins import BinSums, PrefixSums, edge_dots, key_logits, log_mass, prefix_sums
+from .kernel_bins import PrefixSums, StateSums, decoding_sums, edge_dots, key_logits, log_mass, prefix_sums
 from .key_bounds import BoundTable, bin_bound_logits, bound_table
 from .positions import LearnedPositionCode, tent_code
 
@@ -41,7 +40,8 @@ class BinInputs:
     """What the binned signals read for every row (``AttentionEstimator._bin_inputs``)."""
 
     queries: list[Tensor]  # (B, H_kv, G, Tq, f_i): phi(q) (kernel_bins) and/or q (key_bins), float32
-    sums: list[PrefixSums]  # of phi(k) and/or k over positions 0..Tk (``kernel_bins.prefix_sums``)
+    sums: list[PrefixSums] | StateSums  # of phi(k) and/or k over positions 0..Tk (``kernel_bins.prefix_sums``;
+    # a later decoding call's: its state's sums at the bin edges, moved to its rows)
     bounds: BoundTable | None = None  # key_bounds: the keys' block extremes (``key_bounds.py``)
     q: Tensor | None = None  # key_bounds: (B, H_kv, G, Tq, d) the queries read against them
 
@@ -229,19 +229,22 @@ class AttentionEstimator(nn.Module):
         q, new_k = call.q, call.k[:, :, past:]
         bsz, kv_heads, groups, tq = phi_q.shape[:4]
         root = math.sqrt(call.scale)
-        per_key, queries = [], []  # the prefix-summed key vectors and the queries read against them
+        queries = []  # the queries read against the prefix-summed key vectors
         if self.config.kernel_bins:
             if self.kernel_features is not None:
                 phi_q = self.kernel_features(q, is_query=True, root=root).view(bsz, kv_heads, groups, tq, -1)
-                per_key.append(self.kernel_features(new_k, is_query=False, root=root))
-            else:  # the estimator's own features are FAVOR+ already
-                per_key.append(phi_k)
             queries.append(phi_q)
         grouped = q.float().view(bsz, kv_heads, groups, tq, -1)  # (B, H_kv, G, Tq, d)
         if self.config.key_bins:
-            per_key.append(new_k.float())
             queries.append(grouped)
-        sums = self._bin_sums(per_key, call.key_valid[:, past:], call.state)
+        new_rows, state = self._per_key(new_k, phi_k, root), call.state
+        if state is not None and state.bin_sums is not None:  # a later decoding call: the state's edges move
+            state.bin_sums.append(call.key_valid[:, past:], new_rows)
+            sums = StateSums(state.bin_sums, state.bin_sums.sources(call.k), call.key_valid)
+            if tq == 1:  # a decoding step: its edges, estimated or not
+                sums.follow(call.lengths, self.config.estimate_width)
+        else:
+            sums = self._bin_sums(new_rows, call.key_valid[:, past:], state)
         if not self.config.key_bounds:
             return BinInputs(queries, sums)
         table = bound_table(new_k, call.key_valid[:, past:], self.config.estimate_width,
@@ -270,18 +273,25 @@ class AttentionEstimator(nn.Module):
             signal = signal + self.bound_scale * bounds.flatten(1, 2)
         return signal  # query head h = kv head h // G, group h % G
 
+    def _per_key(self, keys: Tensor, phi_k: Tensor, root: float) -> list[Tensor]:
+        """The per-key rows the binned signals sum, of ``keys`` (B, H_kv, n, d): phi(k) (kernel_bins; ``phi_k``
+        when the estimator's own features are FAVOR+) and/or k (key_bins), float32."""
+        rows = []
+        if self.config.kernel_bins:
+            rows.append(phi_k if self.kernel_features is None else self.kernel_features(keys, is_query=False, root=root))
+        if self.config.key_bins:
+            rows.append(keys.float())
+        return rows
+
     def _bin_sums(self, per_key: list[Tensor], new_valid: Tensor, state: DecodeState | None) -> list[PrefixSums]:
-        """Prefix sums of each per-key signal over positions 0..Tk (continued from a decoding state,
-        whose ``GrowingRows`` take the new rows without copying the past)."""
-        if state is None or state.bin_sums is None:
-            dtype = getattr(torch, self.config.bin_sums_dtype)
-            sums = [prefix_sums(x, new_valid, dtype=dtype) for x in per_key]
-            if state is not None:
-                state.bin_sums = BinSums.of(sums)
-            return sums
-        past = state.bin_sums.tables()  # each continues from the state's last row
-        state.bin_sums.append([prefix_sums(x, new_valid, start=start) for x, start in zip(per_key, past)])
-        return state.bin_sums.tables()
+        """Prefix sums of each per-key signal over positions 0..Tk; a decoding state's first call also fills
+        the state, which keeps the running sums at its last row's bin edges (``kernel_bins.decoding_sums``)."""
+        dtype = getattr(torch, self.config.bin_sums_dtype)
+        if state is None:
+            return [prefix_sums(x, new_valid, dtype=dtype) for x in per_key]
+        stored = [True] * self.config.kernel_bins + [False] * self.config.key_bins  # k is the KV cache's
+        sums, state.bin_sums = decoding_sums(per_key, new_valid, dtype, self.config.estimate_width, stored)
+        return sums
 
     def _decode_rows(self, hidden: Tensor, row_mask: Tensor, rows: Tensor) -> Tensor:
         """Logits (B, H, n, K) of some query rows only (causal).

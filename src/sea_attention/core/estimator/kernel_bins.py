@@ -8,7 +8,7 @@ coordinates, for every row length: no positional table, nothing to extrapolate.
 With prefix sums P[p] = sum of phi(k) over the valid keys before position p, bin b of row i
 holds phi(q_i) . (P[p(e_{b+1})] - P[p(e_b)]), where p(e) is the position after the key of
 rank e - 1: O(T K m) time, linear in T. Prefix sums over positions (padding adds zero) grow
-by appending, so decoding keeps them in its state.
+by appending, so decoding continues them.
 
 A bin's sum is a difference of two running sums that grow with the position, and a model's keys
 share a large common part (so do the positive kernel features), so rounding noise the size of
@@ -18,9 +18,16 @@ first call: a decoding state keeps it, so a first call with fewer keys centres o
 of the common part is not summed; a bin's sum is
 q . (S'[e1] - S'[e0]) + size * (q . c), each part rounded at its own size. They are accumulated
 in float64 and stored in ``SEAConfig.bin_sums_dtype`` (float64 by default; float32 halves the
-tables and the bytes every dot reads, but its rounding can decide near-ties), and a decoding
-state continues the unrounded running sum in the order one scan adds, so a decoding step reads
-bitwise the table a full forward reads (when its first call held at least ``CENTER_KEYS`` keys).
+tables and the bytes every dot reads, but its rounding can decide near-ties).
+
+A decoding state does not keep the table (on SmolLM2 at 8k tokens it was 1.5 times the KV cache's
+bytes): it keeps the unrounded running sums at its last row's K + 1 bin edges (``BinSums``), a
+constant K + 1 rows per kv head, and phi(k) of every key (m numbers per key, float32; the keys
+themselves are the KV cache's). A row's edges lie at or after the previous row's, so a decoding call
+moves each edge forward by adding the keys it passes, in the order one scan adds them, and reads the
+rows there (``StateSums``): bitwise the rows a full forward reads from the same per-key rows. A call
+that would move an edge back or far rebuilds the whole table over every key instead.
+
 No gradient flows through it: the features are a fixed random projection and the result is
 an input of the estimator, like the teacher's q and k in distillation.
 """
@@ -40,6 +47,7 @@ from ..rows import row_table, sampled_dots
 
 LOG_FLOOR = 1e-6  # log(mass fraction) of an empty bin
 CENTER_KEYS = 16  # the sums are centred on the median of a sample's first this many valid keys
+MOVES_PER_CALL = 16  # a decoding call moves its state's edges by at most this many positions, else rebuilds
 
 
 class PrefixSums(NamedTuple):
@@ -49,41 +57,60 @@ class PrefixSums(NamedTuple):
     center: Tensor  # (B, H_kv, f), in the rows' dtype
     counts: Tensor  # (B, n + 1) (a continuation: n) the valid keys before each position
     last: Tensor  # (B, H_kv, f) float64: the uncentred running sum at the last position, unrounded
+    kept: Tensor | None = None  # (B, H_kv, E, f) float64: the unrounded running sums at ``prefix_sums``' ``keep``
 
 
 @dataclass
 class BinSums:
-    """kernel_bins / key_bins: the prefix sums a decoding state keeps (``kernel_bins.prefix_sums``), one
-    entry per signal: rows that grow in spare capacity, each signal's center and its unrounded last sum."""
+    """kernel_bins / key_bins: what a decoding state keeps of the prefix sums: the unrounded running sums
+    at the last row's K + 1 bin edges, one tensor per signal (``edges``, a constant size), those edges'
+    positions, each signal's center, the valid-key counts before every position, and the per-key rows of
+    the signals the KV cache does not hold (``stored``: phi(k); the keys' own rows are the cached keys)."""
 
-    sums: list[GrowingRows]  # centred sums of phi(k) and/or k before each position 0..seen, (B, H_kv, seen + 1, f)
+    edges: list[Tensor]  # (B, H_kv, K + 1, f) float64: the running sum of x before each edge, unrounded
+    positions: Tensor  # (B, K + 1) the edges' positions (``_edge_positions`` of the last row)
     counts: GrowingRows  # the valid keys before each position, (B, seen + 1)
     centers: list[Tensor]  # (B, H_kv, f) what the sums are centred on
-    last: list[Tensor]  # (B, H_kv, f) float64: the uncentred running sums at position seen, unrounded
+    stored: list[GrowingRows | None]  # per signal: its per-key rows (B, H_kv, seen, f), or None: the cached keys
 
     @classmethod
-    def of(cls, sums: list[PrefixSums]) -> "BinSums":
-        """A first call's sums, kept to be continued."""
-        return cls([GrowingRows.of(x.rows, 2) for x in sums], GrowingRows.of(sums[0].counts, 1),
-                   [x.center for x in sums], [x.last for x in sums])
+    def of(cls, sums: list[PrefixSums], positions: Tensor, stored: list[Tensor | None]) -> "BinSums":
+        """A first call's sums, whose ``kept`` rows are the running sums at ``positions``, and the per-key rows
+        to keep (``stored``)."""
+        return cls([x.kept for x in sums], positions.clone(), GrowingRows.of(sums[0].counts, 1),  # positions: its own
+                   [x.center for x in sums], [None if x is None else GrowingRows.of(x, 2) for x in stored])
 
-    def tables(self) -> list[PrefixSums]:
-        """Each signal's sums over positions 0..seen, read where they lie (what ``edge_dots`` reads and
-        a later call's ``prefix_sums`` continues)."""
-        return [PrefixSums(rows.rows, center, self.counts.rows, last)
-                for rows, center, last in zip(self.sums, self.centers, self.last)]
+    def append(self, new_valid: Tensor, new_rows: list[Tensor | None]) -> None:
+        """A later call's keys: count them (``new_valid`` (B, n)) and keep their stored signals' rows."""
+        self.counts.append(new_valid.long().cumsum(-1).add_(self.counts.rows[:, -1:]))
+        for stored, rows in zip(self.stored, new_rows):
+            if stored is not None:
+                stored.append(rows)
 
-    def append(self, new: list[PrefixSums]) -> None:
-        """Take a later call's sums (``prefix_sums`` started from ``tables()``)."""
-        for rows, x in zip(self.sums, new):
-            rows.append(x.rows)
-        self.counts.append(new[0].counts)
-        self.last = [x.last for x in new]
+    def sources(self, keys: Tensor) -> list[Tensor]:
+        """Each signal's per-key rows over every key so far (B, H_kv, seen, f): its stored rows, or ``keys``
+        (the cached keys, in their own dtype)."""
+        return [keys if stored is None else stored.rows for stored in self.stored]
+
+    def step(self, moving: Tensor, valid: Tensor, added: list[Tensor]) -> None:
+        """Move the ``moving`` edges (B, K + 1) one position on, adding ``added[i]`` (B, H_kv, K + 1, f_i), the
+        key each passes, to each signal's running sums in float64 where that key is ``valid`` (B, K + 1) (an
+        edge that stays adds 0.0: its sums keep their bits)."""
+        self.positions.add_(moving)
+        adds = (moving & valid)[:, None, :, None].double()  # x * 1.0 and x * 0.0 are exact
+        for edges, x in zip(self.edges, added):
+            edges.addcmul_(x, adds)  # the scan's next sums
+
+    def rows(self) -> list[Tensor]:
+        """Each signal's table rows at the edges (centred, rounded as the table is): (B, H_kv, K + 1, f)."""
+        counts = self.counts.rows.gather(1, self.positions).double()[:, None, :, None]  # (B, 1, K + 1, 1)
+        return [edges.addcmul(counts, center.double()[:, :, None], value=-1.0).to(center.dtype)
+                for edges, center in zip(self.edges, self.centers)]
 
     def map_batch(self, fn: Callable[[Tensor], Tensor]) -> "BinSums":
         """An independent copy with ``fn`` (a new batch dimension 0) applied to every tensor."""
-        return BinSums([x.map_batch(fn) for x in self.sums], self.counts.map_batch(fn),
-                       [fn(x) for x in self.centers], [fn(x) for x in self.last])
+        return BinSums([fn(x) for x in self.edges], fn(self.positions), self.counts.map_batch(fn),
+                       [fn(x) for x in self.centers], [None if x is None else x.map_batch(fn) for x in self.stored])
 
 
 class EdgeDots(NamedTuple):
@@ -120,13 +147,16 @@ def rows_per_chunk(sums: Tensor, width: int) -> int:
 
 
 def prefix_sums(x: Tensor, key_valid: Tensor, start: PrefixSums | None = None,
-                dtype: torch.dtype = torch.float64) -> PrefixSums:
+                dtype: torch.dtype = torch.float64, center: Tensor | None = None,
+                keep: Tensor | None = None) -> PrefixSums:
     """The centred sums of ``x`` (B, H_kv, n, f) over the valid keys (key_valid (B, n)) before each
     position 0..n, accumulated in float64 and stored in ``dtype``.
 
-    ``start``: an earlier call's result (decoding): the scan continues its unrounded last sum in the
-    order one scan over both calls adds, with its center and dtype, and the result holds the n rows
-    after it only, (B, H_kv, n, f) and (B, n), ready to append.
+    ``start``: an earlier call's result: the scan continues its unrounded last sum in the order one scan
+    over both calls adds, with its center and dtype, and the result holds the n rows after it only,
+    (B, H_kv, n, f) and (B, n), ready to append. A first call may take its ``center`` (a decoding state's
+    table rebuilt over every key) and ``keep``: positions (B, E) whose unrounded running sums it returns
+    as ``kept`` (a decoding state's edges, ``BinSums``).
     """
     bsz, heads, n, f = x.shape
     running = x.new_empty(bsz, heads, n + 1, f, dtype=torch.float64)  # the one float64 buffer
@@ -136,15 +166,27 @@ def prefix_sums(x: Tensor, key_valid: Tensor, start: PrefixSums | None = None,
     if start is None:
         running[:, :, 0] = 0.0
         counts = torch.nn.functional.pad(counts, (1, 0))
-        center = _center(values, key_valid).to(dtype)
+        center = _center(values, key_valid).to(dtype) if center is None else center
     else:
         running[:, :, 0] = start.last
         counts, center = counts.add_(start.counts[:, -1:]), start.center
     running.cumsum_(2)  # one scan, in the order one scan over all calls adds
     last = running[:, :, -1].clone()
+    kept = None if keep is None else running.gather(2, keep[:, None, :, None].expand(-1, heads, -1, f))
     rows = running if start is None else running[:, :, 1:]  # a continuation holds the rows after start
     rows.addcmul_(counts[:, None, :, None].double(), center.double()[:, :, None], value=-1.0)
-    return PrefixSums(rows.to(center.dtype), center, counts, last)
+    return PrefixSums(rows.to(center.dtype), center, counts, last, kept)
+
+
+def decoding_sums(per_key: list[Tensor], key_valid: Tensor, dtype: torch.dtype, width: int,
+                  stored: list[bool]) -> tuple[list[PrefixSums], BinSums]:
+    """A decoding state's first call: each signal's table (what the call reads) and the state, which keeps
+    the running sums at its last row's edges and the per-key rows of the ``stored`` signals. ``per_key``
+    (B, H_kv, n, f_i) each, key_valid (B, n)."""
+    counts = torch.nn.functional.pad(key_valid.long().cumsum(-1), (1, 0))
+    last = _edge_positions(counts, counts[:, -1:], width)[0][:, 0]  # (B, K + 1): the last row's edges
+    sums = [prefix_sums(x, key_valid, dtype=dtype, keep=last) for x in per_key]
+    return sums, BinSums.of(sums, last, [x if keep else None for x, keep in zip(per_key, stored)])
 
 
 def _center(x: Tensor, key_valid: Tensor) -> Tensor:
@@ -159,7 +201,7 @@ def _center(x: Tensor, key_valid: Tensor) -> Tensor:
 
 
 @torch.no_grad()  # the signals are inputs of the estimator, like the teacher's q and k
-def edge_dots(queries: list[Tensor], sums: list[PrefixSums], lengths: Tensor, width: int,
+def edge_dots(queries: list[Tensor], sums: "list[PrefixSums] | StateSums", lengths: Tensor, width: int,
               chunk: int | None = None) -> tuple[list[EdgeDots], Tensor]:
     """Each query against its prefix sums at every bin edge of each row, and the bins' key counts.
 
@@ -169,9 +211,91 @@ def edge_dots(queries: list[Tensor], sums: list[PrefixSums], lengths: Tensor, wi
     lies (``shared_row_dots``: the signals read the same rows); ``chunk``: query rows per call.
     ``naive_edge_dots`` gathers the rows first.
     """
+    if isinstance(sums, StateSums):
+        return sums.edge_dots(queries, lengths, width, chunk)
     positions, sizes = _edge_positions(sums[0].counts, lengths, width)  # (B, Tq, K + 1)
     dots = shared_row_dots(queries, [table.rows for table in sums], positions, chunk)
     return [EdgeDots(edges, _offset(query, table.center)) for edges, query, table in zip(dots, queries, sums)], sizes
+
+
+@dataclass
+class StateSums:
+    """A decoding call's prefix sums: its state's ``BinSums`` (which already holds the call's keys) and
+    each signal's per-key rows over every key so far (``sources``, ``BinSums.sources``; key_valid (B, Tk))."""
+
+    state: BinSums
+    sources: list[Tensor]
+    key_valid: Tensor
+
+    def edge_dots(self, queries: list[Tensor], lengths: Tensor, width: int,
+                  chunk: int | None = None) -> tuple[list[EdgeDots], Tensor]:
+        """``edge_dots`` of the call's rows, in order: each row moves the state's edges to its own and reads
+        the rows there. A call whose rows would move an edge back or by more than MOVES_PER_CALL positions
+        in all rebuilds the whole table over every key instead (and leaves the edges at its last row)."""
+        positions, sizes = _edge_positions(self.state.counts.rows, lengths, width)  # (B, Tq, K + 1)
+        alive = (lengths > 0)[..., None]  # padding rows (no key) read the zero row at position 0
+        everyone = bool(alive.all())
+        path = torch.cat([self.state.positions[:, None], positions if everyone else torch.where(alive, positions, 0)], 1)
+        path = path.cummax(1).values  # where the edges stand before the call and at each row: (B, Tq + 1, K + 1)
+        behind = ((positions < path[:, :-1]) & alive).any()
+        behind, far, *steps = torch.cat([behind[None], (path[:, -1] - path[:, 0]).max()[None],
+                                         path.diff(dim=1).amax((0, 2))]).tolist()  # one synchronisation
+        if behind:  # a row before the edges: rebuild (they stay)
+            return self._rebuilt(queries, lengths, width, chunk, self.state.positions)
+        if far > MOVES_PER_CALL:
+            return self._rebuilt(queries, lengths, width, chunk, path[:, -1])
+        per_row = []
+        for row, moves in enumerate(steps):
+            self._move(path[:, row + 1], moves)
+            tables = self.state.rows()
+            if not everyone:
+                tables = [torch.where(alive[:, row, None, :, None], x, 0) for x in tables]
+            own = [query[:, :, :, row:row + 1] for query in queries]
+            per_row.append(shared_row_dots(own, tables, torch.arange(width + 1).expand(positions.shape[0], 1, -1)))
+        dots = [parts[0] if len(parts) == 1 else torch.cat(parts, dim=3) for parts in zip(*per_row)]
+        return [EdgeDots(edges, _offset(query, center))  # (B, H_kv, G, Tq, K + 1) each
+                for edges, query, center in zip(dots, queries, self.state.centers)], sizes
+
+    def follow(self, lengths: Tensor, width: int) -> None:
+        """Move the state's edges to a row of ``lengths`` (B, 1) keys (a decoding step's, whether or not its
+        row is estimated: the block grouping estimates one step in ``query_block``), so that the edges never
+        fall more than a step behind."""
+        target = _edge_positions(self.state.counts.rows, lengths, width)[0][:, 0]  # (B, K + 1)
+        target = torch.where(lengths > 0, target, 0).maximum(self.state.positions)  # a padding row stays
+        moves = int((target - self.state.positions).max())
+        if moves > MOVES_PER_CALL:
+            self.state.edges = [x.kept for x in self._tables(target)]
+            self.state.positions = target.clone()
+        else:
+            self._move(target, moves)
+
+    def _move(self, target: Tensor, moves: int) -> None:
+        """Move the state's edges to ``target`` (B, K + 1), at most ``moves`` positions each, adding the keys
+        they pass one at a time."""
+        tables = [row_table(x) for x in self.sources]  # read where they lie
+        bsz, kv_heads, keys = self.sources[0].shape[:3]
+        batch = torch.arange(bsz, device=target.device)[:, None, None]
+        head = torch.arange(kv_heads, device=target.device)[None, :, None]
+        for _ in range(moves):
+            moving = self.state.positions < target
+            at = self.state.positions.clamp_max(keys - 1)  # the key each edge would pass
+            added = [table.rows.index_select(0, table.row(batch, head, at[:, None]).flatten()).view(
+                bsz, kv_heads, at.shape[1], -1).float() for table in tables]  # (B, H_kv, K + 1, f) each
+            self.state.step(moving, self.key_valid.gather(1, at), added)
+
+    def _rebuilt(self, queries: list[Tensor], lengths: Tensor, width: int, chunk: int | None,
+                 last: Tensor) -> tuple[list[EdgeDots], Tensor]:
+        """``edge_dots`` on the whole table over every key (on the state's centers), which also sets the
+        state's edges to ``last`` (B, K + 1)."""
+        tables = self._tables(last)
+        self.state.edges, self.state.positions = [x.kept for x in tables], last.clone()
+        return edge_dots(queries, tables, lengths, width, chunk)
+
+    def _tables(self, keep: Tensor) -> list[PrefixSums]:
+        """Each signal's whole table over every key, as a full forward computes it (on the state's centers),
+        with the running sums at ``keep`` (B, K + 1)."""
+        return [prefix_sums(x.float(), self.key_valid, dtype=center.dtype, center=center, keep=keep)
+                for x, center in zip(self.sources, self.state.centers)]
 
 
 def _offset(query: Tensor, center: Tensor) -> Tensor:
