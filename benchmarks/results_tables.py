@@ -609,6 +609,23 @@ def retrieval_mix(results: Results) -> str:
 
 
 
+def residual_bins(results: Results) -> str:
+    """``residual_bins.py``: SEA's keys exactly, with or without a bin-level weight for the keys it left out
+    (2 x 512 tokens: every variant from the script; 2 x 4,096: dense and SEA from the length policy's run)."""
+    policy = {r["name"]: r["perplexity"] for r in results.load("eval_dense_until_0_4k.json")["rows"]}
+    short = {v: results.load(f"residual_bins_{v}_512.json")["perplexity"] for v in ("dense", "sea", "none", "meankey",
+                                                                                   "exact_mass")}
+    long = {"dense": policy["dense"], "sea": policy["sea"], "none": None,
+            **{v: results.load(f"residual_bins_{v}_4k.json")["perplexity"] for v in ("meankey", "exact_mass")}}
+    labels = (("dense", "dense (not SEA)"), ("sea", "SEA as patched (gates, average branch)"),
+              ("none", "exact softmax on SEA's keys only"),
+              ("meankey", "+ each bin's other keys at its mean-key logit, its mean value"),
+              ("exact_mass", "+ each bin's other keys at their exact mass, its mean value (oracle)"))
+    rows = [[label, *(f"{num(ppl[v])} (x{num(ppl[v] / ppl['dense'], 3)})" if ppl[v] is not None else "not run"
+                      for ppl in (short, long))] for v, label in labels]
+    return table(["SmolLM2-135M, undistilled patch, k=64, wiki validation", "2 x 512 tokens", "2 x 4,096 tokens"], rows)
+
+
 STATE_RUNS = (("the whole table (before)", "before"), ("the running sums at the bin edges (after)", "after"))
 
 
@@ -738,6 +755,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "forced-keys-test": forced_keys_test,
     "attention-forced-ab": attention_ab_table("attention_forced_ab.json"),
     "retrieval-mix": retrieval_mix,
+    "residual-bins": residual_bins,
     "decoding-state-steps": decoding_state_steps,
     "decoding-state-model": decoding_state_model,
     "key-bounds": key_bounds,
