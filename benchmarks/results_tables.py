@@ -626,32 +626,37 @@ def residual_bins(results: Results) -> str:
     return table(["SmolLM2-135M, undistilled patch, k=64, wiki validation", "2 x 512 tokens", "2 x 4,096 tokens"], rows)
 
 
-STATE_RUNS = (("the whole table (before)", "before"), ("the running sums at the bin edges (after)", "after"))
+STATE_RUNS = (("2 (final code)", "2"), ("1 (steps that estimate nothing did not move the edges)", "1"))
+STATE_CODES = (("the whole table (before)", "before"), ("the running sums at the bin edges (after)", "after"))
 
 
 def decoding_state_steps(results: Results) -> str:
-    """`sea bench decode`, the state keeping the whole prefix-sum table (before) and its edges' sums (after)."""
-    runs = [{(p["method"], p["length"]): p["seconds"] * 1e3 for p in results.load(f"decode_step_state_{tag}.json")["points"]}
-            for _, tag in STATE_RUNS]
-    rows = [[f"{length:,}", *(num(run["sdpa", length], 2) for run in runs), *(num(run["sea", length], 2) for run in runs),
-             num(runs[1]["sea", length] / runs[0]["sea", length])]
-            for length in sorted({n for _, n in runs[0]})]
-    return table(["prompt tokens", "SDPA ms/token (before run)", "SDPA ms/token (after run)", "SEA ms/token, before",
-                  "SEA ms/token, after", "after / before"], rows)
+    """`sea bench decode`, the state keeping the whole prefix-sum table (before) and its edges' sums (after),
+    the two trees one after the other in each run."""
+    rows = []
+    for run_label, run in STATE_RUNS:
+        by = [{(p["method"], p["length"]): p["seconds"] * 1e3
+               for p in results.load(f"decode_step_state_{tag}_{run}.json")["points"]} for _, tag in STATE_CODES]
+        for length in sorted({n for _, n in by[0]}):
+            rows.append([run_label, f"{length:,}", *(num(b["sdpa", length], 2) for b in by),
+                         *(num(b["sea", length], 2) for b in by), num(by[1]["sea", length] / by[0]["sea", length])])
+    return table(["run", "prompt tokens", "SDPA ms/token (before's run)", "SDPA ms/token (after's run)",
+                  "SEA ms/token, before", "SEA ms/token, after", "after / before"], rows)
 
 
 def decoding_state_model(results: Results) -> str:
     """`sea bench model` on SmolLM2 with each decoding state: the prefill's peak memory and both speeds."""
     rows = []
-    for label, tag in STATE_RUNS:
-        by = {(p["mode"], p["length"]): p for p in results.load(f"model_smollm2_state_{tag}.json")["points"]}
-        for length in sorted({n for _, n in by}):
-            dense, sea = by["dense", length], by["sea", length]
-            rows.append([label, f"{length:,}", num(dense["prefill_peak_mb"], 0), num(sea["prefill_peak_mb"], 0),
-                         num(sea["prefill_peak_mb"] / dense["prefill_peak_mb"]),
-                         num(sea["prefill_tok_s"] / dense["prefill_tok_s"]), num(dense["decode_tok_s"], 1),
-                         num(sea["decode_tok_s"], 1), num(sea["decode_tok_s"] / dense["decode_tok_s"])])
-    return table(["SEA's decoding state keeps", "prompt tokens", "prefill peak MB dense", "prefill peak MB SEA",
+    for run_label, run in STATE_RUNS:
+        for label, tag in STATE_CODES:
+            by = {(p["mode"], p["length"]): p for p in results.load(f"model_smollm2_state_{tag}_{run}.json")["points"]}
+            for length in sorted({n for _, n in by}):
+                dense, sea = by["dense", length], by["sea", length]
+                rows.append([run_label, label, f"{length:,}", num(dense["prefill_peak_mb"], 0),
+                             num(sea["prefill_peak_mb"], 0), num(sea["prefill_peak_mb"] / dense["prefill_peak_mb"]),
+                             num(sea["prefill_tok_s"] / dense["prefill_tok_s"]), num(dense["decode_tok_s"], 1),
+                             num(sea["decode_tok_s"], 1), num(sea["decode_tok_s"] / dense["decode_tok_s"])])
+    return table(["run", "SEA's decoding state keeps", "prompt tokens", "prefill peak MB dense", "prefill peak MB SEA",
                   "SEA / dense", "prefill SEA / dense", "decode dense tok/s", "decode SEA tok/s", "SEA / dense"], rows)
 
 

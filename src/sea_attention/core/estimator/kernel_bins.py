@@ -226,12 +226,16 @@ class StateSums:
     state: BinSums
     sources: list[Tensor]
     key_valid: Tensor
+    followed: Tensor | None = None  # the bins' sizes (B, 1, 1, 1, K) of the call's only row, whose edges
+    # ``follow`` moved the state's to
 
     def edge_dots(self, queries: list[Tensor], lengths: Tensor, width: int,
                   chunk: int | None = None) -> tuple[list[EdgeDots], Tensor]:
         """``edge_dots`` of the call's rows, in order: each row moves the state's edges to its own and reads
         the rows there. A call whose rows would move an edge back or by more than MOVES_PER_CALL positions
         in all rebuilds the whole table over every key instead (and leaves the edges at its last row)."""
+        if self.followed is not None and lengths.shape[1] == 1:  # a decoding step: the edges stand at its row
+            return self._read(queries, lengths, width)
         positions, sizes = _edge_positions(self.state.counts.rows, lengths, width)  # (B, Tq, K + 1)
         alive = (lengths > 0)[..., None]  # padding rows (no key) read the zero row at position 0
         everyone = bool(alive.all())
@@ -260,14 +264,23 @@ class StateSums:
         """Move the state's edges to a row of ``lengths`` (B, 1) keys (a decoding step's, whether or not its
         row is estimated: the block grouping estimates one step in ``query_block``), so that the edges never
         fall more than a step behind."""
-        target = _edge_positions(self.state.counts.rows, lengths, width)[0][:, 0]  # (B, K + 1)
-        target = torch.where(lengths > 0, target, 0).maximum(self.state.positions)  # a padding row stays
+        target, self.followed = _edge_positions(self.state.counts.rows, lengths, width)
+        target = torch.where(lengths > 0, target[:, 0], 0).maximum(self.state.positions)  # a padding row stays
         moves = int((target - self.state.positions).max())
         if moves > MOVES_PER_CALL:
             self.state.edges = [x.kept for x in self._tables(target)]
             self.state.positions = target.clone()
         else:
             self._move(target, moves)
+
+    def _read(self, queries: list[Tensor], lengths: Tensor, width: int) -> tuple[list[EdgeDots], Tensor]:
+        """``edge_dots`` of a decoding step whose row the edges stand at (``follow``)."""
+        tables = self.state.rows()
+        if not bool((lengths > 0).all()):  # a padding row reads the zero row at position 0
+            tables = [torch.where((lengths > 0)[:, None, :, None], x, 0) for x in tables]
+        dots = shared_row_dots(queries, tables, torch.arange(width + 1).expand(lengths.shape[0], 1, -1))
+        return [EdgeDots(edges, _offset(query, center))
+                for edges, query, center in zip(dots, queries, self.state.centers)], self.followed
 
     def _move(self, target: Tensor, moves: int) -> None:
         """Move the state's edges to ``target`` (B, K + 1), at most ``moves`` positions each, adding the keys
