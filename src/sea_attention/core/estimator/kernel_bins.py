@@ -237,7 +237,7 @@ class StateSums:
         if self.followed is not None and lengths.shape[1] == 1:  # a decoding step: the edges stand at its row
             return self._read(queries, lengths, width)
         positions, sizes = _edge_positions(self.state.counts.rows, lengths, width)  # (B, Tq, K + 1)
-        alive = (lengths > 0)[..., None]  # padding rows (no key) read the zero row at position 0
+        alive = (lengths > 0)[..., None]  # (B, Tq, 1): padding rows (no key) read the zero row at position 0
         everyone = bool(alive.all())
         path = torch.cat([self.state.positions[:, None], positions if everyone else torch.where(alive, positions, 0)], 1)
         path = path.cummax(1).values  # where the edges stand before the call and at each row: (B, Tq + 1, K + 1)
@@ -251,11 +251,7 @@ class StateSums:
         per_row = []
         for row, moves in enumerate(steps):
             self._move(path[:, row + 1], moves)
-            tables = self.state.rows()
-            if not everyone:
-                tables = [torch.where(alive[:, row, None, :, None], x, 0) for x in tables]
-            own = [query[:, :, :, row:row + 1] for query in queries]
-            per_row.append(shared_row_dots(own, tables, torch.arange(width + 1).expand(positions.shape[0], 1, -1)))
+            per_row.append(self._row_dots([query[:, :, :, row:row + 1] for query in queries], alive[:, row], width))
         dots = [parts[0] if len(parts) == 1 else torch.cat(parts, dim=3) for parts in zip(*per_row)]
         return [EdgeDots(edges, _offset(query, center))  # (B, H_kv, G, Tq, K + 1) each
                 for edges, query, center in zip(dots, queries, self.state.centers)], sizes
@@ -275,12 +271,17 @@ class StateSums:
 
     def _read(self, queries: list[Tensor], lengths: Tensor, width: int) -> tuple[list[EdgeDots], Tensor]:
         """``edge_dots`` of a decoding step whose row the edges stand at (``follow``)."""
-        tables = self.state.rows()
-        if not bool((lengths > 0).all()):  # a padding row reads the zero row at position 0
-            tables = [torch.where((lengths > 0)[:, None, :, None], x, 0) for x in tables]
-        dots = shared_row_dots(queries, tables, torch.arange(width + 1).expand(lengths.shape[0], 1, -1))
+        dots = self._row_dots(queries, lengths > 0, width)
         return [EdgeDots(edges, _offset(query, center))
                 for edges, query, center in zip(dots, queries, self.state.centers)], self.followed
+
+    def _row_dots(self, queries: list[Tensor], alive: Tensor, width: int) -> list[Tensor]:
+        """One row's queries (B, H_kv, G, 1, f_i) against the table rows at the state's edges: (B, H_kv, G, 1,
+        K + 1) each; a padding row (``alive`` (B, 1) False) reads the zero row at position 0, as a full forward."""
+        tables = self.state.rows()
+        if not bool(alive.all()):
+            tables = [torch.where(alive[:, :, None, None], x, 0) for x in tables]
+        return shared_row_dots(queries, tables, torch.arange(width + 1).expand(alive.shape[0], 1, -1))
 
     def _move(self, target: Tensor, moves: int) -> None:
         """Move the state's edges to ``target`` (B, K + 1), at most ``moves`` positions each, adding the keys
