@@ -59,29 +59,6 @@ def test_a_sink_holding_most_of_the_mass_leaves_the_other_bins_shares_precise(dt
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
-def test_prefix_sums_continue_across_calls():
-    phi_k, key_valid = torch.rand(2, 3, 30, 5), padding_mask(2, 30, 3)
-    whole = prefix_sums(phi_k, key_valid)
-    first = prefix_sums(phi_k[:, :, :20], key_valid[:, :20])  # at least CENTER_KEYS valid keys
-    rest = prefix_sums(phi_k[:, :, 20:], key_valid[:, 20:], start=first)
-    assert torch.equal(torch.cat([first.rows, rest.rows], 2), whole.rows)  # the scan continues in one scan's order
-    assert torch.equal(torch.cat([first.counts, rest.counts], 1), whole.counts)
-    assert torch.equal(rest.last, whole.last) and torch.equal(rest.center, whole.center)
-
-
-def test_a_short_first_call_keeps_its_center_and_the_sums_stay_exact():
-    """A first call with fewer than CENTER_KEYS valid keys centres on those: later calls keep that
-    center, so the rows differ from one scan's by count * (the difference of the centers) only."""
-    phi_k, key_valid = torch.rand(1, 2, 30, 4), torch.ones(1, 30, dtype=torch.bool)
-    whole = prefix_sums(phi_k, key_valid)
-    first = prefix_sums(phi_k[:, :, :5], key_valid[:, :5])
-    rest = prefix_sums(phi_k[:, :, 5:], key_valid[:, 5:], start=first)
-    assert torch.equal(rest.center, first.center) and not torch.equal(first.center, whole.center)
-    uncentred = [x.rows.double() + x.counts[:, None, :, None] * x.center.double()[:, :, None] for x in (first, rest)]
-    torch.testing.assert_close(torch.cat(uncentred, 2), whole.rows.double() + whole.counts[:, None, :, None]
-                               * whole.center.double()[:, :, None], atol=1e-5, rtol=1e-6)
-
-
 def test_the_center_is_the_median_of_the_first_valid_keys_whatever_the_padding():
     from sea_attention.core.estimator.kernel_bins import CENTER_KEYS
 
@@ -205,7 +182,7 @@ def test_edge_dots_of_tables_shorter_than_the_edges_equal_the_reference(length):
 @pytest.mark.parametrize("length", [20, 200])  # a first call of at least CENTER_KEYS keys
 def test_a_rows_dots_are_bitwise_alike_alone_in_any_batch_and_after_decoding(length, dtype):
     """Each dot rounds alike whatever rows come with it: one row alone (a decoding step), all rows
-    (a full forward), a sample inside a batch, and sums continued call by call equal one scan."""
+    (a full forward), a sample inside a batch (a decoding state's sums: ``tests/test_decoding.py``)."""
     from sea_attention.core.estimator.kernel_bins import edge_dots
 
     torch.manual_seed(length)
@@ -215,13 +192,9 @@ def test_a_rows_dots_are_bitwise_alike_alone_in_any_batch_and_after_decoding(len
     (whole,), _ = edge_dots([q], [sums], lengths, 8)
     (last,), _ = edge_dots([q[:, :, :, -1:]], [sums], lengths[:, -1:], 8)
     assert all(torch.equal(a, b[:, :, :, -1:]) for a, b in zip(last, whole))
-    alone_sums = PrefixSums(*(x[1:2] for x in sums[:4]))
+    alone_sums = PrefixSums(*(x[1:2] for x in sums[:3]))
     (alone,), _ = edge_dots([q[1:2]], [alone_sums], lengths[1:2], 8)
     assert all(torch.equal(a, b[1:2]) for a, b in zip(alone, whole))
-    first = prefix_sums(keys[:, :, :length - 3], key_valid[:, :length - 3], dtype=dtype)
-    step = prefix_sums(keys[:, :, length - 3:-1], key_valid[:, length - 3:-1], start=first)
-    last_step = prefix_sums(keys[:, :, -1:], key_valid[:, -1:], start=step)
-    assert torch.equal(torch.cat([first.rows, step.rows, last_step.rows], 2), sums.rows)
 
 
 @pytest.mark.parametrize("pad", [0, 3])

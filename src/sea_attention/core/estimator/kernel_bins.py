@@ -8,7 +8,7 @@ coordinates, for every row length: no positional table, nothing to extrapolate.
 With prefix sums P[p] = sum of phi(k) over the valid keys before position p, bin b of row i
 holds phi(q_i) . (P[p(e_{b+1})] - P[p(e_b)]), where p(e) is the position after the key of
 rank e - 1: O(T K m) time, linear in T. Prefix sums over positions (padding adds zero) grow
-by appending, so decoding continues them.
+key by key, so a decoding state continues them at its bin edges (below).
 
 A bin's sum is a difference of two running sums that grow with the position, and a model's keys
 share a large common part (so do the positive kernel features), so rounding noise the size of
@@ -51,12 +51,11 @@ MOVES_PER_CALL = 16  # a decoding call moves its state's edges by at most this m
 
 
 class PrefixSums(NamedTuple):
-    """``prefix_sums``' result: what ``edge_dots`` reads, and what a later call continues from."""
+    """``prefix_sums``' result: what ``edge_dots`` reads."""
 
-    rows: Tensor  # (B, H_kv, n + 1, f) (a continuation: n): sums of x - center over the valid keys before each position
+    rows: Tensor  # (B, H_kv, n + 1, f): sums of x - center over the valid keys before each position
     center: Tensor  # (B, H_kv, f), in the rows' dtype
-    counts: Tensor  # (B, n + 1) (a continuation: n) the valid keys before each position
-    last: Tensor  # (B, H_kv, f) float64: the uncentred running sum at the last position, unrounded
+    counts: Tensor  # (B, n + 1) the valid keys before each position
     kept: Tensor | None = None  # (B, H_kv, E, f) float64: the unrounded running sums at ``prefix_sums``' ``keep``
 
 
@@ -146,36 +145,26 @@ def rows_per_chunk(sums: Tensor, width: int) -> int:
     return max(1, ENTRIES_PER_CALL // (sums.shape[0] * sums.shape[1] * (width + 1)))
 
 
-def prefix_sums(x: Tensor, key_valid: Tensor, start: PrefixSums | None = None,
-                dtype: torch.dtype = torch.float64, center: Tensor | None = None,
+def prefix_sums(x: Tensor, key_valid: Tensor, dtype: torch.dtype = torch.float64, center: Tensor | None = None,
                 keep: Tensor | None = None) -> PrefixSums:
     """The centred sums of ``x`` (B, H_kv, n, f) over the valid keys (key_valid (B, n)) before each
-    position 0..n, accumulated in float64 and stored in ``dtype``.
+    position 0..n, accumulated in float64 (one scan) and stored in ``dtype``.
 
-    ``start``: an earlier call's result: the scan continues its unrounded last sum in the order one scan
-    over both calls adds, with its center and dtype, and the result holds the n rows after it only,
-    (B, H_kv, n, f) and (B, n), ready to append. A first call may take its ``center`` (a decoding state's
-    table rebuilt over every key) and ``keep``: positions (B, E) whose unrounded running sums it returns
-    as ``kept`` (a decoding state's edges, ``BinSums``).
+    ``center``: centre on it instead of the first valid keys' median (a decoding state's table rebuilt
+    over every key). ``keep``: positions (B, E) whose unrounded running sums it also returns as ``kept``
+    (a decoding state's edges, ``BinSums``).
     """
     bsz, heads, n, f = x.shape
     running = x.new_empty(bsz, heads, n + 1, f, dtype=torch.float64)  # the one float64 buffer
+    running[:, :, 0] = 0.0
     values = running[:, :, 1:]
     values.copy_(x).masked_fill_(~key_valid[:, None, :, None], 0.0)  # padding never read
-    counts = key_valid.long().cumsum(-1)  # (B, n)
-    if start is None:
-        running[:, :, 0] = 0.0
-        counts = torch.nn.functional.pad(counts, (1, 0))
-        center = _center(values, key_valid).to(dtype) if center is None else center
-    else:
-        running[:, :, 0] = start.last
-        counts, center = counts.add_(start.counts[:, -1:]), start.center
-    running.cumsum_(2)  # one scan, in the order one scan over all calls adds
-    last = running[:, :, -1].clone()
+    counts = torch.nn.functional.pad(key_valid.long().cumsum(-1), (1, 0))  # (B, n + 1)
+    center = _center(values, key_valid).to(dtype) if center is None else center
+    running.cumsum_(2)  # one scan: what a decoding state's edges continue, key by key
     kept = None if keep is None else running.gather(2, keep[:, None, :, None].expand(-1, heads, -1, f))
-    rows = running if start is None else running[:, :, 1:]  # a continuation holds the rows after start
-    rows.addcmul_(counts[:, None, :, None].double(), center.double()[:, :, None], value=-1.0)
-    return PrefixSums(rows.to(center.dtype), center, counts, last, kept)
+    running.addcmul_(counts[:, None, :, None].double(), center.double()[:, :, None], value=-1.0)
+    return PrefixSums(running.to(center.dtype), center, counts, kept)
 
 
 def decoding_sums(per_key: list[Tensor], key_valid: Tensor, dtype: torch.dtype, width: int,
