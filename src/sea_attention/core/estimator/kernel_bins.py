@@ -207,6 +207,18 @@ def edge_dots(queries: list[Tensor], sums: "list[PrefixSums] | StateSums", lengt
     return [EdgeDots(edges, _offset(query, table.center)) for edges, query, table in zip(dots, queries, sums)], sizes
 
 
+class _Plan(NamedTuple):
+    """``StateSums._plan``: the bins' sizes (B, 1, 1, Tq, K), which rows hold a key (B, Tq, 1), where the edges
+    stand before the call and at each row (B, Tq + 1, K + 1) and by how many positions each row moves them
+    at most; or the whole table (``tables``), rebuilt instead."""
+
+    sizes: Tensor
+    alive: Tensor
+    path: Tensor
+    steps: list[int]
+    tables: list[PrefixSums] | None = None
+
+
 @dataclass
 class StateSums:
     """A decoding call's prefix sums: its state's ``BinSums`` (which already holds the call's keys) and
@@ -225,38 +237,25 @@ class StateSums:
         in all rebuilds the whole table over every key instead (and leaves the edges at its last row)."""
         if self.followed is not None and lengths.shape[1] == 1:  # a decoding step: the edges stand at its row
             return self._read(queries, lengths, width)
-        positions, sizes = _edge_positions(self.state.counts.rows, lengths, width)  # (B, Tq, K + 1)
-        alive = (lengths > 0)[..., None]  # (B, Tq, 1): padding rows (no key) read the zero row at position 0
-        everyone = bool(alive.all())
-        path = torch.cat([self.state.positions[:, None], positions if everyone else torch.where(alive, positions, 0)], 1)
-        path = path.cummax(1).values  # where the edges stand before the call and at each row: (B, Tq + 1, K + 1)
-        behind = ((positions < path[:, :-1]) & alive).any()
-        behind, far, *steps = torch.cat([behind[None], (path[:, -1] - path[:, 0]).max()[None],
-                                         path.diff(dim=1).amax((0, 2))]).tolist()  # one synchronisation
-        if behind:  # a row before the edges: rebuild (they stay)
-            return self._rebuilt(queries, lengths, width, chunk, self.state.positions)
-        if far > MOVES_PER_CALL:
-            return self._rebuilt(queries, lengths, width, chunk, path[:, -1])
+        plan = self._plan(lengths, width)
+        if plan.tables is not None:
+            return edge_dots(queries, plan.tables, lengths, width, chunk)
         per_row = []
-        for row, moves in enumerate(steps):
-            self._move(path[:, row + 1], moves)
-            per_row.append(self._row_dots([query[:, :, :, row:row + 1] for query in queries], alive[:, row], width))
+        for row, moves in enumerate(plan.steps):
+            self._move(plan.path[:, row + 1], moves)
+            per_row.append(self._row_dots([query[:, :, :, row:row + 1] for query in queries], plan.alive[:, row], width))
         dots = [parts[0] if len(parts) == 1 else torch.cat(parts, dim=3) for parts in zip(*per_row)]
         return [EdgeDots(edges, _offset(query, center))  # (B, H_kv, G, Tq, K + 1) each
-                for edges, query, center in zip(dots, queries, self.state.centers)], sizes
+                for edges, query, center in zip(dots, queries, self.state.centers)], plan.sizes
 
     def follow(self, lengths: Tensor, width: int) -> None:
         """Move the state's edges to a row of ``lengths`` (B, 1) keys (a decoding step's, whether or not its
         row is estimated: the block grouping estimates one step in ``query_block``), so that the edges never
         fall more than a step behind."""
-        target, self.followed = _edge_positions(self.state.counts.rows, lengths, width)
-        target = torch.where(lengths > 0, target[:, 0], 0).maximum(self.state.positions)  # a padding row stays
-        moves = int((target - self.state.positions).max())
-        if moves > MOVES_PER_CALL:
-            self.state.edges = [x.kept for x in self._tables(target)]
-            self.state.positions = target.clone()
-        else:
-            self._move(target, moves)
+        plan = self._plan(lengths, width)
+        if plan.tables is None:
+            self._move(plan.path[:, 1], plan.steps[0])
+        self.followed = plan.sizes
 
     def _read(self, queries: list[Tensor], lengths: Tensor, width: int) -> tuple[list[EdgeDots], Tensor]:
         """``edge_dots`` of a decoding step whose row the edges stand at (``follow``)."""
@@ -286,13 +285,25 @@ class StateSums:
                 bsz, kv_heads, at.shape[1], -1).float() for table in tables]  # (B, H_kv, K + 1, f) each
             self.state.step(moving, self.key_valid.gather(1, at), added)
 
-    def _rebuilt(self, queries: list[Tensor], lengths: Tensor, width: int, chunk: int | None,
-                 last: Tensor) -> tuple[list[EdgeDots], Tensor]:
-        """``edge_dots`` on the whole table over every key (on the state's centers), which also sets the
-        state's edges to ``last`` (B, K + 1)."""
+    def _plan(self, lengths: Tensor, width: int) -> "_Plan":
+        """Where the state's edges go for rows of ``lengths`` (B, Tq), in order (one synchronisation): a
+        padding row (no key) leaves them and reads the zero row at position 0. When a row lies before
+        them, or they would move by more than MOVES_PER_CALL positions, the plan is the whole table over
+        every key instead, and the edges are set at the call's last row (or stay, for a row before them)."""
+        positions, sizes = _edge_positions(self.state.counts.rows, lengths, width)  # (B, Tq, K + 1)
+        alive, start = (lengths > 0)[..., None], self.state.positions[:, None]  # (B, Tq, 1), (B, 1, K + 1)
+        reached = torch.where(alive, positions, 0)
+        reached = (reached if reached.shape[1] == 1 else reached.cummax(1).values).maximum(start)
+        path = torch.cat([start, reached], 1)  # the edges before the call and at each row: (B, Tq + 1, K + 1)
+        behind = ((positions < path[:, :-1]) & alive).any()
+        far = (reached[:, -1] - path[:, 0]).max()  # the longest move of an edge over the call
+        behind, far, *steps = torch.cat([behind[None], far[None], (reached - path[:, :-1]).amax((0, 2))]).tolist()
+        if not behind and far <= MOVES_PER_CALL:
+            return _Plan(sizes, alive, path, steps)
+        last = self.state.positions if behind else path[:, -1]
         tables = self._tables(last)
         self.state.edges, self.state.positions = [x.kept for x in tables], last.clone()
-        return edge_dots(queries, tables, lengths, width, chunk)
+        return _Plan(sizes, alive, path, steps, tables)
 
     def _tables(self, keep: Tensor) -> list[PrefixSums]:
         """Each signal's whole table over every key, as a full forward computes it (on the state's centers),
