@@ -13,8 +13,8 @@ from ..core.config import BIN_SUMS_DTYPES, GATE_FORMS
 from . import assets
 from .corpora import DATA_FORMS, DatasetText, load_dataset_text
 from .cli_tasks import TEXT_COLUMN_HELP, add_task_options, require_classifier, task_split
-from .cli_args import (fraction, int_list, name_list, non_negative_float, non_negative_int, output_dir, output_file,
-                       positive_float, positive_int, row_range, unit_interval)
+from .cli_args import (fraction, int_list, layer_list, name_list, non_negative_float, non_negative_int, output_dir,
+                       output_file, positive_float, positive_int, row_range, unit_interval)
 
 
 def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: dict | None = None,
@@ -57,7 +57,7 @@ def _sea_config_of(model) -> dict:
 
 
 def _runtime_options(args) -> dict:
-    names = ("grouping", "query_block", "candidates", "bin_sums_dtype", "dense_until", "forced_keys")
+    names = ("grouping", "query_block", "candidates", "bin_sums_dtype", "dense_until", "dense_layers", "forced_keys")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -94,6 +94,10 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
                          help="the length policy: query rows with at most this many keys attend to all of them "
                               "(exact, as the dense model), longer rows run SEA (default 0: every row runs SEA). "
                               "Only SEA's rows follow it: oracle and competitor rows select as before")
+    runtime.add_argument("--dense-layers", type=layer_list,
+                         help="comma-separated layer indices that keep the dense model's attention on every row "
+                              "(e.g. 0,1: the first two, as Quest does); their cost is dense attention's "
+                              "(default: none)")
     runtime.add_argument("--forced-keys", action="store_true", default=None,
                          help="the sinks and the local window count key by key, not as whole bins: the estimate "
                               "chooses k - sinks - window keys at every length (better at 8k tokens, a little "

@@ -46,12 +46,21 @@ def fraction(text: str) -> float:
 
 def int_list(text: str) -> list[int]:
     """'32,64,128' -> [32, 64, 128]; anything else is an argparse error naming the format."""
+    return _integers(text, 1, "32,64,128", "positive integers")
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """'0,1' -> (0, 1), layer indices; anything else is an argparse error naming the format."""
+    return tuple(_integers(text, 0, "0,1", "layer indices >= 0"))
+
+
+def _integers(text: str, minimum: int, example: str, what: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64,128, got {text!r}")
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as {example}, got {text!r}")
+    if not values or any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return values
 
 

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from .call import CallOptions, SEACall
 from .cells import KeySlots
 from .config import SEAConfig
-from .decoding import DecodeState
-from .dense_rows import all_dense, dense_context, dense_probs, dense_rows, keep_queries, kept_query_rows, start_sea
+from .dense_rows import (EVERY_ROW, all_dense, dense_context, dense_probs, dense_rows, keep_queries, kept_query_rows,
+                         start_sea)
 from .estimator import AttentionEstimator, Estimate
 from .gates import gate_values
 from .grouping import grouping_for
@@ -90,6 +90,12 @@ class SEAAttention(nn.Module):
     def config(self, config: SEAConfig) -> None:
         self.estimator.config = config
 
+    @property
+    def dense_until(self) -> int:
+        """The length policy this layer applies (``dense_rows.py``): ``config.dense_until``, or every
+        row in a layer of ``config.dense_layers``."""
+        return EVERY_ROW if self.layer_idx in self.config.dense_layers else self.config.dense_until
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"heads={c.num_heads}, kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, causal={c.causal}, "
@@ -137,7 +143,7 @@ class SEAAttention(nn.Module):
         """Only the layer's context (B, H, Tq, d): ``forward(q, k, v, **options).context``, computed
         without the (B, H, Tq, K) fields of ``SEAOutput`` where that is defined.
 
-        A call whose rows all attend densely (``config.dense_until``) and whose state, if any, is
+        A call whose rows all attend densely (``dense_until``) and whose state, if any, is
         empty or still dense runs SDPA alone, and such a state keeps its last queries instead of SEA's
         state (``dense_rows.py``); once the state holds SEA's, SEA runs and the short rows (a batch's
         padded samples) are replaced. ``forward`` always runs SEA (a state it fills is SEA's).
@@ -153,7 +159,7 @@ class SEAAttention(nn.Module):
         from .chunked import chunked_context, chunked_runs  # chunked.py builds on this module
 
         call = SEACall.build(self.config, (q, k, v), options, self.k_budget)
-        if all_dense(call, self.config.dense_until) and (call.state is None or not call.state.holds_sea):
+        if all_dense(call, self.dense_until) and (call.state is None or not call.state.holds_sea):
             return self.dense_call(call)
         start_sea(self, call)
         if not chunked_runs(self, call):
@@ -175,7 +181,7 @@ class SEAAttention(nn.Module):
     def with_dense_rows(self, out: SEAOutput, call: SEACall) -> SEAOutput:
         """``out`` with the rows the length policy picks replaced by exact attention (context, nnz
         and the attention view; the estimate and the cells still hold SEA's for them)."""
-        rows = dense_rows(call, self.config.dense_until)  # (B, n)
+        rows = dense_rows(call, self.dense_until)  # (B, n)
         if rows is None:
             return out
         nnz = torch.where(rows[:, None, :], call.asked_lengths[:, None, :].to(out.nnz.dtype), out.nnz)
@@ -188,7 +194,7 @@ class SEAAttention(nn.Module):
     def put_dense_rows(self, context: Tensor, call: SEACall, rows: Tensor | None = None) -> Tensor:
         """``context`` (B, H, n, d) with the rows the length policy picks (``rows`` (B, n), by default
         ``dense_rows``) replaced by their masked exact context."""
-        rows = dense_rows(call, self.config.dense_until) if rows is None else rows
+        rows = dense_rows(call, self.dense_until) if rows is None else rows
         if rows is None:
             return context
         return torch.where(rows[:, None, :, None], self.dense_rows_context(call, rows).to(context.dtype), context)

@@ -112,11 +112,11 @@ def chunked_context(sea: "SEAAttention", call: SEACall) -> Tensor:
 
 def _span_context(sea: "SEAAttention", shared: PerPosition, call: SEACall, lo: int, hi: int) -> Tensor:
     """The finished context (B, H, hi - lo, d) of query rows [lo, hi): estimate, select, attend, gate;
-    rows the length policy picks (``config.dense_until``) attend densely, and a span of only such
+    rows the length policy picks (``SEAAttention.dense_until``) attend densely, and a span of only such
     rows estimates nothing."""
     # the state goes along: the block grouping keeps its open block's selection there
     part = replace(call, query_rows=torch.arange(lo, hi, device=call.q.device))
-    if all_dense(part, sea.config.dense_until):
+    if all_dense(part, sea.dense_until):
         if shared.mean is not None:
             shared.mean.span(lo, hi)  # carries the running sum to the next span
         return sea.exact_context(part)

@@ -144,6 +144,12 @@ class SEAConfig:
             a selected cell's keys are all used (at most ``k`` of them, spread evenly). On the
             undistilled SmolLM2 patch at k=64, 4 finds a needle in prose and copies far better
             but raises wiki-validation perplexity (x1.062 of dense against x1.038; docs/results.md).
+        dense_layers: the layers (``layer_idx``) that keep the dense model's attention on every row:
+            exact softmax over every key, the dense model's output (the length policy with no limit).
+            Quest leaves its first two layers dense and MoBA its last three (``docs/competitors.md``);
+            a dense layer costs what dense attention costs (T keys per query), so SEA's cost stays
+            linear in T only in the other layers. ``()`` (the default): every layer runs SEA. No
+            weight depends on it.
         dense_until: the length policy (``dense_rows.py``): a valid query row with at most this many
             keys attends to all of them with exact softmax attention, as the dense model does (its
             output is the dense model's: no gates, no output norm), and only longer rows run SEA.
@@ -180,6 +186,7 @@ class SEAConfig:
     max_positions: int = 8192
     feature_redraw_interval: int = 0
     attention_path: str = "sparse"
+    dense_layers: tuple[int, ...] = ()
     dense_until: int = 0
     query_chunk: int = 256
     query_block: int = 64
@@ -213,6 +220,7 @@ class SEAConfig:
             setattr(self, name, _integer(name, getattr(self, name), 1, "a positive integer"))
         for name in ("feature_redraw_interval", "sinks", "local_window", "dense_until"):
             setattr(self, name, _integer(name, getattr(self, name), 0, "a non-negative integer"))
+        self.dense_layers = _layer_indices("dense_layers", self.dense_layers)
         if self.head_dim < 2:
             raise ValueError(f"head_dim must be >= 2, got {self.head_dim}")
         for name, allowed in (("feature_kind", FEATURE_KINDS), ("grouping", GROUPINGS), ("output_mode", OUTPUT_MODES),
@@ -317,6 +325,17 @@ def _integer(name: str, value: Any, minimum: int, description: str) -> int:
         raise ValueError(f"{name} must be {description}, got {value!r} (accepted: int, or an integer type "
                          "such as numpy.int64)")
     return number
+
+
+def _layer_indices(name: str, value: Any) -> tuple[int, ...]:
+    """``value`` as a sorted tuple of distinct layer indices (a list or tuple of integers >= 0, as a
+    saved config's JSON list gives it); otherwise a ``ValueError`` naming the field."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list or tuple of layer indices (integers >= 0), got {value!r}")
+    indices = [_integer(name, index, 0, "a list of layer indices (integers >= 0)") for index in value]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{name} lists a layer twice: {list(value)!r}")
+    return tuple(sorted(indices))
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

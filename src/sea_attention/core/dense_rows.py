@@ -4,7 +4,8 @@ SEA pays for its estimator whatever a row's length, so a short row is cheaper, a
 it attends every key as the dense model does. With ``dense_until = N`` a valid query row with at
 most N keys (its length L_i, ``cells.query_lengths``) runs exact softmax attention over them and
 its output is the dense model's (no gates, no output norm); longer rows run SEA. The rule is per
-row, not per call, so a decoding step and a full forward agree on every row.
+row, not per call, so a decoding step and a full forward agree on every row. A layer of
+``dense_layers`` applies it with no limit (``EVERY_ROW``): every row is the dense model's.
 
 Here: which rows the rule picks (``dense_rows``), their context through torch's SDPA
 (``dense_context``; ``ops/reference.py`` is its reference in the tests) and their probabilities
@@ -32,6 +33,8 @@ from .ops.reference import reference_attention
 
 if TYPE_CHECKING:
     from .attention import SEAAttention
+
+EVERY_ROW = torch.iinfo(torch.int64).max  # the length limit of a layer that is dense on every row
 
 
 def dense_rows(call: SEACall, until: int) -> Tensor | None:

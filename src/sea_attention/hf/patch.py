@@ -96,6 +96,7 @@ def patch(model: nn.Module, config: SEAConfig | None = None, **overrides: Any) -
     if not modules:
         raise ValueError(f"found no {family.name} attention modules (class name ending in "
                          f"{family.attention_suffix!r}) in {type(model).__name__}")
+    _check_dense_layers(sea_config, [module.layer_idx for _, module in modules])
     previous = getattr(model.config, "_attn_implementation", None) or "eager"
     try:
         setattr(model.config, DENSE_ATTR, previous)  # first, so a failed patch unpatches to it
@@ -179,23 +180,36 @@ def no_cache(model: nn.Module) -> dict[str, Any]:
 
 
 RUNTIME_FIELDS = ("grouping", "query_block", "attention_path", "query_chunk", "candidates",
-                  "bin_sums_dtype", "dense_until", "forced_keys")  # no weight depends on them
+                  "bin_sums_dtype", "dense_until", "dense_layers", "forced_keys")  # no weight depends on them
+
+
+def _check_dense_layers(config: SEAConfig, layer_indices: list[int]) -> None:
+    """ValueError when ``config.dense_layers`` names a layer the model does not have."""
+    unknown = sorted(set(config.dense_layers) - set(layer_indices))
+    if unknown:
+        raise ValueError(f"dense_layers {unknown} name layers the model does not have: its attention layers are "
+                         f"{min(layer_indices)}-{max(layer_indices)}")
 
 
 def set_runtime(model: nn.Module, **changes: Any) -> None:
     """Change how every patched layer selects and attends, without touching its weights:
     ``grouping``, ``query_block``, ``attention_path``, ``query_chunk``, ``candidates``,
-    ``bin_sums_dtype``, ``dense_until``, ``forced_keys``. A distilled model can, for example, be run with
-    ``grouping="block"`` for speed on long inputs, ``candidates=4`` to choose its keys by their exact
-    scores among four times as many, ``bin_sums_dtype="float32"`` for a faster prefill, or
-    ``dense_until=2048`` to attend densely wherever a row has at most 2,048 keys."""
+    ``bin_sums_dtype``, ``dense_until``, ``dense_layers``, ``forced_keys``. A distilled model can, for
+    example, be run with ``grouping="block"`` for speed on long inputs, ``candidates=4`` to choose its
+    keys by their exact scores among four times as many, ``bin_sums_dtype="float32"`` for a faster
+    prefill, ``dense_until=2048`` to attend densely wherever a row has at most 2,048 keys, or
+    ``dense_layers=(0, 1)`` to keep the first two layers dense."""
     unknown = set(changes) - set(RUNTIME_FIELDS)
     if unknown:
         raise ValueError(f"set_runtime changes only {RUNTIME_FIELDS} (the rest changes the weights), "
                          f"got {sorted(unknown)}")
-    for _, _, sea in _require_patched(model):
-        sea.config = sea.config.replace(**changes)  # validated: a bad value raises here
-    setattr(model.config, SEA_CONFIG_ATTR, {**getattr(model.config, SEA_CONFIG_ATTR), **changes})
+    layers = _require_patched(model)
+    configs = [sea.config.replace(**changes) for _, _, sea in layers]  # validated: a bad value raises here
+    _check_dense_layers(configs[0], [sea.layer_idx for _, _, sea in layers])
+    for (_, _, sea), config in zip(layers, configs):
+        sea.config = config
+    setattr(model.config, SEA_CONFIG_ATTR, {**getattr(model.config, SEA_CONFIG_ATTR),
+                                                 **{name: getattr(configs[0], name) for name in changes}})
 
 
 def set_budget(model: nn.Module, k: int | None) -> None:
