@@ -41,6 +41,7 @@ def test_distill_eval_plot_resume(tiny_model_dir, tmp_path, capsys):
                  "--k", "2,4", "--dense-until", "8", "--json", str(report), "--quiet"]) == 0
     rows = json.loads(report.read_text())["rows"]
     assert json.loads(report.read_text())["sea_config"]["dense_until"] == 8  # what SEA ran with
+    assert json.loads(report.read_text())["machine"]["cpus"] >= 1  # and where
     assert [(r["name"], r["k"]) for r in rows] == [("dense", None), ("oracle", 2), ("sea", 2), ("oracle", 4), ("sea", 4)]
     assert all(r["perplexity"] > 1 and r["tokens"] > 0 for r in rows)
     printed = capsys.readouterr().out

@@ -305,8 +305,12 @@ def cmd_eval(args) -> int:
 
 
 def _eval_about(args, stride: int) -> dict:
-    """What a `sea eval` JSON records of its run."""
-    return {"model": args.model, "data": args.data, "split": args.split, "seq_len": args.seq_len, "stride": stride}
+    """What a `sea eval` JSON records of its run (the machine too: perplexity differs in its last digits
+    between CPU kinds)."""
+    from ..tools.bench import machine_info
+
+    return {"model": args.model, "data": args.data, "split": args.split, "seq_len": args.seq_len, "stride": stride,
+            "machine": machine_info()}
 
 
 def _eval_task(args) -> int:
