@@ -228,6 +228,39 @@ def dense_until_perplexity(results: Results) -> str:
     return table(["dense_until (SEA@64, undistilled)", "window", "tokens", "dense", "SEA", "x dense"], rows)
 
 
+DENSE_LAYERS = (("none (every layer runs SEA)", "none", ()), ("0-2 (the first three)", "0_2", (0, 1, 2)),
+                ("3-10", "3_10", tuple(range(3, 11))), ("27-29 (the last three)", "27_29", (27, 28, 29)),
+                ("none (every layer runs SEA)", "none_test", ()), ("3-10", "3_10_test", tuple(range(3, 11))))
+
+
+def dense_layers_perplexity(results: Results) -> str:
+    """Wiki perplexity of the undistilled patch at k=64 on 4,096-token windows, by ``dense_layers``, with
+    the keys a query reads per head averaged over SmolLM2's 30 layers (a dense row reads all its keys)."""
+    rows = []
+    for label, tag, layers in DENSE_LAYERS:
+        result = results.load(f"eval_dense_layers_{tag}_4k.json")
+        assert tuple(result["sea_config"]["dense_layers"]) == layers, (tag, result["sea_config"]["dense_layers"])
+        by = {r["name"]: r for r in result["rows"]}
+        mean_keys = (len(layers) * (result["seq_len"] + 1) / 2 + (30 - len(layers)) * by["sea"]["k"]) / 30
+        rows.append([label, result["split"], f"{mean_keys:,.0f}", f"{by['sea']['tokens']:,}",
+                     num(by["dense"]["perplexity"]), num(by["sea"]["perplexity"]),
+                     num(by["sea"]["perplexity"] / by["dense"]["perplexity"], 3)])
+    return table(["dense layers (SEA@64, undistilled SmolLM2, 30 layers)", "wiki split",
+                  "keys per query and head (mean)", "tokens", "dense", "SEA", "x dense"], rows)
+
+
+def dense_layers_needle(results: Results) -> str:
+    """The needle at 4,096 tokens in wiki validation prose (10 prompts): dense, SEA, SEA with layers 3-10 dense."""
+    rows = []
+    for label, name, method in (("dense", "needle_dense_layers_3_10_4k.json", "dense"),
+                                ("SEA@64, every layer", "needle_dense_layers_none_4k.json", "sea"),
+                                ("SEA@64, layers 3-10 dense", "needle_dense_layers_3_10_4k.json", "sea")):
+        point = next(p for p in results.load(name)["points"] if p["method"] == method)
+        rows.append([label, f"{point['correct']}/{point['prompts']}"])
+    return table(["SmolLM2-135M (undistilled patch), needle in wiki validation prose, 4,096 tokens",
+                  "correct / prompts"], rows)
+
+
 def grouping_quality_4k(results: Results) -> str:
     """Wiki validation perplexity of the undistilled patch on 4,096-token windows: per query against block."""
     rows = []
@@ -765,6 +798,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "decoding-state-model": decoding_state_model,
     "key-bounds": key_bounds,
     "dense-until-perplexity": dense_until_perplexity,
+    "dense-layers-perplexity": dense_layers_perplexity,
+    "dense-layers-needle": dense_layers_needle,
     "model-dense-until": model_cost_table(("model_smollm2_policy_off.json", "model_smollm2_dense_until_2048.json",
                                            "model_smollm2_dense_until_2048_decode64.json")),
     "needle-bin-ranks": needle_bin_ranks,
