@@ -228,6 +228,7 @@ def dense_until_perplexity(results: Results) -> str:
     return table(["dense_until (SEA@64, undistilled)", "window", "tokens", "dense", "SEA", "x dense"], rows)
 
 
+SMOLLM2_LAYERS = 30
 DENSE_LAYERS = (("none (every layer runs SEA)", "none", ()), ("0-2 (the first three)", "0_2", (0, 1, 2)),
                 ("3-10", "3_10", tuple(range(3, 11))), ("27-29 (the last three)", "27_29", (27, 28, 29)),
                 ("none (every layer runs SEA)", "none_test", ()), ("3-10", "3_10_test", tuple(range(3, 11))))
@@ -241,11 +242,12 @@ def dense_layers_perplexity(results: Results) -> str:
         result = results.load(f"eval_dense_layers_{tag}_4k.json")
         assert tuple(result["sea_config"]["dense_layers"]) == layers, (tag, result["sea_config"]["dense_layers"])
         by = {r["name"]: r for r in result["rows"]}
-        mean_keys = (len(layers) * (result["seq_len"] + 1) / 2 + (30 - len(layers)) * by["sea"]["k"]) / 30
+        mean_keys = (len(layers) * (result["seq_len"] + 1) / 2
+                     + (SMOLLM2_LAYERS - len(layers)) * by["sea"]["k"]) / SMOLLM2_LAYERS
         rows.append([label, result["split"], f"{mean_keys:,.0f}", f"{by['sea']['tokens']:,}",
                      num(by["dense"]["perplexity"]), num(by["sea"]["perplexity"]),
                      num(by["sea"]["perplexity"] / by["dense"]["perplexity"], 3)])
-    return table(["dense layers (SEA@64, undistilled SmolLM2, 30 layers)", "wiki split",
+    return table([f"dense layers (SEA@64, undistilled SmolLM2, {SMOLLM2_LAYERS} layers)", "wiki split",
                   "keys per query and head (mean)", "tokens", "dense", "SEA", "x dense"], rows)
 
 

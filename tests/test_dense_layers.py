@@ -10,10 +10,11 @@ from transformers import DynamicCache
 
 from conftest import exact_attention, make_qkv, padding_mask
 from sea_attention import DecodeState, SEAAttention, SEAConfig
+from sea_attention.app.cli import main
 from sea_attention.app.cli_args import layer_list
 from sea_attention.core.ops.reference import exact_attention as reference_exact
 from sea_attention.core.dense_rows import EVERY_ROW
-from sea_attention.hf import dense_attention, sea_layers, set_runtime
+from sea_attention.hf import dense_attention, from_pretrained, save_pretrained, sea_layers, set_runtime
 from sea_attention.hf.decoding import STATE_ATTR
 from test_generation import VOCAB, build
 
@@ -153,7 +154,7 @@ def test_generation_with_a_dense_layer_equals_its_full_forward(family):
 
 
 def test_the_cli_reads_a_layer_list():
-    assert layer_list("3,0, 1") == (3, 0, 1)
+    assert layer_list("3,0, 1") == (3, 0, 1) and layer_list("none") == ()
     for bad, message in (("a,b", "such as 0,1"), ("-1", "layer indices >= 0"), ("", "layer indices >= 0")):
         with pytest.raises(Exception, match=message):
             layer_list(bad)
@@ -163,3 +164,51 @@ def test_patch_normalises_the_list():
     model = build("opt", dense_layers=[1])
     assert [sea.config.dense_layers for _, _, sea in sea_layers(model)] == [(1,), (1,)]
     assert list(model.config.sea_config["dense_layers"]) == [1]
+
+
+def test_a_saved_model_keeps_its_dense_layers(tmp_path):
+    model = build("llama", dense_layers=(1,))
+    save_pretrained(model, tmp_path / "sea", include_base_weights=True)
+    loaded, _ = from_pretrained(tmp_path / "sea")
+    assert [sea.dense_until for _, _, sea in sea_layers(loaded)] == [0, EVERY_ROW]
+
+
+def test_block_decoding_of_a_dense_layer_equals_its_full_forward():
+    module = layer(0, dense_layers=(0,), grouping="block", query_block=4)
+    q, k, v = make_qkv(1, 4, 2, 20, 20, 16)
+    state = DecodeState()
+    with torch.no_grad():
+        full = module(q, k, v).context
+        steps = [module.context_only(q[:, :, :9], k[:, :, :9], v[:, :, :9], state=state)]
+        steps += [module.context_only(q[:, :, t - 1:t], k[:, :, :t], v[:, :, :t], state=state) for t in range(10, 21)]
+    torch.testing.assert_close(torch.cat(steps, 2), full, atol=2e-5, rtol=1e-5)
+    assert not state.holds_sea
+
+
+def test_a_layer_turned_back_to_sea_mid_generation_starts_seas_state():
+    """Cleared after a dense prompt, the layer builds SEA's state from the kept queries: its steps equal
+    SEA's full forward."""
+    module = layer(0, dense_layers=(0,))
+    q, k, v = make_qkv(2, 4, 2, 24, 24, 16)
+    state = DecodeState()
+    with torch.no_grad():
+        module.context_only(q[:, :, :12], k[:, :, :12], v[:, :, :12], state=state)
+        module.config = module.config.replace(dense_layers=())
+        steps = [module.context_only(q[:, :, t - 1:t], k[:, :, :t], v[:, :, :t], state=state) for t in range(13, 25)]
+        full = module(q, k, v).context
+    torch.testing.assert_close(torch.cat(steps, 2), full[:, :, 12:], atol=2e-5, rtol=1e-5)
+    assert state.holds_sea
+
+
+def test_the_cli_runs_dense_layers_and_distillation_refuses_them(tiny_model_dir, tmp_path, capsys):
+    model, text = str(tiny_model_dir / "model"), str(tiny_model_dir / "text.txt")
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", model, "--data", text, "--split", "test", "--seq-len", "32", "--k", "4",
+                 "--dense-layers", "1", "--json", str(report), "--quiet"]) == 0
+    assert json.loads(report.read_text())["sea_config"]["dense_layers"] == [1]
+    assert main(["eval", "--model", model, "--data", text, "--split", "test", "--seq-len", "32", "--k", "4",
+                 "--dense-layers", "2", "--quiet"]) == 2
+    assert "dense_layers [2] name layers the model does not have" in capsys.readouterr().err
+    assert main(["distill", "--model", model, "--data", text, "--steps", "1", "--seq-len", "32", "--k", "4",
+                 "--dense-layers", "0", "--out", str(tmp_path / "sea"), "--quiet"]) == 2
+    assert "sea distill trains every SEA layer and refuses --dense-layers (0,)" in capsys.readouterr().err

@@ -96,8 +96,9 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
                               "Only SEA's rows follow it: oracle and competitor rows select as before")
     runtime.add_argument("--dense-layers", type=layer_list,
                          help="comma-separated layer indices that keep the dense model's attention on every row "
-                              "(e.g. 0,1: the first two, as Quest does); their cost is dense attention's "
-                              "(default: none)")
+                              "(e.g. 0,1: the first two, as Quest does); their cost is dense attention's; 'none' "
+                              "clears a saved model's list (default: as saved, none for a base model). Only SEA's "
+                              "rows follow it: oracle and competitor rows select as before")
     runtime.add_argument("--forced-keys", action="store_true", default=None,
                          help="the sinks and the local window count key by key, not as whole bins: the estimate "
                               "chooses k - sinks - window keys at every length (better at 8k tokens, a little "
@@ -191,6 +192,14 @@ def _baseline_student(args, config):
     return model, tokenizer, attach_baseline(model, args.method, config)
 
 
+def _refuse_dense_layers(args) -> None:
+    """Distillation trains every SEA layer: a layer kept dense would get no gradient for its gates."""
+    if getattr(args, "dense_layers", None):
+        raise ValueError(f"sea distill trains every SEA layer and refuses --dense-layers {args.dense_layers}: "
+                         "keep layers dense at run time (sea eval/compare/bench --dense-layers, or "
+                         "sea.set_runtime(model, dense_layers=...))")
+
+
 def _distill_config(args, stage: str):
     from ..tools.distill import DistillConfig
 
@@ -240,6 +249,7 @@ def cmd_distill(args) -> int:
     from ..hf import save_pretrained
 
     stage = _distill_stage(args)
+    _refuse_dense_layers(args)
     config = _distill_config(args, stage)  # its checks before any loading
     model, tokenizer, method, base = _distill_student(args)
     batches = _distill_batches(args, model, tokenizer)

@@ -50,8 +50,10 @@ def int_list(text: str) -> list[int]:
 
 
 def layer_list(text: str) -> tuple[int, ...]:
-    """'0,1' -> (0, 1), layer indices; anything else is an argparse error naming the format."""
-    return tuple(_integers(text, 0, "0,1", "layer indices >= 0"))
+    """'0,1' -> (0, 1), layer indices, and 'none' -> (); anything else is an argparse error naming the format."""
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(_integers(text, 0, "0,1 (or none)", "layer indices >= 0, or none"))
 
 
 def _integers(text: str, minimum: int, example: str, what: str) -> list[int]:

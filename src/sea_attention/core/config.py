@@ -146,10 +146,12 @@ class SEAConfig:
             but raises wiki-validation perplexity (x1.062 of dense against x1.038; docs/results.md).
         dense_layers: the layers (``layer_idx``) that keep the dense model's attention on every row:
             exact softmax over every key, the dense model's output (the length policy with no limit).
-            Quest leaves its first two layers dense and MoBA its last three (``docs/competitors.md``);
-            a dense layer costs what dense attention costs (T keys per query), so SEA's cost stays
-            linear in T only in the other layers. ``()`` (the default): every layer runs SEA. No
-            weight depends on it.
+            Quest leaves its first two layers dense and MoBA its last three; a dense layer costs what
+            dense attention costs (T keys per query), so SEA's cost stays linear in T only in the
+            other layers. ``()`` (the default): every layer runs SEA. No weight depends on it, and
+            distillation refuses it (a dense layer's gates would get no gradient). Undistilled
+            SmolLM2 at 4k tokens: layers 3-10 dense take wiki-validation perplexity from x1.131 to
+            x1.085 dense, layers 0-2 change nothing (docs/results.md).
         dense_until: the length policy (``dense_rows.py``): a valid query row with at most this many
             keys attends to all of them with exact softmax attention, as the dense model does (its
             output is the dense model's: no gates, no output norm), and only longer rows run SEA.

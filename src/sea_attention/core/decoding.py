@@ -14,7 +14,7 @@ context length (apart from reading its selected keys and values):
 * with the ``block`` grouping, the selection of the block that is still open;
 * whether every key and value seen so far was finite (then a step checks only its new ones).
 
-With the length policy (``SEAConfig.dense_until``) a state whose rows were all dense so far keeps
+With the length policy (``SEAConfig.dense_until``, ``dense_layers``) a state whose rows were all dense so far keeps
 only its last queries (``queries``: the CNN's 8 history rows, and with the block grouping the rows
 back to its open block's first) and the counts; the first longer row turns it into
 SEA's own state (``dense_rows.start_sea``).
@@ -98,7 +98,7 @@ class DecodeState:
     bin_sums: "BinSums | None" = None  # kernel_bins / key_bins: the running sums at the last row's bin edges
     key_bounds: "BoundTable | None" = None  # key_bounds: the keys' extremes by rank and block windows
     finite_past: bool = True  # every key and value before ``seen`` was finite
-    queries: Tensor | None = None  # (B, H, r, d) the last queries while every row was dense (dense_until)
+    queries: Tensor | None = None  # (B, H, r, d) the last queries while every row was dense (dense_rows)
 
     def count_keys(self, key_valid: Tensor, finite: bool) -> None:
         """Count a call's new valid keys (``key_valid`` (B, Tk), its keys after ``seen``) and whether

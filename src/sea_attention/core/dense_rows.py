@@ -1,4 +1,5 @@
-"""The length policy (``SEAConfig.dense_until``): a query row with few keys attends to all of them.
+"""The length policy (``SEAConfig.dense_until``, ``dense_layers``): a query row with few keys, or any row of a
+dense layer, attends to all of its keys.
 
 SEA pays for its estimator whatever a row's length, so a short row is cheaper, and exact, when
 it attends every key as the dense model does. With ``dense_until = N`` a valid query row with at
@@ -34,7 +35,8 @@ from .ops.reference import reference_attention
 if TYPE_CHECKING:
     from .attention import SEAAttention
 
-EVERY_ROW = torch.iinfo(torch.int64).max  # the length limit of a layer that is dense on every row
+# the length limit of a layer that is dense on every row; row lengths are int64 (cells.query_lengths)
+EVERY_ROW = torch.iinfo(torch.int64).max
 
 
 def dense_rows(call: SEACall, until: int) -> Tensor | None:

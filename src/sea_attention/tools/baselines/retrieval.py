@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ...hf import GrowingCache
-from .compare import METHODS, check_budgets, check_methods, method_attention, method_runs
+from .compare import check_budgets, check_methods, method_attention, method_runs
 from .tasks import HAYSTACKS, TASKS, PromptSource, TaskPrompt, check_tasks, haystack_sentences, task_prompts
 
 SUITE_LENGTHS: tuple[int, ...] = (1024, 2048, 4096, 8192)  # 8192: SmolLM2's maximum
