@@ -818,6 +818,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "model-tiny-trimmed": model_cost_table(("model_tiny_default_trimmed.json", "model_tiny_block_trimmed.json")),
     "model-block-policy-trimmed": model_cost_table(("model_smollm2_block_policy_trimmed.json",
                                                     "model_smollm2_block_policy_trimmed_8k_b.json")),
+    "attention-intel-xeon": bench_table(["attention_intel_xeon.json"], ["sdpa", "sea_chunked", "sea_block_chunked"]),
+    "model-intel-xeon": model_cost_table(("model_smollm2_intel_xeon.json", "model_smollm2_intel_xeon_block_policy.json")),
     "encoder-tests": encoder_tests,
     "encoder-validation": encoder_validation,
 }
