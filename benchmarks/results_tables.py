@@ -230,7 +230,8 @@ def dense_until_perplexity(results: Results) -> str:
 
 SMOLLM2_LAYERS = 30
 DENSE_LAYERS = (("none (every layer runs SEA)", "none", ()), ("0-2 (the first three)", "0_2", (0, 1, 2)),
-                ("3-10", "3_10", tuple(range(3, 11))), ("27-29 (the last three)", "27_29", (27, 28, 29)),
+                ("3-10", "3_10", tuple(range(3, 11))), ("3-6", "3_6", (3, 4, 5, 6)), ("7-10", "7_10", (7, 8, 9, 10)),
+                ("27-29 (the last three)", "27_29", (27, 28, 29)),
                 ("none (every layer runs SEA)", "none_test", ()), ("3-10", "3_10_test", tuple(range(3, 11))))
 
 
