@@ -252,6 +252,18 @@ def dense_layers_perplexity(results: Results) -> str:
                   "keys per query and head (mean)", "tokens", "dense", "SEA", "x dense"], rows)
 
 
+def dense_layers_coverage(results: Results) -> str:
+    """Layers 0-12 of the undistilled patch at k=64 on wiki validation: the dense attention mass SEA's and the
+    oracle's keys cover at 1k and 4k, and the spread of SEA's per-head coverage at 4k."""
+    short, long = (results.load(f"diagnose_validation_default_{n}.json")["layers"] for n in ("1k", "4k"))
+    rows = []
+    for a, b in zip(short[:13], long[:13]):
+        heads = b["head_coverage"]["sea"]
+        rows.append([str(b["layer"]), num(a["coverage"]["sea"]), num(a["coverage"]["oracle"]), num(b["coverage"]["sea"]),
+                     num(b["coverage"]["oracle"]), f"{min(heads):.2f}-{max(heads):.2f}"])
+    return table(["layer", "SEA 1k", "oracle 1k", "SEA 4k", "oracle 4k", "SEA 4k, per head (min-max)"], rows)
+
+
 def dense_layers_needle(results: Results) -> str:
     """The needle at 4,096 tokens in wiki validation prose (10 prompts): dense, SEA, SEA with layers 3-10 dense."""
     rows = []
@@ -803,6 +815,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "dense-until-perplexity": dense_until_perplexity,
     "dense-layers-perplexity": dense_layers_perplexity,
     "dense-layers-needle": dense_layers_needle,
+    "dense-layers-coverage": dense_layers_coverage,
     "model-dense-until": model_cost_table(("model_smollm2_policy_off.json", "model_smollm2_dense_until_2048.json",
                                            "model_smollm2_dense_until_2048_decode64.json")),
     "needle-bin-ranks": needle_bin_ranks,
