@@ -264,6 +264,19 @@ def dense_layers_coverage(results: Results) -> str:
     return table(["layer", "SEA 1k", "oracle 1k", "SEA 4k", "oracle 4k", "SEA 4k, per head (min-max)"], rows)
 
 
+def candidates_4k(results: Results) -> str:
+    """Wiki validation perplexity of the undistilled patch at k=64 on 4,096-token windows: the default
+    against exact refinement among 4x the candidates (the same k keys per query and head)."""
+    rows = []
+    for label, name in (("candidates=1 (default)", "eval_dense_layers_none_4k.json"),
+                        ("candidates=4", "eval_candidates4_4k.json")):
+        by = {r["name"]: r for r in results.load(name)["rows"]}
+        rows.append([label, f"{by['sea']['tokens']:,}", num(by["dense"]["perplexity"]), num(by["sea"]["perplexity"]),
+                     num(by["sea"]["perplexity"] / by["dense"]["perplexity"], 3)])
+    return table(["SEA@64, undistilled SmolLM2, 4,096-token windows", "wiki validation tokens", "dense", "SEA",
+                  "x dense"], rows)
+
+
 def dense_layers_needle(results: Results) -> str:
     """The needle at 4,096 tokens in wiki validation prose (10 prompts): dense, SEA, SEA with layers 3-10 dense."""
     rows = []
@@ -816,6 +829,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "dense-layers-perplexity": dense_layers_perplexity,
     "dense-layers-needle": dense_layers_needle,
     "dense-layers-coverage": dense_layers_coverage,
+    "candidates-4k": candidates_4k,
     "model-dense-until": model_cost_table(("model_smollm2_policy_off.json", "model_smollm2_dense_until_2048.json",
                                            "model_smollm2_dense_until_2048_decode64.json")),
     "needle-bin-ranks": needle_bin_ranks,
