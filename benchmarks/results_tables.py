@@ -278,11 +278,13 @@ def candidates_4k(results: Results) -> str:
 
 
 def dense_layers_needle(results: Results) -> str:
-    """The needle at 4,096 tokens in wiki validation prose (10 prompts): dense, SEA, SEA with layers 3-10 dense."""
+    """The needle at 4,096 tokens in wiki validation prose (10 prompts): dense, SEA, SEA with layers 3-10 dense,
+    SEA with exact refinement."""
     rows = []
     for label, name, method in (("dense", "needle_dense_layers_3_10_4k.json", "dense"),
                                 ("SEA@64, every layer", "needle_dense_layers_none_4k.json", "sea"),
-                                ("SEA@64, layers 3-10 dense", "needle_dense_layers_3_10_4k.json", "sea")):
+                                ("SEA@64, layers 3-10 dense", "needle_dense_layers_3_10_4k.json", "sea"),
+                                ("SEA@64, candidates=4", "needle_candidates4_4k.json", "sea")):
         point = next(p for p in results.load(name)["points"] if p["method"] == method)
         rows.append([label, f"{point['correct']}/{point['prompts']}"])
     return table(["SmolLM2-135M (undistilled patch), needle in wiki validation prose, 4,096 tokens",
