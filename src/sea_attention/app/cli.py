@@ -57,8 +57,10 @@ def _sea_config_of(model) -> dict:
 
 
 def _runtime_options(args) -> dict:
-    names = ("grouping", "query_block", "candidates", "bin_sums_dtype", "dense_until", "dense_layers", "forced_keys")
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    """The run-time fields (``hf.patch.RUNTIME_FIELDS``) this command's options set."""
+    from ..hf.patch import RUNTIME_FIELDS
+
+    return {name: getattr(args, name) for name in RUNTIME_FIELDS if getattr(args, name, None) is not None}
 
 
 def _sea_overrides(args) -> dict:
@@ -310,17 +312,16 @@ def cmd_eval(args) -> int:
         return 0
     print(format_table(rows))
     if args.json:
-        write_json(rows, args.json, **_eval_about(args, stride), sea_config=_sea_config_of(model))
+        from ..tools.bench import machine_info  # perplexity differs in its last digits between CPU kinds
+
+        write_json(rows, args.json, **_eval_about(args, stride), machine=machine_info(),
+                   sea_config=_sea_config_of(model))
     return 0
 
 
 def _eval_about(args, stride: int) -> dict:
-    """What a `sea eval` JSON records of its run (the machine too: perplexity differs in its last digits
-    between CPU kinds)."""
-    from ..tools.bench import machine_info
-
-    return {"model": args.model, "data": args.data, "split": args.split, "seq_len": args.seq_len, "stride": stride,
-            "machine": machine_info()}
+    """What a `sea eval` JSON records of its run."""
+    return {"model": args.model, "data": args.data, "split": args.split, "seq_len": args.seq_len, "stride": stride}
 
 
 def _eval_task(args) -> int:
