@@ -236,17 +236,20 @@ class StateSums:
         the rows there. A call whose rows would move an edge back or by more than MOVES_PER_CALL positions
         in all rebuilds the whole table over every key instead (and leaves the edges at its last row)."""
         if self.followed is not None and lengths.shape[1] == 1:  # a decoding step: the edges stand at its row
-            return self._read(queries, lengths, width)
-        plan = self._plan(lengths, width)
-        if plan.tables is not None:
-            return edge_dots(queries, plan.tables, lengths, width, chunk)
-        per_row = []
-        for row, moves in enumerate(plan.steps):
-            self._move(plan.path[:, row + 1], moves)
-            per_row.append(self._row_dots([query[:, :, :, row:row + 1] for query in queries], plan.alive[:, row], width))
-        dots = [parts[0] if len(parts) == 1 else torch.cat(parts, dim=3) for parts in zip(*per_row)]
+            dots, sizes = self._row_dots(queries, lengths > 0, width), self.followed
+        else:
+            plan = self._plan(lengths, width)
+            if plan.tables is not None:
+                return edge_dots(queries, plan.tables, lengths, width, chunk)
+            per_row = []
+            for row, moves in enumerate(plan.steps):
+                self._move(plan.path[:, row + 1], moves)
+                per_row.append(self._row_dots([query[:, :, :, row:row + 1] for query in queries], plan.alive[:, row],
+                                              width))
+            dots = [parts[0] if len(parts) == 1 else torch.cat(parts, dim=3) for parts in zip(*per_row)]
+            sizes = plan.sizes
         return [EdgeDots(edges, _offset(query, center))  # (B, H_kv, G, Tq, K + 1) each
-                for edges, query, center in zip(dots, queries, self.state.centers)], plan.sizes
+                for edges, query, center in zip(dots, queries, self.state.centers)], sizes
 
     def follow(self, lengths: Tensor, width: int) -> None:
         """Move the state's edges to a row of ``lengths`` (B, 1) keys (a decoding step's, whether or not its
@@ -256,12 +259,6 @@ class StateSums:
         if plan.tables is None:
             self._move(plan.path[:, 1], plan.steps[0])
         self.followed = plan.sizes
-
-    def _read(self, queries: list[Tensor], lengths: Tensor, width: int) -> tuple[list[EdgeDots], Tensor]:
-        """``edge_dots`` of a decoding step whose row the edges stand at (``follow``)."""
-        dots = self._row_dots(queries, lengths > 0, width)
-        return [EdgeDots(edges, _offset(query, center))
-                for edges, query, center in zip(dots, queries, self.state.centers)], self.followed
 
     def _row_dots(self, queries: list[Tensor], alive: Tensor, width: int) -> list[Tensor]:
         """One row's queries (B, H_kv, G, 1, f_i) against the table rows at the state's edges: (B, H_kv, G, 1,
@@ -293,7 +290,7 @@ class StateSums:
         positions, sizes = _edge_positions(self.state.counts.rows, lengths, width)  # (B, Tq, K + 1)
         alive, start = (lengths > 0)[..., None], self.state.positions[:, None]  # (B, Tq, 1), (B, 1, K + 1)
         reached = torch.where(alive, positions, 0)
-        reached = (reached if reached.shape[1] == 1 else reached.cummax(1).values).maximum(start)
+        reached = reached.cummax(1).values.maximum(start)
         path = torch.cat([start, reached], 1)  # the edges before the call and at each row: (B, Tq + 1, K + 1)
         behind = ((positions < path[:, :-1]) & alive).any()
         far = (reached[:, -1] - path[:, 0]).max()  # the longest move of an edge over the call
