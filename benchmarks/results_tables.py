@@ -216,6 +216,12 @@ def refine_perplexity(results: Results) -> str:
     return table(["SEA@64, undistilled patch", "wiki validation tokens", "dense", "SEA", "x dense"], rows)
 
 
+def ppl_cells(dense: dict, sea: dict) -> list[str]:
+    """The tokens, dense, SEA and x dense cells of one ``sea eval`` SEA row beside its run's dense row."""
+    return [f"{sea['tokens']:,}", num(dense["perplexity"]), num(sea["perplexity"]),
+            num(sea["perplexity"] / dense["perplexity"], 3)]
+
+
 def dense_until_perplexity(results: Results) -> str:
     """Wiki validation perplexity of the undistilled patch at k=64 on 4,096-token windows, by ``dense_until``."""
     rows = []
@@ -223,8 +229,7 @@ def dense_until_perplexity(results: Results) -> str:
         result = results.load(f"eval_dense_until_{until}_4k.json")
         by = {r["name"]: r for r in result["rows"]}
         label = "0 (off: every row runs SEA)" if not until else f"{until:,} (rows with at most {until:,} keys: dense)"
-        rows.append([label, f"{result['seq_len']:,}", f"{by['sea']['tokens']:,}", num(by["dense"]["perplexity"]),
-                     num(by["sea"]["perplexity"]), num(by["sea"]["perplexity"] / by["dense"]["perplexity"], 3)])
+        rows.append([label, f"{result['seq_len']:,}", *ppl_cells(by["dense"], by["sea"])])
     return table(["dense_until (SEA@64, undistilled)", "window", "tokens", "dense", "SEA", "x dense"], rows)
 
 
@@ -245,9 +250,7 @@ def dense_layers_perplexity(results: Results) -> str:
         by = {r["name"]: r for r in result["rows"]}
         mean_keys = (len(layers) * (result["seq_len"] + 1) / 2
                      + (SMOLLM2_LAYERS - len(layers)) * by["sea"]["k"]) / SMOLLM2_LAYERS
-        rows.append([label, result["split"], f"{mean_keys:,.0f}", f"{by['sea']['tokens']:,}",
-                     num(by["dense"]["perplexity"]), num(by["sea"]["perplexity"]),
-                     num(by["sea"]["perplexity"] / by["dense"]["perplexity"], 3)])
+        rows.append([label, result["split"], f"{mean_keys:,.0f}", *ppl_cells(by["dense"], by["sea"])])
     return table([f"dense layers (SEA@64, undistilled SmolLM2, {SMOLLM2_LAYERS} layers)", "wiki split",
                   "keys per query and head (mean)", "tokens", "dense", "SEA", "x dense"], rows)
 
@@ -271,8 +274,7 @@ def candidates_4k(results: Results) -> str:
     for label, name in (("candidates=1 (default)", "eval_dense_layers_none_4k.json"),
                         ("candidates=4", "eval_candidates4_4k.json")):
         by = {r["name"]: r for r in results.load(name)["rows"]}
-        rows.append([label, f"{by['sea']['tokens']:,}", num(by["dense"]["perplexity"]), num(by["sea"]["perplexity"]),
-                     num(by["sea"]["perplexity"] / by["dense"]["perplexity"], 3)])
+        rows.append([label, *ppl_cells(by["dense"], by["sea"])])
     return table(["SEA@64, undistilled SmolLM2, 4,096-token windows", "wiki validation tokens", "dense", "SEA",
                   "x dense"], rows)
 
@@ -299,8 +301,7 @@ def grouping_quality_4k(results: Results) -> str:
         result = results.load(name)
         dense = next(r for r in result["rows"] if r["name"] == "dense")
         sea = next(r for r in result["rows"] if r["name"] == "sea" and r["k"] == k)
-        rows.append([label, str(k), f"{sea['tokens']:,}", num(dense["perplexity"]), num(sea["perplexity"]),
-                     num(sea["perplexity"] / dense["perplexity"], 3)])
+        rows.append([label, str(k), *ppl_cells(dense, sea)])
     return table(["grouping (SEA, undistilled)", "k", "tokens", "dense", "SEA", "x dense"], rows)
 
 
