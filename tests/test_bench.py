@@ -57,15 +57,18 @@ def test_cli_attention_writes_json_and_plot(tmp_path, capsys):
     assert "x SDPA" in printed and "eager" in printed
 
 
-def test_the_float32_prefix_sum_methods_run_with_their_setting(tmp_path):
-    from sea_attention.tools.bench.attention import SEA_METHODS
+def test_the_opt_in_methods_run_with_their_setting(tmp_path):
+    from sea_attention.tools.bench.attention import CHUNKED, DEFAULT_METHODS, SEA_METHODS
 
     assert SEA_METHODS["sea_f32"] == SEA_METHODS["sea_chunked_f32"] == {"bin_sums_dtype": "float32"}
-    report = tmp_path / "f32.json"
-    assert main(["bench", "attention", "--lengths", "64", "--methods", "sdpa,sea_f32,sea_chunked_f32", *TINY,
+    assert SEA_METHODS["sea_block_refined_chunked"] == {"grouping": "block", "candidates": 4}
+    assert "sea_block_refined_chunked" in CHUNKED and "sea_block_refined_chunked" not in DEFAULT_METHODS
+    report = tmp_path / "opt_in.json"
+    methods = ["sdpa", "sea_f32", "sea_chunked_f32", "sea_block_refined_chunked"]
+    assert main(["bench", "attention", "--lengths", "64", "--methods", ",".join(methods), *TINY,
                  "--json", str(report)]) == 0
     points = json.loads(report.read_text())["points"]
-    assert [p["method"] for p in points] == ["sdpa", "sea_f32", "sea_chunked_f32"]
+    assert [p["method"] for p in points] == methods
     assert all(p["seconds"] > 0 and p["note"] == "" for p in points)
 
 

@@ -1,5 +1,6 @@
-"""Exact refinement (SEAConfig.candidates): the fast slot version against the dense reference,
-and the layer with it against its own reference path, decoding and row chunks."""
+"""Exact refinement (SEAConfig.candidates): the fast slot version and the block op's in-product
+version against the dense reference, and the layer with it (per-query and block groupings) against
+its own reference path, decoding and row chunks."""
 
 import pytest
 import torch
@@ -7,7 +8,11 @@ import torch
 from conftest import make_qkv, padding_mask
 from sea_attention import DecodeState, SEAAttention, SEAConfig
 from sea_attention.core.cells import cells_to_keys, query_lengths
-from sea_attention.core.refine import naive_refine, refine_slots
+from sea_attention.core.blocks import block_dense_mask
+from sea_attention.core.ops.block_sparse import BlockSparseAttention, few_rows_attention
+from sea_attention.core.ops.reference import reference_attention
+from sea_attention.core.refine import keep_best, naive_refine, refine_slots
+from test_blocks import random_selection
 
 
 def _random_slots(bsz, heads, tq, tk, width, mask):
@@ -25,7 +30,7 @@ def test_refined_slots_equal_the_dense_reference(heads, kv_heads, candidates, pa
     mask = padding_mask(2, 30, pad)
     slots, _ = _random_slots(2, heads, 30, 30, 8, mask)
     refined = refine_slots(q, k, slots, candidates, scale=0.3, chunk=7)
-    expected = naive_refine(q, k, slots, candidates, scale=0.3)
+    expected = naive_refine(q, k, slots.dense_mask(heads, 30), candidates, scale=0.3)
     assert torch.equal(refined.dense_mask(heads, 30), expected)
     assert torch.equal(refined.dense_mask(heads, 30) & ~slots.dense_mask(heads, 30), torch.zeros_like(expected))
     head_order = torch.where(refined.valid, refined.head, heads)
@@ -47,7 +52,7 @@ def _layer(**kw):
     return SEAAttention(SEAConfig(**{**defaults, **kw}))
 
 
-@pytest.mark.parametrize("grouping", ["query", "query_head"])
+@pytest.mark.parametrize("grouping", ["query", "query_head", "block"])
 def test_the_sparse_path_equals_the_reference_path_outputs_and_gradients(grouping):
     sparse = _layer(grouping=grouping)
     reference = _layer(grouping=grouping, attention_path="reference")
@@ -64,8 +69,9 @@ def test_the_sparse_path_equals_the_reference_path_outputs_and_gradients(groupin
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_refinement_keeps_about_the_budget_and_changes_the_keys():
-    plain, refined = _layer(candidates=1).eval(), _layer(candidates=4).eval()
+@pytest.mark.parametrize("grouping", ["query", "block"])
+def test_refinement_keeps_about_the_budget_and_changes_the_keys(grouping):
+    plain, refined = (_layer(candidates=c, grouping=grouping, query_block=8).eval() for c in (1, 4))
     refined.load_state_dict(plain.state_dict())
     q, k, v = make_qkv(1, 4, 2, 64, 64, 16)
     a, b = plain(q, k, v), refined(q, k, v)
@@ -73,9 +79,10 @@ def test_refinement_keeps_about_the_budget_and_changes_the_keys():
     assert not torch.equal(a.context, b.context)
 
 
+@pytest.mark.parametrize("grouping", ["query", "block"])
 @pytest.mark.parametrize("schedule", [[30], [20, 1, 1, 8]])
-def test_decoding_and_row_chunks_equal_the_full_forward(schedule):
-    module = _layer(query_chunk=8).eval()
+def test_decoding_and_row_chunks_equal_the_full_forward(schedule, grouping):
+    module = _layer(query_chunk=8, grouping=grouping, query_block=8).eval()
     q, k, v = make_qkv(2, 4, 2, 30, 30, 16)
     mask = padding_mask(2, 30, 3)
     full = module(q, k, v, attention_mask=mask).context
@@ -90,8 +97,7 @@ def test_decoding_and_row_chunks_equal_the_full_forward(schedule):
     torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [dict(candidates=0), dict(candidates=2.5), dict(candidates=2, grouping="block"),
-                                 dict(candidates=2, attention_path="flex")])
+@pytest.mark.parametrize("bad", [dict(candidates=0), dict(candidates=2.5), dict(candidates=2, attention_path="flex")])
 def test_the_config_refuses_what_cannot_run(bad):
     with pytest.raises(ValueError, match="candidates"):
         SEAConfig(num_heads=4, head_dim=16, **bad)
@@ -107,3 +113,59 @@ def test_candidate_scores_are_the_dense_scores_at_the_slots():
                                      slots.head, slots.key]  # (B, Tq, S)
     expected = expected.masked_fill(~slots.valid, float("-inf"))
     torch.testing.assert_close(candidate_scores(q, k, slots, 0.7, chunk=5), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_keep_best_keeps_exactly_the_highest_finite_scores():
+    scores = torch.tensor([[3.0, float("-inf"), 1.0, 2.0], [0.5, float("-inf"), float("-inf"), 0.1]])
+    kept = keep_best(scores, torch.tensor([[2], [3]]))  # the second row has two finite scores
+    assert kept.tolist() == [[True, False, False, True], [True, False, False, True]]
+    assert not bool(keep_best(scores, torch.zeros(2, 1, dtype=torch.long)).any())
+
+
+def _refined_block_mask(q, k, selection, key_valid, cap, candidates, scale):
+    """The block rule's mask with each row's candidates (its block's cell keys) refined by the dense
+    reference; the tile stays whole."""
+    heads, tq = q.shape[1], q.shape[2]
+    whole = block_dense_mask(selection, key_valid, cap, heads, tq)
+    cells = block_dense_mask(selection, key_valid, cap, heads, tq, tile=False)
+    return naive_refine(q, k, cells, candidates, scale) | (whole & ~cells)
+
+
+@pytest.mark.parametrize("mode", ["lists", "dense"])
+@pytest.mark.parametrize("causal, kv_heads, tq, tk", [(True, 2, 70, 70), (True, 1, 21, 90), (False, 4, 60, 60)])
+@pytest.mark.parametrize("candidates", [2, 3])
+def test_the_block_op_refines_like_the_dense_reference(mode, causal, kv_heads, tq, tk, candidates):
+    """Outputs, gradients and keys per row of the block op (both strategies) with refinement equal
+    reference attention on the refined mask; the refinement keeps ceil(n / c) of each list."""
+    torch.manual_seed(2)
+    bsz, heads, cap = 2, 4, 6
+    key_valid, query_valid, selection = random_selection(bsz, heads, tq, tk, cap, pad=7, causal=causal)
+    q, k, v = make_qkv(bsz, heads, kv_heads, tq, tk, 8, dtype=torch.float64, requires_grad=True)
+    out, nnz = BlockSparseAttention(chunk_blocks=2, mode=mode)(q, k, v, selection, key_valid, 0.3, cap, candidates)
+    mask = _refined_block_mask(q, k, selection, key_valid, cap, candidates, 0.3)
+    expected, _ = reference_attention(q, k, v, mask, 0.3)
+    rows = query_valid[:, None, :, None]
+    torch.testing.assert_close(out * rows, expected * rows, atol=1e-10, rtol=1e-10)
+    assert torch.equal(nnz * query_valid[:, None], mask.sum(-1) * query_valid[:, None])
+    grads = torch.autograd.grad((out * rows).square().sum(), (q, k, v))
+    wanted = torch.autograd.grad((expected * rows).square().sum(), (q, k, v))
+    for got, want in zip(grads, wanted):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    plain = block_dense_mask(selection, key_valid, cap, heads, tq)
+    assert bool((mask <= plain).all()) and int(mask.sum()) < int(plain.sum())  # a subset, and a strict one
+
+
+@pytest.mark.parametrize("tq, tk, kv_heads", [(1, 37, 2), (3, 70, 4), (9, 40, 2)])
+def test_a_few_refined_queries_attend_the_reference_keys(tq, tk, kv_heads):
+    torch.manual_seed(3)
+    heads, cap, candidates = 4, 6, 3
+    key_valid, _, selection = random_selection(2, heads, tq, tk, cap, pad=5, causal=True)
+    q, k, v = (x.double().requires_grad_() for x in make_qkv(2, heads, kv_heads, tq, tk, 16))
+    out, nnz = few_rows_attention(q, k, v, selection, key_valid, 0.25, cap, candidates)
+    mask = _refined_block_mask(q, k, selection, key_valid, cap, candidates, 0.25)
+    want, _ = reference_attention(q, k, v, mask, 0.25)
+    torch.testing.assert_close(out, want)
+    assert torch.equal(nnz, mask.sum(-1))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for got, expected in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(got, expected)

@@ -88,7 +88,8 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
     runtime.add_argument("--query-block", type=positive_int, help="positions per block of --grouping block (default 64)")
     runtime.add_argument("--candidates", type=positive_int,
                          help="exact refinement: select cells for this many times the budget, keep each head's "
-                              "exactly best share of their keys (default 1: off; per-query groupings)")
+                              "exactly best share of their keys, per query row (default 1: off; with --grouping block a block's "
+                              "rows share its candidates and each keeps its own best)")
     runtime.add_argument("--bin-sums-dtype", choices=BIN_SUMS_DTYPES,
                          help="how the binned signals store their prefix sums: float64 (default; decoding selects "
                               "exactly what a full forward does) or float32 (faster prefill, half the decoding state's tables)")

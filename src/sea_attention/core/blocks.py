@@ -262,24 +262,37 @@ def span_mask(selection: BlockSelection, keys: BlockKeys, key_valid: Tensor, lo:
               num_heads: int) -> Tensor:
     """(B, H, n, block, span) bool: the keys < ``span`` that each row of blocks ``lo:hi`` attends
     (its block's cells, and its tile when causal). ``keys`` = ``block_keys(..., lo, hi)``."""
-    bsz = key_valid.shape[0]
+    cells = span_cell_mask(keys, key_valid.shape[0], lo, hi, span, num_heads)
+    mask = cells.expand(-1, -1, -1, selection.block, -1)
+    return mask | span_tile_mask(selection, key_valid, lo, hi, span) if selection.causal else mask
+
+
+def span_cell_mask(keys: BlockKeys, bsz: int, lo: int, hi: int, span: int, num_heads: int) -> Tensor:
+    """(B, H, n, 1, span) bool: the keys < ``span`` of each block's selected cells (blocks ``lo:hi``)."""
     n = hi - lo
     dump = num_heads * span
     flat = torch.where(keys.valid & (keys.key < span), keys.head.unsqueeze(-1) * span + keys.key, dump)
-    cells = torch.zeros(bsz, n, dump + 1, dtype=torch.bool, device=key_valid.device)
+    cells = torch.zeros(bsz, n, dump + 1, dtype=torch.bool, device=keys.key.device)
     cells = cells.scatter_(-1, flat.flatten(2), True)[..., :dump].view(bsz, n, num_heads, 1, span)
-    mask = cells.transpose(1, 2).expand(-1, -1, -1, selection.block, -1)
-    if selection.causal:
-        key_pos = torch.arange(span, device=key_valid.device)
-        row_pos = tile_positions(selection, torch.arange(lo, hi, device=key_valid.device))  # (n, block)
-        tile = (key_pos >= selection.tile_start[lo:hi, None, None]) & (key_pos <= row_pos[..., None])  # (n, block, span)
-        mask = mask | (tile & key_valid[:, None, None, :span]).unsqueeze(1)
-    return mask
+    return cells.transpose(1, 2)
 
 
-def block_dense_mask(selection: BlockSelection, key_valid: Tensor, cap: int, num_heads: int, tq: int) -> Tensor:
-    """The selection as a (B, H, Tq, Tk) bool mask: for the reference path, tests and plots."""
+def span_tile_mask(selection: BlockSelection, key_valid: Tensor, lo: int, hi: int, span: int) -> Tensor:
+    """(B, 1, n, block, span) bool: the keys < ``span`` of each row's tile (causal; blocks ``lo:hi``)."""
+    key_pos = torch.arange(span, device=key_valid.device)
+    row_pos = tile_positions(selection, torch.arange(lo, hi, device=key_valid.device))  # (n, block)
+    tile = (key_pos >= selection.tile_start[lo:hi, None, None]) & (key_pos <= row_pos[..., None])  # (n, block, span)
+    return (tile & key_valid[:, None, None, :span]).unsqueeze(1)
+
+
+def block_dense_mask(selection: BlockSelection, key_valid: Tensor, cap: int, num_heads: int, tq: int,
+                     tile: bool = True) -> Tensor:
+    """The selection as a (B, H, Tq, Tk) bool mask: for the reference path, tests and plots.
+    ``tile=False``: the cells' keys only (the candidates an exact refinement chooses among)."""
     bsz, tk = key_valid.shape
     keys = block_keys(selection, key_valid, cap, 0, selection.num_blocks)
-    mask = span_mask(selection, keys, key_valid, 0, selection.num_blocks, tk, num_heads)  # (B, H, nb, Bq, Tk)
+    if tile:
+        mask = span_mask(selection, keys, key_valid, 0, selection.num_blocks, tk, num_heads)  # (B, H, nb, Bq, Tk)
+    else:
+        mask = span_cell_mask(keys, bsz, 0, selection.num_blocks, tk, num_heads).expand(-1, -1, -1, selection.block, -1)
     return mask.flatten(2, 3)[:, :, selection.front:selection.front + tq]

@@ -135,15 +135,18 @@ class SEAConfig:
             (dense T x T masked softmax, the oracle for tests) or ``"flex"`` (PyTorch's
             FlexAttention with a block-sparse mask; forward only on CPU, so calls that need
             gradients there, or the dense attention view, run the sparse path).
-        candidates: exact refinement (``refine.py``; per-query groupings, ``sparse`` or
-            ``reference`` path): the estimate selects cells for ``candidates`` times the budget,
-            every candidate key is scored exactly (scale * q . k), and each query and head keeps
-            the best ``ceil(n / candidates)`` of its ``n`` candidates, so the heads keep the
-            grouped budget's shares and the keys per query stay about ``k``. Costs
-            ``candidates * k`` exact dot products per query and head. 1 (the default) is off:
-            a selected cell's keys are all used (at most ``k`` of them, spread evenly). On the
-            undistilled SmolLM2 patch at k=64, 4 finds a needle in prose and copies far better
-            but raises wiki-validation perplexity (x1.062 of dense against x1.038; docs/results.md).
+        candidates: exact refinement (``refine.py``; ``sparse`` or ``reference`` path): the
+            estimate selects cells for ``candidates`` times the budget, every candidate key is
+            scored exactly (scale * q . k), and each query and head keeps the best
+            ``ceil(n / candidates)`` of its ``n`` candidates, so the heads keep the grouped
+            budget's shares and the keys per query stay about ``k``. Per query, it costs
+            ``candidates * k`` exact dot products per query and head; with ``grouping="block"`` a
+            block's rows share its candidates, which the block product scores anyway, and each
+            row keeps its own best (its tile stays whole). 1 (the default) is off: a selected
+            cell's keys are all used (at most ``k`` of them, spread evenly). Undistilled SmolLM2,
+            k=64, wiki validation (docs/results.md): per query, 4 costs perplexity at 1k (x1.062
+            of dense against x1.038) and halves the gap at 4k (x1.067 against x1.131); with the
+            block grouping, 4 gives x1.030 at 1k and x1.063 at 4k.
         dense_layers: the layers (``layer_idx``) that keep the dense model's attention on every row:
             exact softmax over every key, the dense model's output (the length policy with no limit).
             Quest leaves its first two layers dense and MoBA its last three; a dense layer costs what
@@ -249,10 +252,9 @@ class SEAConfig:
         if self.grouping == "block" and self.attention_path == "flex":
             raise ValueError("attention_path='flex' runs the per-query groupings; grouping='block' has its own "
                              "block-sparse kernel: use attention_path='sparse' (or 'reference') with it")
-        if self.candidates > 1 and (self.grouping == "block" or self.attention_path == "flex"):
-            raise ValueError(f"candidates={self.candidates} (exact refinement) runs with the per-query groupings "
-                             f"{tuple(g for g in GROUPINGS if g != 'block')} on attention_path 'sparse' or "
-                             f"'reference'; got grouping={self.grouping!r}, attention_path={self.attention_path!r}")
+        if self.candidates > 1 and self.attention_path == "flex":
+            raise ValueError(f"candidates={self.candidates} (exact refinement) runs on attention_path 'sparse' or "
+                             f"'reference'; got attention_path={self.attention_path!r}")
         if self.bin_sums_dtype != "float64" and not self.binned:
             raise ValueError(f"bin_sums_dtype={self.bin_sums_dtype!r} sets how the binned signals store their prefix "
                              "sums: it needs kernel_bins=True or key_bins=True, got both False")

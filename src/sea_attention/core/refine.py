@@ -1,6 +1,6 @@
 """Exact refinement: the estimate proposes candidate keys, their exact scores keep the budget.
 
-With ``SEAConfig.candidates = c > 1`` a per-query grouping selects cells for ``c`` times the
+With ``SEAConfig.candidates = c > 1`` a grouping selects cells for ``c`` times the
 budget (the grouped top-k as usual, so the heads share the candidates as they would share the
 keys), stretches them to key slots, scores every candidate exactly, s = scale * q . k, and keeps
 the best ``ceil(n_h / c)`` of the ``n_h`` candidates of each (query, head): every head keeps its
@@ -8,6 +8,10 @@ share of the grouped budget, chosen by the exact score instead of by the bin the
 This is the oracle restricted to the candidates: with all keys as candidates it is the per-head
 exact top-k (``naive_refine`` and the tests). Cost per query: ``c * k`` exact dot products per
 head on top of the ``k`` the attention reads, linear in the sequence length.
+
+The per-query groupings refine their key slots here (``refine_slots``); the block grouping shares
+one candidate list per block and head, and its op keeps each row's best with ``keep_best`` on the
+scores it computes anyway (``ops/block_sparse.py``): the candidates cost no extra product there.
 """
 
 from __future__ import annotations
@@ -44,11 +48,28 @@ def _keep_best(scores: Tensor, slots: KeySlots, heads: int, candidates: int) -> 
     inside = offsets < per_head.unsqueeze(-1)  # (B, c, H, W)
     index = (run_start.unsqueeze(-1) + offsets).clamp_max(owner.shape[-1] - 1)
     padded = scores.gather(-1, index.flatten(2)).view(index.shape).masked_fill(~inside, float("-inf"))
-    keep = (per_head + candidates - 1) // candidates  # (B, c, H): ceil(n_h / c)
+    keep = kept_count(per_head, candidates)  # (B, c, H)
     best = padded.topk(max(int(keep.max()) if keep.numel() else 0, 1), dim=-1).indices  # (B, c, H, kmax)
     kept = (torch.arange(best.shape[-1], device=owner.device) < keep.unsqueeze(-1)).flatten(2)  # (B, c, H*kmax)
     picked = index.gather(-1, best).flatten(2)  # the kept slots, head-major
     return _compact(slots, picked, kept)
+
+
+def kept_count(count: Tensor, candidates: int) -> Tensor:
+    """THE refinement's share: of ``count`` candidates of a (query, head), ``ceil(count / candidates)``."""
+    return (count + candidates - 1) // candidates
+
+
+def keep_best(scores: Tensor, keep: Tensor) -> Tensor:
+    """(..., R, W) bool: each row's ``keep`` highest finite scores, exactly that many (all its finite
+    ones where it has fewer). ``keep`` (..., R or 1, 1) broadcasts against the rows."""
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    most = min(int(keep.max()) if keep.numel() else 0, scores.shape[-1])
+    if most == 0:
+        return kept
+    top = scores.topk(most, dim=-1)
+    chosen = (torch.arange(most, device=scores.device) < keep) & (top.values > float("-inf"))
+    return kept.scatter_(-1, top.indices, chosen)
 
 
 def _compact(slots: KeySlots, picked: Tensor, kept: Tensor) -> KeySlots:
@@ -73,13 +94,12 @@ def _pad(x: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
 
 
-def naive_refine(q: Tensor, k: Tensor, slots: KeySlots, candidates: int, scale: float) -> Tensor:
-    """The refinement as a dense (B, H, Tq, Tk) bool mask, from the dense scores: the reference."""
-    heads, keys = q.shape[1], k.shape[2]
-    allowed = slots.dense_mask(heads, keys)  # (B, H, Tq, Tk)
+def naive_refine(q: Tensor, k: Tensor, allowed: Tensor, candidates: int, scale: float) -> Tensor:
+    """The refinement of the candidates ``allowed`` (B, H, Tq, Tk) bool as a dense bool mask of the
+    same shape, from the dense scores and a full sort: the reference."""
+    heads = q.shape[1]
     kv = k.repeat_interleave(heads // k.shape[1], dim=1)
     scores = (q.float() @ kv.float().transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-    count = allowed.sum(-1, keepdim=True)  # (B, H, Tq, 1)
-    keep = (count + candidates - 1) // candidates
+    keep = kept_count(allowed.sum(-1, keepdim=True), candidates)  # (B, H, Tq, 1)
     rank = torch.argsort(torch.argsort(scores, dim=-1, descending=True, stable=True), dim=-1)  # place by score
     return allowed & (rank < keep)

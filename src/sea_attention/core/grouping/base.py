@@ -56,6 +56,11 @@ class Grouping(ABC):
         """The query rows the estimator must produce (sorted), or None for all of them."""
         return call.query_rows
 
+    def candidate_budget(self, call: "SEACall") -> int:
+        """Keys per query per head the selected cells stand for: the budget, times ``candidates``
+        (exact refinement, ``refine.py``), at most every key."""
+        return min(call.budget * self.config.candidates, call.k.shape[2])
+
     def span_size(self) -> int:
         """Rows per span of the row-chunked prefill (``chunked.py``): ``config.query_chunk``."""
         return self.config.query_chunk

@@ -13,6 +13,7 @@ from ..blocks import (
 )
 from ..ops.block_sparse import block_sparse_attention, few_rows_attention
 from ..ops.reference import reference_attention
+from ..refine import naive_refine
 from .base import Attended, Grouping, Step
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class BlockGrouping(Grouping):
         carried = state.block if state is not None and state.seen else None
         lo = int(call.query_rows[0]) if call.query_rows is not None and call.query_rows.numel() else 0
         rows = estimate.rows - lo if estimate.rows is not None else None
-        request = BlockRequest(call.asked_lengths, call.asked(call.query_valid, 1), call.first + lo, call.budget,
+        request = BlockRequest(call.asked_lengths, call.asked(call.query_valid, 1), call.first + lo, self.candidate_budget(call),
                                cfg.query_block, cfg.causal, cfg.sinks, cfg.local_window, cfg.forced_keys)
         selection = select_blocks(estimate.probs, request, carried, rows)
         if state is not None:
@@ -70,22 +71,33 @@ class BlockGrouping(Grouping):
 
     def attend(self, selection: BlockSelection, call: "SEACall") -> Attended:
         """Dense block products; the reference path (or an attention view) on the dense mask, and
-        per-row lists for a few queries (decoding), where a block of rows would be mostly padding."""
+        per-row lists for a few queries (decoding), where a block of rows would be mostly padding.
+        With ``candidates`` > 1 each row keeps its exactly best share of its block's keys (``refine.py``)."""
         cfg, q = self.config, call.asked(call.q, 2)
-        tq = q.shape[2]
+        tq, cap = q.shape[2], self.candidate_budget(call)
         attention = None
         if cfg.attention_path == "reference" or call.return_attention:
-            mask = block_dense_mask(selection, call.key_valid, call.budget, cfg.num_heads, tq)
+            mask = self._dense_mask(q, selection, call, cap)
             context, probs = reference_attention(q, call.k, call.v, mask, call.scale)
             attention = probs if call.return_attention else None
             nnz = mask.sum(-1)
         elif cfg.causal and tq * 4 <= cfg.query_block:
-            context, nnz = few_rows_attention(q, call.k, call.v, selection, call.key_valid, call.scale, call.budget)
+            context, nnz = few_rows_attention(q, call.k, call.v, selection, call.key_valid, call.scale, cap,
+                                              cfg.candidates)
         else:
-            context, nnz = block_sparse_attention(q, call.k, call.v, selection, call.key_valid, call.scale,
-                                                  call.budget)
+            context, nnz = block_sparse_attention(q, call.k, call.v, selection, call.key_valid, call.scale, cap,
+                                                  cfg.candidates)
         valid = call.asked(call.query_valid, 1)[:, None, :]  # padding queries report no keys, as elsewhere
         cells = selection.per_query_cells(tq)
         if not bool(valid.all()):  # a (B, H, Tq, K) pass saved when no row is padding
             cells = cells & valid.unsqueeze(-1)
         return Attended(context, cells, nnz * valid, attention)
+
+    def _dense_mask(self, q: Tensor, selection: BlockSelection, call: "SEACall", cap: int) -> Tensor:
+        """(B, H, Tq, Tk) bool: the keys each row attends, refined from the dense scores (the reference)."""
+        heads, tq, candidates = self.config.num_heads, q.shape[2], self.config.candidates
+        mask = block_dense_mask(selection, call.key_valid, cap, heads, tq)
+        if candidates == 1:
+            return mask
+        cells = block_dense_mask(selection, call.key_valid, cap, heads, tq, tile=False)
+        return naive_refine(q, call.k, cells, candidates, call.scale) | (mask & ~cells)

@@ -43,12 +43,12 @@ class PerQueryGrouping(Grouping):
     def select(self, estimate: "Estimate", call: "SEACall") -> Tensor:
         """(B, H, n, K) bool: the cells each computed row selects (for ``candidates`` times the budget)."""
         cfg = self.config
-        return select_cells(estimate.probs, call.asked_lengths, self._candidate_budget(call), self.kind,
+        return select_cells(estimate.probs, call.asked_lengths, self.candidate_budget(call), self.kind,
                             cfg.query_chunk, cfg.sinks, cfg.local_window, cfg.forced_keys)
 
     def keys(self, cells: Tensor, call: "SEACall") -> tuple[Tensor, KeySlots]:
         """The selected cells and their keys (``cells_to_keys``)."""
-        cap = self._candidate_budget(call)
+        cap = self.candidate_budget(call)
         slots = cells_to_keys(cells, call.asked_lengths, call.key_valid, cap=cap, chunk=self.config.query_chunk,
                               forced=self._forced(cap))
         return cells, slots
@@ -64,10 +64,6 @@ class PerQueryGrouping(Grouping):
         budget-wide groupings force no cells."""
         cfg = self.config
         return forced_ranges(cap, cfg.sinks, cfg.local_window, cfg.forced_keys and self.kind in ("query", "query_head"))
-
-    def _candidate_budget(self, call: "SEACall") -> int:
-        """Keys per query per head the cells stand for: the budget, times ``candidates``."""
-        return min(call.budget * self.config.candidates, call.k.shape[2])
 
     def attend(self, selected: tuple[Tensor, KeySlots], call: "SEACall") -> Attended:
         """Attention of the computed rows on their keys, on the config's ``attention_path``."""

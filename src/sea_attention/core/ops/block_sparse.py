@@ -4,11 +4,14 @@ All queries of a block attend the same selected cells, so each head's selected k
 gathered once per block into one list (``head_lists``) and scored with one
 (block x d) @ (d x keys) product; causal blocks append their own keys to the list, a tile
 masked causally. One softmax per query and head runs over the list (``_attend_lists``; a few rows
-of a decoding step take the same lists: ``few_rows_attention``). Plain autograd: the products are
+of a decoding step take the same lists: ``few_rows_attention``). With ``candidates`` > 1 (exact
+refinement, ``refine.py``) a head's list holds candidates: each row keeps its exactly best
+``ceil(n / candidates)`` of them (``_drop_candidates``), from the scores the product computed anyway. Plain autograd: the products are
 dense, so there is no per-query gather to avoid in backward. Blocks are processed a few at a time,
 so memory is linear in T.
 
-The reference is ``reference.reference_attention`` on ``blocks.block_dense_mask``.
+The reference is ``reference.reference_attention`` on ``blocks.block_dense_mask`` (refined by
+``refine.naive_refine``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..blocks import BlockKeys, BlockSelection, block_keys, cached_keys, span_mask, tile_mask, tile_positions
+from ..blocks import (
+    BlockKeys, BlockSelection, block_keys, cached_keys, span_cell_mask, span_tile_mask, tile_mask, tile_positions,
+)
 from ..cells import valid_key_positions
+from ..refine import keep_best, kept_count
 from ..rows import same_layout
 
 MODES = ("auto", "lists", "dense")
@@ -38,7 +44,26 @@ def _pad_rows(x: Tensor, front: int, back: int) -> Tensor:
     return F.pad(x, (0, 0, front, back)) if front or back else x
 
 
-def _dense_chunk(q_chunk: Tensor, k_span: Tensor, v_span: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class _Refine:
+    """Exact refinement inside one product: which scores are candidates (bool, broadcast against the
+    scores) and how many of them each row keeps, (..., 1 or R, 1)."""
+
+    candidates: Tensor
+    keep: Tensor
+
+
+def _drop_candidates(scores: Tensor, refine: _Refine | None) -> Tensor:
+    """Scores (..., R, L), masked (-inf where not attended), with the candidates a row does not keep
+    (``refine.keep_best``) masked too, in place; returns the keys each row attends, (..., R)."""
+    if refine is not None:
+        kept = keep_best(scores.masked_fill(~refine.candidates, float("-inf")), refine.keep)
+        scores.masked_fill_(refine.candidates & ~kept, float("-inf"))
+    return (scores > float("-inf")).sum(-1)  # an attended key's score is finite
+
+
+def _dense_chunk(q_chunk: Tensor, k_span: Tensor, v_span: Tensor, allowed: Tensor,
+                 refine: _Refine | None = None) -> tuple[Tensor, Tensor]:
     """Blocks scored against every key of the span, then masked: (B, n, H, Bq, d), (B, n, H, Bq).
 
     q_chunk (B, H, n, Bq, d) already scaled; k_span, v_span (B, H_kv, span, d); allowed (B, H, n, Bq, span).
@@ -48,10 +73,12 @@ def _dense_chunk(q_chunk: Tensor, k_span: Tensor, v_span: Tensor, allowed: Tenso
     q_grouped = q_chunk.reshape(bsz, kv_heads, -1, dim)  # the heads of one kv head share its keys
     scores = (q_grouped @ k_span.transpose(-1, -2)).view(bsz, heads, n, block, span)
     # -inf, not the lowest float: exp() takes a slow path on huge finite negatives
-    probs = torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)
+    scores = scores.masked_fill_(~allowed, float("-inf"))
+    count = _drop_candidates(scores, refine) if refine is not None else allowed.sum(-1)
+    probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill(~allowed, 0.0)  # rows with no key at all are NaN until here
     out = (probs.reshape(bsz, kv_heads, -1, span) @ v_span).view(bsz, heads, n, block, dim)
-    return out.transpose(1, 2), allowed.sum(-1).transpose(1, 2)
+    return out.transpose(1, 2), count.transpose(1, 2)
 
 
 @dataclass
@@ -63,21 +90,29 @@ class _BlockRun:
     v: Tensor
     selection: BlockSelection
     key_valid: Tensor  # (B, Tk)
+    candidates: int = 1  # exact refinement of each head's list (``refine.py``); 1: off
 
     @classmethod
     def prepare(cls, q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
-                scale: float) -> "_BlockRun":
+                scale: float, candidates: int = 1) -> "_BlockRun":
         bsz, heads, tq, dim = q.shape
         compute = torch.promote_types(q.dtype, torch.float32)
         block, num_blocks, front = selection.block, selection.num_blocks, selection.front
         q_scaled = q.to(compute) * scale  # the scale folded into q once, not into every score
         q_blocks = _pad_rows(q_scaled, front, num_blocks * block - tq - front).view(bsz, heads, num_blocks, block, dim)
-        return cls(q_blocks, k.to(compute), v.to(compute), selection, key_valid)
+        return cls(q_blocks, k.to(compute), v.to(compute), selection, key_valid, candidates)
 
     def dense(self, lo: int, hi: int, keys: BlockKeys, span: int) -> tuple[Tensor, Tensor]:
         """Blocks lo:hi scored against every key before ``span``, masked to their keys."""
-        allowed = span_mask(self.selection, keys, self.key_valid, lo, hi, span, self.q_blocks.shape[1])
-        return _dense_chunk(self.q_blocks[:, :, lo:hi], self.k[:, :, :span], self.v[:, :, :span], allowed)
+        heads, block = self.q_blocks.shape[1], self.selection.block
+        cells = span_cell_mask(keys, self.key_valid.shape[0], lo, hi, span, heads)  # (B, H, n, 1, span)
+        allowed = cells.expand(-1, -1, -1, block, -1)
+        if self.selection.causal:
+            allowed = allowed | span_tile_mask(self.selection, self.key_valid, lo, hi, span)
+        refine = None
+        if self.candidates > 1:
+            refine = _Refine(cells, kept_count(cells.sum(-1, keepdim=True), self.candidates))
+        return _dense_chunk(self.q_blocks[:, :, lo:hi], self.k[:, :, :span], self.v[:, :, :span], allowed, refine)
 
     def lists(self, lo: int, hi: int, keys: BlockKeys) -> tuple[Tensor, Tensor]:
         """Blocks lo:hi scored against each head's list of selected keys, followed (causal) by the
@@ -96,8 +131,17 @@ class _BlockRun:
             key = torch.cat([key, tile.expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, n, L + Bq)
             own = tile_mask(self.selection, self.key_valid, lo, hi).unsqueeze(1).expand(-1, heads, -1, -1, -1)
             allowed = torch.cat([allowed, own], dim=-1)  # (B, H, n, Bq, L + Bq)
-        out = _attend_lists(q_chunk, *_gather_lists(self.k, self.v, key), allowed)  # (B, H, n, Bq, d)
-        return out.transpose(1, 2), allowed.sum(-1).transpose(1, 2)
+        refine = _list_refine(self.candidates, lists.key.shape[-1], key.shape[-1], lists.valid.sum(-1)[..., None, None])
+        out, count = _attend_lists(q_chunk, *_gather_lists(self.k, self.v, key), allowed, refine)  # (B, H, n, Bq, d)
+        return out.transpose(1, 2), count.transpose(1, 2)
+
+
+def _list_refine(candidates: int, listed: int, width: int, count: Tensor) -> _Refine | None:
+    """The refinement of lists whose first ``listed`` of ``width`` columns are the candidates (a tile
+    may follow); ``count`` (..., 1, 1): each list's candidates. None when ``candidates`` is 1."""
+    if candidates == 1:
+        return None
+    return _Refine(torch.arange(width, device=count.device) < listed, kept_count(count, candidates))
 
 
 def _gather_lists(k: Tensor, v: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,9 +156,11 @@ def _gather_lists(k: Tensor, v: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
     return tuple(t.rows.index_select(0, rows).view(bsz, heads, n, length, dim) for t in tables)
 
 
-def _attend_lists(q: Tensor, k_sel: Tensor, v_sel: Tensor, allowed: Tensor) -> Tensor:
+def _attend_lists(q: Tensor, k_sel: Tensor, v_sel: Tensor, allowed: Tensor,
+                  refine: _Refine | None = None) -> tuple[Tensor, Tensor]:
     """Softmax attention of scaled queries q (..., R, d) over their list k_sel, v_sel (..., L, d), masked
-    by ``allowed`` (..., R, L): (..., R, d), zero for a row without keys.
+    by ``allowed`` (..., R, L) and refined by ``refine``: (..., R, d), zero for a row without keys,
+    and the keys each row attended (..., R).
 
     Scores become weights in place (masked, shifted by the row maximum, exponentiated): every
     extra pass over them costs as much as the products.
@@ -122,16 +168,17 @@ def _attend_lists(q: Tensor, k_sel: Tensor, v_sel: Tensor, allowed: Tensor) -> T
     lowest = torch.finfo(q.dtype).min  # the shift's floor: finite, so rows without keys stay NaN-free
     # masked scores are -inf (exp() is slow on huge finite negatives); the shift stays finite
     w = (q @ k_sel.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
+    count = _drop_candidates(w, refine) if refine is not None else allowed.sum(-1)
     with torch.no_grad():  # softmax is shift-invariant: the maximum needs no gradient
         peak = w.amax(-1, keepdim=True) if w.shape[-1] else w.new_full((*w.shape[:-1], 1), lowest)
         peak = peak.clamp_min(lowest)  # (..., R, 1); lowest: no key at all
     w = w.sub_(peak).exp_()  # exp(-inf - peak) = 0 exactly
     out = (w @ v_sel) / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    return torch.where(peak > lowest, out, 0.0)
+    return torch.where(peak > lowest, out, 0.0), count
 
 
 def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
-                       scale: float, cap: int) -> tuple[Tensor, Tensor]:
+                       scale: float, cap: int, candidates: int = 1) -> tuple[Tensor, Tensor]:
     """A causal call of a few query rows (decoding), where a block of rows would be mostly padding:
     each row scores its block's head lists (``head_lists`` of the cached cell keys) and its tile up
     to itself. q (B, H, Tq, d); k, v (B, H_kv, Tk, d). Returns the context (B, H, Tq, d) in q's dtype
@@ -142,14 +189,16 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelectio
     blocks = selection.query_blocks(tq)  # (Tq,) each row's block
     lists = head_lists(cached_keys(selection, key_valid, cap), heads)  # (B, H, nb, L)
     key, allowed = lists.key.index_select(2, blocks), lists.valid.index_select(2, blocks)  # (B, H, Tq, L)
+    listed = key.shape[-1]
     tile = tile_positions(selection, blocks)  # (Tq, block) each row's block
     row = torch.arange(selection.first, selection.first + tq, device=q.device) - tile[:, 0]  # place in its block
     inside = tile_mask(selection, key_valid, 0, selection.num_blocks)[:, blocks, row]  # (B, Tq, block)
     key = torch.cat([key, tile.clamp_max(tk - 1).expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, Tq, L + block)
     allowed = torch.cat([allowed, inside.unsqueeze(1).expand(-1, heads, -1, -1)], dim=-1)
     k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key)  # (B, H, Tq, L + block, d)
-    out = _attend_lists((q.to(compute) * scale).unsqueeze(-2), k_sel, v_sel, allowed.unsqueeze(-2))
-    return out.squeeze(-2).to(q.dtype), allowed.sum(-1)
+    refine = _list_refine(candidates, listed, key.shape[-1], lists.valid.sum(-1).index_select(2, blocks)[..., None, None])
+    out, count = _attend_lists((q.to(compute) * scale).unsqueeze(-2), k_sel, v_sel, allowed.unsqueeze(-2), refine)
+    return out.squeeze(-2).to(q.dtype), count.squeeze(-1)
 
 
 @dataclass
@@ -195,11 +244,12 @@ class BlockSparseAttention:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
-                 scale: float, cap: int) -> tuple[Tensor, Tensor]:
-        """q (B, H, Tq, d); k, v (B, H_kv, Tk, d); ``key_valid`` (B, Tk). Returns the context
-        (B, H, Tq, d) in q's dtype and the keys each query attended per head (B, H, Tq)."""
+                 scale: float, cap: int, candidates: int = 1) -> tuple[Tensor, Tensor]:
+        """q (B, H, Tq, d); k, v (B, H_kv, Tk, d); ``key_valid`` (B, Tk); ``cap`` the keys a cell stands
+        for, ``candidates`` the exact refinement's factor. Returns the context (B, H, Tq, d) in q's
+        dtype and the keys each query attended per head (B, H, Tq)."""
         bsz, heads, tq, dim = q.shape
-        run = _BlockRun.prepare(q, k, v, selection, key_valid, scale)
+        run = _BlockRun.prepare(q, k, v, selection, key_valid, scale, candidates)
         positions = valid_key_positions(key_valid)
         context = run.q_blocks.new_empty(bsz, selection.num_blocks, heads, selection.block, dim)
         counts = []
