@@ -279,14 +279,45 @@ def candidates_4k(results: Results) -> str:
                   "x dense"], rows)
 
 
+BLOCK_REFINED = (  # grouping, candidates, k, then the sea eval files at 1,024 / 4,096 / 8,192-token windows
+    ("query (default)", 1, 64, ("retrieval_kernel_default_k64.json", "eval_dense_layers_none_4k.json",
+                                "eval_forced_before_validation_8192.json")),
+    ("query", 4, 64, ("ppl_candidates4_k64.json", "eval_candidates4_4k.json", None)),
+    ("block", 1, 32, ("eval_block_1k_k32_64.json", "eval_block_4k.json", None)),
+    ("block", 4, 32, ("eval_block_cand4_1k_k32_64.json", "eval_block_cand4_4k_k32.json", "eval_block_cand4_8k_k32.json")),
+    ("block", 1, 64, ("eval_block_1k_k32_64.json", "eval_block_4k.json", None)),
+    ("block", 4, 64, ("eval_block_cand4_1k_k32_64.json", "eval_block_cand4_4k.json", "eval_block_cand4_8k.json")),
+)
+
+
+def _ratio_at(results: Results, name: str | None, k: int) -> str:
+    """SEA@k's perplexity over its run's dense one in a ``sea eval`` file (or a retrieval file's
+    ``perplexity`` part), as 'x1.038 (20.98)'."""
+    if name is None:
+        return "not run"
+    result = results.load(name)
+    rows = result["perplexity"]["rows"] if "perplexity" in result else result["rows"]
+    dense = next(r for r in rows if r["name"] == "dense")["perplexity"]
+    sea = next(r for r in rows if r["name"] == "sea" and r["k"] == k)["perplexity"]
+    return f"x{num(sea / dense, 3)} ({num(sea)})"
+
+
+def block_refined_perplexity(results: Results) -> str:
+    """Wiki validation perplexity of the undistilled patch by grouping, candidates and k, at three window lengths."""
+    rows = [[label, str(c), str(k), *(_ratio_at(results, name, k) for name in names)]
+            for label, c, k, names in BLOCK_REFINED]
+    return table(["grouping", "candidates", "k", "1,024-token windows", "4,096", "8,192"], rows)
+
+
 def dense_layers_needle(results: Results) -> str:
     """The needle at 4,096 tokens in wiki validation prose (10 prompts): dense, SEA, SEA with layers 3-10 dense,
-    SEA with exact refinement."""
+    SEA with exact refinement (per query, and with the block grouping)."""
     rows = []
     for label, name, method in (("dense", "needle_dense_layers_3_10_4k.json", "dense"),
                                 ("SEA@64, every layer", "needle_dense_layers_none_4k.json", "sea"),
                                 ("SEA@64, layers 3-10 dense", "needle_dense_layers_3_10_4k.json", "sea"),
-                                ("SEA@64, candidates=4", "needle_candidates4_4k.json", "sea")):
+                                ("SEA@64, candidates=4", "needle_candidates4_4k.json", "sea"),
+                                ("SEA@64, block grouping, candidates=4", "needle_block_cand4_4k.json", "sea")):
         point = next(p for p in results.load(name)["points"] if p["method"] == method)
         rows.append([label, f"{point['correct']}/{point['prompts']}"])
     return table(["SmolLM2-135M (undistilled patch), needle in wiki validation prose, 4,096 tokens",
@@ -833,6 +864,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "dense-layers-needle": dense_layers_needle,
     "dense-layers-coverage": dense_layers_coverage,
     "candidates-4k": candidates_4k,
+    "block-refined-perplexity": block_refined_perplexity,
     "model-dense-until": model_cost_table(("model_smollm2_policy_off.json", "model_smollm2_dense_until_2048.json",
                                            "model_smollm2_dense_until_2048_decode64.json")),
     "needle-bin-ranks": needle_bin_ranks,

@@ -60,6 +60,7 @@ def kept_count(count: Tensor, candidates: int) -> Tensor:
     return (count + candidates - 1) // candidates
 
 
+@torch.no_grad()  # a selection: no gradient flows through which keys are kept
 def keep_best(scores: Tensor, keep: Tensor) -> Tensor:
     """(..., R, W) bool: each row's ``keep`` highest finite scores, exactly that many (all its finite
     ones where it has fewer). ``keep`` (..., R or 1, 1) broadcasts against the rows."""

@@ -6,9 +6,9 @@ gathered once per block into one list (``head_lists``) and scored with one
 masked causally. One softmax per query and head runs over the list (``_attend_lists``; a few rows
 of a decoding step take the same lists: ``few_rows_attention``). With ``candidates`` > 1 (exact
 refinement, ``refine.py``) a head's list holds candidates: each row keeps its exactly best
-``ceil(n / candidates)`` of them (``_drop_candidates``), from the scores the product computed anyway. Plain autograd: the products are
-dense, so there is no per-query gather to avoid in backward. Blocks are processed a few at a time,
-so memory is linear in T.
+``ceil(n / candidates)`` of them (``_Refine``), from the scores the product computed
+anyway. Plain autograd: the products are dense, so there is no per-query gather to avoid in
+backward. Blocks are processed a few at a time, so memory is linear in T.
 
 The reference is ``reference.reference_attention`` on ``blocks.block_dense_mask`` (refined by
 ``refine.naive_refine``).
@@ -46,20 +46,34 @@ def _pad_rows(x: Tensor, front: int, back: int) -> Tensor:
 
 @dataclass(frozen=True)
 class _Refine:
-    """Exact refinement inside one product: which scores are candidates (bool, broadcast against the
-    scores) and how many of them each row keeps, (..., 1 or R, 1)."""
+    """Exact refinement inside one product: each row keeps its exactly best ``keep`` of its list's
+    ``count`` candidates (``refine.keep_best``): the first ``listed`` columns of the scores (head
+    lists, a tile may follow) or the columns ``candidates`` marks (the dense path)."""
 
-    candidates: Tensor
-    keep: Tensor
+    count: Tensor  # (..., 1, 1) candidates of each list
+    keep: Tensor  # (..., 1, 1) kept_count(count, candidates)
+    listed: int = 0
+    candidates: Tensor | None = None  # bool, broadcast against the scores
 
+    @classmethod
+    def of(cls, factor: int, count: Tensor, listed: int = 0, candidates: Tensor | None = None) -> "_Refine | None":
+        """The refinement by ``factor`` (``SEAConfig.candidates``); None when it is 1 (off)."""
+        return None if factor == 1 else cls(count, kept_count(count, factor), listed, candidates)
 
-def _drop_candidates(scores: Tensor, refine: _Refine | None) -> Tensor:
-    """Scores (..., R, L), masked (-inf where not attended), with the candidates a row does not keep
-    (``refine.keep_best``) masked too, in place; returns the keys each row attends, (..., R)."""
-    if refine is not None:
-        kept = keep_best(scores.masked_fill(~refine.candidates, float("-inf")), refine.keep)
-        scores.masked_fill_(refine.candidates & ~kept, float("-inf"))
-    return (scores > float("-inf")).sum(-1)  # an attended key's score is finite
+    def drop(self, scores: Tensor) -> None:
+        """Mask (-inf), in place, the candidates a row does not keep; ``scores`` (..., R, L) are already
+        -inf where a row may not attend."""
+        if self.candidates is None:  # a view: the candidates are the first columns
+            part = scores[..., :self.listed]
+            part.masked_fill_(~keep_best(part, self.keep), float("-inf"))
+        else:
+            kept = keep_best(scores.masked_fill(~self.candidates, float("-inf")), self.keep)
+            scores.masked_fill_(self.candidates & ~kept, float("-inf"))
+
+    def attended(self, allowed: Tensor) -> Tensor:
+        """(..., R) the keys each row attends, from the keys it may attend (..., R): every kept
+        candidate is one of them (an attended score is finite)."""
+        return allowed - (self.count - self.keep).squeeze(-1)
 
 
 def _dense_chunk(q_chunk: Tensor, k_span: Tensor, v_span: Tensor, allowed: Tensor,
@@ -74,7 +88,10 @@ def _dense_chunk(q_chunk: Tensor, k_span: Tensor, v_span: Tensor, allowed: Tenso
     scores = (q_grouped @ k_span.transpose(-1, -2)).view(bsz, heads, n, block, span)
     # -inf, not the lowest float: exp() takes a slow path on huge finite negatives
     scores = scores.masked_fill_(~allowed, float("-inf"))
-    count = _drop_candidates(scores, refine) if refine is not None else allowed.sum(-1)
+    count = allowed.sum(-1)
+    if refine is not None:
+        refine.drop(scores)
+        count = refine.attended(count)
     probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill(~allowed, 0.0)  # rows with no key at all are NaN until here
     out = (probs.reshape(bsz, kv_heads, -1, span) @ v_span).view(bsz, heads, n, block, dim)
@@ -109,9 +126,7 @@ class _BlockRun:
         allowed = cells.expand(-1, -1, -1, block, -1)
         if self.selection.causal:
             allowed = allowed | span_tile_mask(self.selection, self.key_valid, lo, hi, span)
-        refine = None
-        if self.candidates > 1:
-            refine = _Refine(cells, kept_count(cells.sum(-1, keepdim=True), self.candidates))
+        refine = _Refine.of(self.candidates, cells.sum(-1, keepdim=True), candidates=cells)
         return _dense_chunk(self.q_blocks[:, :, lo:hi], self.k[:, :, :span], self.v[:, :, :span], allowed, refine)
 
     def lists(self, lo: int, hi: int, keys: BlockKeys) -> tuple[Tensor, Tensor]:
@@ -124,24 +139,19 @@ class _BlockRun:
         q_chunk = self.q_blocks[:, :, lo:hi]  # (B, H, n, Bq, d)
         bsz, heads, n, block, _ = q_chunk.shape
         lists = head_lists(keys, heads)  # (B, H, n, L)
+        listed = lists.valid.sum(-1)[..., None, None]  # (B, H, n, 1, 1)
+        refine = _Refine.of(self.candidates, listed, listed=lists.key.shape[-1])
+        count = (refine.keep if refine is not None else listed).squeeze(-1)  # (B, H, n, 1) list keys per row
         key, allowed = lists.key, lists.valid.unsqueeze(-2).expand(-1, -1, -1, block, -1)  # (B, H, n, Bq, L)
         if self.selection.causal:  # the tile: key positions tile_start.. of each block, masked causally
             tile = tile_positions(self.selection, torch.arange(lo, hi, device=key.device))
             tile = tile.clamp_max(self.k.shape[2] - 1)  # (n, Bq); keys past the end are masked
             key = torch.cat([key, tile.expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, n, L + Bq)
-            own = tile_mask(self.selection, self.key_valid, lo, hi).unsqueeze(1).expand(-1, heads, -1, -1, -1)
-            allowed = torch.cat([allowed, own], dim=-1)  # (B, H, n, Bq, L + Bq)
-        refine = _list_refine(self.candidates, lists.key.shape[-1], key.shape[-1], lists.valid.sum(-1)[..., None, None])
-        out, count = _attend_lists(q_chunk, *_gather_lists(self.k, self.v, key), allowed, refine)  # (B, H, n, Bq, d)
-        return out.transpose(1, 2), count.transpose(1, 2)
-
-
-def _list_refine(candidates: int, listed: int, width: int, count: Tensor) -> _Refine | None:
-    """The refinement of lists whose first ``listed`` of ``width`` columns are the candidates (a tile
-    may follow); ``count`` (..., 1, 1): each list's candidates. None when ``candidates`` is 1."""
-    if candidates == 1:
-        return None
-    return _Refine(torch.arange(width, device=count.device) < listed, kept_count(count, candidates))
+            own = tile_mask(self.selection, self.key_valid, lo, hi)  # (B, n, Bq, Bq)
+            allowed = torch.cat([allowed, own.unsqueeze(1).expand(-1, heads, -1, -1, -1)], dim=-1)  # (B, H, n, Bq, L + Bq)
+            count = count + own.sum(-1).unsqueeze(1)  # (B, H, n, Bq)
+        out = _attend_lists(q_chunk, *_gather_lists(self.k, self.v, key), allowed, refine)  # (B, H, n, Bq, d)
+        return out.transpose(1, 2), count.expand(-1, -1, -1, block).transpose(1, 2)
 
 
 def _gather_lists(k: Tensor, v: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,10 +167,9 @@ def _gather_lists(k: Tensor, v: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _attend_lists(q: Tensor, k_sel: Tensor, v_sel: Tensor, allowed: Tensor,
-                  refine: _Refine | None = None) -> tuple[Tensor, Tensor]:
+                  refine: _Refine | None = None) -> Tensor:
     """Softmax attention of scaled queries q (..., R, d) over their list k_sel, v_sel (..., L, d), masked
-    by ``allowed`` (..., R, L) and refined by ``refine``: (..., R, d), zero for a row without keys,
-    and the keys each row attended (..., R).
+    by ``allowed`` (..., R, L) and refined by ``refine``: (..., R, d), zero for a row without keys.
 
     Scores become weights in place (masked, shifted by the row maximum, exponentiated): every
     extra pass over them costs as much as the products.
@@ -168,13 +177,14 @@ def _attend_lists(q: Tensor, k_sel: Tensor, v_sel: Tensor, allowed: Tensor,
     lowest = torch.finfo(q.dtype).min  # the shift's floor: finite, so rows without keys stay NaN-free
     # masked scores are -inf (exp() is slow on huge finite negatives); the shift stays finite
     w = (q @ k_sel.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
-    count = _drop_candidates(w, refine) if refine is not None else allowed.sum(-1)
+    if refine is not None:
+        refine.drop(w)
     with torch.no_grad():  # softmax is shift-invariant: the maximum needs no gradient
         peak = w.amax(-1, keepdim=True) if w.shape[-1] else w.new_full((*w.shape[:-1], 1), lowest)
         peak = peak.clamp_min(lowest)  # (..., R, 1); lowest: no key at all
     w = w.sub_(peak).exp_()  # exp(-inf - peak) = 0 exactly
     out = (w @ v_sel) / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    return torch.where(peak > lowest, out, 0.0), count
+    return torch.where(peak > lowest, out, 0.0)
 
 
 def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
@@ -196,9 +206,10 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelectio
     key = torch.cat([key, tile.clamp_max(tk - 1).expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, Tq, L + block)
     allowed = torch.cat([allowed, inside.unsqueeze(1).expand(-1, heads, -1, -1)], dim=-1)
     k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key)  # (B, H, Tq, L + block, d)
-    refine = _list_refine(candidates, listed, key.shape[-1], lists.valid.sum(-1).index_select(2, blocks)[..., None, None])
-    out, count = _attend_lists((q.to(compute) * scale).unsqueeze(-2), k_sel, v_sel, allowed.unsqueeze(-2), refine)
-    return out.squeeze(-2).to(q.dtype), count.squeeze(-1)
+    refine = _Refine.of(candidates, lists.valid.sum(-1).index_select(2, blocks)[..., None, None], listed=listed)
+    out = _attend_lists((q.to(compute) * scale).unsqueeze(-2), k_sel, v_sel, allowed.unsqueeze(-2), refine)
+    count = allowed.sum(-1)  # (B, H, Tq)
+    return out.squeeze(-2).to(q.dtype), count if refine is None else refine.attended(count.unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass
