@@ -309,6 +309,24 @@ def block_refined_perplexity(results: Results) -> str:
     return table(["grouping", "candidates", "k", "1,024-token windows", "4,096", "8,192"], rows)
 
 
+def block_refined_test(results: Results) -> str:
+    """Wiki and BBC test perplexity on long windows: the default (the forced-keys section's before-run,
+    beside its after-run's dense) against the block grouping with candidates=4 (its own run's dense)."""
+    rows = []
+    for text_name in ("wiki", "bbc"):
+        for length in (4096, 8192):
+            dense = {r["name"]: r["perplexity"] for r in
+                     results.load(f"eval_forced_after_test_{text_name}_{length}.json")["rows"]}["dense"]
+            default = results.load(f"ppl_forced_before_test_{text_name}_{length}.json")["perplexity"]
+            block = {r["name"]: r["perplexity"] for r in
+                     results.load(f"eval_block_cand4_test_{text_name}_{length}.json")["rows"]}
+            rows.append([f"{text_name} test, {8192 // length} x {length:,} tokens", num(dense),
+                         f"{num(default)} (x{num(default / dense, 3)})",
+                         f"{num(block['sea'])} (x{num(block['sea'] / block['dense'], 3)})"])
+    return table(["SmolLM2-135M, undistilled patch, k=64", "dense", "SEA default (per query)",
+                  "SEA, block grouping, candidates=4"], rows)
+
+
 def dense_layers_needle(results: Results) -> str:
     """The needle at 4,096 tokens in wiki validation prose (10 prompts): dense, SEA, SEA with layers 3-10 dense,
     SEA with exact refinement (per query, and with the block grouping)."""
@@ -865,6 +883,12 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "dense-layers-coverage": dense_layers_coverage,
     "candidates-4k": candidates_4k,
     "block-refined-perplexity": block_refined_perplexity,
+    "block-refined-keys": compare_table([("sea, block grouping, candidates=4", "compare_block_cand4_1k.json", "sea")]),
+    "block-refined-test": block_refined_test,
+    "attention-block-refined": bench_table(["attention_block_refined.json"],
+                                           ["sdpa", "sea_chunked", "sea_block_chunked", "sea_block_refined_chunked"]),
+    "model-block-refined": model_cost_table(("model_smollm2_block_refined.json", "model_smollm2_block_refined_policy.json",
+                                             "model_tiny_block_refined.json")),
     "model-dense-until": model_cost_table(("model_smollm2_policy_off.json", "model_smollm2_dense_until_2048.json",
                                            "model_smollm2_dense_until_2048_decode64.json")),
     "needle-bin-ranks": needle_bin_ranks,
