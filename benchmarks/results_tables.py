@@ -216,6 +216,11 @@ def refine_perplexity(results: Results) -> str:
     return table(["SEA@64, undistilled patch", "wiki validation tokens", "dense", "SEA", "x dense"], rows)
 
 
+def ppl_ratio(value: float, dense: float) -> str:
+    """A perplexity beside its ratio to dense: '20.98 (x1.038)'."""
+    return f"{num(value)} (x{num(value / dense, 3)})"
+
+
 def ppl_cells(dense: dict, sea: dict) -> list[str]:
     """The tokens, dense, SEA and x dense cells of one ``sea eval`` SEA row beside its run's dense row."""
     return [f"{sea['tokens']:,}", num(dense["perplexity"]), num(sea["perplexity"]),
@@ -287,19 +292,20 @@ BLOCK_REFINED = (  # grouping, candidates, k, then the sea eval files at 1,024 /
     ("block", 4, 32, ("eval_block_cand4_1k_k32_64.json", "eval_block_cand4_4k_k32.json", "eval_block_cand4_8k_k32.json")),
     ("block", 1, 64, ("eval_block_1k_k32_64.json", "eval_block_4k.json", None)),
     ("block", 4, 64, ("eval_block_cand4_1k_k32_64.json", "eval_block_cand4_4k.json", "eval_block_cand4_8k.json")),
+    ("block, query_block=16", 4, 64, (None, "eval_block_qb16_cand4_4k.json", None)),
 )
 
 
 def _ratio_at(results: Results, name: str | None, k: int) -> str:
     """SEA@k's perplexity over its run's dense one in a ``sea eval`` file (or a retrieval file's
-    ``perplexity`` part), as 'x1.038 (20.98)'."""
+    ``perplexity`` part), with its ratio (``ppl_ratio``)."""
     if name is None:
         return "not run"
     result = results.load(name)
     rows = result["perplexity"]["rows"] if "perplexity" in result else result["rows"]
     dense = next(r for r in rows if r["name"] == "dense")["perplexity"]
     sea = next(r for r in rows if r["name"] == "sea" and r["k"] == k)["perplexity"]
-    return f"x{num(sea / dense, 3)} ({num(sea)})"
+    return ppl_ratio(sea, dense)
 
 
 def block_refined_perplexity(results: Results) -> str:
@@ -321,8 +327,7 @@ def block_refined_test(results: Results) -> str:
             block = {r["name"]: r["perplexity"] for r in
                      results.load(f"eval_block_cand4_test_{text_name}_{length}.json")["rows"]}
             rows.append([f"{text_name} test, {8192 // length} x {length:,} tokens", num(dense),
-                         f"{num(default)} (x{num(default / dense, 3)})",
-                         f"{num(block['sea'])} (x{num(block['sea'] / block['dense'], 3)})"])
+                         ppl_ratio(default, dense), ppl_ratio(block["sea"], block["dense"])])
     return table(["SmolLM2-135M, undistilled patch, k=64", "dense", "SEA default (per query)",
                   "SEA, block grouping, candidates=4"], rows)
 
@@ -783,8 +788,7 @@ def forced_keys_test(results: Results) -> str:
                      results.load(f"eval_forced_after_test_{text_name}_{length}.json")["rows"]}
             before = results.load(f"ppl_forced_before_test_{text_name}_{length}.json")["perplexity"]
             rows.append([f"{text_name} test, {8192 // length} x {length:,} tokens", num(after["dense"]),
-                         f"{num(before)} (x{num(before / after['dense'], 3)})",
-                         f"{num(after['sea'])} (x{num(after['sea'] / after['dense'], 3)})"])
+                         ppl_ratio(before, after["dense"]), ppl_ratio(after["sea"], after["dense"])])
     for length, dense_file, before_file, after_file in (
             (4096, "retrieval_needle4k_candidates1.json", "retrieval_needle4k_candidates1.json",
              "retrieval_forced_after_test_needle4k.json"),

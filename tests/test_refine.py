@@ -11,7 +11,7 @@ from sea_attention.core.cells import cells_to_keys, query_lengths
 from sea_attention.core.blocks import block_dense_mask
 from sea_attention.core.ops.block_sparse import BlockSparseAttention, few_rows_attention
 from sea_attention.core.ops.reference import reference_attention
-from sea_attention.core.refine import keep_best, naive_refine, refine_slots
+from sea_attention.core.refine import keep_best, kept_count, naive_block_refine, naive_refine, refine_slots
 from test_blocks import random_selection
 
 
@@ -54,8 +54,8 @@ def _layer(**kw):
 
 @pytest.mark.parametrize("grouping", ["query", "query_head", "block"])
 def test_the_sparse_path_equals_the_reference_path_outputs_and_gradients(grouping):
-    sparse = _layer(grouping=grouping)
-    reference = _layer(grouping=grouping, attention_path="reference")
+    sparse = _layer(grouping=grouping, query_block=8)  # several blocks: the lists path runs
+    reference = _layer(grouping=grouping, query_block=8, attention_path="reference")
     reference.load_state_dict(sparse.state_dict())
     mask = padding_mask(2, 40, 5)
     results = []
@@ -115,6 +115,10 @@ def test_candidate_scores_are_the_dense_scores_at_the_slots():
     torch.testing.assert_close(candidate_scores(q, k, slots, 0.7, chunk=5), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_the_kept_share_is_the_ceiling_of_a_candidates_fraction():
+    assert kept_count(torch.tensor([0, 1, 2, 3, 4, 5, 6]), 3).tolist() == [0, 1, 1, 1, 2, 2, 2]
+
+
 def test_keep_best_keeps_exactly_the_highest_finite_scores():
     scores = torch.tensor([[3.0, float("-inf"), 1.0, 2.0], [0.5, float("-inf"), float("-inf"), 0.1]])
     kept = keep_best(scores, torch.tensor([[2], [3]]))  # the second row has two finite scores
@@ -122,27 +126,19 @@ def test_keep_best_keeps_exactly_the_highest_finite_scores():
     assert not bool(keep_best(scores, torch.zeros(2, 1, dtype=torch.long)).any())
 
 
-def _refined_block_mask(q, k, selection, key_valid, cap, candidates, scale):
-    """The block rule's mask with each row's candidates (its block's cell keys) refined by the dense
-    reference; the tile stays whole."""
-    heads, tq = q.shape[1], q.shape[2]
-    whole = block_dense_mask(selection, key_valid, cap, heads, tq)
-    cells = block_dense_mask(selection, key_valid, cap, heads, tq, tile=False)
-    return naive_refine(q, k, cells, candidates, scale) | (whole & ~cells)
-
-
 @pytest.mark.parametrize("mode", ["lists", "dense"])
-@pytest.mark.parametrize("causal, kv_heads, tq, tk", [(True, 2, 70, 70), (True, 1, 21, 90), (False, 4, 60, 60)])
+@pytest.mark.parametrize("causal, kv_heads, tq, tk, pad", [(True, 2, 70, 70, 7), (True, 1, 21, 90, 7),
+                                                          (False, 4, 60, 60, 7), (False, 2, 60, 60, 24)])
 @pytest.mark.parametrize("candidates", [2, 3])
-def test_the_block_op_refines_like_the_dense_reference(mode, causal, kv_heads, tq, tk, candidates):
+def test_the_block_op_refines_like_the_dense_reference(mode, causal, kv_heads, tq, tk, pad, candidates):
     """Outputs, gradients and keys per row of the block op (both strategies) with refinement equal
     reference attention on the refined mask; the refinement keeps ceil(n / c) of each list."""
     torch.manual_seed(2)
     bsz, heads, cap = 2, 4, 6
-    key_valid, query_valid, selection = random_selection(bsz, heads, tq, tk, cap, pad=7, causal=causal)
+    key_valid, query_valid, selection = random_selection(bsz, heads, tq, tk, cap, pad=pad, causal=causal)
     q, k, v = make_qkv(bsz, heads, kv_heads, tq, tk, 8, dtype=torch.float64, requires_grad=True)
     out, nnz = BlockSparseAttention(chunk_blocks=2, mode=mode)(q, k, v, selection, key_valid, 0.3, cap, candidates)
-    mask = _refined_block_mask(q, k, selection, key_valid, cap, candidates, 0.3)
+    mask = naive_block_refine(q, k, selection, key_valid, cap, candidates, 0.3)
     expected, _ = reference_attention(q, k, v, mask, 0.3)
     rows = query_valid[:, None, :, None]
     torch.testing.assert_close(out * rows, expected * rows, atol=1e-10, rtol=1e-10)
@@ -162,7 +158,7 @@ def test_a_few_refined_queries_attend_the_reference_keys(tq, tk, kv_heads):
     key_valid, _, selection = random_selection(2, heads, tq, tk, cap, pad=5, causal=True)
     q, k, v = (x.double().requires_grad_() for x in make_qkv(2, heads, kv_heads, tq, tk, 16))
     out, nnz = few_rows_attention(q, k, v, selection, key_valid, 0.25, cap, candidates)
-    mask = _refined_block_mask(q, k, selection, key_valid, cap, candidates, 0.25)
+    mask = naive_block_refine(q, k, selection, key_valid, cap, candidates, 0.25)
     want, _ = reference_attention(q, k, v, mask, 0.25)
     torch.testing.assert_close(out, want)
     assert torch.equal(nnz, mask.sum(-1))

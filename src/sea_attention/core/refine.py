@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .blocks import BlockSelection, block_dense_mask
 from .cells import KeySlots
 from .ops.sparse import candidate_scores
 
@@ -32,13 +33,13 @@ def refine_slots(q: Tensor, k: Tensor, slots: KeySlots, candidates: int, scale: 
     ``chunk`` queries at a time.
     """
     scores = candidate_scores(q, k, slots, scale, chunk)  # (B, Tq, S), -inf on unused slots
-    parts = [_keep_best(scores[:, lo:lo + chunk], _part(slots, lo, chunk), q.shape[1], candidates)
+    parts = [_keep_best_per_head(scores[:, lo:lo + chunk], _part(slots, lo, chunk), q.shape[1], candidates)
              for lo in range(0, scores.shape[1], chunk)]
     width = max(part.width for part in parts)
     return KeySlots(*(torch.cat([_pad(getattr(p, name), width) for p in parts], 1) for name in ("head", "key", "valid")))
 
 
-def _keep_best(scores: Tensor, slots: KeySlots, heads: int, candidates: int) -> KeySlots:
+def _keep_best_per_head(scores: Tensor, slots: KeySlots, heads: int, candidates: int) -> KeySlots:
     """``refine_slots`` for one chunk: each head's run of slots padded to one width, one top-k."""
     owner = torch.where(slots.valid, slots.head, heads)  # (B, c, S); unused slots: an extra head H
     per_head = torch.zeros(*owner.shape[:2], heads + 1, dtype=torch.long, device=owner.device)
@@ -98,9 +99,20 @@ def _pad(x: Tensor, width: int) -> Tensor:
 def naive_refine(q: Tensor, k: Tensor, allowed: Tensor, candidates: int, scale: float) -> Tensor:
     """The refinement of the candidates ``allowed`` (B, H, Tq, Tk) bool as a dense bool mask of the
     same shape, from the dense scores and a full sort: the reference."""
-    heads = q.shape[1]
+    heads, compute = q.shape[1], torch.promote_types(q.dtype, torch.float32)
     kv = k.repeat_interleave(heads // k.shape[1], dim=1)
-    scores = (q.float() @ kv.float().transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    scores = (q.to(compute) @ kv.to(compute).transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
     keep = kept_count(allowed.sum(-1, keepdim=True), candidates)  # (B, H, Tq, 1)
     rank = torch.argsort(torch.argsort(scores, dim=-1, descending=True, stable=True), dim=-1)  # place by score
     return allowed & (rank < keep)
+
+
+def naive_block_refine(q: Tensor, k: Tensor, selection: BlockSelection, key_valid: Tensor, cap: int,
+                       candidates: int, scale: float) -> Tensor:
+    """The block grouping's refined selection as a dense (B, H, Tq, Tk) bool mask: each row's
+    candidates (its block's cell keys) refined by ``naive_refine``, its tile whole. The reference of
+    ``ops/block_sparse.py``'s refinement (the reference path and the tests)."""
+    heads, tq = q.shape[1], q.shape[2]
+    whole = block_dense_mask(selection, key_valid, cap, heads, tq)
+    cells = block_dense_mask(selection, key_valid, cap, heads, tq, tile=False)
+    return naive_refine(q, k, cells, candidates, scale) | (whole & ~cells)

@@ -13,7 +13,7 @@ from ..blocks import (
 )
 from ..ops.block_sparse import block_sparse_attention, few_rows_attention
 from ..ops.reference import reference_attention
-from ..refine import naive_refine
+from ..refine import naive_block_refine
 from .base import Attended, Grouping, Step
 
 if TYPE_CHECKING:
@@ -95,9 +95,7 @@ class BlockGrouping(Grouping):
 
     def _dense_mask(self, q: Tensor, selection: BlockSelection, call: "SEACall", cap: int) -> Tensor:
         """(B, H, Tq, Tk) bool: the keys each row attends, refined from the dense scores (the reference)."""
-        heads, tq, candidates = self.config.num_heads, q.shape[2], self.config.candidates
-        mask = block_dense_mask(selection, call.key_valid, cap, heads, tq)
-        if candidates == 1:
-            return mask
-        cells = block_dense_mask(selection, call.key_valid, cap, heads, tq, tile=False)
-        return naive_refine(q, call.k, cells, candidates, call.scale) | (mask & ~cells)
+        cfg = self.config
+        if cfg.candidates == 1:
+            return block_dense_mask(selection, call.key_valid, cap, cfg.num_heads, q.shape[2])
+        return naive_block_refine(q, call.k, selection, call.key_valid, cap, cfg.candidates, call.scale)

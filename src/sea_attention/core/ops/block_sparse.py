@@ -30,6 +30,7 @@ from ..refine import keep_best, kept_count
 from ..rows import same_layout
 
 MODES = ("auto", "lists", "dense")
+LIST_BUCKETS = 4  # buckets of similar list length per run of blocks (``_BlockRun.lists``)
 
 
 def _use_dense(mode: str, dense_work: int, cell_work: int) -> bool:
@@ -48,27 +49,28 @@ def _pad_rows(x: Tensor, front: int, back: int) -> Tensor:
 class _Refine:
     """Exact refinement inside one product: each row keeps its exactly best ``keep`` of its list's
     ``count`` candidates (``refine.keep_best``): the first ``listed`` columns of the scores (head
-    lists, a tile may follow) or the columns ``candidates`` marks (the dense path)."""
+    lists, a tile may follow) or the columns ``candidate_mask`` marks (the dense path)."""
 
     count: Tensor  # (..., 1, 1) candidates of each list
     keep: Tensor  # (..., 1, 1) kept_count(count, candidates)
     listed: int = 0
-    candidates: Tensor | None = None  # bool, broadcast against the scores
+    candidate_mask: Tensor | None = None  # bool, broadcast against the scores
 
     @classmethod
-    def of(cls, factor: int, count: Tensor, listed: int = 0, candidates: Tensor | None = None) -> "_Refine | None":
+    def of(cls, factor: int, count: Tensor, listed: int = 0,
+           candidate_mask: Tensor | None = None) -> "_Refine | None":
         """The refinement by ``factor`` (``SEAConfig.candidates``); None when it is 1 (off)."""
-        return None if factor == 1 else cls(count, kept_count(count, factor), listed, candidates)
+        return None if factor == 1 else cls(count, kept_count(count, factor), listed, candidate_mask)
 
     def drop(self, scores: Tensor) -> None:
         """Mask (-inf), in place, the candidates a row does not keep; ``scores`` (..., R, L) are already
         -inf where a row may not attend."""
-        if self.candidates is None:  # a view: the candidates are the first columns
+        if self.candidate_mask is None:  # a view: the candidates are the first columns
             part = scores[..., :self.listed]
             part.masked_fill_(~keep_best(part, self.keep), float("-inf"))
         else:
-            kept = keep_best(scores.masked_fill(~self.candidates, float("-inf")), self.keep)
-            scores.masked_fill_(self.candidates & ~kept, float("-inf"))
+            kept = keep_best(scores.masked_fill(~self.candidate_mask, float("-inf")), self.keep)
+            scores.masked_fill_(self.candidate_mask & ~kept, float("-inf"))
 
     def attended(self, allowed: Tensor) -> Tensor:
         """(..., R) the keys each row attends, from the keys it may attend (..., R): every kept
@@ -78,7 +80,8 @@ class _Refine:
 
 def _dense_chunk(q_chunk: Tensor, k_span: Tensor, v_span: Tensor, allowed: Tensor,
                  refine: _Refine | None = None) -> tuple[Tensor, Tensor]:
-    """Blocks scored against every key of the span, then masked: (B, n, H, Bq, d), (B, n, H, Bq).
+    """Blocks scored against every key of the span, then masked (and refined by ``refine``): the
+    context (B, n, H, Bq, d) and the keys each row attends (B, n, H, Bq).
 
     q_chunk (B, H, n, Bq, d) already scaled; k_span, v_span (B, H_kv, span, d); allowed (B, H, n, Bq, span).
     """
@@ -126,44 +129,77 @@ class _BlockRun:
         allowed = cells.expand(-1, -1, -1, block, -1)
         if self.selection.causal:
             allowed = allowed | span_tile_mask(self.selection, self.key_valid, lo, hi, span)
-        refine = _Refine.of(self.candidates, cells.sum(-1, keepdim=True), candidates=cells)
+        refine = _Refine.of(self.candidates, cells.sum(-1, keepdim=True), candidate_mask=cells)
         return _dense_chunk(self.q_blocks[:, :, lo:hi], self.k[:, :, :span], self.v[:, :, :span], allowed, refine)
 
     def lists(self, lo: int, hi: int, keys: BlockKeys) -> tuple[Tensor, Tensor]:
         """Blocks lo:hi scored against each head's list of selected keys, followed (causal) by the
         block's own keys, its tile: (B, n, H, Bq, d), (B, n, H, Bq).
 
-        One (block x d) @ (d x keys) product per block and head, however many cells the head
-        picked (``_attend_lists``).
+        One (block x d) @ (d x keys) product per block and head, however many cells the head picked
+        (``_attend_lists``). The lists run in ``LIST_BUCKETS`` buckets of similar length, each padded
+        to its own longest list rather than all to the longest (the grouped top-k gives some heads
+        twice the mean).
         """
         q_chunk = self.q_blocks[:, :, lo:hi]  # (B, H, n, Bq, d)
-        bsz, heads, n, block, _ = q_chunk.shape
-        lists = head_lists(keys, heads)  # (B, H, n, L)
-        listed = lists.valid.sum(-1)[..., None, None]  # (B, H, n, 1, 1)
-        refine = _Refine.of(self.candidates, listed, listed=lists.key.shape[-1])
-        count = (refine.keep if refine is not None else listed).squeeze(-1)  # (B, H, n, 1) list keys per row
-        key, allowed = lists.key, lists.valid.unsqueeze(-2).expand(-1, -1, -1, block, -1)  # (B, H, n, Bq, L)
+        bsz, heads, n, block, dim = q_chunk.shape
+        lists = head_lists(keys, heads)
+        flat = _FlatLists(lists.key.flatten(0, 2), lists.valid.flatten(0, 2), q_chunk.reshape(-1, block, dim))
+        tile = own = None
         if self.selection.causal:  # the tile: key positions tile_start.. of each block, masked causally
-            tile = tile_positions(self.selection, torch.arange(lo, hi, device=key.device))
+            tile = tile_positions(self.selection, torch.arange(lo, hi, device=flat.key.device))
             tile = tile.clamp_max(self.k.shape[2] - 1)  # (n, Bq); keys past the end are masked
-            key = torch.cat([key, tile.expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, n, L + Bq)
             own = tile_mask(self.selection, self.key_valid, lo, hi)  # (B, n, Bq, Bq)
-            allowed = torch.cat([allowed, own.unsqueeze(1).expand(-1, heads, -1, -1, -1)], dim=-1)  # (B, H, n, Bq, L + Bq)
-            count = count + own.sum(-1).unsqueeze(1)  # (B, H, n, Bq)
-        out = _attend_lists(q_chunk, *_gather_lists(self.k, self.v, key), allowed, refine)  # (B, H, n, Bq, d)
-        return out.transpose(1, 2), count.expand(-1, -1, -1, block).transpose(1, 2)
+        order = flat.listed.argsort()  # lists by length
+        parts = [self._bucket(flat, part, (heads, n), tile, own) for part in order.tensor_split(min(LIST_BUCKETS, len(order)))]
+        back = order.argsort()
+        out = torch.cat([out for out, _ in parts]).index_select(0, back).view(bsz, heads, n, block, dim)
+        count = torch.cat([count for _, count in parts]).index_select(0, back).view(bsz, heads, n, block)
+        return out.transpose(1, 2), count.transpose(1, 2)
+
+    def _bucket(self, flat: "_FlatLists", part: Tensor, shape: tuple[int, int], tile: Tensor | None,
+                own: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The lists ``part`` (m,) of a run (``flat``; ``shape`` its heads and blocks), padded to their
+        longest: the context (m, Bq, d) and the keys each row attends (m, Bq)."""
+        heads, n = shape
+        block = flat.q.shape[1]
+        batch, head, blk = part // (heads * n), part // n % heads, part % n  # each list's sample, head, block
+        listed = flat.listed[part][:, None, None]  # (m, 1, 1)
+        width = int(listed.max())
+        key = flat.key.index_select(0, part)[:, :width]  # (m, w)
+        allowed = flat.valid.index_select(0, part)[:, :width].unsqueeze(1).expand(-1, block, -1)  # (m, Bq, w)
+        refine = _Refine.of(self.candidates, listed, listed=width)
+        count = listed.squeeze(-1) if refine is None else refine.attended(listed.squeeze(-1))  # (m, 1) per row
+        if tile is not None:
+            mine = own[batch, blk]  # (m, Bq, Bq)
+            key = torch.cat([key, tile.index_select(0, blk)], dim=-1)  # (m, w + Bq)
+            allowed = torch.cat([allowed, mine], dim=-1)  # (m, Bq, w + Bq)
+            count = count + mine.sum(-1)  # (m, Bq)
+        k_sel, v_sel = _gather_lists(self.k, self.v, key, batch[:, None], head[:, None], heads)  # (m, w + Bq, d)
+        out = _attend_lists(flat.q.index_select(0, part), k_sel, v_sel, allowed, refine)  # (m, Bq, d)
+        return out, count.expand(-1, block)
 
 
-def _gather_lists(k: Tensor, v: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-    """The keys and values (B, H_kv, Tk, d) at ``key`` (B, H, n, L) positions of each head's kv head:
-    (B, H, n, L, d) each."""
-    bsz, heads, n, length = key.shape
-    kv_heads, dim = k.shape[1], k.shape[3]
+@dataclass
+class _FlatLists:
+    """A run's (block, head) lists flattened to N = B * H * n rows (sample-major, then head, then block)."""
+
+    key: Tensor  # (N, L) key positions
+    valid: Tensor  # (N, L)
+    q: Tensor  # (N, Bq, d) the scaled queries of each list's block and head
+
+    @property
+    def listed(self) -> Tensor:
+        """(N,) keys of each list."""
+        return self.valid.sum(-1)
+
+
+def _gather_lists(k: Tensor, v: Tensor, key: Tensor, batch: Tensor, head: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """The keys and values (B, H_kv, Tk, d) at positions ``key`` (..., L) of sample ``batch`` and query
+    head ``head`` of ``heads`` (both broadcast against ``key``; a head reads its kv head): (..., L, d) each."""
     tables = same_layout(k, v)  # in place: a KV cache's view with spare rows is not copied
-    kv_of = torch.arange(heads, device=key.device) // (heads // kv_heads)
-    batch = torch.arange(bsz, device=key.device)[:, None, None, None]
-    rows = tables[0].row(batch, kv_of[None, :, None, None], key).flatten()
-    return tuple(t.rows.index_select(0, rows).view(bsz, heads, n, length, dim) for t in tables)
+    rows = tables[0].row(batch, head // (heads // k.shape[1]), key).flatten()
+    return tuple(t.rows.index_select(0, rows).view(*key.shape, k.shape[-1]) for t in tables)
 
 
 def _attend_lists(q: Tensor, k_sel: Tensor, v_sel: Tensor, allowed: Tensor,
@@ -205,11 +241,13 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelectio
     inside = tile_mask(selection, key_valid, 0, selection.num_blocks)[:, blocks, row]  # (B, Tq, block)
     key = torch.cat([key, tile.clamp_max(tk - 1).expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, Tq, L + block)
     allowed = torch.cat([allowed, inside.unsqueeze(1).expand(-1, heads, -1, -1)], dim=-1)
-    k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key)  # (B, H, Tq, L + block, d)
+    batch, head = torch.arange(bsz, device=q.device)[:, None, None, None], torch.arange(heads, device=q.device)
+    k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key, batch, head[None, :, None, None], heads)
     refine = _Refine.of(candidates, lists.valid.sum(-1).index_select(2, blocks)[..., None, None], listed=listed)
     out = _attend_lists((q.to(compute) * scale).unsqueeze(-2), k_sel, v_sel, allowed.unsqueeze(-2), refine)
-    count = allowed.sum(-1)  # (B, H, Tq)
-    return out.squeeze(-2).to(q.dtype), count if refine is None else refine.attended(count.unsqueeze(-1)).squeeze(-1)
+    count = allowed.sum(-1, keepdim=True)  # (B, H, Tq, 1)
+    count = count if refine is None else refine.attended(count)
+    return out.squeeze(-2).to(q.dtype), count.squeeze(-1)
 
 
 @dataclass
