@@ -340,7 +340,9 @@ def dense_layers_needle(results: Results) -> str:
                                 ("SEA@64, every layer", "needle_dense_layers_none_4k.json", "sea"),
                                 ("SEA@64, layers 3-10 dense", "needle_dense_layers_3_10_4k.json", "sea"),
                                 ("SEA@64, candidates=4", "needle_candidates4_4k.json", "sea"),
-                                ("SEA@64, block grouping, candidates=4", "needle_block_cand4_4k.json", "sea")):
+                                ("SEA@64, block grouping, candidates=4", "needle_block_cand4_4k.json", "sea"),
+                                ("SEA@64, block grouping, query_block=16, candidates=4", "needle_block_qb16_cand4_4k.json",
+                                 "sea")):
         point = next(p for p in results.load(name)["points"] if p["method"] == method)
         rows.append([label, f"{point['correct']}/{point['prompts']}"])
     return table(["SmolLM2-135M (undistilled patch), needle in wiki validation prose, 4,096 tokens",
@@ -891,6 +893,9 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "block-refined-test": block_refined_test,
     "attention-block-refined": bench_table(["attention_block_refined.json"],
                                            ["sdpa", "sea_chunked", "sea_block_chunked", "sea_block_refined_chunked"]),
+    "attention-block-buckets": bench_table(["attention_block_refined_buckets.json"],
+                                           ["sdpa", "sea_block_chunked", "sea_block_refined_chunked"]),
+    "model-block-buckets": model_cost_table(("model_smollm2_block_refined_buckets.json",)),
     "model-block-refined": model_cost_table(("model_smollm2_block_refined.json", "model_smollm2_block_refined_policy.json",
                                              "model_tiny_block_refined.json")),
     "model-dense-until": model_cost_table(("model_smollm2_policy_off.json", "model_smollm2_dense_until_2048.json",
