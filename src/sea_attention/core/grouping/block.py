@@ -62,8 +62,9 @@ class BlockGrouping(Grouping):
         carried = state.block if state is not None and state.seen else None
         lo = int(call.query_rows[0]) if call.query_rows is not None and call.query_rows.numel() else 0
         rows = estimate.rows - lo if estimate.rows is not None else None
-        request = BlockRequest(call.asked_lengths, call.asked(call.query_valid, 1), call.first + lo, self.candidate_budget(call),
-                               cfg.query_block, cfg.causal, cfg.sinks, cfg.local_window, cfg.forced_keys)
+        request = BlockRequest(call.asked_lengths, call.asked(call.query_valid, 1), call.first + lo,
+                               self.candidate_budget(call), cfg.query_block, cfg.causal, cfg.sinks, cfg.local_window,
+                               cfg.forced_keys)
         selection = select_blocks(estimate.probs, request, carried, rows)
         if state is not None:
             state.block = carry(selection)

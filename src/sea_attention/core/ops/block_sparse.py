@@ -10,8 +10,8 @@ refinement, ``refine.py``) a head's list holds candidates: each row keeps its ex
 anyway. Plain autograd: the products are dense, so there is no per-query gather to avoid in
 backward. Blocks are processed a few at a time, so memory is linear in T.
 
-The reference is ``reference.reference_attention`` on ``blocks.block_dense_mask`` (refined by
-``refine.naive_refine``).
+The reference is ``reference.reference_attention`` on ``blocks.block_dense_mask`` (with candidates,
+on ``refine.naive_block_refine``).
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ class _BlockRun:
             tile = tile.clamp_max(self.k.shape[2] - 1)  # (n, Bq); keys past the end are masked
             own = tile_mask(self.selection, self.key_valid, lo, hi)  # (B, n, Bq, Bq)
         order = flat.listed.argsort()  # lists by length
-        parts = [self._bucket(flat, part, (heads, n), tile, own) for part in order.tensor_split(min(LIST_BUCKETS, len(order)))]
+        buckets = order.tensor_split(min(LIST_BUCKETS, len(order)))
+        parts = [self._bucket(flat, part, (heads, n), tile, own) for part in buckets]
         back = order.argsort()
         out = torch.cat([out for out, _ in parts]).index_select(0, back).view(bsz, heads, n, block, dim)
         count = torch.cat([count for _, count in parts]).index_select(0, back).view(bsz, heads, n, block)
@@ -194,7 +195,8 @@ class _FlatLists:
         return self.valid.sum(-1)
 
 
-def _gather_lists(k: Tensor, v: Tensor, key: Tensor, batch: Tensor, head: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+def _gather_lists(k: Tensor, v: Tensor, key: Tensor, batch: Tensor, head: Tensor,
+                  heads: int) -> tuple[Tensor, Tensor]:
     """The keys and values (B, H_kv, Tk, d) at positions ``key`` (..., L) of sample ``batch`` and query
     head ``head`` of ``heads`` (both broadcast against ``key``; a head reads its kv head): (..., L, d) each."""
     tables = same_layout(k, v)  # in place: a KV cache's view with spare rows is not copied
