@@ -185,3 +185,7 @@ def test_diagnose_task_probes_sea_against_the_dense_top_keys(tiny_model_dir, tmp
     assert main(["diagnose", "--model", str(tiny_model_dir / "model"), "--task", "needle", "--prompts", "2",
                  "--prompt", "2", "--quiet"]) == 2
     assert "--prompt must be below --prompts (2)" in capsys.readouterr().err
+    assert main(["diagnose", "--model", str(tiny_model_dir / "model"), "--task", "needle", "--length", "128",
+                 "--prompts", "2", "--k", "8", "--haystack", str(tiny_model_dir / "text.txt"), "--grouping", "block",
+                 "--quiet"]) == 2  # refused with a reason, not an AttributeError half-way
+    assert "selects per block of rows" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..atomic import write_file, write_text
 from ..core.cells import KeySlots, forced_counts, key_bins
+from ..core.grouping import grouping_for
 from ..core.selection import query_budget
 from ..hf import LayerCall, layer_override, no_cache, sea_budget, sea_layers
 from .baselines.chunks import query_chunks
@@ -119,11 +120,22 @@ class PromptDiagnosis:
         return [[sum(self.layers[i][name][s]) / len(self.layers[i][name][s]) for i in order] for s in range(self.steps)]
 
 
+def _validate_reports_slots(model: nn.Module) -> None:
+    """The probe reads each query row's own selected keys (``SEAOutput.slots``), which only the groupings
+    that select per row report."""
+    for *_, sea in sea_layers(model):
+        if not grouping_for(sea.config).reports_slots:
+            raise ValueError(f"sea diagnose --task reads each query row's own selected keys; grouping="
+                             f"{sea.config.grouping!r} selects per block of rows and does not report them: use "
+                             "grouping 'query' or 'query_head'")
+
+
 @torch.no_grad()
 def diagnose_prompt(model: nn.Module, tokenizer, prompt: TaskPrompt, config: RetrievalDiagnoseConfig) -> PromptDiagnosis:
     """Dense and SEA greedy answers to ``prompt``, and SEA's selection along the dense answer."""
     if not sea_layers(model):
         raise ValueError("the model is not SEA-patched: call sea_attention.hf.patch(model) first")
+    _validate_reports_slots(model)
     with method_attention(model, "dense", None):
         dense = greedy_ids(model, tokenizer, prompt.ids, config.max_new_tokens)
     with sea_budget(model, config.k):
