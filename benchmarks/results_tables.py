@@ -291,6 +291,7 @@ BLOCK_REFINED = (  # grouping, candidates, k, then the sea eval files at 1,024 /
     ("block", 1, 32, ("eval_block_1k_k32_64.json", "eval_block_4k.json", None)),
     ("block", 4, 32, ("eval_block_cand4_1k_k32_64.json", "eval_block_cand4_4k_k32.json", "eval_block_cand4_8k_k32.json")),
     ("block", 1, 64, ("eval_block_1k_k32_64.json", "eval_block_4k.json", None)),
+    ("block", 2, 64, (None, "eval_block_cand2_4k.json", "eval_block_cand2_8k.json")),
     ("block", 4, 64, ("eval_block_cand4_1k_k32_64.json", "eval_block_cand4_4k.json", "eval_block_cand4_8k.json")),
     ("block, query_block=16", 4, 64, (None, "eval_block_qb16_cand4_4k.json", None)),
 )
