@@ -285,14 +285,23 @@ def span_tile_mask(selection: BlockSelection, key_valid: Tensor, lo: int, hi: in
     return (tile & key_valid[:, None, None, :span]).unsqueeze(1)
 
 
-def block_dense_mask(selection: BlockSelection, key_valid: Tensor, cap: int, num_heads: int, tq: int,
-                     tile: bool = True) -> Tensor:
-    """The selection as a (B, H, Tq, Tk) bool mask: for the reference path, tests and plots.
-    ``tile=False``: the cells' keys only (the candidates an exact refinement chooses among)."""
+def block_dense_mask(selection: BlockSelection, key_valid: Tensor, cap: int, num_heads: int, tq: int) -> Tensor:
+    """The selection as a (B, H, Tq, Tk) bool mask: for the reference path, tests and plots."""
+    cells, tile = block_dense_parts(selection, key_valid, cap, num_heads, tq)
+    return cells if tile is None else cells | tile
+
+
+def block_dense_parts(selection: BlockSelection, key_valid: Tensor, cap: int, num_heads: int,
+                      tq: int) -> tuple[Tensor, Tensor | None]:
+    """The selection's two parts as (B, H, Tq, Tk) bool masks (broadcast over heads for the tile): each
+    row's block cell keys (the candidates an exact refinement chooses among) and its tile (None when
+    bidirectional). The cells' keys lie before the tile, so the two never overlap."""
     bsz, tk = key_valid.shape
+    rows = slice(selection.front, selection.front + tq)
     keys = block_keys(selection, key_valid, cap, 0, selection.num_blocks)
-    if tile:
-        mask = span_mask(selection, keys, key_valid, 0, selection.num_blocks, tk, num_heads)  # (B, H, nb, Bq, Tk)
-    else:
-        mask = span_cell_mask(keys, bsz, 0, selection.num_blocks, tk, num_heads).expand(-1, -1, -1, selection.block, -1)
-    return mask.flatten(2, 3)[:, :, selection.front:selection.front + tq]
+    cells = span_cell_mask(keys, bsz, 0, selection.num_blocks, tk, num_heads)  # (B, H, nb, 1, Tk)
+    cells = cells.expand(-1, -1, -1, selection.block, -1).flatten(2, 3)[:, :, rows]
+    if not selection.causal:
+        return cells, None
+    tile = span_tile_mask(selection, key_valid, 0, selection.num_blocks, tk)  # (B, 1, nb, Bq, Tk)
+    return cells, tile.flatten(2, 3)[:, :, rows]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .blocks import BlockSelection, block_dense_mask
+from .blocks import BlockSelection, block_dense_parts
 from .cells import KeySlots
 from .ops.sparse import candidate_scores
 
@@ -112,7 +112,6 @@ def naive_block_refine(q: Tensor, k: Tensor, selection: BlockSelection, key_vali
     """The block grouping's refined selection as a dense (B, H, Tq, Tk) bool mask: each row's
     candidates (its block's cell keys) refined by ``naive_refine``, its tile whole. The reference of
     ``ops/block_sparse.py``'s refinement (the reference path and the tests)."""
-    heads, tq = q.shape[1], q.shape[2]
-    whole = block_dense_mask(selection, key_valid, cap, heads, tq)
-    cells = block_dense_mask(selection, key_valid, cap, heads, tq, tile=False)
-    return naive_refine(q, k, cells, candidates, scale) | (whole & ~cells)
+    cells, tile = block_dense_parts(selection, key_valid, cap, q.shape[1], q.shape[2])
+    refined = naive_refine(q, k, cells, candidates, scale)
+    return refined if tile is None else refined | tile

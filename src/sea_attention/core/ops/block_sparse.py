@@ -16,7 +16,7 @@ on ``refine.naive_block_refine``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -188,11 +188,10 @@ class _FlatLists:
     key: Tensor  # (N, L) key positions
     valid: Tensor  # (N, L)
     q: Tensor  # (N, Bq, d) the scaled queries of each list's block and head
+    listed: Tensor = field(init=False)  # (N,) keys of each list, counted once
 
-    @property
-    def listed(self) -> Tensor:
-        """(N,) keys of each list."""
-        return self.valid.sum(-1)
+    def __post_init__(self) -> None:
+        self.listed = self.valid.sum(-1)
 
 
 def _gather_lists(k: Tensor, v: Tensor, key: Tensor, batch: Tensor, head: Tensor,
