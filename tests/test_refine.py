@@ -11,7 +11,7 @@ from sea_attention.core.cells import cells_to_keys, query_lengths
 from sea_attention.core.blocks import block_dense_mask
 from sea_attention.core.ops.block_sparse import BlockSparseAttention, few_rows_attention
 from sea_attention.core.ops.reference import reference_attention
-from sea_attention.core.refine import keep_best, kept_count, naive_block_refine, naive_refine, refine_slots
+from sea_attention.core.refine import Refinement, keep_best, naive_block_refine, naive_refine, refine_slots
 from test_blocks import random_selection
 
 
@@ -28,9 +28,10 @@ def _random_slots(bsz, heads, tq, tk, width, mask):
 def test_refined_slots_equal_the_dense_reference(heads, kv_heads, candidates, pad):
     q, k, _ = make_qkv(2, heads, kv_heads, 30, 30, 8)
     mask = padding_mask(2, 30, pad)
-    slots, _ = _random_slots(2, heads, 30, 30, 8, mask)
-    refined = refine_slots(q, k, slots, candidates, scale=0.3, chunk=7)
-    expected = naive_refine(q, k, slots.dense_mask(heads, 30), candidates, scale=0.3)
+    slots, lengths = _random_slots(2, heads, 30, 30, 8, mask)
+    refinement = Refinement(candidates, budget=4)  # rows shorter than 4 * candidates keep the budget's share
+    refined = refine_slots(q, k, slots, lengths, refinement, scale=0.3, chunk=7)
+    expected = naive_refine(q, k, slots.dense_mask(heads, 30), lengths, refinement, scale=0.3)
     assert torch.equal(refined.dense_mask(heads, 30), expected)
     assert torch.equal(refined.dense_mask(heads, 30) & ~slots.dense_mask(heads, 30), torch.zeros_like(expected))
     head_order = torch.where(refined.valid, refined.head, heads)
@@ -41,7 +42,7 @@ def test_all_keys_as_candidates_is_the_per_head_exact_top_k():
     q, k, _ = make_qkv(1, 2, 2, 1, 24, 8)
     every = torch.ones(1, 2, 1, 24, dtype=torch.bool)  # every key of both heads is a candidate
     slots = cells_to_keys(every, torch.tensor([[24]]), torch.ones(1, 24, dtype=torch.bool), cap=24)
-    refined = refine_slots(q, k, slots, candidates=4, scale=1.0)  # keeps 24 / 4 = 6 per head
+    refined = refine_slots(q, k, slots, torch.tensor([[24]]), Refinement(4, budget=6), scale=1.0)  # 6 per head
     top = (q @ k.transpose(-1, -2)).topk(6, dim=-1).indices  # (1, 2, 1, 6)
     expected = torch.zeros(1, 2, 1, 24, dtype=torch.bool).scatter_(-1, top, True)
     assert torch.equal(refined.dense_mask(2, 24), expected)
@@ -116,7 +117,26 @@ def test_candidate_scores_are_the_dense_scores_at_the_slots():
 
 
 def test_the_kept_share_is_the_ceiling_of_a_candidates_fraction():
-    assert kept_count(torch.tensor([0, 1, 2, 3, 4, 5, 6]), 3).tolist() == [0, 1, 1, 1, 2, 2, 2]
+    long_row = torch.tensor(100)  # at least candidates x budget keys: ceil(count / candidates)
+    assert Refinement(3, budget=4).kept(torch.tensor([0, 1, 2, 3, 4, 5, 6]), long_row).tolist() == [0, 1, 1, 1, 2, 2, 2]
+
+
+def test_a_row_too_short_for_every_candidate_keeps_its_budgets_share():
+    share = Refinement(4, budget=8)  # offers 32 keys per head
+    lengths = torch.tensor([0, 5, 8, 16, 20, 32, 40])
+    assert share.kept(lengths, lengths).tolist() == [0, 5, 8, 8, 8, 8, 10]  # every key offered: min(L, 8) kept
+    assert share.kept(torch.tensor(10), torch.tensor(16)).tolist() == 5  # half the keys offered are the budget
+
+
+@pytest.mark.parametrize("grouping", ["query", "query_head", "block"])
+def test_rows_of_at_most_k_keys_attend_every_key_with_refinement(grouping):
+    """As without refinement (selection.py: rows with L <= k are exact), a row that has no more keys than
+    the budget keeps every one, and a longer row keeps about the budget."""
+    module = _layer(grouping=grouping, k=6, candidates=4, query_block=4).eval()
+    q, k, v = make_qkv(1, 4, 2, 40, 40, 16)
+    nnz = module(q, k, v).nnz.float()  # (B, H, T)
+    assert torch.equal(nnz[..., :6], torch.arange(1.0, 7.0).expand_as(nnz[..., :6]))
+    assert float(nnz[..., 6:24].mean()) >= 6 - 1
 
 
 def test_keep_best_keeps_exactly_the_highest_finite_scores():
@@ -132,13 +152,14 @@ def test_keep_best_keeps_exactly_the_highest_finite_scores():
 @pytest.mark.parametrize("candidates", [2, 3])
 def test_the_block_op_refines_like_the_dense_reference(mode, causal, kv_heads, tq, tk, pad, candidates):
     """Outputs, gradients and keys per row of the block op (both strategies) with refinement equal
-    reference attention on the refined mask; the refinement keeps ceil(n / c) of each list."""
+    reference attention on the refined mask; each row keeps its share of its list (Refinement.kept)."""
     torch.manual_seed(2)
     bsz, heads, cap = 2, 4, 6
     key_valid, query_valid, selection = random_selection(bsz, heads, tq, tk, cap, pad=pad, causal=causal)
     q, k, v = make_qkv(bsz, heads, kv_heads, tq, tk, 8, dtype=torch.float64, requires_grad=True)
-    out, nnz = BlockSparseAttention(chunk_blocks=2, mode=mode)(q, k, v, selection, key_valid, 0.3, cap, candidates)
-    mask = naive_block_refine(q, k, selection, key_valid, cap, candidates, 0.3)
+    refinement = Refinement(candidates, budget=cap // candidates)
+    out, nnz = BlockSparseAttention(chunk_blocks=2, mode=mode)(q, k, v, selection, key_valid, 0.3, cap, refinement)
+    mask = naive_block_refine(q, k, selection, key_valid, cap, refinement, 0.3)
     expected, _ = reference_attention(q, k, v, mask, 0.3)
     rows = query_valid[:, None, :, None]
     torch.testing.assert_close(out * rows, expected * rows, atol=1e-10, rtol=1e-10)
@@ -157,8 +178,9 @@ def test_a_few_refined_queries_attend_the_reference_keys(tq, tk, kv_heads):
     heads, cap, candidates = 4, 6, 3
     key_valid, _, selection = random_selection(2, heads, tq, tk, cap, pad=5, causal=True)
     q, k, v = (x.double().requires_grad_() for x in make_qkv(2, heads, kv_heads, tq, tk, 16))
-    out, nnz = few_rows_attention(q, k, v, selection, key_valid, 0.25, cap, candidates)
-    mask = naive_block_refine(q, k, selection, key_valid, cap, candidates, 0.25)
+    refinement = Refinement(candidates, budget=cap // candidates)
+    out, nnz = few_rows_attention(q, k, v, selection, key_valid, 0.25, cap, refinement)
+    mask = naive_block_refine(q, k, selection, key_valid, cap, refinement, 0.25)
     want, _ = reference_attention(q, k, v, mask, 0.25)
     torch.testing.assert_close(out, want)
     assert torch.equal(nnz, mask.sum(-1))

@@ -139,16 +139,19 @@ class SEAConfig:
             estimate selects cells for ``candidates`` times the budget, every candidate key is
             scored exactly (scale * q . k), and each query and head keeps the best
             ``ceil(n / candidates)`` of its ``n`` candidates, so the heads keep the grouped
-            budget's shares and the keys per query stay about ``k``. Per query, it costs
+            budget's shares and the keys per query stay about ``k`` (a row of fewer than
+            ``candidates * k`` keys, offered all of them, keeps ``n * min(k, L) / L``: every key
+            when L <= k, as without refinement; ``refine.Refinement.kept``). Per query, it costs
             ``candidates * k`` exact dot products per query and head; with ``grouping="block"`` a
             block's rows share its candidates, which the block product scores anyway, and each
             row keeps its own best (its tile stays whole; a decoding step's one-row product rounds
             the scores differently from the block product, so a near-tie may be kept the other way
             than in the full forward). 1 (the default) is off: a selected cell's keys are all used
             (at most ``k`` of them, spread evenly). Undistilled SmolLM2, k=64, wiki validation
-            (docs/results.md): per query, 4 costs perplexity at 1k (x1.062 of dense against x1.038)
-            and halves the gap at 4k (x1.067 against x1.131); with the block grouping, 4 gives
-            x1.030 at 1k and x1.063 at 4k.
+            (docs/results.md): per query, 4 matches the default at 1k (x1.039 of dense against
+            x1.038) and halves the gap at 4k (x1.067 against x1.131, measured before short rows
+            kept their budget's share); with the block grouping, 4 gives x1.027 at 1k and x1.062
+            at 4k.
         dense_layers: the layers (``layer_idx``) that keep the dense model's attention on every row:
             exact softmax over every key, the dense model's output (the length policy with no limit).
             Quest leaves its first two layers dense and MoBA its last three; a dense layer costs what

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..cells import KeySlots
 from ..config import SEAConfig
+from ..refine import Refinement
 
 if TYPE_CHECKING:
     from ..call import SEACall
@@ -60,6 +61,10 @@ class Grouping(ABC):
         """Keys per query per head the selected cells stand for: the budget, times ``candidates``
         (exact refinement, ``refine.py``), at most every key."""
         return min(call.budget * self.config.candidates, call.k.shape[2])
+
+    def refinement(self, call: "SEACall") -> Refinement | None:
+        """The call's exact refinement (``refine.py``), None when ``candidates`` is 1 (off)."""
+        return Refinement(self.config.candidates, call.budget) if self.config.candidates > 1 else None
 
     def span_size(self) -> int:
         """Rows per span of the row-chunked prefill (``chunked.py``): ``config.query_chunk``."""

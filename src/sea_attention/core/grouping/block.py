@@ -84,10 +84,10 @@ class BlockGrouping(Grouping):
             nnz = mask.sum(-1)
         elif cfg.causal and tq * 4 <= cfg.query_block:
             context, nnz = few_rows_attention(q, call.k, call.v, selection, call.key_valid, call.scale, cap,
-                                              cfg.candidates)
+                                              self.refinement(call))
         else:
             context, nnz = block_sparse_attention(q, call.k, call.v, selection, call.key_valid, call.scale, cap,
-                                                  cfg.candidates)
+                                                  self.refinement(call))
         valid = call.asked(call.query_valid, 1)[:, None, :]  # padding queries report no keys, as elsewhere
         cells = selection.per_query_cells(tq)
         if not bool(valid.all()):  # a (B, H, Tq, K) pass saved when no row is padding
@@ -96,7 +96,7 @@ class BlockGrouping(Grouping):
 
     def _dense_mask(self, q: Tensor, selection: BlockSelection, call: "SEACall", cap: int) -> Tensor:
         """(B, H, Tq, Tk) bool: the keys each row attends, refined from the dense scores (the reference)."""
-        cfg = self.config
-        if cfg.candidates == 1:
-            return block_dense_mask(selection, call.key_valid, cap, cfg.num_heads, q.shape[2])
-        return naive_block_refine(q, call.k, selection, call.key_valid, cap, cfg.candidates, call.scale)
+        refinement = self.refinement(call)
+        if refinement is None:
+            return block_dense_mask(selection, call.key_valid, cap, self.config.num_heads, q.shape[2])
+        return naive_block_refine(q, call.k, selection, call.key_valid, cap, refinement, call.scale)

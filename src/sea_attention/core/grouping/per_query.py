@@ -57,7 +57,8 @@ class PerQueryGrouping(Grouping):
         """The candidates' exactly best keys, each head keeping its share (``refine.refine_slots``)."""
         cells, slots = selected
         q = call.asked(call.q, 2)
-        return cells, refine_slots(q, call.k, slots, self.config.candidates, call.scale, self.config.query_chunk)
+        return cells, refine_slots(q, call.k, slots, call.asked_lengths, self.refinement(call), call.scale,
+                                   self.config.query_chunk)
 
     def _forced(self, cap: int) -> tuple[int, int]:
         """What a forced cell stands for at ``cap`` keys per head (``cells.forced_ranges``); the

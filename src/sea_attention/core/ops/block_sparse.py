@@ -6,9 +6,10 @@ gathered once per block into one list (``head_lists``) and scored with one
 masked causally. One softmax per query and head runs over the list (``_attend_lists``; a few rows
 of a decoding step take the same lists: ``few_rows_attention``). With ``candidates`` > 1 (exact
 refinement, ``refine.py``) a head's list holds candidates: each row keeps its exactly best
-``ceil(n / candidates)`` of them (``_Refine``), from the scores the product computed
-anyway. Plain autograd: the products are dense, so there is no per-query gather to avoid in
-backward. Blocks are processed a few at a time, so memory is linear in T.
+share of them (``refine.Refinement.kept``: ``ceil(n / candidates)`` once the block's selecting
+row holds candidates x the budget; ``_Refine``), from the scores the product computed anyway.
+Plain autograd: the products are dense, so there is no per-query gather to avoid in backward.
+Blocks are processed a few at a time, so memory is linear in T.
 
 The reference is ``reference.reference_attention`` on ``blocks.block_dense_mask`` (with candidates,
 on ``refine.naive_block_refine``).
@@ -26,7 +27,7 @@ from ..blocks import (
     BlockKeys, BlockSelection, block_keys, cached_keys, span_cell_mask, span_tile_mask, tile_mask, tile_positions,
 )
 from ..cells import valid_key_positions
-from ..refine import keep_best, kept_count
+from ..refine import Refinement, keep_best
 from ..rows import same_layout
 
 MODES = ("auto", "lists", "dense")
@@ -52,15 +53,16 @@ class _Refine:
     lists, a tile may follow) or the columns ``candidate_mask`` marks (the dense path)."""
 
     count: Tensor  # (..., 1, 1) candidates of each list
-    keep: Tensor  # (..., 1, 1) kept_count(count, candidates)
+    keep: Tensor  # (..., 1, 1) Refinement.kept(count, the selecting row's length)
     listed: int = 0
     candidate_mask: Tensor | None = None  # bool, broadcast against the scores
 
     @classmethod
-    def of(cls, factor: int, count: Tensor, listed: int = 0,
+    def of(cls, refinement: Refinement | None, count: Tensor, lengths: Tensor, listed: int = 0,
            candidate_mask: Tensor | None = None) -> "_Refine | None":
-        """The refinement by ``factor`` (``SEAConfig.candidates``); None when it is 1 (off)."""
-        return None if factor == 1 else cls(count, kept_count(count, factor), listed, candidate_mask)
+        """``refinement`` of lists of ``count`` candidates whose block selected on ``lengths`` keys (both
+        (..., 1, 1)); None without one (off)."""
+        return None if refinement is None else cls(count, refinement.kept(count, lengths), listed, candidate_mask)
 
     def drop(self, scores: Tensor) -> None:
         """Mask (-inf), in place, the candidates a row does not keep; ``scores`` (..., R, L) are already
@@ -110,17 +112,17 @@ class _BlockRun:
     v: Tensor
     selection: BlockSelection
     key_valid: Tensor  # (B, Tk)
-    candidates: int = 1  # exact refinement of each head's list (``refine.py``); 1: off
+    refinement: Refinement | None = None  # exact refinement of each head's list (``refine.py``)
 
     @classmethod
     def prepare(cls, q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
-                scale: float, candidates: int = 1) -> "_BlockRun":
+                scale: float, refinement: Refinement | None = None) -> "_BlockRun":
         bsz, heads, tq, dim = q.shape
         compute = torch.promote_types(q.dtype, torch.float32)
         block, num_blocks, front = selection.block, selection.num_blocks, selection.front
         q_scaled = q.to(compute) * scale  # the scale folded into q once, not into every score
         q_blocks = _pad_rows(q_scaled, front, num_blocks * block - tq - front).view(bsz, heads, num_blocks, block, dim)
-        return cls(q_blocks, k.to(compute), v.to(compute), selection, key_valid, candidates)
+        return cls(q_blocks, k.to(compute), v.to(compute), selection, key_valid, refinement)
 
     def dense(self, lo: int, hi: int, keys: BlockKeys, span: int) -> tuple[Tensor, Tensor]:
         """Blocks lo:hi scored against every key before ``span``, masked to their keys."""
@@ -129,7 +131,8 @@ class _BlockRun:
         allowed = cells.expand(-1, -1, -1, block, -1)
         if self.selection.causal:
             allowed = allowed | span_tile_mask(self.selection, self.key_valid, lo, hi, span)
-        refine = _Refine.of(self.candidates, cells.sum(-1, keepdim=True), candidate_mask=cells)
+        lengths = self.selection.lengths[:, None, lo:hi, None, None]  # (B, 1, n, 1, 1)
+        refine = _Refine.of(self.refinement, cells.sum(-1, keepdim=True), lengths, candidate_mask=cells)
         return _dense_chunk(self.q_blocks[:, :, lo:hi], self.k[:, :, :span], self.v[:, :, :span], allowed, refine)
 
     def lists(self, lo: int, hi: int, keys: BlockKeys) -> tuple[Tensor, Tensor]:
@@ -144,7 +147,9 @@ class _BlockRun:
         q_chunk = self.q_blocks[:, :, lo:hi]  # (B, H, n, Bq, d)
         bsz, heads, n, block, dim = q_chunk.shape
         lists = head_lists(keys, heads)
-        flat = _FlatLists(lists.key.flatten(0, 2), lists.valid.flatten(0, 2), q_chunk.reshape(-1, block, dim))
+        lengths = self.selection.lengths[:, None, lo:hi].expand(-1, heads, -1)  # (B, H, n) of the selecting rows
+        flat = _FlatLists(lists.key.flatten(0, 2), lists.valid.flatten(0, 2), q_chunk.reshape(-1, block, dim),
+                          lengths.flatten())
         tile = own = None
         if self.selection.causal:  # the tile: key positions tile_start.. of each block, masked causally
             tile = tile_positions(self.selection, torch.arange(lo, hi, device=flat.key.device))
@@ -169,7 +174,7 @@ class _BlockRun:
         width = int(listed.max())
         key = flat.key.index_select(0, part)[:, :width]  # (m, w)
         allowed = flat.valid.index_select(0, part)[:, :width].unsqueeze(1).expand(-1, block, -1)  # (m, Bq, w)
-        refine = _Refine.of(self.candidates, listed, listed=width)
+        refine = _Refine.of(self.refinement, listed, flat.lengths[part][:, None, None], listed=width)
         count = listed.squeeze(-1) if refine is None else refine.attended(listed.squeeze(-1))  # (m, 1) per row
         if tile is not None:
             mine = own[batch, blk]  # (m, Bq, Bq)
@@ -188,6 +193,7 @@ class _FlatLists:
     key: Tensor  # (N, L) key positions
     valid: Tensor  # (N, L)
     q: Tensor  # (N, Bq, d) the scaled queries of each list's block and head
+    lengths: Tensor  # (N,) the keys of each list's selecting row (the refinement's share)
     listed: Tensor = field(init=False)  # (N,) keys of each list, counted once
 
     def __post_init__(self) -> None:
@@ -225,7 +231,7 @@ def _attend_lists(q: Tensor, k_sel: Tensor, v_sel: Tensor, allowed: Tensor,
 
 
 def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
-                       scale: float, cap: int, candidates: int = 1) -> tuple[Tensor, Tensor]:
+                       scale: float, cap: int, refinement: Refinement | None = None) -> tuple[Tensor, Tensor]:
     """A causal call of a few query rows (decoding), where a block of rows would be mostly padding:
     each row scores its block's head lists (``head_lists`` of the cached cell keys) and its tile up
     to itself. q (B, H, Tq, d); k, v (B, H_kv, Tk, d). Returns the context (B, H, Tq, d) in q's dtype
@@ -244,7 +250,9 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelectio
     allowed = torch.cat([allowed, inside.unsqueeze(1).expand(-1, heads, -1, -1)], dim=-1)
     batch, head = torch.arange(bsz, device=q.device)[:, None, None, None], torch.arange(heads, device=q.device)
     k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key, batch, head[None, :, None, None], heads)
-    refine = _Refine.of(candidates, lists.valid.sum(-1).index_select(2, blocks)[..., None, None], listed=listed)
+    count = lists.valid.sum(-1).index_select(2, blocks)[..., None, None]  # (B, H, Tq, 1, 1)
+    lengths = selection.lengths.index_select(1, blocks)[:, None, :, None, None]
+    refine = _Refine.of(refinement, count, lengths, listed=listed)
     out = _attend_lists((q.to(compute) * scale).unsqueeze(-2), k_sel, v_sel, allowed.unsqueeze(-2), refine)
     count = allowed.sum(-1, keepdim=True)  # (B, H, Tq, 1)
     count = count if refine is None else refine.attended(count)
@@ -294,12 +302,12 @@ class BlockSparseAttention:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
-                 scale: float, cap: int, candidates: int = 1) -> tuple[Tensor, Tensor]:
+                 scale: float, cap: int, refinement: Refinement | None = None) -> tuple[Tensor, Tensor]:
         """q (B, H, Tq, d); k, v (B, H_kv, Tk, d); ``key_valid`` (B, Tk); ``cap`` the keys a cell stands
-        for, ``candidates`` the exact refinement's factor. Returns the context (B, H, Tq, d) in q's
+        for, ``refinement`` the exact refinement (None: off). Returns the context (B, H, Tq, d) in q's
         dtype and the keys each query attended per head (B, H, Tq)."""
         bsz, heads, tq, dim = q.shape
-        run = _BlockRun.prepare(q, k, v, selection, key_valid, scale, candidates)
+        run = _BlockRun.prepare(q, k, v, selection, key_valid, scale, refinement)
         positions = valid_key_positions(key_valid)
         context = run.q_blocks.new_empty(bsz, selection.num_blocks, heads, selection.block, dim)
         counts = []
