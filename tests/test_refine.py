@@ -187,3 +187,13 @@ def test_a_few_refined_queries_attend_the_reference_keys(tq, tk, kv_heads):
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     for got, expected in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))):
         torch.testing.assert_close(got, expected)
+
+
+def test_auto_refines_on_the_lists():
+    """A refined dense run ranks every key of its span, so ``auto`` keeps the lists with refinement
+    (the mode only decides the cost: the grid tests above run both)."""
+    from sea_attention.core.ops.block_sparse import _use_dense
+
+    assert _use_dense("auto", 100, 1000, refined=False)
+    assert not _use_dense("auto", 100, 1000, refined=True)
+    assert _use_dense("dense", 100, 1000, refined=True) and not _use_dense("lists", 100, 1000, refined=False)

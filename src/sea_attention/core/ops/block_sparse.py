@@ -34,11 +34,13 @@ MODES = ("auto", "lists", "dense")
 LIST_BUCKETS = 4  # buckets of similar list length per run of blocks (``_BlockRun.lists``)
 
 
-def _use_dense(mode: str, dense_work: int, cell_work: int) -> bool:
+def _use_dense(mode: str, dense_work: int, cell_work: int, refined: bool) -> bool:
     """Work per query row: dense scores every key of the span for every head; the list path
     gathers each selected key once per block and scores it, at several times the cost per
-    element of a dense product."""
-    return mode == "dense" or (mode == "auto" and dense_work <= 2 * cell_work)
+    element of a dense product. A refined dense run also ranks every key of the span (a top-k
+    over the span, not over the list), so ``auto`` refines on the lists: 1.9x faster at 1,024
+    tokens, 1.2x at 4,096 (docs/results.md, "A short row keeps its budget's share")."""
+    return mode == "dense" or (mode == "auto" and not refined and dense_work <= 2 * cell_work)
 
 
 def _pad_rows(x: Tensor, front: int, back: int) -> Tensor:
@@ -291,7 +293,8 @@ class BlockSparseAttention:
 
     ``mode``: per run of ``chunk_blocks`` blocks, ``lists`` scores each head's list of selected keys;
     ``dense`` scores every key before the run's end and masks (cheaper while the prefix is
-    short); ``auto`` picks the one with fewer scores (all give the same result).
+    short); ``auto`` picks the one with fewer scores, and the lists with refinement (all give the
+    same result; ``_use_dense``).
     """
 
     chunk_blocks: int = 16
@@ -317,7 +320,7 @@ class BlockSparseAttention:
             # keys these blocks can reach: causal ones end at the run's last position
             span = min(k.shape[2], (selection.first_block + hi) * selection.block) if selection.causal else k.shape[2]
             cells, emitted = keys.key.shape[-2:]
-            if _use_dense(self.mode, heads * span, cells * emitted):
+            if _use_dense(self.mode, heads * span, cells * emitted, refinement is not None):
                 context[:, lo:hi], count = run.dense(lo, hi, keys, span)
             else:
                 context[:, lo:hi], count = run.lists(lo, hi, keys)
