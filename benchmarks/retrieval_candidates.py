@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from sea_attention.app import assets
+from sea_attention.tools.bench.runtime import machine_info
 from sea_attention.atomic import write_text
 from sea_attention.hf import from_pretrained, patch, sea_layers, set_runtime
 from sea_attention.tools.baselines.retrieval import RetrievalConfig, format_retrieval_table, score_runs
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--key-bounds", action="store_true", help="patch with key_bounds=True")
     parser.add_argument("--mean-key-weight", type=float, default=1.0, help="initial mean-key weight of every layer")
     parser.add_argument("--json", required=True)
+    parser.add_argument("--machine-note", default=None, help="how loaded the machine was (recorded in the JSON)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.model:
@@ -70,7 +72,7 @@ def main() -> None:
     model.eval()
     out = {"model": args.model or "smollm2-135m (undistilled patch)", "k": args.k, "candidates": args.candidates,
            "key_bounds": args.key_bounds, "mean_key_weight": args.mean_key_weight,
-           "threads": torch.get_num_threads(), "machine": "2-core AMD EPYC AVX-512, shared (loaded)"}
+           "threads": torch.get_num_threads(), "machine": {**machine_info(), "note": args.machine_note}}
     start = time.time()
     if args.perplexity:
         tokens = tokenize(tokenizer, assets.load_text("wiki", "validation"))[: args.perplexity * 1024]

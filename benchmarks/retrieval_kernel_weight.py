@@ -23,6 +23,7 @@ from dataclasses import asdict
 import torch
 
 from sea_attention.app import assets
+from sea_attention.tools.bench.runtime import machine_info
 from sea_attention.atomic import write_text
 from sea_attention.hf import patch, sea_layers
 from sea_attention.tools.baselines.retrieval import RetrievalConfig, format_retrieval_table, score_runs
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--perplexity", type=int, default=0, help="wiki validation windows of --seq-len (0: skip)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--json", required=True)
+    parser.add_argument("--machine-note", default=None, help="how loaded the machine was (recorded in the JSON)")
     args = parser.parse_args()
     if args.no_kernel_bins and args.kernel_scale is not None:
         parser.error("--kernel-scale needs the kernel term: drop --no-kernel-bins")
@@ -59,7 +61,7 @@ def main() -> None:
     model, tokenizer = variant_model(args.kernel_scale, not args.no_kernel_bins)
     out = {"model": "smollm2-135m", "k": args.k, "kernel_scale": args.kernel_scale,
            "kernel_bins": not args.no_kernel_bins, "threads": torch.get_num_threads(),
-           "machine": "2-core AMD EPYC AVX-512, shared with other engineers (loaded)"}
+           "machine": {**machine_info(), "note": args.machine_note}}
     save = lambda: write_text(args.json, json.dumps(out, indent=1))  # noqa: E731
     start = time.time()
     if args.perplexity:
