@@ -316,6 +316,39 @@ def block_refined_perplexity(results: Results) -> str:
     return table(["grouping", "candidates", "k", "1,024-token windows", "4,096", "8,192"], rows)
 
 
+SHORT_ROWS = (  # label, k, window, the sea eval file with ceil(n / c) in every row, then with the budget's share
+    ("undistilled, query, candidates=4", 64, "1,024", "ppl_candidates4_k64.json", "eval_query_cand4_1k_share.json"),
+    ("undistilled, block, candidates=4", 32, "1,024", "eval_block_cand4_1k_k32_64.json", "eval_block_cand4_1k_share.json"),
+    ("undistilled, block, candidates=4", 64, "1,024", "eval_block_cand4_1k_k32_64.json", "eval_block_cand4_1k_share.json"),
+    ("undistilled, block, candidates=4", 64, "4,096", "eval_block_cand4_4k.json", "eval_block_cand4_4k_share.json"),
+    ("demo model, block, candidates=4", 32, "1,024", "eval_demo_block_cand4_1k_before.json",
+     "eval_demo_block_cand4_1k_share.json"),
+    ("demo model, block, candidates=4", 64, "1,024", "eval_demo_block_cand4_1k_before.json",
+     "eval_demo_block_cand4_1k_share.json"),
+    ("demo model, query (default)", 32, "1,024", "eval_demo_query_1k.json", None),
+    ("demo model, query (default)", 64, "1,024", "eval_demo_query_1k.json", None),
+)
+
+
+def refine_short_rows(results: Results) -> str:
+    """Wiki validation perplexity with refinement before and after short rows kept their budget's share."""
+    rows = [[label, str(k), window, _ratio_at(results, before, k),
+             _ratio_at(results, after, k) if after else "unchanged (no refinement)"]
+            for label, k, window, before, after in SHORT_ROWS]
+    return table(["SmolLM2-135M, wiki validation", "k", "window", "ceil(n / c) in every row",
+                  "the budget's share in short rows"], rows)
+
+
+def refine_short_rows_needle(results: Results) -> str:
+    """The suite's needle (test haystacks) for per-query refinement, before and after the short-row share."""
+    rows = []
+    for label, name in (("ceil(n / c) in every row", "retrieval_candidates4_k64.json"),
+                        ("the budget's share in short rows", "retrieval_candidates4_k64_share.json")):
+        found = {r["length"]: r for r in results.load(name)["rows"] if r["task"] == "needle"}
+        rows.append([label, *(f"{found[n]['correct']}/{found[n]['prompts']}" for n in (1024, 2048))])
+    return table(["undistilled SmolLM2, candidates=4, k=64", "needle at 1,024", "needle at 2,048"], rows)
+
+
 def block_refined_test(results: Results) -> str:
     """Wiki and BBC test perplexity on long windows: the default (the forced-keys section's before-run,
     beside its after-run's dense) against the block grouping with candidates=4 (its own run's dense)."""
@@ -892,6 +925,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "block-refined-perplexity": block_refined_perplexity,
     "block-refined-keys": compare_table([("sea, block grouping, candidates=4", "compare_block_cand4_1k.json", "sea")]),
     "block-refined-test": block_refined_test,
+    "refine-short-rows": refine_short_rows,
+    "refine-short-rows-needle": refine_short_rows_needle,
     "attention-block-refined": bench_table(["attention_block_refined.json"],
                                            ["sdpa", "sea_chunked", "sea_block_chunked", "sea_block_refined_chunked"]),
     "attention-block-buckets": bench_table(["attention_block_refined_buckets.json"],
