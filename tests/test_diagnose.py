@@ -185,7 +185,34 @@ def test_diagnose_task_probes_sea_against_the_dense_top_keys(tiny_model_dir, tmp
     assert main(["diagnose", "--model", str(tiny_model_dir / "model"), "--task", "needle", "--prompts", "2",
                  "--prompt", "2", "--quiet"]) == 2
     assert "--prompt must be below --prompts (2)" in capsys.readouterr().err
-    assert main(["diagnose", "--model", str(tiny_model_dir / "model"), "--task", "needle", "--length", "128",
-                 "--prompts", "2", "--k", "8", "--haystack", str(tiny_model_dir / "text.txt"), "--grouping", "block",
-                 "--quiet"]) == 2  # refused with a reason, not an AttributeError half-way
-    assert "selects per block of rows" in capsys.readouterr().err
+
+
+def test_diagnose_task_reads_the_block_groupings_selection(tiny_model_dir, tmp_path):
+    """With the block grouping the probe reads SEA's keys from its attention view and ranks the dense
+    top-1 key in the estimate of the step's block's first row; a top-1 key in the step's own block (its
+    tile, always attended) is selected and ranked -1; the budget is in bins for candidates x k keys."""
+    import json
+
+    from sea_attention.app.cli import main
+
+    budgets, tiled = {}, 0
+    for candidates in (1, 4):
+        report = tmp_path / f"needle{candidates}.json"
+        assert main(["diagnose", "--model", str(tiny_model_dir / "model"), "--task", "needle", "--length", "128",
+                     "--prompts", "2", "--k", "8", "--haystack", str(tiny_model_dir / "text.txt"),
+                     "--estimate-width", "8", "--grouping", "block", "--query-block", "16", "--candidates",
+                     str(candidates), "--json", str(report), "--quiet"]) == 0
+        payload = json.loads(report.read_text())
+        for layer in payload["layers"].values():
+            for step in range(payload["steps"]):
+                position = 128 - 1 + step  # the row predicting answer token ``step``
+                for key, rank, hit in zip(layer["top1_key"][step], layer["group_rank"][step],
+                                          layer["top1_selected"][step]):
+                    if key >= position // 16 * 16:  # in the step's own block
+                        tiled += 1
+                        assert rank == -1 and hit == 1.0
+                    else:
+                        assert 0 <= rank < 4 * 8
+        budgets[candidates] = [b for layer in payload["layers"].values() for row in layer["budget"] for b in row]
+    assert tiled > 0  # the tiny model's top key is often a recent one
+    assert all(b4 >= b1 for b1, b4 in zip(budgets[1], budgets[4])) and budgets[4] != budgets[1]

@@ -8,9 +8,15 @@ At each answer step (the query rows that predict the answer tokens), layer and h
   ``selected_mass``: the same weighted by their dense probability, ``top1_selected`` / ``top1_key``:
   whether SEA holds the dense top-1 key, and its position;
 * ``head_rank`` / ``group_rank``: the rank (0 = best) of the bin holding the dense top-1 key in
-  the estimate, among the head's K bins and among all H*K bins the ``query`` grouping compares,
-  beside ``budget`` (the bins the grouped top-k takes, ``forced`` of them sink / window bins); ``mass_head_rank`` / ``mass_group_rank``:
-  the same ranks if the bins were scored by their exact attention mass (an oracle estimate).
+  the estimate that selected for the step (the step's own row; with the block grouping its block's
+  first row, in that row's bins), among the head's K bins and among all H*K bins the ``query``
+  grouping compares, beside ``budget`` (the bins the grouped top-k takes for ``candidates`` x k
+  keys, ``forced`` of them sink / window bins); ``mass_head_rank`` / ``mass_group_rank``: the same
+  ranks if the bins were scored by the step's exact attention mass (an oracle estimate). A top-1
+  key in the step's own block (the block grouping's tile, always attended) has rank -1.
+
+With the block grouping SEA's selection is read from its attention view (``baselines.layer.sea_selection``:
+a key whose probability underflows to 0 is missed there), a dense (H, T, T) tensor per layer.
 
     report = diagnose_prompt(model, tokenizer, prompt, RetrievalDiagnoseConfig(k=64))
 """
@@ -31,6 +37,7 @@ from ..core.selection import query_budget
 from ..hf import LayerCall, layer_override, no_cache, sea_budget, sea_layers
 from .baselines.chunks import query_chunks
 from .baselines.compare import method_attention
+from .baselines.layer import sea_selection
 from .baselines.retrieval import greedy_ids
 from .baselines.tasks import TaskPrompt
 
@@ -66,8 +73,9 @@ class TopKeyProbe:
     layers: dict[int, dict[str, list]] = field(default_factory=dict)  # layer -> name -> (S, H) lists
 
     def __call__(self, call: LayerCall) -> tuple[Tensor, None]:
-        out = call.run_sea(k_budget=self.config.k)
-        tq, tk, heads = call.query.shape[2], call.key.shape[2], call.query.shape[1]
+        grouping = grouping_for(call.sea.config)
+        out = call.run_sea(k_budget=self.config.k, return_attention=not grouping.reports_slots)
+        tq = call.query.shape[2]
         contexts, last = [], []
         for chunk in query_chunks(call.query, call.key, call.value, call.key_valid, call.scaling, call.causal, 256):
             context, probs = chunk.teacher  # (B, H, C, d), (B, H, C, Tk)
@@ -75,32 +83,49 @@ class TopKeyProbe:
             last.append(probs)
         probs = torch.cat(last, 2)[:, :, tq - self.steps:]  # (B, H, S, Tk)
         rows = slice(tq - self.steps, tq)
-        slots = KeySlots(out.slots.head[:, rows], out.slots.key[:, rows], out.slots.valid[:, rows])
-        selected = slots.dense_mask(heads, tk)  # (B, H, S, Tk)
+        slots = None if out.slots is None else KeySlots(out.slots.head[:, rows], out.slots.key[:, rows],
+                                                        out.slots.valid[:, rows])
+        attention = None if out.attention is None else out.attention[:, :, rows]
+        selected = sea_selection(call, slots, attention)  # (B, H, S, Tk)
         values, keys = probs.topk(self.config.top, dim=-1)  # (B, H, S, top)
         hit = selected.gather(-1, keys).float()
-        lengths = out.lengths[:, rows]  # (B, S)
+        measured = {"selected": hit.mean(-1), "selected_mass": (hit * values).sum(-1) / values.sum(-1),
+                    "top1_selected": hit[..., 0], "top1_key": keys[..., 0], "top_mass": values.sum(-1),
+                    **self._estimate_ranks(call, out, grouping, probs, keys[..., 0])}
+        self.layers[call.layer_idx] = {name: x[0].transpose(0, 1).tolist() for name, x in measured.items()}
+        return torch.cat(contexts, 2), None
+
+    def _estimate_ranks(self, call: LayerCall, out, grouping, probs: Tensor, top1: Tensor) -> dict[str, Tensor]:
+        """Where the dense top-1 key (``top1`` (B, H, S)) stands in the estimate that selected for each
+        answer step: that of the step's own row (per query) or of its block's first row (block), in that
+        row's bins, beside the budget in cells for ``candidates`` x k keys. A top-1 key in the block's own
+        tile (attended whatever the estimate) gets rank -1."""
+        tq, tk, heads = call.query.shape[2], call.key.shape[2], call.query.shape[1]
+        positions = torch.arange(tk - self.steps, tk, device=probs.device)  # the steps' key positions
+        picking = grouping.selecting_positions(positions) - (tk - tq)  # (S,) rows of the call
+        lengths = out.lengths[:, picking]  # (B, S): the selecting rows' keys, on which their bins lie
         width = out.estimated.shape[-1]
-        top_bin = key_bins(keys[..., 0], lengths[:, None, :], width).clamp(0, width - 1)  # (B, H, S)
-        bins = key_bins(torch.arange(tk, device=probs.device), lengths[:, :, None], width).clamp(0, width - 1)
-        mass = probs.new_zeros(*probs.shape[:-1], width).scatter_add_(-1, bins[:, None].expand_as(probs), probs)
-        head_rank, group_rank = _ranks(out.estimate[:, :, rows].float(), top_bin)
+        in_tile = top1 >= grouping.selecting_positions(positions)  # block: the key lies in the step's own block
+        top_bin = key_bins(top1, lengths[:, None, :], width).clamp(0, width - 1)  # (B, H, S)
+        bins = key_bins(torch.arange(tk, device=probs.device), lengths[:, :, None], width)  # (B, S, Tk)
+        inside = bins < width  # keys after the selecting row's last bin: the tile
+        mass = probs.new_zeros(*probs.shape[:-1], width).scatter_add_(
+            -1, bins.clamp(0, width - 1)[:, None].expand_as(probs), probs * inside[:, None])
+        head_rank, group_rank = _ranks(out.estimate[:, :, picking].float(), top_bin)
         mass_head, mass_group = _ranks(mass, top_bin)
         cfg = call.sea.config
-        budget, forced = query_budget(lengths, self.config.k, width, heads,
-                                      forced_counts(self.config.k, cfg.sinks, cfg.local_window), cfg.forced_keys)
-        budget = budget[:, None, :].expand_as(head_rank)
+        cap = grouping.offered(min(self.config.k, tk), tk)
+        budget, forced = query_budget(lengths, cap, width, heads, forced_counts(cap, cfg.sinks, cfg.local_window),
+                                      cfg.forced_keys)
         if forced is None:
             forced = torch.zeros_like(lengths)[..., None]
         elif cfg.forced_keys:  # rows of at most k keys attend every key: nothing is forced there
-            forced = forced & (lengths > self.config.k)[..., None]
-        measured = {"selected": hit.mean(-1), "selected_mass": (hit * values).sum(-1) / values.sum(-1),
-                    "top1_selected": hit[..., 0], "top1_key": keys[..., 0],
-                    "forced": (forced.sum(-1) * heads)[:, None, :].expand_as(head_rank),
-                    "top_mass": values.sum(-1), "head_rank": head_rank, "group_rank": group_rank,
-                    "mass_head_rank": mass_head, "mass_group_rank": mass_group, "budget": budget}
-        self.layers[call.layer_idx] = {name: x[0].transpose(0, 1).tolist() for name, x in measured.items()}
-        return torch.cat(contexts, 2), None
+            forced = forced & (lengths > cap)[..., None]
+        ranks = {"head_rank": head_rank, "group_rank": group_rank, "mass_head_rank": mass_head,
+                 "mass_group_rank": mass_group}
+        return {**{name: rank.masked_fill(in_tile, -1) for name, rank in ranks.items()},
+                "budget": budget[:, None, :].expand_as(head_rank),
+                "forced": (forced.sum(-1) * heads)[:, None, :].expand_as(head_rank)}
 
 
 @dataclass
@@ -120,22 +145,11 @@ class PromptDiagnosis:
         return [[sum(self.layers[i][name][s]) / len(self.layers[i][name][s]) for i in order] for s in range(self.steps)]
 
 
-def _validate_reports_slots(model: nn.Module) -> None:
-    """The probe reads each query row's own selected keys (``SEAOutput.slots``), which only the groupings
-    that select per row report."""
-    for *_, sea in sea_layers(model):
-        if not grouping_for(sea.config).reports_slots:
-            raise ValueError(f"sea diagnose --task reads each query row's own selected keys; grouping="
-                             f"{sea.config.grouping!r} selects per block of rows and does not report them: use "
-                             "grouping 'query' or 'query_head'")
-
-
 @torch.no_grad()
 def diagnose_prompt(model: nn.Module, tokenizer, prompt: TaskPrompt, config: RetrievalDiagnoseConfig) -> PromptDiagnosis:
     """Dense and SEA greedy answers to ``prompt``, and SEA's selection along the dense answer."""
     if not sea_layers(model):
         raise ValueError("the model is not SEA-patched: call sea_attention.hf.patch(model) first")
-    _validate_reports_slots(model)
     with method_attention(model, "dense", None):
         dense = greedy_ids(model, tokenizer, prompt.ids, config.max_new_tokens)
     with sea_budget(model, config.k):

@@ -60,7 +60,16 @@ class Grouping(ABC):
     def candidate_budget(self, call: "SEACall") -> int:
         """Keys per query per head the selected cells stand for: the budget, times ``candidates``
         (exact refinement, ``refine.py``), at most every key."""
-        return min(call.budget * self.config.candidates, call.k.shape[2])
+        return self.offered(call.budget, call.k.shape[2])
+
+    def offered(self, budget: int, keys: int) -> int:
+        """``candidate_budget`` of a call with this budget and this many keys."""
+        return min(budget * self.config.candidates, keys)
+
+    def selecting_positions(self, positions: Tensor) -> Tensor:
+        """The key position of the row whose estimate selects the cells of the rows at ``positions``:
+        each row its own (per query)."""
+        return positions
 
     def refinement(self, call: "SEACall") -> Refinement | None:
         """The call's exact refinement (``refine.py``), None when ``candidates`` is 1 (off)."""

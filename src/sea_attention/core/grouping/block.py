@@ -30,6 +30,10 @@ class BlockGrouping(Grouping):
         super().__init__(config)
         self.span_rows = config.query_block  # a row-chunked prefill's spans start at a block's first row
 
+    def selecting_positions(self, positions: Tensor) -> Tensor:
+        """Each row's block's first position: the row that selects for the block (``blocks.py``)."""
+        return positions // self.config.query_block * self.config.query_block
+
     def span_size(self) -> int:
         """One run of the block op (``chunk_blocks`` blocks, 1,024 rows by default): a span holds
         what the op's run holds anyway, and each span pays a fixed cost, so fewer spans are faster
