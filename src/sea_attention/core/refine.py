@@ -26,6 +26,7 @@ from torch import Tensor
 from .blocks import BlockSelection, block_dense_parts
 from .cells import KeySlots
 from .ops.sparse import candidate_scores
+from .selection import ranked
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def naive_refine(q: Tensor, k: Tensor, allowed: Tensor, lengths: Tensor, refinem
     kv = k.repeat_interleave(heads // k.shape[1], dim=1)
     scores = (q.to(compute) @ kv.to(compute).transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
     keep = refinement.kept(allowed.sum(-1, keepdim=True), lengths[:, None, :, None])  # (B, H, Tq, 1)
-    rank = torch.argsort(torch.argsort(scores, dim=-1, descending=True, stable=True), dim=-1)  # place by score
+    rank = ranked(scores)  # place by score, ties by position
     return allowed & (rank < keep)
 
 

@@ -68,7 +68,7 @@ def max_keys_per_query(lengths: Tensor, k: int, width: int, heads: int, grouping
     return torch.where(lengths > k, bound, heads * lengths) if any(forced) else bound  # rows of <= k keys: all
 
 
-def _ranked(scores: Tensor) -> Tensor:
+def ranked(scores: Tensor) -> Tensor:
     """Rank of every element along the last axis, best first, ties by position."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
@@ -79,7 +79,7 @@ def _ranked(scores: Tensor) -> Tensor:
 def _top_budget(scores: Tensor, budget: Tensor) -> Tensor:
     """The ``budget`` best elements of every row: scores (..., W), budget (...) -> (..., W) bool.
 
-    Exactly ``_ranked(scores) < budget[..., None]`` (best first, ties by position), without
+    Exactly ``ranked(scores) < budget[..., None]`` (best first, ties by position), without
     sorting the rows: t, the budget-th largest value (``topk``), splits a row into the
     elements above t, all taken, and those equal to t, taken by position while the budget
     lasts. A row whose ties at t overflow its budget is the only one that needs a cumsum.
@@ -155,10 +155,10 @@ def _select_whole(estimate: Tensor, lengths: Tensor, k: int, grouping: str) -> T
     scores = _masked_scores(estimate.detach(), lengths)
     if grouping == "sample":
         budget = cell_budget(lengths, k, width, heads).sum(-1)  # (B,)
-        picked = (_ranked(scores.reshape(bsz, -1)) < budget[:, None]).view_as(scores)
+        picked = (ranked(scores.reshape(bsz, -1)) < budget[:, None]).view_as(scores)
     elif grouping == "head":
         budget = cell_budget(lengths, k, width, 1).sum(-1)  # (B,)
-        picked = (_ranked(scores.reshape(bsz, heads, -1)) < budget[:, None, None]).view_as(scores)
+        picked = (ranked(scores.reshape(bsz, heads, -1)) < budget[:, None, None]).view_as(scores)
     else:
         raise ValueError(f"grouping must be one of ('query', 'query_head', 'sample', 'head'), got {grouping!r}")
     return picked | _best_cell_per_query(scores, lengths)
