@@ -216,3 +216,31 @@ def test_diagnose_task_reads_the_block_groupings_selection(tiny_model_dir, tmp_p
         budgets[candidates] = [b for layer in payload["layers"].values() for row in layer["budget"] for b in row]
     assert tiled > 0  # the tiny model's top key is often a recent one
     assert all(b4 >= b1 for b1, b4 in zip(budgets[1], budgets[4])) and budgets[4] != budgets[1]
+
+
+def test_the_task_probe_ranks_in_the_estimate_that_selected():
+    """Block grouping: steps at positions 6 and 7 (blocks of 4) are ranked in row 4's estimate and bins,
+    and a top-1 key of their own block (4, 5, 6, 7) gets rank -1; per query, in their own rows."""
+    from types import SimpleNamespace
+
+    from sea_attention import SEAConfig
+    from sea_attention.core.grouping import grouping_for
+    from sea_attention.tools.retrieval_diagnose import RetrievalDiagnoseConfig, TopKeyProbe
+
+    estimate = torch.zeros(1, 1, 8, 4)
+    estimate[0, 0, 4] = torch.tensor([0.1, 0.9, 0.0, 0.0])  # row 4 (5 keys): key 1 lies in bin 1, its best
+    estimate[0, 0, 6:] = torch.tensor([0.0, 0.0, 0.9, 0.1])  # rows 6, 7: bin 1 third
+    out = SimpleNamespace(lengths=torch.arange(1, 9)[None], estimated=torch.ones(1, 1, 8, 4, dtype=torch.bool),
+                          estimate=estimate)
+    top1 = torch.tensor([[[1, 5]]])  # (B, H, S): step 0 looks at key 1, step 1 at key 5
+    probs = torch.zeros(1, 1, 2, 8).scatter_(-1, top1.unsqueeze(-1), 1.0)
+    for grouping, expected in (("block", [0, -1]), ("query", [2, 0])):
+        config = SEAConfig(num_heads=1, head_dim=8, k=2, estimate_width=4, grouping=grouping, query_block=4,
+                           sinks=0, local_window=0)
+        call = SimpleNamespace(query=torch.zeros(1, 1, 8, 8), key=torch.zeros(1, 1, 8, 8),
+                               sea=SimpleNamespace(config=config))
+        probe = TopKeyProbe(RetrievalDiagnoseConfig(k=2), steps=2)
+        ranks = probe._estimate_ranks(call, out, grouping_for(config), probs, top1)
+        assert ranks["head_rank"][0, 0].tolist() == expected, grouping
+        if grouping == "block":  # the step's own block's keys get no mass in the oracle's bins
+            assert ranks["mass_head_rank"][0, 0].tolist() == [0, -1]

@@ -150,11 +150,14 @@ def test_keep_best_keeps_exactly_the_highest_finite_scores():
 @pytest.mark.parametrize("causal, kv_heads, tq, tk, pad", [(True, 2, 70, 70, 7), (True, 1, 21, 90, 7),
                                                           (False, 4, 60, 60, 7), (False, 2, 60, 60, 24)])
 @pytest.mark.parametrize("candidates", [2, 3])
-def test_the_block_op_refines_like_the_dense_reference(mode, causal, kv_heads, tq, tk, pad, candidates):
+@pytest.mark.parametrize("budget", [None, 8])  # None: cap // candidates; 8: most selecting rows shorter than cap
+def test_the_block_op_refines_like_the_dense_reference(mode, causal, kv_heads, tq, tk, pad, candidates, budget):
     """Outputs, gradients and keys per row of the block op (both strategies) with refinement equal
-    reference attention on the refined mask; each row keeps its share of its list (Refinement.kept)."""
+    reference attention on the refined mask; each row keeps its share of its list (Refinement.kept),
+    also where its block's selecting row is shorter than candidates x the budget."""
     torch.manual_seed(2)
-    bsz, heads, cap = 2, 4, 6
+    bsz, heads = 2, 4
+    cap = 6 if budget is None else candidates * budget
     key_valid, query_valid, selection = random_selection(bsz, heads, tq, tk, cap, pad=pad, causal=causal)
     q, k, v = make_qkv(bsz, heads, kv_heads, tq, tk, 8, dtype=torch.float64, requires_grad=True)
     refinement = Refinement(candidates, budget=cap // candidates)
@@ -170,6 +173,9 @@ def test_the_block_op_refines_like_the_dense_reference(mode, causal, kv_heads, t
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     plain = block_dense_mask(selection, key_valid, cap, heads, tq)
     assert bool((mask <= plain).all()) and int(mask.sum()) < int(plain.sum())  # a subset, and a strict one
+    if budget is not None:  # the short rows' share differs from ceil(n / c): exercised
+        long_rows = naive_block_refine(q, k, selection, key_valid, cap, Refinement(candidates, 10**6), 0.3)
+        assert not torch.equal(long_rows, mask)
 
 
 @pytest.mark.parametrize("tq, tk, kv_heads", [(1, 37, 2), (3, 70, 4), (9, 40, 2)])
@@ -197,3 +203,16 @@ def test_auto_refines_on_the_lists():
     assert _use_dense("auto", 100, 1000, refined=False)
     assert not _use_dense("auto", 100, 1000, refined=True)
     assert _use_dense("dense", 100, 1000, refined=True) and not _use_dense("lists", 100, 1000, refined=False)
+
+
+@pytest.mark.parametrize("tq, tk", [(1, 20), (3, 22), (2, 37)])
+def test_a_few_queries_of_short_selecting_rows_attend_the_reference_keys(tq, tk):
+    torch.manual_seed(3)
+    heads, cap, refinement = 4, 24, Refinement(3, budget=8)
+    key_valid, _, selection = random_selection(2, heads, tq, tk, cap, pad=5, causal=True)
+    q, k, v = (x.double() for x in make_qkv(2, heads, 2, tq, tk, 16))
+    out, nnz = few_rows_attention(q, k, v, selection, key_valid, 0.25, cap, refinement)
+    mask = naive_block_refine(q, k, selection, key_valid, cap, refinement, 0.25)
+    want, _ = reference_attention(q, k, v, mask, 0.25)
+    torch.testing.assert_close(out, want)
+    assert torch.equal(nnz, mask.sum(-1))

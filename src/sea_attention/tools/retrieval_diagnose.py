@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from ..atomic import write_file, write_text
 from ..core.cells import KeySlots, forced_counts, key_bins
-from ..core.grouping import grouping_for
+from ..core.attention import SEAOutput
+from ..core.grouping import Grouping, grouping_for
 from ..core.selection import query_budget
 from ..hf import LayerCall, layer_override, no_cache, sea_budget, sea_layers
 from .baselines.chunks import query_chunks
@@ -95,31 +96,35 @@ class TopKeyProbe:
         self.layers[call.layer_idx] = {name: x[0].transpose(0, 1).tolist() for name, x in measured.items()}
         return torch.cat(contexts, 2), None
 
-    def _estimate_ranks(self, call: LayerCall, out, grouping, probs: Tensor, top1: Tensor) -> dict[str, Tensor]:
+    def _estimate_ranks(self, call: LayerCall, out: SEAOutput, grouping: Grouping, probs: Tensor,
+                        top1: Tensor) -> dict[str, Tensor]:
         """Where the dense top-1 key (``top1`` (B, H, S)) stands in the estimate that selected for each
         answer step: that of the step's own row (per query) or of its block's first row (block), in that
         row's bins, beside the budget in cells for ``candidates`` x k keys. A top-1 key in the block's own
         tile (attended whatever the estimate) gets rank -1."""
         tq, tk, heads = call.query.shape[2], call.key.shape[2], call.query.shape[1]
-        positions = torch.arange(tk - self.steps, tk, device=probs.device)  # the steps' key positions
+        positions = torch.arange(tk - self.steps, tk, device=probs.device)  # (S,) the steps' key positions
         picking = grouping.selecting_positions(positions) - (tk - tq)  # (S,) rows of the call
+        if bool((picking < 0).any()):
+            raise ValueError("the probe needs the selecting rows in the call: a causal forward from position 0")
+        tiles = grouping.tile_starts(positions)  # (S,) keys from here on are attended whatever the estimate
         lengths = out.lengths[:, picking]  # (B, S): the selecting rows' keys, on which their bins lie
         width = out.estimated.shape[-1]
-        in_tile = top1 >= grouping.selecting_positions(positions)  # block: the key lies in the step's own block
+        in_tile = top1 >= tiles  # (B, H, S)
         top_bin = key_bins(top1, lengths[:, None, :], width).clamp(0, width - 1)  # (B, H, S)
-        bins = key_bins(torch.arange(tk, device=probs.device), lengths[:, :, None], width)  # (B, S, Tk)
-        inside = bins < width  # keys after the selecting row's last bin: the tile
-        mass = probs.new_zeros(*probs.shape[:-1], width).scatter_add_(
-            -1, bins.clamp(0, width - 1)[:, None].expand_as(probs), probs * inside[:, None])
+        keys = torch.arange(tk, device=probs.device)
+        bins = key_bins(keys, lengths[:, :, None], width).clamp(0, width - 1)  # (B, S, Tk)
+        estimated = probs * (keys < tiles[:, None])  # (B, H, S, Tk): the mass on keys the estimate chooses among
+        mass = probs.new_zeros(*probs.shape[:-1], width).scatter_add_(-1, bins[:, None].expand_as(probs), estimated)
         head_rank, group_rank = _ranks(out.estimate[:, :, picking].float(), top_bin)
         mass_head, mass_group = _ranks(mass, top_bin)
         cfg = call.sea.config
-        cap = grouping.offered(min(self.config.k, tk), tk)
+        cap = grouping.offered(self.config.k, tk)  # what the selection was offered: candidate_budget
         budget, forced = query_budget(lengths, cap, width, heads, forced_counts(cap, cfg.sinks, cfg.local_window),
                                       cfg.forced_keys)
         if forced is None:
             forced = torch.zeros_like(lengths)[..., None]
-        elif cfg.forced_keys:  # rows of at most k keys attend every key: nothing is forced there
+        elif cfg.forced_keys:  # rows of at most cap keys attend every key: nothing is forced there
             forced = forced & (lengths > cap)[..., None]
         ranks = {"head_rank": head_rank, "group_rank": group_rank, "mass_head_rank": mass_head,
                  "mass_group_rank": mass_group}

@@ -67,9 +67,14 @@ class Grouping(ABC):
         return min(budget * self.config.candidates, keys)
 
     def selecting_positions(self, positions: Tensor) -> Tensor:
-        """The key position of the row whose estimate selects the cells of the rows at ``positions``:
-        each row its own (per query)."""
+        """The key position of the row whose estimate selects the cells of the causal rows at
+        ``positions`` in a call from position 0: each row its own (per query)."""
         return positions
+
+    def tile_starts(self, positions: Tensor) -> Tensor:
+        """The first key the rows at ``positions`` attend whatever the estimate (their block's tile, as
+        ``selecting_positions``): none per query, where the estimate chooses among all the row's keys."""
+        return positions + 1
 
     def refinement(self, call: "SEACall") -> Refinement | None:
         """The call's exact refinement (``refine.py``), None when ``candidates`` is 1 (off)."""

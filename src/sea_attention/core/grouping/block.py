@@ -34,6 +34,10 @@ class BlockGrouping(Grouping):
         """Each row's block's first position: the row that selects for the block (``blocks.py``)."""
         return positions // self.config.query_block * self.config.query_block
 
+    def tile_starts(self, positions: Tensor) -> Tensor:
+        """The block's own keys, from its first position on, are the tile every row attends."""
+        return self.selecting_positions(positions)
+
     def span_size(self) -> int:
         """One run of the block op (``chunk_blocks`` blocks, 1,024 rows by default): a span holds
         what the op's run holds anyway, and each span pays a fixed cost, so fewer spans are faster

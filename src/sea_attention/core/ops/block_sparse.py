@@ -253,7 +253,7 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelectio
     batch, head = torch.arange(bsz, device=q.device)[:, None, None, None], torch.arange(heads, device=q.device)
     k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key, batch, head[None, :, None, None], heads)
     count = lists.valid.sum(-1).index_select(2, blocks)[..., None, None]  # (B, H, Tq, 1, 1)
-    lengths = selection.lengths.index_select(1, blocks)[:, None, :, None, None]
+    lengths = selection.lengths.index_select(1, blocks)[:, None, :, None, None]  # (B, 1, Tq, 1, 1) selecting rows
     refine = _Refine.of(refinement, count, lengths, listed=listed)
     out = _attend_lists((q.to(compute) * scale).unsqueeze(-2), k_sel, v_sel, allowed.unsqueeze(-2), refine)
     count = allowed.sum(-1, keepdim=True)  # (B, H, Tq, 1)
