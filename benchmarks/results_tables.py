@@ -339,14 +339,17 @@ def refine_short_rows(results: Results) -> str:
                   "the budget's share in short rows"], rows)
 
 
-def refine_short_rows_needle(results: Results) -> str:
-    """The suite's needle (test haystacks) for per-query refinement, before and after the short-row share."""
+def refine_short_rows_retrieval(results: Results) -> str:
+    """The suite's needle and copy (test haystacks) for per-query refinement, before and after the short-row share."""
     rows = []
-    for label, name in (("ceil(n / c) in every row", "retrieval_candidates4_k64.json"),
-                        ("the budget's share in short rows", "retrieval_candidates4_k64_share.json")):
-        found = {r["length"]: r for r in results.load(name)["rows"] if r["task"] == "needle"}
-        rows.append([label, *(f"{found[n]['correct']}/{found[n]['prompts']}" for n in (1024, 2048))])
-    return table(["undistilled SmolLM2, candidates=4, k=64", "needle at 1,024", "needle at 2,048"], rows)
+    for label, names in (("ceil(n / c) in every row", ("retrieval_candidates4_k64.json",)),
+                         ("the budget's share in short rows", ("retrieval_candidates4_k64_share.json",
+                                                               "retrieval_candidates4_copy_share.json"))):
+        found = {(r["task"], r["length"]): r for name in names for r in results.load(name)["rows"]}
+        rows.append([label, *(f"{found['needle', n]['correct']}/{found['needle', n]['prompts']}" for n in (1024, 2048)),
+                     *(num(found["copy", n]["accuracy"], 2) for n in (1024, 2048))])
+    return table(["undistilled SmolLM2, candidates=4, k=64", "needle at 1,024", "needle at 2,048",
+                  "copy (tokens) at 1,024", "copy at 2,048"], rows)
 
 
 def block_refined_test(results: Results) -> str:
@@ -926,7 +929,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "block-refined-keys": compare_table([("sea, block grouping, candidates=4", "compare_block_cand4_1k.json", "sea")]),
     "block-refined-test": block_refined_test,
     "refine-short-rows": refine_short_rows,
-    "refine-short-rows-needle": refine_short_rows_needle,
+    "refine-short-rows-retrieval": refine_short_rows_retrieval,
     "attention-block-refined": bench_table(["attention_block_refined.json"],
                                            ["sdpa", "sea_chunked", "sea_block_chunked", "sea_block_refined_chunked"]),
     "attention-block-buckets": bench_table(["attention_block_refined_buckets.json"],
