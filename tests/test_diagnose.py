@@ -203,6 +203,7 @@ def test_diagnose_task_reads_the_block_groupings_selection(tiny_model_dir, tmp_p
                      "--estimate-width", "8", "--grouping", "block", "--query-block", "16", "--candidates",
                      str(candidates), "--json", str(report), "--quiet"]) == 0
         payload = json.loads(report.read_text())
+        assert (payload["sea_config"]["grouping"], payload["sea_config"]["candidates"]) == ("block", candidates)
         for layer in payload["layers"].values():
             for step in range(payload["steps"]):
                 position = 128 - 1 + step  # the row predicting answer token ``step``

@@ -506,7 +506,8 @@ def _diagnose_retrieval(args) -> int:
     report = diagnose_prompt(model, tokenizer, prompt, config)
     print(format_prompt_diagnosis(report))
     if args.json:
-        about = dict(model=args.model, prompt=args.prompt, suite=asdict(suite), setup=asdict(config))
+        about = dict(model=args.model, prompt=args.prompt, suite=asdict(suite), setup=asdict(config),
+                     sea_config=_sea_config_of(model))
         print(f"wrote {write_prompt_diagnosis(report, args.json, **about)}")
     if args.plot:
         print(f"wrote {plot_prompt_diagnosis(report, args.plot)}")
