@@ -352,6 +352,18 @@ def refine_short_rows_retrieval(results: Results) -> str:
                   "copy (tokens) at 1,024", "copy at 2,048"], rows)
 
 
+def needle_diagnosis_block(results: Results) -> str:
+    """``sea diagnose --task`` of one failing needle prompt with the block grouping and refinement: per band
+    of layers, the mean (over answer steps and heads) dense top-4 mass SEA held and how often it held the top-1 key."""
+    report = results.load("diagnose_needle4k_block_cand4_p7.json")
+    rows = []
+    for first, last in ((0, 2), (3, 8), (9, 29)):
+        values = {name: [x for i in range(first, last + 1) for row in report["layers"][str(i)][name] for x in row]
+                  for name in ("selected_mass", "top1_selected")}
+        rows.append([f"{first}-{last}", *(num(sum(v) / len(v), 3) for v in values.values())])
+    return table(["layers", "dense top-4 mass SEA held", "dense top-1 key held"], rows)
+
+
 def block_refined_test(results: Results) -> str:
     """Wiki and BBC test perplexity on long windows: the default (the forced-keys section's before-run,
     beside its after-run's dense) against the block grouping with candidates=4 (its own run's dense)."""
@@ -930,6 +942,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "block-refined-test": block_refined_test,
     "refine-short-rows": refine_short_rows,
     "refine-short-rows-retrieval": refine_short_rows_retrieval,
+    "needle-diagnosis-block": needle_diagnosis_block,
     "attention-block-refined": bench_table(["attention_block_refined.json"],
                                            ["sdpa", "sea_chunked", "sea_block_chunked", "sea_block_refined_chunked"]),
     "attention-block-buckets": bench_table(["attention_block_refined_buckets.json"],
