@@ -321,6 +321,8 @@ SHORT_ROWS = (  # label, k, window, the sea eval file with ceil(n / c) in every 
     ("undistilled, block, candidates=4", 32, "1,024", "eval_block_cand4_1k_k32_64.json", "eval_block_cand4_1k_share.json"),
     ("undistilled, block, candidates=4", 64, "1,024", "eval_block_cand4_1k_k32_64.json", "eval_block_cand4_1k_share.json"),
     ("undistilled, block, candidates=4", 64, "4,096", "eval_block_cand4_4k.json", "eval_block_cand4_4k_share.json"),
+    ("undistilled, block, candidates=4", 32, "8,192", "eval_block_cand4_8k_k32.json", "eval_block_cand4_8k_k32_share.json"),
+    ("undistilled, block, candidates=4", 64, "8,192", "eval_block_cand4_8k.json", "eval_block_cand4_8k_share.json"),
     ("demo model, block, candidates=4", 32, "1,024", "eval_demo_block_cand4_1k_before.json",
      "eval_demo_block_cand4_1k_share.json"),
     ("demo model, block, candidates=4", 64, "1,024", "eval_demo_block_cand4_1k_before.json",
