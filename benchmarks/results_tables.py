@@ -393,7 +393,9 @@ def dense_layers_needle(results: Results) -> str:
                                 ("SEA@64, candidates=4", "needle_candidates4_4k.json", "sea"),
                                 ("SEA@64, block grouping, candidates=4", "needle_block_cand4_4k.json", "sea"),
                                 ("SEA@64, block grouping, query_block=16, candidates=4", "needle_block_qb16_cand4_4k.json",
-                                 "sea")):
+                                 "sea"),
+                                ("SEA@64, block grouping, candidates=4, layers 3-8 dense",
+                                 "needle_block_cand4_dense3_8_4k.json", "sea")):
         point = next(p for p in results.load(name)["points"] if p["method"] == method)
         rows.append([label, f"{point['correct']}/{point['prompts']}"])
     return table(["SmolLM2-135M (undistilled patch), needle in wiki validation prose, 4,096 tokens",
