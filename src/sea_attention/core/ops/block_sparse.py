@@ -252,9 +252,9 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelectio
     allowed = torch.cat([allowed, inside.unsqueeze(1).expand(-1, heads, -1, -1)], dim=-1)
     batch, head = torch.arange(bsz, device=q.device)[:, None, None, None], torch.arange(heads, device=q.device)
     k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key, batch, head[None, :, None, None], heads)
-    count = lists.valid.sum(-1).index_select(2, blocks)[..., None, None]  # (B, H, Tq, 1, 1)
+    candidates = lists.valid.sum(-1).index_select(2, blocks)[..., None, None]  # (B, H, Tq, 1, 1) of each row's list
     lengths = selection.lengths.index_select(1, blocks)[:, None, :, None, None]  # (B, 1, Tq, 1, 1) selecting rows
-    refine = _Refine.of(refinement, count, lengths, listed=listed)
+    refine = _Refine.of(refinement, candidates, lengths, listed=listed)
     out = _attend_lists((q.to(compute) * scale).unsqueeze(-2), k_sel, v_sel, allowed.unsqueeze(-2), refine)
     count = allowed.sum(-1, keepdim=True)  # (B, H, Tq, 1)
     count = count if refine is None else refine.attended(count)
