@@ -31,6 +31,8 @@ GRID = [  # heads, kv_heads, tokens, pad, left, config options
     (4, 2, 45, 5, False, dict(bin_sums_dtype="float32")),  # float32 prefix sums
     (4, 2, 45, 5, True, dict(grouping="block", query_block=8)),  # spans from a block's first row
     (4, 1, 50, 3, False, dict(grouping="block", query_block=4, key_bounds=True)),
+    (4, 2, 45, 5, True, dict(block_from=16, query_block=8)),  # per-query spans up to row 16, then blocks
+    (4, 2, 45, 6, False, dict(grouping="query_head", block_from=24, query_block=8, block_candidates=1)),
 ]
 
 
@@ -96,7 +98,7 @@ def test_a_chunked_prefill_fills_the_state_for_decoding(grouping):
 @pytest.mark.parametrize("first, tq, chunk, align", [(0, 37, 8, 1), (0, 37, 10, 4), (5, 30, 8, 8), (0, 3, 64, 8),
                                                       (3, 20, 2, 8)])
 def test_spans_cover_the_rows_once_and_start_at_aligned_positions(first, tq, chunk, align):
-    from sea_attention.core.chunked import span_starts
+    from sea_attention.core.grouping.base import span_starts
 
     starts = span_starts(first, tq, chunk, align)
     assert starts[0] == 0 and starts == sorted(set(starts)) and starts[-1] < tq

@@ -83,7 +83,8 @@ def test_a_row_chunked_prefill_then_steps_equal_the_full_forward(family, monkeyp
     ("llama", "greedy", {}), ("opt", "greedy", {}), ("gpt2", "greedy", {}), ("llama", "sample", {}),
     ("llama", "beam", {}), ("opt", "beam", {}), ("llama", "beam", {"key_bounds": True}),
     ("llama", "beam", {"grouping": "block", "query_block": 8, "candidates": 3}),
-    ("gpt2", "greedy", {"grouping": "block", "query_block": 8, "candidates": 3})])
+    ("gpt2", "greedy", {"grouping": "block", "query_block": 8, "candidates": 3}),
+    ("llama", "beam", {"block_from": 16, "query_block": 8, "block_candidates": 3})])  # the prompt's rows, then blocks
 def test_generate_matches_generation_without_cache(family, mode, sea):
     model = build(family, **sea)
     ids = torch.randint(1, VOCAB, (2, 12))

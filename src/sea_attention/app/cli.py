@@ -90,6 +90,12 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
                          help="exact refinement: select cells for this many times the budget, keep each head's "
                               "exactly best share of their keys, per query row (default 1: off; with --grouping block a block's "
                               "rows share its candidates and each keeps its own best)")
+    runtime.add_argument("--block-from", type=non_negative_int,
+                         help="the long-rows policy: query rows at key positions from this one on (a multiple of "
+                              "--query-block) run the block grouping with --block-candidates, earlier rows the "
+                              "per-query grouping (default 0: off)")
+    runtime.add_argument("--block-candidates", type=positive_int,
+                         help="exact refinement of the rows --block-from hands to the block grouping (default 4)")
     runtime.add_argument("--bin-sums-dtype", choices=BIN_SUMS_DTYPES,
                          help="how the binned signals store their prefix sums: float64 (default; decoding selects "
                               "exactly what a full forward does) or float32 (faster prefill, half the decoding state's tables)")

@@ -84,14 +84,6 @@ class PerPosition:
     mean: RunningMean | None  # the average branch, with gating
 
 
-def span_starts(first: int, tq: int, chunk: int, align: int) -> list[int]:
-    """The first rows of a prefill's spans: about ``chunk`` rows each, every one after the first
-    starting at a key position that is a multiple of ``align`` (the grouping's ``span_rows``)."""
-    size = max(align, chunk // align * align)
-    head = (-first) % align  # rows up to the first aligned position
-    return [0] + list(range(head if head else size, tq, size)) if tq else []
-
-
 def chunked_context(sea: "SEAAttention", call: SEACall) -> Tensor:
     """The context (B, H, Tq, d) of a call that ``chunked_runs``, a span of rows (``span_size``) at a time."""
     config, tq = sea.config, call.q.shape[2]
@@ -99,7 +91,7 @@ def chunked_context(sea: "SEAAttention", call: SEACall) -> Tensor:
     shared = PerPosition(performer, bins, grouping_for(config),
                          RunningMean(call, config.kv_groups) if config.gating else None)
     out: Tensor | None = None
-    starts = span_starts(call.first, tq, shared.grouping.span_size(), shared.grouping.span_rows)
+    starts = shared.grouping.span_starts(call.first, tq)
     for lo, hi in zip(starts, starts[1:] + [tq]):
         context = _span_context(sea, shared, call, lo, hi)  # (B, H, n, d)
         if out is None:

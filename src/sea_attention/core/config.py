@@ -167,6 +167,15 @@ class SEAConfig:
             keeps the last 8 queries, the CNN's history, and ``query_block`` more with
             ``grouping="block"``) until a row passes the length, then becomes SEA's, built from the
             cached keys and the kept queries. 0 (the default): every row runs SEA. No weight depends on it.
+        block_from: the long-rows policy (``grouping/long_rows.py``; causal, with the ``query`` or ``query_head``
+            grouping): the query rows at key positions from this one on (in a sample without left padding,
+            the rows with more than ``block_from`` keys) run the ``block`` grouping with ``block_candidates``
+            (exact refinement), the earlier ones the config's per-query grouping. Per row, so a decoding
+            step and a full forward agree; a multiple of ``query_block``, so the first long row opens a
+            block. 0 (the default): every row runs the config's grouping. No weight depends on it.
+            The block grouping is the faster of the two on long inputs and, with refinement, the
+            closer to dense there (docs/results.md); left padding moves its blocks (see ``grouping``).
+        block_candidates: ``candidates`` of the rows ``block_from`` hands to the block grouping.
         query_chunk: queries processed together by the sparse path (and per span of a per-query
             grouping's row-chunked prefill); bounds peak memory.
         query_block: positions per block of the ``block`` grouping.
@@ -202,6 +211,8 @@ class SEAConfig:
     query_block: int = 64
     seed: int = 0
     candidates: int = 1
+    block_from: int = 0
+    block_candidates: int = 4
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -226,9 +237,10 @@ class SEAConfig:
     def _validate_fields(self) -> None:
         """Each field on its own: type and range."""
         for name in ("num_heads", "head_dim", "num_kv_heads", "k", "estimate_width",
-                     "feature_factor", "max_positions", "query_chunk", "query_block", "candidates"):
+                     "feature_factor", "max_positions", "query_chunk", "query_block", "candidates",
+                     "block_candidates"):
             setattr(self, name, _integer(name, getattr(self, name), 1, "a positive integer"))
-        for name in ("feature_redraw_interval", "sinks", "local_window", "dense_until"):
+        for name in ("feature_redraw_interval", "sinks", "local_window", "dense_until", "block_from"):
             setattr(self, name, _integer(name, getattr(self, name), 0, "a non-negative integer"))
         self.dense_layers = _layer_indices("dense_layers", self.dense_layers)
         if self.head_dim < 2:
@@ -260,6 +272,8 @@ class SEAConfig:
         if self.candidates > 1 and self.attention_path == "flex":
             raise ValueError(f"candidates={self.candidates} (exact refinement) runs on attention_path 'sparse' or "
                              f"'reference'; got attention_path={self.attention_path!r}")
+        if self.block_from:
+            self._validate_block_from()
         if self.bin_sums_dtype != "float64" and not self.binned:
             raise ValueError(f"bin_sums_dtype={self.bin_sums_dtype!r} sets how the binned signals store their prefix "
                              "sums: it needs kernel_bins=True or key_bins=True, got both False")
@@ -272,6 +286,19 @@ class SEAConfig:
         if self.num_features < 1:
             raise ValueError(f"feature_factor={self.feature_factor} leaves no random features for "
                              f"head_dim={self.head_dim}: use a feature_factor <= {performer_features(self.head_dim, 1)}")
+
+    def _validate_block_from(self) -> None:
+        """The long-rows policy hands rows of a causal per-query grouping to the block grouping."""
+        if not self.causal or self.grouping not in ("query", "query_head"):
+            raise ValueError(f"block_from={self.block_from} hands a causal per-query grouping's long rows to the block "
+                             f"grouping: it needs causal=True and grouping 'query' or 'query_head', got "
+                             f"causal={self.causal}, grouping={self.grouping!r} (use block_from=0)")
+        if self.block_from % self.query_block:
+            raise ValueError(f"block_from must be a multiple of query_block={self.query_block} (the first long row "
+                             f"opens a block), got {self.block_from}")
+        if self.attention_path == "flex":
+            raise ValueError("block_from runs the block grouping, which has its own block-sparse kernel: use "
+                             "attention_path='sparse' (or 'reference') with it, or block_from=0")
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -99,7 +99,7 @@ def kept_query_rows(config: SEAConfig) -> int:
     """How many of its last queries a dense-so-far state keeps: SEA's state needs the CNN's history
     rows (the rest comes from the keys and values) and, with the block grouping, the rows back to its
     open block's selecting row."""
-    return CausalDecoder.HISTORY_ROWS + (0 if grouping_for(config).computes_row_subsets else config.query_block)
+    return CausalDecoder.HISTORY_ROWS + (config.query_block if grouping_for(config).keeps_open_block else 0)
 
 
 def keep_queries(state: DecodeState, q: Tensor, limit: int) -> None:
@@ -126,7 +126,7 @@ def start_sea(sea: "SEAAttention", call: SEACall) -> None:
     options = {"attention_mask": call.key_valid[:, :past], "scale": call.scale, "k_budget": call.budget,
                "state": fresh, "positions": None if call.positions is None else call.positions[:, :past]}
     prefill = SEACall.build(sea.config, (queries, call.k[:, :, :past], call.v[:, :, :past]), options)
-    if grouping_for(sea.config).computes_row_subsets:
+    if not grouping_for(sea.config).keeps_open_block:
         performer, _ = sea.estimator.per_position(prefill)
         sea.fill_prefill_state(performer, prefill)
     else:

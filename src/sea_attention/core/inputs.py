@@ -154,3 +154,6 @@ def _validate_query_rows(config: SEAConfig, query_rows: Any, tq: int, state: Dec
             or bool((query_rows[1:] <= query_rows[:-1]).any()):
         raise ValueError(f"query_rows must be non-empty, strictly increasing and in [0, {tq}), got "
                          f"{query_rows.tolist()[:8]}{'...' if query_rows.numel() > 8 else ''}")
+    if config.block_from and int(query_rows.max()) >= config.block_from:
+        raise ValueError(f"query_rows must be below block_from={config.block_from}: later rows run the block "
+                         f"grouping, which computes no row subsets (got row {int(query_rows.max())})")

@@ -74,7 +74,8 @@ class TopKeyProbe:
     layers: dict[int, dict[str, list]] = field(default_factory=dict)  # layer -> name -> (S, H) lists
 
     def __call__(self, call: LayerCall) -> tuple[Tensor, None]:
-        grouping = grouping_for(call.sea.config)
+        tk = call.key.shape[2]
+        grouping = grouping_for(call.sea.config).at(tk - self.steps, tk)  # the answer steps' grouping
         out = call.run_sea(k_budget=self.config.k, return_attention=not grouping.reports_slots)
         tq = call.query.shape[2]
         contexts, last = [], []

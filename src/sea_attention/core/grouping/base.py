@@ -42,6 +42,14 @@ class Attended:
     slots: KeySlots | None = None  # the selected keys, flattened over heads (per-query groupings)
 
 
+def span_starts(first: int, tq: int, chunk: int, align: int) -> list[int]:
+    """The first rows of spans of about ``chunk`` rows over ``tq`` queries from key position ``first``,
+    every one after the first starting at a key position that is a multiple of ``align``."""
+    size = max(align, chunk // align * align)
+    head = (-first) % align  # rows up to the first aligned position
+    return [0] + list(range(head if head else size, tq, size)) if tq else []
+
+
 class Grouping(ABC):
     """One value of ``SEAConfig.grouping``: selection, key mapping and attention kernel."""
 
@@ -49,6 +57,7 @@ class Grouping(ABC):
     computes_row_subsets: bool = False  # whether query_rows (training on some rows) is defined
     span_rows: int = 1  # the row-chunked prefill starts its spans at key positions that are multiples of this
     reports_slots: bool = False  # whether Attended.slots lists the selected keys
+    keeps_open_block: bool = False  # whether a decoding state holds an open block's selection (``DecodeState.block``)
 
     def __init__(self, config: SEAConfig) -> None:
         self.config = config
@@ -83,6 +92,16 @@ class Grouping(ABC):
     def span_size(self) -> int:
         """Rows per span of the row-chunked prefill (``chunked.py``): ``config.query_chunk``."""
         return self.config.query_chunk
+
+    def span_starts(self, first: int, tq: int) -> list[int]:
+        """The first rows of a row-chunked prefill's spans (``chunked.py``) of ``tq`` queries from key
+        position ``first``: about ``span_size`` rows each, every one after the first starting at a key
+        position that is a multiple of ``span_rows``."""
+        return span_starts(first, tq, self.span_size(), self.span_rows)
+
+    def at(self, lo: int, hi: int) -> "Grouping":
+        """The grouping that runs the rows at key positions [lo, hi): this one (``long_rows.py`` splits)."""
+        return self
 
     def span_estimate_rows(self, first: int, lo: int, hi: int, device: torch.device) -> Tensor | None:
         """The rows of the span [lo, hi) of a row-chunked prefill whose queries start at key position

@@ -25,6 +25,7 @@ class BlockGrouping(Grouping):
     """Stages: ``selection`` (per block) and ``sparse_attention`` (which maps cells to keys itself)."""
 
     stages = ("selection", "sparse_attention")
+    keeps_open_block = True
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -1,0 +1,130 @@
+"""The long-rows policy (``SEAConfig.block_from = N``): the query rows at key positions from N on run the
+``block`` grouping (with ``block_candidates``), the earlier ones the config's per-query grouping.
+
+The per-query grouping is the closer to dense on short rows at equal keys; on long ones the block
+grouping with exact refinement is both the faster and the closer to dense (docs/results.md, "The
+long-rows policy"). The rule is per row, by key position, so a decoding step and a full forward run a
+row alike; N is a multiple of ``query_block``, so the first long row opens a block and no block mixes
+the two. One estimate serves both parts: the per-query rows are estimated, and of the long rows only
+those the block grouping selects with (``BlockGrouping.estimate_rows``).
+
+A call's rows are cut in two parts, each run by its own grouping as a call on a subset of rows
+(``query_rows``, as the row-chunked prefill runs a span), and the parts' results are joined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..config import SEAConfig
+from .base import Attended, Grouping, Step, span_starts
+from .block import BlockGrouping
+from .per_query import PerQueryGrouping
+
+if TYPE_CHECKING:
+    from ..call import SEACall
+    from ..estimator import Estimate
+
+
+class LongRowsGrouping(Grouping):
+    """Stages: ``query_rows`` (the per-query grouping on the short rows) and ``block_rows`` (the
+    block grouping on the long ones)."""
+
+    stages = ("query_rows", "block_rows")
+    computes_row_subsets = True  # of the short rows (``inputs.py`` refuses long ones)
+    keeps_open_block = True
+
+    def __init__(self, config: SEAConfig) -> None:
+        super().__init__(config)
+        self.start = config.block_from
+        self.short = PerQueryGrouping(config, config.grouping)
+        self.long = BlockGrouping(config.replace(grouping="block", candidates=config.block_candidates, block_from=0))
+        self.span_rows = config.query_block
+
+    def at(self, lo: int, hi: int) -> Grouping:
+        """The part's grouping that runs the rows at key positions [lo, hi); they must not straddle ``block_from``."""
+        if lo < self.start < hi:
+            raise ValueError(f"rows at key positions [{lo}, {hi}) straddle block_from={self.start}: the rows before "
+                             "it run the per-query grouping, the rest the block grouping")
+        return self.long if lo >= self.start else self.short
+
+    def split(self, call: "SEACall") -> int:
+        """The first of the call's Tq query rows that is long (Tq when none is)."""
+        return min(max(self.start - call.first, 0), call.q.shape[2])
+
+    def selecting_positions(self, positions: Tensor) -> Tensor:
+        return torch.where(positions >= self.start, self.long.selecting_positions(positions), positions)
+
+    def tile_starts(self, positions: Tensor) -> Tensor:
+        return torch.where(positions >= self.start, self.long.tile_starts(positions), self.short.tile_starts(positions))
+
+    def span_starts(self, first: int, tq: int) -> list[int]:
+        """The per-query grouping's spans up to the first long row, then the block grouping's."""
+        cut = min(max(self.start - first, 0), tq)
+        short = span_starts(first, cut, self.short.span_size(), 1)
+        return short + [cut + lo for lo in span_starts(first + cut, tq - cut, self.long.span_size(), self.span_rows)]
+
+    def span_estimate_rows(self, first: int, lo: int, hi: int, device: torch.device) -> Tensor | None:
+        return self.at(first + lo, first + hi).span_estimate_rows(first, lo, hi, device)
+
+    def estimate_rows(self, call: "SEACall") -> Tensor | None:
+        """Every short row (or the asked ones) and the rows the block grouping selects with."""
+        cut, tq = self.split(call), call.q.shape[2]
+        if call.query_rows is not None or cut == tq:
+            return call.query_rows
+        tail = self.long.estimate_rows(replace(call, q=call.q[:, :, cut:]))  # rows of the long queries
+        if tail is None:
+            return None
+        rows = torch.cat([torch.arange(cut, device=tail.device), tail + cut])
+        return None if rows.numel() == tq else rows
+
+    def steps(self) -> tuple[Step, ...]:
+        return tuple(zip(self.stages, (self._short_rows, self._long_rows)))
+
+    def _short_rows(self, estimate: "Estimate", call: "SEACall") -> tuple["Estimate", Attended | None]:
+        part = self._part(call, short=True)
+        return estimate, None if part is None else self.short.run(_rows_of(estimate, part, call), part)
+
+    def _long_rows(self, done: tuple["Estimate", Attended | None], call: "SEACall") -> Attended:
+        estimate, short = done
+        part = self._part(call, short=False)
+        if part is None:
+            return short
+        long = self.long.run(_rows_of(estimate, part, call), part)
+        return long if short is None else _joined(short, long)
+
+    def _part(self, call: "SEACall", short: bool) -> "SEACall | None":
+        """The call on the short (or long) computed rows only; the call itself when it has only those."""
+        cut, tq = self.split(call), call.q.shape[2]
+        rows = call.query_rows if call.query_rows is not None else torch.arange(tq, device=call.q.device)
+        at = int(torch.searchsorted(rows, torch.tensor(cut, device=rows.device)))  # rows[:at] are short
+        own = rows[:at] if short else rows[at:]
+        if not own.numel():
+            return None
+        return call if own.numel() == rows.numel() else replace(call, query_rows=own)
+
+
+def _rows_of(estimate: "Estimate", part: "SEACall", call: "SEACall") -> "Estimate":
+    """The estimate of ``part``'s rows: every asked row it holds (the block grouping finds its selecting
+    rows among them); the estimate itself when the part is the whole call."""
+    if part is call:
+        return estimate
+    from ..estimator import Estimate
+
+    held = estimate.rows if estimate.rows is not None else torch.arange(call.q.shape[2], device=part.query_rows.device)
+    lo, hi = int(part.query_rows[0]), int(part.query_rows[-1])
+    inside = (held >= lo) & (held <= hi)
+    rows = held[inside]
+    at = inside.nonzero().squeeze(-1)  # where those rows sit in the estimate
+    return Estimate(estimate.logits.index_select(2, at), estimate.probs.index_select(2, at), estimate.gate_logits, rows)
+
+
+def _joined(short: Attended, long: Attended) -> Attended:
+    """The two parts' results, the short rows first (they are the earlier ones)."""
+    attention = None if short.attention is None else torch.cat([short.attention, long.attention], 2)
+    return Attended(torch.cat([short.context, long.context], 2), torch.cat([short.cells, long.cells], 2),
+                    torch.cat([short.nnz, long.nnz], 2), attention)

@@ -1,0 +1,164 @@
+"""The long-rows policy (``SEAConfig.block_from``): rows before the position run the per-query grouping,
+the rest the block grouping with ``block_candidates``; every path, decoding and the reference agree."""
+
+import pytest
+import torch
+
+from conftest import make_qkv, padding_mask
+from sea_attention import DecodeState, SEAAttention, SEAConfig
+from sea_attention.core.call import SEACall
+from sea_attention.core.grouping import BlockGrouping, LongRowsGrouping, PerQueryGrouping, grouping_for
+
+HEADS, KV_HEADS, DIM = 4, 2, 16
+
+
+def _layer(**options) -> SEAAttention:
+    settings = dict(k=6, estimate_width=16, query_block=8, query_chunk=7, block_from=24) | options
+    torch.manual_seed(0)
+    layer = SEAAttention(SEAConfig(num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=DIM, **settings))
+    for p in layer.parameters():  # leave the zero-initialised CNN residual: every part must matter
+        p.data.add_(0.05 * torch.randn_like(p))
+    return layer
+
+
+def _twin(layer: SEAAttention, **changes) -> SEAAttention:
+    """The same weights under another config."""
+    twin = SEAAttention(layer.config.replace(**changes))
+    twin.load_state_dict(layer.state_dict())
+    return twin
+
+
+def _inputs(tokens=61, batch=2, pad=0, left=True, seed=1):
+    torch.manual_seed(seed)
+    q, k, v = make_qkv(batch, HEADS, KV_HEADS, tokens, tokens, DIM)
+    return q, k, v, padding_mask(batch, tokens, pad, left=left)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(grouping="query_head", candidates=2), dict(block_candidates=1),
+                                     dict(block_from=8, key_bounds=True), dict(block_from=64)])
+def test_short_rows_are_the_per_query_groupings_and_long_rows_the_block_groupings(options):
+    layer = _layer(**options).eval()
+    cfg = layer.config
+    per_query = _twin(layer, block_from=0).eval()
+    block = _twin(layer, block_from=0, grouping="block", candidates=cfg.block_candidates).eval()
+    q, k, v, _ = _inputs()
+    cut = min(cfg.block_from, q.shape[2])
+    with torch.no_grad():
+        out = layer(q, k, v)
+        torch.testing.assert_close(out.context[:, :, :cut], per_query(q, k, v).context[:, :, :cut], atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.context[:, :, cut:], block(q, k, v).context[:, :, cut:], atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.context_only(q, k, v), out.context, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("pad, left", [(0, True), (5, True), (6, False)])
+def test_decoding_across_block_from_equals_the_full_forward(pad, left):
+    layer = _layer().eval()
+    q, k, v, mask = _inputs(pad=pad, left=left)
+    with torch.no_grad():
+        full = layer(q, k, v, attention_mask=mask).context
+        for prefill, chunk in ((10, 1), (20, 7), (30, 1), (3, 11)):  # before, across and after block_from
+            state = DecodeState()
+            parts = [layer.context_only(q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill],
+                                        attention_mask=mask[:, :prefill], state=state)]
+            for lo in range(prefill, q.shape[2], chunk):
+                hi = min(lo + chunk, q.shape[2])
+                parts.append(layer(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], attention_mask=mask[:, :hi],
+                                   state=state).context)
+            torch.testing.assert_close(torch.cat(parts, 2), full, atol=2e-6, rtol=0, msg=f"prefill {prefill}")
+
+
+def test_the_reference_path_gives_the_sparse_outputs_and_gradients():
+    layer = _layer()
+    reference = _twin(layer, attention_path="reference")
+    q, k, v, mask = _inputs(pad=5)
+    grads = []
+    for module in (layer, reference):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = module(*leaves, attention_mask=mask)
+        out.context.square().sum().backward()
+        grads.append((out.context.detach(), *(x.grad for x in leaves)))
+    for sparse, dense in zip(*grads):
+        torch.testing.assert_close(sparse, dense, atol=2e-5, rtol=1e-5)
+
+
+def test_the_attention_view_covers_both_parts():
+    layer = _layer().eval()
+    q, k, v, mask = _inputs(pad=5)
+    with torch.no_grad():
+        out = layer(q, k, v, attention_mask=mask, return_attention=True)
+        plain = layer(q, k, v, attention_mask=mask)
+    torch.testing.assert_close(out.context, plain.context, atol=1e-6, rtol=0)
+    real = mask[:, None, :, None].expand(-1, HEADS, -1, 1).squeeze(-1)  # (B, H, Tq)
+    torch.testing.assert_close(out.attention.sum(-1)[real], torch.ones(int(real.sum())))
+    assert torch.equal((out.attention > 0).sum(-1), out.nnz)  # the view shows the keys each row attended
+
+
+def test_only_the_short_rows_and_the_blocks_selecting_rows_are_estimated():
+    layer = _layer().eval()
+    q, k, v, _ = _inputs()
+    with torch.no_grad():
+        out = layer(q, k, v)
+    assert out.estimate_rows.tolist() == list(range(24)) + [24, 32, 40, 48, 56]
+
+
+def test_query_rows_are_refused_past_block_from_and_computed_before_it():
+    layer = _layer().eval()
+    q, k, v, _ = _inputs()
+    with torch.no_grad():
+        rows = torch.tensor([3, 17, 23])
+        torch.testing.assert_close(layer(q, k, v, query_rows=rows).context, layer(q, k, v).context[:, :, rows],
+                                   atol=1e-6, rtol=0)
+        with pytest.raises(ValueError, match="below block_from=24"):
+            layer(q, k, v, query_rows=torch.tensor([3, 24]))
+
+
+@pytest.mark.parametrize("first, tq", [(0, 61), (0, 20), (5, 40), (30, 25)])
+def test_spans_break_at_block_from_and_the_blocks_start_aligned(first, tq):
+    grouping = grouping_for(_layer().config)
+    starts = grouping.span_starts(first, tq)
+    assert starts[0] == 0 and starts == sorted(set(starts)) and starts[-1] < tq
+    cut = min(max(24 - first, 0), tq)
+    if 0 < cut < tq:
+        assert cut in starts
+    assert all((first + lo) % 8 == 0 for lo in starts[1:] if first + lo >= 24)  # the first may start mid-block
+    assert all(lo - prev <= 7 for prev, lo in zip(starts, starts[1:] + [tq]) if first + lo <= 24)  # query_chunk
+
+
+def test_the_config_hands_long_rows_to_the_block_grouping():
+    grouping = grouping_for(_layer().config)
+    assert isinstance(grouping, LongRowsGrouping)
+    assert isinstance(grouping.at(0, 24), PerQueryGrouping) and isinstance(grouping.at(24, 60), BlockGrouping)
+    assert grouping.long.config.candidates == 4 and grouping.short.config.candidates == 1
+    with pytest.raises(ValueError, match="straddle block_from=24"):
+        grouping.at(20, 30)
+    positions = torch.tensor([5, 23, 24, 30, 47])
+    assert grouping.selecting_positions(positions).tolist() == [5, 23, 24, 24, 40]
+    assert grouping.tile_starts(positions).tolist() == [6, 24, 24, 24, 40]
+    call = SEACall.build(grouping.config, _inputs(tokens=30)[:3], {})
+    assert grouping.split(call) == 24
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(block_from=20), "multiple of query_block=8"),
+    (dict(grouping="block"), "grouping 'query' or 'query_head'"),
+    (dict(causal=False, sinks=0, local_window=0), "causal=True"),
+    (dict(attention_path="flex"), "attention_path='sparse'"),
+    (dict(block_from=-8), "non-negative integer"),
+    (dict(block_candidates=0), "positive integer"),
+])
+def test_bad_settings_are_refused_with_the_accepted_values(changes, message):
+    with pytest.raises(ValueError, match=message):
+        SEAConfig(**(dict(num_heads=HEADS, head_dim=DIM, query_block=8, block_from=24) | changes))
+
+
+def test_a_dense_state_becomes_seas_past_block_from():
+    layer = _layer(dense_until=30).eval()  # every row up to 30 keys dense: the state keeps queries, then SEA's
+    q, k, v, mask = _inputs(pad=3)
+    with torch.no_grad():
+        full = layer.context_only(q, k, v, attention_mask=mask)
+        state = DecodeState()
+        parts = [layer.context_only(q[:, :, :20], k[:, :, :20], v[:, :, :20], attention_mask=mask[:, :20], state=state)]
+        for end in range(21, q.shape[2] + 1):
+            parts.append(layer.context_only(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end],
+                                            attention_mask=mask[:, :end], state=state))
+    torch.testing.assert_close(torch.cat(parts, 2), full, atol=2e-6, rtol=0)
