@@ -354,6 +354,50 @@ def refine_short_rows_retrieval(results: Results) -> str:
                   "copy (tokens) at 1,024", "copy at 2,048"], rows)
 
 
+LONG_ROWS_POLICY = (  # label, then the sea eval files at 1,024 / 2,048 / 4,096 / 8,192-token windows (str: a note)
+    ("query on every row (block_from=0, the default)",
+     ("retrieval_kernel_default_k64.json", "eval_long_rows_val_2k_per_query.json", "eval_dense_layers_none_4k.json",
+      "eval_forced_before_validation_8192.json")),
+    ("block_from=1024", ("= query", "eval_long_rows_val_2k_from1024.json",
+                                       "eval_long_rows_val_4k_from1024.json", "eval_long_rows_val_8k_from1024.json")),
+    ("block_from=2048", ("= query", "= query", "eval_long_rows_val_4k_from2048.json",
+                         "eval_long_rows_val_8k_from2048.json")),
+    ("block, candidates=4 on every row", ("eval_block_cand4_1k_share.json", None, "eval_block_cand4_4k_share.json",
+                                          "eval_block_cand4_8k_share.json")),
+)
+
+
+def long_rows_validation(results: Results) -> str:
+    """Wiki validation perplexity of the undistilled patch at k=64 by where the long-rows policy starts."""
+    def cell(name: str | None) -> str:
+        return name if name and not name.endswith(".json") else _ratio_at(results, name, 64)
+    rows = [[label, *(cell(name) for name in names)] for label, names in LONG_ROWS_POLICY]
+    return table(["SmolLM2-135M, undistilled, k=64, wiki validation", "1,024-token windows", "2,048", "4,096",
+                  "8,192"], rows)
+
+
+def long_rows_test(results: Results) -> str:
+    """Wiki and BBC test perplexity on long windows: per query on every row, the long-rows policy
+    (block_from=1024) and the block grouping with candidates=4 on every row (``long_test_table``)."""
+    return long_test_table(results, ("eval_long_rows_test", "eval_block_cand4_test"),
+                           ["query on every row (the default)", "block_from=1024", "block, candidates=4 on every row"])
+
+
+def long_rows_needle(results: Results) -> str:
+    """The suite's needle (test haystacks, seed 0, 10 prompts per length) with the long-rows policy, beside
+    the default's earlier run of the same prompts and the policy runs' own dense rows."""
+    def found(name: str, method: str) -> dict[int, str]:
+        result = results.load(name)
+        return {r["length"]: f"{r['correct']}/{r['prompts']}" for r in result.get("rows") or result["points"]
+                if r["method"] == method and r["task"] == "needle"}
+    runs = [("dense (not SEA)", found("retrieval_long_rows_1024_needle.json", "dense")),
+            ("query on every row (the default)", found("retrieval_kernel_default_k64.json", "sea")),
+            ("block_from=1024", found("retrieval_long_rows_1024_needle.json", "sea")),
+            ("block_from=2048", found("retrieval_long_rows_2048_needle.json", "sea"))]
+    return table(["SmolLM2-135M, undistilled patch, k=64", "needle at 1,024 tokens", "2,048"],
+                 [[label, row[1024], row[2048]] for label, row in runs])
+
+
 def needle_diagnosis_block(results: Results) -> str:
     """``sea diagnose --task`` of one failing needle prompt with the block grouping and refinement: per band
     of layers, the mean (over answer steps and heads) dense top-4 mass SEA held and how often it held the top-1 key."""
@@ -366,21 +410,27 @@ def needle_diagnosis_block(results: Results) -> str:
     return table(["layers", "dense top-4 mass SEA held", "dense top-1 key held"], rows)
 
 
-def block_refined_test(results: Results) -> str:
+def long_test_table(results: Results, prefixes: tuple[str, ...], labels: list[str]) -> str:
     """Wiki and BBC test perplexity on long windows: the default (the forced-keys section's before-run,
-    beside its after-run's dense) against the block grouping with candidates=4 (its own run's dense)."""
+    beside its after-run's dense), then each ``prefix``'s ``sea eval`` run beside its own run's dense;
+    ``labels`` name the default and the runs."""
     rows = []
     for text_name in ("wiki", "bbc"):
         for length in (4096, 8192):
             dense = {r["name"]: r["perplexity"] for r in
                      results.load(f"eval_forced_after_test_{text_name}_{length}.json")["rows"]}["dense"]
             default = results.load(f"ppl_forced_before_test_{text_name}_{length}.json")["perplexity"]
-            block = {r["name"]: r["perplexity"] for r in
-                     results.load(f"eval_block_cand4_test_{text_name}_{length}.json")["rows"]}
+            runs = [{r["name"]: r["perplexity"] for r in results.load(f"{prefix}_{text_name}_{length}.json")["rows"]}
+                    for prefix in prefixes]
             rows.append([f"{text_name} test, {8192 // length} x {length:,} tokens", num(dense),
-                         ppl_ratio(default, dense), ppl_ratio(block["sea"], block["dense"])])
-    return table(["SmolLM2-135M, undistilled patch, k=64", "dense", "SEA default (per query)",
-                  "SEA, block grouping, candidates=4"], rows)
+                         ppl_ratio(default, dense), *(ppl_ratio(run["sea"], run["dense"]) for run in runs)])
+    return table(["SmolLM2-135M, undistilled patch, k=64", "dense", *labels], rows)
+
+
+def block_refined_test(results: Results) -> str:
+    """The default against the block grouping with candidates=4 on long test windows (``long_test_table``)."""
+    return long_test_table(results, ("eval_block_cand4_test",),
+                           ["SEA default (per query)", "SEA, block grouping, candidates=4"])
 
 
 def dense_layers_needle(results: Results) -> str:
@@ -947,6 +997,12 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "refine-short-rows": refine_short_rows,
     "refine-short-rows-retrieval": refine_short_rows_retrieval,
     "needle-diagnosis-block": needle_diagnosis_block,
+    "long-rows-validation": long_rows_validation,
+    "long-rows-test": long_rows_test,
+    "long-rows-needle": long_rows_needle,
+    "attention-long-rows": bench_table(["attention_long_rows.json"],
+                                       ["sdpa", "sea_chunked", "sea_long_rows_chunked", "sea_block_refined_chunked"]),
+    "model-long-rows": model_cost_table(("model_smollm2_long_rows_off.json", "model_smollm2_long_rows.json")),
     "attention-block-refined": bench_table(["attention_block_refined.json"],
                                            ["sdpa", "sea_chunked", "sea_block_chunked", "sea_block_refined_chunked"]),
     "attention-block-buckets": bench_table(["attention_block_refined_buckets.json"],

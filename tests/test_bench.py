@@ -62,7 +62,7 @@ def test_the_opt_in_methods_run_with_their_setting(tmp_path):
 
     assert SEA_METHODS["sea_f32"] == SEA_METHODS["sea_chunked_f32"] == {"bin_sums_dtype": "float32"}
     assert SEA_METHODS["sea_block_refined_chunked"] == {"grouping": "block", "candidates": 4}
-    assert SEA_METHODS["sea_long_rows_chunked"] == {"block_from": 2048}
+    assert SEA_METHODS["sea_long_rows_chunked"] == {"block_from": 1024}
     for method in ("sea_block_refined_chunked", "sea_long_rows_chunked"):
         assert method in CHUNKED and method not in DEFAULT_METHODS
     report = tmp_path / "opt_in.json"

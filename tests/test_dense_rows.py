@@ -161,11 +161,13 @@ def test_a_non_finite_key_poisons_only_the_rows_that_see_it(runner):
                                                               True)[:, :, :5])
 
 
-@pytest.mark.parametrize("grouping, kept", [("query", 8), ("query_head", 8), ("block", 12)])
-def test_a_dense_state_keeps_only_what_seas_state_needs(grouping, kept):
+@pytest.mark.parametrize("grouping, block_from, kept", [("query", 0, 8), ("query_head", 0, 8), ("block", 0, 12),
+                                                      ("query", 16, 12)])
+def test_a_dense_state_keeps_only_what_seas_state_needs(grouping, block_from, kept):
     """A per-query grouping's SEA state is rebuilt from the keys and the CNN's 8 history rows; the block
-    grouping's also needs the rows back to its open block's first (query_block = 4 more)."""
-    module = layer(dense_until=30, grouping=grouping, query_block=4)
+    grouping's also needs the rows back to its open block's first (query_block = 4 more), and so does the
+    long-rows policy's (left padding can start SEA past block_from whatever dense_until is)."""
+    module = layer(dense_until=30, grouping=grouping, query_block=4, block_from=block_from)
     q, k, v = make_qkv(1, 4, 2, 20, 20, 16)
     state = DecodeState()
     with torch.no_grad():

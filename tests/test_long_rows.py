@@ -129,8 +129,12 @@ def test_the_config_hands_long_rows_to_the_block_grouping():
     assert isinstance(grouping, LongRowsGrouping)
     assert isinstance(grouping.at(0, 24), PerQueryGrouping) and isinstance(grouping.at(24, 60), BlockGrouping)
     assert grouping.long.config.candidates == 4 and grouping.short.config.candidates == 1
-    with pytest.raises(ValueError, match="straddle block_from=24"):
-        grouping.at(20, 30)
+    assert grouping.at(20, 30) is grouping
+    with pytest.raises(ValueError, match="offers per part"):
+        grouping.offered(6, 30)
+    with pytest.raises(ValueError, match="straddles block_from=24"):
+        grouping.span_estimate_rows(0, 20, 30, torch.device("cpu"))
+    assert grouping.span_estimate_rows(0, 24, 40, torch.device("cpu")).tolist() == [24, 32]
     positions = torch.tensor([5, 23, 24, 30, 47])
     assert grouping.selecting_positions(positions).tolist() == [5, 23, 24, 24, 40]
     assert grouping.tile_starts(positions).tolist() == [6, 24, 24, 24, 40]
@@ -162,3 +166,11 @@ def test_a_dense_state_becomes_seas_past_block_from():
             parts.append(layer.context_only(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end],
                                             attention_mask=mask[:, :end], state=state))
     torch.testing.assert_close(torch.cat(parts, 2), full, atol=2e-6, rtol=0)
+
+
+def test_off_by_default_and_a_saved_config_keeps_its_setting():
+    config = SEAConfig(num_heads=HEADS, head_dim=DIM)
+    assert config.block_from == 0 and isinstance(grouping_for(config), PerQueryGrouping)
+    saved = config.replace(block_from=1024, block_candidates=2).to_dict()
+    assert isinstance(grouping_for(SEAConfig.from_dict(saved)), LongRowsGrouping)
+    assert SEAConfig.from_dict(saved).block_candidates == 2

@@ -173,8 +173,12 @@ class SEAConfig:
             (exact refinement), the earlier ones the config's per-query grouping. Per row, so a decoding
             step and a full forward agree; a multiple of ``query_block``, so the first long row opens a
             block. 0 (the default): every row runs the config's grouping. No weight depends on it.
-            The block grouping is the faster of the two on long inputs and, with refinement, the
-            closer to dense there (docs/results.md); left padding moves its blocks (see ``grouping``).
+            Undistilled SmolLM2, k=64, ``block_from=1024`` (docs/results.md, "The long-rows policy"): wiki
+            validation x1.054 / x1.065 / x1.094 dense at 2k / 4k / 8k-token windows against x1.072 / x1.131
+            / x1.522 per query on every row (2,048: x1.077 / x1.101 at 4k / 8k), one layer's prefill twice as
+            fast from 16k tokens; but its long rows find the suite's needle less often (2/10 at 1k and 2k
+            against 4/10 and 5/10, dense 8/10), so it is not the default. Left padding moves its blocks (see
+            ``grouping``), so a long row of a left-padded batch can differ from the same prompt alone.
         block_candidates: ``candidates`` of the rows ``block_from`` hands to the block grouping.
         query_chunk: queries processed together by the sparse path (and per span of a per-query
             grouping's row-chunked prefill); bounds peak memory.

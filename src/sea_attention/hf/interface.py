@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..core.attention import SEAAttention, SEAOutput
+from ..core.grouping import Grouping, grouping_for
 from ..core.ops.reference import exact_attention
 from .decoding import decode_state
 from .masks import key_padding_mask, sea_mask
@@ -47,6 +48,12 @@ class LayerCall:
         kwargs.setdefault("return_attention", self.output_attentions)
         return self.sea(self.query, self.key, self.value, attention_mask=self.key_valid, scale=self.scaling,
                         **kwargs)
+
+    @property
+    def grouping(self) -> Grouping:
+        """The grouping that runs this call's rows (the part of a long-rows policy they lie in)."""
+        tk = self.key.shape[2]
+        return grouping_for(self.sea.config).at(tk - self.query.shape[2], tk)
 
     def dense(self) -> tuple[Tensor, Tensor]:
         """The dense softmax attention of the original model: context (B, H, Tq, d), probs (B, H, Tq, Tk)."""

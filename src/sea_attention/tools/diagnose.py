@@ -36,7 +36,6 @@ from .baselines.layer import late_rows, sea_selection
 from ..core.cells import KeySlots
 from .distill.losses import LayerTargets, layer_losses, layer_targets
 from .evaluate import sliding_windows
-from ..core.grouping import grouping_for
 from ..hf import LayerCall, layer_override, no_cache, sea_layers
 
 BASELINES: tuple[str, ...] = ("oracle", "oracle_head", "window_sinks")  # measured beside SEA
@@ -110,7 +109,7 @@ class DiagnoseOverride:
     kl: EstimateKL
 
     def __call__(self, call: LayerCall) -> tuple[Tensor, None]:
-        out = call.run_sea(k_budget=self.config.k, return_attention=not grouping_for(call.sea.config).reports_slots)
+        out = call.run_sea(k_budget=self.config.k, return_attention=not call.grouping.reports_slots)
         tq, tk = call.query.shape[2], call.key.shape[2]
         contexts, targets = [], []
         for chunk in query_chunks(call.query, call.key, call.value, call.key_valid, call.scaling, call.causal,

@@ -76,7 +76,7 @@ class TopKeyProbe:
     def __call__(self, call: LayerCall) -> tuple[Tensor, None]:
         tk = call.key.shape[2]
         grouping = grouping_for(call.sea.config).at(tk - self.steps, tk)  # the answer steps' grouping
-        out = call.run_sea(k_budget=self.config.k, return_attention=not grouping.reports_slots)
+        out = call.run_sea(k_budget=self.config.k, return_attention=not call.grouping.reports_slots)
         tq = call.query.shape[2]
         contexts, last = [], []
         for chunk in query_chunks(call.query, call.key, call.value, call.key_valid, call.scaling, call.causal, 256):

@@ -46,30 +46,42 @@ class LongRowsGrouping(Grouping):
         self.span_rows = config.query_block
 
     def at(self, lo: int, hi: int) -> Grouping:
-        """The part's grouping that runs the rows at key positions [lo, hi); they must not straddle ``block_from``."""
+        """The part's grouping that runs the rows at key positions [lo, hi); this one when they straddle the start."""
         if lo < self.start < hi:
-            raise ValueError(f"rows at key positions [{lo}, {hi}) straddle block_from={self.start}: the rows before "
-                             "it run the per-query grouping, the rest the block grouping")
+            return self
         return self.long if lo >= self.start else self.short
+
+    def offered(self, budget: int, keys: int) -> int:
+        """Each part offers its own (``at`` tells which part runs a row)."""
+        raise ValueError(f"the long-rows policy offers per part (rows before key position {self.start} run the "
+                         "per-query grouping, the rest the block grouping): ask the part, LongRowsGrouping.at(lo, hi)")
 
     def split(self, call: "SEACall") -> int:
         """The first of the call's Tq query rows that is long (Tq when none is)."""
-        return min(max(self.start - call.first, 0), call.q.shape[2])
+        return self._cut(call.first, call.q.shape[2])
+
+    def _cut(self, first: int, tq: int) -> int:
+        """The first long row of ``tq`` queries from key position ``first`` (``tq`` when none is)."""
+        return min(max(self.start - first, 0), tq)
 
     def selecting_positions(self, positions: Tensor) -> Tensor:
-        return torch.where(positions >= self.start, self.long.selecting_positions(positions), positions)
+        return torch.where(positions >= self.start, self.long.selecting_positions(positions),
+                           self.short.selecting_positions(positions))
 
     def tile_starts(self, positions: Tensor) -> Tensor:
         return torch.where(positions >= self.start, self.long.tile_starts(positions), self.short.tile_starts(positions))
 
     def span_starts(self, first: int, tq: int) -> list[int]:
         """The per-query grouping's spans up to the first long row, then the block grouping's."""
-        cut = min(max(self.start - first, 0), tq)
+        cut = self._cut(first, tq)
         short = span_starts(first, cut, self.short.span_size(), 1)
         return short + [cut + lo for lo in span_starts(first + cut, tq - cut, self.long.span_size(), self.span_rows)]
 
     def span_estimate_rows(self, first: int, lo: int, hi: int, device: torch.device) -> Tensor | None:
-        return self.at(first + lo, first + hi).span_estimate_rows(first, lo, hi, device)
+        part = self.at(first + lo, first + hi)
+        if part is self:  # span_starts never cuts such a span
+            raise ValueError(f"a span of rows [{lo}, {hi}) straddles block_from={self.start}")
+        return part.span_estimate_rows(first, lo, hi, device)
 
     def estimate_rows(self, call: "SEACall") -> Tensor | None:
         """Every short row (or the asked ones) and the rows the block grouping selects with."""

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from ...core.cells import KeySlots
-from ...core.grouping import grouping_for
 from ...hf import LayerCall
 from ...core.ops.reference import allowed_keys, reference_attention
 from .chunks import Selector, query_chunks
@@ -131,7 +130,7 @@ class SEAOverride:
     stats: SelectionStats | None = None
 
     def __call__(self, call: LayerCall) -> tuple[Tensor, None]:
-        out = call.run_sea(return_attention=self.stats is not None and not grouping_for(call.sea.config).reports_slots)
+        out = call.run_sea(return_attention=self.stats is not None and not call.grouping.reports_slots)
         if self.stats is not None:
             tq, tk = call.query.shape[2], call.key.shape[2]
             mask = allowed_keys(call.key_valid, tq, call.causal).expand(-1, call.query.shape[1], -1, -1)

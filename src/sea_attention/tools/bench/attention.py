@@ -36,7 +36,7 @@ SEA_METHODS = {  # method -> SEAConfig changes
     "sea_f32": {"bin_sums_dtype": "float32"},
     "sea_chunked_f32": {"bin_sums_dtype": "float32"},
     "sea_block_refined_chunked": {"grouping": "block", "candidates": 4},  # exact refinement of 4x the budget
-    "sea_long_rows_chunked": {"block_from": 2048},  # per query up to 2,048 keys, then blocks with refinement
+    "sea_long_rows_chunked": {"block_from": 1024},  # per query up to 1,024 keys, then blocks with refinement
 }
 
 
