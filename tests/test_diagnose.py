@@ -245,3 +245,31 @@ def test_the_task_probe_ranks_in_the_estimate_that_selected():
         assert ranks["head_rank"][0, 0].tolist() == expected, grouping
         if grouping == "block":  # the step's own block's keys get no mass in the oracle's bins
             assert ranks["mass_head_rank"][0, 0].tolist() == [0, -1]
+
+
+def test_the_task_probe_offers_each_step_its_own_parts_budget():
+    """With block_from between the answer steps, a step before it gets the per-query grouping's budget and a
+    step after it the block grouping's (candidates x k), as each grouping alone would report."""
+    from types import SimpleNamespace
+
+    from sea_attention import SEAConfig
+    from sea_attention.core.grouping import grouping_for
+    from sea_attention.tools.retrieval_diagnose import RetrievalDiagnoseConfig, TopKeyProbe
+
+    estimate = torch.rand(1, 1, 8, 4)
+    out = SimpleNamespace(lengths=torch.arange(1, 9)[None], estimated=estimate, estimate=estimate)
+    top1 = torch.tensor([[[1, 2, 3]]])  # (B, H, S): steps at positions 5, 6, 7
+    probs = torch.zeros(1, 1, 3, 8).scatter_(-1, top1.unsqueeze(-1), 1.0)
+    base = dict(num_heads=1, head_dim=8, k=1, estimate_width=4, query_block=2, sinks=0, local_window=0)
+
+    def budgets(**options):
+        config = SEAConfig(**base, **options)
+        call = SimpleNamespace(query=torch.zeros(1, 1, 8, 8), key=torch.zeros(1, 1, 8, 8),
+                               sea=SimpleNamespace(config=config))
+        probe = TopKeyProbe(RetrievalDiagnoseConfig(k=1), steps=3)
+        return probe._estimate_ranks(call, out, grouping_for(config).at(5, 8), probs, top1)["budget"][0, 0].tolist()
+
+    mixed = budgets(block_from=6, block_candidates=3)
+    assert mixed[0] == budgets()[0] and mixed[1:] == budgets(grouping="block", candidates=3)[1:]
+    assert mixed[0] < mixed[2]  # three times the keys offered past block_from
+

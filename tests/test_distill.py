@@ -462,3 +462,13 @@ def test_the_teachers_attention_is_computed_once_per_layer_when_every_row_trains
     config = DistillConfig(steps=1, seq_len=32, query_rows=rows, checkpoint_every=0)
     Distiller(tiny_llama(), windows(), config).run(progress=False)
     assert len(calls) == expected  # 2 layers: every row, once each; rows: the dense forward + the rows' targets
+
+
+def test_query_rows_past_block_from_are_refused_before_training():
+    from sea_attention.hf import set_runtime
+
+    model = tiny_llama()
+    set_runtime(model, block_from=16, query_block=8)  # rows past 16 keys run the block grouping
+    with pytest.raises(ValueError, match="seq_len of at most 16"):
+        Distiller(model, windows(), DistillConfig(steps=1, seq_len=32, query_rows=8))
+    Distiller(model, windows(), DistillConfig(steps=1, seq_len=16, query_rows=8))  # windows before it train

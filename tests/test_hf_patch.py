@@ -323,6 +323,11 @@ def test_set_runtime_switches_grouping_without_touching_weights():
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     set_runtime(model, grouping="query")
     torch.testing.assert_close(output(model, inputs)[0], per_query)
+    set_runtime(model, block_from=16, query_block=8, block_candidates=2)  # rows past 16 keys in blocks
+    assert all(sea.config.block_from == 16 for _, _, sea in sea_layers(model))
+    assert not torch.allclose(output(model, inputs)[0], per_query)
+    set_runtime(model, block_from=0)
+    torch.testing.assert_close(output(model, inputs)[0], per_query)
     with pytest.raises(ValueError, match="set_runtime changes only"):
         set_runtime(model, estimate_width=16)
     with pytest.raises(ValueError, match="grouping must be one of"):

@@ -155,14 +155,15 @@ def test_bad_settings_are_refused_with_the_accepted_values(changes, message):
         SEAConfig(**(dict(num_heads=HEADS, head_dim=DIM, query_block=8, block_from=24) | changes))
 
 
-def test_a_dense_state_becomes_seas_past_block_from():
-    layer = _layer(dense_until=30).eval()  # every row up to 30 keys dense: the state keeps queries, then SEA's
+@pytest.mark.parametrize("dense_until", [30, 10])  # SEA starts past block_from, or before it
+def test_a_dense_state_becomes_seas_past_block_from(dense_until):
+    layer = _layer(dense_until=dense_until).eval()  # rows up to dense_until keys dense: the state keeps queries
     q, k, v, mask = _inputs(pad=3)
     with torch.no_grad():
         full = layer.context_only(q, k, v, attention_mask=mask)
         state = DecodeState()
-        parts = [layer.context_only(q[:, :, :20], k[:, :, :20], v[:, :, :20], attention_mask=mask[:, :20], state=state)]
-        for end in range(21, q.shape[2] + 1):
+        parts = [layer.context_only(q[:, :, :8], k[:, :, :8], v[:, :, :8], attention_mask=mask[:, :8], state=state)]
+        for end in range(9, q.shape[2] + 1):
             parts.append(layer.context_only(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end],
                                             attention_mask=mask[:, :end], state=state))
     torch.testing.assert_close(torch.cat(parts, 2), full, atol=2e-6, rtol=0)

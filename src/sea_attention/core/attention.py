@@ -37,14 +37,15 @@ class SEAOutput:
     attention: Tensor | None  # (B, H, Tq, Tk) sparse probabilities, only with return_attention=True
     estimated_logits: Tensor  # (B, H, n, K) the estimator's raw logits for the same rows
     gates: Tensor | None  # (B, H, Tq, 2) gates (scale, mix) (core/gates.py), None when gating is off
-    cells: Tensor  # (B, H, Tq, K) bool, the selected cells (block grouping: the block's, in the bins of
+    cells: Tensor  # (B, H, Tq, K) bool, the selected cells (block grouping, and block_from's long rows: the block's, in the bins of
     # its selecting row, whose length is not this row's: map them with blocks.block_dense_mask;
     # with candidates > 1: the candidates' cells, of which slots keeps the exactly best keys)
-    slots: KeySlots | None  # the selected keys, flattened over heads (None with the block grouping)
+    slots: KeySlots | None  # the selected keys, flattened over heads (None with the block grouping, and for a call
+    # with rows past block_from)
     lengths: Tensor  # (B, Tq) valid keys of each query's row
     # None: every query row was estimated. Otherwise the (n,) rows that were: with
-    # grouping="block" in causal inference (no autograd, no decoding state, no attention view
-    # asked for) only the rows that select are, which saves most of the CNN
+    # grouping="block" in causal inference (no autograd, no attention view asked for) only the
+    # rows that select are, which saves most of the CNN (with block_from, of the rows past it)
     estimate_rows: Tensor | None = None
 
     @property

@@ -126,7 +126,7 @@ def start_sea(sea: "SEAAttention", call: SEACall) -> None:
     options = {"attention_mask": call.key_valid[:, :past], "scale": call.scale, "k_budget": call.budget,
                "state": fresh, "positions": None if call.positions is None else call.positions[:, :past]}
     prefill = SEACall.build(sea.config, (queries, call.k[:, :, :past], call.v[:, :, :past]), options)
-    if not grouping_for(sea.config).keeps_open_block:
+    if not grouping_for(sea.config).at(0, past).keeps_open_block:  # the past's rows hold no open block
         performer, _ = sea.estimator.per_position(prefill)
         sea.fill_prefill_state(performer, prefill)
     else:

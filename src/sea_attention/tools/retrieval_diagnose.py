@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..atomic import write_file, write_text
 from ..core.cells import KeySlots, forced_counts, key_bins
 from ..core.attention import SEAOutput
+from ..core.config import SEAConfig
 from ..core.grouping import Grouping, grouping_for
 from ..core.selection import query_budget
 from ..hf import LayerCall, layer_override, no_cache, sea_budget, sea_layers
@@ -119,19 +120,28 @@ class TopKeyProbe:
         mass = probs.new_zeros(*probs.shape[:-1], width).scatter_add_(-1, bins[:, None].expand_as(probs), estimated)
         head_rank, group_rank = _ranks(out.estimate[:, :, picking].float(), top_bin)
         mass_head, mass_group = _ranks(mass, top_bin)
-        cfg = call.sea.config
-        cap = grouping.offered(self.config.k, tk)  # what the selection was offered: candidate_budget
-        budget, forced = query_budget(lengths, cap, width, heads, forced_counts(cap, cfg.sinks, cfg.local_window),
-                                      cfg.forced_keys)
-        if forced is None:
-            forced = torch.zeros_like(lengths)[..., None]
-        elif cfg.forced_keys:  # rows of at most cap keys attend every key: nothing is forced there
-            forced = forced & (lengths > cap)[..., None]
+        # what each step's selection was offered (candidate_budget), by the part that runs it (``Grouping.at``)
+        caps = [grouping.at(int(p), int(p) + 1).offered(self.config.k, tk) for p in positions]
+        budget, forced = torch.zeros_like(lengths), torch.zeros_like(lengths)
+        for cap in set(caps):
+            steps = torch.tensor([c == cap for c in caps], device=lengths.device)
+            budget[:, steps], forced[:, steps] = _offered_cells(lengths[:, steps], cap, width, heads, call.sea.config)
         ranks = {"head_rank": head_rank, "group_rank": group_rank, "mass_head_rank": mass_head,
                  "mass_group_rank": mass_group}
         return {**{name: rank.masked_fill(in_tile, -1) for name, rank in ranks.items()},
-                "budget": budget[:, None, :].expand_as(head_rank),
-                "forced": (forced.sum(-1) * heads)[:, None, :].expand_as(head_rank)}
+                "budget": budget[:, None, :].expand_as(head_rank), "forced": forced[:, None, :].expand_as(head_rank)}
+
+
+def _offered_cells(lengths: Tensor, cap: int, width: int, heads: int, cfg: SEAConfig) -> tuple[Tensor, Tensor]:
+    """The cells a selection offered ``cap`` keys per head selects for rows of ``lengths`` (B, S) keys, and how
+    many of them are forced (sink and window cells, over all heads): (B, S) each."""
+    budget, forced = query_budget(lengths, cap, width, heads, forced_counts(cap, cfg.sinks, cfg.local_window),
+                                  cfg.forced_keys)
+    if forced is None:
+        return budget, torch.zeros_like(lengths)
+    if cfg.forced_keys:  # rows of at most cap keys attend every key: nothing is forced there
+        forced = forced & (lengths > cap)[..., None]
+    return budget, forced.sum(-1) * heads
 
 
 @dataclass

@@ -5,8 +5,9 @@ The per-query grouping is the closer to dense on short rows at equal keys; on lo
 grouping with exact refinement is both the faster and the closer to dense (docs/results.md, "The
 long-rows policy"). The rule is per row, by key position, so a decoding step and a full forward run a
 row alike; N is a multiple of ``query_block``, so the first long row opens a block and no block mixes
-the two. One estimate serves both parts: the per-query rows are estimated, and of the long rows only
-those the block grouping selects with (``BlockGrouping.estimate_rows``).
+the two. One estimate serves both parts: the per-query rows are estimated, and of the long rows those
+the block grouping asks for (``BlockGrouping.estimate_rows``: in causal inference only the rows it
+selects with; with autograd or an attention view every row).
 
 A call's rows are cut in two parts, each run by its own grouping as a call on a subset of rows
 (``query_rows``, as the row-chunked prefill runs a span), and the parts' results are joined.
@@ -112,8 +113,13 @@ class LongRowsGrouping(Grouping):
     def _part(self, call: "SEACall", short: bool) -> "SEACall | None":
         """The call on the short (or long) computed rows only; the call itself when it has only those."""
         cut, tq = self.split(call), call.q.shape[2]
-        rows = call.query_rows if call.query_rows is not None else torch.arange(tq, device=call.q.device)
-        at = int(torch.searchsorted(rows, torch.tensor(cut, device=rows.device)))  # rows[:at] are short
+        if call.query_rows is None:
+            lo, hi = (0, cut) if short else (cut, tq)
+            if lo == hi:
+                return None
+            return call if hi - lo == tq else replace(call, query_rows=torch.arange(lo, hi, device=call.q.device))
+        rows = call.query_rows  # sorted: rows[:at] are short
+        at = int(torch.searchsorted(rows, torch.tensor(cut, device=rows.device)))
         own = rows[:at] if short else rows[at:]
         if not own.numel():
             return None

@@ -595,3 +595,8 @@ def _validate_row_sampling(config: DistillConfig, layers: list[nn.Module], metho
     if config.query_rows and not all(grouping_for(sea.config).computes_row_subsets for sea in layers):
         raise ValueError("query_rows needs a per-query grouping (query or query_head): a block's selection is made "
                          "by its first row for every row of the block")
+    starts = {sea.config.block_from for sea in layers if sea.config.block_from}
+    if config.query_rows and starts and config.seq_len > min(starts):
+        raise ValueError(f"query_rows trains per-query rows only, and block_from={min(starts)} hands the rows past it "
+                         f"to the block grouping: use a seq_len of at most {min(starts)} (got {config.seq_len}) or "
+                         "block_from=0")
