@@ -360,6 +360,7 @@ LONG_ROWS_POLICY = (  # label, then the sea eval files at 1,024 / 2,048 / 4,096 
       "eval_forced_before_validation_8192.json")),
     ("block_from=1024", ("= query", "eval_long_rows_val_2k_from1024.json",
                                        "eval_long_rows_val_4k_from1024.json", "eval_long_rows_val_8k_from1024.json")),
+    ("block_from=1024, block_candidates=8", ("= query", None, "eval_long_rows_val_4k_from1024_c8.json", None)),
     ("block_from=2048", ("= query", "= query", "eval_long_rows_val_4k_from2048.json",
                          "eval_long_rows_val_8k_from2048.json")),
     ("block, candidates=4 on every row", ("eval_block_cand4_1k_share.json", None, "eval_block_cand4_4k_share.json",
@@ -383,19 +384,33 @@ def long_rows_test(results: Results) -> str:
                            ["query on every row (the default)", "block_from=1024", "block, candidates=4 on every row"])
 
 
-def long_rows_needle(results: Results) -> str:
-    """The suite's needle (test haystacks, seed 0, 10 prompts per length) with the long-rows policy, beside
-    the default's earlier run of the same prompts and the policy runs' own dense rows."""
-    def found(name: str, method: str) -> dict[int, str]:
-        result = results.load(name)
-        return {r["length"]: f"{r['correct']}/{r['prompts']}" for r in result.get("rows") or result["points"]
-                if r["method"] == method and r["task"] == "needle"}
-    runs = [("dense (not SEA)", found("retrieval_long_rows_1024_needle.json", "dense")),
-            ("query on every row (the default)", found("retrieval_kernel_default_k64.json", "sea")),
-            ("block_from=1024", found("retrieval_long_rows_1024_needle.json", "sea")),
-            ("block_from=2048", found("retrieval_long_rows_2048_needle.json", "sea"))]
-    return table(["SmolLM2-135M, undistilled patch, k=64", "needle at 1,024 tokens", "2,048"],
-                 [[label, row[1024], row[2048]] for label, row in runs])
+LONG_ROWS_NEEDLE = (  # label, file, method: the suite's needle in test prose (seed 0, 10 prompts per length)
+    ("dense (not SEA)", "retrieval_long_rows_1024_needle.json", "dense"),
+    ("query on every row (the default)", "retrieval_kernel_default_k64.json", "sea"),
+    ("block_from=1024", "retrieval_long_rows_1024_needle.json", "sea"),
+    ("block_from=2048", "retrieval_long_rows_2048_needle.json", "sea"),
+    ("block_from=1024, block_candidates=8", "retrieval_long_rows_1024_c8_needle.json", "sea"),
+)
+LONG_ROWS_NEEDLE_VALIDATION = (  # the same in wiki validation prose
+    ("dense (not SEA)", "retrieval_validation_long_rows_1024.json", "dense"),
+    ("query on every row (the default)", "retrieval_validation_default.json", "sea"),
+    ("block_from=1024, block_candidates=4", "retrieval_validation_long_rows_1024.json", "sea"),
+    ("block_from=1024, block_candidates=8", "retrieval_validation_long_rows_1024_c8.json", "sea"),
+    ("block_from=1024, block_candidates=8, query_block=16", "retrieval_validation_long_rows_1024_c8_qb16.json", "sea"),
+)
+
+
+def needle_table(runs: tuple[tuple[str, str, str], ...], title: str) -> Callable[[Results], str]:
+    """The needle at 1,024 and 2,048 tokens of each (label, file, method) run."""
+    def render(results: Results) -> str:
+        rows = []
+        for label, name, method in runs:
+            result = results.load(name)
+            found = {r["length"]: f"{r['correct']}/{r['prompts']}" for r in result.get("rows") or result["points"]
+                     if r["method"] == method and r["task"] == "needle"}
+            rows.append([label, found[1024], found[2048]])
+        return table([title, "needle at 1,024 tokens", "2,048"], rows)
+    return render
 
 
 def needle_diagnosis_block(results: Results) -> str:
@@ -999,7 +1014,9 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "needle-diagnosis-block": needle_diagnosis_block,
     "long-rows-validation": long_rows_validation,
     "long-rows-test": long_rows_test,
-    "long-rows-needle": long_rows_needle,
+    "long-rows-needle": needle_table(LONG_ROWS_NEEDLE, "SmolLM2-135M, undistilled patch, k=64"),
+    "long-rows-needle-validation": needle_table(LONG_ROWS_NEEDLE_VALIDATION,
+                                                "SmolLM2-135M, undistilled patch, k=64, wiki validation prose"),
     "attention-long-rows": bench_table(["attention_long_rows.json"],
                                        ["sdpa", "sea_chunked", "sea_long_rows_chunked", "sea_block_refined_chunked"]),
     "model-long-rows": model_cost_table(("model_smollm2_long_rows_off.json", "model_smollm2_long_rows.json")),
