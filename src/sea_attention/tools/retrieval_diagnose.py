@@ -75,8 +75,6 @@ class TopKeyProbe:
     layers: dict[int, dict[str, list]] = field(default_factory=dict)  # layer -> name -> (S, H) lists
 
     def __call__(self, call: LayerCall) -> tuple[Tensor, None]:
-        tk = call.key.shape[2]
-        grouping = grouping_for(call.sea.config).at(tk - self.steps, tk)  # the answer steps' grouping
         out = call.run_sea(k_budget=self.config.k, return_attention=not call.grouping.reports_slots)
         tq = call.query.shape[2]
         contexts, last = [], []
@@ -94,7 +92,7 @@ class TopKeyProbe:
         hit = selected.gather(-1, keys).float()
         measured = {"selected": hit.mean(-1), "selected_mass": (hit * values).sum(-1) / values.sum(-1),
                     "top1_selected": hit[..., 0], "top1_key": keys[..., 0], "top_mass": values.sum(-1),
-                    **self._estimate_ranks(call, out, grouping, probs, keys[..., 0])}
+                    **self._estimate_ranks(call, out, grouping_for(call.sea.config), probs, keys[..., 0])}
         self.layers[call.layer_idx] = {name: x[0].transpose(0, 1).tolist() for name, x in measured.items()}
         return torch.cat(contexts, 2), None
 

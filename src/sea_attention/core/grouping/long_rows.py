@@ -132,14 +132,13 @@ def _rows_of(estimate: "Estimate", part: "SEACall", call: "SEACall") -> "Estimat
     rows among them); the estimate itself when the part is the whole call."""
     if part is call:
         return estimate
-    from ..estimator import Estimate
-
     held = estimate.rows if estimate.rows is not None else torch.arange(call.q.shape[2], device=part.query_rows.device)
     lo, hi = int(part.query_rows[0]), int(part.query_rows[-1])
     inside = (held >= lo) & (held <= hi)
     rows = held[inside]
     at = inside.nonzero().squeeze(-1)  # where those rows sit in the estimate
-    return Estimate(estimate.logits.index_select(2, at), estimate.probs.index_select(2, at), estimate.gate_logits, rows)
+    return replace(estimate, logits=estimate.logits.index_select(2, at), probs=estimate.probs.index_select(2, at),
+                   rows=rows)
 
 
 def _joined(short: Attended, long: Attended) -> Attended:
