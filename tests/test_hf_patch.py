@@ -326,7 +326,9 @@ def test_set_runtime_switches_grouping_without_touching_weights():
     set_runtime(model, block_from=16, query_block=8, block_candidates=2)  # rows past 16 keys in blocks
     assert all(sea.config.block_from == 16 for _, _, sea in sea_layers(model))
     assert not torch.allclose(output(model, inputs)[0], per_query)
-    set_runtime(model, block_from=0)
+    with pytest.raises(ValueError, match="block_from=0 hands it none"):  # block_candidates=2 would do nothing
+        set_runtime(model, block_from=0)
+    set_runtime(model, block_from=0, block_candidates=4)
     torch.testing.assert_close(output(model, inputs)[0], per_query)
     with pytest.raises(ValueError, match="set_runtime changes only"):
         set_runtime(model, estimate_width=16)

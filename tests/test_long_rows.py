@@ -39,8 +39,8 @@ def _inputs(tokens=61, batch=2, pad=0, left=True, seed=1):
 def test_short_rows_are_the_per_query_groupings_and_long_rows_the_block_groupings(options):
     layer = _layer(**options).eval()
     cfg = layer.config
-    per_query = _twin(layer, block_from=0).eval()
-    block = _twin(layer, block_from=0, grouping="block", candidates=cfg.block_candidates).eval()
+    per_query = _twin(layer, block_from=0, block_candidates=4).eval()
+    block = _twin(layer, block_from=0, block_candidates=4, grouping="block", candidates=cfg.block_candidates).eval()
     q, k, v, _ = _inputs()
     cut = min(cfg.block_from, q.shape[2])
     with torch.no_grad():
@@ -149,6 +149,7 @@ def test_the_config_hands_long_rows_to_the_block_grouping():
     (dict(attention_path="flex"), "attention_path='sparse'"),
     (dict(block_from=-8), "non-negative integer"),
     (dict(block_candidates=0), "positive integer"),
+    (dict(block_from=0, block_candidates=8), "block_from=0 hands it none"),  # asked for, would change nothing
 ])
 def test_bad_settings_are_refused_with_the_accepted_values(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -20,6 +20,7 @@ OUTPUT_MODES = ("mix", "norm")
 GATE_FORMS = ("sigmoid", "identity")  # core/gates.py
 ATTENTION_PATHS = ("sparse", "reference", "flex")
 BIN_SUMS_DTYPES = ("float64", "float32")
+BLOCK_CANDIDATES = 4  # block_candidates' default: the only value allowed while block_from is 0
 
 
 def performer_features(head_dim: int, feature_factor: int) -> int:
@@ -179,7 +180,8 @@ class SEAConfig:
             fast from 16k tokens; but its long rows find the suite's needle less often (2/10 at 1k and 2k
             against 4/10 and 5/10, dense 8/10), so it is not the default. Left padding moves its blocks (see
             ``grouping``), so a long row of a left-padded batch can differ from the same prompt alone.
-        block_candidates: ``candidates`` of the rows ``block_from`` hands to the block grouping.
+        block_candidates: ``candidates`` of the rows ``block_from`` hands to the block grouping; another
+            value than the default 4 with ``block_from=0`` is refused (it would change nothing).
         query_chunk: queries processed together by the sparse path (and per span of a per-query
             grouping's row-chunked prefill); bounds peak memory.
         query_block: positions per block of the ``block`` grouping.
@@ -216,7 +218,7 @@ class SEAConfig:
     seed: int = 0
     candidates: int = 1
     block_from: int = 0
-    block_candidates: int = 4
+    block_candidates: int = BLOCK_CANDIDATES
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -278,6 +280,10 @@ class SEAConfig:
                              f"'reference'; got attention_path={self.attention_path!r}")
         if self.block_from:
             self._validate_block_from()
+        elif self.block_candidates != BLOCK_CANDIDATES:
+            raise ValueError(f"block_candidates={self.block_candidates} sets the candidates of the rows block_from hands "
+                             f"to the block grouping, and block_from=0 hands it none: set block_from > 0, or leave "
+                             f"block_candidates at {BLOCK_CANDIDATES}")
         if self.bin_sums_dtype != "float64" and not self.binned:
             raise ValueError(f"bin_sums_dtype={self.bin_sums_dtype!r} sets how the binned signals store their prefix "
                              "sums: it needs kernel_bins=True or key_bins=True, got both False")

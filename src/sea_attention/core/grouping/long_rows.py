@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..config import SEAConfig
+from ..config import BLOCK_CANDIDATES, SEAConfig
 from .base import Attended, Grouping, Step, span_starts
 from .block import BlockGrouping
 from .per_query import PerQueryGrouping
@@ -44,7 +44,8 @@ class LongRowsGrouping(Grouping):
         super().__init__(config)
         self.start = config.block_from
         self.short = PerQueryGrouping(config, config.grouping)
-        self.long = BlockGrouping(config.replace(grouping="block", candidates=config.block_candidates, block_from=0))
+        self.long = BlockGrouping(config.replace(grouping="block", candidates=config.block_candidates, block_from=0,
+                                                  block_candidates=BLOCK_CANDIDATES))
         self.span_rows = config.query_block
 
     def at(self, lo: int, hi: int) -> Grouping:
