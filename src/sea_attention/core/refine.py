@@ -87,13 +87,18 @@ def _keep_best_per_head(scores: Tensor, slots: KeySlots, heads: int, refinement:
 def keep_best(scores: Tensor, keep: Tensor) -> Tensor:
     """(..., R, W) bool: each row's ``keep`` highest finite scores, exactly that many (all its finite
     ones where it has fewer). ``keep`` (..., R or 1, 1) broadcasts against the rows."""
-    kept = torch.zeros_like(scores, dtype=torch.bool)
+    values, index = best_scores(scores, keep)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, values > float("-inf"))
+
+
+def best_scores(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """THE kept candidates: each row's ``keep`` highest finite scores of ``scores`` (..., R, W) as
+    (values, columns) (..., R, M), highest first, M the most any row keeps; -inf where a row keeps
+    fewer (``keep`` (..., R or 1, 1) broadcast, or fewer finite scores). The values carry gradients."""
     most = min(int(keep.max()) if keep.numel() else 0, scores.shape[-1])
-    if most == 0:
-        return kept
     top = scores.topk(most, dim=-1)
-    chosen = (torch.arange(most, device=scores.device) < keep) & (top.values > float("-inf"))
-    return kept.scatter_(-1, top.indices, chosen)
+    dropped = torch.arange(most, device=scores.device) >= keep  # past the row's share
+    return top.values.masked_fill(dropped, float("-inf")), top.indices
 
 
 def _compact(slots: KeySlots, picked: Tensor, kept: Tensor) -> KeySlots:

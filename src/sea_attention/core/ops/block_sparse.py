@@ -7,7 +7,8 @@ masked causally. One softmax per query and head runs over the list (``_attend_li
 of a decoding step take the same lists: ``few_rows_attention``). With ``candidates`` > 1 (exact
 refinement, ``refine.py``) a head's list holds candidates: each row keeps its exactly best
 share of them (``refine.Refinement.kept``: ``ceil(n / candidates)`` once the block's selecting
-row holds candidates x the budget; ``_Refine``), from the scores the product computed anyway.
+row holds candidates x the budget; ``_Refine``), from the scores the product computed anyway;
+only the kept candidates' scores and the tile's are exponentiated (``_attend_kept``).
 Plain autograd: the products are dense, so there is no per-query gather to avoid in backward.
 Blocks are processed a few at a time, so memory is linear in T.
 
@@ -27,7 +28,7 @@ from ..blocks import (
     BlockKeys, BlockSelection, block_keys, cached_keys, span_cell_mask, span_tile_mask, tile_mask, tile_positions,
 )
 from ..cells import valid_key_positions
-from ..refine import Refinement, keep_best
+from ..refine import Refinement, best_scores, keep_best
 from ..rows import same_layout
 
 MODES = ("auto", "lists", "dense")
@@ -51,8 +52,9 @@ def _pad_rows(x: Tensor, front: int, back: int) -> Tensor:
 @dataclass(frozen=True)
 class _Refine:
     """Exact refinement inside one product: each row keeps its exactly best ``keep`` of its list's
-    ``count`` candidates (``refine.keep_best``): the first ``listed`` columns of the scores (head
-    lists, a tile may follow) or the columns ``candidate_mask`` marks (the dense path)."""
+    ``count`` candidates (``refine.best_scores``): the first ``listed`` columns of the scores (head
+    lists, a tile may follow: ``_attend_kept``) or the columns ``candidate_mask`` marks (the dense
+    path: ``drop``)."""
 
     count: Tensor  # (..., 1, 1) candidates of each list
     keep: Tensor  # (..., 1, 1) Refinement.kept(count, the selecting row's length)
@@ -67,14 +69,11 @@ class _Refine:
         return None if refinement is None else cls(count, refinement.kept(count, lengths), listed, candidate_mask)
 
     def drop(self, scores: Tensor) -> None:
-        """Mask (-inf), in place, the candidates a row does not keep; ``scores`` (..., R, L) are already
-        -inf where a row may not attend."""
-        if self.candidate_mask is None:  # a view: the candidates are the first columns
-            part = scores[..., :self.listed]
-            part.masked_fill_(~keep_best(part, self.keep), float("-inf"))
-        else:
-            kept = keep_best(scores.masked_fill(~self.candidate_mask, float("-inf")), self.keep)
-            scores.masked_fill_(self.candidate_mask & ~kept, float("-inf"))
+        """The dense path's refinement: mask (-inf), in place, the ``candidate_mask`` columns a row does not
+        keep; ``scores`` (..., R, L) are already -inf where a row may not attend. (The lists' candidates,
+        the first ``listed`` columns, are kept by ``_attend_kept``.)"""
+        kept = keep_best(scores.masked_fill(~self.candidate_mask, float("-inf")), self.keep)
+        scores.masked_fill_(self.candidate_mask & ~kept, float("-inf"))
 
     def attended(self, allowed: Tensor) -> Tensor:
         """(..., R) the keys each row attends, from the keys it may attend (..., R): every kept
@@ -223,13 +222,34 @@ def _attend_lists(q: Tensor, k_sel: Tensor, v_sel: Tensor, allowed: Tensor,
     # masked scores are -inf (exp() is slow on huge finite negatives); the shift stays finite
     w = (q @ k_sel.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
     if refine is not None:
-        refine.drop(w)
+        return _attend_kept(w, v_sel, refine, lowest)
     with torch.no_grad():  # softmax is shift-invariant: the maximum needs no gradient
         peak = w.amax(-1, keepdim=True) if w.shape[-1] else w.new_full((*w.shape[:-1], 1), lowest)
         peak = peak.clamp_min(lowest)  # (..., R, 1); lowest: no key at all
     w = w.sub_(peak).exp_()  # exp(-inf - peak) = 0 exactly
     out = (w @ v_sel) / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     return torch.where(peak > lowest, out, 0.0)
+
+
+def _attend_kept(w: Tensor, v_sel: Tensor, refine: _Refine, lowest: float) -> Tensor:
+    """``_attend_lists`` of masked scores ``w`` (..., R, L) whose first ``refine.listed`` columns are
+    candidates: each row's softmax over its kept candidates (``refine.best_scores``) and its tile (the
+    columns after them). Only those scores are exponentiated (a quarter of the list with 4 candidates
+    per key, a sixteenth with 16); the kept weights go back to their columns for one product with the
+    values. The same weights as dropping the others and exponentiating the whole row."""
+    listed = refine.listed
+    tile = w[..., listed:]  # (..., R, Bq)
+    kept, columns = best_scores(w[..., :listed], refine.keep)  # (..., R, M) highest first
+    with torch.no_grad():  # softmax is shift-invariant: the maximum needs no gradient
+        peak = tile.amax(-1, keepdim=True) if tile.shape[-1] else w.new_full((*w.shape[:-1], 1), lowest)
+        if kept.shape[-1]:
+            peak = torch.maximum(peak, kept[..., :1])
+        peak = peak.clamp_min(lowest)  # (..., R, 1); lowest: no key at all
+    kept, tile = kept.sub(peak).exp_(), tile.sub(peak).exp_()  # exp(-inf - peak) = 0 exactly
+    weights = w.new_zeros(*w.shape[:-1], listed).scatter(-1, columns, kept)  # (..., R, listed)
+    out = weights @ v_sel[..., :listed, :] + tile @ v_sel[..., listed:, :]
+    total = kept.sum(-1, keepdim=True) + tile.sum(-1, keepdim=True)
+    return torch.where(peak > lowest, out / total.clamp_min(torch.finfo(w.dtype).tiny), 0.0)
 
 
 def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
