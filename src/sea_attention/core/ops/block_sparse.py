@@ -294,11 +294,13 @@ def head_lists(keys: BlockKeys, heads: int) -> HeadLists:
     """Regroup a run's cell keys (cells of any head, ``BlockKeys``) into one list per head, as long
     as the longest head's; keys keep their cell order within a head."""
     bsz, n = keys.head.shape[:2]
+    emitted = keys.valid.sum(-1)  # (B, n, C) keys of each cell
+    per_head = (keys.head.unsqueeze(-1) == torch.arange(heads, device=keys.head.device)) * emitted.unsqueeze(-1)
+    before = (per_head.cumsum(2) - per_head).gather(-1, keys.head.unsqueeze(-1))  # (B, n, C, 1): its head's keys
+    rank = (before + keys.valid.long().cumsum(-1) - 1).reshape(bsz, n, -1)  # (B, n, C*E) place in its list
     head = keys.head.unsqueeze(-1).expand_as(keys.key).reshape(bsz, n, -1)  # (B, n, C*E)
     valid = keys.valid.reshape(bsz, n, -1)
-    mine = (head.unsqueeze(-1) == torch.arange(heads, device=head.device)) & valid.unsqueeze(-1)  # (B, n, C*E, H)
-    rank = (mine.long().cumsum(2) - 1).gather(-1, head.unsqueeze(-1)).squeeze(-1)  # (B, n, C*E) place in its list
-    count = mine.sum(2)  # (B, n, H)
+    count = per_head.sum(2)  # (B, n, H)
     length = int(count.max()) if count.numel() else 0
     slot = torch.where(valid, head * length + rank, heads * length)  # invalid keys land in a dump column
     key = keys.key.new_zeros(bsz, n, heads * length + 1).scatter_(-1, slot, keys.key.reshape(bsz, n, -1))
