@@ -365,6 +365,8 @@ LONG_ROWS_POLICY = (  # label, then the sea eval files at 1,024 / 2,048 / 4,096 
                          "eval_long_rows_val_8k_from2048.json")),
     ("block, candidates=4 on every row", ("eval_block_cand4_1k_share.json", None, "eval_block_cand4_4k_share.json",
                                           "eval_block_cand4_8k_share.json")),
+    ("block_from=1024, block_candidates=16", ("= query", None, "eval_long_rows_val_4k_from1024_c16.json",
+                                              "eval_long_rows_val_8k_from1024_c16.json")),
 )
 
 
@@ -390,6 +392,7 @@ LONG_ROWS_NEEDLE = (  # label, file, method: the suite's needle in test prose (s
     ("block_from=1024", "retrieval_long_rows_1024_needle.json", "sea"),
     ("block_from=2048", "retrieval_long_rows_2048_needle.json", "sea"),
     ("block_from=1024, block_candidates=8", "retrieval_long_rows_1024_c8_needle.json", "sea"),
+    ("block_from=1024, block_candidates=16", "retrieval_long_rows_1024_c16_needle.json", "sea"),
 )
 LONG_ROWS_NEEDLE_VALIDATION = (  # the same in wiki validation prose
     ("dense (not SEA)", "retrieval_validation_long_rows_1024.json", "dense"),
@@ -397,6 +400,8 @@ LONG_ROWS_NEEDLE_VALIDATION = (  # the same in wiki validation prose
     ("block_from=1024, block_candidates=4", "retrieval_validation_long_rows_1024.json", "sea"),
     ("block_from=1024, block_candidates=8", "retrieval_validation_long_rows_1024_c8.json", "sea"),
     ("block_from=1024, block_candidates=8, query_block=16", "retrieval_validation_long_rows_1024_c8_qb16.json", "sea"),
+    ("block_from=1024, block_candidates=16", "retrieval_validation_long_rows_1024_c16.json", "sea"),
+    ("block, candidates=16 on every row", "retrieval_validation_block_c16.json", "sea"),
 )
 
 

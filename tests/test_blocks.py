@@ -237,6 +237,30 @@ def test_decoding_state_follows_beam_reordering():
     torch.testing.assert_close(step.context, full.context[:, :, 10:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(candidates=2)])
+def test_an_open_blocks_gathered_lists_serve_its_steps_and_follow_beams(options):
+    """A decoding step inside an open block reads the head lists' key and value vectors that the block's
+    first step gathered (kept on the carried selection; only the tile slots are rewritten), a beam
+    reordering reorders them, and every step still equals the full forward."""
+    module = block_layer(**options).eval()
+    q, k, v = make_qkv(3, 4, 2, 14, 14, 16)
+    order = torch.tensor([2, 0, 2])
+    state, kept = DecodeState(), []
+    with torch.no_grad():
+        module(q[:, :, :10], k[:, :, :10], v[:, :, :10], state=state)
+        module(q[:, :, 10:11], k[:, :, :11], v[:, :, :11], state=state)
+        first = state.block.vectors
+        state.select(order)
+        q, k, v = q[order], k[order], v[order]
+        steps = []
+        for t in (11, 12, 13):
+            steps.append(module(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], state=state).context)
+            kept.append(state.block.vectors)
+        full = module(q, k, v).context
+    assert first is not None and kept[0] is not first and kept[0] is kept[1] is kept[2]
+    torch.testing.assert_close(torch.cat(steps, 2), full[:, :, 11:], atol=1e-5, rtol=1e-5)
+
+
 def test_bad_query_block_is_rejected():
     with pytest.raises(ValueError, match="query_block must be a positive integer"):
         SEAConfig(num_heads=2, head_dim=8, grouping="block", query_block=0)

@@ -46,6 +46,7 @@ class BlockSelection:
     causal: bool
     keys: "BlockKeys | None" = None  # decoding: the blocks' cell keys once computed (``cached_keys``)
     forced: tuple[int, int] = (0, 0)  # the sink and window keys of a forced cell (``cells.cell_range``)
+    vectors: "ListVectors | None" = None  # decoding: the head lists' keys and values once gathered
 
     @property
     def first_block(self) -> int:
@@ -68,8 +69,9 @@ class BlockSelection:
     def map_batch(self, fn) -> "BlockSelection":
         """The same selection with ``fn`` applied to every per-sample tensor (beam search)."""
         keys = None if self.keys is None else self.keys.map_batch(fn)
+        vectors = None if self.vectors is None else self.vectors.map_batch(fn)
         return BlockSelection(fn(self.cells), fn(self.lengths), fn(self.limit), self.tile_start, self.first,
-                              self.block, self.causal, keys, self.forced)
+                              self.block, self.causal, keys, self.forced, vectors)
 
     def per_query_cells(self, tq: int) -> Tensor:
         """(B, H, Tq, K) each query's block cells (for ``SEAOutput.cells``)."""
@@ -132,15 +134,17 @@ def select_blocks(estimate: Tensor, request: BlockRequest, carried: BlockSelecti
     own = rows[1:] if reuse else rows
     cells, row_lengths = _select_rows(estimate, request, own, estimate_rows)
     limit = (row_lengths - 1).clamp_min(0)
-    keys = None
+    keys = vectors = None
+    if reuse and not own.numel():  # a step inside the open block: its keys (and their vectors) as they were
+        keys, vectors = carried.keys, carried.vectors
     if reuse:
-        keys = carried.keys if not own.numel() else None  # a step inside the open block: its keys as they were
         cells = torch.cat([carried.cells, cells], dim=2)
         row_lengths = torch.cat([carried.lengths, row_lengths], dim=1)
         limit = torch.cat([carried.limit, limit], dim=1)
         tile_start[0] = carried.tile_start[0]
     forced = forced_ranges(request.k, request.sinks, request.window, request.forced_keys)
-    return BlockSelection(cells, row_lengths, limit, tile_start, first, block, causal=True, keys=keys, forced=forced)
+    return BlockSelection(cells, row_lengths, limit, tile_start, first, block, causal=True, keys=keys, forced=forced,
+                          vectors=vectors)
 
 
 def _select_rows(estimate: Tensor, request: BlockRequest, own: Tensor,
@@ -199,6 +203,23 @@ class BlockKeys:
 
     def map_batch(self, fn) -> "BlockKeys":
         return BlockKeys(fn(self.head), fn(self.key), fn(self.valid), self.cap)
+
+
+@dataclass
+class ListVectors:
+    """Decoding: each head's list of a selection's blocks (``ops.block_sparse.head_lists`` of its
+    ``cached_keys``) with the keys' and values' vectors, gathered once while the block is open (the
+    list's keys are earlier cached keys: they do not change), and ``block`` slots after each list
+    for its tile, which every call refreshes (the tile grows by a key per decoding step)."""
+
+    key: Tensor  # (B, H, nb, L) key positions of the lists
+    valid: Tensor  # (B, H, nb, L)
+    k: Tensor  # (B, H, nb, L + block, d) the lists' keys, then the tile's, in the compute dtype
+    v: Tensor  # (B, H, nb, L + block, d)
+    cap: int
+
+    def map_batch(self, fn) -> "ListVectors":
+        return ListVectors(fn(self.key), fn(self.valid), fn(self.k), fn(self.v), self.cap)
 
 
 def block_keys(selection: BlockSelection, key_valid: Tensor, cap: int, lo: int, hi: int,

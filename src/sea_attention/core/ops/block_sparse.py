@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..blocks import (
-    BlockKeys, BlockSelection, block_keys, cached_keys, span_cell_mask, span_tile_mask, tile_mask, tile_positions,
+    BlockKeys, BlockSelection, ListVectors, block_keys, cached_keys, span_cell_mask, span_tile_mask, tile_mask,
+    tile_positions,
 )
 from ..cells import valid_key_positions
 from ..refine import Refinement, best_scores, keep_best
@@ -255,30 +256,78 @@ def _attend_kept(w: Tensor, v_sel: Tensor, refine: _Refine, lowest: float) -> Te
 def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
                        scale: float, cap: int, refinement: Refinement | None = None) -> tuple[Tensor, Tensor]:
     """A causal call of a few query rows (decoding), where a block of rows would be mostly padding:
-    each row scores its block's head lists (``head_lists`` of the cached cell keys) and its tile up
-    to itself. q (B, H, Tq, d); k, v (B, H_kv, Tk, d). Returns the context (B, H, Tq, d) in q's dtype
-    and the keys each row attended per head (B, H, Tq)."""
-    bsz, heads, tq, _ = q.shape
-    tk = key_valid.shape[-1]
-    compute = torch.promote_types(q.dtype, torch.float32)
-    blocks = selection.query_blocks(tq)  # (Tq,) each row's block
+    the rows of each block they lie in score its head lists (``head_lists`` of the cached cell keys,
+    their vectors gathered once per open block: ``_list_vectors``) and its tile up to themselves.
+    q (B, H, Tq, d); k, v (B, H_kv, Tk, d). Returns the context (B, H, Tq, d) in q's dtype and the
+    keys each row attended per head (B, H, Tq)."""
+    tq, compute = q.shape[2], torch.promote_types(q.dtype, torch.float32)
+    lists = _list_vectors(selection, k, v, key_valid, cap, q.shape[1], compute)
+    inside = tile_mask(selection, key_valid, 0, selection.num_blocks)  # (B, nb, block, block)
+    outs, counts = [], []
+    for blk, lo, hi in _rows_by_block(selection, tq):
+        k_sel, v_sel = _with_tile(lists, blk, k, v, selection)  # (B, H, L + block, d) each
+        start = selection.first - (selection.first_block + blk) * selection.block  # the rows' place in the block
+        mine = inside[:, blk, start + lo:start + hi]  # (B, r, block): its tile up to itself
+        allowed = torch.cat([lists.valid[:, :, blk, None].expand(-1, -1, hi - lo, -1),
+                             mine.unsqueeze(1).expand(-1, q.shape[1], -1, -1)], dim=-1)  # (B, H, r, L + block)
+        refine = _Refine.of(refinement, lists.valid[:, :, blk].sum(-1)[..., None, None],
+                            selection.lengths[:, blk, None, None, None], listed=lists.valid.shape[-1])
+        outs.append(_attend_lists(q[:, :, lo:hi].to(compute) * scale, k_sel, v_sel, allowed, refine))
+        count = allowed.sum(-1)  # (B, H, r)
+        counts.append(count if refine is None else refine.attended(count))
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(counts, 2)
+
+
+def _rows_by_block(selection: BlockSelection, tq: int) -> list[tuple[int, int, int]]:
+    """(block, first row, end row) of each block the call's ``tq`` rows lie in, in order."""
+    runs, lo = [], 0
+    while lo < tq:
+        blk = (selection.first + lo) // selection.block - selection.first_block
+        hi = min(tq, (selection.first_block + blk + 1) * selection.block - selection.first)
+        runs.append((blk, lo, hi))
+        lo = hi
+    return runs
+
+
+def _list_vectors(selection: BlockSelection, k: Tensor, v: Tensor, key_valid: Tensor, cap: int, heads: int,
+                  compute: torch.dtype) -> ListVectors:
+    """The selection's head lists with their keys' and values' vectors (``ListVectors``), gathered once
+    per selection, ``cap`` and dtype and kept on it; not kept where autograd records k or v (a kept
+    tensor would carry the graph of the call that made it)."""
+    kept = selection.vectors
+    if kept is not None and not _records(k, v) and kept.cap == cap and kept.k.dtype == compute:
+        return kept
     lists = head_lists(cached_keys(selection, key_valid, cap), heads)  # (B, H, nb, L)
-    key, allowed = lists.key.index_select(2, blocks), lists.valid.index_select(2, blocks)  # (B, H, Tq, L)
-    listed = key.shape[-1]
-    tile = tile_positions(selection, blocks)  # (Tq, block) each row's block
-    row = torch.arange(selection.first, selection.first + tq, device=q.device) - tile[:, 0]  # place in its block
-    inside = tile_mask(selection, key_valid, 0, selection.num_blocks)[:, blocks, row]  # (B, Tq, block)
-    key = torch.cat([key, tile.clamp_max(tk - 1).expand(bsz, heads, -1, -1)], dim=-1)  # (B, H, Tq, L + block)
-    allowed = torch.cat([allowed, inside.unsqueeze(1).expand(-1, heads, -1, -1)], dim=-1)
-    batch, head = torch.arange(bsz, device=q.device)[:, None, None, None], torch.arange(heads, device=q.device)
+    bsz, _, nb, _ = lists.key.shape
+    tile = torch.zeros(bsz, heads, nb, selection.block, dtype=lists.key.dtype, device=lists.key.device)
+    key = torch.cat([lists.key, tile], dim=-1)  # tile slots: filled by each call (``_with_tile``)
+    batch, head = torch.arange(bsz, device=k.device)[:, None, None, None], torch.arange(heads, device=k.device)
     k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key, batch, head[None, :, None, None], heads)
-    candidates = lists.valid.sum(-1).index_select(2, blocks)[..., None, None]  # (B, H, Tq, 1, 1) of each row's list
-    lengths = selection.lengths.index_select(1, blocks)[:, None, :, None, None]  # (B, 1, Tq, 1, 1) selecting rows
-    refine = _Refine.of(refinement, candidates, lengths, listed=listed)
-    out = _attend_lists((q.to(compute) * scale).unsqueeze(-2), k_sel, v_sel, allowed.unsqueeze(-2), refine)
-    count = allowed.sum(-1, keepdim=True)  # (B, H, Tq, 1)
-    count = count if refine is None else refine.attended(count)
-    return out.squeeze(-2).to(q.dtype), count.squeeze(-1)
+    vectors = ListVectors(lists.key, lists.valid, k_sel, v_sel, cap)
+    if not _records(k, v):
+        selection.vectors = vectors
+    return vectors
+
+
+def _records(k: Tensor, v: Tensor) -> bool:
+    """Whether autograd records through the keys or values: their gathered vectors are then fresh, never kept."""
+    return torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+
+
+def _with_tile(lists: ListVectors, blk: int, k: Tensor, v: Tensor, selection: BlockSelection) -> tuple[Tensor, Tensor]:
+    """Block ``blk``'s list vectors with its tile's keys and values (positions past the last key read the
+    last key; the tile mask leaves them out) written into the tile slots: (B, H, L + block, d) each."""
+    heads, listed = lists.k.shape[1], lists.key.shape[-1]
+    tile = tile_positions(selection, torch.tensor([blk], device=k.device))[0].clamp_max(k.shape[2] - 1)  # (block,)
+    batch = torch.arange(k.shape[0], device=k.device)[:, None, None]
+    head = torch.arange(heads, device=k.device)[None, :, None]
+    k_tile, v_tile = _gather_lists(k.to(lists.k.dtype), v.to(lists.v.dtype), tile.expand(k.shape[0], heads, -1),
+                                   batch, head, heads)  # (B, H, block, d)
+    k_sel, v_sel = lists.k[:, :, blk], lists.v[:, :, blk]
+    if _records(k, v):  # a fresh tensor: autograd sees the tile
+        return torch.cat([k_sel[:, :, :listed], k_tile], 2), torch.cat([v_sel[:, :, :listed], v_tile], 2)
+    k_sel[:, :, listed:], v_sel[:, :, listed:] = k_tile, v_tile
+    return k_sel, v_sel
 
 
 @dataclass
