@@ -365,8 +365,7 @@ LONG_ROWS_POLICY = (  # label, then the sea eval files at 1,024 / 2,048 / 4,096 
                          "eval_long_rows_val_8k_from2048.json")),
     ("block, candidates=4 on every row", ("eval_block_cand4_1k_share.json", None, "eval_block_cand4_4k_share.json",
                                           "eval_block_cand4_8k_share.json")),
-    ("block_from=1024, block_candidates=16", ("= query", None, "eval_long_rows_val_4k_from1024_c16.json",
-                                              "eval_long_rows_val_8k_from1024_c16.json")),
+    ("block_from=1024, block_candidates=16", ("= query", None, "eval_long_rows_val_4k_from1024_c16.json", None)),
 )
 
 
@@ -1025,6 +1024,11 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "attention-long-rows": bench_table(["attention_long_rows.json"],
                                        ["sdpa", "sea_chunked", "sea_long_rows_chunked", "sea_block_refined_chunked"]),
     "model-long-rows": model_cost_table(("model_smollm2_long_rows_off.json", "model_smollm2_long_rows.json")),
+    "attention-long-rows-c16": bench_table(["attention_long_rows_c16.json"],
+                                           ["sdpa", "sea_chunked", "sea_long_rows_chunked", "sea_long_rows_c16_chunked",
+                                            "sea_block_refined_chunked"]),
+    "model-long-rows-c16": model_cost_table(("model_smollm2_long_rows_c16_default.json",
+                                             "model_smollm2_long_rows_c16.json")),
     "attention-block-refined": bench_table(["attention_block_refined.json"],
                                            ["sdpa", "sea_chunked", "sea_block_chunked", "sea_block_refined_chunked"]),
     "attention-block-buckets": bench_table(["attention_block_refined_buckets.json"],

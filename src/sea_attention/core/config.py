@@ -181,7 +181,9 @@ class SEAConfig:
             against 4/10 and 5/10, dense 8/10), so it is not the default. Left padding moves its blocks (see
             ``grouping``), so a long row of a left-padded batch can differ from the same prompt alone.
         block_candidates: ``candidates`` of the rows ``block_from`` hands to the block grouping; another
-            value than the default 4 with ``block_from=0`` is refused (it would change nothing).
+            value than the default 4 with ``block_from=0`` is refused (it would change nothing). With 16
+            the long rows find the suite's needle as often as the per-query default (6/10, 5/10 at 1k /
+            2k against 4/10, 5/10; docs/results.md, "Sixteen candidates per block").
         query_chunk: queries processed together by the sparse path (and per span of a per-query
             grouping's row-chunked prefill); bounds peak memory.
         query_block: positions per block of the ``block`` grouping.
