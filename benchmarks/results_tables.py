@@ -365,7 +365,8 @@ LONG_ROWS_POLICY = (  # label, then the sea eval files at 1,024 / 2,048 / 4,096 
                          "eval_long_rows_val_8k_from2048.json")),
     ("block, candidates=4 on every row", ("eval_block_cand4_1k_share.json", None, "eval_block_cand4_4k_share.json",
                                           "eval_block_cand4_8k_share.json")),
-    ("block_from=1024, block_candidates=16", ("= query", None, "eval_long_rows_val_4k_from1024_c16.json", None)),
+    ("block_from=1024, block_candidates=16", ("= query", None, "eval_long_rows_val_4k_from1024_c16.json",
+                                              "eval_long_rows_val_8k_from1024_c16.json")),
 )
 
 
