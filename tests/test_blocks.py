@@ -261,6 +261,22 @@ def test_an_open_blocks_gathered_lists_serve_its_steps_and_follow_beams(options)
     torch.testing.assert_close(torch.cat(steps, 2), full[:, :, 11:], atol=1e-5, rtol=1e-5)
 
 
+def test_decoding_steps_with_gradients_keep_no_vectors_and_backpropagate():
+    """With gradients on (here for the queries only) every step gathers fresh list vectors: a kept buffer
+    whose tile the next step rewrites would break the earlier step's backward."""
+    module = block_layer().eval()
+    q, k, v = make_qkv(1, 4, 2, 12, 12, 16)
+    q.requires_grad_(True)
+    state = DecodeState()
+    module(q[:, :, :9].detach(), k[:, :, :9], v[:, :, :9], state=state)
+    steps = [module(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], state=state).context for t in (9, 10)]
+    assert state.block.vectors is None
+    torch.cat(steps, 2).sum().backward()
+    full = module(q.detach().requires_grad_(True), k, v)
+    torch.testing.assert_close(torch.cat(steps, 2), full.context[:, :, 9:11], atol=1e-5, rtol=1e-5)
+    assert q.grad[:, :, 9:11].abs().sum() > 0 and q.grad[:, :, 11:].abs().sum() == 0
+
+
 def test_bad_query_block_is_rejected():
     with pytest.raises(ValueError, match="query_block must be a positive integer"):
         SEAConfig(num_heads=2, head_dim=8, grouping="block", query_block=0)

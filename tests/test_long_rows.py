@@ -176,3 +176,6 @@ def test_off_by_default_and_a_saved_config_keeps_its_setting():
     saved = config.replace(block_from=1024, block_candidates=2).to_dict()
     assert isinstance(grouping_for(SEAConfig.from_dict(saved)), LongRowsGrouping)
     assert SEAConfig.from_dict(saved).block_candidates == 2
+    # saved with the policy turned off again, before such candidates were refused: it loads, unchanged in effect
+    off = {**saved, "block_from": 0, "block_candidates": 16}
+    assert SEAConfig.from_dict(off).block_from == 0 and SEAConfig.from_dict(off).block_candidates == 4

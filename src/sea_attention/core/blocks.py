@@ -212,14 +212,13 @@ class ListVectors:
     list's keys are earlier cached keys: they do not change), and ``block`` slots after each list
     for its tile, which every call refreshes (the tile grows by a key per decoding step)."""
 
-    key: Tensor  # (B, H, nb, L) key positions of the lists
-    valid: Tensor  # (B, H, nb, L)
+    valid: Tensor  # (B, H, nb, L) which of each list's L places hold a key
     k: Tensor  # (B, H, nb, L + block, d) the lists' keys, then the tile's, in the compute dtype
     v: Tensor  # (B, H, nb, L + block, d)
     cap: int
 
     def map_batch(self, fn) -> "ListVectors":
-        return ListVectors(fn(self.key), fn(self.valid), fn(self.k), fn(self.v), self.cap)
+        return ListVectors(fn(self.valid), fn(self.k), fn(self.v), self.cap)
 
 
 def block_keys(selection: BlockSelection, key_valid: Tensor, cap: int, lo: int, hi: int,

@@ -351,6 +351,8 @@ class SEAConfig:
     def from_dict(cls, values: dict[str, Any]) -> "SEAConfig":
         """Rebuild a saved config; fields it predates take their ``LEGACY_DEFAULTS`` value."""
         values = {**LEGACY_DEFAULTS, **values}
+        if not values.get("block_from"):  # saved with the policy off: its candidates did nothing (refused now)
+            values["block_candidates"] = BLOCK_CANDIDATES
         unknown = set(values) - set(cls.field_names())
         if unknown:
             raise ValueError(f"unknown SEAConfig fields {sorted(unknown)}; valid fields: {cls.field_names()}")

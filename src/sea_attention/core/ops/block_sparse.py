@@ -279,23 +279,19 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelectio
 
 
 def _rows_by_block(selection: BlockSelection, tq: int) -> list[tuple[int, int, int]]:
-    """(block, first row, end row) of each block the call's ``tq`` rows lie in, in order."""
-    runs, lo = [], 0
-    while lo < tq:
-        blk = (selection.first + lo) // selection.block - selection.first_block
-        hi = min(tq, (selection.first_block + blk + 1) * selection.block - selection.first)
-        runs.append((blk, lo, hi))
-        lo = hi
-    return runs
+    """(block, first row, end row) of each block the call's ``tq`` rows lie in, in order
+    (``BlockSelection.query_blocks``; a few rows: one synchronisation)."""
+    blocks = selection.query_blocks(tq).tolist()
+    starts = [row for row in range(tq) if row == 0 or blocks[row] != blocks[row - 1]]
+    return [(blocks[lo], lo, hi) for lo, hi in zip(starts, starts[1:] + [tq])]
 
 
 def _list_vectors(selection: BlockSelection, k: Tensor, v: Tensor, key_valid: Tensor, cap: int, heads: int,
                   compute: torch.dtype) -> ListVectors:
     """The selection's head lists with their keys' and values' vectors (``ListVectors``), gathered once
-    per selection, ``cap`` and dtype and kept on it; not kept where autograd records k or v (a kept
-    tensor would carry the graph of the call that made it)."""
+    per selection, ``cap`` and dtype and kept on it, in inference only (``_records``)."""
     kept = selection.vectors
-    if kept is not None and not _records(k, v) and kept.cap == cap and kept.k.dtype == compute:
+    if kept is not None and not _records() and kept.cap == cap and kept.k.dtype == compute:
         return kept
     lists = head_lists(cached_keys(selection, key_valid, cap), heads)  # (B, H, nb, L)
     bsz, _, nb, _ = lists.key.shape
@@ -303,28 +299,30 @@ def _list_vectors(selection: BlockSelection, k: Tensor, v: Tensor, key_valid: Te
     key = torch.cat([lists.key, tile], dim=-1)  # tile slots: filled by each call (``_with_tile``)
     batch, head = torch.arange(bsz, device=k.device)[:, None, None, None], torch.arange(heads, device=k.device)
     k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key, batch, head[None, :, None, None], heads)
-    vectors = ListVectors(lists.key, lists.valid, k_sel, v_sel, cap)
-    if not _records(k, v):
+    vectors = ListVectors(lists.valid, k_sel, v_sel, cap)
+    if not _records():
         selection.vectors = vectors
     return vectors
 
 
-def _records(k: Tensor, v: Tensor) -> bool:
-    """Whether autograd records through the keys or values: their gathered vectors are then fresh, never kept."""
-    return torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+def _records() -> bool:
+    """Whether autograd may record the call (gradients on): the gathered vectors are then fresh, never kept
+    or written in place (a later step's tile would overwrite what an earlier step's graph saved, for a
+    query's gradient too)."""
+    return torch.is_grad_enabled()
 
 
 def _with_tile(lists: ListVectors, blk: int, k: Tensor, v: Tensor, selection: BlockSelection) -> tuple[Tensor, Tensor]:
     """Block ``blk``'s list vectors with its tile's keys and values (positions past the last key read the
     last key; the tile mask leaves them out) written into the tile slots: (B, H, L + block, d) each."""
-    heads, listed = lists.k.shape[1], lists.key.shape[-1]
+    heads, listed = lists.k.shape[1], lists.valid.shape[-1]
     tile = tile_positions(selection, torch.tensor([blk], device=k.device))[0].clamp_max(k.shape[2] - 1)  # (block,)
     batch = torch.arange(k.shape[0], device=k.device)[:, None, None]
     head = torch.arange(heads, device=k.device)[None, :, None]
     k_tile, v_tile = _gather_lists(k.to(lists.k.dtype), v.to(lists.v.dtype), tile.expand(k.shape[0], heads, -1),
                                    batch, head, heads)  # (B, H, block, d)
     k_sel, v_sel = lists.k[:, :, blk], lists.v[:, :, blk]
-    if _records(k, v):  # a fresh tensor: autograd sees the tile
+    if _records():  # a fresh tensor: autograd sees the tile
         return torch.cat([k_sel[:, :, :listed], k_tile], 2), torch.cat([v_sel[:, :, :listed], v_tile], 2)
     k_sel[:, :, listed:], v_sel[:, :, listed:] = k_tile, v_tile
     return k_sel, v_sel
