@@ -418,6 +418,25 @@ def needle_table(runs: tuple[tuple[str, str, str], ...], title: str) -> Callable
     return render
 
 
+LONG_ROWS_COPY = (  # label, file, method: the suite's copy task in test prose at 1,024 tokens (seed 0, 10 prompts)
+    ("dense (not SEA)", "retrieval_long_rows_1024_c16_copy.json", "dense"),
+    ("query on every row (the default)", "retrieval_kernel_default_k64.json", "sea"),
+    ("query, candidates=4", "retrieval_candidates4_copy_share.json", "sea"),
+    ("block_from=1024, block_candidates=16", "retrieval_long_rows_1024_c16_copy.json", "sea"),
+)
+
+
+def long_rows_copy(results: Results) -> str:
+    """Exact-token accuracy of the copy task at 1,024 tokens for each (label, file, method) run."""
+    rows = []
+    for label, name, method in LONG_ROWS_COPY:
+        result = results.load(name)
+        found = [r for r in result.get("rows") or result["points"]
+                 if r.get("method", "sea") == method and r["task"] == "copy" and r["length"] == 1024]
+        rows.append([label, num(found[0]["accuracy"], 2)])
+    return table(["SmolLM2-135M, undistilled patch, k=64", "copy at 1,024 tokens (exact-token accuracy)"], rows)
+
+
 def needle_diagnosis_block(results: Results) -> str:
     """``sea diagnose --task`` of one failing needle prompt with the block grouping and refinement: per band
     of layers, the mean (over answer steps and heads) dense top-4 mass SEA held and how often it held the top-1 key."""
@@ -1025,6 +1044,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "attention-long-rows": bench_table(["attention_long_rows.json"],
                                        ["sdpa", "sea_chunked", "sea_long_rows_chunked", "sea_block_refined_chunked"]),
     "model-long-rows": model_cost_table(("model_smollm2_long_rows_off.json", "model_smollm2_long_rows.json")),
+    "long-rows-copy": long_rows_copy,
     "attention-long-rows-c16": bench_table(["attention_long_rows_c16.json"],
                                            ["sdpa", "sea_chunked", "sea_long_rows_chunked", "sea_long_rows_c16_chunked",
                                             "sea_block_refined_chunked"]),
