@@ -418,23 +418,28 @@ def needle_table(runs: tuple[tuple[str, str, str], ...], title: str) -> Callable
     return render
 
 
-LONG_ROWS_COPY = (  # label, file, method: the suite's copy task in test prose at 1,024 tokens (seed 0, 10 prompts)
-    ("dense (not SEA)", "retrieval_long_rows_1024_c16_copy.json", "dense"),
-    ("query on every row (the default)", "retrieval_kernel_default_k64.json", "sea"),
-    ("query, candidates=4", "retrieval_candidates4_copy_share.json", "sea"),
-    ("block_from=1024, block_candidates=16", "retrieval_long_rows_1024_c16_copy.json", "sea"),
+LONG_ROWS_COPY = (  # label, then (file, method) at 1,024 and 2,048 tokens: the suite's copy task in test prose
+    ("dense (not SEA)", ("retrieval_long_rows_1024_c16_copy.json", "dense"),
+     ("retrieval_long_rows_1024_c16_copy_2k.json", "dense")),
+    ("query on every row (the default)", ("retrieval_kernel_default_k64.json", "sea"), ("retrieval_default_copy_2k.json", "sea")),
+    ("query, candidates=4", ("retrieval_candidates4_copy_share.json", "sea"), ("retrieval_candidates4_copy_share.json", "sea")),
+    ("block_from=1024, block_candidates=16", ("retrieval_long_rows_1024_c16_copy.json", "sea"),
+     ("retrieval_long_rows_1024_c16_copy_2k.json", "sea")),
 )
 
 
 def long_rows_copy(results: Results) -> str:
-    """Exact-token accuracy of the copy task at 1,024 tokens for each (label, file, method) run."""
+    """Exact-token accuracy of the copy task at 1,024 and 2,048 tokens for each label's runs."""
     rows = []
-    for label, name, method in LONG_ROWS_COPY:
-        result = results.load(name)
-        found = [r for r in result.get("rows") or result["points"]
-                 if r.get("method", "sea") == method and r["task"] == "copy" and r["length"] == 1024]
-        rows.append([label, num(found[0]["accuracy"], 2)])
-    return table(["SmolLM2-135M, undistilled patch, k=64", "copy at 1,024 tokens (exact-token accuracy)"], rows)
+    for label, *runs in LONG_ROWS_COPY:
+        cells = []
+        for length, (name, method) in zip((1024, 2048), runs):
+            result = results.load(name)
+            found = [r for r in result.get("rows") or result["points"]
+                     if r.get("method", "sea") == method and r["task"] == "copy" and r["length"] == length]
+            cells.append(num(found[0]["accuracy"], 2))
+        rows.append([label, *cells])
+    return table(["SmolLM2-135M, undistilled patch, k=64", "copy at 1,024 tokens (exact-token accuracy)", "2,048"], rows)
 
 
 def needle_diagnosis_block(results: Results) -> str:
