@@ -283,9 +283,9 @@ class SEAConfig:
         if self.block_from:
             self._validate_block_from()
         elif self.block_candidates != BLOCK_CANDIDATES:
-            raise ValueError(f"block_candidates={self.block_candidates} sets the candidates of the rows block_from hands "
-                             f"to the block grouping, and block_from=0 hands it none: set block_from > 0, or leave "
-                             f"block_candidates at {BLOCK_CANDIDATES}")
+            raise ValueError(f"block_candidates={self.block_candidates} sets the candidates of the rows block_from "
+                             f"hands to the block grouping, and block_from=0 hands it none: set block_from > 0, or "
+                             f"leave block_candidates at {BLOCK_CANDIDATES}")
         if self.bin_sums_dtype != "float64" and not self.binned:
             raise ValueError(f"bin_sums_dtype={self.bin_sums_dtype!r} sets how the binned signals store their prefix "
                              "sums: it needs kernel_bins=True or key_bins=True, got both False")
