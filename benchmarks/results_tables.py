@@ -381,9 +381,11 @@ def long_rows_validation(results: Results) -> str:
 
 def long_rows_test(results: Results) -> str:
     """Wiki and BBC test perplexity on long windows: per query on every row, the long-rows policy
-    (block_from=1024) and the block grouping with candidates=4 on every row (``long_test_table``)."""
-    return long_test_table(results, ("eval_long_rows_test", "eval_block_cand4_test"),
-                           ["query on every row (the default)", "block_from=1024", "block, candidates=4 on every row"])
+    (block_from=1024, with 4 and 16 candidates) and the block grouping with candidates=4 on every row
+    (``long_test_table``)."""
+    return long_test_table(results, ("eval_long_rows_test", "eval_long_rows_c16_test", "eval_block_cand4_test"),
+                           ["query on every row (the default)", "block_from=1024", "block_from=1024, block_candidates=16",
+                            "block, candidates=4 on every row"])
 
 
 LONG_ROWS_NEEDLE = (  # label, file, method: the suite's needle in test prose (seed 0, 10 prompts per length)
