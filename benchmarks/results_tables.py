@@ -162,12 +162,17 @@ def decode_step_table(name: str, methods: tuple[str, ...]) -> Callable[[Results]
     return render
 
 
+def retrieval_rows(result: dict) -> list[dict]:
+    """THE rows of a retrieval run's file: ``sea compare`` writes ``points``, the older scripts ``rows``."""
+    return result.get("rows") or result["points"]
+
+
 def retrieval_candidates(results: Results) -> str:
     """The suite's needle and copy rows of the undistilled patch, with and without exact refinement."""
     rows = []
     for label, name in RETRIEVAL_CANDIDATES:
         result = results.load(name)
-        for r in result.get("rows") or result["points"]:
+        for r in retrieval_rows(result):
             cell = num(r["accuracy"]) if r["task"] == "copy" else f"{r['correct']}/{r['prompts']}"
             rows.append(["dense (not SEA)" if r["method"] == "dense" else label, r["task"], f"{r['length']:,}", cell])
     return table(["method (SmolLM2-135M, undistilled patch, k=64)", "task", "prompt tokens",
@@ -199,7 +204,7 @@ def needle_4k(results: Results) -> str:
     rows = []
     for label, name, method in NEEDLE_4K:
         result = results.load(name)
-        row = next(r for r in result.get("rows") or result["points"] if r["method"] == method)
+        row = next(r for r in retrieval_rows(result) if r["method"] == method)
         rows.append([label, str(row["k"] or "-"), f"{row['correct']}/{row['prompts']}"])
     return table(["selection (SmolLM2-135M, needle in wiki/BBC test prose, 4,096 tokens)", "k", "correct / prompts"],
                  rows)
@@ -413,7 +418,7 @@ def needle_table(runs: tuple[tuple[str, str, str], ...], title: str) -> Callable
         rows = []
         for label, name, method in runs:
             result = results.load(name)
-            found = {r["length"]: f"{r['correct']}/{r['prompts']}" for r in result.get("rows") or result["points"]
+            found = {r["length"]: f"{r['correct']}/{r['prompts']}" for r in retrieval_rows(result)
                      if r["method"] == method and r["task"] == "needle"}
             rows.append([label, found[1024], found[2048]])
         return table([title, "needle at 1,024 tokens", "2,048"], rows)
@@ -437,7 +442,7 @@ def long_rows_copy(results: Results) -> str:
         cells = []
         for length, (name, method) in zip((1024, 2048), runs):
             result = results.load(name)
-            found = [r for r in result.get("rows") or result["points"]
+            found = [r for r in retrieval_rows(result)
                      if r.get("method", "sea") == method and r["task"] == "copy" and r["length"] == length]
             cells.append(num(found[0]["accuracy"], 2))
         rows.append([label, *cells])
@@ -946,7 +951,7 @@ def forced_keys_test(results: Results) -> str:
             (8000, "retrieval_needle_8k.json", "retrieval_needle_8k_sea.json", "retrieval_forced_after_test_needle8k.json")):
         def found(name: str, method: str) -> str:
             result = results.load(name)
-            row = next(r for r in result.get("rows") or result["points"] if r["method"] == method)
+            row = next(r for r in retrieval_rows(result) if r["method"] == method)
             return f"{row['correct']}/{row['prompts']}"
         rows.append([f"needle in wiki/BBC test prose, {length:,} tokens", found(dense_file, "dense"),
                      found(before_file, "sea"), found(after_file, "sea")])
