@@ -266,7 +266,7 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelectio
     outs, counts = [], []
     for blk, lo, hi in _rows_by_block(selection, tq):
         k_sel, v_sel = _with_tile(lists, blk, k, v, selection)  # (B, H, L + block, d) each
-        start = selection.first - (selection.first_block + blk) * selection.block  # the rows' place in the block
+        start = selection.front - blk * selection.block  # the call's row 0's place in block blk
         mine = inside[:, blk, start + lo:start + hi]  # (B, r, block): its tile up to itself
         allowed = torch.cat([lists.valid[:, :, blk, None].expand(-1, -1, hi - lo, -1),
                              mine.unsqueeze(1).expand(-1, q.shape[1], -1, -1)], dim=-1)  # (B, H, r, L + block)
