@@ -62,13 +62,15 @@ def test_the_opt_in_methods_run_with_their_setting(tmp_path):
 
     assert SEA_METHODS["sea_f32"] == SEA_METHODS["sea_chunked_f32"] == {"bin_sums_dtype": "float32"}
     assert SEA_METHODS["sea_block_refined_chunked"] == {"grouping": "block", "candidates": 4}
-    assert SEA_METHODS["sea_long_rows_chunked"] == {"block_from": 1024}
+    assert SEA_METHODS["sea_long_rows_chunked"] == {"block_from": 1024, "block_candidates": 4}
     assert SEA_METHODS["sea_long_rows_c16_chunked"] == {"block_from": 1024, "block_candidates": 16}
-    for method in ("sea_block_refined_chunked", "sea_long_rows_chunked", "sea_long_rows_c16_chunked"):
+    assert SEA_METHODS["sea_per_query_chunked"] == {"block_from": 0}
+    for method in ("sea_block_refined_chunked", "sea_long_rows_chunked", "sea_long_rows_c16_chunked",
+                   "sea_per_query_chunked"):
         assert method in CHUNKED and method not in DEFAULT_METHODS
     report = tmp_path / "opt_in.json"
     methods = ["sdpa", "sea_f32", "sea_chunked_f32", "sea_block_refined_chunked", "sea_long_rows_chunked",
-               "sea_long_rows_c16_chunked"]
+               "sea_long_rows_c16_chunked", "sea_per_query_chunked"]
     assert main(["bench", "attention", "--lengths", "64", "--methods", ",".join(methods), *TINY,
                  "--json", str(report)]) == 0
     points = json.loads(report.read_text())["points"]

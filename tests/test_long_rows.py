@@ -128,7 +128,7 @@ def test_the_config_hands_long_rows_to_the_block_grouping():
     grouping = grouping_for(_layer().config)
     assert isinstance(grouping, LongRowsGrouping)
     assert isinstance(grouping.at(0, 24), PerQueryGrouping) and isinstance(grouping.at(24, 60), BlockGrouping)
-    assert grouping.long.config.candidates == 4 and grouping.short.config.candidates == 1
+    assert grouping.long.config.candidates == 16 and grouping.short.config.candidates == 1  # block_candidates' default
     assert grouping.at(20, 30) is grouping
     with pytest.raises(ValueError, match="offers per part"):
         grouping.offered(6, 30)
@@ -170,12 +170,29 @@ def test_a_dense_state_becomes_seas_past_block_from(dense_until):
     torch.testing.assert_close(torch.cat(parts, 2), full, atol=2e-6, rtol=0)
 
 
-def test_off_by_default_and_a_saved_config_keeps_its_setting():
+def test_on_by_default_where_it_applies_and_resolved_again_by_replace():
     config = SEAConfig(num_heads=HEADS, head_dim=DIM)
-    assert config.block_from == 0 and isinstance(grouping_for(config), PerQueryGrouping)
+    assert (config.block_from, config.block_candidates) == (1024, 16)
+    assert isinstance(grouping_for(config), LongRowsGrouping)
+    assert config.to_dict()["block_from"] is None and config.to_dict()["block_candidates"] is None
+    for changes in (dict(grouping="block"), dict(attention_path="flex"), dict(causal=False, sinks=0, local_window=0),
+                    dict(block_from=0)):  # where the policy cannot run, or turned off: off, with 4 candidates
+        changed = config.replace(**changes)
+        assert (changed.block_from, changed.block_candidates) == (0, 4), changes
+    assert config.replace(query_block=48).block_from == 1056  # rounded up: the first long row opens a block
+    assert config.replace(grouping="block").replace(grouping="query").block_from == 1024
+    assert config.replace(block_from=2048).block_candidates == 16
+    assert SEAConfig.from_dict(config.to_dict()).block_from == 1024
+
+
+def test_a_saved_config_keeps_its_setting():
+    config = SEAConfig(num_heads=HEADS, head_dim=DIM)
     saved = config.replace(block_from=1024, block_candidates=2).to_dict()
     assert isinstance(grouping_for(SEAConfig.from_dict(saved)), LongRowsGrouping)
     assert SEAConfig.from_dict(saved).block_candidates == 2
-    # saved with the policy turned off again, before such candidates were refused: it loads, unchanged in effect
+    # saved with the policy turned off, before such candidates were refused: it loads, unchanged in effect
     off = {**saved, "block_from": 0, "block_candidates": 16}
     assert SEAConfig.from_dict(off).block_from == 0 and SEAConfig.from_dict(off).block_candidates == 4
+    # saved before the policy existed: off, as it ran then
+    old = {name: value for name, value in saved.items() if name not in ("block_from", "block_candidates")}
+    assert isinstance(grouping_for(SEAConfig.from_dict(old)), PerQueryGrouping)

@@ -10,7 +10,8 @@ from typing import Any
 FEATURE_KINDS = ("favor", "relu")
 POSITION_CODES = ("learned", "tent", "none")
 # fields added after the first release, with the value that reproduces a config saved without them
-LEGACY_DEFAULTS = {"kernel_bins": False, "key_bins": False, "key_bounds": False, "sinks": 0, "local_window": 0, "gate_form": "sigmoid"}
+LEGACY_DEFAULTS = {"kernel_bins": False, "key_bins": False, "key_bounds": False, "sinks": 0, "local_window": 0,
+                   "gate_form": "sigmoid", "block_from": 0}
 # (causal, bidirectional) value of the fields whose default depends on ``causal`` (see SEAConfig)
 CONTEXT_DEFAULTS = {"kernel_bins": (True, False), "key_bins": (True, True), "sinks": (4, 0), "local_window": (16, 0),
                     "gate_form": ("sigmoid", "identity")}
@@ -20,7 +21,12 @@ OUTPUT_MODES = ("mix", "norm")
 GATE_FORMS = ("sigmoid", "identity")  # core/gates.py
 ATTENTION_PATHS = ("sparse", "reference", "flex")
 BIN_SUMS_DTYPES = ("float64", "float32")
-BLOCK_CANDIDATES = 4  # block_candidates' default: the only value allowed while block_from is 0
+BLOCK_CANDIDATES = 4  # block_candidates' value while block_from is 0 (the only one allowed)
+LONG_ROWS_FROM = 1024  # block_from's default where the long-rows policy applies (rounded up to a multiple of query_block)
+LONG_ROWS_CANDIDATES = 16  # block_candidates' default while block_from is on
+# fields whose None resolves by the rest of the config on every construction: ``to_dict`` saves them as None
+# (so ``replace`` and a reload resolve them again), every other reader sees the resolved value
+AUTO_FIELDS = ("block_from", "block_candidates")
 
 
 def performer_features(head_dim: int, feature_factor: int) -> int:
@@ -173,17 +179,19 @@ class SEAConfig:
             the rows with more than ``block_from`` keys) run the ``block`` grouping with ``block_candidates``
             (exact refinement), the earlier ones the config's per-query grouping. Per row, so a decoding
             step and a full forward agree; a multiple of ``query_block``, so the first long row opens a
-            block. 0 (the default): every row runs the config's grouping. No weight depends on it.
-            Undistilled SmolLM2, k=64, ``block_from=1024`` (docs/results.md, "The long-rows policy"): wiki
-            validation x1.054 / x1.065 / x1.094 dense at 2k / 4k / 8k-token windows against x1.072 / x1.131
-            / x1.522 per query on every row (2,048: x1.077 / x1.101 at 4k / 8k), one layer's prefill twice as
-            fast from 16k tokens; but its long rows find the suite's needle less often (2/10 at 1k and 2k
-            against 4/10 and 5/10, dense 8/10), so it is not the default. Left padding moves its blocks (see
-            ``grouping``), so a long row of a left-padded batch can differ from the same prompt alone.
-        block_candidates: ``candidates`` of the rows ``block_from`` hands to the block grouping; another
-            value than the default 4 with ``block_from=0`` is refused (it would change nothing). With 16
-            the long rows find the suite's needle as often as the per-query default (6/10, 5/10 at 1k /
-            2k against 4/10, 5/10; docs/results.md, "Sixteen candidates per block").
+            block. ``None`` (the default): 1,024 (rounded up to a multiple of ``query_block``) where the
+            policy applies (causal, per-query grouping, not ``attention_path="flex"``), 0 elsewhere; 0: every
+            row runs the config's grouping. No weight depends on it; a config saved before the policy
+            existed loads with 0. Undistilled SmolLM2, k=64, 1,024 with 16 candidates (docs/results.md,
+            "Sixteen candidates per block"), against 0: wiki validation x1.059 / x1.067 dense at 4k / 8k-token
+            windows against x1.131 / x1.522, the suite's needle in its test prose 6/10, 5/10 at 1k / 2k against
+            4/10, 5/10 (dense 8/10, 8/10), one layer's prefill faster from 4k tokens (attention-long-rows-c16).
+            Left padding moves its blocks (see ``grouping``), so a long row of a left-padded batch can differ
+            from the same prompt alone.
+        block_candidates: ``candidates`` of the rows ``block_from`` hands to the block grouping. ``None`` (the
+            default): 16 while ``block_from`` is on, else 4; another value than 4 with ``block_from=0`` is
+            refused (it would change nothing). With 4 the long rows lose the suite's needle (2/10 at 1k and
+            2k) and copy less (docs/results.md).
         query_chunk: queries processed together by the sparse path (and per span of a per-query
             grouping's row-chunked prefill); bounds peak memory.
         query_block: positions per block of the ``block`` grouping.
@@ -219,8 +227,8 @@ class SEAConfig:
     query_block: int = 64
     seed: int = 0
     candidates: int = 1
-    block_from: int = 0
-    block_candidates: int = BLOCK_CANDIDATES
+    block_from: int | None = None
+    block_candidates: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -234,7 +242,21 @@ class SEAConfig:
             self.position_code = "tent" if not self.causal else "none" if self.binned else "learned"
         if self.estimate_width is None:
             self.estimate_width = 256 if self.causal is True and self.binned else 128
+        self._auto = frozenset(name for name in AUTO_FIELDS if getattr(self, name) is None)
+        if self.block_from is None:
+            self.block_from = self._default_block_from()
+        if self.block_candidates is None:
+            self.block_candidates = LONG_ROWS_CANDIDATES if self.block_from else BLOCK_CANDIDATES
         self.validate()
+
+    def _default_block_from(self) -> int:
+        """``LONG_ROWS_FROM`` (a multiple of ``query_block``) where the long-rows policy runs: a causal layer
+        with a per-query grouping off the flex path; 0 elsewhere."""
+        applies = self.causal is True and self.grouping in ("query", "query_head") and self.attention_path != "flex"
+        if not applies or isinstance(self.query_block, bool) or not isinstance(self.query_block, int) \
+                or self.query_block < 1:  # a bad query_block is refused by validate()
+            return 0
+        return -(-LONG_ROWS_FROM // self.query_block) * self.query_block
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -342,16 +364,17 @@ class SEAConfig:
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise ValueError(f"unknown SEAConfig fields {sorted(unknown)}; valid fields: {self.field_names()}")
-        return SEAConfig(**{**asdict(self), **changes})
+        return SEAConfig(**{**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as given: ``AUTO_FIELDS`` left to their default are None (resolved again on load)."""
+        return {**asdict(self), **{name: None for name in self._auto}}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SEAConfig":
         """Rebuild a saved config; fields it predates take their ``LEGACY_DEFAULTS`` value."""
         values = {**LEGACY_DEFAULTS, **values}
-        if not values.get("block_from"):  # saved with the policy off: its candidates did nothing (refused now)
+        if values["block_from"] == 0:  # saved with the policy off: its candidates did nothing (refused now)
             values["block_candidates"] = BLOCK_CANDIDATES
         unknown = set(values) - set(cls.field_names())
         if unknown:

@@ -210,7 +210,7 @@ def set_runtime(model: nn.Module, **changes: Any) -> None:
     for (_, _, sea), config in zip(layers, configs):
         sea.config = config
     setattr(model.config, SEA_CONFIG_ATTR, {**getattr(model.config, SEA_CONFIG_ATTR),
-                                                 **{name: getattr(configs[0], name) for name in changes}})
+                                                 **{name: configs[0].to_dict()[name] for name in changes}})
 
 
 def set_budget(model: nn.Module, k: int | None) -> None:

@@ -20,12 +20,12 @@ from .runtime import in_fresh_process, median_seconds, peak_extra_mb
 
 METHODS = ("sdpa", "eager", "sea", "sea_chunked", "sea_block", "sea_block_chunked", "sea_reference", "sea_flex",
            "sea_bounds", "sea_f32", "sea_chunked_f32", "sea_block_refined_chunked", "sea_long_rows_chunked",
-           "sea_long_rows_c16_chunked")
+           "sea_long_rows_c16_chunked", "sea_per_query_chunked")
 OPT_IN = ("sea_bounds", "sea_f32", "sea_chunked_f32", "sea_block_refined_chunked",
-          "sea_long_rows_chunked", "sea_long_rows_c16_chunked")  # opt-in settings, when asked for
+          "sea_long_rows_chunked", "sea_long_rows_c16_chunked", "sea_per_query_chunked")  # opt-in settings, when asked for
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in OPT_IN)
 CHUNKED = ("sea_chunked", "sea_block_chunked", "sea_chunked_f32", "sea_block_refined_chunked",
-           "sea_long_rows_chunked", "sea_long_rows_c16_chunked")  # through context_only: rows in spans
+           "sea_long_rows_chunked", "sea_long_rows_c16_chunked", "sea_per_query_chunked")  # through context_only: rows in spans
 SEA_METHODS = {  # method -> SEAConfig changes
     "sea": {"attention_path": "sparse"},
     "sea_chunked": {"attention_path": "sparse"},
@@ -37,8 +37,9 @@ SEA_METHODS = {  # method -> SEAConfig changes
     "sea_f32": {"bin_sums_dtype": "float32"},
     "sea_chunked_f32": {"bin_sums_dtype": "float32"},
     "sea_block_refined_chunked": {"grouping": "block", "candidates": 4},  # exact refinement of 4x the budget
-    "sea_long_rows_chunked": {"block_from": 1024},  # per query up to 1,024 keys, then blocks with refinement
-    "sea_long_rows_c16_chunked": {"block_from": 1024, "block_candidates": 16},  # the blocks refine 16x the budget
+    "sea_long_rows_chunked": {"block_from": 1024, "block_candidates": 4},  # the long rows' blocks refine 4x the budget
+    "sea_long_rows_c16_chunked": {"block_from": 1024, "block_candidates": 16},  # 16x (the default's values)
+    "sea_per_query_chunked": {"block_from": 0},  # per query on every row (the default before the long-rows policy)
 }
 
 

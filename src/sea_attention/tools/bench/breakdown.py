@@ -1,6 +1,8 @@
 """Where SEA's forward time goes: each stage timed alone, against its matmul floor.
 
-The stages are those ``SEAAttention.forward`` runs: the estimator, then the grouping's own
+The stages are those ``SEAAttention.forward`` runs with one grouping on every row (``block_from=0``;
+the default long-rows policy runs the per-query stages on its short rows, the block ones on its long
+rows): the estimator, then the grouping's own
 ``steps()`` (per query: the grouped top-k, the cell -> key mapping and the sparse attention
 op; block: the block selection and the block-sparse op, which maps cells to keys itself),
 each called exactly as the forward calls it, and the rest (validation, gating, masking), the
@@ -123,7 +125,7 @@ def measure_breakdown(length: int, setup: AttentionBenchSetup, grouping: str = "
         raise ValueError(f"grouping must be one of {tuple(STAGES)}, got {grouping!r}")
     if setup.threads:
         torch.set_num_threads(setup.threads)
-    cfg = setup.sea_config(length, grouping=grouping)
+    cfg = setup.sea_config(length, grouping=grouping, block_from=0)  # one grouping on every row
     module = SEAAttention(cfg).eval()
     q, k, v = setup.inputs(length)
     with torch.no_grad():

@@ -597,6 +597,6 @@ def _validate_row_sampling(config: DistillConfig, layers: list[nn.Module], metho
                          "by its first row for every row of the block")
     starts = {sea.config.block_from for sea in layers if sea.config.block_from}
     if config.query_rows and starts and config.seq_len > min(starts):
-        raise ValueError(f"query_rows trains per-query rows only, and block_from={min(starts)} hands the rows past it "
-                         f"to the block grouping: use a seq_len of at most {min(starts)} (got {config.seq_len}) or "
-                         "block_from=0")
+        raise ValueError(f"query_rows trains per-query rows only, and block_from={min(starts)} (the long-rows policy, "
+                         f"on by default) hands the rows past it to the block grouping: use a seq_len of at most "
+                         f"{min(starts)} (got {config.seq_len}) or patch with block_from=0 (--block-from 0)")
