@@ -101,15 +101,27 @@ def test_stage_flops_against_hand_computed_values():
     assert stage_flops(EstimatorShape(2, 16, 5, 8, 4, 2, causal=False), 128, 10.0)["linear_attention"] == 163_840
 
 
-@pytest.mark.parametrize("grouping", ["query", "block"])
-def test_breakdown_stages_add_up_to_the_forward(grouping):
+def test_the_cnn_rows_of_some_estimated_rows_count_each_history_row_once():
+    from sea_attention.tools.bench.breakdown import cnn_rows
+
+    assert cnn_rows(torch.arange(100)) == 100  # every row: the CNN runs once over them
+    assert cnn_rows(torch.tensor([64, 128, 192])) == 3 * 9  # isolated rows: each with its 8 history rows
+    assert cnn_rows(torch.tensor([3, 4, 100])) == 4 + 1 + 9  # rows 0-3, then 4, then 92-100
+
+
+@pytest.mark.parametrize("grouping, length", [("query", 256), ("block", 256), ("long_rows", 1152)])
+def test_breakdown_stages_add_up_to_the_forward(grouping, length):
     setup = AttentionBenchSetup(heads=2, head_dim=16, k=4, estimate_width=8, repeats=1)
-    breakdown = measure_breakdown(256, setup, grouping)
+    breakdown = measure_breakdown(length, setup, grouping)
     assert [s.stage for s in breakdown.stages] == list(STAGES[grouping])
     assert sum(s.seconds for s in breakdown.stages) == pytest.approx(breakdown.total_seconds)
     assert 0 < breakdown.mean_keys <= 2 * (4 + 64)  # two heads: k each, plus the block grouping's tile
     gflop = {s.stage: s.gflop for s in breakdown.stages}
-    assert gflop["estimator"] > 0 and gflop["sparse_attention"] > 0 and gflop["selection"] == 0
+    assert gflop["estimator"] > 0
+    if grouping == "long_rows":  # the default: per query up to 1,024 keys, then blocks
+        assert STAGES[grouping][1:3] == ("query_rows", "block_rows") and breakdown.stages[2].seconds > 0
+    else:
+        assert gflop["sparse_attention"] > 0 and gflop["selection"] == 0
 
 
 def test_cli_model_dense_vs_sea(tiny_model_dir, tmp_path, capsys):  # noqa: F811

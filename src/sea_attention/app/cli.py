@@ -640,7 +640,8 @@ def cmd_bench(args) -> int:
         print(f"\n{bench.format_attention_table(points)}")
         sections = {"setup": asdict(setup), "memory_limit_gb": args.memory_limit_gb}
         if args.breakdown:
-            groupings = tuple(g for m, g in (("sea", "query"), ("sea_block", "block")) if m in args.methods) or ("query",)
+            groupings = tuple(g for m, g in (("sea", "long_rows"), ("sea_per_query_chunked", "query"), ("sea_block", "block"))
+                              if m in args.methods) or ("long_rows",)
             rate, breakdowns = bench.bench_breakdown(args.lengths, setup, args.timeout, groupings=groupings)
             for breakdown in breakdowns:
                 print(f"\n{bench.format_breakdown(breakdown, rate)}")

@@ -1,10 +1,9 @@
 """Where SEA's forward time goes: each stage timed alone, against its matmul floor.
 
-The stages are those ``SEAAttention.forward`` runs with one grouping on every row (``block_from=0``;
-the default long-rows policy runs the per-query stages on its short rows, the block ones on its long
-rows): the estimator, then the grouping's own
-``steps()`` (per query: the grouped top-k, the cell -> key mapping and the sparse attention
-op; block: the block selection and the block-sparse op, which maps cells to keys itself),
+The stages are those ``SEAAttention.forward`` runs: the estimator, then the grouping's own
+``steps()`` (``query``, per query on every row: the grouped top-k, the cell -> key mapping and the
+sparse attention op; ``block``: the block selection and the block-sparse op, which maps cells to keys
+itself; ``long_rows``, the default's long-rows policy: its per-query rows, then its block rows),
 each called exactly as the forward calls it, and the rest (validation, gating, masking), the
 whole forward's time minus the stages'. A stage's floor is its FLOPs at this
 machine's fp32 matmul rate: how fast it could be if it were one large matmul.
@@ -20,7 +19,7 @@ import torch
 
 from ...core.call import SEACall
 from ...core.estimator.decoder import CausalDecoder
-from ...core.grouping import BlockGrouping, Grouping, PerQueryGrouping, grouping_for
+from ...core.grouping import BlockGrouping, Grouping, LongRowsGrouping, PerQueryGrouping, grouping_for
 from .attention import AttentionBenchSetup
 from .runtime import in_fresh_process, matmul_gflops, median_seconds
 
@@ -49,7 +48,10 @@ def _stage_names(grouping: type[Grouping]) -> tuple[str, ...]:
     return ("estimator", *grouping.stages, "rest")
 
 
-STAGES = {"query": _stage_names(PerQueryGrouping), "block": _stage_names(BlockGrouping)}  # in forward order
+STAGES = {"query": _stage_names(PerQueryGrouping), "block": _stage_names(BlockGrouping),
+          "long_rows": _stage_names(LongRowsGrouping)}  # in forward order
+CONFIGS = {"query": {"grouping": "query", "block_from": 0}, "block": {"grouping": "block"},
+           "long_rows": {"grouping": "query"}}  # each breakdown's SEAConfig changes (long_rows: the default)
 
 
 def stage_flops(shape: EstimatorShape, length: int, mean_keys: float,
@@ -65,8 +67,8 @@ def stage_flops(shape: EstimatorShape, length: int, mean_keys: float,
     * encoder: 2 T H (3d * 2d + 2d * 2) + 2 R H (2d * w * c)
     * decoder: two 3x3 convolutions 2 R w (H c)^2 * 9 * 2, then the 1x1 2 R w (H c) H
 
-    R = decoded_rows, the rows the CNN runs on: T, or 9 per selecting row when the block
-    grouping estimates only the rows that select (each with its 8-row history).
+    R = decoded_rows, the rows the CNN runs on: T, or fewer when the grouping estimates some rows only
+    (each with its 8-row history: ``cnn_rows``).
     * sparse_attention: scores and values on the selected keys, 2 * 2 T S d
 
     Selection and the cell -> key mapping are memory-bound (no matmul): not listed.
@@ -117,6 +119,13 @@ def _forward_steps(module, q, k, v) -> tuple[dict[str, Callable[[], object]], di
     return calls, out, rows
 
 
+def cnn_rows(rows: torch.Tensor) -> int:
+    """The rows the CNN runs on to estimate ``rows`` (sorted): each row and its history rows (those that
+    exist), counted once where neighbouring rows' windows overlap (a run of consecutive rows: one each)."""
+    gaps = torch.diff(rows, prepend=rows.new_tensor([-1]))
+    return int(gaps.clamp_max(CausalDecoder.HISTORY_ROWS + 1).sum())
+
+
 def measure_breakdown(length: int, setup: AttentionBenchSetup, grouping: str = "query") -> StageBreakdown:
     """Time each stage of the SEA forward at this length (in this process), by the forward's own steps."""
     from ...core.attention import SEAAttention
@@ -125,7 +134,7 @@ def measure_breakdown(length: int, setup: AttentionBenchSetup, grouping: str = "
         raise ValueError(f"grouping must be one of {tuple(STAGES)}, got {grouping!r}")
     if setup.threads:
         torch.set_num_threads(setup.threads)
-    cfg = setup.sea_config(length, grouping=grouping, block_from=0)  # one grouping on every row
+    cfg = setup.sea_config(length, **CONFIGS[grouping])
     module = SEAAttention(cfg).eval()
     q, k, v = setup.inputs(length)
     with torch.no_grad():
@@ -139,8 +148,8 @@ def measure_breakdown(length: int, setup: AttentionBenchSetup, grouping: str = "
         rounds = [{name: median_seconds(call, 1) for name, call in calls.items()} for _ in range(setup.repeats)]
     seconds = {name: statistics.median(r[name] for r in rounds) for name in calls}
     total = seconds.pop("total")
-    mean_keys = float(out["sparse_attention"].nnz.sum()) / length
-    decoded = None if rows is None else rows.numel() * (CausalDecoder.HISTORY_ROWS + 1)
+    mean_keys = float(out[names[-2]].nnz.sum()) / length  # the last step's Attended
+    decoded = None if rows is None else cnn_rows(rows)
     flops = stage_flops(EstimatorShape.of(cfg), length, mean_keys, decoded)
     gflop = {"estimator": sum(f for part, f in flops.items() if part != "sparse_attention") / 1e9,
              "sparse_attention": flops["sparse_attention"] / 1e9}
