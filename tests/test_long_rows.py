@@ -196,3 +196,16 @@ def test_a_saved_config_keeps_its_setting():
     # saved before the policy existed: off, as it ran then
     old = {name: value for name, value in saved.items() if name not in ("block_from", "block_candidates")}
     assert isinstance(grouping_for(SEAConfig.from_dict(old)), PerQueryGrouping)
+
+
+def test_a_layer_builds_its_grouping_once_per_config_object():
+    layer = _layer().eval()
+    q, k, v, mask = _inputs()
+    with torch.no_grad():
+        first = layer.context_only(q, k, v, attention_mask=mask)
+        assert layer.grouping is layer.grouping and isinstance(layer.grouping, LongRowsGrouping)
+        layer.config = layer.config.replace(block_from=0, block_candidates=4)  # as set_runtime assigns it
+        assert isinstance(layer.grouping, PerQueryGrouping)
+        per_query = layer.context_only(q, k, v, attention_mask=mask)
+    torch.testing.assert_close(per_query, _twin(layer).eval().context_only(q, k, v, attention_mask=mask))
+    assert not torch.equal(first[..., 24:, :], per_query[..., 24:, :])  # the long rows ran the other grouping

@@ -16,7 +16,7 @@ from .dense_rows import (EVERY_ROW, all_dense, dense_context, dense_probs, dense
                          start_sea)
 from .estimator import AttentionEstimator, Estimate
 from .gates import gate_values
-from .grouping import grouping_for
+from .grouping import Grouping, grouping_for
 from .ops.reference import repeat_kv
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class SEAAttention(nn.Module):
         width = config.num_heads * config.head_dim
         self.output_norm = nn.LayerNorm(width) if config.output_mode == "norm" else None
         self.k_budget: int | None = None  # keys per query per head of calls that pass none; None: config.k
+        self._grouping: Grouping | None = None  # grouping_for(config), built once per config object
 
     @property
     def config(self) -> SEAConfig:
@@ -90,6 +91,14 @@ class SEAAttention(nn.Module):
     @config.setter
     def config(self, config: SEAConfig) -> None:
         self.estimator.config = config
+
+    @property
+    def grouping(self) -> Grouping:
+        """The config's selection strategy (``grouping_for``), built again only when the config object
+        changes (``set_runtime`` assigns a new one; a config is replaced, never edited in place)."""
+        if self._grouping is None or self._grouping.config is not self.config:
+            self._grouping = grouping_for(self.config)
+        return self._grouping
 
     @property
     def dense_until(self) -> int:
@@ -130,7 +139,7 @@ class SEAAttention(nn.Module):
 
     def sea_output(self, call: SEACall) -> SEAOutput:
         """SEA on every computed row (the length policy not applied)."""
-        grouping = grouping_for(self.config)
+        grouping = self.grouping
         estimate = self.estimator(call, grouping.estimate_rows(call))
         attended = grouping.run(estimate, call)
         context, gates = self.compose(attended.context, estimate, call)
