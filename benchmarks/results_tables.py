@@ -360,17 +360,17 @@ def refine_short_rows_retrieval(results: Results) -> str:
 
 
 LONG_ROWS_POLICY = (  # label, then the sea eval files at 1,024 / 2,048 / 4,096 / 8,192-token windows (str: a note)
-    ("query on every row (block_from=0, the default)",
+    ("query on every row (block_from=0, the default until 2026-12-06)",
      ("retrieval_kernel_default_k64.json", "eval_long_rows_val_2k_per_query.json", "eval_dense_layers_none_4k.json",
       "eval_forced_before_validation_8192.json")),
-    ("block_from=1024", ("= query", "eval_long_rows_val_2k_from1024.json",
+    ("block_from=1024, block_candidates=4", ("= query", "eval_long_rows_val_2k_from1024.json",
                                        "eval_long_rows_val_4k_from1024.json", "eval_long_rows_val_8k_from1024.json")),
     ("block_from=1024, block_candidates=8", ("= query", None, "eval_long_rows_val_4k_from1024_c8.json", None)),
-    ("block_from=2048", ("= query", "= query", "eval_long_rows_val_4k_from2048.json",
+    ("block_from=2048, block_candidates=4", ("= query", "= query", "eval_long_rows_val_4k_from2048.json",
                          "eval_long_rows_val_8k_from2048.json")),
     ("block, candidates=4 on every row", ("eval_block_cand4_1k_share.json", None, "eval_block_cand4_4k_share.json",
                                           "eval_block_cand4_8k_share.json")),
-    ("block_from=1024, block_candidates=16", ("= query", None, "eval_long_rows_val_4k_from1024_c16.json",
+    ("block_from=1024, block_candidates=16 (the default from 2026-12-06)", ("= query", None, "eval_long_rows_val_4k_from1024_c16.json",
                                               "eval_long_rows_val_8k_from1024_c16.json")),
 )
 
@@ -389,25 +389,26 @@ def long_rows_test(results: Results) -> str:
     (block_from=1024, with 4 and 16 candidates) and the block grouping with candidates=4 on every row
     (``long_test_table``)."""
     return long_test_table(results, ("eval_long_rows_test", "eval_long_rows_c16_test", "eval_block_cand4_test"),
-                           ["query on every row (the default)", "block_from=1024", "block_from=1024, block_candidates=16",
+                           ["query on every row (the default until 2026-12-06)", "block_from=1024, block_candidates=4",
+                            "block_from=1024, block_candidates=16 (the default from 2026-12-06)",
                             "block, candidates=4 on every row"])
 
 
 LONG_ROWS_NEEDLE = (  # label, file, method: the suite's needle in test prose (seed 0, 10 prompts per length)
     ("dense (not SEA)", "retrieval_long_rows_1024_needle.json", "dense"),
-    ("query on every row (the default)", "retrieval_kernel_default_k64.json", "sea"),
-    ("block_from=1024", "retrieval_long_rows_1024_needle.json", "sea"),
-    ("block_from=2048", "retrieval_long_rows_2048_needle.json", "sea"),
+    ("query on every row (the default until 2026-12-06)", "retrieval_kernel_default_k64.json", "sea"),
+    ("block_from=1024, block_candidates=4", "retrieval_long_rows_1024_needle.json", "sea"),
+    ("block_from=2048, block_candidates=4", "retrieval_long_rows_2048_needle.json", "sea"),
     ("block_from=1024, block_candidates=8", "retrieval_long_rows_1024_c8_needle.json", "sea"),
-    ("block_from=1024, block_candidates=16", "retrieval_long_rows_1024_c16_needle.json", "sea"),
+    ("block_from=1024, block_candidates=16 (the default from 2026-12-06)", "retrieval_long_rows_1024_c16_needle.json", "sea"),
 )
 LONG_ROWS_NEEDLE_VALIDATION = (  # the same in wiki validation prose
     ("dense (not SEA)", "retrieval_validation_long_rows_1024.json", "dense"),
-    ("query on every row (the default)", "retrieval_validation_default.json", "sea"),
+    ("query on every row (the default until 2026-12-06)", "retrieval_validation_default.json", "sea"),
     ("block_from=1024, block_candidates=4", "retrieval_validation_long_rows_1024.json", "sea"),
     ("block_from=1024, block_candidates=8", "retrieval_validation_long_rows_1024_c8.json", "sea"),
     ("block_from=1024, block_candidates=8, query_block=16", "retrieval_validation_long_rows_1024_c8_qb16.json", "sea"),
-    ("block_from=1024, block_candidates=16", "retrieval_validation_long_rows_1024_c16.json", "sea"),
+    ("block_from=1024, block_candidates=16 (the default from 2026-12-06)", "retrieval_validation_long_rows_1024_c16.json", "sea"),
     ("block, candidates=16 on every row", "retrieval_validation_block_c16.json", "sea"),
 )
 
@@ -428,9 +429,9 @@ def needle_table(runs: tuple[tuple[str, str, str], ...], title: str) -> Callable
 LONG_ROWS_COPY = (  # label, then (file, method) at 1,024 and 2,048 tokens: the suite's copy task in test prose
     ("dense (not SEA)", ("retrieval_long_rows_1024_c16_copy.json", "dense"),
      ("retrieval_long_rows_1024_c16_copy_2k.json", "dense")),
-    ("query on every row (the default)", ("retrieval_kernel_default_k64.json", "sea"), ("retrieval_default_copy_2k.json", "sea")),
+    ("query on every row (the default until 2026-12-06)", ("retrieval_kernel_default_k64.json", "sea"), ("retrieval_default_copy_2k.json", "sea")),
     ("query, candidates=4", ("retrieval_candidates4_copy_share.json", "sea"), ("retrieval_candidates4_copy_share.json", "sea")),
-    ("block_from=1024, block_candidates=16", ("retrieval_long_rows_1024_c16_copy.json", "sea"),
+    ("block_from=1024, block_candidates=16 (the default from 2026-12-06)", ("retrieval_long_rows_1024_c16_copy.json", "sea"),
      ("retrieval_long_rows_1024_c16_copy_2k.json", "sea")),
 )
 
