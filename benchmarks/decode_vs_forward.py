@@ -21,7 +21,7 @@ import torch
 from sea_attention import patch
 from sea_attention.app import assets
 from sea_attention.atomic import write_text
-from sea_attention.hf import GrowingCache, set_runtime
+from sea_attention.hf import GrowingCache, cache_kwargs, set_runtime
 from sea_attention.tools.bench.runtime import machine_info
 
 
@@ -30,10 +30,10 @@ def largest_difference(model, ids: torch.Tensor, steps: int) -> float:
     """max |decoding logits - full forward logits| over the last ``steps`` predicted rows."""
     length = ids.shape[1]
     full = model(input_ids=ids, use_cache=False).logits[0, -steps - 1:-1]
-    cache = GrowingCache()
-    rows = [model(input_ids=ids[:, :length - steps], past_key_values=cache, use_cache=True).logits[0, -1:]]
+    cache = cache_kwargs(GrowingCache())
+    rows = [model(input_ids=ids[:, :length - steps], use_cache=True, **cache).logits[0, -1:]]
     for t in range(length - steps, length - 1):
-        rows.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0])
+        rows.append(model(input_ids=ids[:, t:t + 1], use_cache=True, **cache).logits[0])
     return float((torch.cat(rows) - full).abs().max())
 
 

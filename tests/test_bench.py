@@ -158,10 +158,10 @@ def test_the_model_bench_measures_the_prefills_memory_and_keeps_the_last_logits_
     seen = []
 
     class Model(torch.nn.Module):
-        def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+        def forward(self, input_ids, use_cache=True, logits_to_keep=0, **cache):  # cache: the cache keyword
             seen.append(logits_to_keep)
             logits = torch.zeros(1, 1 if logits_to_keep else input_ids.shape[1], 5)
-            return type("Out", (), {"logits": logits, "past_key_values": past_key_values})()
+            return type("Out", (), {"logits": logits})()
 
     prefill, decode, mb = prefill_and_decode(Model(), torch.zeros(1, 7, dtype=torch.long), 2, "dynamic")
     assert seen == [1, 0, 0] and prefill > 0 and decode > 0 and mb >= 0

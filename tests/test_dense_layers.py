@@ -14,7 +14,7 @@ from sea_attention.app.cli import main
 from sea_attention.app.cli_args import layer_list
 from sea_attention.core.ops.reference import exact_attention as reference_exact
 from sea_attention.core.dense_rows import EVERY_ROW
-from sea_attention.hf import dense_attention, from_pretrained, save_pretrained, sea_layers, set_runtime
+from sea_attention.hf import cache_kwargs, dense_attention, from_pretrained, save_pretrained, sea_layers, set_runtime
 from sea_attention.hf.decoding import STATE_ATTR
 from test_generation import VOCAB, build
 
@@ -142,11 +142,11 @@ def test_generation_with_a_dense_layer_equals_its_full_forward(family):
     with torch.no_grad():
         full = model(input_ids=cached, attention_mask=full_mask, use_cache=False).logits
         cache = DynamicCache()
-        logits = [model(input_ids=cached[:, :12], attention_mask=full_mask[:, :12], past_key_values=cache,
+        logits = [model(input_ids=cached[:, :12], attention_mask=full_mask[:, :12], **cache_kwargs(cache),
                         use_cache=True).logits]
         for end in range(13, 33):
             logits.append(model(input_ids=cached[:, end - 1:end], attention_mask=full_mask[:, :end],
-                                past_key_values=cache, use_cache=True).logits)
+                                **cache_kwargs(cache), use_cache=True).logits)
     states = [getattr(cache_layer, STATE_ATTR) for cache_layer in cache.layers]
     assert not states[0].holds_sea and states[1].holds_sea  # the dense layer never built SEA's state
     real = full_mask.bool()

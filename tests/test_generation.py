@@ -6,7 +6,7 @@ from transformers import (
     DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
 )
 
-from sea_attention.hf import patch, sea_attention_forward, sea_layers, set_runtime
+from sea_attention.hf import cache_kwargs, patch, sea_attention_forward, sea_layers, set_runtime
 from sea_attention.hf.decoding import STATE_ATTR, DecodingStateError, find_cache
 
 VOCAB = 101
@@ -41,7 +41,7 @@ def test_chunked_prefill_and_steps_equal_full_forward(family):
         cache, logits, maps, start = DynamicCache(), [], [], 0
         for size in [30, 7, 7, 1, 1, 1, 13]:
             end = start + size
-            out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache,
+            out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], **cache_kwargs(cache),
                         use_cache=True, output_attentions=True)
             logits.append(out.logits)
             maps.append(out.attentions)
@@ -69,10 +69,11 @@ def test_a_row_chunked_prefill_then_steps_equal_the_full_forward(family, monkeyp
         full = model(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)  # the full forward
         assert not spans
         cache = DynamicCache()
-        logits = [model(input_ids=ids[:, :30], attention_mask=mask[:, :30], past_key_values=cache, use_cache=True).logits]
+        logits = [model(input_ids=ids[:, :30], attention_mask=mask[:, :30], **cache_kwargs(cache),
+                        use_cache=True).logits]
         assert len(spans) == 2 * 5  # two layers, rows 0..29 in spans of 7
         for end in range(31, 41):
-            logits.append(model(input_ids=ids[:, end - 1:end], attention_mask=mask[:, :end], past_key_values=cache,
+            logits.append(model(input_ids=ids[:, end - 1:end], attention_mask=mask[:, :end], **cache_kwargs(cache),
                                 use_cache=True).logits)
     assert len(spans) == 2 * 5  # decoding steps run the full forward
     real = mask.bool()
@@ -109,7 +110,7 @@ def test_cropping_the_cache_is_refused():
     model = build("llama")
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=torch.randint(1, VOCAB, (1, 10)), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.randint(1, VOCAB, (1, 10)), **cache_kwargs(cache), use_cache=True)
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(5)
 
@@ -118,11 +119,11 @@ def test_out_of_sync_cache_is_an_error():
     model = build("llama")
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=torch.randint(1, VOCAB, (1, 10)), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.randint(1, VOCAB, (1, 10)), **cache_kwargs(cache), use_cache=True)
         for layer in cache.layers:
             layer.sea_state.seen = 3  # simulate a cache that lost track
         with pytest.raises(ValueError, match="past keys"):
-            model(input_ids=torch.randint(1, VOCAB, (1, 1)), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.randint(1, VOCAB, (1, 1)), **cache_kwargs(cache), use_cache=True)
 
 
 def test_each_step_reuses_the_decoding_state():
@@ -132,9 +133,9 @@ def test_each_step_reuses_the_decoding_state():
     ids = torch.randint(1, VOCAB, (1, 11))
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=ids[:, :10], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :10], **cache_kwargs(cache), use_cache=True)
         before = [(layer.sea_state, *(x.clone() for x in layer.sea_state.performer)) for layer in cache.layers]
-        model(input_ids=ids[:, 10:], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, 10:], **cache_kwargs(cache), use_cache=True)
     for (_, module, sea), layer, (state, kv, normaliser) in zip(sea_layers(model), cache.layers, before):
         assert layer.sea_state is state and state.seen == 11
         new_key, new_value = layer.keys[:, :, -1:], layer.values[:, :, -1:]  # (B, H_kv, 1, d)
@@ -192,13 +193,13 @@ def test_the_length_policy_generates_like_its_full_forward_across_the_length(fam
     with torch.no_grad():
         full = model(input_ids=cached, attention_mask=full_mask, use_cache=False).logits
         cache, logits = DynamicCache(), []
-        logits.append(model(input_ids=cached[:, :12], attention_mask=full_mask[:, :12], past_key_values=cache,
+        logits.append(model(input_ids=cached[:, :12], attention_mask=full_mask[:, :12], **cache_kwargs(cache),
                             use_cache=True).logits)
         states = [getattr(layer, STATE_ATTR) for layer in cache.layers]
         assert all(state.queries is not None for state in states)  # dense so far: queries kept
         for end in range(13, 37):
             logits.append(model(input_ids=cached[:, end - 1:end], attention_mask=full_mask[:, :end],
-                                past_key_values=cache, use_cache=True).logits)
+                                **cache_kwargs(cache), use_cache=True).logits)
         assert all(state.holds_sea for state in states)
     real = full_mask.bool()
     torch.testing.assert_close(torch.cat(logits, 1)[real], full[real], atol=1e-4, rtol=0)

@@ -1,13 +1,14 @@
 """GrowingCache: the same keys, values and tokens as transformers' DynamicCache, without the copies."""
 
+import warnings
 from contextlib import nullcontext
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from sea_attention.hf import GrowingCache, dense_attention
-from sea_attention.hf.cache import GrowingLayer
+from sea_attention.hf import GrowingCache, cache_kwargs, dense_attention
+from sea_attention.hf.cache import GrowingLayer, cache_keyword
 
 from test_generation import VOCAB, build
 
@@ -18,7 +19,7 @@ def decode(model, cache, ids, mask, sizes):
     with torch.no_grad():
         for size in sizes:
             end = start + size
-            out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache,
+            out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], **cache_kwargs(cache),
                         use_cache=True)
             logits.append(out.logits)
             start = end
@@ -58,7 +59,28 @@ def test_generate_with_it_equals_generate_with_the_default_cache(mode):
     mask[0, :3] = 0
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, pad_token_id=0,
                   do_sample=False, num_beams=3 if mode == "beam" else 1)
-    assert torch.equal(model.generate(**kwargs, past_key_values=GrowingCache()), model.generate(**kwargs))
+    assert torch.equal(model.generate(**kwargs, **cache_kwargs(GrowingCache())), model.generate(**kwargs))
+
+
+def test_generate_and_forward_take_the_cache_without_a_deprecation_warning():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns); 5.23 knows only
+    ``past_key_values`` (``generate`` refuses ``cache``). ``cache_kwargs`` names it as the installed one takes it."""
+    import transformers
+    from packaging.version import Version
+
+    assert cache_keyword() == ("cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values")
+    model = build("llama")
+    ids = torch.randint(1, VOCAB, (1, 8))
+    cache = GrowingCache()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FutureWarning)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                             do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+        assert cache.get_seq_length() == 11  # generate used our cache: the prompt and 3 of the 4 new tokens
+        steps = GrowingCache()
+        model(input_ids=out[:, :-1], use_cache=True, **cache_kwargs(steps))
+        model(input_ids=out[:, -1:], use_cache=True, **cache_kwargs(steps))
+    assert steps.get_seq_length() == 12
 
 
 def test_batch_operations_keep_the_rows_and_the_room_to_grow():

@@ -6,6 +6,7 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    DynamicCache,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -24,6 +25,7 @@ from transformers.masking_utils import eager_mask, sdpa_mask
 from sea_attention import SEAConfig
 from sea_attention.hf import (
     LayerCall,
+    cache_kwargs,
     dense_attention,
     family_of,
     is_patched,
@@ -397,8 +399,9 @@ def test_left_padding_without_position_ids_gives_the_unpadded_logits(name):
     mask[:, :pad] = 0
     alone = model(ids).logits
     torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, pad:], alone, atol=1e-5, rtol=1e-5)
-    prefill = model(padded[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
-    step = model(padded[:, -1:], attention_mask=mask, cache=prefill.past_key_values).logits
+    cache = cache_kwargs(DynamicCache())  # the cache a prefill makes itself
+    model(padded[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **cache)
+    step = model(padded[:, -1:], attention_mask=mask, use_cache=True, **cache).logits
     torch.testing.assert_close(step[:, -1], alone[:, -1], atol=1e-5, rtol=1e-5)
     unpatch(model)
     assert not model.model._forward_pre_hooks  # unpatching removes the hook

@@ -6,7 +6,7 @@ import torch
 from sea_attention.app import assets
 from sea_attention.tools.distill import DistillConfig, Distiller, TokenWindows, tokenize
 from sea_attention.tools.evaluate import perplexity
-from sea_attention.hf import dense_attention, from_pretrained, patch, save_pretrained
+from sea_attention.hf import cache_kwargs, dense_attention, from_pretrained, patch, save_pretrained
 
 pytestmark = pytest.mark.slow
 
@@ -48,5 +48,5 @@ def test_decoding_equals_full_forward(smollm2):
         full = model(input_ids=ids, use_cache=False).logits
         cache, steps = DynamicCache(), []
         for start, end in [(0, 40), (40, 45)] + [(i, i + 1) for i in range(45, 48)]:
-            steps.append(model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(input_ids=ids[:, start:end], **cache_kwargs(cache), use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)

@@ -11,7 +11,8 @@ __all__ = ["SEAConfig", "SEAAttention", "SEAOutput", "DecodeState", "__version__
 # Hugging Face integration (sea_attention.hf), imported on first use so that `import sea_attention`
 # does not pull in transformers.
 _HF_EXPORTS = ("patch", "unpatch", "sea_layers", "layer_override", "LayerCall", "dense_attention", "set_budget",
-               "sea_budget", "set_runtime", "save_pretrained", "from_pretrained", "GrowingCache")
+               "sea_budget", "set_runtime", "save_pretrained", "from_pretrained", "GrowingCache",
+               "cache_kwargs")
 __all__ += list(_HF_EXPORTS)
 
 

@@ -576,7 +576,7 @@ def cmd_plot(args) -> int:
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
-    from ..hf import GrowingCache
+    from ..hf import GrowingCache, cache_kwargs
 
     model, tokenizer, _ = load_sea_model(args.model, _sea_overrides(args), _runtime_options(args))
     if tokenizer is None:
@@ -596,7 +596,7 @@ def cmd_generate(args) -> int:
         dict(do_sample=False)
     with attention_mode(model):  # the cache appends in place (both modes): no copy of the past per token
         model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                       past_key_values=GrowingCache(), pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **cache_kwargs(GrowingCache()),
                        **sampling)
     return 0
 

@@ -4,7 +4,7 @@
     model = patch(model, k=32)  # Llama/Mistral/Qwen2/Qwen3, OPT, GPT-2, BERT
 """
 
-from .cache import GrowingCache
+from .cache import GrowingCache, cache_kwargs
 from .families import FAMILIES, Family, family_of
 from .interface import LayerCall, LayerOverride, sea_attention_forward
 from .io import from_pretrained, save_pretrained, sea_state_dict
@@ -24,7 +24,7 @@ from .patch import (
 )
 
 __all__ = [
-    "FAMILIES", "Family", "GrowingCache", "LayerCall", "LayerOverride", "dense_attention", "family_of", "from_pretrained",
-    "is_patched", "layer_override", "no_cache", "patch", "save_pretrained", "sea_attention_forward", "sea_budget",
-    "sea_config_for", "sea_layers", "sea_mask", "sea_state_dict", "set_budget", "set_runtime", "unpatch",
+    "FAMILIES", "Family", "GrowingCache", "LayerCall", "LayerOverride", "cache_kwargs", "dense_attention", "family_of",
+    "from_pretrained", "is_patched", "layer_override", "no_cache", "patch", "save_pretrained", "sea_attention_forward",
+    "sea_budget", "sea_config_for", "sea_layers", "sea_mask", "sea_state_dict", "set_budget", "set_runtime", "unpatch",
 ]

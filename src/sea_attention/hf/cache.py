@@ -8,10 +8,18 @@ reads a view of the rows in use. Nothing else changes: dense attention and SEA s
 tensors a ``DynamicCache`` would hand them, so the two modes can be timed on the same cache class.
 
     cache = GrowingCache()
-    model.generate(**inputs, past_key_values=cache)      # or model(ids, past_key_values=cache)
+    model.generate(**inputs, **cache_kwargs(cache))      # or model(ids, **cache_kwargs(cache))
+
+``cache_kwargs`` names the cache by the keyword the installed transformers takes: ``cache`` from
+5.24 (where ``past_key_values`` still works but emits a FutureWarning in ``generate`` and in the
+models' ``forward``), ``past_key_values`` in 5.23 (which has no ``cache`` keyword: ``generate``
+refuses it as an unused model kwarg).
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -73,3 +81,23 @@ class GrowingCache(Cache):
 
     def __init__(self) -> None:
         super().__init__(layer_class_to_replicate=GrowingLayer)
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """The keyword transformers' ``generate`` and models' ``forward`` take a KV cache by.
+
+    Read from the installed transformers, not its version number: the name the generation loop hands
+    the cache to the model under (``prepare_inputs_for_generation``'s parameter) is ``cache`` from
+    5.24 and ``past_key_values`` before.
+    """
+    from transformers.generation.utils import GenerationMixin
+
+    parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_kwargs(cache: Cache) -> dict[str, Cache]:
+    """``{keyword: cache}`` for ``model.generate(..., **cache_kwargs(cache))`` or a model's forward,
+    under the keyword the installed transformers takes without a deprecation warning."""
+    return {cache_keyword(): cache}

@@ -73,8 +73,8 @@ def decode_state(module: nn.Module, layer_idx: int, tq: int, tk: int) -> DecodeS
             raise DecodingStateError(
                 f"{type(module).__name__} was called with {tk - tq} past keys but SEA found no transformers Cache "
                 f"among its arguments (transformers {transformers.__version__}), so it has no decoding state for "
-                "them; decode through model(..., past_key_values=GrowingCache()) (or DynamicCache()) / generate(), or report this "
-                "transformers version as unsupported")
+                "them; decode through model(..., **cache_kwargs(GrowingCache())) (or a DynamicCache()) / generate(), "
+                "or report this transformers version as unsupported")
         return None
     cache = getattr(cache, "self_attention_cache", cache)  # encoder-decoder caches
     layers = getattr(cache, "layers", None)

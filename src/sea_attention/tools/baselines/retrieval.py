@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ...hf import GrowingCache
+from ...hf import GrowingCache, cache_kwargs
 from .compare import check_budgets, check_methods, method_attention, method_runs
 from .tasks import HAYSTACKS, TASKS, PromptSource, TaskPrompt, check_tasks, haystack_sentences, task_prompts
 
@@ -88,7 +88,7 @@ def greedy_ids(model: nn.Module, tokenizer, ids: Tensor, max_new_tokens: int) ->
     ids = ids.unsqueeze(0).to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=pad, past_key_values=GrowingCache())
+                         do_sample=False, pad_token_id=pad, **cache_kwargs(GrowingCache()))
     return out[0, ids.shape[1]:].cpu()
 
 

@@ -115,16 +115,18 @@ def prefill_and_decode(model: nn.Module, ids: Tensor, decode_tokens: int,
     """Seconds of the prefill forward and of ``decode_tokens`` greedy steps after it, on a new ``cache``,
     and the prefill's peak extra resident memory in MB. The prefill computes the last position's
     logits only, as ``generate`` does (a model whose forward takes ``logits_to_keep``)."""
+    from ...hf import cache_kwargs
+
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    past = cache_kwargs(new_cache(cache))  # the model grows this cache in place: each call hands it on
     with PeakMemory() as peak:
         start = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=new_cache(cache), use_cache=True, **keep)
+        out = model(input_ids=ids, use_cache=True, **past, **keep)
         prefill = time.perf_counter() - start
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    token = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        token = model(input_ids=token, use_cache=True, **past).logits[:, -1:].argmax(-1)
     return prefill, time.perf_counter() - start, peak.mb
 
 
