@@ -413,16 +413,17 @@ LONG_ROWS_NEEDLE_VALIDATION = (  # the same in wiki validation prose
 )
 
 
-def needle_table(runs: tuple[tuple[str, str, str], ...], title: str) -> Callable[[Results], str]:
-    """The needle at 1,024 and 2,048 tokens of each (label, file, method) run."""
+def needle_table(runs: tuple[tuple[str, str, str], ...], title: str,
+                 lengths: tuple[int, ...] = (1024, 2048)) -> Callable[[Results], str]:
+    """The needle at each of ``lengths`` of each (label, file, method) run (a run may miss a length)."""
     def render(results: Results) -> str:
         rows = []
         for label, name, method in runs:
             result = results.load(name)
             found = {r["length"]: f"{r['correct']}/{r['prompts']}" for r in retrieval_rows(result)
                      if r["method"] == method and r["task"] == "needle"}
-            rows.append([label, found[1024], found[2048]])
-        return table([title, "needle at 1,024 tokens", "2,048"], rows)
+            rows.append([label, *(found.get(n, "not measured") for n in lengths)])
+        return table([title, f"needle at {lengths[0]:,} tokens", *(f"{n:,}" for n in lengths[1:])], rows)
     return render
 
 

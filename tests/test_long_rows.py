@@ -198,7 +198,7 @@ def test_a_saved_config_keeps_its_setting():
     assert isinstance(grouping_for(SEAConfig.from_dict(old)), PerQueryGrouping)
 
 
-def test_a_layer_builds_its_grouping_once_per_config_object():
+def test_a_layer_builds_its_grouping_again_only_when_its_config_changes():
     layer = _layer().eval()
     q, k, v, mask = _inputs()
     with torch.no_grad():
@@ -207,5 +207,8 @@ def test_a_layer_builds_its_grouping_once_per_config_object():
         layer.config = layer.config.replace(block_from=0, block_candidates=4)  # as set_runtime assigns it
         assert isinstance(layer.grouping, PerQueryGrouping)
         per_query = layer.context_only(q, k, v, attention_mask=mask)
+        layer.config.grouping = "block"  # edited in place: validated at the call, and the grouping follows
+        assert isinstance(layer.grouping, BlockGrouping)
+        layer.config.grouping = "query"
     torch.testing.assert_close(per_query, _twin(layer).eval().context_only(q, k, v, attention_mask=mask))
     assert not torch.equal(first[..., 24:, :], per_query[..., 24:, :])  # the long rows ran the other grouping

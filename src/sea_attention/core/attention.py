@@ -81,7 +81,7 @@ class SEAAttention(nn.Module):
         width = config.num_heads * config.head_dim
         self.output_norm = nn.LayerNorm(width) if config.output_mode == "norm" else None
         self.k_budget: int | None = None  # keys per query per head of calls that pass none; None: config.k
-        self._grouping: Grouping | None = None  # grouping_for(config), built once per config object
+        self._grouping: tuple[tuple, Grouping] | None = None  # (the config's values, grouping_for(config))
 
     @property
     def config(self) -> SEAConfig:
@@ -94,11 +94,12 @@ class SEAAttention(nn.Module):
 
     @property
     def grouping(self) -> Grouping:
-        """The config's selection strategy (``grouping_for``), built again only when the config object
-        changes (``set_runtime`` assigns a new one; a config is replaced, never edited in place)."""
-        if self._grouping is None or self._grouping.config is not self.config:
-            self._grouping = grouping_for(self.config)
-        return self._grouping
+        """The config's selection strategy (``grouping_for``), built again only when the config changes
+        (``set_runtime`` assigns a new one; a field edited in place changes its values too)."""
+        values = tuple(vars(self.config).values())
+        if self._grouping is None or self._grouping[0] != values:
+            self._grouping = (values, grouping_for(self.config))
+        return self._grouping[1]
 
     @property
     def dense_until(self) -> int:
