@@ -437,18 +437,50 @@ LONG_ROWS_COPY = (  # label, then (file, method) at 1,024 and 2,048 tokens: the 
 )
 
 
+def _run_row(results: Results, name: str, method: str, task: str, length: int) -> dict:
+    """The one row of a retrieval file for this method, task and length."""
+    found = [r for r in retrieval_rows(results.load(name))
+             if r.get("method", "sea") == method and r["task"] == task and r["length"] == length]
+    return found[0]
+
+
 def long_rows_copy(results: Results) -> str:
     """Exact-token accuracy of the copy task at 1,024 and 2,048 tokens for each label's runs."""
-    rows = []
-    for label, *runs in LONG_ROWS_COPY:
-        cells = []
-        for length, (name, method) in zip((1024, 2048), runs):
-            result = results.load(name)
-            found = [r for r in retrieval_rows(result)
-                     if r.get("method", "sea") == method and r["task"] == "copy" and r["length"] == length]
-            cells.append(num(found[0]["accuracy"], 2))
-        rows.append([label, *cells])
+    rows = [[label, *(num(_run_row(results, name, method, "copy", length)["accuracy"], 2)
+                      for length, (name, method) in zip((1024, 2048), runs))] for label, *runs in LONG_ROWS_COPY]
     return table(["SmolLM2-135M, undistilled patch, k=64", "copy at 1,024 tokens (exact-token accuracy)", "2,048"], rows)
+
+
+DEFAULT_LONG_NEEDLE = (  # label, then (file, method) at 4,096 and 8,000 prompt tokens: the suite's needle, test prose
+    ("dense (not SEA)", ("retrieval_needle_4k_per_query.json", "dense"), ("retrieval_needle_8k.json", "dense")),
+    ("query on every row (the default until 2026-12-06)", ("retrieval_needle_4k_per_query.json", "sea"),
+     ("retrieval_needle_8k_sea.json", "sea")),
+    ("block_from=1024, block_candidates=16 (the default from 2026-12-06)",
+     ("retrieval_needle_default_4k_8k.json", "sea"), ("retrieval_needle_default_4k_8k.json", "sea")),
+)
+
+
+def default_long_needle(results: Results) -> str:
+    """The suite's needle at 4,096 and 8,000 tokens: dense, the former default and the long-rows default."""
+    def cell(name: str, method: str, length: int) -> str:
+        row = _run_row(results, name, method, "needle", length)
+        return f"{row['correct']}/{row['prompts']}"
+    rows = [[label, *(cell(name, method, length) for length, (name, method) in zip((4096, 8000), runs))]
+            for label, *runs in DEFAULT_LONG_NEEDLE]
+    return table(["SmolLM2-135M, undistilled patch, k=64, test prose", "needle at 4,096 tokens", "8,000"], rows)
+
+
+DEMO_LONG = (("wiki test, 4,096-token windows", "eval_demo_default_wiki_4k.json"),
+             ("8,192-token windows", "eval_demo_default_wiki_8k.json"))
+
+
+def demo_long(results: Results) -> str:
+    """The demo's distilled model at long windows with the default: dense and SEA@64 perplexity."""
+    def dense(name: str) -> str:
+        rows = results.load(name)["rows"]
+        return num(next(r for r in rows if r["name"] == "dense")["perplexity"], 2)
+    rows = [[label, dense(name), _ratio_at(results, name, 64)] for label, name in DEMO_LONG]
+    return table(["the model `sea demo` distils (512-token windows), the default's long rows", "dense", "SEA, k=64"], rows)
 
 
 def needle_diagnosis_block(results: Results) -> str:
@@ -1059,6 +1091,12 @@ TABLES: dict[str, Callable[[Results], str]] = {
                                        ["sdpa", "sea_chunked", "sea_long_rows_chunked", "sea_block_refined_chunked"]),
     "model-long-rows": model_cost_table(("model_smollm2_long_rows_off.json", "model_smollm2_long_rows.json")),
     "long-rows-copy": long_rows_copy,
+    "default-long-needle": default_long_needle,
+    "demo-long": demo_long,
+    "attention-default-long-rows": bench_table(["attention_default_long_rows.json"],
+                                               ["sdpa", "sea_chunked", "sea_per_query_chunked"]),
+    "default-long-rows-breakdown": breakdown_table("breakdown_default_16k.json"),
+    "model-default-long-rows": model_cost_table(("model_smollm2_default_long_rows.json",)),
     "attention-long-rows-c16": bench_table(["attention_long_rows_c16.json"],
                                            ["sdpa", "sea_chunked", "sea_long_rows_chunked", "sea_long_rows_c16_chunked",
                                             "sea_block_refined_chunked"]),

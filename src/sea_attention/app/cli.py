@@ -93,9 +93,10 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
     runtime.add_argument("--block-from", type=non_negative_int,
                          help="the long-rows policy: query rows at key positions from this one on (a multiple of "
                               "--query-block) run the block grouping with --block-candidates, earlier rows the "
-                              "per-query grouping (default 0: off)")
+                              "per-query grouping (default: 1024 for a causal per-query layer, else 0; 0: off)")
     runtime.add_argument("--block-candidates", type=positive_int,
-                         help="exact refinement of the rows --block-from hands to the block grouping (default 4)")
+                         help="exact refinement of the rows --block-from hands to the block grouping (default: 16 "
+                              "while --block-from is on, else 4)")
     runtime.add_argument("--bin-sums-dtype", choices=BIN_SUMS_DTYPES,
                          help="how the binned signals store their prefix sums: float64 (default; decoding selects "
                               "exactly what a full forward does) or float32 (faster prefill, half the decoding state's tables)")

@@ -195,8 +195,9 @@ def set_runtime(model: nn.Module, **changes: Any) -> None:
     """Change how every patched layer selects and attends, without touching its weights:
     ``grouping``, ``query_block``, ``attention_path``, ``query_chunk``, ``candidates``, ``block_from``,
     ``block_candidates``, ``bin_sums_dtype``, ``dense_until``, ``dense_layers``, ``forced_keys``. A distilled
-    model can, for example, be run with ``grouping="block"`` for speed on long inputs, ``block_from=1024`` to
-    run the block grouping (with exact refinement) on the rows past 1,024 keys only, ``candidates=4`` to
+    model can, for example, be run with ``grouping="block"`` for speed on long inputs, ``block_from=0`` to
+    select per query on every row (by default a causal model's rows past 1,024 keys run the block grouping
+    with exact refinement: the long-rows policy), ``block_candidates=4`` for cheaper long rows, ``candidates=4`` to
     choose its keys by their exact scores among four times as many, ``bin_sums_dtype="float32"`` for a faster
     prefill, ``dense_until=2048`` to attend densely wherever a row has at most 2,048 keys, or
     ``dense_layers=(0, 1)`` to keep the first two layers dense."""

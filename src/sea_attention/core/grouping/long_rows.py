@@ -2,10 +2,10 @@
 ``block`` grouping (with ``block_candidates``), the earlier ones the config's per-query grouping.
 
 The per-query grouping is the closer to dense on short rows at equal keys; on long ones the block
-grouping with exact refinement is both the faster and the closer to dense in perplexity. With the
-default 4 candidates per block it finds a needle less often, which is why the policy is off by default
-(docs/results.md, "The long-rows policy"); with 16 it finds it as often as the per-query rows, still
-faster from 4k tokens ("Sixteen candidates per block"), and is not yet the default. The rule is per
+grouping with exact refinement is both the faster and the closer to dense in perplexity. With 4
+candidates per block it finds a needle less often (docs/results.md, "The long-rows policy"); with 16 it
+finds it as often as the per-query rows, still faster from 4k tokens ("Sixteen candidates per block"),
+which is the default (N = 1,024, ``SEAConfig``: "The long-rows policy becomes the default"). The rule is per
 row, by key position, so a decoding step and a full forward run a row alike; N is a multiple of
 ``query_block``, so the first long row opens a block and no block mixes the two. One estimate serves
 both parts: the per-query rows are estimated, and of the long rows those the block grouping asks for
