@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sea_attention.tools.distill import DistillConfig, Distiller, TokenWindows
 from sea_attention.tools.distill.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from sea_attention.tools.distill.trainer import CHECKPOINT_KEYS
-from sea_attention.hf import patch, save_pretrained
+from sea_attention.hf import patch, save_pretrained, sea_layers
 from sea_attention.hf.io import WEIGHTS_NAME
 
 
@@ -464,11 +464,19 @@ def test_the_teachers_attention_is_computed_once_per_layer_when_every_row_trains
     assert len(calls) == expected  # 2 layers: every row, once each; rows: the dense forward + the rows' targets
 
 
-def test_query_rows_past_block_from_are_refused_before_training():
+def test_query_rows_past_block_from_train_per_query_and_the_policy_comes_back():
+    """Row subsets of windows longer than block_from train every sampled row per query (the estimate the
+    policy's blocks select with): the same weights as training with the policy off, which then stays on."""
     from sea_attention.hf import set_runtime
 
-    model = tiny_llama()
-    set_runtime(model, block_from=16, query_block=8)  # rows past 16 keys run the block grouping
-    with pytest.raises(ValueError, match="seq_len of at most 16"):
-        Distiller(model, windows(), DistillConfig(steps=1, seq_len=32, query_rows=8))
-    Distiller(model, windows(), DistillConfig(steps=1, seq_len=16, query_rows=8))  # windows before it train
+    trained = {}
+    for block_from in (16, 0):
+        model = tiny_llama()
+        set_runtime(model, block_from=block_from, query_block=8)  # 16: rows past 16 keys run the block grouping
+        config = DistillConfig(steps=2, seq_len=32, query_rows=24, checkpoint_every=0)  # runs of 16: past row 16 too
+        Distiller(model, windows(), config).run(progress=False)
+        assert all(sea.config.block_from == block_from for _, _, sea in sea_layers(model))
+        trained[block_from] = {name: p.detach().clone() for name, p in model.named_parameters() if ".sea." in name}
+    assert trained[0] and trained[16].keys() == trained[0].keys()
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[16][name], value, rtol=0, atol=0)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,7 +71,8 @@ class DistillConfig:
     checkpoint_every: int = 50  # 0: only at the end
     # stage estimator (SEA, causal layers): how much each teacher forward is used
     query_rows: int = 0  # query rows per window trained in each layer, drawn afresh every step in runs of
-    # ROW_RUN consecutive rows (0: every row)
+    # ROW_RUN consecutive rows (0: every row); each trains its per-query estimate and output, also past a layer's
+    # block_from (``_per_query``: the long-rows policy's blocks select with that estimate of their first row)
     updates_per_pass: int = 1  # optimizer steps per teacher forward: the layers' q, k, v are held between them
     # layer-local loss weights
     kl_weight: float = 1.0
@@ -387,11 +389,11 @@ class Distiller:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
     def _layer_loss(self, call: LayerCall, targets: LayerTargets, rows: Tensor | None = None):
-        """SEA on the call's q, k, v (only ``rows`` of its queries, if given) and its layer-local losses
-        against ``targets`` (of the same rows)."""
+        """SEA on the call's q, k, v (only ``rows`` of its queries, if given, per query: ``_per_query``) and
+        its layer-local losses against ``targets`` (of the same rows)."""
         cfg = self.config
         sea = self._replicas.get(id(call.sea), call.sea)  # under DDP: its gradients averaged over the ranks
-        with self._autocast():
+        with self._autocast(), _per_query(call.sea, rows is not None):
             out = sea(call.query, call.key, call.value, attention_mask=call.key_valid, scale=call.scaling,
                       query_rows=rows)
         losses = layer_losses(out, targets)
@@ -583,6 +585,22 @@ def forward_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: value for name, value in batch.items() if name != "labels"}
 
 
+@contextmanager
+def _per_query(sea: nn.Module, rows: bool) -> Iterator[None]:
+    """Row subsets (``rows``) train every sampled row per query: a layer with the long-rows policy runs its
+    call with ``block_from=0`` (no weight depends on it), since the block grouping computes no row subsets
+    and its blocks select with the per-query estimate of their first row, the estimate trained here."""
+    config = sea.config
+    if not (rows and config.block_from):
+        yield
+        return
+    sea.config = config.replace(block_from=0, block_candidates=None)
+    try:
+        yield
+    finally:
+        sea.config = config
+
+
 def _validate_row_sampling(config: DistillConfig, layers: list[nn.Module], method: LayerMethod | None) -> None:
     """``query_rows`` and ``updates_per_pass`` train SEA's causal layers; refuse them elsewhere."""
     if not (config.query_rows or config.updates_per_pass > 1):
@@ -595,8 +613,3 @@ def _validate_row_sampling(config: DistillConfig, layers: list[nn.Module], metho
     if config.query_rows and not all(grouping_for(sea.config).computes_row_subsets for sea in layers):
         raise ValueError("query_rows needs a per-query grouping (query or query_head): a block's selection is made "
                          "by its first row for every row of the block")
-    starts = {sea.config.block_from for sea in layers if sea.config.block_from}
-    if config.query_rows and starts and config.seq_len > min(starts):
-        raise ValueError(f"query_rows trains per-query rows only, and block_from={min(starts)} (the long-rows policy, "
-                         f"on by default) hands the rows past it to the block grouping: use a seq_len of at most "
-                         f"{min(starts)} (got {config.seq_len}) or patch with block_from=0 (--block-from 0)")
