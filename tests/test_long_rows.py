@@ -183,6 +183,9 @@ def test_on_by_default_where_it_applies_and_resolved_again_by_replace():
     assert config.replace(grouping="block").replace(grouping="query").block_from == 1024
     assert config.replace(block_from=2048).block_candidates == 16
     assert SEAConfig.from_dict(config.to_dict()).block_from == 1024
+    edited = SEAConfig(num_heads=HEADS, head_dim=DIM)
+    edited.block_from, edited.block_candidates = 0, 4  # edited in place: saved as edited, not as "the default"
+    assert (edited.to_dict()["block_from"], edited.to_dict()["block_candidates"]) == (0, 4)
 
 
 def test_a_saved_config_keeps_its_setting():

@@ -231,6 +231,7 @@ class SEAConfig:
     block_candidates: int | None = None
 
     def __post_init__(self) -> None:
+        auto = [name for name in AUTO_FIELDS if getattr(self, name) is None]
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         for name, (causal_default, bidirectional_default) in CONTEXT_DEFAULTS.items():
@@ -242,11 +243,11 @@ class SEAConfig:
             self.position_code = "tent" if not self.causal else "none" if self.binned else "learned"
         if self.estimate_width is None:
             self.estimate_width = 256 if self.causal is True and self.binned else 128
-        self._auto = frozenset(name for name in AUTO_FIELDS if getattr(self, name) is None)
         if self.block_from is None:
             self.block_from = self._default_block_from()
         if self.block_candidates is None:
             self.block_candidates = LONG_ROWS_CANDIDATES if self.block_from else BLOCK_CANDIDATES
+        self._auto = {name: getattr(self, name) for name in AUTO_FIELDS if name in auto}  # name -> resolved value
         self.validate()
 
     def _default_block_from(self) -> int:
@@ -367,8 +368,9 @@ class SEAConfig:
         return SEAConfig(**{**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as given: ``AUTO_FIELDS`` left to their default are None (resolved again on load)."""
-        return {**asdict(self), **{name: None for name in self._auto}}
+        """The fields as given: ``AUTO_FIELDS`` left to their default are None (resolved again on load),
+        unless a field was since edited in place to another value."""
+        return {**asdict(self), **{name: None for name, value in self._auto.items() if getattr(self, name) == value}}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SEAConfig":
