@@ -184,8 +184,17 @@ def test_on_by_default_where_it_applies_and_resolved_again_by_replace():
     assert config.replace(block_from=2048).block_candidates == 16
     assert SEAConfig.from_dict(config.to_dict()).block_from == 1024
     edited = SEAConfig(num_heads=HEADS, head_dim=DIM)
-    edited.block_from, edited.block_candidates = 0, 4  # edited in place: saved as edited, not as "the default"
-    assert (edited.to_dict()["block_from"], edited.to_dict()["block_candidates"]) == (0, 4)
+    edited.block_from = 0  # edited in place: validated at the next call, its candidates' default follows
+    edited.validate()
+    assert (edited.block_from, edited.block_candidates) == (0, 4)
+    assert (edited.to_dict()["block_from"], edited.to_dict()["block_candidates"]) == (0, None)  # saved as edited
+    regrouped = SEAConfig(num_heads=HEADS, head_dim=DIM)
+    regrouped.grouping = "block"  # the policy's default follows the new grouping instead of refusing it
+    regrouped.validate()
+    assert (regrouped.block_from, regrouped.block_candidates) == (0, 4)
+    unpickled = SEAConfig(num_heads=HEADS, head_dim=DIM)
+    del unpickled._auto  # as a config pickled before the fields existed
+    assert unpickled.to_dict()["block_from"] == 1024 and unpickled.replace(k=8).block_from == 1024
 
 
 def test_a_saved_config_keeps_its_setting():

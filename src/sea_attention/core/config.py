@@ -107,8 +107,9 @@ class SEAConfig:
         forced_keys: how the sinks and the window count (a run-time choice, same weights). False
             (the default): their bins, whole. True: in a row longer than k keys a forced bin stands
             for its sink and window keys only (``cells.cell_range``) and the estimate chooses the
-            other k - sinks - window keys at every length; undistilled SmolLM2 at 8,192 tokens
-            x1.288 dense instead of x1.522 (wiki validation), at 4,096 and 1,024 a little worse
+            other k - sinks - window keys at every length; undistilled SmolLM2 at 8,192 tokens, per query
+            on every row (``block_from=0``), x1.288 dense instead of x1.522 (wiki validation), at 4,096 and
+            1,024 a little worse
             (docs/results.md, "Forced keys").
         grouping: which cells compete for one top-k budget: ``"query"`` (one query
             across all heads; the default), ``"query_head"`` (one query and head),
@@ -155,7 +156,7 @@ class SEAConfig:
             the scores differently from the block product, so a near-tie may be kept the other way
             than in the full forward). 1 (the default) is off: a selected cell's keys are all used
             (at most ``k`` of them, spread evenly). Undistilled SmolLM2, k=64, wiki validation
-            (docs/results.md): per query, 4 matches the default at 1k (x1.039 of dense against
+            (docs/results.md): per query on every row, 4 matches the default at 1k (x1.039 of dense against
             x1.038) and halves the gap at 4k (x1.067 against x1.131, measured before short rows
             kept their budget's share); with the block grouping, 4 gives x1.027 at 1k and x1.062
             at 4k.
@@ -165,14 +166,14 @@ class SEAConfig:
             dense attention costs (T keys per query), so SEA's cost stays linear in T only in the
             other layers. ``()`` (the default): every layer runs SEA. No weight depends on it, and
             distillation refuses it (a dense layer's gates would get no gradient). Undistilled
-            SmolLM2 at 4k tokens: layers 3-10 dense take wiki-validation perplexity from x1.131 to
-            x1.085 dense, layers 0-2 change nothing (docs/results.md).
+            SmolLM2 at 4k tokens, per query on every row (``block_from=0``): layers 3-10 dense take
+            wiki-validation perplexity from x1.131 to x1.085 dense, layers 0-2 change nothing (docs/results.md).
         dense_until: the length policy (``dense_rows.py``): a valid query row with at most this many
             keys attends to all of them with exact softmax attention, as the dense model does (its
             output is the dense model's: no gates, no output norm), and only longer rows run SEA.
             Per row, so a decoding step and a full forward agree. A decoding state stays dense (it
             keeps the last 8 queries, the CNN's history, and ``query_block`` more with
-            ``grouping="block"``) until a row passes the length, then becomes SEA's, built from the
+            ``grouping="block"`` or ``block_from``) until a row passes the length, then becomes SEA's, built from the
             cached keys and the kept queries. 0 (the default): every row runs SEA. No weight depends on it.
         block_from: the long-rows policy (``grouping/long_rows.py``; causal, with the ``query`` or ``query_head``
             grouping): the query rows at key positions from this one on (in a sample without left padding,
@@ -231,7 +232,7 @@ class SEAConfig:
     block_candidates: int | None = None
 
     def __post_init__(self) -> None:
-        auto = [name for name in AUTO_FIELDS if getattr(self, name) is None]
+        self._auto = {name: None for name in AUTO_FIELDS if getattr(self, name) is None}  # name -> resolved value
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         for name, (causal_default, bidirectional_default) in CONTEXT_DEFAULTS.items():
@@ -243,25 +244,41 @@ class SEAConfig:
             self.position_code = "tent" if not self.causal else "none" if self.binned else "learned"
         if self.estimate_width is None:
             self.estimate_width = 256 if self.causal is True and self.binned else 128
-        if self.block_from is None:
-            self.block_from = self._default_block_from()
-        if self.block_candidates is None:
-            self.block_candidates = LONG_ROWS_CANDIDATES if self.block_from else BLOCK_CANDIDATES
-        self._auto = {name: getattr(self, name) for name in AUTO_FIELDS if name in auto}  # name -> resolved value
         self.validate()
 
+    def _resolve_auto(self) -> None:
+        """Resolve the ``AUTO_FIELDS`` left to their default from the rest of the config, again at every
+        validation while they hold the value resolved last (a config edited in place, e.g. to
+        ``grouping="block"``, gets the defaults of its new values; a field edited to another value stays)."""
+        auto = getattr(self, "_auto", {})  # {} for a config pickled before the fields existed
+        for name, resolved in auto.items():
+            if getattr(self, name) in (None, resolved):
+                auto[name] = self._default_block_from() if name == "block_from" else \
+                    LONG_ROWS_CANDIDATES if self.block_from else BLOCK_CANDIDATES
+                setattr(self, name, auto[name])
+
     def _default_block_from(self) -> int:
-        """``LONG_ROWS_FROM`` (a multiple of ``query_block``) where the long-rows policy runs: a causal layer
-        with a per-query grouping off the flex path; 0 elsewhere."""
-        applies = self.causal is True and self.grouping in ("query", "query_head") and self.attention_path != "flex"
-        if not applies or isinstance(self.query_block, bool) or not isinstance(self.query_block, int) \
+        """``LONG_ROWS_FROM`` (a multiple of ``query_block``) where the long-rows policy can run; 0 elsewhere."""
+        if self._long_rows_unfit() or isinstance(self.query_block, bool) or not isinstance(self.query_block, int) \
                 or self.query_block < 1:  # a bad query_block is refused by validate()
             return 0
         return -(-LONG_ROWS_FROM // self.query_block) * self.query_block
 
+    def _long_rows_unfit(self) -> str | None:
+        """Why the long-rows policy cannot run with this config (None: it can): it hands a causal per-query
+        grouping's long rows to the block grouping, which has its own kernel (no flex path)."""
+        if self.causal is not True or self.grouping not in ("query", "query_head"):
+            return (f"it needs causal=True and grouping 'query' or 'query_head', got causal={self.causal}, "
+                    f"grouping={self.grouping!r}")
+        if self.attention_path == "flex":
+            return ("the block grouping has its own block-sparse kernel: use attention_path='sparse' (or "
+                    "'reference') with it")
+        return None
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field and its allowed values."""
+        """Raise ``ValueError`` naming the field and its allowed values (after resolving ``AUTO_FIELDS``)."""
+        self._resolve_auto()
         self._validate_fields()
         self._validate_combinations()
 
@@ -324,16 +341,13 @@ class SEAConfig:
 
     def _validate_block_from(self) -> None:
         """The long-rows policy hands rows of a causal per-query grouping to the block grouping."""
-        if not self.causal or self.grouping not in ("query", "query_head"):
+        unfit = self._long_rows_unfit()
+        if unfit:
             raise ValueError(f"block_from={self.block_from} hands a causal per-query grouping's long rows to the block "
-                             f"grouping: it needs causal=True and grouping 'query' or 'query_head', got "
-                             f"causal={self.causal}, grouping={self.grouping!r} (use block_from=0)")
+                             f"grouping: {unfit}, or block_from=0")
         if self.block_from % self.query_block:
             raise ValueError(f"block_from must be a multiple of query_block={self.query_block} (the first long row "
                              f"opens a block), got {self.block_from}")
-        if self.attention_path == "flex":
-            raise ValueError("block_from runs the block grouping, which has its own block-sparse kernel: use "
-                             "attention_path='sparse' (or 'reference') with it, or block_from=0")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -370,7 +384,8 @@ class SEAConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as given: ``AUTO_FIELDS`` left to their default are None (resolved again on load),
         unless a field was since edited in place to another value."""
-        return {**asdict(self), **{name: None for name, value in self._auto.items() if getattr(self, name) == value}}
+        auto = getattr(self, "_auto", {})  # {} for a config pickled before the fields existed
+        return {**asdict(self), **{name: None for name, value in auto.items() if getattr(self, name) == value}}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SEAConfig":
