@@ -50,10 +50,13 @@ def load_sea_model(name_or_path: str, overrides: dict | None = None, runtime: di
 
 
 def _sea_config_of(model) -> dict:
-    """The SEA config a patched model's layers run with (for a result's JSON: what its SEA rows ran)."""
+    """The SEA config a patched model's layers run with (for a result's JSON: what its SEA rows ran, every
+    field resolved)."""
+    from dataclasses import asdict
+
     from ..hf import sea_layers
 
-    return sea_layers(model)[0][2].config.to_dict()
+    return asdict(sea_layers(model)[0][2].config)
 
 
 def _runtime_options(args) -> dict:
@@ -93,7 +96,8 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
     runtime.add_argument("--block-from", type=non_negative_int,
                          help="the long-rows policy: query rows at key positions from this one on (a multiple of "
                               "--query-block) run the block grouping with --block-candidates, earlier rows the "
-                              "per-query grouping (default: 1024 for a causal per-query layer, else 0; 0: off)")
+                              "per-query grouping (default: 1024, rounded up to a multiple of --query-block, for a "
+                              "causal per-query layer off the flex path, else 0; 0: off)")
     runtime.add_argument("--block-candidates", type=positive_int,
                          help="exact refinement of the rows --block-from hands to the block grouping (default: 16 "
                               "while --block-from is on, else 4)")

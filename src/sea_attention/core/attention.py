@@ -74,6 +74,8 @@ class SEAAttention(nn.Module):
     needs the ``DecodeState`` of the earlier calls when causal.
     """
 
+    _grouping: tuple[tuple, Grouping] | None = None  # (the config's values, grouping_for(config)); None: not built
+
     def __init__(self, config: SEAConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -81,7 +83,6 @@ class SEAAttention(nn.Module):
         width = config.num_heads * config.head_dim
         self.output_norm = nn.LayerNorm(width) if config.output_mode == "norm" else None
         self.k_budget: int | None = None  # keys per query per head of calls that pass none; None: config.k
-        self._grouping: tuple[tuple, Grouping] | None = None  # (the config's values, grouping_for(config))
 
     @property
     def config(self) -> SEAConfig:

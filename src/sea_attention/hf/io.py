@@ -38,7 +38,7 @@ from .. import __version__
 from ..atomic import remove_debris, replace_dir, temp_dir
 from ..app.assets import load_model, load_tokenizer
 from .families import family_of
-from ..core.config import LEGACY_DEFAULTS
+from ..core.config import SEAConfig
 from .patch import _require_patched, patch, sea_layers, set_budget
 
 FORMAT_VERSION = 1
@@ -192,7 +192,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     weights = read_weights(folder / WEIGHTS_NAME)
     model, tokenizer = load_base(folder, meta, dtype, CONFIG_NAME)
     try:
-        patch(model, **{**LEGACY_DEFAULTS, **meta["sea_config"]})  # fields a save predates keep their old value
+        patch(model, **SEAConfig.from_dict(meta["sea_config"]).to_dict())  # fields a save predates: their old value
     except ValueError as err:
         raise ValueError(f"{folder / CONFIG_NAME}: its sea_config does not fit the model: {err}") from err
     _load_sea_weights(model, weights, folder / WEIGHTS_NAME)

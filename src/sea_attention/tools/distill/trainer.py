@@ -261,7 +261,7 @@ class Distiller:
         """The trained layers' settings (a field that differs between layers: its list per layer)."""
         if self.method is not None:
             return self.method.config_dict() if hasattr(self.method, "config_dict") else {}
-        per_layer = [{**sea.config.to_dict(), "k_budget": getattr(sea, "k_budget", None)} for sea in self.layers]
+        per_layer = [{**asdict(sea.config), "k_budget": getattr(sea, "k_budget", None)} for sea in self.layers]  # as run
         return {name: values[0] if all(v == values[0] for v in values) else values
                 for name, values in ((n, [layer[n] for layer in per_layer]) for n in per_layer[0])}
 
@@ -393,7 +393,7 @@ class Distiller:
         its layer-local losses against ``targets`` (of the same rows)."""
         cfg = self.config
         sea = self._replicas.get(id(call.sea), call.sea)  # under DDP: its gradients averaged over the ranks
-        with self._autocast(), _per_query(call.sea, rows is not None):
+        with self._autocast(), _per_query(call.sea, cfg.query_rows > 0):
             out = sea(call.query, call.key, call.value, attention_mask=call.key_valid, scale=call.scaling,
                       query_rows=rows)
         losses = layer_losses(out, targets)
@@ -587,7 +587,8 @@ def forward_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 @contextmanager
 def _per_query(sea: nn.Module, rows: bool) -> Iterator[None]:
-    """Row subsets (``rows``) train every sampled row per query: a layer with the long-rows policy runs its
+    """Row subsets (``rows``: ``query_rows`` > 0, also when a window's rows are all drawn) train every sampled
+    row per query; without them every row trains as the layer runs it. A layer with the long-rows policy runs its
     call with ``block_from=0`` (no weight depends on it), since the block grouping computes no row subsets
     and its blocks select with the per-query estimate of their first row, the estimate trained here."""
     config = sea.config
