@@ -32,7 +32,7 @@ SEA_METHODS = {  # method -> SEAConfig changes
     "sea_block": {"grouping": "block"},
     "sea_block_chunked": {"grouping": "block"},
     "sea_reference": {"attention_path": "reference"},
-    "sea_flex": {"attention_path": "flex"},
+    "sea_flex": {"attention_path": "flex"},  # per query on every row (the flex path runs no long-rows policy)
     "sea_bounds": {"key_bounds": True},
     "sea_f32": {"bin_sums_dtype": "float32"},
     "sea_chunked_f32": {"bin_sums_dtype": "float32"},
