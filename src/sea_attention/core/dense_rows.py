@@ -29,7 +29,7 @@ from .cells import row_keys
 from .config import SEAConfig
 from .decoding import DecodeState
 from .estimator.decoder import CausalDecoder
-from .grouping import grouping_for
+from .grouping import Grouping
 from .ops.reference import reference_attention
 
 if TYPE_CHECKING:
@@ -95,11 +95,11 @@ def dense_probs(call: SEACall, causal: bool) -> Tensor:
     return F.pad(probs, (0, call.k.shape[2] - seen.k.shape[2]))
 
 
-def kept_query_rows(config: SEAConfig) -> int:
+def kept_query_rows(config: SEAConfig, grouping: Grouping) -> int:
     """How many of its last queries a dense-so-far state keeps: SEA's state needs the CNN's history
-    rows (the rest comes from the keys and values) and, with the block grouping, the rows back to its
-    open block's selecting row."""
-    return CausalDecoder.HISTORY_ROWS + (config.query_block if grouping_for(config).keeps_open_block else 0)
+    rows (the rest comes from the keys and values) and, with the block grouping (``grouping``, the
+    config's), the rows back to its open block's selecting row."""
+    return CausalDecoder.HISTORY_ROWS + (config.query_block if grouping.keeps_open_block else 0)
 
 
 def keep_queries(state: DecodeState, q: Tensor, limit: int) -> None:
@@ -126,7 +126,7 @@ def start_sea(sea: "SEAAttention", call: SEACall) -> None:
     options = {"attention_mask": call.key_valid[:, :past], "scale": call.scale, "k_budget": call.budget,
                "state": fresh, "positions": None if call.positions is None else call.positions[:, :past]}
     prefill = SEACall.build(sea.config, (queries, call.k[:, :, :past], call.v[:, :, :past]), options)
-    if not grouping_for(sea.config).at(0, past).keeps_open_block:  # the past's rows hold no open block
+    if not sea.grouping.at(0, past).keeps_open_block:  # the past's rows hold no open block
         performer, _ = sea.estimator.per_position(prefill)
         sea.fill_prefill_state(performer, prefill)
     else:
