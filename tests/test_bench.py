@@ -159,16 +159,18 @@ def test_the_model_bench_measures_the_prefills_memory_and_keeps_the_last_logits_
     with PeakMemory() as peak:
         torch.ones(30 * 2**20 // 4).add_(1)
     assert 25 < peak.mb < 60
-    seen = []
+    seen, caches = [], []
 
     class Model(torch.nn.Module):
         def forward(self, input_ids, use_cache=True, logits_to_keep=0, **cache):  # cache: the cache keyword
             seen.append(logits_to_keep)
+            caches.extend(cache.values())
             logits = torch.zeros(1, 1 if logits_to_keep else input_ids.shape[1], 5)
             return type("Out", (), {"logits": logits})()
 
     prefill, decode, mb = prefill_and_decode(Model(), torch.zeros(1, 7, dtype=torch.long), 2, "dynamic")
     assert seen == [1, 0, 0] and prefill > 0 and decode > 0 and mb >= 0
+    assert len(caches) == 3 and all(c is caches[0] for c in caches)  # one cache, handed to every step
 
 
 def test_the_model_bench_names_the_caches_it_accepts():
