@@ -470,6 +470,15 @@ def default_long_needle(results: Results) -> str:
     return table(["SmolLM2-135M, undistilled patch, k=64, test prose", "needle at 4,096 tokens", "8,000"], rows)
 
 
+def default_passkey(results: Results) -> str:
+    """The suite's passkey at 1k / 2k / 4k: dense, per query on every row and the long-rows default."""
+    rows = [[label, passkey(name, method, k)(results)] for label, name, method, k in (
+        ("dense (not SEA)", PASSKEY_DEFAULT, "dense", None),
+        ("query on every row (the default until 2026-12-06)", "passkey_smollm2_per_query_k256.json", "sea", 64),
+        ("block_from=1024, block_candidates=16 (the default from 2026-12-06)", PASSKEY_DEFAULT, "sea", 64))]
+    return table(["SmolLM2-135M, undistilled patch, k=64", "passkey: 1k, 2k, 4k tokens"], rows)
+
+
 DEMO_LONG = (("wiki test, 4,096-token windows", "eval_demo_default_wiki_4k.json"),
              ("8,192-token windows", "eval_demo_default_wiki_8k.json"))
 
@@ -789,6 +798,7 @@ def long_inputs(results: Results) -> str:
 PASSKEY = "passkey_smollm2_1k_4k.json"
 PASSKEY_256 = "passkey_smollm2_K256_rows128x4_300x1024.json"
 PASSKEY_512 = "passkey_smollm2_K512_rows128x4_500x1024.json"
+PASSKEY_DEFAULT = "passkey_smollm2_default_long_rows.json"  # the long-rows default, undistilled
 
 
 def passkey_table(results: Results) -> str:
@@ -852,7 +862,7 @@ SUMMARY = grid(
       ppl("compare_smollm2_performer_full_kd_30x1024_wiki.json", "performer"),
       ppl("compare_smollm2_performer_full_kd_30x1024_bbc.json", "performer"), NOT_MEASURED, NOT_MEASURED],
      [text("**SEA, `sea.patch` defaults (K=256), no training**"), at64(K256["wiki"]), at64(K256["bbc"]),
-      NOT_MEASURED, attention_cell(DEFAULT_ATTENTION)],
+      passkey_or(PASSKEY_DEFAULT), attention_cell(DEFAULT_ATTENTION)],
      [text("SEA, K=256, 300 row-subset steps"), at64(EST256["wiki"]), at64(EST256["bbc"]),
       passkey_or(PASSKEY_256), attention_cell("attention_K256.json")],
      [text("**SEA, K=512, 500 row-subset steps**"), at64(EST512["wiki"]), at64(EST512["bbc"]),
@@ -1093,6 +1103,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "long-rows-copy": long_rows_copy,
     "default-long-needle": default_long_needle,
     "demo-long": demo_long,
+    "default-passkey": default_passkey,
     "attention-default-long-rows": bench_table(["attention_default_long_rows.json"],
                                                ["sdpa", "sea_chunked", "sea_per_query_chunked"]),
     "default-long-rows-breakdown": breakdown_table("breakdown_default_16k.json"),
