@@ -470,6 +470,14 @@ def default_long_needle(results: Results) -> str:
     return table(["SmolLM2-135M, undistilled patch, k=64, test prose", "needle at 4,096 tokens", "8,000"], rows)
 
 
+def distill_windows(results: Results) -> str:
+    """Wiki validation at 4,096-token windows of the demo's recipe distilled on 512- and 2,048-token windows."""
+    runs = (("512 (the demo's model)", "eval_val_4k_demo_512.json"), ("2,048", "eval_val_4k_distill_2048.json"))
+    rows = [[label, _ratio_at(results, name, 64)] for label, name in runs]
+    return table(["SmolLM2-135M, the demo's recipe (40 steps), distillation windows", "wiki validation, 4,096-token "
+                  "windows, SEA@64"], rows)
+
+
 def default_passkey(results: Results) -> str:
     """The suite's passkey at 1k / 2k / 4k: dense, per query on every row and the long-rows default."""
     rows = [[label, passkey(name, method, k)(results)] for label, name, method, k in (
@@ -1104,6 +1112,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "default-long-needle": default_long_needle,
     "demo-long": demo_long,
     "default-passkey": default_passkey,
+    "distill-windows": distill_windows,
     "attention-default-long-rows": bench_table(["attention_default_long_rows.json"],
                                                ["sdpa", "sea_chunked", "sea_per_query_chunked"]),
     "default-long-rows-breakdown": breakdown_table("breakdown_default_16k.json"),
