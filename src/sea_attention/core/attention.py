@@ -182,7 +182,7 @@ class SEAAttention(nn.Module):
     def dense_call(self, call: SEACall) -> Tensor:
         """The context of a call whose rows all attend densely; a decoding state keeps its queries."""
         if call.state is not None:  # what start_sea needs: the last queries and the counts
-            keep_queries(call.state, call.q, kept_query_rows(self.config, self.grouping))
+            keep_queries(call.state, call.q, kept_query_rows(self.grouping))
             call.state.count_keys(call.key_valid, finite=call.poisoned is None)
         return self.exact_context(call)
 

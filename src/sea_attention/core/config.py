@@ -24,8 +24,9 @@ BIN_SUMS_DTYPES = ("float64", "float32")
 BLOCK_CANDIDATES = 4  # block_candidates' value while block_from is 0 (the only one allowed)
 LONG_ROWS_FROM = 1024  # block_from's default where the long-rows policy applies (rounded up to a multiple of query_block)
 LONG_ROWS_CANDIDATES = 16  # block_candidates' default while block_from is on
-# fields whose None resolves by the rest of the config on every construction: ``to_dict`` saves them as None
-# (so ``replace`` and a reload resolve them again), every other reader sees the resolved value
+# fields whose None resolves by the rest of the config at every validation while they hold the value resolved
+# last (``_resolve_auto``): ``to_dict`` saves them as None (so ``replace`` and a reload resolve them again),
+# every other reader sees the resolved value
 AUTO_FIELDS = ("block_from", "block_candidates")
 
 

@@ -26,7 +26,6 @@ from torch import Tensor
 
 from .call import SEACall
 from .cells import row_keys
-from .config import SEAConfig
 from .decoding import DecodeState
 from .estimator.decoder import CausalDecoder
 from .grouping import Grouping
@@ -95,11 +94,11 @@ def dense_probs(call: SEACall, causal: bool) -> Tensor:
     return F.pad(probs, (0, call.k.shape[2] - seen.k.shape[2]))
 
 
-def kept_query_rows(config: SEAConfig, grouping: Grouping) -> int:
+def kept_query_rows(grouping: Grouping) -> int:
     """How many of its last queries a dense-so-far state keeps: SEA's state needs the CNN's history
-    rows (the rest comes from the keys and values) and, with the block grouping (``grouping``, the
-    config's), the rows back to its open block's selecting row."""
-    return CausalDecoder.HISTORY_ROWS + (config.query_block if grouping.keeps_open_block else 0)
+    rows (the rest comes from the keys and values) and, with the block grouping (a layer's ``grouping``),
+    the rows back to its open block's selecting row."""
+    return CausalDecoder.HISTORY_ROWS + (grouping.config.query_block if grouping.keeps_open_block else 0)
 
 
 def keep_queries(state: DecodeState, q: Tensor, limit: int) -> None:

@@ -298,7 +298,7 @@ def _list_vectors(selection: BlockSelection, k: Tensor, v: Tensor, key_valid: Te
     tile = torch.zeros(bsz, heads, nb, selection.block, dtype=lists.key.dtype, device=lists.key.device)
     key = torch.cat([lists.key, tile], dim=-1)  # tile slots: filled by each call (``_with_tile``)
     batch, head = torch.arange(bsz, device=k.device)[:, None, None, None], torch.arange(heads, device=k.device)
-    k_sel, v_sel = _gather_lists(k.to(compute), v.to(compute), key, batch, head[None, :, None, None], heads)
+    k_sel, v_sel = (x.to(compute) for x in _gather_lists(k, v, key, batch, head[None, :, None, None], heads))
     vectors = ListVectors(lists.valid, k_sel, v_sel, cap)
     if not _records():
         selection.vectors = vectors
@@ -319,8 +319,8 @@ def _with_tile(lists: ListVectors, blk: int, k: Tensor, v: Tensor, selection: Bl
     tile = tile_positions(selection, torch.tensor([blk], device=k.device))[0].clamp_max(k.shape[2] - 1)  # (block,)
     batch = torch.arange(k.shape[0], device=k.device)[:, None, None]
     head = torch.arange(heads, device=k.device)[None, :, None]
-    k_tile, v_tile = _gather_lists(k.to(lists.k.dtype), v.to(lists.v.dtype), tile.expand(k.shape[0], heads, -1),
-                                   batch, head, heads)  # (B, H, block, d)
+    k_tile, v_tile = (x.to(lists.k.dtype) for x in _gather_lists(k, v, tile.expand(k.shape[0], heads, -1),
+                                                                 batch, head, heads))  # (B, H, block, d): only they convert
     k_sel, v_sel = lists.k[:, :, blk], lists.v[:, :, blk]
     if _records():  # a fresh tensor: autograd sees the tile
         return torch.cat([k_sel[:, :, :listed], k_tile], 2), torch.cat([v_sel[:, :, :listed], v_tile], 2)
