@@ -444,10 +444,16 @@ def _run_row(results: Results, name: str, method: str, task: str, length: int) -
     return found[0]
 
 
+def _per_length(results: Results, runs: tuple, task: str, lengths: tuple[int, ...],
+                cell: Callable[[dict], str]) -> list[list[str]]:
+    """A table row per (label, (file, method) at each of ``lengths``): ``cell`` of each run's row."""
+    return [[label, *(cell(_run_row(results, name, method, task, length))
+                      for length, (name, method) in zip(lengths, files))] for label, *files in runs]
+
+
 def long_rows_copy(results: Results) -> str:
     """Exact-token accuracy of the copy task at 1,024 and 2,048 tokens for each label's runs."""
-    rows = [[label, *(num(_run_row(results, name, method, "copy", length)["accuracy"], 2)
-                      for length, (name, method) in zip((1024, 2048), runs))] for label, *runs in LONG_ROWS_COPY]
+    rows = _per_length(results, LONG_ROWS_COPY, "copy", (1024, 2048), lambda row: num(row["accuracy"], 2))
     return table(["SmolLM2-135M, undistilled patch, k=64", "copy at 1,024 tokens (exact-token accuracy)", "2,048"], rows)
 
 
@@ -462,11 +468,8 @@ DEFAULT_LONG_NEEDLE = (  # label, then (file, method) at 4,096 and 8,000 prompt 
 
 def default_long_needle(results: Results) -> str:
     """The suite's needle at 4,096 and 8,000 tokens: dense, the former default and the long-rows default."""
-    def cell(name: str, method: str, length: int) -> str:
-        row = _run_row(results, name, method, "needle", length)
-        return f"{row['correct']}/{row['prompts']}"
-    rows = [[label, *(cell(name, method, length) for length, (name, method) in zip((4096, 8000), runs))]
-            for label, *runs in DEFAULT_LONG_NEEDLE]
+    rows = _per_length(results, DEFAULT_LONG_NEEDLE, "needle", (4096, 8000),
+                       lambda row: f"{row['correct']}/{row['prompts']}")
     return table(["SmolLM2-135M, undistilled patch, k=64, test prose", "needle at 4,096 tokens", "8,000"], rows)
 
 
