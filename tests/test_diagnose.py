@@ -181,7 +181,11 @@ def test_diagnose_task_probes_sea_against_the_dense_top_keys(tiny_model_dir, tmp
         assert len(layer["selected"]) == steps and len(layer["selected"][0]) == 4  # (steps, heads)
         assert all(0 <= x <= 1 for row in layer["selected_mass"] for x in row)
         assert all(0 <= r < 4 * 8 for row in layer["group_rank"] for r in row)
-    assert "dense" in capsys.readouterr().out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the dense answer is dense's greedy choice along itself; SEA's margins are finite, one per step
+    assert len(payload["dense_margin"]) == len(payload["sea_margin"]) == steps
+    assert all(m >= -1e-4 for m in payload["dense_margin"]) and all(abs(m) < 1e4 for m in payload["sea_margin"])
+    printed = capsys.readouterr().out
+    assert "dense" in printed and "margin dense +" in printed and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["diagnose", "--model", str(tiny_model_dir / "model"), "--task", "needle", "--prompts", "2",
                  "--prompt", "2", "--quiet"]) == 2
     assert "--prompt must be below --prompts (2)" in capsys.readouterr().err
@@ -217,6 +221,18 @@ def test_diagnose_task_reads_the_block_groupings_selection(tiny_model_dir, tmp_p
         budgets[candidates] = [b for layer in payload["layers"].values() for row in layer["budget"] for b in row]
     assert tiled > 0  # the tiny model's top key is often a recent one
     assert all(b4 >= b1 for b1, b4 in zip(budgets[1], budgets[4])) and budgets[4] != budgets[1]
+
+
+def test_margins_are_log_probability_gaps_to_the_best_other_token():
+    """log p(token) - log p(best other): the greedy token's gap is positive, another token's negative."""
+    import math
+
+    from sea_attention.tools.retrieval_diagnose import margins
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 3.0]])
+    assert margins(logits, torch.tensor([0, 1])) == pytest.approx([1.0, 0.0])
+    assert margins(logits, torch.tensor([2, 0])) == pytest.approx([-2.0, -3.0])
+    assert all(math.isfinite(m) for m in margins(logits * 100, torch.tensor([2, 0])))
 
 
 def test_the_task_probe_ranks_in_the_estimate_that_selected():

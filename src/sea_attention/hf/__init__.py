@@ -12,6 +12,7 @@ from .masks import sea_mask
 from .patch import (
     dense_attention,
     is_patched,
+    last_logits,
     layer_override,
     no_cache,
     patch,
@@ -25,6 +26,6 @@ from .patch import (
 
 __all__ = [
     "FAMILIES", "Family", "GrowingCache", "LayerCall", "LayerOverride", "cache_kwargs", "dense_attention", "family_of",
-    "from_pretrained", "is_patched", "layer_override", "no_cache", "patch", "save_pretrained", "sea_attention_forward",
+    "from_pretrained", "is_patched", "last_logits", "layer_override", "no_cache", "patch", "save_pretrained", "sea_attention_forward",
     "sea_budget", "sea_config_for", "sea_layers", "sea_mask", "sea_state_dict", "set_budget", "set_runtime", "unpatch",
 ]

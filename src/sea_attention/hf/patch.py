@@ -179,6 +179,12 @@ def no_cache(model: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
+def last_logits(model: nn.Module, n: int) -> dict[str, Any]:
+    """Forward kwargs that compute the logits of the last ``n`` positions only, as ``generate`` does,
+    where the forward takes ``logits_to_keep`` (none otherwise: the logits then cover every position)."""
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 RUNTIME_FIELDS = ("grouping", "query_block", "attention_path", "query_chunk", "candidates", "block_from",
                   "block_candidates", "bin_sums_dtype", "dense_until", "dense_layers", "forced_keys")  # no weight depends on them
 

@@ -15,6 +15,11 @@ At each answer step (the query rows that predict the answer tokens), layer and h
   ranks if the bins were scored by the step's exact attention mass (an oracle estimate). A top-1
   key in the step's own block (the block grouping's tile, always attended) has rank -1.
 
+And per answer step, how sure each model is of the dense answer token along the dense answer
+(``dense_margin`` / ``sea_margin``: its log-probability minus the best other token's; SEA's from one
+more forward, SEA's own layers on the same tokens): a small dense margin marks a prompt that any
+perturbation of the attention can flip, a negative SEA margin the step where SEA's answer turns.
+
 With the block grouping SEA's selection is read from its attention view (``baselines.layer.sea_selection``:
 a key whose probability underflows to 0 is missed there), a dense (H, T, T) tensor per layer.
 
@@ -36,7 +41,7 @@ from ..core.attention import SEAOutput
 from ..core.config import SEAConfig
 from ..core.grouping import Grouping, grouping_for
 from ..core.selection import query_budget
-from ..hf import LayerCall, layer_override, no_cache, sea_budget, sea_layers
+from ..hf import LayerCall, last_logits, layer_override, no_cache, sea_budget, sea_layers
 from .baselines.chunks import query_chunks
 from .baselines.compare import method_attention
 from .baselines.layer import sea_selection
@@ -152,6 +157,8 @@ class PromptDiagnosis:
     sea_answer: str
     steps: int
     layers: dict[int, dict[str, list]]  # layer -> measurement -> (steps, heads)
+    dense_margin: list[float]  # (steps,) log p(dense token) - log p(best other token), dense model
+    sea_margin: list[float]  # (steps,) the same under SEA, on the same (dense) tokens
 
     def layer_means(self, name: str) -> list[list[float]]:
         """(steps, layers): ``name`` averaged over heads."""
@@ -168,14 +175,25 @@ def diagnose_prompt(model: nn.Module, tokenizer, prompt: TaskPrompt, config: Ret
         dense = greedy_ids(model, tokenizer, prompt.ids, config.max_new_tokens)
     with sea_budget(model, config.k):
         sea = greedy_ids(model, tokenizer, prompt.ids, config.max_new_tokens)
-    forced = torch.cat([prompt.ids, dense[:-1]])  # row T - 1 + i predicts answer token i
-    probe = TopKeyProbe(config, steps=dense.numel())
-    device = next(model.parameters()).device
+    forced = torch.cat([prompt.ids, dense[:-1]]).unsqueeze(0).to(next(model.parameters()).device)
+    steps = dense.numel()  # row T - 1 + i predicts answer token i: the last ``steps`` rows
+    probe = TopKeyProbe(config, steps=steps)
     with layer_override(model, probe):
-        model(input_ids=forced.unsqueeze(0).to(device), **no_cache(model))
+        dense_logits = model(input_ids=forced, **no_cache(model), **last_logits(model, steps)).logits[0, -steps:]
+    with sea_budget(model, config.k):
+        sea_logits = model(input_ids=forced, **no_cache(model), **last_logits(model, steps)).logits[0, -steps:]
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     return PromptDiagnosis(prompt.task, prompt.length, prompt.depth, prompt.answer, decode(dense), decode(sea),
-                           dense.numel(), probe.layers)
+                           steps, probe.layers, margins(dense_logits, dense), margins(sea_logits, dense))
+
+
+def margins(logits: Tensor, tokens: Tensor) -> list[float]:
+    """(S,) log-probability of each of ``tokens`` (S,) minus that of the best other token, from ``logits`` (S, V):
+    positive where the token is the greedy choice."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    index = tokens.to(logp.device).unsqueeze(-1)
+    own = logp.gather(-1, index).squeeze(-1)
+    return (own - logp.scatter(-1, index, float("-inf")).amax(-1)).tolist()
 
 
 def format_prompt_diagnosis(report: PromptDiagnosis) -> str:
@@ -186,7 +204,9 @@ def format_prompt_diagnosis(report: PromptDiagnosis) -> str:
              "step  mass-weighted fraction of the dense top keys SEA selected, per layer (0-9 tenths, * = all)"]
     for step, row in enumerate(report.layer_means("selected_mass")):
         digits = "".join("*" if v >= 0.995 else str(min(int(v * 10), 9)) for v in row)
-        lines.append(f"{step:>4}  {digits}  mean {sum(row) / len(row):.3f}")
+        lines.append(f"{step:>4}  {digits}  mean {sum(row) / len(row):.3f}  "
+                     f"margin dense {report.dense_margin[step]:+.2f} SEA {report.sea_margin[step]:+.2f}")
+    lines.append("margin: log p(the dense token) - log p(the best other token) along the dense answer")
     return "\n".join(lines)
 
 

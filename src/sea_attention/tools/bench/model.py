@@ -12,7 +12,6 @@ at every step.
 
 from __future__ import annotations
 
-import inspect
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -115,9 +114,9 @@ def prefill_and_decode(model: nn.Module, ids: Tensor, decode_tokens: int,
     """Seconds of the prefill forward and of ``decode_tokens`` greedy steps after it, on a new ``cache``,
     and the prefill's peak extra resident memory in MB. The prefill computes the last position's
     logits only, as ``generate`` does (a model whose forward takes ``logits_to_keep``)."""
-    from ...hf import cache_kwargs
+    from ...hf import cache_kwargs, last_logits
 
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = last_logits(model, 1)
     past = cache_kwargs(new_cache(cache))  # the model grows this cache in place: each call hands it on
     with PeakMemory() as peak:
         start = time.perf_counter()
