@@ -413,6 +413,31 @@ LONG_ROWS_NEEDLE_VALIDATION = (  # the same in wiki validation prose
 )
 
 
+LEVERS_4K = (  # label, needle file (dense and SEA rows), perplexity file: levers on the default's long rows,
+    # wiki validation prose at 4,096 tokens (needle: 10 prompts; perplexity: 2 windows)
+    ("the default (block_from=1024, block_candidates=16)", "retrieval_validation_levers_4k_default.json",
+     "eval_long_rows_val_4k_from1024_c16.json"),
+    ("block_candidates=32", "retrieval_validation_levers_4k_c32.json", "eval_levers_val_4k_c32.json"),
+    ("block_from=0, candidates=16: every row selects its own candidates",
+     "retrieval_validation_levers_4k_per_query_c16.json", "eval_levers_val_4k_per_query_c16.json"),
+    ("the default with key_bounds=True", "retrieval_validation_levers_4k_bounds.json", "eval_levers_val_4k_bounds.json"),
+    ("the default with gate_form='identity' (an untrained layer returns the sparse context as it is)",
+     "retrieval_validation_levers_4k_identity.json", "eval_levers_val_4k_identity.json"),
+)
+
+
+def levers_4k(results: Results) -> str:
+    """The needle and the perplexity at 4,096 tokens in wiki validation prose for each of ``LEVERS_4K``,
+    dense's needle from the default's run."""
+    def needle(name: str, method: str) -> str:
+        row = _run_row(results, name, method, "needle", 4096)
+        return f"{row['correct']}/{row['prompts']}"
+    rows = [["dense (not SEA)", needle(LEVERS_4K[0][1], "dense"), "-"]]
+    rows += [[label, needle(name, "sea"), _ratio_at(results, ppl, 64)] for label, name, ppl in LEVERS_4K]
+    return table(["SmolLM2-135M, undistilled patch, k=64, wiki validation prose", "needle at 4,096 tokens",
+                  "perplexity, 2 x 4,096 tokens"], rows)
+
+
 def needle_table(runs: tuple[tuple[str, str, str], ...], title: str,
                  lengths: tuple[int, ...] = (1024, 2048)) -> Callable[[Results], str]:
     """The needle at each of ``lengths`` of each (label, file, method) run (a run may miss a length)."""
@@ -503,16 +528,33 @@ def demo_long(results: Results) -> str:
     return table(["the model `sea demo` distils (512-token windows), the default's long rows", "dense", "SEA, k=64"], rows)
 
 
-def needle_diagnosis_block(results: Results) -> str:
-    """``sea diagnose --task`` of one failing needle prompt with the block grouping and refinement: per band
-    of layers, the mean (over answer steps and heads) dense top-4 mass SEA held and how often it held the top-1 key."""
-    report = results.load("diagnose_needle4k_block_cand4_p7.json")
-    rows = []
-    for first, last in ((0, 2), (3, 8), (9, 29)):
-        values = {name: [x for i in range(first, last + 1) for row in report["layers"][str(i)][name] for x in row]
-                  for name in ("selected_mass", "top1_selected")}
-        rows.append([f"{first}-{last}", *(num(sum(v) / len(v), 3) for v in values.values())])
-    return table(["layers", "dense top-4 mass SEA held", "dense top-1 key held"], rows)
+def needle_diagnosis(name: str) -> Callable[[Results], str]:
+    """``sea diagnose --task`` of one failing needle prompt (the file ``name``): per band of layers, the mean
+    (over answer steps and heads) dense top-4 mass SEA held and how often it held the top-1 key."""
+    def render(results: Results) -> str:
+        report = results.load(name)
+        rows = []
+        for first, last in ((0, 2), (3, 8), (9, 29)):
+            values = {key: [x for i in range(first, last + 1) for row in report["layers"][str(i)][key] for x in row]
+                      for key in ("selected_mass", "top1_selected")}
+            rows.append([f"{first}-{last}", *(num(sum(v) / len(v), 3) for v in values.values())])
+        return table(["layers", "dense top-4 mass SEA held", "dense top-1 key held"], rows)
+    return render
+
+
+def needle_margins(name: str) -> Callable[[Results], str]:
+    """``sea diagnose --task`` of one prompt (the file ``name``), per answer step: the dense top-4 mass SEA
+    held (mean over layers and heads) beside dense's and SEA's margin for the dense token."""
+    def render(results: Results) -> str:
+        report = results.load(name)
+        layers = [report["layers"][key]["selected_mass"] for key in sorted(report["layers"], key=int)]
+        rows = []
+        for step in range(report["steps"]):
+            held = [x for layer in layers for x in layer[step]]
+            rows.append([str(step), num(sum(held) / len(held), 3), f"{report['dense_margin'][step]:+.2f}",
+                         f"{report['sea_margin'][step]:+.2f}"])
+        return table(["answer step", "dense top-4 mass SEA held", "dense margin", "SEA margin"], rows)
+    return render
 
 
 def long_test_table(results: Results, prefixes: tuple[str, ...], labels: list[str]) -> str:
@@ -1102,7 +1144,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "block-refined-test": block_refined_test,
     "refine-short-rows": refine_short_rows,
     "refine-short-rows-retrieval": refine_short_rows_retrieval,
-    "needle-diagnosis-block": needle_diagnosis_block,
+    "needle-diagnosis-block": needle_diagnosis("diagnose_needle4k_block_cand4_p7.json"),
     "long-rows-validation": long_rows_validation,
     "long-rows-test": long_rows_test,
     "long-rows-needle": needle_table(LONG_ROWS_NEEDLE, "SmolLM2-135M, undistilled patch, k=64"),
@@ -1116,6 +1158,14 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "demo-long": demo_long,
     "default-passkey": default_passkey,
     "distill-windows": distill_windows,
+    "levers-4k": levers_4k,
+    "demo-needle-4k": needle_table((("dense (not SEA)", "retrieval_needle_4k_demo_default.json", "dense"),
+                                    ("the default, undistilled", "retrieval_needle_default_4k_8k.json", "sea"),
+                                    ("the default, the model `sea demo` distils (512-token windows)",
+                                     "retrieval_needle_4k_demo_default.json", "sea")),
+                                   "SmolLM2-135M, k=64, the suite's needle in test prose", (4096,)),
+    "needle-diagnosis-default": needle_diagnosis("diagnose_needle4k_default_p2.json"),
+    "needle-margins-default": needle_margins("diagnose_needle4k_default_p2.json"),
     "attention-default-long-rows": bench_table(["attention_default_long_rows.json"],
                                                ["sdpa", "sea_chunked", "sea_per_query_chunked"]),
     "default-long-rows-breakdown": breakdown_table("breakdown_default_16k.json"),
