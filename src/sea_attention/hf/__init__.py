@@ -26,6 +26,7 @@ from .patch import (
 
 __all__ = [
     "FAMILIES", "Family", "GrowingCache", "LayerCall", "LayerOverride", "cache_kwargs", "dense_attention", "family_of",
-    "from_pretrained", "is_patched", "last_logits", "layer_override", "no_cache", "patch", "save_pretrained", "sea_attention_forward",
-    "sea_budget", "sea_config_for", "sea_layers", "sea_mask", "sea_state_dict", "set_budget", "set_runtime", "unpatch",
+    "from_pretrained", "is_patched", "last_logits", "layer_override", "no_cache", "patch", "save_pretrained",
+    "sea_attention_forward", "sea_budget", "sea_config_for", "sea_layers", "sea_mask", "sea_state_dict", "set_budget",
+    "set_runtime", "unpatch",
 ]

@@ -168,7 +168,8 @@ class PromptDiagnosis:
 
 @torch.no_grad()
 def diagnose_prompt(model: nn.Module, tokenizer, prompt: TaskPrompt, config: RetrievalDiagnoseConfig) -> PromptDiagnosis:
-    """Dense and SEA greedy answers to ``prompt``, and SEA's selection along the dense answer."""
+    """Dense and SEA greedy answers to ``prompt``, SEA's selection along the dense answer, and both models'
+    margins for the dense tokens."""
     if not sea_layers(model):
         raise ValueError("the model is not SEA-patched: call sea_attention.hf.patch(model) first")
     with method_attention(model, "dense", None):
