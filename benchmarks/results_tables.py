@@ -425,6 +425,7 @@ LEVERS_4K = (  # label, needle file (dense and SEA rows), perplexity file (None:
      "retrieval_validation_levers_4k_identity.json", "eval_levers_val_4k_identity.json"),
     ("dense_until=4096: the prompt's rows dense, SEA from the answer's first digit on (a probe, not a lever)",
      "retrieval_validation_levers_4k_dense_prompt.json", None),
+    ("the same probe with gate_form='identity'", "retrieval_validation_levers_4k_dense_prompt_identity.json", None),
 )
 
 

@@ -172,7 +172,7 @@ def test_binned_estimators_have_no_length_limit(estimator):
 def test_an_undistilled_default_estimator_selects_by_its_signals():
     """The CNN starts as a zero residual: the estimate is the softmax of the weighted binned signals."""
     module = sea(k=8, estimate_width=8).eval()
-    assert float(module.estimator.decoder.norm_out.weight.abs().sum()) == 0.0
+    assert float(module.estimator.decoder.norm_out.weight.detach().abs().sum()) == 0.0
     q, k, v = make_qkv(1, 4, 2, 40, 40, 16)
     out = module(q, k, v)
     module.estimator.key_scale.data.zero_()
