@@ -413,14 +413,15 @@ LONG_ROWS_NEEDLE_VALIDATION = (  # the same in wiki validation prose
 )
 
 
-LEVERS_4K = (  # label, needle file (dense and SEA rows), perplexity file (None: none): levers on the default's long rows,
-    # wiki validation prose at 4,096 tokens (needle: 10 prompts; perplexity: 2 windows)
+LEVERS_4K = (  # label, needle file (dense and SEA rows), perplexity file (None: none): levers on the default's
+    # long rows, wiki validation prose at 4,096 tokens (needle: 10 prompts; perplexity: 2 windows)
     ("the default (block_from=1024, block_candidates=16)", "retrieval_validation_levers_4k_default.json",
      "eval_long_rows_val_4k_from1024_c16.json"),
     ("block_candidates=32", "retrieval_validation_levers_4k_c32.json", "eval_levers_val_4k_c32.json"),
     ("block_from=0, candidates=16: every row selects its own candidates",
      "retrieval_validation_levers_4k_per_query_c16.json", "eval_levers_val_4k_per_query_c16.json"),
-    ("the default with key_bounds=True", "retrieval_validation_levers_4k_bounds.json", "eval_levers_val_4k_bounds.json"),
+    ("the default with key_bounds=True", "retrieval_validation_levers_4k_bounds.json",
+     "eval_levers_val_4k_bounds.json"),
     ("the default with gate_form='identity' (an untrained layer returns the sparse context as it is)",
      "retrieval_validation_levers_4k_identity.json", "eval_levers_val_4k_identity.json"),
     ("dense_until=4096: the prompt's rows dense, SEA from the answer's first digit on (a probe, not a lever)",
@@ -436,7 +437,8 @@ def levers_4k(results: Results) -> str:
         row = _run_row(results, name, method, "needle", 4096)
         return f"{row['correct']}/{row['prompts']}"
     rows = [["dense (not SEA)", needle(LEVERS_4K[0][1], "dense"), "-"]]
-    rows += [[label, needle(name, "sea"), _ratio_at(results, ppl, 64) if ppl else "-"] for label, name, ppl in LEVERS_4K]
+    rows += [[label, needle(name, "sea"), _ratio_at(results, ppl, 64) if ppl else "-"]
+             for label, name, ppl in LEVERS_4K]
     return table(["SmolLM2-135M, undistilled patch, k=64, wiki validation prose", "needle at 4,096 tokens",
                   "perplexity, 2 x 4,096 tokens"], rows)
 
