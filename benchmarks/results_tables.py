@@ -173,7 +173,7 @@ def retrieval_candidates(results: Results) -> str:
     for label, name in RETRIEVAL_CANDIDATES:
         result = results.load(name)
         for r in retrieval_rows(result):
-            cell = num(r["accuracy"]) if r["task"] == "copy" else f"{r['correct']}/{r['prompts']}"
+            cell = num(r["accuracy"]) if r["task"] == "copy" else answered(r)
             rows.append(["dense (not SEA)" if r["method"] == "dense" else label, r["task"], f"{r['length']:,}", cell])
     return table(["method (SmolLM2-135M, undistilled patch, k=64)", "task", "prompt tokens",
                   "correct / prompts (copy: exact-token accuracy)"], rows)
@@ -205,7 +205,7 @@ def needle_4k(results: Results) -> str:
     for label, name, method in NEEDLE_4K:
         result = results.load(name)
         row = next(r for r in retrieval_rows(result) if r["method"] == method)
-        rows.append([label, str(row["k"] or "-"), f"{row['correct']}/{row['prompts']}"])
+        rows.append([label, str(row["k"] or "-"), answered(row)])
     return table(["selection (SmolLM2-135M, needle in wiki/BBC test prose, 4,096 tokens)", "k", "correct / prompts"],
                  rows)
 
@@ -224,6 +224,11 @@ def refine_perplexity(results: Results) -> str:
 def ppl_ratio(value: float, dense: float) -> str:
     """A perplexity beside its ratio to dense: '20.98 (x1.038)'."""
     return f"{num(value)} (x{num(value / dense, 3)})"
+
+
+def answered(row: dict) -> str:
+    """A retrieval row's cell: the prompts it answered of those it ran, e.g. "3/10"."""
+    return f"{row['correct']}/{row['prompts']}"
 
 
 def ppl_cells(dense: dict, sea: dict) -> list[str]:
@@ -353,7 +358,7 @@ def refine_short_rows_retrieval(results: Results) -> str:
                          ("the budget's share in short rows", ("retrieval_candidates4_k64_share.json",
                                                                "retrieval_candidates4_copy_share.json"))):
         found = {(r["task"], r["length"]): r for name in names for r in results.load(name)["rows"]}
-        rows.append([label, *(f"{found['needle', n]['correct']}/{found['needle', n]['prompts']}" for n in (1024, 2048)),
+        rows.append([label, *(answered(found['needle', n]) for n in (1024, 2048)),
                      *(num(found["copy", n]["accuracy"], 2) for n in (1024, 2048))])
     return table(["undistilled SmolLM2, candidates=4, k=64", "needle at 1,024", "needle at 2,048",
                   "copy (tokens) at 1,024", "copy at 2,048"], rows)
@@ -434,8 +439,7 @@ def levers_4k(results: Results) -> str:
     """The needle and the perplexity at 4,096 tokens in wiki validation prose for each of ``LEVERS_4K``,
     dense's needle from the default's run."""
     def needle(name: str, method: str) -> str:
-        row = _run_row(results, name, method, "needle", 4096)
-        return f"{row['correct']}/{row['prompts']}"
+        return answered(_run_row(results, name, method, "needle", 4096))
     rows = [["dense (not SEA)", needle(LEVERS_4K[0][1], "dense"), "-"]]
     rows += [[label, needle(name, "sea"), _ratio_at(results, ppl, 64) if ppl else "-"]
              for label, name, ppl in LEVERS_4K]
@@ -450,7 +454,7 @@ def needle_table(runs: tuple[tuple[str, str, str], ...], title: str,
         rows = []
         for label, name, method in runs:
             result = results.load(name)
-            found = {r["length"]: f"{r['correct']}/{r['prompts']}" for r in retrieval_rows(result)
+            found = {r["length"]: answered(r) for r in retrieval_rows(result)
                      if r["method"] == method and r["task"] == "needle"}
             rows.append([label, *(found.get(n, "not measured") for n in lengths)])
         return table([title, f"needle at {lengths[0]:,} tokens", *(f"{n:,}" for n in lengths[1:])], rows)
@@ -498,8 +502,7 @@ DEFAULT_LONG_NEEDLE = (  # label, then (file, method) at 4,096 and 8,000 prompt 
 
 def default_long_needle(results: Results) -> str:
     """The suite's needle at 4,096 and 8,000 tokens: dense, the former default and the long-rows default."""
-    rows = _per_length(results, DEFAULT_LONG_NEEDLE, "needle", (4096, 8000),
-                       lambda row: f"{row['correct']}/{row['prompts']}")
+    rows = _per_length(results, DEFAULT_LONG_NEEDLE, "needle", (4096, 8000), answered)
     return table(["SmolLM2-135M, undistilled patch, k=64, test prose", "needle at 4,096 tokens", "8,000"], rows)
 
 
@@ -599,7 +602,7 @@ def dense_layers_needle(results: Results) -> str:
                                 ("SEA@64, block grouping, candidates=4, layers 3-8 dense",
                                  "needle_block_cand4_dense3_8_4k.json", "sea")):
         point = next(p for p in results.load(name)["points"] if p["method"] == method)
-        rows.append([label, f"{point['correct']}/{point['prompts']}"])
+        rows.append([label, answered(point)])
     return table(["SmolLM2-135M (undistilled patch), needle in wiki validation prose, 4,096 tokens",
                   "correct / prompts"], rows)
 
@@ -620,8 +623,8 @@ def needle_8k(results: Results) -> str:
     """The suite's needle at 8,000 prompt tokens: dense (its run was stopped before SEA's row) and SEA."""
     dense = next(p for p in results.load("retrieval_needle_8k.json")["points"] if p["method"] == "dense")
     sea = results.load("retrieval_needle_8k_sea.json")["rows"][0]
-    rows = [["dense attention (every key)", "-", f"{dense['correct']}/{dense['prompts']}"],
-            ["SEA, `sea.patch` defaults (undistilled)", str(sea["k"]), f"{sea['correct']}/{sea['prompts']}"]]
+    rows = [["dense attention (every key)", "-", answered(dense)],
+            ["SEA, `sea.patch` defaults (undistilled)", str(sea["k"]), answered(sea)]]
     return table(["SmolLM2-135M, needle in wiki/BBC test prose, 8,000 prompt tokens", "k", "correct / prompts"], rows)
 
 
@@ -648,7 +651,7 @@ def key_bounds(results: Results) -> str:
     rows = []
     for label, needles, perplexity, diagnosis in KEY_BOUNDS:
         method = "dense" if label.startswith("dense") else "sea"
-        found = {r["length"]: f"{r['correct']}/{r['prompts']}" for name in needles
+        found = {r["length"]: answered(r) for name in needles
                  for r in results.load(name)["rows"] if r["method"] == method and r["task"] == "needle"}
         cells = [found.get(n, "not run") for n in (1024, 2048, 4096)]
         if perplexity is None:
@@ -947,7 +950,7 @@ def forced_keys_quality(results: Results) -> str:
         return num(rows["dense"]["perplexity"]), f"{num(rows['sea']['perplexity'])} (x{num(rows['sea']['perplexity'] / rows['dense']['perplexity'], 3)})"
 
     def needles(name: str, method: str) -> list[str]:
-        found = {r["length"]: f"{r['correct']}/{r['prompts']}" for r in results.load(name)["rows"] if r["method"] == method}
+        found = {r["length"]: answered(r) for r in results.load(name)["rows"] if r["method"] == method}
         return [found.get(n, "not run") for n in (4096, 8000)]
 
     dense = [perplexity("before", n)[0] for n in (4096, 8192)]
@@ -978,7 +981,7 @@ def retrieval_mix(results: Results) -> str:
         result = results.load(name)
         found = {(r["task"], r["length"]): r for r in result["rows"]}
         by = {r["name"]: r["perplexity"] for r in result["perplexity"]["rows"]}
-        rows.append([label, *(f"{found[('needle', n)]['correct']}/{found[('needle', n)]['prompts']}" for n in (1024, 2048)),
+        rows.append([label, *(answered(found[('needle', n)]) for n in (1024, 2048)),
                      num(found[("copy", 1024)]["accuracy"], 3), f"{num(by['sea'])} (x{num(by['sea'] / by['dense'], 3)})"])
     return table(["SEA@64 after 40 estimator steps on", "needle 1,024", "needle 2,048", "copy 1,024 (token accuracy)",
                   "perplexity, 4 x 1,024 tokens"], rows)
@@ -1054,7 +1057,7 @@ def forced_keys_test(results: Results) -> str:
         def found(name: str, method: str) -> str:
             result = results.load(name)
             row = next(r for r in retrieval_rows(result) if r["method"] == method)
-            return f"{row['correct']}/{row['prompts']}"
+            return answered(row)
         rows.append([f"needle in wiki/BBC test prose, {length:,} tokens", found(dense_file, "dense"),
                      found(before_file, "sea"), found(after_file, "sea")])
     return table(["SmolLM2-135M, undistilled patch, k=64", "dense", "SEA, forced bins (the default)",

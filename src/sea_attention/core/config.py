@@ -252,10 +252,9 @@ class SEAConfig:
         validation while they hold the value resolved last (a config edited in place, e.g. to
         ``grouping="block"``, gets the defaults of its new values; a field edited to another value stays)."""
         auto = getattr(self, "_auto", {})  # {} for a config pickled before the fields existed
-        for name, resolved in auto.items():
+        for name, resolved in auto.items():  # block_from first: block_candidates' default reads it
             if getattr(self, name) in (None, resolved):
-                auto[name] = self._default_block_from() if name == "block_from" else \
-                    LONG_ROWS_CANDIDATES if self.block_from else BLOCK_CANDIDATES
+                auto[name] = self._default_block_from() if name == "block_from" else self._default_block_candidates()
                 setattr(self, name, auto[name])
 
     def _default_block_from(self) -> int:
@@ -264,6 +263,11 @@ class SEAConfig:
                 or self.query_block < 1:  # a bad query_block is refused by validate()
             return 0
         return -(-LONG_ROWS_FROM // self.query_block) * self.query_block
+
+    def _default_block_candidates(self) -> int:
+        """``LONG_ROWS_CANDIDATES`` while the long-rows policy is on, else ``BLOCK_CANDIDATES`` (the only value
+        allowed then)."""
+        return LONG_ROWS_CANDIDATES if self.block_from else BLOCK_CANDIDATES
 
     def _long_rows_unfit(self) -> str | None:
         """Why the long-rows policy cannot run with this config (None: it can): it hands a causal per-query

@@ -39,7 +39,7 @@ from ..atomic import write_file, write_text
 from ..core.cells import KeySlots, forced_counts, key_bins
 from ..core.attention import SEAOutput
 from ..core.config import SEAConfig
-from ..core.grouping import Grouping, grouping_for
+from ..core.grouping import Grouping
 from ..core.selection import query_budget
 from ..hf import LayerCall, last_logits, layer_override, no_cache, sea_budget, sea_layers
 from .baselines.chunks import query_chunks
@@ -97,7 +97,7 @@ class TopKeyProbe:
         hit = selected.gather(-1, keys).float()
         measured = {"selected": hit.mean(-1), "selected_mass": (hit * values).sum(-1) / values.sum(-1),
                     "top1_selected": hit[..., 0], "top1_key": keys[..., 0], "top_mass": values.sum(-1),
-                    **self._estimate_ranks(call, out, grouping_for(call.sea.config), probs, keys[..., 0])}
+                    **self._estimate_ranks(call, out, call.sea.grouping, probs, keys[..., 0])}
         self.layers[call.layer_idx] = {name: x[0].transpose(0, 1).tolist() for name, x in measured.items()}
         return torch.cat(contexts, 2), None
 

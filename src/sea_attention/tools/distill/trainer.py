@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ...core.cells import query_lengths, row_keys
-from ...core.grouping import grouping_for
 from ...hf import LayerCall, dense_attention, layer_override, no_cache, sea_layers
 from ...core.ops.reference import reference_attention
 from .. import distributed
@@ -611,6 +610,6 @@ def _validate_row_sampling(config: DistillConfig, layers: list[nn.Module], metho
                          "once per teacher pass")
     if config.query_rows and not all(sea.config.causal for sea in layers):
         raise ValueError("query_rows needs causal SEA layers: a bidirectional row's estimate depends on every row")
-    if config.query_rows and not all(grouping_for(sea.config).computes_row_subsets for sea in layers):
+    if config.query_rows and not all(sea.grouping.computes_row_subsets for sea in layers):
         raise ValueError("query_rows needs a per-query grouping (query or query_head): a block's selection is made "
                          "by its first row for every row of the block")
