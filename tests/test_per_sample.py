@@ -52,6 +52,19 @@ def test_misaligned_runs_are_copied_to_aligned_memory():
     assert torch.equal(out, x + 1)
 
 
+def test_one_aligned_run_is_the_call_itself():
+    """A batch of one on aligned memory (a decoding step) reaches ``fn`` as given, tuples included; a
+    misaligned one is still copied."""
+    x, pair = torch.randn(1, 5), (torch.randn(1, 2), None)
+    seen = []
+    per_sample(lambda t, p: seen.append((t, p[0])), x, pair)
+    assert seen[0][0] is x and seen[0][1] is pair[0]
+    misaligned = torch.randn(6)[1:].view(1, 5)
+    per_sample(lambda t, p: seen.append((t, p[0])), misaligned, pair)
+    assert seen[1][0] is not misaligned and seen[1][0].data_ptr() % ALIGNMENT == 0
+    assert torch.equal(seen[1][0], misaligned)
+
+
 def test_gradients_flow_through_the_runs():
     x = torch.randn(3, 4, requires_grad=True)
     per_sample(lambda t: t.square(), x).sum().backward()

@@ -57,6 +57,12 @@ def _join(results: list[Any]) -> Any:
     raise TypeError(f"per_sample: cannot join results of type {type(first).__name__}; expected tensors or tuples")
 
 
+def _all_aligned(args: tuple[Any, ...]) -> bool:
+    """Whether every tensor among ``args`` (also inside tuples) starts on an ALIGNMENT boundary."""
+    return all(_all_aligned(arg) if isinstance(arg, tuple) else
+               not isinstance(arg, Tensor) or arg.data_ptr() % ALIGNMENT == 0 for arg in args)
+
+
 def _leading_size(args: tuple[Any, ...]) -> int | None:
     """The leading size of the first tensor among ``args`` (looking inside tuples), else None."""
     for arg in args:
@@ -81,6 +87,8 @@ def per_sample(fn: Callable[..., Result], *args: Any, runs: int | None = None, *
         raise ValueError("per_sample: no tensor argument to split")
     if runs < 1:
         raise ValueError(f"per_sample: runs must be a positive integer, got {runs}")
+    if runs == 1 and _all_aligned((*args, *kwargs.values())):  # one run, as it came: nothing to cut or copy
+        return fn(*args, **kwargs)
     split_args = [_split(arg, runs) for arg in args]
     split_kwargs = {name: _split(value, runs) for name, value in kwargs.items()}
     results = [fn(*(arg[i] for arg in split_args), **{name: value[i] for name, value in split_kwargs.items()})

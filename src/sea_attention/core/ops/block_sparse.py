@@ -61,13 +61,16 @@ class _Refine:
     keep: Tensor  # (..., 1, 1) Refinement.kept(count, the selecting row's length)
     listed: int = 0
     candidate_mask: Tensor | None = None  # bool, broadcast against the scores
+    gathers: bool = False  # each row reads its kept values alone (a few rows), not the whole list's
 
     @classmethod
     def of(cls, refinement: Refinement | None, count: Tensor, lengths: Tensor, listed: int = 0,
-           candidate_mask: Tensor | None = None) -> "_Refine | None":
+           candidate_mask: Tensor | None = None, gathers: bool = False) -> "_Refine | None":
         """``refinement`` of lists of ``count`` candidates whose block selected on ``lengths`` keys (both
         (..., 1, 1)); None without one (off)."""
-        return None if refinement is None else cls(count, refinement.kept(count, lengths), listed, candidate_mask)
+        if refinement is None:
+            return None
+        return cls(count, refinement.kept(count, lengths), listed, candidate_mask, gathers)
 
     def drop(self, scores: Tensor) -> None:
         """The dense path's refinement: mask (-inf), in place, the ``candidate_mask`` columns a row does not
@@ -237,7 +240,9 @@ def _attend_kept(w: Tensor, v_sel: Tensor, refine: _Refine, lowest: float) -> Te
     candidates: each row's softmax over its kept candidates (``refine.best_scores``) and its tile (the
     columns after them). Only those scores are exponentiated (a quarter of the list with 4 candidates
     per key, a sixteenth with 16); the kept weights go back to their columns for one product with the
-    values. The same weights as dropping the others and exponentiating the whole row."""
+    values, or, for a few rows (``refine.gathers``, decoding), meet their own kept values alone (a row
+    reads 64 values, not its list's 1,024). The same weights as dropping the others and exponentiating
+    the whole row."""
     listed = refine.listed
     tile = w[..., listed:]  # (..., R, Bq)
     kept, columns = best_scores(w[..., :listed], refine.keep)  # (..., R, M) highest first
@@ -247,17 +252,28 @@ def _attend_kept(w: Tensor, v_sel: Tensor, refine: _Refine, lowest: float) -> Te
             peak = torch.maximum(peak, kept[..., :1])
         peak = peak.clamp_min(lowest)  # (..., R, 1); lowest: no key at all
     kept, tile = kept.sub(peak).exp_(), tile.sub(peak).exp_()  # exp(-inf - peak) = 0 exactly
-    weights = w.new_zeros(*w.shape[:-1], listed).scatter(-1, columns, kept)  # (..., R, listed)
-    out = weights @ v_sel[..., :listed, :] + tile @ v_sel[..., listed:, :]
+    if refine.gathers:  # (..., R, 1, M) @ (..., R, M, d): the kept values alone
+        out = (kept.unsqueeze(-2) @ _rows_at(v_sel, columns)).squeeze(-2)  # columns < listed
+    else:  # the kept weights back in their columns, one product with the list's values
+        out = w.new_zeros(*w.shape[:-1], listed).scatter(-1, columns, kept) @ v_sel[..., :listed, :]
+    out = out + tile @ v_sel[..., listed:, :]
     total = kept.sum(-1, keepdim=True) + tile.sum(-1, keepdim=True)
     return torch.where(peak > lowest, out / total.clamp_min(torch.finfo(w.dtype).tiny), 0.0)
+
+
+def _rows_at(x: Tensor, columns: Tensor) -> Tensor:
+    """(..., R, M, d): the rows ``columns`` (..., R, M) of x (..., L, d), each list's own."""
+    lists, width, dim = x.shape[:-2].numel(), x.shape[-2], x.shape[-1]
+    base = torch.arange(lists, device=x.device).view(*x.shape[:-2], 1, 1) * width
+    return x.reshape(-1, dim).index_select(0, (columns + base).flatten()).view(*columns.shape, dim)
 
 
 def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
                        scale: float, cap: int, refinement: Refinement | None = None) -> tuple[Tensor, Tensor]:
     """A causal call of a few query rows (decoding), where a block of rows would be mostly padding:
     the rows of each block they lie in score its head lists (``head_lists`` of the cached cell keys,
-    their vectors gathered once per open block: ``_list_vectors``) and its tile up to themselves.
+    their vectors gathered once per open block: ``_list_vectors``) and its tile up to themselves;
+    with refinement each row reads only its kept candidates' values.
     q (B, H, Tq, d); k, v (B, H_kv, Tk, d). Returns the context (B, H, Tq, d) in q's dtype and the
     keys each row attended per head (B, H, Tq)."""
     tq, compute = q.shape[2], torch.promote_types(q.dtype, torch.float32)
@@ -271,7 +287,7 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelectio
         allowed = torch.cat([lists.valid[:, :, blk, None].expand(-1, -1, hi - lo, -1),
                              mine.unsqueeze(1).expand(-1, q.shape[1], -1, -1)], dim=-1)  # (B, H, r, L + block)
         refine = _Refine.of(refinement, lists.valid[:, :, blk].sum(-1)[..., None, None],
-                            selection.lengths[:, blk, None, None, None], listed=lists.valid.shape[-1])
+                            selection.lengths[:, blk, None, None, None], listed=lists.valid.shape[-1], gathers=True)
         outs.append(_attend_lists(q[:, :, lo:hi].to(compute) * scale, k_sel, v_sel, allowed, refine))
         count = allowed.sum(-1)  # (B, H, r)
         counts.append(count if refine is None else refine.attended(count))
