@@ -18,7 +18,7 @@ block and scored with one dense (block x keys) product, instead of once per quer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -210,15 +210,17 @@ class ListVectors:
     """Decoding: each head's list of a selection's blocks (``ops.block_sparse.head_lists`` of its
     ``cached_keys``) with the keys' and values' vectors, gathered once while the block is open (the
     list's keys are earlier cached keys: they do not change), and ``block`` slots after each list
-    for its tile, which every call refreshes (the tile grows by a key per decoding step)."""
+    for its tile, into which each call writes the tile's keys that arrived since the last one (the
+    tile grows by a key per decoding step; slots past the last key are masked)."""
 
     valid: Tensor  # (B, H, nb, L) which of each list's L places hold a key
     k: Tensor  # (B, H, nb, L + block, d) the lists' keys, then the tile's, in the compute dtype
     v: Tensor  # (B, H, nb, L + block, d)
     cap: int
+    tiled: list[int] = field(default_factory=list)  # per block: tile slots already written (from its first)
 
     def map_batch(self, fn) -> "ListVectors":
-        return ListVectors(fn(self.valid), fn(self.k), fn(self.v), self.cap)
+        return ListVectors(fn(self.valid), fn(self.k), fn(self.v), self.cap, list(self.tiled))
 
 
 def block_keys(selection: BlockSelection, key_valid: Tensor, cap: int, lo: int, hi: int,

@@ -315,7 +315,7 @@ def _list_vectors(selection: BlockSelection, k: Tensor, v: Tensor, key_valid: Te
     key = torch.cat([lists.key, tile], dim=-1)  # tile slots: filled by each call (``_with_tile``)
     batch, head = torch.arange(bsz, device=k.device)[:, None, None, None], torch.arange(heads, device=k.device)
     k_sel, v_sel = (x.to(compute) for x in _gather_lists(k, v, key, batch, head[None, :, None, None], heads))
-    vectors = ListVectors(lists.valid, k_sel, v_sel, cap)
+    vectors = ListVectors(lists.valid, k_sel, v_sel, cap, [0] * nb)
     if not _records():
         selection.vectors = vectors
     return vectors
@@ -329,19 +329,32 @@ def _records() -> bool:
 
 
 def _with_tile(lists: ListVectors, blk: int, k: Tensor, v: Tensor, selection: BlockSelection) -> tuple[Tensor, Tensor]:
-    """Block ``blk``'s list vectors with its tile's keys and values (positions past the last key read the
-    last key; the tile mask leaves them out) written into the tile slots: (B, H, L + block, d) each."""
-    heads, listed = lists.k.shape[1], lists.valid.shape[-1]
-    tile = tile_positions(selection, torch.tensor([blk], device=k.device))[0].clamp_max(k.shape[2] - 1)  # (block,)
-    batch = torch.arange(k.shape[0], device=k.device)[:, None, None]
-    head = torch.arange(heads, device=k.device)[None, :, None]
-    k_tile, v_tile = (x.to(lists.k.dtype) for x in _gather_lists(k, v, tile.expand(k.shape[0], heads, -1),
-                                                                 batch, head, heads))  # (B, H, block, d): only they convert
+    """Block ``blk``'s list vectors with its tile's keys and values in the tile slots: (B, H, L + block, d)
+    each. In inference the slots are written in place, only the keys that arrived since the last call
+    (``ListVectors.tiled``); slots past the last key are masked. With gradients, a fresh tensor of the
+    whole tile (positions past the last key read the last key)."""
+    listed, block, keys = lists.valid.shape[-1], selection.block, k.shape[2]
+    base = (selection.first_block + blk) * block  # the tile's first position
+    done, end = (0, block) if _records() else (lists.tiled[blk], min(block, keys - base))
     k_sel, v_sel = lists.k[:, :, blk], lists.v[:, :, blk]
+    if end <= done:
+        return k_sel, v_sel
+    k_tile, v_tile = _gather_tile(lists, k, v, (base + torch.arange(done, end, device=k.device)).clamp_max(keys - 1))
     if _records():  # a fresh tensor: autograd sees the tile
         return torch.cat([k_sel[:, :, :listed], k_tile], 2), torch.cat([v_sel[:, :, :listed], v_tile], 2)
-    k_sel[:, :, listed:], v_sel[:, :, listed:] = k_tile, v_tile
+    k_sel[:, :, listed + done:listed + end], v_sel[:, :, listed + done:listed + end] = k_tile, v_tile
+    lists.tiled[blk] = end
     return k_sel, v_sel
+
+
+def _gather_tile(lists: ListVectors, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """The keys and values at ``positions`` (n,) for every sample and query head, in the lists' dtype:
+    (B, H, n, d) each (only they convert)."""
+    heads = lists.k.shape[1]
+    batch = torch.arange(k.shape[0], device=k.device)[:, None, None]
+    head = torch.arange(heads, device=k.device)[None, :, None]
+    pair = _gather_lists(k, v, positions.expand(k.shape[0], heads, -1), batch, head, heads)
+    return tuple(x.to(lists.k.dtype) for x in pair)
 
 
 @dataclass
