@@ -18,7 +18,7 @@ block and scored with one dense (block x keys) product, instead of once per quer
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -217,7 +217,11 @@ class ListVectors:
     k: Tensor  # (B, H, nb, L + block, d) the lists' keys, then the tile's, in the compute dtype
     v: Tensor  # (B, H, nb, L + block, d)
     cap: int
-    tiled: list[int] = field(default_factory=list)  # per block: tile slots already written (from its first)
+    tiled: list[int] | None = None  # per block: tile slots already written, from its first (None: none yet)
+
+    def __post_init__(self) -> None:
+        if self.tiled is None:
+            self.tiled = [0] * self.valid.shape[2]
 
     def map_batch(self, fn) -> "ListVectors":
         return ListVectors(fn(self.valid), fn(self.k), fn(self.v), self.cap, list(self.tiled))

@@ -315,7 +315,7 @@ def _list_vectors(selection: BlockSelection, k: Tensor, v: Tensor, key_valid: Te
     key = torch.cat([lists.key, tile], dim=-1)  # tile slots: filled by each call (``_with_tile``)
     batch, head = torch.arange(bsz, device=k.device)[:, None, None, None], torch.arange(heads, device=k.device)
     k_sel, v_sel = (x.to(compute) for x in _gather_lists(k, v, key, batch, head[None, :, None, None], heads))
-    vectors = ListVectors(lists.valid, k_sel, v_sel, cap, [0] * nb)
+    vectors = ListVectors(lists.valid, k_sel, v_sel, cap)
     if not _records():
         selection.vectors = vectors
     return vectors
