@@ -1005,38 +1005,46 @@ def residual_bins(results: Results) -> str:
     return table(["SmolLM2-135M, undistilled patch, k=64, wiki validation", "2 x 512 tokens", "2 x 4,096 tokens"], rows)
 
 
+Labels = tuple[tuple[str, str], ...]  # (label, file tag) pairs
 STATE_RUNS = (("2 (final code)", "2"), ("1 (steps that estimate nothing did not move the edges)", "1"))
 STATE_CODES = (("the whole table (before)", "before"), ("the running sums at the bin edges (after)", "after"))
+READS_RUNS = (("1", "1"), ("2", "2"))
+READS_CODES = (("before", "before"), ("after", "after"))
 
 
-def decoding_state_steps(results: Results) -> str:
-    """`sea bench decode`, the state keeping the whole prefix-sum table (before) and its edges' sums (after),
-    the two trees one after the other in each run."""
-    rows = []
-    for run_label, run in STATE_RUNS:
-        by = [{(p["method"], p["length"]): p["seconds"] * 1e3
-               for p in results.load(f"decode_step_state_{tag}_{run}.json")["points"]} for _, tag in STATE_CODES]
-        for length in sorted({n for _, n in by[0]}):
-            rows.append([run_label, f"{length:,}", *(num(b["sdpa", length], 2) for b in by),
-                         *(num(b["sea", length], 2) for b in by), num(by[1]["sea", length] / by[0]["sea", length])])
-    return table(["run", "prompt tokens", "SDPA ms/token (before's run)", "SDPA ms/token (after's run)",
-                  "SEA ms/token, before", "SEA ms/token, after", "after / before"], rows)
+def before_after_steps(prefix: str, runs: Labels, codes: Labels) -> Callable[[Results], str]:
+    """`sea bench decode` of two trees (``codes``: before, after), one after the other in each run:
+    ``{prefix}_{code}_{run}.json``."""
+    def rule(results: Results) -> str:
+        rows = []
+        for run_label, run in runs:
+            by = [{(p["method"], p["length"]): p["seconds"] * 1e3
+                   for p in results.load(f"{prefix}_{tag}_{run}.json")["points"]} for _, tag in codes]
+            for length in sorted({n for _, n in by[0]}):
+                rows.append([run_label, f"{length:,}", *(num(b["sdpa", length], 2) for b in by),
+                             *(num(b["sea", length], 2) for b in by), num(by[1]["sea", length] / by[0]["sea", length])])
+        return table(["run", "prompt tokens", "SDPA ms/token (before's run)", "SDPA ms/token (after's run)",
+                      "SEA ms/token, before", "SEA ms/token, after", "after / before"], rows)
+    return rule
 
 
-def decoding_state_model(results: Results) -> str:
-    """`sea bench model` on SmolLM2 with each decoding state: the prefill's peak memory and both speeds."""
-    rows = []
-    for run_label, run in STATE_RUNS:
-        for label, tag in STATE_CODES:
-            by = {(p["mode"], p["length"]): p for p in results.load(f"model_smollm2_state_{tag}_{run}.json")["points"]}
-            for length in sorted({n for _, n in by}):
-                dense, sea = by["dense", length], by["sea", length]
-                rows.append([run_label, label, f"{length:,}", num(dense["prefill_peak_mb"], 0),
-                             num(sea["prefill_peak_mb"], 0), num(sea["prefill_peak_mb"] / dense["prefill_peak_mb"]),
-                             num(sea["prefill_tok_s"] / dense["prefill_tok_s"]), num(dense["decode_tok_s"], 1),
-                             num(sea["decode_tok_s"], 1), num(sea["decode_tok_s"] / dense["decode_tok_s"])])
-    return table(["run", "SEA's decoding state keeps", "prompt tokens", "prefill peak MB dense", "prefill peak MB SEA",
-                  "SEA / dense", "prefill SEA / dense", "decode dense tok/s", "decode SEA tok/s", "SEA / dense"], rows)
+def before_after_model(prefix: str, runs: Labels, codes: Labels, column: str) -> Callable[[Results], str]:
+    """`sea bench model` of two trees (``codes``), one after the other in each run: the prefill's peak
+    memory and both speeds, ``{prefix}_{code}_{run}.json``; ``column`` heads the trees' column."""
+    def rule(results: Results) -> str:
+        rows = []
+        for run_label, run in runs:
+            for label, tag in codes:
+                by = {(p["mode"], p["length"]): p for p in results.load(f"{prefix}_{tag}_{run}.json")["points"]}
+                for length in sorted({n for _, n in by}):
+                    dense, sea = by["dense", length], by["sea", length]
+                    rows.append([run_label, label, f"{length:,}", num(dense["prefill_peak_mb"], 0),
+                                 num(sea["prefill_peak_mb"], 0), num(sea["prefill_peak_mb"] / dense["prefill_peak_mb"]),
+                                 num(sea["prefill_tok_s"] / dense["prefill_tok_s"]), num(dense["decode_tok_s"], 1),
+                                 num(sea["decode_tok_s"], 1), num(sea["decode_tok_s"] / dense["decode_tok_s"])])
+        return table(["run", column, "prompt tokens", "prefill peak MB dense", "prefill peak MB SEA", "SEA / dense",
+                      "prefill SEA / dense", "decode dense tok/s", "decode SEA tok/s", "SEA / dense"], rows)
+    return rule
 
 
 def forced_keys_test(results: Results) -> str:
@@ -1139,8 +1147,12 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "attention-forced-ab": attention_ab_table("attention_forced_ab.json"),
     "retrieval-mix": retrieval_mix,
     "residual-bins": residual_bins,
-    "decoding-state-steps": decoding_state_steps,
-    "decoding-state-model": decoding_state_model,
+    "decoding-state-steps": before_after_steps("decode_step_state", STATE_RUNS, STATE_CODES),
+    "decoding-state-model": before_after_model("model_smollm2_state", STATE_RUNS, STATE_CODES,
+                                               "SEA's decoding state keeps"),
+    "decoding-reads-steps": before_after_steps("decode_step_reads", READS_RUNS, READS_CODES),
+    "decoding-reads-model": before_after_model("model_smollm2_reads", READS_RUNS, READS_CODES, "tree"),
+    "decoding-reads-tiny": before_after_model("model_tiny_reads", READS_RUNS[:1], READS_CODES, "tree"),
     "key-bounds": key_bounds,
     "dense-until-perplexity": dense_until_perplexity,
     "dense-layers-perplexity": dense_layers_perplexity,
