@@ -240,7 +240,7 @@ def test_decoding_state_follows_beam_reordering():
 @pytest.mark.parametrize("options", [dict(), dict(candidates=2)])
 def test_an_open_blocks_gathered_lists_serve_its_steps_and_follow_beams(options):
     """A decoding step inside an open block reads the head lists' key and value vectors that the block's
-    first step gathered (kept on the carried selection; only the tile slots are rewritten), a beam
+    first step gathered (kept on the carried selection; only the tile's new keys are written), a beam
     reordering reorders them, and every step still equals the full forward."""
     module = block_layer(**options).eval()
     q, k, v = make_qkv(3, 4, 2, 14, 14, 16)
@@ -259,6 +259,33 @@ def test_an_open_blocks_gathered_lists_serve_its_steps_and_follow_beams(options)
         full = module(q, k, v).context
     assert first is not None and kept[0] is not first and kept[0] is kept[1] is kept[2]
     torch.testing.assert_close(torch.cat(steps, 2), full[:, :, 11:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("candidates", [1, 3])
+def test_calls_of_a_few_rows_across_blocks_beams_and_gradients_equal_the_full_forward(candidates):
+    """Decoding calls of 1-4 rows (the few-rows op with query_block=16), some across a block's end, a beam
+    reordering every third call and gradients on in every third: the open block's kept vectors and its
+    tile slots, written a few keys at a time (``ListVectors.tiled``), give the full forward's context."""
+    module = block_layer(candidates=candidates, query_block=16).eval()
+    schedule = [20, 1, 1, 2, 3, 4, 1, 1, 4, 2, 1, 3, 4, 4, 1, 2, 3, 4, 2, 1, 4, 3]
+    t = sum(schedule)
+    q, k, v = make_qkv(3, 4, 2, t, t, 16)
+    mask = padding_mask(3, t, 5, left=True)
+    state, start, contexts = DecodeState(), 0, []
+    for i, size in enumerate(schedule):
+        if i % 3 == 2:  # beams: the state and everything before follow the new order
+            order = torch.tensor([2, 0, 0]) if i % 2 else torch.tensor([1, 2, 1])
+            state.select(order)
+            q, k, v, mask = q[order], k[order], v[order], mask[order]
+            contexts = [c[order] for c in contexts]
+        end = start + size
+        with torch.enable_grad() if i % 3 == 1 else torch.no_grad():
+            out = module(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attention_mask=mask[:, :end], state=state)
+        contexts.append(out.context.detach())
+        start = end
+    with torch.no_grad():
+        full = module(q, k, v, attention_mask=mask).context
+    torch.testing.assert_close(torch.cat(contexts, 2), full, atol=1e-5, rtol=1e-5)
 
 
 def test_decoding_steps_with_gradients_keep_no_vectors_and_backpropagate():

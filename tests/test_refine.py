@@ -205,6 +205,28 @@ def test_auto_refines_on_the_lists():
     assert _use_dense("dense", 100, 1000, refined=True) and not _use_dense("lists", 100, 1000, refined=False)
 
 
+@pytest.mark.parametrize("tq, tk, kv_heads, cap, bsz", [(1, 37, 2, 6, 2), (9, 40, 2, 6, 3), (4, 47, 2, 24, 3),
+                                                       (16, 64, 2, 6, 2)])
+def test_a_few_refined_queries_in_inference_resume_the_kept_vectors(tq, tk, kv_heads, cap, bsz):
+    """Without gradients the selection keeps its lists' vectors and the tile slots are written in place
+    (``ListVectors.tiled``): a first call and a second one that resumes them both give the reference, also
+    for calls whose rows span two blocks."""
+    torch.manual_seed(4)
+    heads, candidates = 4, 3
+    key_valid, _, selection = random_selection(bsz, heads, tq, tk, cap, pad=5, causal=True)
+    q, k, v = (x.double() for x in make_qkv(bsz, heads, kv_heads, tq, tk, 16))
+    refinement = Refinement(candidates, budget=max(cap // candidates, 1))
+    with torch.no_grad():
+        first, nnz = few_rows_attention(q, k, v, selection, key_valid, 0.25, cap, refinement)
+        assert selection.vectors is not None  # kept for the next call
+        again, _ = few_rows_attention(q, k, v, selection, key_valid, 0.25, cap, refinement)
+    mask = naive_block_refine(q, k, selection, key_valid, cap, refinement, 0.25)
+    want, _ = reference_attention(q, k, v, mask, 0.25)
+    torch.testing.assert_close(first, want)
+    torch.testing.assert_close(again, want)
+    assert torch.equal(nnz, mask.sum(-1))
+
+
 @pytest.mark.parametrize("tq, tk", [(1, 20), (3, 22), (2, 37)])
 def test_a_few_queries_of_short_selecting_rows_attend_the_reference_keys(tq, tk):
     torch.manual_seed(3)
