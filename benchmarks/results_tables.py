@@ -536,6 +536,31 @@ def demo_long(results: Results) -> str:
     return table(["the model `sea demo` distils (512-token windows), the default's long rows", "dense", "SEA, k=64"], rows)
 
 
+QUALITY_LONG = (  # text, window, the per-query era's `sea compare` file (None: not run), this session's `sea eval` file
+    ("wiki", 1024, "compare_smollm2_sea_K512_rows128x4_500x1024_wiki.json", "eval_k512_test_wiki_1024.json"),
+    ("wiki", 4096, "compare_smollm2_sea_K512_rows128x4_500x1024_4096_wiki.json", "eval_k512_test_wiki_4096.json"),
+    ("wiki", 8192, "compare_smollm2_sea_K512_rows128x4_500x1024_8192_wiki.json", "eval_k512_test_wiki_8192.json"),
+    ("bbc", 1024, "compare_smollm2_sea_K512_rows128x4_500x1024_bbc.json", "eval_k512_test_bbc_1024.json"),
+    ("bbc", 4096, "compare_smollm2_sea_K512_rows128x4_500x1024_4096_bbc.json", "eval_k512_test_bbc_4096.json"),
+    ("bbc", 8192, None, "eval_k512_test_bbc_8192.json"))
+
+
+def quality_recipe_long(results: Results) -> str:
+    """The quality recipe (K=512, 500 row-subset steps) on test windows: per query on every row (the
+    earlier distillation's `sea compare` files) and the long-rows default (this session's, `sea eval`)."""
+    def before(name: str | None) -> str:
+        if name is None:
+            return "not run"
+        return ppl_ratio(results.point(name, "sea", 64)["perplexity"], results.point(name, "dense", None)["perplexity"])
+
+    def dense(name: str) -> str:
+        return num(next(r for r in results.load(name)["rows"] if r["name"] == "dense")["perplexity"])
+    rows = [[f"{text} test, {length:,}-token windows", before(old), dense(new), _ratio_at(results, new, 64)]
+            for text, length, old, new in QUALITY_LONG]
+    return table(["K=512, 500 row-subset steps on 1,024-token windows; SEA@64", "per query on every row (earlier run)",
+                  "dense", "the long-rows default"], rows)
+
+
 def needle_diagnosis(name: str) -> Callable[[Results], str]:
     """``sea diagnose --task`` of one failing needle prompt (the file ``name``): per band of layers, the mean
     (over answer steps and heads) dense top-4 mass SEA held and how often it held the top-1 key."""
@@ -1176,6 +1201,13 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "long-rows-copy": long_rows_copy,
     "default-long-needle": default_long_needle,
     "demo-long": demo_long,
+    "quality-recipe-long": quality_recipe_long,
+    "quality-recipe-needle-4k": needle_table((
+        ("dense (not SEA)", "retrieval_k512_needle_4k.json", "dense"),
+        ("the default, undistilled", "retrieval_needle_default_4k_8k.json", "sea"),
+        ("the default, the model `sea demo` distils", "retrieval_needle_4k_demo_default.json", "sea"),
+        ("the default, the quality recipe (K=512, 500 row-subset steps)", "retrieval_k512_needle_4k.json", "sea")),
+        "SmolLM2-135M, k=64, the suite's needle in test prose", (4096,)),
     "default-passkey": default_passkey,
     "distill-windows": distill_windows,
     "levers-4k": levers_4k,
