@@ -561,6 +561,14 @@ def quality_recipe_long(results: Results) -> str:
                   "dense", "the long-rows default"], rows)
 
 
+def quality_recipe_continued(results: Results) -> str:
+    """The quality recipe and its continuation on 2,048-token windows, wiki validation, SEA@64."""
+    rows = [[label, *(_ratio_at(results, f"eval_k512{tag}_val_wiki_{length}.json", 64) for length in (1024, 4096))]
+            for label, tag in (("the quality recipe", ""), ("+ 100 steps on 2,048-token windows", "_2k"))]
+    return table(["SmolLM2-135M, K=512, the long-rows default, SEA@64", "wiki validation, 4 x 1,024 tokens",
+                  "2 x 4,096 tokens"], rows)
+
+
 def needle_diagnosis(name: str) -> Callable[[Results], str]:
     """``sea diagnose --task`` of one failing needle prompt (the file ``name``): per band of layers, the mean
     (over answer steps and heads) dense top-4 mass SEA held and how often it held the top-1 key."""
@@ -1202,6 +1210,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "default-long-needle": default_long_needle,
     "demo-long": demo_long,
     "quality-recipe-long": quality_recipe_long,
+    "quality-recipe-continued": quality_recipe_continued,
     "quality-recipe-needle-4k": needle_table((
         ("dense (not SEA)", "retrieval_k512_needle_4k.json", "dense"),
         ("the default, undistilled", "retrieval_needle_default_4k_8k.json", "sea"),
