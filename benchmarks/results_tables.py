@@ -307,16 +307,20 @@ BLOCK_REFINED = (  # grouping, candidates, k, then the sea eval files at 1,024 /
 )
 
 
-def _ratio_at(results: Results, name: str | None, k: int) -> str:
-    """SEA@k's perplexity over its run's dense one in a ``sea eval`` file (or a retrieval file's
-    ``perplexity`` part), with its ratio (``ppl_ratio``)."""
-    if name is None:
-        return "not run"
+def _eval_ppl(results: Results, name: str, method: str = "dense", k: int | None = None) -> float:
+    """One row's perplexity in a ``sea eval`` file (or a retrieval file's ``perplexity`` part): ``method``
+    at budget ``k`` (every-key methods: None)."""
     result = results.load(name)
     rows = result["perplexity"]["rows"] if "perplexity" in result else result["rows"]
-    dense = next(r for r in rows if r["name"] == "dense")["perplexity"]
-    sea = next(r for r in rows if r["name"] == "sea" and r["k"] == k)["perplexity"]
-    return ppl_ratio(sea, dense)
+    return next(r for r in rows if r["name"] == method and (k is None or r["k"] == k))["perplexity"]
+
+
+def _ratio_at(results: Results, name: str | None, k: int) -> str:
+    """SEA@k's perplexity over its run's dense one in a ``sea eval`` file (``_eval_ppl``), with its ratio
+    (``ppl_ratio``)."""
+    if name is None:
+        return "not run"
+    return ppl_ratio(_eval_ppl(results, name, "sea", k), _eval_ppl(results, name))
 
 
 def block_refined_perplexity(results: Results) -> str:
@@ -529,10 +533,7 @@ DEMO_LONG = (("wiki test, 4,096-token windows", "eval_demo_default_wiki_4k.json"
 
 def demo_long(results: Results) -> str:
     """The demo's distilled model at long windows with the default: dense and SEA@64 perplexity."""
-    def dense(name: str) -> str:
-        rows = results.load(name)["rows"]
-        return num(next(r for r in rows if r["name"] == "dense")["perplexity"], 2)
-    rows = [[label, dense(name), _ratio_at(results, name, 64)] for label, name in DEMO_LONG]
+    rows = [[label, num(_eval_ppl(results, name), 2), _ratio_at(results, name, 64)] for label, name in DEMO_LONG]
     return table(["the model `sea demo` distils (512-token windows), the default's long rows", "dense", "SEA, k=64"], rows)
 
 
@@ -548,15 +549,9 @@ QUALITY_LONG = (  # text, window, the per-query era's `sea compare` file (None: 
 def quality_recipe_long(results: Results) -> str:
     """The quality recipe (K=512, 500 row-subset steps) on test windows: per query on every row (the
     earlier distillation's `sea compare` files) and the long-rows default (this session's, `sea eval`)."""
-    def before(name: str | None) -> str:
-        if name is None:
-            return "not run"
-        return ppl_ratio(results.point(name, "sea", 64)["perplexity"], results.point(name, "dense", None)["perplexity"])
-
-    def dense(name: str) -> str:
-        return num(next(r for r in results.load(name)["rows"] if r["name"] == "dense")["perplexity"])
-    rows = [[f"{text} test, {length:,}-token windows", before(old), dense(new), _ratio_at(results, new, 64)]
-            for text, length, old, new in QUALITY_LONG]
+    rows = [[f"{text} test, {length:,}-token windows",
+             ppl(old, "sea", (64,), ratio=True)(results) if old else "not run",
+             num(_eval_ppl(results, new)), _ratio_at(results, new, 64)] for text, length, old, new in QUALITY_LONG]
     return table(["K=512, 500 row-subset steps on 1,024-token windows; SEA@64", "per query on every row (earlier run)",
                   "dense", "the long-rows default"], rows)
 
