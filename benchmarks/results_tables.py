@@ -1075,6 +1075,18 @@ def before_after_model(prefix: str, runs: Labels, codes: Labels, column: str) ->
     return rule
 
 
+def decode_step_profile(results: Results) -> str:
+    """`benchmarks/decode_step_profile.py`: one layer's decoding step, the library functions by the CPU time of
+    the operators they call (profiled), with their calls; the rest summed in the last row."""
+    result = results.load("decode_step_profile.json")
+    top, rest = result["rows"][:12], result["rows"][12:]
+    rows = [[f"`{r['function']}`", num(r["us_per_step"], 0), num(r["ops_per_step"], 0)] for r in top]
+    rows.append([f"{len(rest)} other functions", num(sum(r["us_per_step"] for r in rest), 0),
+                 num(sum(r["ops_per_step"] for r in rest), 0)])
+    return table([f"function (T={result['length']:,}; {num(result['ms_per_step'], 2)} ms per step unprofiled, "
+                  f"{num(result['ops_per_step'], 0)} operator calls)", "us per step (profiled)", "operator calls"], rows)
+
+
 def forced_keys_test(results: Results) -> str:
     """The undistilled patch under both rules on the reported text: wiki and BBC test perplexity on long
     windows (one run of each rule per cell, the dense of the after-run) and the suite's needles."""
@@ -1181,6 +1193,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "decoding-reads-steps": before_after_steps("decode_step_reads", READS_RUNS, READS_CODES),
     "decoding-reads-model": before_after_model("model_smollm2_reads", READS_RUNS, READS_CODES, "tree"),
     "decoding-reads-tiny": before_after_model("model_tiny_reads", READS_RUNS[:1], READS_CODES, "tree"),
+    "decode-step-profile": decode_step_profile,
     "key-bounds": key_bounds,
     "dense-until-perplexity": dense_until_perplexity,
     "dense-layers-perplexity": dense_layers_perplexity,
