@@ -30,7 +30,7 @@ from ..blocks import (
 )
 from ..cells import valid_key_positions
 from ..refine import Refinement, best_scores, keep_best
-from ..rows import same_layout
+from ..rows import row_table, same_layout
 
 MODES = ("auto", "lists", "dense")
 LIST_BUCKETS = 4  # buckets of similar list length per run of blocks (``_BlockRun.lists``)
@@ -61,16 +61,15 @@ class _Refine:
     keep: Tensor  # (..., 1, 1) Refinement.kept(count, the selecting row's length)
     listed: int = 0
     candidate_mask: Tensor | None = None  # bool, broadcast against the scores
-    gathers: bool = False  # each row reads its kept values alone (a few rows), not the whole list's
 
     @classmethod
     def of(cls, refinement: Refinement | None, count: Tensor, lengths: Tensor, listed: int = 0,
-           candidate_mask: Tensor | None = None, gathers: bool = False) -> "_Refine | None":
+           candidate_mask: Tensor | None = None) -> "_Refine | None":
         """``refinement`` of lists of ``count`` candidates whose block selected on ``lengths`` keys (both
         (..., 1, 1)); None without one (off)."""
         if refinement is None:
             return None
-        return cls(count, refinement.kept(count, lengths), listed, candidate_mask, gathers)
+        return cls(count, refinement.kept(count, lengths), listed, candidate_mask)
 
     def drop(self, scores: Tensor) -> None:
         """The dense path's refinement: mask (-inf), in place, the ``candidate_mask`` columns a row does not
@@ -240,9 +239,9 @@ def _attend_kept(w: Tensor, v_sel: Tensor, refine: _Refine, lowest: float) -> Te
     candidates: each row's softmax over its kept candidates (``refine.best_scores``) and its tile (the
     columns after them). Only those scores are exponentiated (a quarter of the list with 4 candidates
     per key, a sixteenth with 16); the kept weights go back to their columns for one product with the
-    values, or, for a few rows (``refine.gathers``, decoding), meet their own kept values alone (a row
-    reads 64 values, not its list's 1,024). The same weights as dropping the others and exponentiating
-    the whole row."""
+    values, or, where the rows' kept values together are no more than the list's (a few rows: decoding),
+    meet their own kept values alone (a row reads 64 values, not its list's 1,024). The same weights as
+    dropping the others and exponentiating the whole row."""
     listed = refine.listed
     tile = w[..., listed:]  # (..., R, Bq)
     kept, columns = best_scores(w[..., :listed], refine.keep)  # (..., R, M) highest first
@@ -252,7 +251,7 @@ def _attend_kept(w: Tensor, v_sel: Tensor, refine: _Refine, lowest: float) -> Te
             peak = torch.maximum(peak, kept[..., :1])
         peak = peak.clamp_min(lowest)  # (..., R, 1); lowest: no key at all
     kept, tile = kept.sub(peak).exp_(), tile.sub(peak).exp_()  # exp(-inf - peak) = 0 exactly
-    if refine.gathers:  # (..., R, 1, M) @ (..., R, M, d): the kept values alone
+    if 0 < kept.shape[-2] * kept.shape[-1] <= listed:  # (..., R, 1, M) @ (..., R, M, d): the kept values alone
         out = (kept.unsqueeze(-2) @ _rows_at(v_sel, columns)).squeeze(-2)  # columns < listed
     else:  # the kept weights back in their columns, one product with the list's values
         out = w.new_zeros(*w.shape[:-1], listed).scatter(-1, columns, kept) @ v_sel[..., :listed, :]
@@ -262,10 +261,13 @@ def _attend_kept(w: Tensor, v_sel: Tensor, refine: _Refine, lowest: float) -> Te
 
 
 def _rows_at(x: Tensor, columns: Tensor) -> Tensor:
-    """(..., R, M, d): the rows ``columns`` (..., R, M) of x (..., L, d), each list's own."""
-    lists, width, dim = x.shape[:-2].numel(), x.shape[-2], x.shape[-1]
-    base = torch.arange(lists, device=x.device).view(*x.shape[:-2], 1, 1) * width
-    return x.reshape(-1, dim).index_select(0, (columns + base).flatten()).view(*columns.shape, dim)
+    """(..., R, M, d): the rows ``columns`` (..., R, M) of x (..., L, d), each list's own, read in place
+    where the lists lie evenly in memory (``rows.row_table``)."""
+    lists = x.reshape(1, x.shape[:-2].numel(), *x.shape[-2:])  # (1, lists, L, d): a view of evenly laid lists
+    table = row_table(lists)
+    head = torch.arange(lists.shape[1], device=x.device).view(-1, 1, 1)
+    rows = table.row(0, head, columns.reshape(lists.shape[1], *columns.shape[-2:]))  # (lists, R, M)
+    return table.rows.index_select(0, rows.flatten()).view(*columns.shape, x.shape[-1])
 
 
 def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelection, key_valid: Tensor,
@@ -287,7 +289,7 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, selection: BlockSelectio
         allowed = torch.cat([lists.valid[:, :, blk, None].expand(-1, -1, hi - lo, -1),
                              mine.unsqueeze(1).expand(-1, q.shape[1], -1, -1)], dim=-1)  # (B, H, r, L + block)
         refine = _Refine.of(refinement, lists.valid[:, :, blk].sum(-1)[..., None, None],
-                            selection.lengths[:, blk, None, None, None], listed=lists.valid.shape[-1], gathers=True)
+                            selection.lengths[:, blk, None, None, None], listed=lists.valid.shape[-1])
         outs.append(_attend_lists(q[:, :, lo:hi].to(compute) * scale, k_sel, v_sel, allowed, refine))
         count = allowed.sum(-1)  # (B, H, r)
         counts.append(count if refine is None else refine.attended(count))
