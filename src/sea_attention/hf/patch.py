@@ -176,13 +176,18 @@ def dense_attention(model: nn.Module, implementation: str = "eager") -> Iterator
 
 def no_cache(model: nn.Module) -> dict[str, Any]:
     """Forward kwargs that skip building a KV cache (and SEA decoding state) when nothing decodes."""
-    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    return {"use_cache": False} if _forward_takes(model, "use_cache") else {}
 
 
 def last_logits(model: nn.Module, n: int) -> dict[str, Any]:
     """Forward kwargs that compute the logits of the last ``n`` positions only, as ``generate`` does,
     where the forward takes ``logits_to_keep`` (none otherwise: the logits then cover every position)."""
-    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": n} if _forward_takes(model, "logits_to_keep") else {}
+
+
+def _forward_takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` has a parameter ``name``."""
+    return name in inspect.signature(model.forward).parameters
 
 
 RUNTIME_FIELDS = ("grouping", "query_block", "attention_path", "query_chunk", "candidates", "block_from",

@@ -178,11 +178,11 @@ def diagnose_prompt(model: nn.Module, tokenizer, prompt: TaskPrompt, config: Ret
         sea = greedy_ids(model, tokenizer, prompt.ids, config.max_new_tokens)
     forced = torch.cat([prompt.ids, dense[:-1]]).unsqueeze(0).to(next(model.parameters()).device)
     steps = dense.numel()  # row T - 1 + i predicts answer token i: the last ``steps`` rows
-    probe = TopKeyProbe(config, steps=steps)
+    probe, options = TopKeyProbe(config, steps=steps), {**no_cache(model), **last_logits(model, steps)}
     with layer_override(model, probe):
-        dense_logits = model(input_ids=forced, **no_cache(model), **last_logits(model, steps)).logits[0, -steps:]
+        dense_logits = model(input_ids=forced, **options).logits[0, -steps:]
     with sea_budget(model, config.k):
-        sea_logits = model(input_ids=forced, **no_cache(model), **last_logits(model, steps)).logits[0, -steps:]
+        sea_logits = model(input_ids=forced, **options).logits[0, -steps:]
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     return PromptDiagnosis(prompt.task, prompt.length, prompt.depth, prompt.answer, decode(dense), decode(sea),
                            steps, probe.layers, margins(dense_logits, dense), margins(sea_logits, dense))
