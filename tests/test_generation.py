@@ -163,6 +163,27 @@ def test_decoding_without_a_state_is_refused():
         sea_attention_forward(module, q, k, v, None, scaling=0.25)
 
 
+def test_a_quantized_cache_is_refused_before_it_computes():
+    """A quantized cache hands back dequantized past keys, not the ones SEA's state was built from: the first
+    call that would build that state is refused, naming the layer type and the caches that work."""
+    from transformers import QuantizedCache
+
+    model = build("llama")
+    ids = torch.randint(1, VOCAB, (1, 12))
+    cache = QuantizedCache(backend="fp8", config=model.config)
+    with torch.no_grad(), pytest.raises(DecodingStateError, match=r"Fp8QuantizedLayer .*GrowingCache, DynamicCache"):
+        model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+
+
+def test_a_static_cache_is_refused():
+    from transformers import StaticCache
+
+    model = build("llama")
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad(), pytest.raises(ValueError, match="static caches are not supported"):
+        model(input_ids=torch.randint(1, VOCAB, (1, 12)), **cache_kwargs(cache), use_cache=True)
+
+
 def test_float32_prefix_sums_are_a_runtime_choice_that_generates_like_its_full_forward():
     """``set_runtime(bin_sums_dtype="float32")`` changes no weight: its layers store float32 sums, and greedy
     generation with the cache gives the tokens its own full forwards pick."""

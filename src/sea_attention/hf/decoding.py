@@ -7,7 +7,8 @@ arguments, not by a keyword name (the keyword changed from ``past_key_value`` to
 ``past_key_values`` to ``cache`` across 4.x and 5.x). The attention function then keeps a
 ``DecodeState`` on that cache's layer object, beside its keys and values. The layer's
 batch operations (beam-search reordering, batch selection and expansion, reset) are
-wrapped so the state follows the keys; cropping (assisted decoding) raises.
+wrapped so the state follows the keys; cropping (assisted decoding) raises, and so does a cache
+whose layers hand back other keys than they were given (quantized caches).
 
 A causal call with past keys (Tq < Tk) for which no state can be attached raises
 :class:`DecodingStateError` instead of computing something else.
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import transformers
+import transformers.cache_utils
 from torch import nn
 from transformers.cache_utils import Cache
 
@@ -26,6 +28,10 @@ from ..core.decoding import DecodeState
 CACHE_ATTR = "sea_cache"  # on an attention module, during its forward: the cache it was given
 STATE_ATTR = "sea_state"  # on a cache layer: that layer's DecodeState
 HOOKS_ATTR = "sea_cache_hooks"  # on an attention module: the hook handles
+# cache layers that hand back other values than the keys they were given (a quantized past), by name, as
+# transformers versions define them: SEA's state (feature rows, key bounds, list vectors) would go stale
+CHANGING_LAYERS = tuple(getattr(transformers.cache_utils, name) for name in ("BaseQuantizedLayer", "QuantizedLayer")
+                        if hasattr(transformers.cache_utils, name))
 
 
 def attach_cache_hooks(module: nn.Module) -> None:
@@ -82,6 +88,7 @@ def decode_state(module: nn.Module, layer_idx: int, tq: int, tk: int) -> DecodeS
         raise DecodingStateError(f"SEA decoding needs a transformers Cache with per-layer storage (DynamicCache); "
                                  f"got {type(cache).__name__}")
     layer = layers[layer_idx]
+    _validate_layer(layer)
     past = tk - tq
     state = getattr(layer, STATE_ATTR, None)
     if past == 0:
@@ -92,6 +99,15 @@ def decode_state(module: nn.Module, layer_idx: int, tq: int, tk: int) -> DecodeS
         raise DecodingStateError(f"the KV cache holds {past} past keys but {seen}: SEA decoding supports caches that "
                                  "only grow (GrowingCache, DynamicCache); sliding-window, static and cropped caches are not supported")
     return state
+
+
+def _validate_layer(layer: Any) -> None:
+    """Refuse a cache layer whose past keys change (quantized caches): SEA's decoding state keeps vectors
+    computed from each key as it arrived, which would no longer be the keys the cache hands back."""
+    if isinstance(layer, CHANGING_LAYERS):
+        raise DecodingStateError(f"SEA decoding cannot use {type(layer).__name__} cache layers: they hand back "
+                                 "quantized past keys, not the keys SEA's decoding state was built from; use a cache "
+                                 "that keeps them exactly (GrowingCache, DynamicCache)")
 
 
 def _attach(layer: Any, state: DecodeState) -> None:
