@@ -451,6 +451,55 @@ def levers_4k(results: Results) -> str:
                   "perplexity, 2 x 4,096 tokens"], rows)
 
 
+TOP_P_ORACLE_4K = (  # label, file, method, top-p: the suite's needle at 4,096 tokens in wiki validation prose
+    ("dense (not SEA)", "retrieval_validation_oracles_4k.json", "dense", None),
+    ("the default (block_from=1024, block_candidates=16), k=64", "retrieval_validation_levers_4k_default.json", "sea", None),
+    ("oracle_head: each head's exact top 64 keys", "retrieval_validation_oracles_4k.json", "oracle_head", None),
+    ("top-p oracle, p=0.85 (at most 512 keys)", "retrieval_top_p_oracle_0.85_4k.json", "top_p", 0.85),
+    ("top-p oracle, p=0.9 (at most 512 keys)", "retrieval_top_p_oracle_0.9_4k.json", "top_p", 0.9),
+)
+
+
+def top_p_oracle_4k(results: Results) -> str:
+    """The needle at 4,096 tokens (wiki validation prose) of dense, the default, the 64-key per-head oracle
+    and the top-p oracles, with the keys per query and head each used."""
+    rows = []
+    for label, name, method, p in TOP_P_ORACLE_4K:
+        row = _run_row(results, name, method, "needle", 4096)
+        keys = "all" if method == "dense" else "64" if p is None else num(row["keys_per_query"], 1)
+        rows.append([label, answered(row), keys])
+    return table(["SmolLM2-135M, undistilled, wiki validation prose", "needle at 4,096 tokens",
+                  "keys per query and head"], rows)
+
+
+FRESHER_COPY_2K = (  # label, file, method: the suite's copy at 2,048 tokens in wiki validation prose
+    ("dense (not SEA)", "retrieval_validation_long_rows_1024_c16_copy_2k.json", "dense"),
+    ("the default: blocks of 64 rows (query_block=64)", "retrieval_validation_long_rows_1024_c16_copy_2k.json", "sea"),
+    ("query_block=8", "retrieval_validation_copy_2k_qb8.json", "sea"),
+    ("block_from=0, candidates=16: every row selects its own candidates", "retrieval_validation_copy_2k_per_query_c16.json",
+     "sea"),
+)
+
+
+def fresher_copy_2k(results: Results) -> str:
+    """The copy at 2,048 tokens (wiki validation prose) as the long rows select more often: exact-token
+    accuracy, and the prompts whose first copied token is right."""
+    rows = []
+    for label, name, method in FRESHER_COPY_2K:
+        row = _run_row(results, name, method, "copy", 2048)
+        first = round(row["position_accuracy"][0] * row["prompts"])
+        rows.append([label, num(row["accuracy"], 2), f"{first}/{row['prompts']}"])
+    return table(["SmolLM2-135M, undistilled patch, k=64, wiki validation prose",
+                  "copy at 2,048 tokens (exact-token accuracy)", "first copied token right"], rows)
+
+
+def query_block_cost(results: Results) -> str:
+    """One SmolLM2-shaped layer's forward with fresher long-row selections, against the default's."""
+    rows = [[f"{r['length']:,}", r["setting"], num(r["seconds"], 3), num(r["x_baseline"], 2)]
+            for r in results.load("query_block_cost.json")["rows"]]
+    return table(["tokens", "setting", "forward (s)", "x the default (query_block=64)"], rows)
+
+
 def needle_table(runs: tuple[tuple[str, str, str], ...], title: str,
                  lengths: tuple[int, ...] = (1024, 2048)) -> Callable[[Results], str]:
     """The needle at each of ``lengths`` of each (label, file, method) run (a run may miss a length)."""
@@ -1228,6 +1277,9 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "default-passkey": default_passkey,
     "distill-windows": distill_windows,
     "levers-4k": levers_4k,
+    "top-p-oracle-4k": top_p_oracle_4k,
+    "fresher-copy-2k": fresher_copy_2k,
+    "query-block-cost": query_block_cost,
     "demo-needle-4k": needle_table((("dense (not SEA)", "retrieval_needle_4k_demo_default.json", "dense"),
                                     ("the default, undistilled", "retrieval_needle_default_4k_8k.json", "sea"),
                                     ("the default, the model `sea demo` distils (512-token windows)",
