@@ -475,6 +475,7 @@ def top_p_oracle_4k(results: Results) -> str:
 FRESHER_COPY_2K = (  # label, file, method: the suite's copy at 2,048 tokens in wiki validation prose
     ("dense (not SEA)", "retrieval_validation_long_rows_1024_c16_copy_2k.json", "dense"),
     ("the default: blocks of 64 rows (query_block=64)", "retrieval_validation_long_rows_1024_c16_copy_2k.json", "sea"),
+    ("query_block=16", "retrieval_validation_copy_2k_qb16.json", "sea"),
     ("query_block=8", "retrieval_validation_copy_2k_qb8.json", "sea"),
     ("block_from=0, candidates=16: every row selects its own candidates", "retrieval_validation_copy_2k_per_query_c16.json",
      "sea"),
