@@ -2,9 +2,9 @@
 
 The default's long rows share one selection per block of ``query_block`` rows, made by the block's first
 row; a pattern that begins inside a block (the copy's cue, a question) is seen only from the next block
-on (docs/results.md, "Fresher blocks for the copy"). Smaller blocks select more often. One causal layer
-shaped like SmolLM2-135M's (9 query heads, 3 kv heads, d=64, k=64, the default config otherwise) runs a
-forward on random q, k, v of each length, the settings alternating within each repeat so that they
+on (docs/results.md, "Where retrieval is lost"). Smaller blocks select more often. One causal layer
+shaped like SmolLM2-135M's (9 query heads, 3 kv heads, d=64, k=64, the default config otherwise) runs
+its row-chunked prefill (``context_only``, what a patched model's forward calls) on random q, k, v of each length, the settings alternating within each repeat so that they
 share the machine's state; the median time per setting and its ratio to the first. ``--per-query`` adds
 every row selecting its own candidates (``block_from=0, candidates=16``), the freshest selection.
 
@@ -30,14 +30,16 @@ from sea_attention.tools.bench.runtime import machine_info, matmul_gflops
 def forward_seconds(layers: dict[str, SEAAttention], length: int, repeats: int) -> dict[str, float]:
     """Median seconds of one forward per setting, the settings alternating within each repeat."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 9, length, 64), torch.randn(1, 3, length, 64), torch.randn(1, 3, length, 64)
+    config = next(iter(layers.values())).config
+    q = torch.randn(1, config.num_heads, length, config.head_dim)
+    k, v = (torch.randn(1, config.num_kv_heads, length, config.head_dim) for _ in range(2))
     times: dict[str, list[float]] = {name: [] for name in layers}
     for layer in layers.values():  # warm-up
-        layer(q, k, v)
+        layer.context_only(q, k, v)
     for _ in range(repeats):
         for name, layer in layers.items():
             start = time.perf_counter()
-            layer(q, k, v)
+            layer.context_only(q, k, v)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--machine-note", default=None, help="how loaded the machine was (recorded in the JSON)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = {f"query_block={block}": {"query_block": block} for block in args.blocks}
@@ -66,7 +69,8 @@ def main() -> None:
             rows.append({"length": length, "setting": name, "seconds": seconds[name], "x_baseline": ratio})
             print(f"T={length:>6} {name}: {seconds[name]:.3f} s  x{ratio:.2f}", flush=True)
     if args.json:
-        payload = {"machine": {**machine_info(args.threads), "matmul_gflops": round(matmul_gflops(), 1)}, "repeats": args.repeats, "rows": rows,
+        payload = {"machine": {**machine_info(args.threads), "matmul_gflops": round(matmul_gflops(), 1),
+                               "note": args.machine_note}, "repeats": args.repeats, "rows": rows,
                    "config": layers[base_name].config.to_dict()}
         write_text(args.json, json.dumps(payload, indent=2) + "\n")
 

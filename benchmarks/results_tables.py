@@ -451,12 +451,12 @@ def levers_4k(results: Results) -> str:
                   "perplexity, 2 x 4,096 tokens"], rows)
 
 
-TOP_P_ORACLE_4K = (  # label, file, method, top-p: the suite's needle at 4,096 tokens in wiki validation prose
-    ("dense (not SEA)", "retrieval_validation_oracles_4k.json", "dense", None),
-    ("the default (block_from=1024, block_candidates=16), k=64", "retrieval_validation_levers_4k_default.json", "sea", None),
-    ("oracle_head: each head's exact top 64 keys", "retrieval_validation_oracles_4k.json", "oracle_head", None),
-    ("top-p oracle, p=0.85 (at most 512 keys)", "retrieval_top_p_oracle_0.85_4k.json", "top_p", 0.85),
-    ("top-p oracle, p=0.9 (at most 512 keys)", "retrieval_top_p_oracle_0.9_4k.json", "top_p", 0.9),
+TOP_P_ORACLE_4K = (  # label, file, method: the suite's needle at 4,096 tokens in wiki validation prose
+    ("dense (not SEA)", "retrieval_validation_oracles_4k.json", "dense"),
+    ("the default (block_from=1024, block_candidates=16), k=64", "retrieval_validation_levers_4k_default.json", "sea"),
+    ("oracle_head: each head's exact top 64 keys", "retrieval_validation_oracles_4k.json", "oracle_head"),
+    ("top-p oracle, p=0.85 (at most 512 keys)", "retrieval_top_p_oracle_0.85_4k.json", "top_p"),
+    ("top-p oracle, p=0.9 (at most 512 keys)", "retrieval_top_p_oracle_0.9_4k.json", "top_p"),
 )
 
 
@@ -464,12 +464,12 @@ def top_p_oracle_4k(results: Results) -> str:
     """The needle at 4,096 tokens (wiki validation prose) of dense, the default, the 64-key per-head oracle
     and the top-p oracles, with the keys per query and head each used."""
     rows = []
-    for label, name, method, p in TOP_P_ORACLE_4K:
+    for label, name, method in TOP_P_ORACLE_4K:
         row = _run_row(results, name, method, "needle", 4096)
-        keys = "all" if method == "dense" else "64" if p is None else num(row["keys_per_query"], 1)
+        keys = "all" if method == "dense" else num(row["keys_per_query"], 1) if "keys_per_query" in row else "k=64"
         rows.append([label, answered(row), keys])
     return table(["SmolLM2-135M, undistilled, wiki validation prose", "needle at 4,096 tokens",
-                  "keys per query and head"], rows)
+                  "keys per query and head (top-p: measured mean)"], rows)
 
 
 FRESHER_COPY_2K = (  # label, file, method: the suite's copy at 2,048 tokens in wiki validation prose
@@ -495,10 +495,10 @@ def fresher_copy_2k(results: Results) -> str:
 
 
 def query_block_cost(results: Results) -> str:
-    """One SmolLM2-shaped layer's forward with fresher long-row selections, against the default's."""
+    """One SmolLM2-shaped layer's row-chunked prefill with fresher long-row selections, against the default's."""
     rows = [[f"{r['length']:,}", r["setting"], num(r["seconds"], 3), num(r["x_baseline"], 2)]
             for r in results.load("query_block_cost.json")["rows"]]
-    return table(["tokens", "setting", "forward (s)", "x the default (query_block=64)"], rows)
+    return table(["tokens", "setting", "prefill (s)", "x the default (query_block=64)"], rows)
 
 
 def needle_table(runs: tuple[tuple[str, str, str], ...], title: str,
@@ -1279,6 +1279,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "distill-windows": distill_windows,
     "levers-4k": levers_4k,
     "top-p-oracle-4k": top_p_oracle_4k,
+    "copy-margins-default": needle_margins("diagnose_copy_2k_default_p0.json"),
     "fresher-copy-2k": fresher_copy_2k,
     "query-block-cost": query_block_cost,
     "demo-needle-4k": needle_table((("dense (not SEA)", "retrieval_needle_4k_demo_default.json", "dense"),

@@ -38,20 +38,23 @@ from retrieval_candidates import haystacks
 
 def top_p_mask(p: float, cap: int) -> Selector:
     """Selector: per query and head, the fewest keys whose dense probabilities sum to at least ``p``
-    (the most probable first; at least one, at most ``cap``)."""
+    (the most probable first, equal ones in ``topk``'s order; at most ``cap``; none where a row has no key)."""
+    if not 0.0 < p <= 1.0 or cap < 1:
+        raise ValueError(f"top-p needs 0 < p <= 1 and cap >= 1, got p={p!r}, cap={cap!r}")
+
     def select(chunk: QueryChunk, k: int) -> Tensor:
         allowed = chunk.everything()
         probs = chunk.teacher[1].masked_fill(~allowed, 0.0)
         top = probs.topk(min(cap, probs.shape[-1]), dim=-1)  # highest first
         before = top.values.cumsum(-1) - top.values  # the mass of the keys ranked above
-        keep = before < p
-        keep[..., 0] = True
+        keep = before < p  # the first key always (nothing ranks above it)
         return torch.zeros_like(allowed).scatter_(-1, top.indices, keep) & allowed
     return select
 
 
 def top_p_reference(probs: Tensor, allowed: Tensor, p: float, cap: int) -> Tensor:
-    """The same selection one row at a time: add keys by probability until their sum reaches p."""
+    """The same selection one row at a time: add keys by probability until their sum reaches p (on rows
+    without equal probabilities, which is what ``check_against_reference`` feeds it)."""
     selected = torch.zeros_like(probs, dtype=torch.bool)
     for index in torch.cartesian_prod(*(torch.arange(n) for n in probs.shape[:-1])).tolist():
         row = probs[tuple(index)].masked_fill(~allowed[tuple(index)], 0.0)
@@ -99,10 +102,11 @@ def main() -> None:
                                  haystacks=haystacks(args.validation, Path(folder)))
         out["setup"] = {**asdict(config), "haystacks": ["wiki validation"] if args.validation else config.haystacks}
         prompts = suite_prompts(tokenizer, config)
-        runs = [(method, None, None) for method in args.methods] + [("top_p", p, SelectionStats()) for p in args.p]
-        for method, p, stats in runs:
+        runs = [(method, None) for method in args.methods] + [("top_p", p) for p in args.p]
+        for method, p in runs:
             for (task, length), batch in prompts.items():
                 if method == "top_p":
+                    stats = SelectionStats()  # per row: its own length's keys
                     with layer_override(model, SelectorOverride(top_p_mask(p, args.cap), 0, stats)):
                         row = asdict(score_prompts(model, tokenizer, batch, config.new_tokens(task), method, None))
                     row.update(p=p, keys_per_query=stats.keys_per_query())

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import (
     DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
+    QuantizedCache, StaticCache,
 )
 
 from sea_attention.hf import cache_kwargs, patch, sea_attention_forward, sea_layers, set_runtime
@@ -166,8 +167,6 @@ def test_decoding_without_a_state_is_refused():
 def test_a_quantized_cache_is_refused_before_it_computes():
     """A quantized cache hands back dequantized past keys, not the ones SEA's state was built from: the first
     call that would build that state is refused, naming the layer type and the caches that work."""
-    from transformers import QuantizedCache
-
     model = build("llama")
     ids = torch.randint(1, VOCAB, (1, 12))
     cache = QuantizedCache(backend="fp8", config=model.config)
@@ -176,8 +175,7 @@ def test_a_quantized_cache_is_refused_before_it_computes():
 
 
 def test_a_static_cache_is_refused():
-    from transformers import StaticCache
-
+    """A static cache hands the attention its whole preallocated length, not the keys so far: refused."""
     model = build("llama")
     cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad(), pytest.raises(ValueError, match="static caches are not supported"):

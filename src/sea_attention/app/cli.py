@@ -88,7 +88,7 @@ def _add_sea_options(parser: argparse.ArgumentParser, with_k: bool = True) -> No
     runtime.add_argument("--grouping", choices=("query", "query_head", "block"),
                          help="which cells share one top-k: per query (default), per query and head, or per "
                               "block of positions (fastest on long inputs)")
-    runtime.add_argument("--query-block", type=positive_int, help="positions per block of --grouping block (default 64)")
+    runtime.add_argument("--query-block", type=positive_int, help="positions per block of --grouping block and of the long rows (default 64)")
     runtime.add_argument("--candidates", type=positive_int,
                          help="exact refinement: select cells for this many times the budget, keep each head's "
                               "exactly best share of their keys, per query row (default 1: off; with --grouping block a block's "

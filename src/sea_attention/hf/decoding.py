@@ -19,19 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 import transformers
-import transformers.cache_utils
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import BaseQuantizedLayer, Cache
 
 from ..core.decoding import DecodeState
 
 CACHE_ATTR = "sea_cache"  # on an attention module, during its forward: the cache it was given
 STATE_ATTR = "sea_state"  # on a cache layer: that layer's DecodeState
 HOOKS_ATTR = "sea_cache_hooks"  # on an attention module: the hook handles
-# cache layers that hand back other values than the keys they were given (a quantized past), by name, as
-# transformers versions define them: SEA's state (feature rows, key bounds, list vectors) would go stale
-CHANGING_LAYERS = tuple(getattr(transformers.cache_utils, name) for name in ("BaseQuantizedLayer", "QuantizedLayer")
-                        if hasattr(transformers.cache_utils, name))
 
 
 def attach_cache_hooks(module: nn.Module) -> None:
@@ -104,7 +99,7 @@ def decode_state(module: nn.Module, layer_idx: int, tq: int, tk: int) -> DecodeS
 def _validate_layer(layer: Any) -> None:
     """Refuse a cache layer whose past keys change (quantized caches): SEA's decoding state keeps vectors
     computed from each key as it arrived, which would no longer be the keys the cache hands back."""
-    if isinstance(layer, CHANGING_LAYERS):
+    if isinstance(layer, BaseQuantizedLayer):  # every quantized layer (quanto, hqq, fp8)
         raise DecodingStateError(f"SEA decoding cannot use {type(layer).__name__} cache layers: they hand back "
                                  "quantized past keys, not the keys SEA's decoding state was built from; use a cache "
                                  "that keeps them exactly (GrowingCache, DynamicCache)")
